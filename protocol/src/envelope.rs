@@ -1,0 +1,233 @@
+//! Versioned wire types.
+//!
+//! [`Envelope`] is what travels on a group's gossipsub topic: a small clear header (group,
+//! epoch, kind; all of which MLS ciphertext exposes anyway) around one MLS message.
+//! [`AppContent`] is the plaintext inside an MLS application message. [`JoinRequest`] and
+//! [`JoinResponse`] are the request-response join protocol. Each top-level type is an enum
+//! whose variant is the version, so a future version is a new variant, not a silent misparse.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, DecodeError, EncodeError};
+use crate::ids::{GroupId, MessageId};
+
+/// Largest envelope accepted from the network (also the gossipsub maximum transmit size).
+pub const MAX_ENVELOPE_BYTES: usize = 256 * 1024;
+/// Largest text body a member may send.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+/// Largest join request (it carries one key package).
+pub const MAX_JOIN_REQUEST_BYTES: usize = 16 * 1024;
+/// Largest join response (it carries a Welcome with the full ratchet tree).
+pub const MAX_JOIN_RESPONSE_BYTES: usize = 1024 * 1024;
+/// Longest network id.
+pub const MAX_NETWORK_ID_BYTES: usize = 64;
+/// Longest group name.
+pub const MAX_GROUP_NAME_BYTES: usize = 128;
+
+/// What kind of MLS message an envelope carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PayloadKind {
+    /// An MLS commit: moves the group from `epoch` to `epoch + 1`.
+    Commit,
+    /// An MLS application message (encrypted [`AppContent`]).
+    Application,
+    /// An MLS proposal.
+    Proposal,
+}
+
+/// A message on a group topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Envelope {
+    /// Version 1.
+    V1(EnvelopeV1),
+}
+
+/// Version 1 of [`Envelope`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvelopeV1 {
+    /// The group this message belongs to.
+    pub group: GroupId,
+    /// The MLS epoch the message was created in.
+    pub epoch: u64,
+    /// What the MLS message is.
+    pub kind: PayloadKind,
+    /// The TLS-encoded `MLSMessage` (RFC 9420 §6).
+    pub mls: Vec<u8>,
+}
+
+/// An envelope failed to decode or is inconsistent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The bytes are not an envelope.
+    #[error("bad envelope: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+impl Envelope {
+    /// Builds a version-1 envelope.
+    pub fn new(group: GroupId, epoch: u64, kind: PayloadKind, mls: Vec<u8>) -> Self {
+        Envelope::V1(EnvelopeV1 {
+            group,
+            epoch,
+            kind,
+            mls,
+        })
+    }
+
+    /// The group of the envelope.
+    pub fn group(&self) -> GroupId {
+        match self {
+            Envelope::V1(v) => v.group,
+        }
+    }
+
+    /// The epoch the envelope was created in.
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Envelope::V1(v) => v.epoch,
+        }
+    }
+
+    /// The kind of MLS message inside.
+    pub fn kind(&self) -> PayloadKind {
+        match self {
+            Envelope::V1(v) => v.kind,
+        }
+    }
+
+    /// The MLS message bytes.
+    pub fn mls(&self) -> &[u8] {
+        match self {
+            Envelope::V1(v) => &v.mls,
+        }
+    }
+
+    /// Encodes the envelope; returns the bytes and their [`MessageId`].
+    pub fn encode(&self) -> Result<(Vec<u8>, MessageId), EncodeError> {
+        let bytes = codec::encode(self)?;
+        let id = MessageId::of(&bytes);
+        Ok((bytes, id))
+    }
+
+    /// Decodes an envelope received from the network.
+    pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        Ok(codec::decode(bytes, MAX_ENVELOPE_BYTES)?)
+    }
+}
+
+/// The plaintext of an MLS application message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AppContent {
+    /// Version 1.
+    V1(AppContentV1),
+}
+
+/// Version 1 of [`AppContent`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppContentV1 {
+    /// Sender's clock when sending, milliseconds since the Unix epoch (display only).
+    pub sent_at_ms: u64,
+    /// What was said.
+    pub body: Body,
+}
+
+/// The body of an application message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// UTF-8 text of at most [`MAX_TEXT_BYTES`].
+    Text(String),
+}
+
+impl AppContent {
+    /// Decodes decrypted application plaintext.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let content: AppContent = codec::decode(bytes, MAX_TEXT_BYTES + 64)?;
+        let AppContent::V1(v) = &content;
+        let Body::Text(t) = &v.body;
+        if t.len() > MAX_TEXT_BYTES {
+            return Err(DecodeError::TooLarge {
+                len: t.len(),
+                limit: MAX_TEXT_BYTES,
+            });
+        }
+        Ok(content)
+    }
+}
+
+/// Sent by a joiner to a member over the join request-response protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinRequest {
+    /// Version 1.
+    V1(JoinRequestV1),
+}
+
+/// Version 1 of [`JoinRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequestV1 {
+    /// Network id from the invite.
+    pub network: String,
+    /// Group from the invite.
+    pub group: GroupId,
+    /// The invite's one-time secret; the member compares its hash with the stored record.
+    pub secret: [u8; 32],
+    /// The joiner's TLS-encoded MLS `KeyPackage`; its credential names the joiner's PeerId.
+    pub key_package: Vec<u8>,
+}
+
+/// A member's answer to a [`JoinRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinResponse {
+    /// The joiner was added. `welcome` is the TLS-encoded MLS Welcome message, which carries
+    /// the ratchet tree in its GroupInfo extension.
+    Accepted {
+        /// TLS-encoded `MLSMessage` holding the Welcome.
+        welcome: Vec<u8>,
+        /// The group's display name.
+        group_name: String,
+    },
+    /// The request was refused; nothing changed in the group.
+    Rejected(JoinRejection),
+}
+
+/// Why a join request was refused. Each variant maps to a distinct user-facing message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum JoinRejection {
+    /// The invite is not known to this member (wrong secret, or revoked).
+    #[error("the invite is not known to this member (wrong secret or revoked)")]
+    UnknownInvite,
+    /// The invite has expired.
+    #[error("the invite has expired")]
+    Expired,
+    /// The invite has been used as many times as it allows.
+    #[error("the invite has been used up")]
+    UsedUp,
+    /// The request names another network.
+    #[error("the request is for another network")]
+    WrongNetwork,
+    /// This node is not a member of the requested group.
+    #[error("the contacted node is not a member of the group")]
+    NotMember,
+    /// The key package is malformed, invalid, or does not belong to the requesting peer.
+    #[error("the key package is invalid or does not belong to the requesting peer")]
+    InvalidKeyPackage,
+    /// The requester is already a member of the group.
+    #[error("the requester is already a member of the group")]
+    AlreadyMember,
+    /// The member failed to process the request; trying again later may work.
+    #[error("the member could not process the request; try again")]
+    Internal,
+}
+
+impl JoinRequest {
+    /// Decodes a request from the network.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        codec::decode(bytes, MAX_JOIN_REQUEST_BYTES)
+    }
+}
+
+impl JoinResponse {
+    /// Decodes a response from the network.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        codec::decode(bytes, MAX_JOIN_RESPONSE_BYTES)
+    }
+}

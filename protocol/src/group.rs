@@ -1,0 +1,1 @@
+//! The MLS group engine.

@@ -1,0 +1,19 @@
+//! Kith's sans-IO core.
+//!
+//! Everything here is pure logic: no sockets, no async runtime, no database. The node crate
+//! wraps it with IO. Modules:
+//! - [`ids`]: identifier newtypes (`GroupId`, `TopicId`, `MessageId`).
+//! - [`codec`]: the only place that turns wire types into bytes and back.
+//! - [`envelope`]: versioned wire types carried on gossipsub and request-response.
+//! - [`invite`]: signed invite tickets (`kith1…` links).
+//! - [`group`]: the MLS group engine, a state machine generic over the openmls provider.
+
+pub mod codec;
+pub mod envelope;
+pub mod group;
+pub mod ids;
+pub mod invite;
+pub mod records;
+
+pub use libp2p_identity::{Keypair, PeerId, PublicKey};
+pub use multiaddr::Multiaddr;

@@ -1,0 +1,72 @@
+//! What the group engine asks the node to keep: group metadata, history entries and raw
+//! envelopes. They are produced as [`crate::group::Effect`]s and written by the node's store in
+//! the same transaction as the MLS state change that produced them.
+
+use libp2p_identity::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::PayloadKind;
+use crate::ids::{GroupId, MessageId};
+
+/// A group this node is a member of, as listed to the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMeta {
+    /// The group.
+    pub id: GroupId,
+    /// Display name chosen by the creator.
+    pub name: String,
+    /// When this node created or joined the group, milliseconds since the Unix epoch.
+    pub joined_at_ms: u64,
+}
+
+/// One line of a group's history as this node saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The group.
+    pub group: GroupId,
+    /// Id of the envelope that carried it (for local events, the id of the commit envelope).
+    pub id: MessageId,
+    /// MLS epoch it was sent in.
+    pub epoch: u64,
+    /// The member who sent it.
+    pub sender: PeerId,
+    /// Sender's clock at sending, milliseconds since the Unix epoch (display only).
+    pub sent_at_ms: u64,
+    /// This node's clock when it arrived, milliseconds since the Unix epoch.
+    pub received_at_ms: u64,
+    /// What happened.
+    pub kind: EntryKind,
+}
+
+/// What a history entry records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A text message.
+    Text(String),
+    /// The group was created by `sender`.
+    GroupCreated {
+        /// The group's name at creation.
+        name: String,
+    },
+    /// `sender` added these members (by PeerId).
+    MembersAdded(Vec<PeerId>),
+    /// `sender` removed these members.
+    MembersRemoved(Vec<PeerId>),
+}
+
+/// A raw envelope kept to serve history to other members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEnvelope {
+    /// Its id (hash of `bytes`).
+    pub id: MessageId,
+    /// Its group.
+    pub group: GroupId,
+    /// Its epoch.
+    pub epoch: u64,
+    /// What it carries.
+    pub kind: PayloadKind,
+    /// The encoded envelope exactly as received or sent.
+    pub bytes: Vec<u8>,
+    /// Arrival time at this node, milliseconds since the Unix epoch.
+    pub received_at_ms: u64,
+}
