@@ -14,6 +14,8 @@ pub mod group;
 pub mod ids;
 pub mod invite;
 pub mod records;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 
 pub use libp2p_identity::{Keypair, PeerId, PublicKey};
 pub use multiaddr::Multiaddr;

@@ -1,0 +1,264 @@
+//! Group engine runs on openmls' memory storage.
+
+#![allow(clippy::unwrap_used)]
+
+use openmls_rust_crypto::OpenMlsRustCrypto;
+
+use super::*;
+use crate::testing::{Sim, member_key, three_member_run};
+
+fn sim(n: usize) -> Sim<'static, OpenMlsRustCrypto> {
+    Sim::new(
+        (0..n).map(|_| OpenMlsRustCrypto::default()).collect(),
+        "test-net",
+        Box::new(|_, _, _| {}),
+    )
+}
+
+#[test]
+fn three_members_exchange_messages() {
+    let mut s = sim(3);
+    three_member_run(&mut s);
+    // Nothing valid is rejected. The only ignored deliveries are the commits that added a
+    // joiner, seen by that joiner (it is already past them through its Welcome).
+    for (j, v) in &s.verdicts {
+        match v {
+            Verdict::Accept => {}
+            Verdict::Ignore(why) => assert!(why.contains("commit for past epoch"), "member {j}: {why}"),
+            Verdict::Reject(why) => panic!("member {j} rejected a valid envelope: {why}"),
+        }
+    }
+}
+
+#[test]
+fn five_members_all_read_everything() {
+    let mut s = sim(5);
+    let g = s.create_group(0, "five").unwrap();
+    let inv = s.invite(0, g, 10).unwrap();
+    for j in 1..5 {
+        s.join(j, 0, &inv).unwrap();
+        s.deliver_all();
+    }
+    for i in 0..5 {
+        for k in 0..3 {
+            s.send(i, g, &format!("{i}-{k}")).unwrap();
+        }
+    }
+    s.deliver_all();
+    for i in 0..5 {
+        assert_eq!(s.texts(i, g).len(), 15, "member {i}");
+        assert_eq!(s.engines[i].group(&g).unwrap().members.len(), 5);
+    }
+}
+
+#[test]
+fn message_from_next_epoch_is_held_until_its_commit_arrives() {
+    let mut s = sim(3);
+    let g = s.create_group(0, "order").unwrap();
+    let inv = s.invite(0, g, 2).unwrap();
+    s.join(1, 0, &inv).unwrap();
+    s.deliver_all();
+    // Member 2 joins: the commit (epoch 1 -> 2) is in flight for member 1.
+    s.join(2, 0, &inv).unwrap();
+    s.send(0, g, "in epoch 2").unwrap();
+    // Deliver the application message before the commit.
+    assert_eq!(s.in_flight.len(), 2);
+    s.deliver_at(1);
+    assert!(
+        s.verdicts.iter().any(|(j, v)| *j == 1 && matches!(v, Verdict::Ignore(_))),
+        "{:?}",
+        s.verdicts
+    );
+    assert_eq!(s.engines[1].pending_count(&g), 1);
+    assert!(s.texts(1, g).is_empty());
+    s.deliver_all();
+    assert_eq!(s.engines[1].pending_count(&g), 0);
+    assert_eq!(s.texts(1, g), vec!["in epoch 2"]);
+    assert_eq!(s.texts(2, g), vec!["in epoch 2"]);
+}
+
+#[test]
+fn garbage_and_forged_envelopes_are_rejected() {
+    let mut s = sim(2);
+    let g = s.create_group(0, "g").unwrap();
+    let inv = s.invite(0, g, 1).unwrap();
+    s.join(1, 0, &inv).unwrap();
+    s.deliver_all();
+    let now = s.now_ms;
+    // Not an envelope at all.
+    let (v, fx) = s.engines[1].handle_envelope(b"\x00\x01garbage", now);
+    assert!(matches!(v, Verdict::Reject(_)), "{v:?}");
+    assert!(fx.is_empty());
+    // A valid envelope header around bytes that are not MLS.
+    let (bytes, _) = Envelope::new(g, 1, PayloadKind::Application, vec![1, 2, 3]).encode().unwrap();
+    let (v, _) = s.engines[1].handle_envelope(&bytes, now);
+    assert!(matches!(v, Verdict::Reject(_)), "{v:?}");
+    // A real message whose header names the wrong epoch.
+    s.send(0, g, "hi").unwrap();
+    let (_, _, data) = s.in_flight.pop_front().unwrap();
+    let env = Envelope::decode(&data).unwrap();
+    let (forged, _) = Envelope::new(g, env.epoch() + 0, PayloadKind::Application, {
+        let mut m = env.mls().to_vec();
+        let last = m.len() - 1;
+        m[last] ^= 0x55; // flip a bit of the ciphertext tag
+        m
+    })
+    .encode()
+    .unwrap();
+    let (v, fx) = s.engines[1].handle_envelope(&forged, now);
+    assert!(matches!(v, Verdict::Reject(_)), "{v:?}");
+    assert!(fx.is_empty());
+    // The untouched message still decrypts afterwards.
+    let (v, _) = s.engines[1].handle_envelope(&data, now);
+    assert_eq!(v, Verdict::Accept);
+    // An envelope for a group we are not in is ignored, not rejected.
+    let (other, _) = Envelope::new(GroupId([9; 32]), 0, PayloadKind::Application, vec![]).encode().unwrap();
+    let (v, _) = s.engines[1].handle_envelope(&other, now);
+    assert!(matches!(v, Verdict::Ignore(_)), "{v:?}");
+}
+
+#[test]
+fn oversized_envelope_is_rejected_without_decoding() {
+    let mut s = sim(1);
+    let big = vec![0u8; crate::envelope::MAX_ENVELOPE_BYTES + 1];
+    let (v, fx) = s.engines[0].handle_envelope(&big, T0);
+    assert!(matches!(v, Verdict::Reject(_)));
+    assert!(fx.is_empty());
+    let _ = s.create_group(0, "x").unwrap();
+}
+
+const T0: u64 = crate::testing::T0_MS;
+
+#[test]
+fn join_requests_are_checked() {
+    let mut s = sim(3);
+    let g = s.create_group(0, "guarded").unwrap();
+    let inv = s.invite(0, g, 1).unwrap();
+    let record = s.invites[0][0].clone();
+    let req = s.engines[1].prepare_join(&inv, T0).unwrap();
+    let peer1 = s.peer(1);
+    let peer2 = s.peer(2);
+
+    let reject = |s: &mut Sim<'_, _>, from, req: JoinRequest, rec: Option<InviteRecord>, now| {
+        let (resp, fx) = s.engines[0].handle_join_request(from, req, rec, now).unwrap();
+        assert!(fx.is_empty(), "a rejection changes nothing");
+        match resp {
+            JoinResponse::Rejected(r) => r,
+            JoinResponse::Accepted { .. } => panic!("accepted"),
+        }
+    };
+    // No record for this secret.
+    assert_eq!(reject(&mut s, peer1, req.clone(), None, T0), JoinRejection::UnknownInvite);
+    // Wrong secret.
+    let JoinRequest::V1(mut bad) = req.clone();
+    bad.secret[0] ^= 1;
+    assert_eq!(
+        reject(&mut s, peer1, JoinRequest::V1(bad), Some(record.clone()), T0),
+        JoinRejection::UnknownInvite
+    );
+    // Wrong network.
+    let JoinRequest::V1(mut bad) = req.clone();
+    bad.network = "elsewhere".into();
+    assert_eq!(
+        reject(&mut s, peer1, JoinRequest::V1(bad), Some(record.clone()), T0),
+        JoinRejection::WrongNetwork
+    );
+    // Unknown group.
+    let JoinRequest::V1(mut bad) = req.clone();
+    bad.group = GroupId([3; 32]);
+    assert_eq!(
+        reject(&mut s, peer1, JoinRequest::V1(bad), Some(record.clone()), T0),
+        JoinRejection::NotMember
+    );
+    // Expired (exactly at expiry).
+    let at_expiry = record.expires_at * 1000;
+    assert_eq!(
+        reject(&mut s, peer1, req.clone(), Some(record.clone()), at_expiry),
+        JoinRejection::Expired
+    );
+    // Used up.
+    let mut used = record.clone();
+    used.uses = used.max_uses;
+    assert_eq!(reject(&mut s, peer1, req.clone(), Some(used), T0), JoinRejection::UsedUp);
+    // Key package presented by a different peer than the one it names.
+    assert_eq!(
+        reject(&mut s, peer2, req.clone(), Some(record.clone()), T0),
+        JoinRejection::InvalidKeyPackage
+    );
+    // Garbage key package.
+    let JoinRequest::V1(mut bad) = req.clone();
+    bad.key_package = vec![0; 40];
+    assert_eq!(
+        reject(&mut s, peer1, JoinRequest::V1(bad), Some(record.clone()), T0),
+        JoinRejection::InvalidKeyPackage
+    );
+    assert_eq!(s.engines[0].group(&g).unwrap().epoch, 0, "nothing was committed");
+
+    // The genuine request is accepted and uses the invite up.
+    let (resp, fx) = s.engines[0].handle_join_request(peer1, req, Some(record), T0).unwrap();
+    assert!(matches!(resp, JoinResponse::Accepted { .. }));
+    let saved = fx.iter().find_map(|e| match e {
+        Effect::SaveInvite(r) => Some(r.clone()),
+        _ => None,
+    });
+    assert_eq!(saved.unwrap().uses, 1);
+    let (gid, _) = s.engines[1].handle_join_response(&inv, resp, T0).unwrap();
+    assert_eq!(gid, g);
+    // Joining twice is refused locally.
+    assert!(matches!(s.engines[1].prepare_join(&inv, T0), Err(GroupError::AlreadyMember(_))));
+}
+
+#[test]
+fn joiner_reports_rejection_and_rejects_foreign_welcome() {
+    let mut s = sim(3);
+    let g = s.create_group(0, "a").unwrap();
+    let inv = s.invite(0, g, 1).unwrap();
+    let err = s.engines[1]
+        .handle_join_response(&inv, JoinResponse::Rejected(JoinRejection::UsedUp), T0)
+        .unwrap_err();
+    assert!(matches!(err, GroupError::JoinRejected(JoinRejection::UsedUp)));
+    let err = s.engines[1]
+        .handle_join_response(
+            &inv,
+            JoinResponse::Accepted { welcome: vec![1, 2, 3], group_name: "x".into() },
+            T0,
+        )
+        .unwrap_err();
+    assert!(matches!(err, GroupError::BadWelcome(_)), "{err:?}");
+    // A Welcome for another group than the invite names is refused and leaves no group.
+    let other = s.create_group(2, "b").unwrap();
+    let inv_other = s.invite(2, other, 1).unwrap();
+    let req = s.engines[1].prepare_join(&inv_other, T0).unwrap();
+    let rec = s.invites[2][0].clone();
+    let p1 = s.peer(1);
+    let (resp, _) = s.engines[2].handle_join_request(p1, req, Some(rec), T0).unwrap();
+    let err = s.engines[1].handle_join_response(&inv, resp, T0).unwrap_err();
+    assert!(matches!(err, GroupError::BadWelcome(_)), "{err:?}");
+    assert!(s.engines[1].groups().is_empty());
+}
+
+#[test]
+fn sending_checks_input() {
+    let mut s = sim(1);
+    let g = s.create_group(0, "solo").unwrap();
+    assert!(matches!(s.engines[0].send_text(g, "", T0), Err(GroupError::InvalidInput(_))));
+    let long = "x".repeat(crate::envelope::MAX_TEXT_BYTES + 1);
+    assert!(matches!(s.engines[0].send_text(g, &long, T0), Err(GroupError::InvalidInput(_))));
+    assert!(matches!(
+        s.engines[0].send_text(GroupId([1; 32]), "hi", T0),
+        Err(GroupError::UnknownGroup(_))
+    ));
+    assert!(matches!(s.engines[0].create_group(GroupId([2; 32]), "  ", T0), Err(GroupError::InvalidInput(_))));
+}
+
+#[test]
+fn members_are_bound_to_their_node_keys() {
+    let mut s = sim(2);
+    let g = s.create_group(0, "bound").unwrap();
+    let inv = s.invite(0, g, 1).unwrap();
+    s.join(1, 0, &inv).unwrap();
+    s.deliver_all();
+    let view = s.engines[0].group(&g).unwrap();
+    let peers: Vec<_> = view.members.iter().map(|(_, p)| *p).collect();
+    assert_eq!(peers, vec![member_key(0).public().to_peer_id(), member_key(1).public().to_peer_id()]);
+}

@@ -1,0 +1,204 @@
+//! A deterministic in-memory network of group engines, for tests only.
+//!
+//! [`Sim`] holds one [`GroupEngine`] per member and a queue of published envelopes. Delivery
+//! order is controlled by the test (in order, or shuffled with a seeded generator), so
+//! multi-member runs are replayable. Every effect a member produces is passed to a hook first,
+//! which lets the node's store tests persist it exactly as the node would.
+
+use std::collections::VecDeque;
+
+use libp2p_identity::{Keypair, PeerId};
+use openmls_traits::OpenMlsProvider;
+
+use crate::envelope::JoinResponse;
+use crate::group::{Effect, GroupEngine, GroupError, Identity, Verdict};
+use crate::ids::{GroupId, TopicId};
+use crate::invite::{Invite, InviteRecord};
+use crate::records::{EntryKind, HistoryEntry};
+
+/// Fixed time for tests: 2026-01-01T00:00:00Z in milliseconds.
+pub const T0_MS: u64 = 1_767_225_600_000;
+
+/// A deterministic node key for member `i`.
+pub fn member_key(i: u8) -> Keypair {
+    Keypair::ed25519_from_bytes([i.wrapping_add(1); 32]).expect("32 bytes is a valid ed25519 secret")
+}
+
+/// Called with (member index, effects) after every engine call, before the sim applies them.
+pub type Hook<'a, P> = Box<dyn FnMut(usize, &GroupEngine<P>, &[Effect]) + 'a>;
+
+/// An in-memory network of members.
+pub struct Sim<'a, P: OpenMlsProvider> {
+    /// The members' engines.
+    pub engines: Vec<GroupEngine<P>>,
+    /// Each member's topic subscriptions.
+    pub subscribed: Vec<Vec<TopicId>>,
+    /// Each member's history, in the order entries were recorded.
+    pub history: Vec<Vec<HistoryEntry>>,
+    /// Each member's stored invite records.
+    pub invites: Vec<Vec<InviteRecord>>,
+    /// Envelopes in flight: (publisher, topic, bytes).
+    pub in_flight: VecDeque<(usize, TopicId, Vec<u8>)>,
+    /// Verdicts of every delivery: (receiver, verdict).
+    pub verdicts: Vec<(usize, Verdict)>,
+    /// Current time.
+    pub now_ms: u64,
+    hook: Hook<'a, P>,
+}
+
+impl<'a, P: OpenMlsProvider> Sim<'a, P> {
+    /// A sim with one member per provider; member `i` gets key [`member_key`]`(i)`.
+    pub fn new(providers: Vec<P>, network: &str, hook: Hook<'a, P>) -> Self {
+        let n = providers.len();
+        let engines = providers
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let id = Identity::new(&member_key(i as u8)).expect("ed25519 key");
+                GroupEngine::new(p, id, network)
+            })
+            .collect();
+        Sim {
+            engines,
+            subscribed: vec![Vec::new(); n],
+            history: vec![Vec::new(); n],
+            invites: vec![Vec::new(); n],
+            in_flight: VecDeque::new(),
+            verdicts: Vec::new(),
+            now_ms: T0_MS,
+            hook,
+        }
+    }
+
+    /// The PeerId of member `i`.
+    pub fn peer(&self, i: usize) -> PeerId {
+        self.engines[i].peer_id()
+    }
+
+    /// Applies effects of member `i`: records history, queues publications.
+    pub fn apply(&mut self, i: usize, effects: Vec<Effect>) {
+        (self.hook)(i, &self.engines[i], &effects);
+        for e in effects {
+            match e {
+                Effect::Publish { topic, data } => self.in_flight.push_back((i, topic, data)),
+                Effect::Subscribe(t) => self.subscribed[i].push(t),
+                Effect::Unsubscribe(t) => self.subscribed[i].retain(|x| *x != t),
+                Effect::Record(h) => {
+                    if !self.history[i].iter().any(|x| x.id == h.id) {
+                        self.history[i].push(h)
+                    }
+                }
+                Effect::SaveInvite(r) => {
+                    self.invites[i].retain(|x| x.secret_hash != r.secret_hash);
+                    self.invites[i].push(r);
+                }
+                Effect::SaveGroup(_) | Effect::SaveEnvelope(_) | Effect::EpochChanged { .. } => {}
+            }
+        }
+    }
+
+    /// Member `i` creates a group.
+    pub fn create_group(&mut self, i: usize, name: &str) -> Result<GroupId, GroupError> {
+        let id = GroupId(crate::ids::hash_parts(&[b"test-group", name.as_bytes(), &[i as u8]]));
+        let fx = self.engines[i].create_group(id, name, self.now_ms)?;
+        self.apply(i, fx);
+        Ok(id)
+    }
+
+    /// Member `i` invites; returns the link.
+    pub fn invite(&mut self, i: usize, group: GroupId, max_uses: u32) -> Result<Invite, GroupError> {
+        let secret = crate::ids::hash_parts(&[b"secret", &self.now_ms.to_be_bytes(), &[i as u8]]);
+        let expires = self.now_ms / 1000 + 3600;
+        let (inv, fx) = self.engines[i].create_invite(group, Vec::new(), secret, expires, max_uses, self.now_ms)?;
+        self.apply(i, fx);
+        Ok(inv)
+    }
+
+    /// Member `joiner` joins through member `host` with `invite`; the host's commit is queued.
+    pub fn join(&mut self, joiner: usize, host: usize, invite: &Invite) -> Result<GroupId, GroupError> {
+        let req = self.engines[joiner].prepare_join(invite, self.now_ms)?;
+        (self.hook)(joiner, &self.engines[joiner], &[]);
+        let record = self.invites[host]
+            .iter()
+            .find(|r| r.secret_hash == crate::invite::secret_hash(&invite.secret))
+            .cloned();
+        let from = self.peer(joiner);
+        let (resp, fx) = self.engines[host].handle_join_request(from, req, record, self.now_ms)?;
+        self.apply(host, fx);
+        if let JoinResponse::Rejected(r) = resp {
+            return Err(GroupError::JoinRejected(r));
+        }
+        let (gid, fx) = self.engines[joiner].handle_join_response(invite, resp, self.now_ms)?;
+        self.apply(joiner, fx);
+        Ok(gid)
+    }
+
+    /// Member `i` sends text.
+    pub fn send(&mut self, i: usize, group: GroupId, text: &str) -> Result<(), GroupError> {
+        let (_, fx) = self.engines[i].send_text(group, text, self.now_ms)?;
+        self.apply(i, fx);
+        Ok(())
+    }
+
+    /// Delivers one in-flight envelope (at `index` in the queue) to every other subscriber.
+    pub fn deliver_at(&mut self, index: usize) {
+        let Some((from, topic, data)) = self.in_flight.remove(index) else {
+            return;
+        };
+        for j in 0..self.engines.len() {
+            if j == from || !self.subscribed[j].contains(&topic) {
+                continue;
+            }
+            self.now_ms += 1;
+            let (v, fx) = self.engines[j].handle_envelope(&data, self.now_ms);
+            self.verdicts.push((j, v));
+            self.apply(j, fx);
+        }
+    }
+
+    /// Delivers everything in flight, in publication order, until nothing is left.
+    pub fn deliver_all(&mut self) {
+        while !self.in_flight.is_empty() {
+            self.deliver_at(0);
+        }
+    }
+
+    /// The texts member `i` has in `group`, in its history order.
+    pub fn texts(&self, i: usize, group: GroupId) -> Vec<String> {
+        self.history[i]
+            .iter()
+            .filter(|h| h.group == group)
+            .filter_map(|h| match &h.kind {
+                EntryKind::Text(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The standard three-member run: member 0 creates a group and invites 1 and 2 by link (each
+/// through member 0), everyone delivers, then every member sends one message. Returns the
+/// group id. Panics with a message on any divergence, so it is usable as a test body.
+pub fn three_member_run<P: OpenMlsProvider>(sim: &mut Sim<'_, P>) -> GroupId {
+    let g = sim.create_group(0, "friends").expect("create group");
+    let inv = sim.invite(0, g, 2).expect("invite");
+    sim.join(1, 0, &inv).expect("member 1 joins");
+    sim.deliver_all();
+    sim.join(2, 0, &inv).expect("member 2 joins");
+    sim.deliver_all();
+    for i in 0..3 {
+        sim.send(i, g, &format!("hello from {i}")).expect("send");
+    }
+    sim.deliver_all();
+    let auth0 = sim.engines[0].epoch_authenticator(&g);
+    for i in 0..3 {
+        let view = sim.engines[i].group(&g).expect("member has the group");
+        assert_eq!(view.epoch, 2, "member {i} epoch");
+        assert_eq!(view.members.len(), 3, "member {i} member count");
+        assert_eq!(sim.engines[i].epoch_authenticator(&g), auth0, "member {i} authenticator");
+        let mut texts = sim.texts(i, g);
+        texts.sort();
+        assert_eq!(texts, vec!["hello from 0", "hello from 1", "hello from 2"], "member {i} texts");
+    }
+    g
+}
