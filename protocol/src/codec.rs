@@ -2,8 +2,8 @@
 //!
 //! bincode 2 (serde mode, standard config: little-endian varints) is unmaintained, so it is
 //! kept behind these two functions; swapping it changes this file and the golden vectors only.
-//! Every decode is bounded by an explicit byte limit, rejects trailing bytes, and returns a
-//! typed error instead of panicking.
+//! Every decode is bounded by an explicit byte limit, rejects trailing bytes and non-canonical
+//! encodings, and returns a typed error instead of panicking.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -50,8 +50,12 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
     bincode::serde::encode_to_vec(value, config()).map_err(|e| EncodeError(e.to_string()))
 }
 
-/// Decodes exactly one `T` from `bytes`, which must not be longer than `limit`.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, DecodeError> {
+/// Decodes exactly one `T` from `bytes`, which must not be longer than `limit` and must be
+/// the canonical encoding of the value (what [`encode`] produces for it).
+pub fn decode<T: Serialize + DeserializeOwned>(
+    bytes: &[u8],
+    limit: usize,
+) -> Result<T, DecodeError> {
     let limit = limit.min(MAX_DECODE_BYTES);
     if bytes.len() > limit {
         return Err(DecodeError::TooLarge {
@@ -63,6 +67,12 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Deco
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if used != bytes.len() {
         return Err(DecodeError::TrailingBytes(bytes.len() - used));
+    }
+    // bincode also reads over-long varints (7 as `fb 07 00`), so several byte strings could
+    // decode to one value. Ids (`MessageId` = hash of the bytes), deduplication and invite
+    // links rely on one value having one encoding, so accept only the canonical one.
+    if encode(&value).map_err(|e| DecodeError::Malformed(e.to_string()))? != bytes {
+        return Err(DecodeError::Malformed("non-canonical encoding".to_owned()));
     }
     Ok(value)
 }

@@ -1,0 +1,699 @@
+//! The node actor: owns the protocol engine and the store, applies effects.
+//!
+//! The actor runs on its own OS thread, so MLS crypto and redb fsyncs never run on the async
+//! runtime or in the swarm task. It receives one stream of [`Input`]s (network events, API
+//! calls with `oneshot` replies, timer ticks) and handles them one at a time. For every input
+//! it calls the sans-IO [`GroupEngine`], then writes the staged MLS state and the resulting
+//! history rows, envelopes, groups and invites in **one** redb transaction, and only after
+//! that commit publishes, subscribes and tells API clients. If the commit fails it discards
+//! the staged writes and reloads MLS state from disk, so memory never runs ahead of disk.
+
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kith_protocol::envelope::{JoinRejection, JoinRequest, JoinResponse};
+use kith_protocol::group::{Effect, GroupEngine, GroupError, GroupView, Identity, Verdict};
+use kith_protocol::ids::GroupId;
+use kith_protocol::invite::{Invite, secret_hash};
+use kith_protocol::records::{EntryKind, HistoryEntry};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use rand::RngCore;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::model::{
+    CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, MemberInfo, MessageBody, MessageInfo,
+    NodeEvent, StatusInfo,
+};
+use crate::net::{NetEvent, NetHandle};
+use crate::store::{Batch, KithProvider, Store, StoreError};
+
+/// Default invite lifetime.
+pub const DEFAULT_INVITE_SECS: u64 = 24 * 3600;
+/// Longest invite lifetime.
+pub const MAX_INVITE_SECS: u64 = 30 * 24 * 3600;
+/// Most uses one invite may allow.
+pub const MAX_INVITE_USES: u32 = 1000;
+/// History entries returned at most per request.
+pub const MAX_HISTORY: usize = 1000;
+/// How often the node re-announces its groups in the DHT and looks for other members.
+pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(60);
+const INPUT_QUEUE: usize = 4096;
+const EVENT_BUFFER: usize = 1024;
+
+/// Why an engine operation failed. Each variant maps to one HTTP status in the API.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No group matches the given id, id prefix or name (HTTP 404).
+    #[error("no group matches '{0}'")]
+    GroupNotFound(String),
+    /// The id prefix or name matches more than one group (HTTP 400).
+    #[error("'{0}' matches several groups; use the full id")]
+    AmbiguousGroup(String),
+    /// The request itself is invalid, e.g. empty text or a name too long (HTTP 400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The invite link is bad, expired or for another network (HTTP 400).
+    #[error(transparent)]
+    Invite(#[from] kith_protocol::invite::InviteError),
+    /// A member refused the join request (HTTP 409).
+    #[error("join refused: {0}")]
+    JoinRejected(JoinRejection),
+    /// No member of the group could be reached (HTTP 504).
+    #[error("could not reach a member of the group: {0}")]
+    Unreachable(String),
+    /// The node is shutting down (HTTP 503).
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// Anything else: a storage or MLS failure, logged by the node (HTTP 500).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<GroupError> for EngineError {
+    fn from(e: GroupError) -> Self {
+        match e {
+            GroupError::UnknownGroup(g) => EngineError::GroupNotFound(g.to_string()),
+            GroupError::AlreadyMember(g) => {
+                EngineError::BadRequest(format!("already a member of group {}", g.short()))
+            }
+            GroupError::Inactive(g) => {
+                EngineError::BadRequest(format!("no longer a member of group {}", g.short()))
+            }
+            GroupError::InvalidInput(m) => EngineError::BadRequest(m),
+            GroupError::Invite(e) => EngineError::Invite(e),
+            GroupError::JoinRejected(r) => EngineError::JoinRejected(r),
+            GroupError::BadWelcome(m) => {
+                EngineError::Internal(format!("the member sent an invalid welcome: {m}"))
+            }
+            e @ (GroupError::UnsupportedKey | GroupError::Mls(_)) => EngineError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        EngineError::Internal(format!("store: {e}"))
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+enum Call {
+    Groups(Reply<Vec<GroupSummary>>),
+    Group(String, Reply<GroupInfo>),
+    CreateGroup(String, Reply<GroupInfo>),
+    CreateInvite(String, CreateInviteRequest, Reply<InviteInfo>),
+    PrepareJoin(Box<Invite>, Reply<JoinRequest>),
+    CompleteJoin(Box<Invite>, JoinResponse, Reply<GroupInfo>),
+    Send(String, String, Reply<MessageInfo>),
+    History(String, usize, Reply<Vec<MessageInfo>>),
+}
+
+/// What the actor consumes.
+enum Input {
+    Net(NetEvent),
+    Call(Call),
+    Tick,
+    Shutdown,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Converts a history entry to its API form.
+pub fn message_info(h: &HistoryEntry) -> MessageInfo {
+    let peers = |v: &[PeerId]| v.iter().map(|p| p.to_string()).collect();
+    MessageInfo {
+        id: h.id.to_string(),
+        group: h.group.to_string(),
+        epoch: h.epoch,
+        sender: h.sender.to_string(),
+        sent_at_ms: h.sent_at_ms,
+        received_at_ms: h.received_at_ms,
+        body: match &h.kind {
+            EntryKind::Text(t) => MessageBody::Text { text: t.clone() },
+            EntryKind::GroupCreated { name } => MessageBody::GroupCreated { name: name.clone() },
+            EntryKind::MembersAdded(v) => MessageBody::MembersAdded { members: peers(v) },
+            EntryKind::MembersRemoved(v) => MessageBody::MembersRemoved { members: peers(v) },
+        },
+    }
+}
+
+fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
+    GroupInfo {
+        id: v.meta.id.to_string(),
+        name: v.meta.name.clone(),
+        epoch: v.epoch,
+        members: v
+            .members
+            .iter()
+            .map(|(leaf, p)| MemberInfo {
+                peer_id: p.to_string(),
+                leaf_index: *leaf,
+                is_self: *p == me,
+            })
+            .collect(),
+        joined_at_ms: v.meta.joined_at_ms,
+    }
+}
+
+fn summary(v: &GroupView) -> GroupSummary {
+    GroupSummary {
+        id: v.meta.id.to_string(),
+        name: v.meta.name.clone(),
+        epoch: v.epoch,
+        member_count: v.members.len(),
+    }
+}
+
+/// Orders addresses for an invite: routable ones before loopback, and never unspecified.
+fn invite_addrs(mut addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
+    let loopback = |a: &Multiaddr| {
+        a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_loopback(),
+            Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    };
+    addrs.retain(|a| {
+        !a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_unspecified(),
+            Protocol::Ip6(ip) => ip.is_unspecified(),
+            _ => false,
+        })
+    });
+    addrs.sort_by_key(loopback);
+    addrs
+}
+
+/// Cloneable handle to the engine actor; every method is one request with one reply.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Input>,
+    events: broadcast::Sender<NodeEvent>,
+    net: NetHandle,
+    network: String,
+    peer_id: PeerId,
+}
+
+impl EngineHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Call) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Call(make(tx)))
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// This node's PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Node status: identity, addresses, peers, groups.
+    pub async fn status(&self) -> Result<StatusInfo, EngineError> {
+        let info = self.net.info().await.map_err(|_| EngineError::ShuttingDown)?;
+        let groups = self.groups().await?;
+        Ok(StatusInfo {
+            peer_id: self.peer_id.to_string(),
+            network: self.network.clone(),
+            listen_addrs: info.listen_addrs.iter().map(|a| a.to_string()).collect(),
+            connected_peers: info.connected.len(),
+            groups,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        })
+    }
+
+    /// Creates a group with this node as its only member.
+    pub async fn create_group(&self, name: String) -> Result<GroupInfo, EngineError> {
+        self.call(|r| Call::CreateGroup(name, r)).await
+    }
+
+    /// All groups of this node.
+    pub async fn groups(&self) -> Result<Vec<GroupSummary>, EngineError> {
+        self.call(Call::Groups).await
+    }
+
+    /// One group; `group` is a full id, a unique id prefix (at least 4 hex characters) or an
+    /// exact name.
+    pub async fn group(&self, group: String) -> Result<GroupInfo, EngineError> {
+        self.call(|r| Call::Group(group, r)).await
+    }
+
+    /// Creates an invite link to a group.
+    pub async fn create_invite(
+        &self,
+        group: String,
+        req: CreateInviteRequest,
+    ) -> Result<InviteInfo, EngineError> {
+        self.call(|r| Call::CreateInvite(group, req, r)).await
+    }
+
+    /// Joins a group by invite link: checks the link locally, sends the join request to the
+    /// inviter, and builds the group from the Welcome.
+    pub async fn join(&self, link: String) -> Result<GroupInfo, EngineError> {
+        let invite = Invite::parse(&link)?;
+        invite.check(&self.network, now_ms() / 1000)?;
+        let request = self.call(|r| Call::PrepareJoin(Box::new(invite.clone()), r)).await?;
+        tracing::info!(group = %invite.group.short(), inviter = %invite.inviter, "sending join request");
+        let response = self
+            .net
+            .join(invite.inviter, invite.addrs.clone(), request)
+            .await
+            .map_err(|e| EngineError::Unreachable(e.to_string()))?;
+        self.call(|r| Call::CompleteJoin(Box::new(invite), response, r)).await
+    }
+
+    /// Sends a text message to a group.
+    pub async fn send(&self, group: String, text: String) -> Result<MessageInfo, EngineError> {
+        self.call(|r| Call::Send(group, text, r)).await
+    }
+
+    /// The newest `limit` history entries of a group, oldest first.
+    pub async fn history(&self, group: String, limit: usize) -> Result<Vec<MessageInfo>, EngineError> {
+        self.call(|r| Call::History(group, limit, r)).await
+    }
+
+    /// Live events for the API's event stream.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
+    }
+}
+
+/// The running actor: its handle and its thread.
+pub struct EngineTask {
+    tx: mpsc::Sender<Input>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineTask {
+    /// Asks the actor to stop and waits until it has closed the store.
+    pub async fn shutdown(mut self) {
+        let _ = self.tx.send(Input::Shutdown).await;
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Opens the group state from `store`, subscribes to every group, and starts the actor thread
+/// consuming `net_events`. Must be called inside a tokio runtime.
+pub fn start(
+    store: Store,
+    keypair: &Keypair,
+    network: String,
+    net: NetHandle,
+    mut net_events: mpsc::Receiver<NetEvent>,
+) -> Result<(EngineHandle, EngineTask), EngineError> {
+    let identity = Identity::new(keypair)?;
+    let peer_id = identity.peer_id();
+    let mut groups = GroupEngine::new(store.provider(), identity, network.clone());
+    let (effects, missing) = groups.load(store.groups()?)?;
+    for g in missing {
+        tracing::error!(group = %g, "group listed but its MLS state is missing; skipping it");
+    }
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let handle = EngineHandle {
+        tx: tx.clone(),
+        events: events.clone(),
+        net: net.clone(),
+        network,
+        peer_id,
+    };
+    // Forward network events and timer ticks into the actor's single input queue.
+    let fwd = tx.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = net_events.recv().await {
+            if fwd.send(Input::Net(ev)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let tick = tx.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(RENDEZVOUS_INTERVAL);
+        loop {
+            interval.tick().await;
+            if tick.send(Input::Tick).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut actor = Actor {
+        groups,
+        store,
+        net,
+        events,
+        me: peer_id,
+    };
+    actor.after_commit(effects);
+    let thread = std::thread::Builder::new()
+        .name("kith-engine".into())
+        .spawn(move || actor.run(rx))
+        .map_err(|e| EngineError::Internal(format!("cannot start engine thread: {e}")))?;
+    Ok((handle, EngineTask { tx, thread: Some(thread) }))
+}
+
+struct Actor {
+    groups: GroupEngine<KithProvider>,
+    store: Store,
+    net: NetHandle,
+    events: broadcast::Sender<NodeEvent>,
+    me: PeerId,
+}
+
+impl Actor {
+    fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        while let Some(input) = rx.blocking_recv() {
+            match input {
+                Input::Net(ev) => self.on_net(ev),
+                Input::Call(call) => self.on_call(call),
+                Input::Tick => self.rendezvous(),
+                Input::Shutdown => break,
+            }
+        }
+        tracing::debug!("engine stopped; store closed");
+    }
+
+    /// Writes effects' records and the staged MLS state in one transaction, then performs
+    /// the network and notification effects. On failure, rolls memory back to disk.
+    fn apply(&mut self, effects: Vec<Effect>) -> Result<(), EngineError> {
+        let mut batch = Batch::default();
+        for e in &effects {
+            match e {
+                Effect::SaveGroup(m) => batch.groups.push(m.clone()),
+                Effect::SaveEnvelope(s) => batch.envelopes.push(s.clone()),
+                Effect::Record(h) => batch.history.push(h.clone()),
+                Effect::SaveInvite(r) => batch.invites.push(r.clone()),
+                Effect::Publish { .. }
+                | Effect::Subscribe(_)
+                | Effect::Unsubscribe(_)
+                | Effect::EpochChanged { .. } => {}
+            }
+        }
+        if !batch.is_empty() || self.store.has_staged() {
+            if let Err(e) = self.store.commit(batch) {
+                self.rollback();
+                return Err(e.into());
+            }
+        }
+        self.after_commit(effects);
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        self.store.discard_staged();
+        if let Err(e) = self.groups.reload_all() {
+            tracing::error!(error = %e, "cannot reload group state after a failed write");
+        }
+    }
+
+    fn after_commit(&mut self, effects: Vec<Effect>) {
+        for e in effects {
+            let sent = match e {
+                Effect::Publish { topic, data } => self.net.publish_blocking(topic, data),
+                Effect::Subscribe(t) => self.net.subscribe_blocking(t),
+                Effect::Unsubscribe(t) => self.net.unsubscribe_blocking(t),
+                Effect::Record(h) => {
+                    let _ = self.events.send(NodeEvent::Message(message_info(&h)));
+                    Ok(())
+                }
+                Effect::EpochChanged { group, epoch, member_count } => {
+                    let _ = self.events.send(NodeEvent::EpochChanged {
+                        group: group.to_string(),
+                        epoch,
+                        member_count,
+                    });
+                    Ok(())
+                }
+                Effect::SaveGroup(_) | Effect::SaveEnvelope(_) | Effect::SaveInvite(_) => Ok(()),
+            };
+            if sent.is_err() {
+                tracing::warn!("network task has stopped; effect dropped");
+            }
+        }
+    }
+
+    /// Announces this node's groups in the DHT and looks for other online members.
+    fn rendezvous(&mut self) {
+        for v in self.groups.groups() {
+            if v.active {
+                let key = v.meta.id.provider_key(self.groups.network());
+                let _ = self.net.provide_blocking(key);
+                let _ = self.net.find_providers_blocking(key);
+            }
+        }
+    }
+
+    fn on_net(&mut self, ev: NetEvent) {
+        match ev {
+            NetEvent::Gossip { id, source, data } => {
+                let verdict = match self.store.has_message(&id) {
+                    Ok(true) => Verdict::Accept,
+                    Ok(false) => {
+                        let (verdict, effects) = self.groups.handle_envelope(&data, now_ms());
+                        match self.apply(effects) {
+                            Ok(()) => verdict,
+                            Err(e) => {
+                                tracing::error!(error = %e, msg = %id.short(), "cannot store message");
+                                Verdict::Ignore("local storage failure".into())
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "store read failed");
+                        Verdict::Ignore("local storage failure".into())
+                    }
+                };
+                match &verdict {
+                    Verdict::Reject(why) => {
+                        tracing::warn!(msg = %id.short(), from = %source, reason = %why, "rejected gossip message")
+                    }
+                    Verdict::Ignore(why) => tracing::debug!(msg = %id.short(), reason = %why, "ignored gossip message"),
+                    Verdict::Accept => tracing::debug!(msg = %id.short(), "accepted gossip message"),
+                }
+                let _ = self.net.validate_blocking(id, source, &verdict);
+            }
+            NetEvent::InboundJoin { peer, request, token } => {
+                let response = self.on_join_request(peer, request);
+                let _ = self.net.respond_join_blocking(token, response);
+            }
+            NetEvent::PeerIdentified { peer, addrs } => {
+                let batch = Batch {
+                    peers: vec![(peer, addrs)],
+                    ..Batch::default()
+                };
+                if let Err(e) = self.store.commit(batch) {
+                    tracing::warn!(error = %e, "cannot update the address book");
+                }
+            }
+        }
+    }
+
+    fn on_join_request(&mut self, peer: PeerId, request: JoinRequest) -> JoinResponse {
+        let JoinRequest::V1(r) = &request;
+        let record = match self.store.invite(&secret_hash(&r.secret)) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read invites");
+                return JoinResponse::Rejected(JoinRejection::Internal);
+            }
+        };
+        let group = r.group;
+        match self.groups.handle_join_request(peer, request, record, now_ms()) {
+            Ok((response, effects)) => match self.apply(effects) {
+                Ok(()) => {
+                    if let JoinResponse::Rejected(why) = &response {
+                        tracing::info!(%peer, group = %group.short(), reason = %why, "refused join request");
+                    } else {
+                        tracing::info!(%peer, group = %group.short(), "added a member by invite");
+                    }
+                    response
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot store the join; refusing it");
+                    JoinResponse::Rejected(JoinRejection::Internal)
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "join request failed");
+                self.rollback();
+                JoinResponse::Rejected(JoinRejection::Internal)
+            }
+        }
+    }
+
+    fn resolve(&self, query: &str) -> Result<GroupId, EngineError> {
+        let query = query.trim();
+        if let Ok(id) = query.parse::<GroupId>() {
+            return if self.groups.group(&id).is_some() {
+                Ok(id)
+            } else {
+                Err(EngineError::GroupNotFound(query.to_owned()))
+            };
+        }
+        let lower = query.to_ascii_lowercase();
+        let is_prefix = lower.len() >= 4 && lower.chars().all(|c| c.is_ascii_hexdigit());
+        let matches: Vec<GroupId> = self
+            .groups
+            .groups()
+            .iter()
+            .filter(|v| v.meta.name == query || (is_prefix && v.meta.id.to_string().starts_with(&lower)))
+            .map(|v| v.meta.id)
+            .collect();
+        match matches.as_slice() {
+            [] => Err(EngineError::GroupNotFound(query.to_owned())),
+            [one] => Ok(*one),
+            _ => Err(EngineError::AmbiguousGroup(query.to_owned())),
+        }
+    }
+
+    fn view(&self, id: &GroupId) -> Result<GroupView, EngineError> {
+        self.groups
+            .group(id)
+            .ok_or_else(|| EngineError::GroupNotFound(id.to_string()))
+    }
+
+    fn on_call(&mut self, call: Call) {
+        match call {
+            Call::Groups(r) => {
+                let _ = r.send(Ok(self.groups.groups().iter().map(summary).collect()));
+            }
+            Call::Group(q, r) => {
+                let res = self.resolve(&q).and_then(|id| self.view(&id)).map(|v| group_info(&v, self.me));
+                let _ = r.send(res);
+            }
+            Call::CreateGroup(name, r) => {
+                let _ = r.send(self.create_group(&name));
+            }
+            Call::CreateInvite(q, req, r) => {
+                let _ = r.send(self.create_invite(&q, req));
+            }
+            Call::PrepareJoin(invite, r) => {
+                let res = self
+                    .groups
+                    .prepare_join(&invite, now_ms())
+                    .map_err(EngineError::from)
+                    .and_then(|req| {
+                        // The key package's private keys must be on disk before we ask.
+                        self.apply(Vec::new())?;
+                        Ok(req)
+                    });
+                if res.is_err() {
+                    self.rollback();
+                }
+                let _ = r.send(res);
+            }
+            Call::CompleteJoin(invite, response, r) => {
+                let _ = r.send(self.complete_join(&invite, response));
+            }
+            Call::Send(q, text, r) => {
+                let _ = r.send(self.send(&q, &text));
+            }
+            Call::History(q, limit, r) => {
+                let res = self.resolve(&q).and_then(|id| {
+                    Ok(self
+                        .store
+                        .history(&id, limit.clamp(1, MAX_HISTORY))?
+                        .iter()
+                        .map(message_info)
+                        .collect())
+                });
+                let _ = r.send(res);
+            }
+        }
+    }
+
+    fn create_group(&mut self, name: &str) -> Result<GroupInfo, EngineError> {
+        let mut id = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let id = GroupId(id);
+        let effects = self.groups.create_group(id, name, now_ms())?;
+        self.apply(effects)?;
+        let view = self.view(&id)?;
+        let _ = self.events.send(NodeEvent::GroupJoined(summary(&view)));
+        let key = id.provider_key(self.groups.network());
+        let _ = self.net.provide_blocking(key);
+        tracing::info!(group = %id.short(), name = %view.meta.name, "created group");
+        Ok(group_info(&view, self.me))
+    }
+
+    fn create_invite(&mut self, q: &str, req: CreateInviteRequest) -> Result<InviteInfo, EngineError> {
+        let id = self.resolve(q)?;
+        let secs = req.expires_in_secs.unwrap_or(DEFAULT_INVITE_SECS);
+        if secs == 0 || secs > MAX_INVITE_SECS {
+            return Err(EngineError::BadRequest(format!(
+                "expiry must be between 1 second and {} days",
+                MAX_INVITE_SECS / 86400
+            )));
+        }
+        let uses = req.max_uses.unwrap_or(1);
+        if uses == 0 || uses > MAX_INVITE_USES {
+            return Err(EngineError::BadRequest(format!("uses must be between 1 and {MAX_INVITE_USES}")));
+        }
+        let addrs = self
+            .net
+            .info_blocking()
+            .map(|i| invite_addrs(i.listen_addrs))
+            .map_err(|_| EngineError::ShuttingDown)?;
+        let mut secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        let now = now_ms();
+        let (invite, effects) = self
+            .groups
+            .create_invite(id, addrs, secret, now / 1000 + secs, uses, now)?;
+        self.apply(effects)?;
+        Ok(InviteInfo {
+            link: invite.link().to_owned(),
+            url: invite.url(),
+            group: id.to_string(),
+            expires_at: invite.expires_at,
+            max_uses: invite.max_uses,
+        })
+    }
+
+    fn complete_join(&mut self, invite: &Invite, response: JoinResponse) -> Result<GroupInfo, EngineError> {
+        let (id, effects) = match self.groups.handle_join_response(invite, response, now_ms()) {
+            Ok(x) => x,
+            Err(e) => {
+                self.rollback();
+                return Err(e.into());
+            }
+        };
+        self.apply(effects)?;
+        let view = self.view(&id)?;
+        let _ = self.events.send(NodeEvent::GroupJoined(summary(&view)));
+        let key = id.provider_key(self.groups.network());
+        let _ = self.net.provide_blocking(key);
+        let _ = self.net.find_providers_blocking(key);
+        tracing::info!(group = %id.short(), name = %view.meta.name, epoch = view.epoch, "joined group");
+        Ok(group_info(&view, self.me))
+    }
+
+    fn send(&mut self, q: &str, text: &str) -> Result<MessageInfo, EngineError> {
+        let id = self.resolve(q)?;
+        let (entry, effects) = match self.groups.send_text(id, text, now_ms()) {
+            Ok(x) => x,
+            Err(e) => {
+                self.rollback();
+                return Err(e.into());
+            }
+        };
+        self.apply(effects)?;
+        Ok(message_info(&entry))
+    }
+}
+
+/// Opens the node's store in `data_dir`.
+pub fn open_store(data_dir: &Path) -> Result<Store, StoreError> {
+    Store::open(&data_dir.join("kith.redb"))
+}

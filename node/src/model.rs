@@ -1,0 +1,228 @@
+//! The local API's data model: JSON bodies of requests, responses and live events.
+//!
+//! Shared by the API server (`api`) and the CLI client (`cli`), so both sides agree by
+//! construction. Ids are lowercase hex strings; times are milliseconds since the Unix epoch.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// This node's PeerId.
+    pub peer_id: String,
+    /// The network id this node belongs to.
+    pub network: String,
+    /// Addresses the node listens on.
+    pub listen_addrs: Vec<String>,
+    /// Number of peers currently connected.
+    pub connected_peers: usize,
+    /// The groups this node is a member of.
+    pub groups: Vec<GroupSummary>,
+    /// Version of the `kith` binary.
+    pub version: String,
+}
+
+/// A group in a list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSummary {
+    /// Group id (64 hex characters).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Current MLS epoch.
+    pub epoch: u64,
+    /// Number of members.
+    pub member_count: usize,
+}
+
+/// `GET /v1/groups/{group}`: one group in detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Group id (64 hex characters).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Current MLS epoch.
+    pub epoch: u64,
+    /// Members in leaf order.
+    pub members: Vec<MemberInfo>,
+    /// When this node created or joined the group.
+    pub joined_at_ms: u64,
+}
+
+/// A member of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The member's node PeerId.
+    pub peer_id: String,
+    /// MLS leaf index.
+    pub leaf_index: u32,
+    /// Whether this member is the local node.
+    pub is_self: bool,
+}
+
+/// `POST /v1/groups` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateGroupRequest {
+    /// Display name, 1 to 128 bytes.
+    pub name: String,
+}
+
+/// `POST /v1/groups/{group}/invites` body. Both fields optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateInviteRequest {
+    /// Lifetime in seconds (default 24 h, at most 30 days).
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+    /// How many joins the link allows (default 1, at most 1000).
+    #[serde(default)]
+    pub max_uses: Option<u32>,
+}
+
+/// A created invite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteInfo {
+    /// The `kith1…` link.
+    pub link: String,
+    /// The same as a `kith://join#…` URL.
+    pub url: String,
+    /// Group id.
+    pub group: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub expires_at: u64,
+    /// Allowed joins.
+    pub max_uses: u32,
+}
+
+/// `POST /v1/join` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinBody {
+    /// The invite link, `kith1…` or `kith://join#…`.
+    pub link: String,
+}
+
+/// `POST /v1/groups/{group}/messages` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendBody {
+    /// UTF-8 text, 1 byte to 64 KiB.
+    pub text: String,
+}
+
+/// One history entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageInfo {
+    /// Envelope id (64 hex characters).
+    pub id: String,
+    /// Group id.
+    pub group: String,
+    /// MLS epoch it was sent in.
+    pub epoch: u64,
+    /// Sender's PeerId.
+    pub sender: String,
+    /// Sender's clock at sending.
+    pub sent_at_ms: u64,
+    /// This node's clock at arrival.
+    pub received_at_ms: u64,
+    /// What it is.
+    pub body: MessageBody,
+}
+
+/// The content of a history entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MessageBody {
+    /// A text message.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// The group was created.
+    GroupCreated {
+        /// Its name.
+        name: String,
+    },
+    /// Members were added (PeerIds).
+    MembersAdded {
+        /// Who.
+        members: Vec<String>,
+    },
+    /// Members were removed (PeerIds).
+    MembersRemoved {
+        /// Who.
+        members: Vec<String>,
+    },
+}
+
+/// `GET /v1/groups/{group}/messages` query.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryQuery {
+    /// At most this many entries, newest last (default 100, at most 1000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// A live event on `GET /v1/events` (server-sent events; the SSE `event:` field is `type`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NodeEvent {
+    /// A history entry was added (a message arrived or was sent, or membership changed).
+    Message(MessageInfo),
+    /// This node joined or created a group.
+    GroupJoined(GroupSummary),
+    /// A group moved to a new epoch (membership or keys changed).
+    EpochChanged {
+        /// Group id.
+        group: String,
+        /// New epoch.
+        epoch: u64,
+        /// Member count after the change.
+        member_count: usize,
+    },
+}
+
+impl NodeEvent {
+    /// The group the event concerns.
+    pub fn group(&self) -> &str {
+        match self {
+            NodeEvent::Message(m) => &m.group,
+            NodeEvent::GroupJoined(g) => &g.id,
+            NodeEvent::EpochChanged { group, .. } => group,
+        }
+    }
+
+    /// The SSE event name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NodeEvent::Message(_) => "message",
+            NodeEvent::GroupJoined(_) => "group_joined",
+            NodeEvent::EpochChanged { .. } => "epoch_changed",
+        }
+    }
+}
+
+/// Error body of every non-2xx response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `not_found`, `bad_request`, `join_rejected`.
+    pub code: String,
+    /// One-line human-readable message.
+    pub error: String,
+}
+
+/// `GET /v1/events` query.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsQuery {
+    /// Only events of this group (full id, unique id prefix or exact name); all if absent.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// SSE event name sent when the subscriber fell behind and events were dropped.
+pub const LAGGED_EVENT: &str = "lagged";
+
+/// Data of a [`LAGGED_EVENT`]: the stream goes on after it, minus the dropped events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsLagged {
+    /// How many events this subscriber missed.
+    pub missed: u64,
+}

@@ -1,0 +1,660 @@
+//! The network: one task owns the libp2p `Swarm`.
+//!
+//! Behaviours: gossipsub (one topic per group; anonymous, content-addressed, validated by the
+//! engine), Kademlia on `/kith/kad/1.0.0` (peer routing and member rendezvous through provider
+//! records), identify, ping, request-response for joining (`/kith/join/1.0.0`) and optional
+//! mDNS. Transports: TCP and QUIC, with Noise and Yamux on TCP.
+//!
+//! Everything else talks to the task through [`NetHandle`] (a bounded command queue with
+//! `oneshot` replies) and receives [`NetEvent`]s. No other module sees `SwarmEvent`s. The task
+//! never blocks on the engine: events are offered with `try_send`, and a full queue drops
+//! gossip (gossipsub's redundancy and later history sync cover it) rather than stalling IO.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use kith_protocol::envelope::{
+    JoinRequest, JoinResponse, MAX_ENVELOPE_BYTES, MAX_JOIN_REQUEST_BYTES, MAX_JOIN_RESPONSE_BYTES,
+};
+use kith_protocol::ids::{MessageId, TopicId};
+use kith_protocol::{codec, group::Verdict};
+use libp2p::gossipsub::{self, MessageAcceptance};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, mdns, noise, ping, tcp, yamux};
+use tokio::sync::{mpsc, oneshot};
+
+/// Kademlia protocol name: a separate DHT from the public IPFS one.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/kad/1.0.0");
+/// Join request-response protocol name.
+pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/join/1.0.0");
+/// Identify protocol version string.
+pub const IDENTIFY_PROTOCOL: &str = "/kith/id/1.0.0";
+/// How long a join request may take, dialling included.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Inbound join requests awaiting the engine's answer, at most.
+const MAX_PENDING_INBOUND: usize = 64;
+/// Outbound join requests in flight, at most.
+const MAX_PENDING_OUTBOUND: usize = 64;
+/// Addresses remembered per peer.
+pub const MAX_ADDRS_PER_PEER: usize = 8;
+/// Provider lookups dial at most this many newly found members.
+const MAX_DIALS_PER_LOOKUP: usize = 16;
+/// Queue depths.
+const COMMAND_QUEUE: usize = 1024;
+const EVENT_QUEUE: usize = 4096;
+
+/// Settings for the network task.
+#[derive(Clone)]
+pub struct NetConfig {
+    /// The node key (also the libp2p identity).
+    pub keypair: Keypair,
+    /// Addresses to listen on (TCP and/or QUIC; port 0 allowed).
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap peers: multiaddrs ending in `/p2p/<PeerId>`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Known peers from the address book, tried at start.
+    pub known_peers: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Discover peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// Gossipsub heartbeat (mesh maintenance and gossip emission).
+    pub heartbeat: Duration,
+}
+
+/// Why the network could not start or a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The transport or a behaviour could not be built.
+    #[error("cannot build the network stack: {0}")]
+    Build(String),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// A join request failed in transport (unreachable, timeout, protocol error).
+    #[error("request to {peer} failed: {reason}")]
+    Request {
+        /// The peer asked.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// Too many requests in flight; try again later.
+    #[error("too many requests in flight")]
+    Busy,
+    /// The network task has stopped.
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+/// What the network reports to the engine.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A gossip message on a subscribed topic, awaiting validation via [`NetHandle::validate`].
+    Gossip {
+        /// Content id (SHA-256 of `data`), also gossipsub's message id.
+        id: MessageId,
+        /// The peer that forwarded it.
+        source: PeerId,
+        /// The envelope bytes (at most [`MAX_ENVELOPE_BYTES`]).
+        data: Vec<u8>,
+    },
+    /// A peer asks to join a group; answer with [`NetHandle::respond_join`].
+    InboundJoin {
+        /// The requester (authenticated by the transport).
+        peer: PeerId,
+        /// The decoded request.
+        request: JoinRequest,
+        /// Token to answer with.
+        token: u64,
+    },
+    /// A peer told us its listen addresses (for the address book).
+    PeerIdentified {
+        /// The peer.
+        peer: PeerId,
+        /// Its reachable addresses.
+        addrs: Vec<Multiaddr>,
+    },
+}
+
+/// A snapshot of the network state.
+#[derive(Debug, Clone)]
+pub struct NetInfo {
+    /// This node's PeerId.
+    pub peer_id: PeerId,
+    /// Addresses we listen on.
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Connected peers.
+    pub connected: Vec<PeerId>,
+}
+
+enum Command {
+    Publish { topic: TopicId, data: Vec<u8> },
+    Subscribe(TopicId),
+    Unsubscribe(TopicId),
+    Validate { id: MessageId, source: PeerId, verdict: MessageAcceptance },
+    Join {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: JoinRequest,
+        reply: oneshot::Sender<Result<JoinResponse, NetError>>,
+    },
+    RespondJoin { token: u64, response: JoinResponse },
+    Provide([u8; 32]),
+    FindProviders([u8; 32]),
+    Info(oneshot::Sender<NetInfo>),
+    Shutdown,
+}
+
+/// Cloneable handle to the network task.
+#[derive(Clone)]
+pub struct NetHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl NetHandle {
+    async fn send(&self, cmd: Command) -> Result<(), NetError> {
+        self.tx.send(cmd).await.map_err(|_| NetError::Stopped)
+    }
+
+    fn send_blocking(&self, cmd: Command) -> Result<(), NetError> {
+        self.tx.blocking_send(cmd).map_err(|_| NetError::Stopped)
+    }
+
+    /// Publishes envelope bytes on a topic. Called from the engine thread (blocking).
+    pub fn publish_blocking(&self, topic: TopicId, data: Vec<u8>) -> Result<(), NetError> {
+        self.send_blocking(Command::Publish { topic, data })
+    }
+
+    /// Subscribes to a group topic (engine thread).
+    pub fn subscribe_blocking(&self, topic: TopicId) -> Result<(), NetError> {
+        self.send_blocking(Command::Subscribe(topic))
+    }
+
+    /// Unsubscribes from a group topic (engine thread).
+    pub fn unsubscribe_blocking(&self, topic: TopicId) -> Result<(), NetError> {
+        self.send_blocking(Command::Unsubscribe(topic))
+    }
+
+    /// Reports the engine's verdict on a gossip message (engine thread).
+    pub fn validate_blocking(&self, id: MessageId, source: PeerId, verdict: &Verdict) -> Result<(), NetError> {
+        let verdict = match verdict {
+            Verdict::Accept => MessageAcceptance::Accept,
+            Verdict::Reject(_) => MessageAcceptance::Reject,
+            Verdict::Ignore(_) => MessageAcceptance::Ignore,
+        };
+        self.send_blocking(Command::Validate { id, source, verdict })
+    }
+
+    /// Answers an inbound join request (engine thread).
+    pub fn respond_join_blocking(&self, token: u64, response: JoinResponse) -> Result<(), NetError> {
+        self.send_blocking(Command::RespondJoin { token, response })
+    }
+
+    /// Announces this node as a provider of `key` in the DHT (engine thread).
+    pub fn provide_blocking(&self, key: [u8; 32]) -> Result<(), NetError> {
+        self.send_blocking(Command::Provide(key))
+    }
+
+    /// Looks up providers of `key` and dials the ones not yet connected (engine thread).
+    pub fn find_providers_blocking(&self, key: [u8; 32]) -> Result<(), NetError> {
+        self.send_blocking(Command::FindProviders(key))
+    }
+
+    /// Sends a join request to `peer`, dialling `addrs` if needed, and waits for the answer.
+    pub async fn join(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: JoinRequest,
+    ) -> Result<JoinResponse, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Join { peer, addrs, request, reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// The current network state.
+    pub async fn info(&self) -> Result<NetInfo, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Info(reply)).await?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// The current network state, from the engine thread.
+    pub fn info_blocking(&self) -> Result<NetInfo, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send_blocking(Command::Info(reply))?;
+        rx.blocking_recv().map_err(|_| NetError::Stopped)
+    }
+
+    /// Stops the network task.
+    pub async fn shutdown(&self) {
+        let _ = self.send(Command::Shutdown).await;
+    }
+}
+
+/// Length-prefixed codec for the join protocol: a 4-byte big-endian length, then the
+/// `kith_protocol::codec` encoding. Lengths above the type's limit are refused before reading.
+#[derive(Clone, Default)]
+pub struct JoinCodec;
+
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > limit {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {limit}")));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(bytes).await?;
+    io.flush().await
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+impl request_response::Codec for JoinCodec {
+    type Protocol = StreamProtocol;
+    type Request = JoinRequest;
+    type Response = JoinResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<JoinRequest>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        let bytes = read_frame(io, MAX_JOIN_REQUEST_BYTES).await?;
+        JoinRequest::decode(&bytes).map_err(invalid)
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<JoinResponse>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        let bytes = read_frame(io, MAX_JOIN_RESPONSE_BYTES).await?;
+        JoinResponse::decode(&bytes).map_err(invalid)
+    }
+
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: JoinRequest) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &codec::encode(&req).map_err(invalid)?).await
+    }
+
+    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: JoinResponse) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &codec::encode(&res).map_err(invalid)?).await
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    join: request_response::Behaviour<JoinCodec>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+fn topic_of(t: TopicId) -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(t.topic_string())
+}
+
+fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
+    let build = |e: &dyn std::fmt::Display| NetError::Build(e.to_string());
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Anonymous)
+        .validate_messages()
+        .message_id_fn(|m: &gossipsub::Message| gossipsub::MessageId::new(&MessageId::of(&m.data).0))
+        .max_transmit_size(MAX_ENVELOPE_BYTES + 1024)
+        .heartbeat_interval(cfg.heartbeat)
+        .build()
+        .map_err(|e| build(&e))?;
+    let mdns_on = cfg.mdns;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| build(&e))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let peer = key.public().to_peer_id();
+            let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)?;
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config.set_query_timeout(Duration::from_secs(30));
+            let mut kad = kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config);
+            // Every Kith node serves the DHT: nodes are peers, not clients of a server.
+            kad.set_mode(Some(kad::Mode::Server));
+            let identify = identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                    .with_agent_version(format!("kith/{}", env!("CARGO_PKG_VERSION"))),
+            );
+            let join = request_response::Behaviour::new(
+                [(JOIN_PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(JOIN_TIMEOUT)
+                    .with_max_concurrent_streams(MAX_PENDING_INBOUND),
+            );
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                gossipsub,
+                kad,
+                identify,
+                ping: ping::Behaviour::default(),
+                join,
+                mdns: Toggle::from(mdns),
+            })
+        })
+        .map_err(|e| build(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    for addr in &cfg.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(swarm)
+}
+
+/// Splits `/…/p2p/<id>` into the peer id and the address without it.
+pub fn split_peer(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
+    let mut a = addr.clone();
+    match a.pop() {
+        Some(Protocol::P2p(peer)) => Some((peer, a)),
+        _ => None,
+    }
+}
+
+/// Whether an address is worth remembering or handing out (not unspecified, not a relay hop).
+fn is_dialable(addr: &Multiaddr) -> bool {
+    !addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        Protocol::P2pCircuit => true,
+        _ => false,
+    })
+}
+
+/// Starts the network task. Returns its handle and the event stream.
+pub fn spawn(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
+    let mut swarm = build_swarm(&cfg)?;
+    for addr in &cfg.bootstrap {
+        if let Some((peer, a)) = split_peer(addr) {
+            swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+            if let Err(e) = swarm.dial(DialOpts::peer_id(peer).addresses(vec![a]).build()) {
+                tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+            }
+        } else {
+            tracing::warn!(%addr, "bootstrap address lacks /p2p/<peer id>; dialling without it");
+            let _ = swarm.dial(addr.clone());
+        }
+    }
+    for (peer, addrs) in cfg.known_peers.iter().take(32) {
+        for a in addrs {
+            swarm.behaviour_mut().kad.add_address(peer, a.clone());
+        }
+    }
+    // Reconnect to a few remembered peers so a restarted node finds its groups again.
+    for (peer, addrs) in cfg.known_peers.iter().take(8) {
+        let _ = swarm.dial(DialOpts::peer_id(*peer).addresses(addrs.clone()).build());
+    }
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+    let task = NetTask {
+        swarm,
+        events: ev_tx,
+        pending_out: HashMap::new(),
+        pending_in: HashMap::new(),
+        next_token: 0,
+        listen_addrs: Vec::new(),
+        bootstrapped: !cfg.bootstrap.is_empty() || !cfg.known_peers.is_empty(),
+        subscribed: HashSet::new(),
+    };
+    tokio::spawn(task.run(rx));
+    Ok((NetHandle { tx }, ev_rx))
+}
+
+struct NetTask {
+    swarm: Swarm<Behaviour>,
+    events: mpsc::Sender<NetEvent>,
+    pending_out: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<JoinResponse, NetError>>)>,
+    pending_in: HashMap<u64, ResponseChannel<JoinResponse>>,
+    next_token: u64,
+    listen_addrs: Vec<Multiaddr>,
+    bootstrapped: bool,
+    subscribed: HashSet<TopicId>,
+}
+
+impl NetTask {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut bootstrap_timer = tokio::time::interval(Duration::from_secs(300));
+        bootstrap_timer.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Shutdown) | None => break,
+                    Some(cmd) => self.on_command(cmd),
+                },
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = bootstrap_timer.tick() => {
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+        }
+        tracing::debug!("network task stopped");
+    }
+
+    fn emit(&self, event: NetEvent) {
+        match self.events.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(ev)) => {
+                tracing::warn!(?ev, "engine queue full; dropping network event");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let b = self.swarm.behaviour_mut();
+        match cmd {
+            Command::Publish { topic, data } => match b.gossipsub.publish(topic_of(topic).hash(), data) {
+                Ok(_) => {}
+                Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                    tracing::debug!(topic = %topic.short(), "published with no peers online; kept in history");
+                }
+                Err(e) => tracing::warn!(topic = %topic.short(), error = %e, "publish failed"),
+            },
+            Command::Subscribe(t) => {
+                if let Err(e) = b.gossipsub.subscribe(&topic_of(t)) {
+                    tracing::warn!(topic = %t.short(), error = %e, "subscribe failed");
+                }
+                self.subscribed.insert(t);
+            }
+            Command::Unsubscribe(t) => {
+                b.gossipsub.unsubscribe(&topic_of(t));
+                self.subscribed.remove(&t);
+            }
+            Command::Validate { id, source, verdict } => {
+                b.gossipsub
+                    .report_message_validation_result(&gossipsub::MessageId::new(&id.0), &source, verdict);
+            }
+            Command::Join { peer, addrs, request, reply } => {
+                if self.pending_out.len() >= MAX_PENDING_OUTBOUND {
+                    let _ = reply.send(Err(NetError::Busy));
+                    return;
+                }
+                for a in &addrs {
+                    b.kad.add_address(&peer, a.clone());
+                }
+                let id = b.join.send_request_with_addresses(&peer, request, addrs);
+                self.pending_out.insert(id, (peer, reply));
+            }
+            Command::RespondJoin { token, response } => {
+                if let Some(ch) = self.pending_in.remove(&token)
+                    && b.join.send_response(ch, response).is_err()
+                {
+                    tracing::debug!("joiner went away before the answer");
+                }
+            }
+            Command::Provide(key) => {
+                if let Err(e) = b.kad.start_providing(kad::RecordKey::new(&key)) {
+                    tracing::warn!(error = %e, "cannot announce group membership in the DHT");
+                }
+            }
+            Command::FindProviders(key) => {
+                b.kad.get_providers(kad::RecordKey::new(&key));
+            }
+            Command::Info(reply) => {
+                let _ = reply.send(NetInfo {
+                    peer_id: *self.swarm.local_peer_id(),
+                    listen_addrs: self.listen_addrs.clone(),
+                    connected: self.swarm.connected_peers().copied().collect(),
+                });
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
+                if !self.bootstrapped {
+                    self.bootstrapped = true;
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                tracing::debug!(peer = %peer_id, num_established, "disconnected");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message, .. }) => {
+                let id = MessageId::of(&message.data);
+                self.emit(NetEvent::Gossip {
+                    id,
+                    source: propagation_source,
+                    data: message.data,
+                });
+            }
+            BehaviourEvent::Gossipsub(_) => {}
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let addrs: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .into_iter()
+                    .filter(is_dialable)
+                    .take(MAX_ADDRS_PER_PEER)
+                    .collect();
+                if info.protocols.iter().any(|p| *p == KAD_PROTOCOL) {
+                    for a in &addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
+                    }
+                }
+                if !addrs.is_empty() {
+                    self.emit(NetEvent::PeerIdentified { peer: peer_id, addrs });
+                }
+            }
+            BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) => {}
+            BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
+                for (peer, addr) in list {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(_) => {}
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { providers, .. })),
+                ..
+            }) => {
+                let me = *self.swarm.local_peer_id();
+                let new: Vec<PeerId> = providers
+                    .into_iter()
+                    .filter(|p| *p != me && !self.swarm.is_connected(p))
+                    .take(MAX_DIALS_PER_LOOKUP)
+                    .collect();
+                for p in new {
+                    tracing::debug!(peer = %p, "dialling group member found in the DHT");
+                    let _ = self.swarm.dial(p);
+                }
+            }
+            BehaviourEvent::Kad(_) => {}
+            BehaviourEvent::Join(ev) => self.on_join_event(ev),
+        }
+    }
+
+    fn on_join_event(&mut self, event: request_response::Event<JoinRequest, JoinResponse>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+                if self.pending_in.len() >= MAX_PENDING_INBOUND {
+                    // Dropping the channel closes the stream; the joiner sees a failure.
+                    tracing::warn!(%peer, "too many join requests pending; dropping one");
+                    return;
+                }
+                let token = self.next_token;
+                self.next_token += 1;
+                self.pending_in.insert(token, channel);
+                self.emit(NetEvent::InboundJoin { peer, request, token });
+            }
+            Event::Message { message: Message::Response { request_id, response }, .. } => {
+                if let Some((_, reply)) = self.pending_out.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure { peer, request_id, error, .. } => {
+                if let Some((_, reply)) = self.pending_out.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request { peer, reason: error.to_string() }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, error = %error, "inbound join request failed");
+                // Channels whose stream failed are dead; forget them.
+                self.pending_in.retain(|_, ch| ch.is_open());
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}
