@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 /// Why a textual id could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdParseError {
-    /// The text is not 64 lowercase or uppercase hex characters.
+    /// The text is not 64 characters long.
     #[error("expected 64 hex characters, got {0} characters")]
     Length(usize),
     /// The text has the right length but contains a non-hex character.

@@ -91,8 +91,8 @@ pub struct InviteParams {
     pub max_uses: u32,
 }
 
-/// A verified invite ticket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A verified invite ticket. Its `Debug` output omits the secret, so logging it is safe.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Invite {
     /// Network id the invite is valid on.
     pub network: String,
@@ -112,6 +112,20 @@ pub struct Invite {
     pub max_uses: u32,
     /// The text form, exactly as signed (re-encoding is deterministic too).
     link: String,
+}
+
+impl std::fmt::Debug for Invite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invite")
+            .field("network", &self.network)
+            .field("group", &self.group)
+            .field("group_name", &self.group_name)
+            .field("inviter", &self.inviter)
+            .field("addrs", &self.addrs)
+            .field("expires_at", &self.expires_at)
+            .field("max_uses", &self.max_uses)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The invite as the inviting member stores it: no secret, only its hash.
@@ -225,14 +239,22 @@ impl Invite {
         Self::parse(&link)
     }
 
-    /// Parses and verifies a link (`kith1…` or `kith://join#kith1…`, surrounding whitespace
-    /// ignored). Checks encoding, bounds and signature; not expiry (see [`Invite::check`]).
+    /// Parses and verifies a link (`kith1…` or `kith://join#kith1…`, in any letter case;
+    /// whitespace anywhere is ignored, so a link wrapped over lines still parses). Checks
+    /// encoding, bounds and signature; not expiry (see [`Invite::check`]).
     pub fn parse(text: &str) -> Result<Self, InviteError> {
-        let text = text.trim();
+        if text.len() > MAX_LINK_CHARS * 2 {
+            return Err(InviteError::TooLong(text.len()));
+        }
+        let text: String = text
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect::<String>()
+            .to_ascii_lowercase();
         if text.len() > MAX_LINK_CHARS {
             return Err(InviteError::TooLong(text.len()));
         }
-        let text = text.strip_prefix(URL_PREFIX).unwrap_or(text);
+        let text = text.strip_prefix(URL_PREFIX).unwrap_or(&text);
         let Some(b32) = text.strip_prefix(LINK_PREFIX) else {
             return Err(InviteError::NotALink);
         };

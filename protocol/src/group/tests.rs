@@ -97,7 +97,7 @@ fn garbage_and_forged_envelopes_are_rejected() {
     s.send(0, g, "hi").unwrap();
     let (_, _, data) = s.in_flight.pop_front().unwrap();
     let env = Envelope::decode(&data).unwrap();
-    let (forged, _) = Envelope::new(g, env.epoch() + 0, PayloadKind::Application, {
+    let (forged, _) = Envelope::new(g, env.epoch(), PayloadKind::Application, {
         let mut m = env.mls().to_vec();
         let last = m.len() - 1;
         m[last] ^= 0x55; // flip a bit of the ciphertext tag

@@ -1,0 +1,961 @@
+//! Wire-layer tests: codec round trips, golden byte vectors, and adversarial decoding of every
+//! type that crosses the network or is kept on disk (`Envelope`, `AppContent`, `JoinRequest`,
+//! `JoinResponse`, `InviteRecord`), plus the ids derived from them.
+
+#![allow(clippy::unwrap_used)]
+
+use data_encoding::HEXLOWER;
+use kith_protocol::codec::{self, DecodeError, MAX_DECODE_BYTES};
+use kith_protocol::envelope::{
+    AppContent, AppContentV1, Body, Envelope, EnvelopeError, EnvelopeV1, JoinRejection,
+    JoinRequest, JoinRequestV1, JoinResponse, MAX_ENVELOPE_BYTES, MAX_JOIN_REQUEST_BYTES,
+    MAX_JOIN_RESPONSE_BYTES, MAX_TEXT_BYTES, PayloadKind,
+};
+use kith_protocol::ids::{GroupId, IdParseError, MessageId, TopicId};
+use kith_protocol::invite::InviteRecord;
+use kith_protocol::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
+use proptest::prelude::*;
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------------
+
+/// Every rejection reason. `rejection_tag` below matches exhaustively, so adding a variant
+/// fails to compile until it is listed here and given a pinned tag.
+const ALL_REJECTIONS: [JoinRejection; 8] = [
+    JoinRejection::UnknownInvite,
+    JoinRejection::Expired,
+    JoinRejection::UsedUp,
+    JoinRejection::WrongNetwork,
+    JoinRejection::NotMember,
+    JoinRejection::InvalidKeyPackage,
+    JoinRejection::AlreadyMember,
+    JoinRejection::Internal,
+];
+
+/// The pinned wire tag of each rejection (its bincode variant index).
+fn rejection_tag(r: JoinRejection) -> u8 {
+    match r {
+        JoinRejection::UnknownInvite => 0,
+        JoinRejection::Expired => 1,
+        JoinRejection::UsedUp => 2,
+        JoinRejection::WrongNetwork => 3,
+        JoinRejection::NotMember => 4,
+        JoinRejection::InvalidKeyPackage => 5,
+        JoinRejection::AlreadyMember => 6,
+        JoinRejection::Internal => 7,
+    }
+}
+
+const ALL_KINDS: [PayloadKind; 3] = [
+    PayloadKind::Commit,
+    PayloadKind::Application,
+    PayloadKind::Proposal,
+];
+
+fn golden_envelope() -> Envelope {
+    Envelope::new(
+        GroupId([0x11; 32]),
+        7,
+        PayloadKind::Commit,
+        vec![0xde, 0xad, 0xbe, 0xef],
+    )
+}
+
+fn golden_app_content() -> AppContent {
+    AppContent::V1(AppContentV1 {
+        sent_at_ms: 1_700_000_000_000,
+        body: Body::Text("héllo".to_owned()),
+    })
+}
+
+fn golden_join_request() -> JoinRequest {
+    JoinRequest::V1(JoinRequestV1 {
+        network: "kith-test".to_owned(),
+        group: GroupId([0x22; 32]),
+        secret: [0x33; 32],
+        key_package: vec![1, 2, 3],
+    })
+}
+
+fn golden_join_accepted() -> JoinResponse {
+    JoinResponse::Accepted {
+        welcome: vec![9, 8, 7],
+        group_name: "friends".to_owned(),
+    }
+}
+
+fn golden_invite_record() -> InviteRecord {
+    InviteRecord {
+        group: GroupId([0x44; 32]),
+        secret_hash: [0x66; 32],
+        expires_at: 1_800_000_000,
+        max_uses: 5,
+        uses: 2,
+        created_at: 1_700_000_000,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    HEXLOWER.encode(bytes)
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    HEXLOWER.decode(text.as_bytes()).unwrap()
+}
+
+/// `n` repetitions of the two hex digits `byte`.
+fn rep(byte: &str, n: usize) -> String {
+    byte.repeat(n)
+}
+
+/// Encoded bytes of every golden value, with a name for failure messages and a decoder that
+/// uses the type's own public decode entry point.
+type Decoder = fn(&[u8]) -> Result<(), DecodeError>;
+
+fn all_golden() -> Vec<(&'static str, Vec<u8>, Decoder)> {
+    let mut out: Vec<(&'static str, Vec<u8>, Decoder)> = vec![
+        ("envelope", golden_envelope().encode().unwrap().0, |b| {
+            Envelope::decode(b).map(drop).map_err(|e| match e {
+                EnvelopeError::Decode(d) => d,
+            })
+        }),
+        (
+            "app content",
+            codec::encode(&golden_app_content()).unwrap(),
+            |b| AppContent::decode(b).map(drop),
+        ),
+        (
+            "join request",
+            codec::encode(&golden_join_request()).unwrap(),
+            |b| JoinRequest::decode(b).map(drop),
+        ),
+        (
+            "join accepted",
+            codec::encode(&golden_join_accepted()).unwrap(),
+            |b| JoinResponse::decode(b).map(drop),
+        ),
+        (
+            "invite record",
+            codec::encode(&golden_invite_record()).unwrap(),
+            |b| codec::decode::<InviteRecord>(b, 1024).map(drop),
+        ),
+    ];
+    for r in ALL_REJECTIONS {
+        out.push((
+            "join rejected",
+            codec::encode(&JoinResponse::Rejected(r)).unwrap(),
+            |b| JoinResponse::decode(b).map(drop),
+        ));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Round trips
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn envelope_round_trips_every_kind() {
+    for kind in ALL_KINDS {
+        for mls in [vec![], vec![0u8], vec![0xff; 300], vec![7; 70_000]] {
+            for epoch in [0, 1, 250, 251, u64::from(u32::MAX) + 1, u64::MAX] {
+                let env = Envelope::new(GroupId([0x5a; 32]), epoch, kind, mls.clone());
+                let (bytes, id) = env.encode().unwrap();
+                assert_eq!(id, MessageId::of(&bytes));
+                let back = Envelope::decode(&bytes).unwrap();
+                assert_eq!(back, env);
+                assert_eq!(back.group(), GroupId([0x5a; 32]));
+                assert_eq!(back.epoch(), epoch);
+                assert_eq!(back.kind(), kind);
+                assert_eq!(back.mls(), &mls[..]);
+            }
+        }
+    }
+}
+
+#[test]
+fn envelope_accessors_match_fields() {
+    let env = golden_envelope();
+    let Envelope::V1(EnvelopeV1 {
+        group,
+        epoch,
+        kind,
+        mls,
+    }) = env.clone();
+    assert_eq!(env.group(), group);
+    assert_eq!(env.epoch(), epoch);
+    assert_eq!(env.kind(), kind);
+    assert_eq!(env.mls(), &mls[..]);
+}
+
+#[test]
+fn app_content_round_trips() {
+    for text in ["", "hi", "héllo wörld 👋", "\0\u{7f}\u{10ffff}"] {
+        for sent_at_ms in [0, 1_700_000_000_000, u64::MAX] {
+            let c = AppContent::V1(AppContentV1 {
+                sent_at_ms,
+                body: Body::Text(text.to_owned()),
+            });
+            let bytes = codec::encode(&c).unwrap();
+            assert_eq!(AppContent::decode(&bytes).unwrap(), c);
+        }
+    }
+}
+
+#[test]
+fn app_content_text_of_exactly_the_limit_round_trips() {
+    let c = AppContent::V1(AppContentV1 {
+        sent_at_ms: u64::MAX,
+        body: Body::Text("x".repeat(MAX_TEXT_BYTES)),
+    });
+    let bytes = codec::encode(&c).unwrap();
+    assert_eq!(AppContent::decode(&bytes).unwrap(), c);
+}
+
+#[test]
+fn join_request_round_trips() {
+    let r = golden_join_request();
+    let bytes = codec::encode(&r).unwrap();
+    assert_eq!(JoinRequest::decode(&bytes).unwrap(), r);
+
+    let big = JoinRequest::V1(JoinRequestV1 {
+        network: "n".repeat(64),
+        group: GroupId([0xff; 32]),
+        secret: [0; 32],
+        key_package: vec![0xab; 8 * 1024],
+    });
+    let bytes = codec::encode(&big).unwrap();
+    assert_eq!(JoinRequest::decode(&bytes).unwrap(), big);
+}
+
+#[test]
+fn join_response_round_trips_accepted_and_every_rejection() {
+    let a = golden_join_accepted();
+    assert_eq!(
+        JoinResponse::decode(&codec::encode(&a).unwrap()).unwrap(),
+        a
+    );
+    let empty = JoinResponse::Accepted {
+        welcome: vec![],
+        group_name: String::new(),
+    };
+    assert_eq!(
+        JoinResponse::decode(&codec::encode(&empty).unwrap()).unwrap(),
+        empty
+    );
+    for r in ALL_REJECTIONS {
+        let resp = JoinResponse::Rejected(r);
+        let bytes = codec::encode(&resp).unwrap();
+        assert_eq!(JoinResponse::decode(&bytes).unwrap(), resp);
+        // Every rejection also has a distinct, non-empty user-facing message.
+        assert!(!r.to_string().is_empty());
+    }
+    let messages: std::collections::BTreeSet<String> =
+        ALL_REJECTIONS.iter().map(|r| r.to_string()).collect();
+    assert_eq!(messages.len(), ALL_REJECTIONS.len());
+}
+
+#[test]
+fn invite_record_round_trips() {
+    let r = golden_invite_record();
+    let bytes = codec::encode(&r).unwrap();
+    assert_eq!(codec::decode::<InviteRecord>(&bytes, 1024).unwrap(), r);
+}
+
+#[test]
+fn stored_records_round_trip() {
+    // The node's store decodes these through the same codec (so the canonical-encoding check
+    // applies to them too): every field, PeerIds included, must re-encode to the same bytes.
+    let peer = |i: u8| {
+        kith_protocol::Keypair::ed25519_from_bytes([i; 32])
+            .unwrap()
+            .public()
+            .to_peer_id()
+    };
+    let meta = GroupMeta {
+        id: GroupId([1; 32]),
+        name: "friends".to_owned(),
+        joined_at_ms: 1_700_000_000_000,
+    };
+    let bytes = codec::encode(&meta).unwrap();
+    assert_eq!(
+        codec::decode::<GroupMeta>(&bytes, MAX_DECODE_BYTES).unwrap(),
+        meta
+    );
+    for kind in [
+        EntryKind::Text("hi".to_owned()),
+        EntryKind::GroupCreated {
+            name: "friends".to_owned(),
+        },
+        EntryKind::MembersAdded(vec![peer(1), peer(2)]),
+        EntryKind::MembersRemoved(vec![]),
+    ] {
+        let entry = HistoryEntry {
+            group: GroupId([1; 32]),
+            id: MessageId([2; 32]),
+            epoch: 3,
+            sender: peer(3),
+            sent_at_ms: 4,
+            received_at_ms: u64::MAX,
+            kind,
+        };
+        let bytes = codec::encode(&entry).unwrap();
+        assert_eq!(
+            codec::decode::<HistoryEntry>(&bytes, MAX_DECODE_BYTES).unwrap(),
+            entry
+        );
+    }
+    let (env_bytes, id) = golden_envelope().encode().unwrap();
+    let stored = StoredEnvelope {
+        id,
+        group: GroupId([0x11; 32]),
+        epoch: 7,
+        kind: PayloadKind::Commit,
+        bytes: env_bytes,
+        received_at_ms: 9,
+    };
+    let bytes = codec::encode(&stored).unwrap();
+    assert_eq!(
+        codec::decode::<StoredEnvelope>(&bytes, MAX_DECODE_BYTES).unwrap(),
+        stored
+    );
+}
+
+// Strategies for arbitrary field values.
+
+fn arb_kind() -> impl Strategy<Value = PayloadKind> {
+    prop::sample::select(ALL_KINDS.to_vec())
+}
+
+fn arb_rejection() -> impl Strategy<Value = JoinRejection> {
+    prop::sample::select(ALL_REJECTIONS.to_vec())
+}
+
+fn arb_group() -> impl Strategy<Value = GroupId> {
+    any::<[u8; 32]>().prop_map(GroupId)
+}
+
+fn arb_envelope() -> impl Strategy<Value = Envelope> {
+    (
+        arb_group(),
+        any::<u64>(),
+        arb_kind(),
+        prop::collection::vec(any::<u8>(), 0..2048),
+    )
+        .prop_map(|(g, e, k, m)| Envelope::new(g, e, k, m))
+}
+
+fn arb_app_content() -> impl Strategy<Value = AppContent> {
+    (any::<u64>(), any::<String>()).prop_map(|(sent_at_ms, text)| {
+        AppContent::V1(AppContentV1 {
+            sent_at_ms,
+            body: Body::Text(text),
+        })
+    })
+}
+
+fn arb_join_request() -> impl Strategy<Value = JoinRequest> {
+    (
+        "[a-z0-9-]{0,64}",
+        arb_group(),
+        any::<[u8; 32]>(),
+        prop::collection::vec(any::<u8>(), 0..2048),
+    )
+        .prop_map(|(network, group, secret, key_package)| {
+            JoinRequest::V1(JoinRequestV1 {
+                network,
+                group,
+                secret,
+                key_package,
+            })
+        })
+}
+
+fn arb_join_response() -> impl Strategy<Value = JoinResponse> {
+    prop_oneof![
+        (prop::collection::vec(any::<u8>(), 0..4096), any::<String>()).prop_map(
+            |(welcome, group_name)| JoinResponse::Accepted {
+                welcome,
+                group_name
+            }
+        ),
+        arb_rejection().prop_map(JoinResponse::Rejected),
+    ]
+}
+
+fn arb_invite_record() -> impl Strategy<Value = InviteRecord> {
+    (
+        arb_group(),
+        any::<[u8; 32]>(),
+        any::<u64>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(group, secret_hash, expires_at, max_uses, uses, created_at)| InviteRecord {
+                group,
+                secret_hash,
+                expires_at,
+                max_uses,
+                uses,
+                created_at,
+            },
+        )
+}
+
+proptest! {
+    #[test]
+    fn prop_envelope_round_trips(env in arb_envelope()) {
+        let (bytes, id) = env.encode().unwrap();
+        prop_assert_eq!(id, MessageId::of(&bytes));
+        prop_assert_eq!(Envelope::decode(&bytes).unwrap(), env);
+    }
+
+    #[test]
+    fn prop_app_content_round_trips(c in arb_app_content()) {
+        let bytes = codec::encode(&c).unwrap();
+        prop_assert_eq!(AppContent::decode(&bytes).unwrap(), c);
+    }
+
+    #[test]
+    fn prop_join_request_round_trips(r in arb_join_request()) {
+        let bytes = codec::encode(&r).unwrap();
+        prop_assert_eq!(JoinRequest::decode(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn prop_join_response_round_trips(r in arb_join_response()) {
+        let bytes = codec::encode(&r).unwrap();
+        prop_assert_eq!(JoinResponse::decode(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn prop_invite_record_round_trips(r in arb_invite_record()) {
+        let bytes = codec::encode(&r).unwrap();
+        prop_assert_eq!(codec::decode::<InviteRecord>(&bytes, 1024).unwrap(), r);
+    }
+
+    /// Distinct envelopes never share bytes, hence never share a `MessageId`.
+    #[test]
+    fn prop_distinct_envelopes_have_distinct_ids(a in arb_envelope(), b in arb_envelope()) {
+        let (ba, ia) = a.encode().unwrap();
+        let (bb, ib) = b.encode().unwrap();
+        prop_assert_eq!(a == b, ba == bb);
+        prop_assert_eq!(a == b, ia == ib);
+    }
+
+    #[test]
+    fn prop_ids_display_parse_round_trip(bytes in any::<[u8; 32]>()) {
+        let g = GroupId(bytes);
+        let s = g.to_string();
+        prop_assert_eq!(s.len(), 64);
+        prop_assert_eq!(s.parse::<GroupId>().unwrap(), g);
+        prop_assert_eq!(s.to_uppercase().parse::<GroupId>().unwrap(), g);
+        prop_assert!(s.starts_with(&g.short()));
+        prop_assert_eq!(g.short().len(), 8);
+        let t = TopicId(bytes);
+        prop_assert_eq!(t.to_string().parse::<TopicId>().unwrap(), t);
+        let m = MessageId(bytes);
+        prop_assert_eq!(m.to_string().parse::<MessageId>().unwrap(), m);
+        prop_assert_eq!(GroupId::from_slice(&bytes), Some(g));
+    }
+
+    #[test]
+    fn prop_id_parse_never_panics(s in ".{0,80}") {
+        let _ = s.parse::<GroupId>();
+    }
+}
+
+#[test]
+fn id_parse_rejects_bad_text() {
+    assert_eq!("".parse::<GroupId>(), Err(IdParseError::Length(0)));
+    assert_eq!(
+        "a".repeat(63).parse::<GroupId>(),
+        Err(IdParseError::Length(63))
+    );
+    assert_eq!(
+        "a".repeat(65).parse::<GroupId>(),
+        Err(IdParseError::Length(65))
+    );
+    assert_eq!(
+        format!("{}g", "a".repeat(63)).parse::<GroupId>(),
+        Err(IdParseError::NotHex)
+    );
+    // 64 bytes but not 64 ASCII characters.
+    assert_eq!(
+        format!("{}é", "a".repeat(62)).parse::<GroupId>(),
+        Err(IdParseError::NotHex)
+    );
+    assert_eq!(GroupId::from_slice(&[0; 31]), None);
+    assert_eq!(GroupId::from_slice(&[0; 33]), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Golden byte vectors
+//
+// WIRE FORMAT PINS. These bytes are what other nodes (possibly running older or newer builds)
+// read off the network and what the store keeps on disk. If one of these assertions fails,
+// the wire format changed: old and new nodes will no longer understand each other, and ids
+// (MessageId = SHA-256 of the bytes), topic names and stored records change. Do not "fix"
+// the expected hex; add a new version variant instead and keep decoding the old one.
+//
+// Layout reminder (bincode 2 standard config, serde mode): enum variant index and integers are
+// little-endian varints (< 251: one byte; 251 = u16, 252 = u32, 253 = u64 follows), `[u8; 32]`
+// is 32 raw bytes, `Vec<u8>` and `String` are a varint length then the bytes.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn golden_envelope_bytes() {
+    let (bytes, id) = golden_envelope().encode().unwrap();
+    // V1 = 00, group, epoch 07, PayloadKind::Commit = 00, MLS length 04 and bytes.
+    let expected = format!("00{}070004deadbeef", rep("11", 32));
+    assert_eq!(hex(&bytes), expected);
+    assert_eq!(
+        id.to_string(),
+        "f29f35e7cd4b6ca2f06cd1a8f0305f2f05754e044857ba1d188fb512aaf43746",
+        "MessageId of the golden envelope"
+    );
+}
+
+#[test]
+fn golden_app_content_bytes() {
+    let bytes = codec::encode(&golden_app_content()).unwrap();
+    // V1, sent_at_ms as u64 varint (fd + 8 bytes LE), Body::Text, len 6, "héllo".
+    assert_eq!(hex(&bytes), "00fd0068e5cf8b010000000668c3a96c6c6f");
+}
+
+#[test]
+fn golden_join_request_bytes() {
+    let bytes = codec::encode(&golden_join_request()).unwrap();
+    let expected = format!(
+        "00096b6974682d74657374{}{}03010203",
+        rep("22", 32),
+        rep("33", 32)
+    );
+    assert_eq!(hex(&bytes), expected);
+}
+
+#[test]
+fn golden_join_response_bytes() {
+    let bytes = codec::encode(&golden_join_accepted()).unwrap();
+    // Accepted = 00, welcome len 3, group_name len 7 "friends".
+    assert_eq!(hex(&bytes), "000309080707667269656e6473");
+    for r in ALL_REJECTIONS {
+        let bytes = codec::encode(&JoinResponse::Rejected(r)).unwrap();
+        assert_eq!(bytes, vec![1, rejection_tag(r)], "{r:?}");
+    }
+}
+
+#[test]
+fn golden_payload_kind_tags() {
+    let tags: Vec<u8> = ALL_KINDS
+        .iter()
+        .map(|k| {
+            let bytes = codec::encode(k).unwrap();
+            assert_eq!(bytes.len(), 1);
+            bytes[0]
+        })
+        .collect();
+    assert_eq!(tags, [0, 1, 2]);
+}
+
+#[test]
+fn golden_invite_record_bytes() {
+    // Stored on disk by the inviting node: a change orphans every stored invite.
+    let bytes = codec::encode(&golden_invite_record()).unwrap();
+    let expected = format!("{}{}fc00d2496b0502fc00f15365", rep("44", 32), rep("66", 32));
+    assert_eq!(hex(&bytes), expected);
+}
+
+#[test]
+fn golden_topic_and_provider_key() {
+    // Gossipsub topic names and DHT provider keys are part of the wire protocol too.
+    let g = GroupId([0x44; 32]);
+    let topic = "8fa6e2795b65b2cce969231e689be92ad062cee9bb5d3c71c46fda58afbbffea";
+    assert_eq!(g.topic("kith-test").to_string(), topic);
+    assert_eq!(
+        g.topic("kith-test").topic_string(),
+        format!("kith/g/{topic}")
+    );
+    assert_eq!(
+        hex(&g.provider_key("kith-test")),
+        "75e2df841c8037b5f861ef0c479fc71770151d159105278a364e262ab502d20f"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Adversarial input
+// ---------------------------------------------------------------------------------------------
+
+fn assert_malformed(name: &str, result: Result<(), DecodeError>) {
+    match result {
+        Err(DecodeError::Malformed(msg)) => assert!(!msg.is_empty(), "{name}"),
+        other => panic!("{name}: expected Malformed, got {other:?}"),
+    }
+}
+
+#[test]
+fn every_truncation_is_malformed() {
+    for (name, bytes, decode) in all_golden() {
+        assert_eq!(decode(&bytes), Ok(()), "{name} decodes whole");
+        for cut in 0..bytes.len() {
+            assert_malformed(&format!("{name} cut at {cut}"), decode(&bytes[..cut]));
+        }
+    }
+}
+
+#[test]
+fn trailing_bytes_are_rejected() {
+    for (name, bytes, decode) in all_golden() {
+        for extra in [&[0u8][..], &[0xff], &[1, 2, 3, 4, 5]] {
+            let mut b = bytes.clone();
+            b.extend_from_slice(extra);
+            assert_eq!(
+                decode(&b),
+                Err(DecodeError::TrailingBytes(extra.len())),
+                "{name} + {extra:?}"
+            );
+        }
+    }
+}
+
+/// A bincode varint holding `v` as a full u64 (tag 253 then 8 bytes little-endian).
+fn varint_u64(v: u64) -> Vec<u8> {
+    let mut out = vec![253];
+    out.extend_from_slice(&v.to_le_bytes());
+    out
+}
+
+#[test]
+fn huge_length_prefixes_fail_cleanly() {
+    for claim in [1u64 << 60, u64::MAX, (MAX_DECODE_BYTES as u64) + 1, 1 << 32] {
+        // Envelope whose MLS payload claims `claim` bytes but carries four.
+        let mut env = unhex("00");
+        env.extend_from_slice(&[0x11; 32]);
+        env.extend_from_slice(&[7, 0]);
+        env.extend_from_slice(&varint_u64(claim));
+        env.extend_from_slice(&[1, 2, 3, 4]);
+        assert!(
+            matches!(
+                Envelope::decode(&env),
+                Err(EnvelopeError::Decode(DecodeError::Malformed(_)))
+            ),
+            "envelope claiming {claim}"
+        );
+
+        // Join request whose network string claims `claim` bytes.
+        let mut req = vec![0];
+        req.extend_from_slice(&varint_u64(claim));
+        req.extend_from_slice(b"kith-test");
+        assert_malformed(
+            &format!("join request claiming {claim}"),
+            JoinRequest::decode(&req).map(drop),
+        );
+
+        // Join response whose welcome claims `claim` bytes.
+        let mut resp = vec![0];
+        resp.extend_from_slice(&varint_u64(claim));
+        resp.extend_from_slice(&[9; 16]);
+        assert_malformed(
+            &format!("join response claiming {claim}"),
+            JoinResponse::decode(&resp).map(drop),
+        );
+
+        // App content whose text claims `claim` bytes.
+        let mut app = vec![0, 5, 0];
+        app.extend_from_slice(&varint_u64(claim));
+        app.extend_from_slice(b"hi");
+        assert_malformed(
+            &format!("app content claiming {claim}"),
+            AppContent::decode(&app).map(drop),
+        );
+    }
+}
+
+#[test]
+fn u128_and_reserved_varint_tags_are_rejected() {
+    // 254 announces a u128, 255 is reserved: neither is a valid length or tag.
+    for tag in [254u8, 255] {
+        let mut req = vec![0, tag];
+        req.extend_from_slice(&[0xff; 16]);
+        assert_malformed(
+            &format!("len tag {tag}"),
+            JoinRequest::decode(&req).map(drop),
+        );
+        let mut env = vec![tag];
+        env.extend_from_slice(&[0; 48]);
+        assert!(matches!(
+            Envelope::decode(&env),
+            Err(EnvelopeError::Decode(DecodeError::Malformed(_)))
+        ));
+    }
+}
+
+#[test]
+fn over_limit_inputs_are_too_large() {
+    // The codec's hard ceiling applies whatever limit the caller passes.
+    let huge = vec![0u8; MAX_DECODE_BYTES + 1];
+    assert_eq!(
+        codec::decode::<Envelope>(&huge, usize::MAX),
+        Err(DecodeError::TooLarge {
+            len: MAX_DECODE_BYTES + 1,
+            limit: MAX_DECODE_BYTES,
+        })
+    );
+    // The caller's smaller limit applies too.
+    let (bytes, _) = golden_envelope().encode().unwrap();
+    assert_eq!(
+        codec::decode::<Envelope>(&bytes, bytes.len() - 1),
+        Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            limit: bytes.len() - 1,
+        })
+    );
+    assert!(codec::decode::<Envelope>(&bytes, bytes.len()).is_ok());
+
+    // Per-type limits, checked before any parsing.
+    assert_eq!(
+        Envelope::decode(&vec![0; MAX_ENVELOPE_BYTES + 1]),
+        Err(EnvelopeError::Decode(DecodeError::TooLarge {
+            len: MAX_ENVELOPE_BYTES + 1,
+            limit: MAX_ENVELOPE_BYTES,
+        }))
+    );
+    assert_eq!(
+        JoinRequest::decode(&vec![0; MAX_JOIN_REQUEST_BYTES + 1]),
+        Err(DecodeError::TooLarge {
+            len: MAX_JOIN_REQUEST_BYTES + 1,
+            limit: MAX_JOIN_REQUEST_BYTES,
+        })
+    );
+    assert_eq!(
+        JoinResponse::decode(&vec![0; MAX_JOIN_RESPONSE_BYTES + 1]),
+        Err(DecodeError::TooLarge {
+            len: MAX_JOIN_RESPONSE_BYTES + 1,
+            limit: MAX_JOIN_RESPONSE_BYTES,
+        })
+    );
+}
+
+/// An envelope whose encoding is exactly `len` bytes.
+fn envelope_of_encoded_len(len: usize) -> (Envelope, Vec<u8>) {
+    let overhead = golden_envelope().encode().unwrap().0.len() - 4 - 1 + 5;
+    let env = Envelope::new(
+        GroupId([0x11; 32]),
+        7,
+        PayloadKind::Application,
+        vec![0xaa; len - overhead],
+    );
+    let (bytes, _) = env.encode().unwrap();
+    assert_eq!(bytes.len(), len);
+    (env, bytes)
+}
+
+#[test]
+fn envelope_size_limit_is_inclusive() {
+    let (env, bytes) = envelope_of_encoded_len(MAX_ENVELOPE_BYTES);
+    assert_eq!(Envelope::decode(&bytes).unwrap(), env);
+    let (_, bytes) = envelope_of_encoded_len(MAX_ENVELOPE_BYTES + 1);
+    assert!(matches!(
+        Envelope::decode(&bytes),
+        Err(EnvelopeError::Decode(DecodeError::TooLarge { .. }))
+    ));
+}
+
+#[test]
+fn app_content_text_over_the_limit_is_too_large() {
+    // Fits the byte limit (MAX_TEXT_BYTES + 64) but the text itself is one byte too long.
+    let c = AppContent::V1(AppContentV1 {
+        sent_at_ms: 0,
+        body: Body::Text("x".repeat(MAX_TEXT_BYTES + 1)),
+    });
+    let bytes = codec::encode(&c).unwrap();
+    assert!(bytes.len() <= MAX_TEXT_BYTES + 64);
+    assert_eq!(
+        AppContent::decode(&bytes),
+        Err(DecodeError::TooLarge {
+            len: MAX_TEXT_BYTES + 1,
+            limit: MAX_TEXT_BYTES,
+        })
+    );
+}
+
+#[test]
+fn invalid_utf8_is_malformed() {
+    for bad in [
+        &[0xffu8][..],
+        &[0xc3],
+        &[0xed, 0xa0, 0x80],
+        &[b'a', 0x80, b'b'],
+    ] {
+        // Join request network.
+        let mut req = vec![0, bad.len() as u8];
+        req.extend_from_slice(bad);
+        req.extend_from_slice(&[0x22; 32]);
+        req.extend_from_slice(&[0x33; 32]);
+        req.push(0);
+        assert_malformed("join request network", JoinRequest::decode(&req).map(drop));
+
+        // App content text.
+        let mut app = vec![0, 0, 0, bad.len() as u8];
+        app.extend_from_slice(bad);
+        assert_malformed("app content text", AppContent::decode(&app).map(drop));
+
+        // Accepted group name.
+        let mut resp = vec![0, 0, bad.len() as u8];
+        resp.extend_from_slice(bad);
+        assert_malformed("group name", JoinResponse::decode(&resp).map(drop));
+    }
+}
+
+#[test]
+fn unknown_enum_tags_are_malformed() {
+    let (env, _) = golden_envelope().encode().unwrap();
+
+    // Envelope version tag 1 (no V2 yet), and a multi-byte varint tag.
+    for tag in [vec![1u8], vec![250], vec![252, 0, 0, 0, 1]] {
+        let mut b = tag.clone();
+        b.extend_from_slice(&env[1..]);
+        assert!(
+            matches!(
+                Envelope::decode(&b),
+                Err(EnvelopeError::Decode(DecodeError::Malformed(_)))
+            ),
+            "envelope tag {tag:?}"
+        );
+    }
+
+    // PayloadKind 3 (offset: tag 1 + group 32 + epoch 1).
+    let mut b = env.clone();
+    b[34] = 3;
+    assert!(matches!(
+        Envelope::decode(&b),
+        Err(EnvelopeError::Decode(DecodeError::Malformed(_)))
+    ));
+
+    // AppContent version 1, Body tag 1.
+    let app = codec::encode(&golden_app_content()).unwrap();
+    let mut b = app.clone();
+    b[0] = 1;
+    assert_malformed("app content version", AppContent::decode(&b).map(drop));
+    let mut b = app.clone();
+    b[10] = 1;
+    assert_malformed("body tag", AppContent::decode(&b).map(drop));
+
+    // JoinRequest version 1.
+    let mut b = codec::encode(&golden_join_request()).unwrap();
+    b[0] = 1;
+    assert_malformed("join request version", JoinRequest::decode(&b).map(drop));
+
+    // JoinResponse tag 2, rejection tag 8.
+    assert_malformed("join response tag", JoinResponse::decode(&[2]).map(drop));
+    assert_malformed("join response tag", JoinResponse::decode(&[2, 0]).map(drop));
+    assert_malformed("rejection tag", JoinResponse::decode(&[1, 8]).map(drop));
+    assert_malformed("rejection tag", JoinResponse::decode(&[1, 250]).map(drop));
+}
+
+#[test]
+fn non_canonical_varints_are_rejected() {
+    // bincode's reader accepts over-long varints (7 as `fb 07 00`). If the codec let them
+    // through, one envelope would have many byte strings, hence many MessageIds, and a relay
+    // could re-inject a message under a fresh id. Exactly one encoding per value is accepted.
+    let (env, _) = golden_envelope().encode().unwrap();
+
+    // Epoch 7 as a u16 varint.
+    let mut b = env[..33].to_vec();
+    b.extend_from_slice(&[251, 7, 0]);
+    b.extend_from_slice(&env[34..]);
+    assert_malformed(
+        "over-long epoch",
+        Envelope::decode(&b).map(drop).map_err(|e| match e {
+            EnvelopeError::Decode(d) => d,
+        }),
+    );
+
+    // Version tag 0 as a u32 varint.
+    let mut b = vec![252, 0, 0, 0, 0];
+    b.extend_from_slice(&env[1..]);
+    assert!(matches!(
+        Envelope::decode(&b),
+        Err(EnvelopeError::Decode(DecodeError::Malformed(_)))
+    ));
+
+    // Payload length 4 as a u64 varint.
+    let mut b = env[..35].to_vec();
+    b.extend_from_slice(&varint_u64(4));
+    b.extend_from_slice(&env[36..]);
+    assert!(matches!(
+        Envelope::decode(&b),
+        Err(EnvelopeError::Decode(DecodeError::Malformed(_)))
+    ));
+
+    // Rejection tag as a u16 varint.
+    assert_malformed(
+        "over-long rejection tag",
+        JoinResponse::decode(&[1, 251, 2, 0]).map(drop),
+    );
+
+    // Invite record max_uses 5 as a u32 varint.
+    let rec = codec::encode(&golden_invite_record()).unwrap();
+    let pos = 64 + 5; // after group, secret_hash and the 5-byte expires_at
+    assert_eq!(rec[pos], 5);
+    let mut b = rec[..pos].to_vec();
+    b.extend_from_slice(&[252, 5, 0, 0, 0]);
+    b.extend_from_slice(&rec[pos + 1..]);
+    assert_malformed(
+        "over-long max_uses",
+        codec::decode::<InviteRecord>(&b, 1024).map(drop),
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// Random bytes never panic any decoder; whatever decodes re-encodes to the same bytes.
+    #[test]
+    fn prop_random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        if let Ok(v) = Envelope::decode(&bytes) {
+            prop_assert_eq!(v.encode().unwrap().0, bytes.clone());
+        }
+        if let Ok(v) = AppContent::decode(&bytes) {
+            prop_assert_eq!(codec::encode(&v).unwrap(), bytes.clone());
+        }
+        if let Ok(v) = JoinRequest::decode(&bytes) {
+            prop_assert_eq!(codec::encode(&v).unwrap(), bytes.clone());
+        }
+        if let Ok(v) = JoinResponse::decode(&bytes) {
+            prop_assert_eq!(codec::encode(&v).unwrap(), bytes.clone());
+        }
+        if let Ok(v) = codec::decode::<InviteRecord>(&bytes, 1024) {
+            prop_assert_eq!(codec::encode(&v).unwrap(), bytes.clone());
+        }
+    }
+
+    /// Corrupting a valid encoding (overwrite, insert or delete a byte) never panics, and any
+    /// value that still decodes is the canonical reading of exactly those bytes.
+    #[test]
+    fn prop_mutated_encodings_never_panic(
+        which in 0usize..13,
+        pos in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+        op in 0u8..3,
+    ) {
+        let golden = all_golden();
+        let (_, mut bytes, decode) = golden[which % golden.len()].clone();
+        let i = pos.index(bytes.len());
+        match op {
+            0 => bytes[i] = byte,
+            1 => bytes.insert(i, byte),
+            _ => { bytes.remove(i); }
+        }
+        let _ = decode(&bytes);
+        if let Ok(v) = JoinResponse::decode(&bytes) {
+            prop_assert_eq!(codec::encode(&v).unwrap(), bytes.clone());
+        }
+        if let Ok(v) = Envelope::decode(&bytes) {
+            prop_assert_eq!(v.encode().unwrap().0, bytes.clone());
+        }
+    }
+}
