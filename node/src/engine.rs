@@ -355,10 +355,14 @@ pub fn start(
         events,
         me: peer_id,
     };
-    actor.after_commit(effects);
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
-        .spawn(move || actor.run(rx))
+        .spawn(move || {
+            // Subscribe to the loaded groups' topics and announce them, then serve.
+            actor.after_commit(effects);
+            actor.rendezvous();
+            actor.run(rx)
+        })
         .map_err(|e| EngineError::Internal(format!("cannot start engine thread: {e}")))?;
     Ok((handle, EngineTask { tx, thread: Some(thread) }))
 }

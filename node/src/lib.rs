@@ -1,6 +1,11 @@
 //! The Kith node: IO around the sans-IO `kith-protocol` core.
 
+pub mod api;
+pub mod cli;
+pub mod config;
 pub mod engine;
+pub mod identity;
 pub mod model;
 pub mod net;
+pub mod node;
 pub mod store;

@@ -1,1 +1,72 @@
-fn main(){}
+//! `kith`: the Kith node daemon (`kith run`) and its command-line client.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::Parser;
+use kith_node::cli::{Cli, Command, LogFormat};
+use kith_node::config::{Config, resolve_data_dir};
+use kith_node::{cli, identity, node};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    // Usage errors exit with code 2 here (clap's convention); --help/--version exit 0.
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Prints the error as one line on stderr and returns exit code 1.
+fn fail(err: &anyhow::Error) -> ExitCode {
+    let _ = writeln!(std::io::stderr().lock(), "error: {err:#}");
+    ExitCode::FAILURE
+}
+
+/// Logs go to stderr; `RUST_LOG` filters them (default `info`).
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Init(args) => {
+            let data_dir = resolve_data_dir(cli.data_dir.as_deref())?;
+            let outcome = identity::init(&data_dir, args.network.as_deref())?;
+            let note = if outcome.created {
+                format!("created a node key in {}", data_dir.display())
+            } else {
+                format!("kept the existing node key in {}", data_dir.display())
+            };
+            let _ = writeln!(std::io::stderr().lock(), "{note}");
+            // The PeerId alone on stdout, for scripts.
+            writeln!(std::io::stdout().lock(), "{}", outcome.peer_id)?;
+            Ok(())
+        }
+        Command::Run(args) => {
+            let data_dir = resolve_data_dir(cli.data_dir.as_deref())?;
+            let config = Config::resolve(&data_dir, &args.overrides())?;
+            node::run(&data_dir, config).await?;
+            Ok(())
+        }
+        _ => cli::run_client(cli).await,
+    }
+}

@@ -44,6 +44,10 @@ const MAX_PENDING_OUTBOUND: usize = 64;
 pub const MAX_ADDRS_PER_PEER: usize = 8;
 /// Provider lookups dial at most this many newly found members.
 const MAX_DIALS_PER_LOOKUP: usize = 16;
+/// Envelopes kept per topic while no peer of that topic is connected.
+const OUTBOX_PER_TOPIC: usize = 1024;
+/// Bytes kept in all outboxes together.
+const OUTBOX_BYTES: usize = 32 * 1024 * 1024;
 /// Queue depths.
 const COMMAND_QUEUE: usize = 1024;
 const EVENT_QUEUE: usize = 4096;
@@ -432,6 +436,8 @@ pub fn spawn(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), Ne
         listen_addrs: Vec::new(),
         bootstrapped: !cfg.bootstrap.is_empty() || !cfg.known_peers.is_empty(),
         subscribed: HashSet::new(),
+        outbox: HashMap::new(),
+        outbox_bytes: 0,
     };
     tokio::spawn(task.run(rx));
     Ok((NetHandle { tx }, ev_rx))
@@ -446,6 +452,10 @@ struct NetTask {
     listen_addrs: Vec<Multiaddr>,
     bootstrapped: bool,
     subscribed: HashSet<TopicId>,
+    /// Envelopes published while no peer on their topic was known, sent as soon as one
+    /// subscribes. Bounded per topic and in total; the oldest go first when full.
+    outbox: HashMap<gossipsub::TopicHash, std::collections::VecDeque<Vec<u8>>>,
+    outbox_bytes: usize,
 }
 
 impl NetTask {
@@ -478,16 +488,55 @@ impl NetTask {
         }
     }
 
+    fn queue(&mut self, topic: gossipsub::TopicHash, data: Vec<u8>) {
+        let q = self.outbox.entry(topic).or_default();
+        self.outbox_bytes += data.len();
+        q.push_back(data);
+        while q.len() > OUTBOX_PER_TOPIC || (self.outbox_bytes > OUTBOX_BYTES && !q.is_empty()) {
+            if let Some(old) = q.pop_front() {
+                self.outbox_bytes -= old.len();
+                tracing::warn!("outbox full; oldest unsent message left to history sync");
+            }
+        }
+    }
+
+    /// Publishes what was queued for `topic` now that a peer subscribed to it.
+    fn flush(&mut self, topic: &gossipsub::TopicHash) {
+        let Some(mut q) = self.outbox.remove(topic) else {
+            return;
+        };
+        while let Some(data) = q.pop_front() {
+            match self.swarm.behaviour_mut().gossipsub.publish(topic.clone(), data.clone()) {
+                Ok(_) | Err(gossipsub::PublishError::Duplicate) => self.outbox_bytes -= data.len(),
+                Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                    q.push_front(data);
+                    break;
+                }
+                Err(e) => {
+                    self.outbox_bytes -= data.len();
+                    tracing::warn!(error = %e, "queued publish failed");
+                }
+            }
+        }
+        if !q.is_empty() {
+            self.outbox.insert(topic.clone(), q);
+        }
+    }
+
     fn on_command(&mut self, cmd: Command) {
         let b = self.swarm.behaviour_mut();
         match cmd {
-            Command::Publish { topic, data } => match b.gossipsub.publish(topic_of(topic).hash(), data) {
-                Ok(_) => {}
-                Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
-                    tracing::debug!(topic = %topic.short(), "published with no peers online; kept in history");
+            Command::Publish { topic, data } => {
+                let hash = topic_of(topic).hash();
+                match b.gossipsub.publish(hash.clone(), data.clone()) {
+                    Ok(_) => {}
+                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                        tracing::debug!(topic = %topic.short(), "no peer on the topic yet; queued");
+                        self.queue(hash, data);
+                    }
+                    Err(e) => tracing::warn!(topic = %topic.short(), error = %e, "publish failed"),
                 }
-                Err(e) => tracing::warn!(topic = %topic.short(), error = %e, "publish failed"),
-            },
+            }
             Command::Subscribe(t) => {
                 if let Err(e) = b.gossipsub.subscribe(&topic_of(t)) {
                     tracing::warn!(topic = %t.short(), error = %e, "subscribe failed");
@@ -578,6 +627,7 @@ impl NetTask {
                     data: message.data,
                 });
             }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. }) => self.flush(&topic),
             BehaviourEvent::Gossipsub(_) => {}
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let addrs: Vec<Multiaddr> = info

@@ -1,0 +1,986 @@
+//! The local HTTP/JSON API: how the `kith` CLI (and any other local client) drives the node.
+//!
+//! Served on loopback by default. Every request needs `Authorization: Bearer <token>` with
+//! the token from `<data_dir>/api.token`. Every error, including unknown routes and bodies
+//! that are not valid JSON, is a JSON [`ErrorBody`] with a stable `code`. Live events are
+//! server-sent events on `GET /v1/events`.
+//!
+//! The handlers are written against [`ApiBackend`] rather than the engine directly, so the
+//! API is tested against a fake backend and the engine against its own tests.
+
+use std::convert::Infallible;
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, watch};
+
+use crate::engine::{EngineError, EngineHandle};
+use crate::model::{
+    CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, EventsQuery, GroupInfo,
+    GroupSummary, HistoryQuery, InviteInfo, JoinBody, LAGGED_EVENT, MessageInfo, NodeEvent,
+    SendBody, StatusInfo,
+};
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 128 * 1024;
+/// History entries returned when the request gives no `limit`.
+pub const DEFAULT_HISTORY_LIMIT: usize = 100;
+/// Largest `limit` honoured; larger values are clamped.
+pub const MAX_HISTORY_LIMIT: usize = 1000;
+/// How long [`serve`] waits for open connections after shutdown before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What the API needs from the node. [`EngineHandle`] is the real implementation; tests use
+/// a fake. Each method is one API operation and fails with an [`EngineError`].
+pub trait ApiBackend: Clone + Send + Sync + 'static {
+    /// `GET /v1/status`.
+    fn status(&self) -> impl Future<Output = Result<StatusInfo, EngineError>> + Send;
+    /// `POST /v1/groups`.
+    fn create_group(
+        &self,
+        name: String,
+    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
+    /// `GET /v1/groups`.
+    fn groups(&self) -> impl Future<Output = Result<Vec<GroupSummary>, EngineError>> + Send;
+    /// `GET /v1/groups/{group}`; `group` is an id, unique id prefix or exact name.
+    fn group(&self, group: String) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
+    /// `POST /v1/groups/{group}/invites`.
+    fn create_invite(
+        &self,
+        group: String,
+        req: CreateInviteRequest,
+    ) -> impl Future<Output = Result<InviteInfo, EngineError>> + Send;
+    /// `POST /v1/join`.
+    fn join(&self, link: String) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
+    /// `POST /v1/groups/{group}/messages`.
+    fn send(
+        &self,
+        group: String,
+        text: String,
+    ) -> impl Future<Output = Result<MessageInfo, EngineError>> + Send;
+    /// `GET /v1/groups/{group}/messages`.
+    fn history(
+        &self,
+        group: String,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<MessageInfo>, EngineError>> + Send;
+    /// A receiver of live events for `GET /v1/events`.
+    fn subscribe(&self) -> broadcast::Receiver<NodeEvent>;
+}
+
+impl ApiBackend for EngineHandle {
+    fn status(&self) -> impl Future<Output = Result<StatusInfo, EngineError>> + Send {
+        EngineHandle::status(self)
+    }
+    fn create_group(
+        &self,
+        name: String,
+    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
+        EngineHandle::create_group(self, name)
+    }
+    fn groups(&self) -> impl Future<Output = Result<Vec<GroupSummary>, EngineError>> + Send {
+        EngineHandle::groups(self)
+    }
+    fn group(&self, group: String) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
+        EngineHandle::group(self, group)
+    }
+    fn create_invite(
+        &self,
+        group: String,
+        req: CreateInviteRequest,
+    ) -> impl Future<Output = Result<InviteInfo, EngineError>> + Send {
+        EngineHandle::create_invite(self, group, req)
+    }
+    fn join(&self, link: String) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
+        EngineHandle::join(self, link)
+    }
+    fn send(
+        &self,
+        group: String,
+        text: String,
+    ) -> impl Future<Output = Result<MessageInfo, EngineError>> + Send {
+        EngineHandle::send(self, group, text)
+    }
+    fn history(
+        &self,
+        group: String,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<MessageInfo>, EngineError>> + Send {
+        EngineHandle::history(self, group, limit)
+    }
+    fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        EngineHandle::subscribe(self)
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` completes. At shutdown, event streams are
+/// ended and open connections get [`SHUTDOWN_GRACE`] to finish.
+pub async fn serve<B: ApiBackend>(
+    listener: tokio::net::TcpListener,
+    engine: B,
+    token: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let app = build_router(engine, &token, stop_rx.clone());
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .into_future();
+    let mut stopped = stop_rx;
+    tokio::select! {
+        result = server => result,
+        () = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("API connections still open {SHUTDOWN_GRACE:?} after shutdown; closing");
+            Ok(())
+        }
+    }
+}
+
+/// The API's routes over `engine`, requiring `token`. Event streams of this router only end
+/// when the engine stops; [`serve`] also ends them at shutdown.
+pub fn router<B: ApiBackend>(engine: B, token: String) -> Router {
+    // The sender is dropped at once: a stop signal that can never fire.
+    let (_, stop_rx) = watch::channel(false);
+    build_router(engine, &token, stop_rx)
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+struct ApiState<B> {
+    backend: B,
+    stop: watch::Receiver<bool>,
+}
+
+fn build_router<B: ApiBackend>(backend: B, token: &str, stop: watch::Receiver<bool>) -> Router {
+    let token_digest: Arc<[u8; 32]> = Arc::new(Sha256::digest(token.as_bytes()).into());
+    Router::new()
+        .route("/v1/status", get(status::<B>))
+        .route("/v1/groups", get(list_groups::<B>).post(create_group::<B>))
+        .route("/v1/groups/{group}", get(show_group::<B>))
+        .route("/v1/groups/{group}/invites", post(create_invite::<B>))
+        .route(
+            "/v1/groups/{group}/messages",
+            get(history::<B>).post(send_message::<B>),
+        )
+        .route("/v1/join", post(join::<B>))
+        .route("/v1/events", get(events::<B>))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(ApiState { backend, stop })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(token_digest, require_token))
+}
+
+/// An API error: an HTTP status and the JSON [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// One-line message for a human.
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn unauthorized(message: &str) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(err: EngineError) -> Self {
+        let message = err.to_string();
+        let (status, code) = match &err {
+            EngineError::GroupNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            EngineError::AmbiguousGroup(_) | EngineError::BadRequest(_) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
+            EngineError::Invite(_) => (StatusCode::BAD_REQUEST, "bad_invite"),
+            EngineError::JoinRejected(_) => (StatusCode::CONFLICT, "join_rejected"),
+            EngineError::Unreachable(_) => (StatusCode::GATEWAY_TIMEOUT, "unreachable"),
+            EngineError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            EngineError::Internal(_) => {
+                tracing::error!(error = %message, "API request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body is larger than {} KiB", MAX_BODY_BYTES / 1024),
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected a JSON body with `Content-Type: application/json`",
+            ),
+            _ => ApiError::bad_request(rejection.body_text()),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::bad_request(rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::bad_request(rejection.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            code: self.code.to_owned(),
+            error: self.message,
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Lets a request through only with the right bearer token.
+async fn require_token(
+    State(expected): State<Arc<[u8; 32]>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(value) = request.headers().get(header::AUTHORIZATION) else {
+        return ApiError::unauthorized("missing `Authorization: Bearer <token>` header")
+            .into_response();
+    };
+    let given = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match given {
+        Some(token) if token_matches(token, &expected) => next.run(request).await,
+        _ => ApiError::unauthorized("invalid API token").into_response(),
+    }
+}
+
+/// Compares the token's digest with the expected digest in constant time (the digests have
+/// a fixed length, so neither the token's length nor its content leaks through timing).
+fn token_matches(given: &str, expected: &[u8; 32]) -> bool {
+    let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
+    let diff = given
+        .iter()
+        .zip(expected.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    std::hint::black_box(diff) == 0
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+async fn status<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<StatusInfo> {
+    Ok(Json(s.backend.status().await?))
+}
+
+async fn list_groups<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<Vec<GroupSummary>> {
+    Ok(Json(s.backend.groups().await?))
+}
+
+async fn create_group<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    body: Result<Json<CreateGroupRequest>, JsonRejection>,
+) -> ApiResult<GroupInfo> {
+    let Json(body) = body?;
+    Ok(Json(s.backend.create_group(body.name).await?))
+}
+
+async fn show_group<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    group: Result<Path<String>, PathRejection>,
+) -> ApiResult<GroupInfo> {
+    let Path(group) = group?;
+    Ok(Json(s.backend.group(group).await?))
+}
+
+async fn create_invite<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    group: Result<Path<String>, PathRejection>,
+    body: Result<Json<CreateInviteRequest>, JsonRejection>,
+) -> ApiResult<InviteInfo> {
+    let Path(group) = group?;
+    let Json(body) = body?;
+    Ok(Json(s.backend.create_invite(group, body).await?))
+}
+
+async fn join<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    body: Result<Json<JoinBody>, JsonRejection>,
+) -> ApiResult<GroupInfo> {
+    let Json(body) = body?;
+    Ok(Json(s.backend.join(body.link).await?))
+}
+
+async fn send_message<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    group: Result<Path<String>, PathRejection>,
+    body: Result<Json<SendBody>, JsonRejection>,
+) -> Result<(StatusCode, Json<MessageInfo>), ApiError> {
+    let Path(group) = group?;
+    let Json(body) = body?;
+    let message = s.backend.send(group, body.text).await?;
+    Ok((StatusCode::CREATED, Json(message)))
+}
+
+async fn history<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    group: Result<Path<String>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> ApiResult<Vec<MessageInfo>> {
+    let Path(group) = group?;
+    let Query(query) = query?;
+    let limit = query
+        .limit
+        .unwrap_or(DEFAULT_HISTORY_LIMIT)
+        .min(MAX_HISTORY_LIMIT);
+    Ok(Json(s.backend.history(group, limit).await?))
+}
+
+async fn events<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + Send>, ApiError> {
+    let Query(query) = query?;
+    // Subscribe first, so nothing is missed while the group is looked up.
+    let receiver = s.backend.subscribe();
+    let filter = match query.group {
+        Some(group) => Some(s.backend.group(group).await?.id),
+        None => None,
+    };
+    let mut stop = s.stop;
+    let stopped = async move {
+        if stop.wait_for(|s| *s).await.is_err() {
+            // The stop signal can no longer fire: stream until the engine stops.
+            std::future::pending::<()>().await;
+        }
+    };
+    let stream = event_stream(receiver, filter).take_until(stopped);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Turns the engine's event receiver into SSE events: `event:` is [`NodeEvent::kind`],
+/// `data:` its JSON. A subscriber that fell behind gets a [`LAGGED_EVENT`] and continues.
+/// Ends when the engine's sender is gone.
+fn event_stream(
+    receiver: broadcast::Receiver<NodeEvent>,
+    filter: Option<String>,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send {
+    futures::stream::unfold((receiver, filter), |(mut receiver, filter)| async move {
+        loop {
+            let event = match receiver.recv().await {
+                Ok(event) => {
+                    if filter.as_deref().is_some_and(|g| g != event.group()) {
+                        continue;
+                    }
+                    match Event::default().event(event.kind()).json_data(&event) {
+                        Ok(sse) => sse,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot encode an API event");
+                            continue;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "API event subscriber lagged");
+                    let data = EventsLagged { missed };
+                    match Event::default().event(LAGGED_EVENT).json_data(data) {
+                        Ok(sse) => sse,
+                        Err(_) => continue,
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            return Some((Ok(event), (receiver, filter)));
+        }
+    })
+}
+
+/// A fake [`ApiBackend`] for tests of the API and its client.
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+    use crate::model::{MemberInfo, MessageBody};
+
+    pub(crate) const TOKEN: &str =
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    pub(crate) const GROUP_ID: &str =
+        "aa00000000000000000000000000000000000000000000000000000000000000";
+
+    /// A backend with one group, named "friends", and canned answers.
+    #[derive(Clone)]
+    pub(crate) struct Fake {
+        pub(crate) events: broadcast::Sender<NodeEvent>,
+    }
+
+    impl Fake {
+        pub(crate) fn new(capacity: usize) -> Self {
+            Fake {
+                events: broadcast::channel(capacity).0,
+            }
+        }
+    }
+
+    fn group_info() -> GroupInfo {
+        GroupInfo {
+            id: GROUP_ID.to_owned(),
+            name: "friends".to_owned(),
+            epoch: 1,
+            members: vec![MemberInfo {
+                peer_id: "12D3KooWself".to_owned(),
+                leaf_index: 0,
+                is_self: true,
+            }],
+            joined_at_ms: 1,
+        }
+    }
+
+    pub(crate) fn message(group: &str, text: &str) -> MessageInfo {
+        MessageInfo {
+            id: "bb".repeat(32),
+            group: group.to_owned(),
+            epoch: 1,
+            sender: "12D3KooWself".to_owned(),
+            sent_at_ms: 1_700_000_000_000,
+            received_at_ms: 1_700_000_000_000,
+            body: MessageBody::Text {
+                text: text.to_owned(),
+            },
+        }
+    }
+
+    fn find(group: &str) -> Result<GroupInfo, EngineError> {
+        match group {
+            "friends" | GROUP_ID => Ok(group_info()),
+            "a" => Err(EngineError::AmbiguousGroup(group.to_owned())),
+            "boom" => Err(EngineError::Internal("disk on fire".to_owned())),
+            _ => Err(EngineError::GroupNotFound(group.to_owned())),
+        }
+    }
+
+    impl ApiBackend for Fake {
+        async fn status(&self) -> Result<StatusInfo, EngineError> {
+            Ok(StatusInfo {
+                peer_id: "12D3KooWself".to_owned(),
+                network: "kith".to_owned(),
+                listen_addrs: vec![],
+                connected_peers: 0,
+                groups: vec![],
+                version: "0.1.0".to_owned(),
+            })
+        }
+        async fn create_group(&self, name: String) -> Result<GroupInfo, EngineError> {
+            if name.is_empty() {
+                return Err(EngineError::BadRequest("empty name".to_owned()));
+            }
+            Ok(GroupInfo {
+                name,
+                ..group_info()
+            })
+        }
+        async fn groups(&self) -> Result<Vec<GroupSummary>, EngineError> {
+            Ok(vec![])
+        }
+        async fn group(&self, group: String) -> Result<GroupInfo, EngineError> {
+            find(&group)
+        }
+        async fn create_invite(
+            &self,
+            group: String,
+            req: CreateInviteRequest,
+        ) -> Result<InviteInfo, EngineError> {
+            let g = find(&group)?;
+            Ok(InviteInfo {
+                link: "kith1abc".to_owned(),
+                url: "kith://join#kith1abc".to_owned(),
+                group: g.id,
+                expires_at: req.expires_in_secs.unwrap_or(86_400),
+                max_uses: req.max_uses.unwrap_or(1),
+            })
+        }
+        async fn join(&self, link: String) -> Result<GroupInfo, EngineError> {
+            match link.as_str() {
+                "rejected" => Err(EngineError::JoinRejected(
+                    kith_protocol::envelope::JoinRejection::UsedUp,
+                )),
+                "far" => Err(EngineError::Unreachable("nobody online".to_owned())),
+                _ => Err(EngineError::Invite(
+                    kith_protocol::invite::InviteError::NotALink,
+                )),
+            }
+        }
+        async fn send(&self, group: String, text: String) -> Result<MessageInfo, EngineError> {
+            let g = find(&group)?;
+            Ok(message(&g.id, &text))
+        }
+        async fn history(
+            &self,
+            group: String,
+            limit: usize,
+        ) -> Result<Vec<MessageInfo>, EngineError> {
+            let g = find(&group)?;
+            // The limit is echoed as the number of entries, so tests can see it.
+            Ok((0..limit.min(3))
+                .map(|i| message(&g.id, &format!("{i} of {limit}")))
+                .collect())
+        }
+        fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+            self.events.subscribe()
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::fake::{Fake, GROUP_ID, TOKEN, message};
+    use super::*;
+    use crate::model::MessageBody;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    fn app() -> Router {
+        router(Fake::new(16), TOKEN.to_owned())
+    }
+
+    fn request(method: &str, uri: &str, body: Option<&str>) -> axum::http::Request<Body> {
+        let builder = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
+        match body {
+            Some(b) => builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(b.to_owned())),
+            None => builder.body(Body::empty()),
+        }
+        .unwrap()
+    }
+
+    async fn call(app: Router, req: axum::http::Request<Body>) -> (StatusCode, serde_json::Value) {
+        let response = app.oneshot(req).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
+        (status, json)
+    }
+
+    async fn expect_error(req: axum::http::Request<Body>, status: StatusCode, code: &str) {
+        let (got, json) = call(app(), req).await;
+        assert_eq!(got, status, "{json}");
+        let body: ErrorBody = serde_json::from_value(json).unwrap();
+        assert_eq!(body.code, code);
+        assert!(!body.error.is_empty());
+    }
+
+    #[tokio::test]
+    async fn missing_token_is_401() {
+        let req = axum::http::Request::get("/v1/status")
+            .body(Body::empty())
+            .unwrap();
+        let response = app().oneshot(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let req = axum::http::Request::get("/v1/status")
+            .body(Body::empty())
+            .unwrap();
+        let (_, json) = call(app(), req).await;
+        assert_eq!(json["code"], "unauthorized");
+    }
+
+    #[tokio::test]
+    async fn wrong_token_is_401() {
+        for value in [
+            "Bearer nope".to_owned(),
+            format!("Bearer {TOKEN}x"),
+            format!("Basic {TOKEN}"),
+            TOKEN.to_owned(),
+        ] {
+            let req = axum::http::Request::get("/v1/status")
+                .header(header::AUTHORIZATION, value)
+                .body(Body::empty())
+                .unwrap();
+            let (status, json) = call(app(), req).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert_eq!(json["code"], "unauthorized");
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_route_needs_token_too() {
+        let req = axum::http::Request::get("/v1/nope")
+            .body(Body::empty())
+            .unwrap();
+        let (status, _) = call(app(), req).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn right_token_any_scheme_case_is_accepted() {
+        let req = axum::http::Request::get("/v1/status")
+            .header(header::AUTHORIZATION, format!("bearer {TOKEN}"))
+            .body(Body::empty())
+            .unwrap();
+        let (status, json) = call(app(), req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json["peer_id"], "12D3KooWself");
+    }
+
+    #[tokio::test]
+    async fn malformed_json_is_400_error_body() {
+        expect_error(
+            request("POST", "/v1/groups", Some("{not json")),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        )
+        .await;
+        // Valid JSON of the wrong shape, too.
+        expect_error(
+            request("POST", "/v1/groups", Some("{\"nom\": \"x\"}")),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        )
+        .await;
+        expect_error(
+            request("POST", "/v1/join", Some("[]")),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn missing_content_type_is_415_error_body() {
+        let req = axum::http::Request::post("/v1/groups")
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .body(Body::from("{\"name\":\"x\"}"))
+            .unwrap();
+        expect_error(
+            req,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn oversized_body_is_413_error_body() {
+        let text = "x".repeat(MAX_BODY_BYTES + 1);
+        let body = serde_json::to_string(&SendBody { text }).unwrap();
+        expect_error(
+            request("POST", "/v1/groups/friends/messages", Some(&body)),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn unknown_route_is_404_error_body() {
+        expect_error(
+            request("GET", "/v1/nope", None),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+        expect_error(
+            request("GET", "/", None),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn wrong_method_is_405_error_body() {
+        expect_error(
+            request("DELETE", "/v1/status", None),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn engine_errors_map_to_statuses() {
+        let cases = [
+            (
+                request("GET", "/v1/groups/zzz", None),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                request("GET", "/v1/groups/a", None),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                request("GET", "/v1/groups/boom", None),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+            (
+                request("POST", "/v1/groups", Some("{\"name\":\"\"}")),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                request("POST", "/v1/join", Some("{\"link\":\"x\"}")),
+                StatusCode::BAD_REQUEST,
+                "bad_invite",
+            ),
+            (
+                request("POST", "/v1/join", Some("{\"link\":\"rejected\"}")),
+                StatusCode::CONFLICT,
+                "join_rejected",
+            ),
+            (
+                request("POST", "/v1/join", Some("{\"link\":\"far\"}")),
+                StatusCode::GATEWAY_TIMEOUT,
+                "unreachable",
+            ),
+        ];
+        for (req, status, code) in cases {
+            expect_error(req, status, code).await;
+        }
+        let shutting: ApiError = EngineError::ShuttingDown.into();
+        assert_eq!(shutting.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(shutting.code, "shutting_down");
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer_json() {
+        let (status, json) = call(
+            app(),
+            request("POST", "/v1/groups", Some("{\"name\":\"book club\"}")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json["name"], "book club");
+
+        let (status, json) = call(
+            app(),
+            request(
+                "POST",
+                "/v1/groups/friends/messages",
+                Some("{\"text\":\"hi\"}"),
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let m: MessageInfo = serde_json::from_value(json).unwrap();
+        assert_eq!(m.body, MessageBody::Text { text: "hi".into() });
+
+        let (status, json) = call(
+            app(),
+            request("POST", "/v1/groups/friends/invites", Some("{}")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json["max_uses"], 1);
+
+        // Percent-encoded names reach the backend decoded.
+        let (status, _) = call(app(), request("GET", "/v1/groups/fri%65nds", None)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn history_limit_defaults_clamps_and_validates() {
+        let (_, json) = call(app(), request("GET", "/v1/groups/friends/messages", None)).await;
+        assert_eq!(json[0]["body"]["text"], "0 of 100");
+        let (_, json) = call(
+            app(),
+            request("GET", "/v1/groups/friends/messages?limit=5000", None),
+        )
+        .await;
+        assert_eq!(json[0]["body"]["text"], "0 of 1000");
+        expect_error(
+            request("GET", "/v1/groups/friends/messages?limit=many", None),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        )
+        .await;
+    }
+
+    /// Reads SSE frames from a body until `want` complete events (blank-line terminated)
+    /// have arrived, with a timeout.
+    async fn read_events(body: Body, want: usize) -> String {
+        let mut stream = body.into_data_stream();
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while text.matches("\n\n").count() < want {
+                let chunk = stream.next().await.unwrap().unwrap();
+                text.push_str(std::str::from_utf8(&chunk).unwrap());
+            }
+        })
+        .await
+        .unwrap();
+        text
+    }
+
+    #[tokio::test]
+    async fn events_stream_filters_by_group() {
+        let fake = Fake::new(16);
+        let app = router(fake.clone(), TOKEN.to_owned());
+        let response = app
+            .oneshot(request("GET", "/v1/events?group=friends", None))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        let other = "cc".repeat(32);
+        fake.events
+            .send(NodeEvent::Message(message(&other, "not for us")))
+            .unwrap();
+        fake.events
+            .send(NodeEvent::Message(message(GROUP_ID, "hello")))
+            .unwrap();
+        let text = read_events(response.into_body(), 1).await;
+        assert!(text.starts_with("event: message\ndata: {"), "{text}");
+        assert!(
+            text.contains("hello") && !text.contains("not for us"),
+            "{text}"
+        );
+        let data = text.lines().nth(1).unwrap().strip_prefix("data: ").unwrap();
+        let event: NodeEvent = serde_json::from_str(data).unwrap();
+        assert_eq!(event, NodeEvent::Message(message(GROUP_ID, "hello")));
+    }
+
+    #[tokio::test]
+    async fn events_for_unknown_group_is_404() {
+        expect_error(
+            request("GET", "/v1/events?group=zzz", None),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn lagging_subscriber_gets_lagged_and_continues() {
+        let fake = Fake::new(2);
+        let app = router(fake.clone(), TOKEN.to_owned());
+        let response = app
+            .oneshot(request("GET", "/v1/events", None))
+            .await
+            .unwrap();
+        for i in 0..5 {
+            fake.events
+                .send(NodeEvent::Message(message(GROUP_ID, &format!("m{i}"))))
+                .unwrap();
+        }
+        let text = read_events(response.into_body(), 3).await;
+        let mut frames = text.split("\n\n");
+        assert_eq!(
+            frames.next().unwrap(),
+            "event: lagged\ndata: {\"missed\":3}"
+        );
+        assert!(frames.next().unwrap().contains("m3"));
+        assert!(frames.next().unwrap().contains("m4"));
+    }
+
+    #[tokio::test]
+    async fn serve_ends_event_streams_at_shutdown() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let fake = Fake::new(16);
+        let server = tokio::spawn(serve(listener, fake.clone(), TOKEN.to_owned(), async {
+            let _ = stop_rx.await;
+        }));
+
+        // Open an event stream over a real connection and keep it open.
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(
+                format!(
+                    "GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(3), server)
+            .await
+            .expect("serve did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}

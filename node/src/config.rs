@@ -1,0 +1,676 @@
+//! The node's configuration: `<data_dir>/config.toml`, then environment, then flags.
+//!
+//! [`Config`] is the raw, serde form of the file (every field has a default, unknown fields
+//! are refused so a typo does not silently do nothing). [`Config::validate`] turns it into a
+//! [`NodeConfig`] of typed values, or a [`ConfigError`] naming the field that is wrong.
+
+use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+/// File name of the configuration file inside the data directory.
+pub const CONFIG_FILE: &str = "config.toml";
+/// Environment variable naming the data directory (also read by the `--data-dir` flag).
+pub const DATA_DIR_ENV: &str = "KITH_DATA_DIR";
+/// The network id used when none is configured.
+pub const DEFAULT_NETWORK: &str = "kith";
+/// The default libp2p port, for both TCP and QUIC.
+pub const DEFAULT_PORT: u16 = 7341;
+/// Longest accepted network id (the wire format's bound).
+pub const MAX_NETWORK_ID_BYTES: usize = kith_protocol::envelope::MAX_NETWORK_ID_BYTES;
+/// Longest accepted config file; a bigger file is surely not a config file.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Environment variables read by [`Config::apply_env`], one per field.
+pub mod env {
+    /// Overrides `network`.
+    pub const NETWORK: &str = "KITH_NETWORK";
+    /// Overrides `listen` (comma-separated multiaddrs).
+    pub const LISTEN: &str = "KITH_LISTEN";
+    /// Overrides `bootstrap` (comma-separated multiaddrs ending in `/p2p/<peer id>`).
+    pub const BOOTSTRAP: &str = "KITH_BOOTSTRAP";
+    /// Overrides `mdns` (`true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`).
+    pub const MDNS: &str = "KITH_MDNS";
+    /// Overrides `api_listen` (`IP:PORT`).
+    pub const API_LISTEN: &str = "KITH_API_LISTEN";
+    /// Overrides `api_allow_non_loopback` (boolean, as for `KITH_MDNS`).
+    pub const API_ALLOW_NON_LOOPBACK: &str = "KITH_API_ALLOW_NON_LOOPBACK";
+}
+
+/// Why the configuration could not be loaded. Each variant names the file, variable or
+/// field at fault, so the user knows what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file exists but could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The config file is larger than any sensible config file.
+    #[error("{path} is too large to be a config file ({size} bytes)")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The config file is not valid TOML, has an unknown field or a value of the wrong type.
+    #[error("{path} is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's explanation (names the line and the field).
+        message: String,
+    },
+    /// A field has a value of the right type but not a usable one (e.g. a bad multiaddr).
+    #[error("invalid `{field}` value '{value}': {reason}")]
+    InvalidField {
+        /// The config field, as spelled in `config.toml`.
+        field: &'static str,
+        /// The offending value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An environment variable has a value that cannot be used.
+    #[error("invalid environment variable {var}='{value}': {reason}")]
+    InvalidEnv {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The API would listen on a non-loopback address, which exposes it to the network.
+    #[error(
+        "refusing to serve the local API on non-loopback address {0}; \
+         set `api_allow_non_loopback = true` if you really want that"
+    )]
+    NonLoopbackApi(SocketAddr),
+    /// No data directory was given and the platform has none (no home directory).
+    #[error("cannot determine a data directory; pass --data-dir or set {DATA_DIR_ENV}")]
+    NoDataDir,
+}
+
+/// The configuration file's contents. Every field has a default, so an empty file (or no
+/// file at all) is a valid configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Network id: nodes only talk to nodes of the same network.
+    pub network: String,
+    /// libp2p listen multiaddrs.
+    pub listen: Vec<String>,
+    /// Peers to contact at start, multiaddrs ending in `/p2p/<peer id>`.
+    pub bootstrap: Vec<String>,
+    /// Whether to find peers on the local network with mDNS.
+    pub mdns: bool,
+    /// Where the local HTTP API listens (port 0 picks a free port).
+    pub api_listen: SocketAddr,
+    /// Allow `api_listen` to be a non-loopback address (off: the API is local only).
+    pub api_allow_non_loopback: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            network: DEFAULT_NETWORK.to_owned(),
+            listen: vec![
+                format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"),
+                format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1"),
+            ],
+            bootstrap: Vec::new(),
+            mdns: true,
+            api_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            api_allow_non_loopback: false,
+        }
+    }
+}
+
+/// Values given on the command line; each one set replaces the file's and env's value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigOverrides {
+    /// `--network`.
+    pub network: Option<String>,
+    /// `--listen` (replaces the list if not empty).
+    pub listen: Vec<String>,
+    /// `--bootstrap` (replaces the list if not empty).
+    pub bootstrap: Vec<String>,
+    /// `--no-mdns`.
+    pub no_mdns: bool,
+    /// `--api-listen`.
+    pub api_listen: Option<SocketAddr>,
+}
+
+/// A bootstrap peer: its id and where to dial it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapPeer {
+    /// The peer's id (the address's `/p2p/` component).
+    pub peer_id: PeerId,
+    /// The full address, including the `/p2p/` component.
+    pub addr: Multiaddr,
+}
+
+/// A validated configuration, in typed values, ready for the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Network id (1 to 64 characters of `A-Z a-z 0-9 . _ -`).
+    pub network: String,
+    /// libp2p listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start.
+    pub bootstrap: Vec<BootstrapPeer>,
+    /// Whether mDNS discovery is on.
+    pub mdns: bool,
+    /// Where the local API listens; loopback unless explicitly allowed otherwise.
+    pub api_listen: SocketAddr,
+}
+
+impl Config {
+    /// Reads `<data_dir>/config.toml`; a missing file gives the defaults.
+    pub fn load(data_dir: &Path) -> Result<Config, ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = match read_bounded(&path) {
+            Ok(text) => text,
+            Err(ConfigError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(Config::default());
+            }
+            Err(e) => return Err(e),
+        };
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse { path, message })
+    }
+
+    /// Parses config text; the error is the TOML parser's message.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))
+    }
+
+    /// Applies the `KITH_*` variables of [`env`] from the process environment.
+    pub fn apply_process_env(&mut self) -> Result<(), ConfigError> {
+        self.apply_env(|var| std::env::var_os(var))
+    }
+
+    /// Applies the `KITH_*` variables of [`env`] read through `lookup` (unset or empty
+    /// variables are ignored).
+    pub fn apply_env(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<OsString>,
+    ) -> Result<(), ConfigError> {
+        let get = |var: &'static str| -> Result<Option<String>, ConfigError> {
+            match lookup(var) {
+                None => Ok(None),
+                Some(v) if v.is_empty() => Ok(None),
+                Some(v) => v
+                    .into_string()
+                    .map(Some)
+                    .map_err(|v| ConfigError::InvalidEnv {
+                        var,
+                        value: v.to_string_lossy().into_owned(),
+                        reason: "not valid UTF-8".to_owned(),
+                    }),
+            }
+        };
+        if let Some(v) = get(env::NETWORK)? {
+            self.network = v;
+        }
+        if let Some(v) = get(env::LISTEN)? {
+            self.listen = split_list(&v);
+        }
+        if let Some(v) = get(env::BOOTSTRAP)? {
+            self.bootstrap = split_list(&v);
+        }
+        if let Some(v) = get(env::MDNS)? {
+            self.mdns = parse_env_bool(env::MDNS, &v)?;
+        }
+        if let Some(v) = get(env::API_LISTEN)? {
+            self.api_listen = v.trim().parse().map_err(|e| ConfigError::InvalidEnv {
+                var: env::API_LISTEN,
+                value: v.clone(),
+                reason: format!("{e} (expected IP:PORT, e.g. 127.0.0.1:7342)"),
+            })?;
+        }
+        if let Some(v) = get(env::API_ALLOW_NON_LOOPBACK)? {
+            self.api_allow_non_loopback = parse_env_bool(env::API_ALLOW_NON_LOOPBACK, &v)?;
+        }
+        Ok(())
+    }
+
+    /// Applies command-line values, which win over the file and the environment.
+    pub fn apply_overrides(&mut self, overrides: &ConfigOverrides) {
+        if let Some(network) = &overrides.network {
+            self.network = network.clone();
+        }
+        if !overrides.listen.is_empty() {
+            self.listen = overrides.listen.clone();
+        }
+        if !overrides.bootstrap.is_empty() {
+            self.bootstrap = overrides.bootstrap.clone();
+        }
+        if overrides.no_mdns {
+            self.mdns = false;
+        }
+        if let Some(api_listen) = overrides.api_listen {
+            self.api_listen = api_listen;
+        }
+    }
+
+    /// Checks every field and converts it to its typed form.
+    pub fn validate(&self) -> Result<NodeConfig, ConfigError> {
+        validate_network(&self.network)?;
+        let listen = self
+            .listen
+            .iter()
+            .map(|a| parse_listen_addr(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        if listen.is_empty() {
+            return Err(ConfigError::InvalidField {
+                field: "listen",
+                value: String::new(),
+                reason: "at least one listen address is needed".to_owned(),
+            });
+        }
+        let bootstrap = self
+            .bootstrap
+            .iter()
+            .map(|a| parse_bootstrap_addr(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !self.api_listen.ip().is_loopback() && !self.api_allow_non_loopback {
+            return Err(ConfigError::NonLoopbackApi(self.api_listen));
+        }
+        Ok(NodeConfig {
+            network: self.network.clone(),
+            listen,
+            bootstrap,
+            mdns: self.mdns,
+            api_listen: self.api_listen,
+        })
+    }
+
+    /// The whole chain for `kith run`: file, process environment, flags, validation.
+    pub fn resolve(
+        data_dir: &Path,
+        overrides: &ConfigOverrides,
+    ) -> Result<NodeConfig, ConfigError> {
+        let mut config = Config::load(data_dir)?;
+        config.apply_process_env()?;
+        config.apply_overrides(overrides);
+        config.validate()
+    }
+
+    /// The commented config file that `kith init` writes, with the default values.
+    pub fn default_toml() -> String {
+        Config::template_toml(DEFAULT_NETWORK)
+    }
+
+    /// The commented config file with the given network id and defaults otherwise.
+    pub fn template_toml(network: &str) -> String {
+        let d = Config::default();
+        let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "[]".to_owned()
+            } else {
+                let items: Vec<String> = v.iter().map(|s| format!("    {},\n", quote(s))).collect();
+                format!("[\n{}]", items.concat())
+            }
+        };
+        format!(
+            r#"# Kith node configuration.
+#
+# Every setting has a default; delete a line to use it. Each setting can also be set
+# with an environment variable (shown below) or a `kith run` flag; flags win over the
+# environment, which wins over this file.
+
+# Network id. Nodes only talk to nodes of the same network, and invite links only work
+# within one network. 1 to 64 characters of A-Z a-z 0-9 . _ -
+# Env: KITH_NETWORK. Flag: --network.
+network = {network}
+
+# libp2p addresses to listen on (multiaddrs): TCP and QUIC on port {port} by default.
+# Env: KITH_LISTEN (comma-separated). Flag: --listen (repeatable).
+listen = {listen}
+
+# Peers to contact at start, as multiaddrs ending in /p2p/<peer id>, for example
+# "/ip4/203.0.113.7/tcp/7341/p2p/12D3KooW...". Invite links carry addresses too.
+# Env: KITH_BOOTSTRAP (comma-separated). Flag: --bootstrap (repeatable).
+bootstrap = {bootstrap}
+
+# Find other nodes on the local network with mDNS.
+# Env: KITH_MDNS (true/false). Flag: --no-mdns.
+mdns = {mdns}
+
+# Address of the local HTTP API used by the `kith` commands (port 0 picks a free port;
+# the chosen address is written to api.addr in the data directory).
+# Env: KITH_API_LISTEN. Flag: --api-listen.
+api_listen = {api_listen}
+
+# The API is refused on any non-loopback address unless this is true. Anyone who can
+# reach the API and read api.token controls the node.
+# Env: KITH_API_ALLOW_NON_LOOPBACK (true/false).
+api_allow_non_loopback = {allow}
+"#,
+            network = quote(network),
+            port = DEFAULT_PORT,
+            listen = list(&d.listen),
+            bootstrap = list(&d.bootstrap),
+            mdns = d.mdns,
+            api_listen = quote(&d.api_listen.to_string()),
+            allow = d.api_allow_non_loopback,
+        )
+    }
+}
+
+/// Checks a network id: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
+pub fn validate_network(network: &str) -> Result<(), ConfigError> {
+    let bad = |reason: String| ConfigError::InvalidField {
+        field: "network",
+        value: network.to_owned(),
+        reason,
+    };
+    if network.is_empty() || network.len() > MAX_NETWORK_ID_BYTES {
+        return Err(bad(format!(
+            "must be 1 to {MAX_NETWORK_ID_BYTES} characters"
+        )));
+    }
+    if !network
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(bad("only A-Z a-z 0-9 . _ - are allowed".to_owned()));
+    }
+    Ok(())
+}
+
+/// Parses a listen address: a multiaddr without a `/p2p/` component.
+fn parse_listen_addr(text: &str) -> Result<Multiaddr, ConfigError> {
+    let bad = |reason: String| ConfigError::InvalidField {
+        field: "listen",
+        value: text.to_owned(),
+        reason,
+    };
+    let addr: Multiaddr = text
+        .trim()
+        .parse()
+        .map_err(|e| bad(format!("not a multiaddr: {e}")))?;
+    if addr.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+        return Err(bad("a listen address must not contain /p2p/".to_owned()));
+    }
+    if addr.is_empty() {
+        return Err(bad("empty address".to_owned()));
+    }
+    Ok(addr)
+}
+
+/// Parses a bootstrap address: a multiaddr ending in `/p2p/<peer id>`.
+fn parse_bootstrap_addr(text: &str) -> Result<BootstrapPeer, ConfigError> {
+    let bad = |reason: String| ConfigError::InvalidField {
+        field: "bootstrap",
+        value: text.to_owned(),
+        reason,
+    };
+    let addr: Multiaddr = text
+        .trim()
+        .parse()
+        .map_err(|e| bad(format!("not a multiaddr: {e}")))?;
+    let components = addr.iter().count();
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer_id)) if components > 1 => Ok(BootstrapPeer { peer_id, addr }),
+        Some(Protocol::P2p(_)) => Err(bad("needs a transport address before /p2p/".to_owned())),
+        _ => Err(bad("must end with /p2p/<peer id>".to_owned())),
+    }
+}
+
+/// Splits a comma-separated list, dropping blanks.
+fn split_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Parses a boolean environment value.
+fn parse_env_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::InvalidEnv {
+            var,
+            value: value.to_owned(),
+            reason: "expected true or false".to_owned(),
+        }),
+    }
+}
+
+/// Reads a file of at most [`MAX_CONFIG_BYTES`].
+fn read_bounded(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    if size > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            size,
+        });
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    Ok(text)
+}
+
+/// Where the node keeps its key, config, database and API files: the `--data-dir` flag,
+/// else `$KITH_DATA_DIR`, else the platform's data directory (e.g. `~/.local/share/kith`).
+pub fn resolve_data_dir(flag: Option<&Path>) -> Result<PathBuf, ConfigError> {
+    if let Some(dir) = flag.filter(|d| !d.as_os_str().is_empty()) {
+        return Ok(dir.to_owned());
+    }
+    if let Some(dir) = std::env::var_os(DATA_DIR_ENV).filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    directories::ProjectDirs::from("org", "kith", "kith")
+        .map(|dirs| dirs.data_dir().to_owned())
+        .ok_or(ConfigError::NoDataDir)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let node = Config::default().validate().unwrap();
+        assert_eq!(node.network, "kith");
+        assert_eq!(node.listen.len(), 2);
+        assert!(node.bootstrap.is_empty());
+        assert!(node.mdns);
+        assert!(node.api_listen.ip().is_loopback());
+        assert_eq!(node.api_listen.port(), 0);
+    }
+
+    #[test]
+    fn empty_file_is_defaults() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn default_toml_parses_back_to_defaults() {
+        assert_eq!(
+            Config::from_toml(&Config::default_toml()).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn template_toml_sets_network() {
+        let c = Config::from_toml(&Config::template_toml("test-net")).unwrap();
+        assert_eq!(c.network, "test-net");
+        assert_eq!(c.listen, Config::default().listen);
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let err = Config::from_toml("netwrok = \"x\"").unwrap_err();
+        assert!(err.contains("netwrok"), "{err}");
+    }
+
+    #[test]
+    fn bad_listen_multiaddr_names_the_field() {
+        let c = Config {
+            listen: vec!["/ip4/1.2.3/tcp/1".to_owned()],
+            ..Config::default()
+        };
+        match c.validate() {
+            Err(ConfigError::InvalidField { field, value, .. }) => {
+                assert_eq!(field, "listen");
+                assert_eq!(value, "/ip4/1.2.3/tcp/1");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bootstrap_needs_p2p() {
+        let c = Config {
+            bootstrap: vec!["/ip4/1.2.3.4/tcp/7341".to_owned()],
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::InvalidField {
+                    field: "bootstrap",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("bootstrap"));
+
+        let peer = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let ok = Config {
+            bootstrap: vec![format!("/ip4/1.2.3.4/tcp/7341/p2p/{peer}")],
+            ..Config::default()
+        };
+        let node = ok.validate().unwrap();
+        assert_eq!(node.bootstrap[0].peer_id, peer);
+
+        let bare = Config {
+            bootstrap: vec![format!("/p2p/{peer}")],
+            ..Config::default()
+        };
+        assert!(bare.validate().is_err());
+    }
+
+    #[test]
+    fn bad_network_is_refused() {
+        for bad in ["", "has space", &"x".repeat(65)] {
+            let c = Config {
+                network: bad.to_owned(),
+                ..Config::default()
+            };
+            assert!(
+                matches!(
+                    c.validate(),
+                    Err(ConfigError::InvalidField {
+                        field: "network",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn non_loopback_api_needs_opt_in() {
+        let mut c = Config {
+            api_listen: "0.0.0.0:7342".parse().unwrap(),
+            ..Config::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::NonLoopbackApi(_))));
+        c.api_allow_non_loopback = true;
+        assert!(c.validate().is_ok());
+        let v6 = Config {
+            api_listen: "[::1]:0".parse().unwrap(),
+            ..Config::default()
+        };
+        assert!(v6.validate().is_ok());
+    }
+
+    #[test]
+    fn env_then_flags_precedence() {
+        let mut c = Config::from_toml("network = \"file\"\nmdns = true").unwrap();
+        c.apply_env(|var| match var {
+            "KITH_NETWORK" => Some("env".into()),
+            "KITH_MDNS" => Some("off".into()),
+            "KITH_LISTEN" => Some("/ip4/127.0.0.1/tcp/1, /ip4/127.0.0.1/tcp/2".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.network, "env");
+        assert!(!c.mdns);
+        assert_eq!(c.listen.len(), 2);
+        c.apply_overrides(&ConfigOverrides {
+            network: Some("flag".to_owned()),
+            listen: vec!["/ip4/127.0.0.1/tcp/3".to_owned()],
+            ..ConfigOverrides::default()
+        });
+        assert_eq!(c.network, "flag");
+        assert_eq!(c.listen, vec!["/ip4/127.0.0.1/tcp/3".to_owned()]);
+    }
+
+    #[test]
+    fn bad_env_names_the_variable() {
+        let mut c = Config::default();
+        let err = c
+            .apply_env(|var| (var == "KITH_MDNS").then(|| "maybe".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("KITH_MDNS"), "{err}");
+        let err = c
+            .apply_env(|var| (var == "KITH_API_LISTEN").then(|| "localhost".into()))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::InvalidEnv {
+                var: "KITH_API_LISTEN",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn load_missing_file_gives_defaults_and_reports_parse_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Config::load(dir.path()).unwrap(), Config::default());
+        std::fs::write(dir.path().join(CONFIG_FILE), "mdns = \"yes\"").unwrap();
+        let err = Config::load(dir.path()).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }));
+        assert!(err.to_string().contains("mdns"), "{err}");
+    }
+
+    #[test]
+    fn data_dir_flag_wins() {
+        let d = resolve_data_dir(Some(Path::new("/tmp/kith-x"))).unwrap();
+        assert_eq!(d, PathBuf::from("/tmp/kith-x"));
+    }
+}

@@ -1,0 +1,200 @@
+//! Starting and stopping a whole node: store, network, engine and local API.
+//!
+//! [`start`] brings the parts up in dependency order and returns a [`RunningNode`];
+//! [`RunningNode::shutdown`] takes them down in reverse, so the engine has closed the store
+//! before the process exits. [`run`] is `kith run`: start, then wait for Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libp2p::PeerId;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::NodeConfig;
+use crate::engine::{self, EngineError, EngineHandle, EngineTask};
+use crate::identity::{self, IdentityError};
+use crate::net::{self, NetConfig, NetError, NetHandle};
+use crate::store::StoreError;
+
+/// Gossipsub heartbeat used unless overridden.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(700);
+
+/// Everything needed to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The data directory (key, config, database, API token and address).
+    pub data_dir: PathBuf,
+    /// Validated configuration.
+    pub config: NodeConfig,
+    /// Gossipsub heartbeat interval.
+    pub heartbeat: Duration,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The node key or API token could not be read or created.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The database could not be opened.
+    #[error("cannot open the database in {dir}: {source}")]
+    Store {
+        /// The data directory.
+        dir: PathBuf,
+        /// Why.
+        source: StoreError,
+    },
+    /// The network could not start (e.g. a listen address is in use).
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The group state could not be loaded.
+    #[error("cannot load groups: {0}")]
+    Engine(#[from] EngineError),
+    /// The API address could not be bound.
+    #[error("cannot bind the local API on {addr}: {source}")]
+    Api {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A node that is up.
+pub struct RunningNode {
+    /// Handle to the engine (the API's backend).
+    pub engine: EngineHandle,
+    /// Handle to the network task.
+    pub net: NetHandle,
+    /// Where the local API listens.
+    pub api_addr: SocketAddr,
+    /// The API bearer token.
+    pub api_token: String,
+    /// This node's PeerId.
+    pub peer_id: PeerId,
+    data_dir: PathBuf,
+    engine_task: EngineTask,
+    api_stop: oneshot::Sender<()>,
+    api_task: JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts a node. Must be called inside a multi-threaded tokio runtime.
+pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
+    let NodeOptions {
+        data_dir,
+        config,
+        heartbeat,
+    } = opts;
+    identity::create_data_dir(&data_dir)?;
+    let (keypair, created) = identity::load_or_create_keypair(&data_dir)?;
+    let peer_id = keypair.public().to_peer_id();
+    if created {
+        tracing::info!(%peer_id, dir = %data_dir.display(), "created a new node key");
+    }
+    let store = engine::open_store(&data_dir).map_err(|source| StartError::Store {
+        dir: data_dir.clone(),
+        source,
+    })?;
+    let known_peers = store.peers().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the address book; starting without it");
+        Vec::new()
+    });
+    let (net, net_events) = net::spawn(NetConfig {
+        keypair: keypair.clone(),
+        listen: config.listen.clone(),
+        bootstrap: config.bootstrap.iter().map(|b| b.addr.clone()).collect(),
+        known_peers,
+        mdns: config.mdns,
+        heartbeat,
+    })?;
+    let (engine, engine_task) = engine::start(store, &keypair, config.network.clone(), net.clone(), net_events)?;
+
+    let api_token = identity::load_or_create_api_token(&data_dir)?;
+    let listener = TcpListener::bind(config.api_listen)
+        .await
+        .map_err(|source| StartError::Api {
+            addr: config.api_listen,
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| StartError::Api {
+        addr: config.api_listen,
+        source,
+    })?;
+    identity::write_api_addr(&data_dir, api_addr)?;
+    let (api_stop, stop_rx) = oneshot::channel::<()>();
+    let api_task = tokio::spawn(crate::api::serve(listener, engine.clone(), api_token.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    tracing::info!(%peer_id, network = %config.network, api = %api_addr, "node started");
+    Ok(RunningNode {
+        engine,
+        net,
+        api_addr,
+        api_token,
+        peer_id,
+        data_dir,
+        engine_task,
+        api_stop,
+        api_task,
+    })
+}
+
+impl RunningNode {
+    /// Stops the API, then the engine (which closes the store), then the network.
+    pub async fn shutdown(self) {
+        let _ = self.api_stop.send(());
+        match tokio::time::timeout(Duration::from_secs(5), self.api_task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "API server stopped with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "API task failed"),
+            Err(_) => tracing::warn!("API server did not stop within 5 s"),
+        }
+        self.engine_task.shutdown().await;
+        self.net.shutdown().await;
+        if let Err(e) = identity::remove_api_addr(&self.data_dir) {
+            tracing::debug!(error = %e, "cannot remove api.addr");
+        }
+        tracing::info!("node stopped; store closed");
+    }
+}
+
+/// Waits for Ctrl-C or (on Unix) SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// `kith run`: starts the node in the foreground and stops it cleanly on Ctrl-C or SIGTERM.
+pub async fn run(data_dir: &Path, config: NodeConfig) -> Result<(), StartError> {
+    let node = start(NodeOptions {
+        data_dir: data_dir.to_owned(),
+        config,
+        heartbeat: DEFAULT_HEARTBEAT,
+    })
+    .await?;
+    println!("kith node {} is running", node.peer_id);
+    println!("local API on http://{} (token in {})", node.api_addr, data_dir.join("api.token").display());
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
