@@ -132,6 +132,29 @@ pub async fn wait_event(
         .with_context(|| format!("timed out after {WAIT:?} waiting for {what}"))?
 }
 
+/// Waits until every text in `texts` has arrived on `rx`, in any order.
+pub async fn wait_texts(rx: &mut broadcast::Receiver<NodeEvent>, who: &str, texts: &[String]) -> anyhow::Result<()> {
+    let mut missing: std::collections::BTreeSet<&str> = texts.iter().map(String::as_str).collect();
+    let fut = async {
+        while !missing.is_empty() {
+            match rx.recv().await {
+                Ok(NodeEvent::Message(m)) => {
+                    if let kith_node::model::MessageBody::Text { text } = &m.body {
+                        missing.remove(text.as_str());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => bail!("{who}: event stream failed: {e}"),
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(r) => r,
+        Err(_) => bail!("{who}: timed out after {WAIT:?}; still missing {missing:?}"),
+    }
+}
+
 /// Whether `ev` is the text message `text`.
 pub fn is_text(ev: &NodeEvent, text: &str) -> bool {
     matches!(ev, NodeEvent::Message(m) if matches!(&m.body, kith_node::model::MessageBody::Text { text: t } if t == text))

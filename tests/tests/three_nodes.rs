@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use kith_node::model::{CreateInviteRequest, MessageBody, NodeEvent};
-use kith_tests::{TestNode, is_text, loopback_config, wait_event};
+use kith_tests::{TestNode, is_text, loopback_config, wait_event, wait_texts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
@@ -54,10 +54,8 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
         n.node.engine.send(group.id.clone(), format!("hello from {i}")).await?;
     }
     for (i, rx) in subs.iter_mut().enumerate() {
-        for j in (0..3).filter(|j| *j != i) {
-            let text = format!("hello from {j}");
-            wait_event(rx, &format!("node {i} receives '{text}'"), |e| is_text(e, &text)).await?;
-        }
+        let others: Vec<String> = (0..3).filter(|j| *j != i).map(|j| format!("hello from {j}")).collect();
+        wait_texts(rx, &format!("node {i}"), &others).await?;
     }
     for n in nodes {
         let texts: Vec<String> = n
