@@ -88,7 +88,9 @@ impl From<GroupError> for EngineError {
             GroupError::BadWelcome(m) => {
                 EngineError::Internal(format!("the member sent an invalid welcome: {m}"))
             }
-            e @ (GroupError::UnsupportedKey | GroupError::Mls(_)) => EngineError::Internal(e.to_string()),
+            e @ (GroupError::UnsupportedKey | GroupError::Mls(_)) => {
+                EngineError::Internal(e.to_string())
+            }
         }
     }
 }
@@ -220,7 +222,11 @@ impl EngineHandle {
 
     /// Node status: identity, addresses, peers, groups.
     pub async fn status(&self) -> Result<StatusInfo, EngineError> {
-        let info = self.net.info().await.map_err(|_| EngineError::ShuttingDown)?;
+        let info = self
+            .net
+            .info()
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
         let groups = self.groups().await?;
         Ok(StatusInfo {
             peer_id: self.peer_id.to_string(),
@@ -262,14 +268,17 @@ impl EngineHandle {
     pub async fn join(&self, link: String) -> Result<GroupInfo, EngineError> {
         let invite = Invite::parse(&link)?;
         invite.check(&self.network, now_ms() / 1000)?;
-        let request = self.call(|r| Call::PrepareJoin(Box::new(invite.clone()), r)).await?;
+        let request = self
+            .call(|r| Call::PrepareJoin(Box::new(invite.clone()), r))
+            .await?;
         tracing::info!(group = %invite.group.short(), inviter = %invite.inviter, "sending join request");
         let response = self
             .net
             .join(invite.inviter, invite.addrs.clone(), request)
             .await
             .map_err(|e| EngineError::Unreachable(e.to_string()))?;
-        self.call(|r| Call::CompleteJoin(Box::new(invite), response, r)).await
+        self.call(|r| Call::CompleteJoin(Box::new(invite), response, r))
+            .await
     }
 
     /// Sends a text message to a group.
@@ -278,7 +287,11 @@ impl EngineHandle {
     }
 
     /// The newest `limit` history entries of a group, oldest first.
-    pub async fn history(&self, group: String, limit: usize) -> Result<Vec<MessageInfo>, EngineError> {
+    pub async fn history(
+        &self,
+        group: String,
+        limit: usize,
+    ) -> Result<Vec<MessageInfo>, EngineError> {
         self.call(|r| Call::History(group, limit, r)).await
     }
 
@@ -364,7 +377,13 @@ pub fn start(
             actor.run(rx)
         })
         .map_err(|e| EngineError::Internal(format!("cannot start engine thread: {e}")))?;
-    Ok((handle, EngineTask { tx, thread: Some(thread) }))
+    Ok((
+        handle,
+        EngineTask {
+            tx,
+            thread: Some(thread),
+        },
+    ))
 }
 
 struct Actor {
@@ -404,11 +423,11 @@ impl Actor {
                 | Effect::EpochChanged { .. } => {}
             }
         }
-        if !batch.is_empty() || self.store.has_staged() {
-            if let Err(e) = self.store.commit(batch) {
-                self.rollback();
-                return Err(e.into());
-            }
+        if (!batch.is_empty() || self.store.has_staged())
+            && let Err(e) = self.store.commit(batch)
+        {
+            self.rollback();
+            return Err(e.into());
         }
         self.after_commit(effects);
         Ok(())
@@ -431,7 +450,11 @@ impl Actor {
                     let _ = self.events.send(NodeEvent::Message(message_info(&h)));
                     Ok(())
                 }
-                Effect::EpochChanged { group, epoch, member_count } => {
+                Effect::EpochChanged {
+                    group,
+                    epoch,
+                    member_count,
+                } => {
                     let _ = self.events.send(NodeEvent::EpochChanged {
                         group: group.to_string(),
                         epoch,
@@ -482,12 +505,20 @@ impl Actor {
                     Verdict::Reject(why) => {
                         tracing::warn!(msg = %id.short(), from = %source, reason = %why, "rejected gossip message")
                     }
-                    Verdict::Ignore(why) => tracing::debug!(msg = %id.short(), reason = %why, "ignored gossip message"),
-                    Verdict::Accept => tracing::debug!(msg = %id.short(), "accepted gossip message"),
+                    Verdict::Ignore(why) => {
+                        tracing::debug!(msg = %id.short(), reason = %why, "ignored gossip message")
+                    }
+                    Verdict::Accept => {
+                        tracing::debug!(msg = %id.short(), "accepted gossip message")
+                    }
                 }
                 let _ = self.net.validate_blocking(id, source, &verdict);
             }
-            NetEvent::InboundJoin { peer, request, token } => {
+            NetEvent::InboundJoin {
+                peer,
+                request,
+                token,
+            } => {
                 let response = self.on_join_request(peer, request);
                 let _ = self.net.respond_join_blocking(token, response);
             }
@@ -513,7 +544,10 @@ impl Actor {
             }
         };
         let group = r.group;
-        match self.groups.handle_join_request(peer, request, record, now_ms()) {
+        match self
+            .groups
+            .handle_join_request(peer, request, record, now_ms())
+        {
             Ok((response, effects)) => match self.apply(effects) {
                 Ok(()) => {
                     if let JoinResponse::Rejected(why) = &response {
@@ -551,7 +585,9 @@ impl Actor {
             .groups
             .groups()
             .iter()
-            .filter(|v| v.meta.name == query || (is_prefix && v.meta.id.to_string().starts_with(&lower)))
+            .filter(|v| {
+                v.meta.name == query || (is_prefix && v.meta.id.to_string().starts_with(&lower))
+            })
             .map(|v| v.meta.id)
             .collect();
         match matches.as_slice() {
@@ -573,7 +609,10 @@ impl Actor {
                 let _ = r.send(Ok(self.groups.groups().iter().map(summary).collect()));
             }
             Call::Group(q, r) => {
-                let res = self.resolve(&q).and_then(|id| self.view(&id)).map(|v| group_info(&v, self.me));
+                let res = self
+                    .resolve(&q)
+                    .and_then(|id| self.view(&id))
+                    .map(|v| group_info(&v, self.me));
                 let _ = r.send(res);
             }
             Call::CreateGroup(name, r) => {
@@ -631,7 +670,11 @@ impl Actor {
         Ok(group_info(&view, self.me))
     }
 
-    fn create_invite(&mut self, q: &str, req: CreateInviteRequest) -> Result<InviteInfo, EngineError> {
+    fn create_invite(
+        &mut self,
+        q: &str,
+        req: CreateInviteRequest,
+    ) -> Result<InviteInfo, EngineError> {
         let id = self.resolve(q)?;
         let secs = req.expires_in_secs.unwrap_or(DEFAULT_INVITE_SECS);
         if secs == 0 || secs > MAX_INVITE_SECS {
@@ -642,7 +685,9 @@ impl Actor {
         }
         let uses = req.max_uses.unwrap_or(1);
         if uses == 0 || uses > MAX_INVITE_USES {
-            return Err(EngineError::BadRequest(format!("uses must be between 1 and {MAX_INVITE_USES}")));
+            return Err(EngineError::BadRequest(format!(
+                "uses must be between 1 and {MAX_INVITE_USES}"
+            )));
         }
         let addrs = self
             .net
@@ -652,9 +697,9 @@ impl Actor {
         let mut secret = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut secret);
         let now = now_ms();
-        let (invite, effects) = self
-            .groups
-            .create_invite(id, addrs, secret, now / 1000 + secs, uses, now)?;
+        let (invite, effects) =
+            self.groups
+                .create_invite(id, addrs, secret, now / 1000 + secs, uses, now)?;
         self.apply(effects)?;
         Ok(InviteInfo {
             link: invite.link().to_owned(),
@@ -665,7 +710,11 @@ impl Actor {
         })
     }
 
-    fn complete_join(&mut self, invite: &Invite, response: JoinResponse) -> Result<GroupInfo, EngineError> {
+    fn complete_join(
+        &mut self,
+        invite: &Invite,
+        response: JoinResponse,
+    ) -> Result<GroupInfo, EngineError> {
         let (id, effects) = match self.groups.handle_join_response(invite, response, now_ms()) {
             Ok(x) => x,
             Err(e) => {

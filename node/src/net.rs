@@ -25,7 +25,9 @@ use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, mdns, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, mdns, noise, ping, tcp, yamux,
+};
 use tokio::sync::{mpsc, oneshot};
 
 /// Kademlia protocol name: a separate DHT from the public IPFS one.
@@ -141,17 +143,27 @@ pub struct NetInfo {
 }
 
 enum Command {
-    Publish { topic: TopicId, data: Vec<u8> },
+    Publish {
+        topic: TopicId,
+        data: Vec<u8>,
+    },
     Subscribe(TopicId),
     Unsubscribe(TopicId),
-    Validate { id: MessageId, source: PeerId, verdict: MessageAcceptance },
+    Validate {
+        id: MessageId,
+        source: PeerId,
+        verdict: MessageAcceptance,
+    },
     Join {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         request: JoinRequest,
         reply: oneshot::Sender<Result<JoinResponse, NetError>>,
     },
-    RespondJoin { token: u64, response: JoinResponse },
+    RespondJoin {
+        token: u64,
+        response: JoinResponse,
+    },
     Provide([u8; 32]),
     FindProviders([u8; 32]),
     Info(oneshot::Sender<NetInfo>),
@@ -189,17 +201,30 @@ impl NetHandle {
     }
 
     /// Reports the engine's verdict on a gossip message (engine thread).
-    pub fn validate_blocking(&self, id: MessageId, source: PeerId, verdict: &Verdict) -> Result<(), NetError> {
+    pub fn validate_blocking(
+        &self,
+        id: MessageId,
+        source: PeerId,
+        verdict: &Verdict,
+    ) -> Result<(), NetError> {
         let verdict = match verdict {
             Verdict::Accept => MessageAcceptance::Accept,
             Verdict::Reject(_) => MessageAcceptance::Reject,
             Verdict::Ignore(_) => MessageAcceptance::Ignore,
         };
-        self.send_blocking(Command::Validate { id, source, verdict })
+        self.send_blocking(Command::Validate {
+            id,
+            source,
+            verdict,
+        })
     }
 
     /// Answers an inbound join request (engine thread).
-    pub fn respond_join_blocking(&self, token: u64, response: JoinResponse) -> Result<(), NetError> {
+    pub fn respond_join_blocking(
+        &self,
+        token: u64,
+        response: JoinResponse,
+    ) -> Result<(), NetError> {
         self.send_blocking(Command::RespondJoin { token, response })
     }
 
@@ -221,7 +246,13 @@ impl NetHandle {
         request: JoinRequest,
     ) -> Result<JoinResponse, NetError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Join { peer, addrs, request, reply }).await?;
+        self.send(Command::Join {
+            peer,
+            addrs,
+            request,
+            reply,
+        })
+        .await?;
         rx.await.map_err(|_| NetError::Stopped)?
     }
 
@@ -250,20 +281,30 @@ impl NetHandle {
 #[derive(Clone, Default)]
 pub struct JoinCodec;
 
-async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > limit {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {limit}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds {limit}"),
+        ));
     }
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
     Ok(buf)
 }
 
-async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(bytes.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    bytes: &[u8],
+) -> io::Result<()> {
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
     io.write_all(&len.to_be_bytes()).await?;
     io.write_all(bytes).await?;
     io.flush().await
@@ -294,14 +335,24 @@ impl request_response::Codec for JoinCodec {
         JoinResponse::decode(&bytes).map_err(invalid)
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: JoinRequest) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: JoinRequest,
+    ) -> io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
         write_frame(io, &codec::encode(&req).map_err(invalid)?).await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: JoinResponse) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: JoinResponse,
+    ) -> io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
@@ -328,7 +379,9 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
     let gossip_config = gossipsub::ConfigBuilder::default()
         .validation_mode(gossipsub::ValidationMode::Anonymous)
         .validate_messages()
-        .message_id_fn(|m: &gossipsub::Message| gossipsub::MessageId::new(&MessageId::of(&m.data).0))
+        .message_id_fn(|m: &gossipsub::Message| {
+            gossipsub::MessageId::new(&MessageId::of(&m.data).0)
+        })
         .max_transmit_size(MAX_ENVELOPE_BYTES + 1024)
         .heartbeat_interval(cfg.heartbeat)
         .build()
@@ -336,15 +389,23 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
     let mdns_on = cfg.mdns;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| build(&e))?
         .with_quic()
         .with_behaviour(|key| {
             let peer = key.public().to_peer_id();
-            let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)?;
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Anonymous,
+                gossip_config,
+            )?;
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
             kad_config.set_query_timeout(Duration::from_secs(30));
-            let mut kad = kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config);
+            let mut kad =
+                kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config);
             // Every Kith node serves the DHT: nodes are peers, not clients of a server.
             kad.set_mode(Some(kad::Mode::Server));
             let identify = identify::Behaviour::new(
@@ -375,10 +436,12 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
         .build();
     for addr in &cfg.listen {
-        swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
-            addr: addr.clone(),
-            reason: e.to_string(),
-        })?;
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
     }
     Ok(swarm)
 }
@@ -446,7 +509,8 @@ pub fn spawn(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), Ne
 struct NetTask {
     swarm: Swarm<Behaviour>,
     events: mpsc::Sender<NetEvent>,
-    pending_out: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<JoinResponse, NetError>>)>,
+    pending_out:
+        HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<JoinResponse, NetError>>)>,
     pending_in: HashMap<u64, ResponseChannel<JoinResponse>>,
     next_token: u64,
     listen_addrs: Vec<Multiaddr>,
@@ -506,7 +570,12 @@ impl NetTask {
             return;
         };
         while let Some(data) = q.pop_front() {
-            match self.swarm.behaviour_mut().gossipsub.publish(topic.clone(), data.clone()) {
+            match self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(topic.clone(), data.clone())
+            {
                 Ok(_) | Err(gossipsub::PublishError::Duplicate) => self.outbox_bytes -= data.len(),
                 Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
                     q.push_front(data);
@@ -547,11 +616,23 @@ impl NetTask {
                 b.gossipsub.unsubscribe(&topic_of(t));
                 self.subscribed.remove(&t);
             }
-            Command::Validate { id, source, verdict } => {
-                b.gossipsub
-                    .report_message_validation_result(&gossipsub::MessageId::new(&id.0), &source, verdict);
+            Command::Validate {
+                id,
+                source,
+                verdict,
+            } => {
+                b.gossipsub.report_message_validation_result(
+                    &gossipsub::MessageId::new(&id.0),
+                    &source,
+                    verdict,
+                );
             }
-            Command::Join { peer, addrs, request, reply } => {
+            Command::Join {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => {
                 if self.pending_out.len() >= MAX_PENDING_OUTBOUND {
                     let _ = reply.send(Err(NetError::Busy));
                     return;
@@ -599,14 +680,23 @@ impl NetTask {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
                 if !self.bootstrapped {
                     self.bootstrapped = true;
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
                 tracing::debug!(peer = %peer_id, num_established, "disconnected");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -619,7 +709,11 @@ impl NetTask {
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
-            BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message, .. }) => {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message,
+                ..
+            }) => {
                 let id = MessageId::of(&message.data);
                 self.emit(NetEvent::Gossip {
                     id,
@@ -627,7 +721,9 @@ impl NetTask {
                     data: message.data,
                 });
             }
-            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. }) => self.flush(&topic),
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. }) => {
+                self.flush(&topic)
+            }
             BehaviourEvent::Gossipsub(_) => {}
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let addrs: Vec<Multiaddr> = info
@@ -636,27 +732,42 @@ impl NetTask {
                     .filter(is_dialable)
                     .take(MAX_ADDRS_PER_PEER)
                     .collect();
-                if info.protocols.iter().any(|p| *p == KAD_PROTOCOL) {
+                if info.protocols.contains(&KAD_PROTOCOL) {
                     for a in &addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, a.clone());
                     }
                 }
                 if !addrs.is_empty() {
-                    self.emit(NetEvent::PeerIdentified { peer: peer_id, addrs });
+                    self.emit(NetEvent::PeerIdentified {
+                        peer: peer_id,
+                        addrs,
+                    });
                 }
             }
             BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) => {}
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 for (peer, addr) in list {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                     if !self.swarm.is_connected(&peer) {
-                        let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                        let _ = self
+                            .swarm
+                            .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
                     }
                 }
             }
             BehaviourEvent::Mdns(_) => {}
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                result: kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { providers, .. })),
+                result:
+                    kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                        providers,
+                        ..
+                    })),
                 ..
             }) => {
                 let me = *self.swarm.local_peer_id();
@@ -678,7 +789,14 @@ impl NetTask {
     fn on_join_event(&mut self, event: request_response::Event<JoinRequest, JoinResponse>) {
         use request_response::{Event, Message};
         match event {
-            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
                 if self.pending_in.len() >= MAX_PENDING_INBOUND {
                     // Dropping the channel closes the stream; the joiner sees a failure.
                     tracing::warn!(%peer, "too many join requests pending; dropping one");
@@ -687,16 +805,35 @@ impl NetTask {
                 let token = self.next_token;
                 self.next_token += 1;
                 self.pending_in.insert(token, channel);
-                self.emit(NetEvent::InboundJoin { peer, request, token });
+                self.emit(NetEvent::InboundJoin {
+                    peer,
+                    request,
+                    token,
+                });
             }
-            Event::Message { message: Message::Response { request_id, response }, .. } => {
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
                 if let Some((_, reply)) = self.pending_out.remove(&request_id) {
                     let _ = reply.send(Ok(response));
                 }
             }
-            Event::OutboundFailure { peer, request_id, error, .. } => {
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 if let Some((_, reply)) = self.pending_out.remove(&request_id) {
-                    let _ = reply.send(Err(NetError::Request { peer, reason: error.to_string() }));
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
                 }
             }
             Event::InboundFailure { peer, error, .. } => {

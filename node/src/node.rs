@@ -110,7 +110,13 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         mdns: config.mdns,
         heartbeat,
     })?;
-    let (engine, engine_task) = engine::start(store, &keypair, config.network.clone(), net.clone(), net_events)?;
+    let (engine, engine_task) = engine::start(
+        store,
+        &keypair,
+        config.network.clone(),
+        net.clone(),
+        net_events,
+    )?;
 
     let api_token = identity::load_or_create_api_token(&data_dir)?;
     let listener = TcpListener::bind(config.api_listen)
@@ -125,9 +131,14 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     })?;
     identity::write_api_addr(&data_dir, api_addr)?;
     let (api_stop, stop_rx) = oneshot::channel::<()>();
-    let api_task = tokio::spawn(crate::api::serve(listener, engine.clone(), api_token.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let api_task = tokio::spawn(crate::api::serve(
+        listener,
+        engine.clone(),
+        api_token.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     tracing::info!(%peer_id, network = %config.network, api = %api_addr, "node started");
     Ok(RunningNode {
         engine,
@@ -192,7 +203,11 @@ pub async fn run(data_dir: &Path, config: NodeConfig) -> Result<(), StartError> 
     })
     .await?;
     println!("kith node {} is running", node.peer_id);
-    println!("local API on http://{} (token in {})", node.api_addr, data_dir.join("api.token").display());
+    println!(
+        "local API on http://{} (token in {})",
+        node.api_addr,
+        data_dir.join("api.token").display()
+    );
     shutdown_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await;

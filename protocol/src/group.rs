@@ -22,8 +22,8 @@ use multiaddr::Multiaddr;
 use openmls::prelude::{
     BasicCredential, Ciphersuite, CredentialWithKey, KeyPackage, KeyPackageIn, LeafNodeIndex,
     Member, MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn,
-    PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, ProtocolMessage,
-    ProtocolVersion, SenderRatchetConfiguration, StagedWelcome,
+    PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, ProtocolMessage, ProtocolVersion,
+    SenderRatchetConfiguration, StagedWelcome,
     tls_codec::{Deserialize as _, Serialize as _},
 };
 use openmls_basic_credential::SignatureKeyPair;
@@ -40,8 +40,7 @@ use crate::invite::{Invite, InviteError, InviteParams, InviteRecord, secret_hash
 use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
 
 /// The one ciphersuite Kith uses: X25519, AES-128-GCM, SHA-256, Ed25519 (RFC 9420 §17.1).
-pub const CIPHERSUITE: Ciphersuite =
-    Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// How many past epochs' secrets are kept so late application messages still decrypt.
 pub const MAX_PAST_EPOCHS: usize = 16;
 /// Envelopes for future epochs held per group until the commits before them arrive.
@@ -172,7 +171,10 @@ impl Identity {
 
 /// The PeerId of a member, derived from its signature key, if its credential names the same
 /// PeerId. `None` means the credential and key disagree (never admitted by this engine).
-pub fn bound_peer(credential: &openmls::prelude::Credential, signature_key: &[u8]) -> Option<PeerId> {
+pub fn bound_peer(
+    credential: &openmls::prelude::Credential,
+    signature_key: &[u8],
+) -> Option<PeerId> {
     let from_key = ed25519::PublicKey::try_from_bytes(signature_key)
         .ok()
         .map(|k| PublicKey::from(k).to_peer_id())?;
@@ -282,7 +284,10 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
 
     /// Loads groups from storage after a restart. Returns subscriptions for active groups.
     /// Groups whose MLS state is missing are skipped and returned in the second list.
-    pub fn load(&mut self, metas: Vec<GroupMeta>) -> Result<(Vec<Effect>, Vec<GroupId>), GroupError> {
+    pub fn load(
+        &mut self,
+        metas: Vec<GroupMeta>,
+    ) -> Result<(Vec<Effect>, Vec<GroupId>), GroupError> {
         let mut effects = Vec::new();
         let mut missing = Vec::new();
         for meta in metas {
@@ -348,7 +353,12 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
     }
 
     /// Creates a group with this node as its only member. `id` must be fresh random bytes.
-    pub fn create_group(&mut self, id: GroupId, name: &str, now_ms: u64) -> Result<Vec<Effect>, GroupError> {
+    pub fn create_group(
+        &mut self,
+        id: GroupId,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<Vec<Effect>, GroupError> {
         let name = name.trim();
         if name.is_empty() || name.len() > MAX_GROUP_NAME_BYTES {
             return Err(GroupError::InvalidInput(format!(
@@ -414,7 +424,10 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         max_uses: u32,
         now_ms: u64,
     ) -> Result<(Invite, Vec<Effect>), GroupError> {
-        let g = self.groups.get(&group).ok_or(GroupError::UnknownGroup(group))?;
+        let g = self
+            .groups
+            .get(&group)
+            .ok_or(GroupError::UnknownGroup(group))?;
         if !g.mls.is_active() {
             return Err(GroupError::Inactive(group));
         }
@@ -436,7 +449,11 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
 
     /// Makes the join request for `invite`: a fresh key package (its private keys are staged
     /// in storage; the caller commits them before sending).
-    pub fn prepare_join(&mut self, invite: &Invite, now_ms: u64) -> Result<JoinRequest, GroupError> {
+    pub fn prepare_join(
+        &mut self,
+        invite: &Invite,
+        now_ms: u64,
+    ) -> Result<JoinRequest, GroupError> {
         invite.check(&self.network, now_ms / 1000)?;
         if self.groups.contains_key(&invite.group) {
             return Err(GroupError::AlreadyMember(invite.group));
@@ -482,9 +499,9 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         if !g.mls.is_active() {
             return reject(JoinRejection::NotMember);
         }
-        let Some(mut record) = record.filter(|r| {
-            r.group == req.group && r.secret_hash == secret_hash(&req.secret)
-        }) else {
+        let Some(mut record) =
+            record.filter(|r| r.group == req.group && r.secret_hash == secret_hash(&req.secret))
+        else {
             return reject(JoinRejection::UnknownInvite);
         };
         if let Err(r) = record.admits(now_ms / 1000) {
@@ -657,7 +674,10 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                 "text must be 1 to {MAX_TEXT_BYTES} bytes"
             )));
         }
-        let g = self.groups.get_mut(&group).ok_or(GroupError::UnknownGroup(group))?;
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(GroupError::UnknownGroup(group))?;
         if !g.mls.is_active() {
             return Err(GroupError::Inactive(group));
         }
@@ -713,7 +733,13 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         (verdict, effects)
     }
 
-    fn process(&mut self, bytes: &[u8], now_ms: u64, effects: &mut Vec<Effect>, hold: bool) -> Verdict {
+    fn process(
+        &mut self,
+        bytes: &[u8],
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+        hold: bool,
+    ) -> Verdict {
         let envelope = match Envelope::decode(bytes) {
             Ok(e) => e,
             Err(e) => return Verdict::Reject(e.to_string()),
@@ -781,7 +807,9 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             Err(e) => return Verdict::Reject(format!("MLS processing failed: {e}")),
         };
         let sender = match processed.sender() {
-            openmls::prelude::Sender::Member(idx) => g.mls.member_at(*idx).and_then(|m| member_peer(&m)),
+            openmls::prelude::Sender::Member(idx) => {
+                g.mls.member_at(*idx).and_then(|m| member_peer(&m))
+            }
             _ => None,
         };
         let stored = StoredEnvelope {
@@ -824,7 +852,8 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                         Some(p) => added.push(p),
                         None => {
                             return Verdict::Reject(
-                                "commit adds a member whose credential is not bound to its key".into(),
+                                "commit adds a member whose credential is not bound to its key"
+                                    .into(),
                             );
                         }
                     }
@@ -875,7 +904,10 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                 Verdict::Accept
             }
             ProcessedMessageContent::ProposalMessage(proposal) => {
-                if let Err(e) = g.mls.store_pending_proposal(self.provider.storage(), *proposal) {
+                if let Err(e) = g
+                    .mls
+                    .store_pending_proposal(self.provider.storage(), *proposal)
+                {
                     return Verdict::Ignore(format!("cannot store proposal: {e}"));
                 }
                 effects.push(Effect::SaveEnvelope(stored));

@@ -195,7 +195,12 @@ fn signed_message(body: &TicketBodyV1) -> Result<Vec<u8>, InviteError> {
     Ok(msg)
 }
 
-fn check_fields(network: &str, group_name: &str, addrs: usize, max_uses: u32) -> Result<(), InviteError> {
+fn check_fields(
+    network: &str,
+    group_name: &str,
+    addrs: usize,
+    max_uses: u32,
+) -> Result<(), InviteError> {
     if network.is_empty() || network.len() > MAX_NETWORK_ID_BYTES {
         return Err(InviteError::Invalid("network id is empty or too long"));
     }
@@ -214,14 +219,22 @@ fn check_fields(network: &str, group_name: &str, addrs: usize, max_uses: u32) ->
 impl Invite {
     /// Creates and signs a ticket with the inviter's node key.
     pub fn create(params: InviteParams, key: &Keypair) -> Result<Self, InviteError> {
-        let ed = key.clone().try_into_ed25519().map_err(|_| InviteError::Signing)?;
+        let ed = key
+            .clone()
+            .try_into_ed25519()
+            .map_err(|_| InviteError::Signing)?;
         let addrs: Vec<Multiaddr> = params
             .addrs
             .into_iter()
             .filter(|a| a.len() <= MAX_ADDR_BYTES)
             .take(MAX_INVITE_ADDRS)
             .collect();
-        check_fields(&params.network, &params.group_name, addrs.len(), params.max_uses)?;
+        check_fields(
+            &params.network,
+            &params.group_name,
+            addrs.len(),
+            params.max_uses,
+        )?;
         let body = TicketBodyV1 {
             network: params.network,
             group: params.group,
@@ -235,7 +248,10 @@ impl Invite {
         let signature = ed.sign(&signed_message(&body)?);
         let ticket = Ticket::V1(SignedTicketV1 { body, signature });
         let bytes = codec::encode(&ticket).map_err(|_| InviteError::Invalid("cannot encode"))?;
-        let link = format!("{LINK_PREFIX}{}", BASE32_NOPAD.encode(&bytes).to_ascii_lowercase());
+        let link = format!(
+            "{LINK_PREFIX}{}",
+            BASE32_NOPAD.encode(&bytes).to_ascii_lowercase()
+        );
         Self::parse(&link)
     }
 
@@ -263,7 +279,12 @@ impl Invite {
             .map_err(|_| InviteError::BadEncoding)?;
         let Ticket::V1(signed) = codec::decode::<Ticket>(&bytes, MAX_LINK_CHARS)?;
         let body = &signed.body;
-        check_fields(&body.network, &body.group_name, body.addrs.len(), body.max_uses)?;
+        check_fields(
+            &body.network,
+            &body.group_name,
+            body.addrs.len(),
+            body.max_uses,
+        )?;
         let ed_key = ed25519::PublicKey::try_from_bytes(&body.inviter_key)
             .map_err(|_| InviteError::BadInviterKey)?;
         if !ed_key.verify(&signed_message(body)?, &signed.signature) {
@@ -274,7 +295,9 @@ impl Invite {
             if a.len() > MAX_ADDR_BYTES {
                 return Err(InviteError::Invalid("address too long"));
             }
-            addrs.push(Multiaddr::try_from(a.clone()).map_err(|_| InviteError::Invalid("bad address"))?);
+            addrs.push(
+                Multiaddr::try_from(a.clone()).map_err(|_| InviteError::Invalid("bad address"))?,
+            );
         }
         let inviter = PublicKey::from(ed_key).to_peer_id();
         Ok(Invite {
@@ -286,7 +309,10 @@ impl Invite {
             secret: body.secret,
             expires_at: body.expires_at,
             max_uses: body.max_uses,
-            link: format!("{LINK_PREFIX}{}", BASE32_NOPAD.encode(&bytes).to_ascii_lowercase()),
+            link: format!(
+                "{LINK_PREFIX}{}",
+                BASE32_NOPAD.encode(&bytes).to_ascii_lowercase()
+            ),
         })
     }
 

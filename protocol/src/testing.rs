@@ -21,7 +21,8 @@ pub const T0_MS: u64 = 1_767_225_600_000;
 
 /// A deterministic node key for member `i`.
 pub fn member_key(i: u8) -> Keypair {
-    Keypair::ed25519_from_bytes([i.wrapping_add(1); 32]).expect("32 bytes is a valid ed25519 secret")
+    Keypair::ed25519_from_bytes([i.wrapping_add(1); 32])
+        .expect("32 bytes is a valid ed25519 secret")
 }
 
 /// Called with (member index, effects) after every engine call, before the sim applies them.
@@ -99,23 +100,44 @@ impl<'a, P: OpenMlsProvider> Sim<'a, P> {
 
     /// Member `i` creates a group.
     pub fn create_group(&mut self, i: usize, name: &str) -> Result<GroupId, GroupError> {
-        let id = GroupId(crate::ids::hash_parts(&[b"test-group", name.as_bytes(), &[i as u8]]));
+        let id = GroupId(crate::ids::hash_parts(&[
+            b"test-group",
+            name.as_bytes(),
+            &[i as u8],
+        ]));
         let fx = self.engines[i].create_group(id, name, self.now_ms)?;
         self.apply(i, fx);
         Ok(id)
     }
 
     /// Member `i` invites; returns the link.
-    pub fn invite(&mut self, i: usize, group: GroupId, max_uses: u32) -> Result<Invite, GroupError> {
+    pub fn invite(
+        &mut self,
+        i: usize,
+        group: GroupId,
+        max_uses: u32,
+    ) -> Result<Invite, GroupError> {
         let secret = crate::ids::hash_parts(&[b"secret", &self.now_ms.to_be_bytes(), &[i as u8]]);
         let expires = self.now_ms / 1000 + 3600;
-        let (inv, fx) = self.engines[i].create_invite(group, Vec::new(), secret, expires, max_uses, self.now_ms)?;
+        let (inv, fx) = self.engines[i].create_invite(
+            group,
+            Vec::new(),
+            secret,
+            expires,
+            max_uses,
+            self.now_ms,
+        )?;
         self.apply(i, fx);
         Ok(inv)
     }
 
     /// Member `joiner` joins through member `host` with `invite`; the host's commit is queued.
-    pub fn join(&mut self, joiner: usize, host: usize, invite: &Invite) -> Result<GroupId, GroupError> {
+    pub fn join(
+        &mut self,
+        joiner: usize,
+        host: usize,
+        invite: &Invite,
+    ) -> Result<GroupId, GroupError> {
         let req = self.engines[joiner].prepare_join(invite, self.now_ms)?;
         (self.hook)(joiner, &self.engines[joiner], &[]);
         let record = self.invites[host]
@@ -195,10 +217,18 @@ pub fn three_member_run<P: OpenMlsProvider>(sim: &mut Sim<'_, P>) -> GroupId {
         let view = sim.engines[i].group(&g).expect("member has the group");
         assert_eq!(view.epoch, 2, "member {i} epoch");
         assert_eq!(view.members.len(), 3, "member {i} member count");
-        assert_eq!(sim.engines[i].epoch_authenticator(&g), auth0, "member {i} authenticator");
+        assert_eq!(
+            sim.engines[i].epoch_authenticator(&g),
+            auth0,
+            "member {i} authenticator"
+        );
         let mut texts = sim.texts(i, g);
         texts.sort();
-        assert_eq!(texts, vec!["hello from 0", "hello from 1", "hello from 2"], "member {i} texts");
+        assert_eq!(
+            texts,
+            vec!["hello from 0", "hello from 1", "hello from 2"],
+            "member {i} texts"
+        );
     }
     g
 }

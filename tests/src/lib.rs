@@ -27,7 +27,9 @@ pub fn loopback_config(bootstrap: Vec<BootstrapPeer>) -> NodeConfig {
         network: NETWORK.into(),
         listen: vec![
             "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr"),
-            "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("valid multiaddr"),
+            "/ip4/127.0.0.1/udp/0/quic-v1"
+                .parse()
+                .expect("valid multiaddr"),
         ],
         bootstrap,
         mdns: false,
@@ -95,11 +97,10 @@ pub async fn wait_for_listen_addr(node: &RunningNode) -> anyhow::Result<Multiadd
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let info = node.net.info().await?;
-        if let Some(a) = info
-            .listen_addrs
-            .iter()
-            .find(|a| a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_))))
-        {
+        if let Some(a) = info.listen_addrs.iter().find(|a| {
+            a.iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
+        }) {
             return Ok(a.clone());
         }
         if tokio::time::Instant::now() > deadline {
@@ -123,7 +124,9 @@ pub async fn wait_event(
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     bail!("event stream lagged by {n} while waiting for {what}")
                 }
-                Err(broadcast::error::RecvError::Closed) => bail!("event stream closed while waiting for {what}"),
+                Err(broadcast::error::RecvError::Closed) => {
+                    bail!("event stream closed while waiting for {what}")
+                }
             }
         }
     };
@@ -133,7 +136,11 @@ pub async fn wait_event(
 }
 
 /// Waits until every text in `texts` has arrived on `rx`, in any order.
-pub async fn wait_texts(rx: &mut broadcast::Receiver<NodeEvent>, who: &str, texts: &[String]) -> anyhow::Result<()> {
+pub async fn wait_texts(
+    rx: &mut broadcast::Receiver<NodeEvent>,
+    who: &str,
+    texts: &[String],
+) -> anyhow::Result<()> {
     let mut missing: std::collections::BTreeSet<&str> = texts.iter().map(String::as_str).collect();
     let fut = async {
         while !missing.is_empty() {
@@ -266,7 +273,9 @@ pub fn spawn_kith_run(dir: &Path, bootstrap: Option<&str>) -> anyhow::Result<Kit
 pub fn wait_api_up(dir: &Path) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        if dir.join("api.addr").exists() && kith(dir, &["status", "--json"]).is_ok_and(|o| o.status.success()) {
+        if dir.join("api.addr").exists()
+            && kith(dir, &["status", "--json"]).is_ok_and(|o| o.status.success())
+        {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {

@@ -20,7 +20,13 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
     let invite = a
         .node
         .engine
-        .create_invite(group.id.clone(), CreateInviteRequest { expires_in_secs: None, max_uses: Some(2) })
+        .create_invite(
+            group.id.clone(),
+            CreateInviteRequest {
+                expires_in_secs: None,
+                max_uses: Some(2),
+            },
+        )
         .await?;
     assert!(invite.link.starts_with("kith1"));
     assert!(invite.url.starts_with("kith://join#kith1"));
@@ -29,14 +35,24 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
     let joined_b = b.node.engine.join(invite.link.clone()).await?;
     assert_eq!(joined_b.id, group.id);
     assert_eq!(joined_b.name, "friends");
-    wait_event(&mut a_events, "A sees epoch 1", |e| matches!(e, NodeEvent::EpochChanged { epoch: 1, .. })).await?;
+    wait_event(&mut a_events, "A sees epoch 1", |e| {
+        matches!(e, NodeEvent::EpochChanged { epoch: 1, .. })
+    })
+    .await?;
 
     let mut b_events = b.node.engine.subscribe();
     let joined_c = c.node.engine.join(invite.url.clone()).await?;
     assert_eq!(joined_c.members.len(), 3);
     // B learns of C through the commit A published on the group topic.
     wait_event(&mut b_events, "B moves to epoch 2", |e| {
-        matches!(e, NodeEvent::EpochChanged { epoch: 2, member_count: 3, .. })
+        matches!(
+            e,
+            NodeEvent::EpochChanged {
+                epoch: 2,
+                member_count: 3,
+                ..
+            }
+        )
     })
     .await?;
 
@@ -51,10 +67,16 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
     let nodes = [&a, &b, &c];
     let mut subs: Vec<_> = nodes.iter().map(|n| n.node.engine.subscribe()).collect();
     for (i, n) in nodes.iter().enumerate() {
-        n.node.engine.send(group.id.clone(), format!("hello from {i}")).await?;
+        n.node
+            .engine
+            .send(group.id.clone(), format!("hello from {i}"))
+            .await?;
     }
     for (i, rx) in subs.iter_mut().enumerate() {
-        let others: Vec<String> = (0..3).filter(|j| *j != i).map(|j| format!("hello from {j}")).collect();
+        let others: Vec<String> = (0..3)
+            .filter(|j| *j != i)
+            .map(|j| format!("hello from {j}"))
+            .collect();
         wait_texts(rx, &format!("node {i}"), &others).await?;
     }
     for n in nodes {
@@ -78,16 +100,35 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
     assert_eq!(g.epoch, 2);
     assert_eq!(g.members.len(), 3);
     let history = b.node.engine.history("friends".into(), 100).await?;
-    assert!(history.iter().any(|m| matches!(&m.body, MessageBody::Text { text } if text == "hello from 2")));
+    assert!(
+        history
+            .iter()
+            .any(|m| matches!(&m.body, MessageBody::Text { text } if text == "hello from 2"))
+    );
 
     let mut a_events = a.node.engine.subscribe();
     let mut c_events = c.node.engine.subscribe();
-    b.node.engine.send(group.id.clone(), "back after restart".into()).await?;
-    wait_event(&mut a_events, "A hears B after restart", |e| is_text(e, "back after restart")).await?;
-    wait_event(&mut c_events, "C hears B after restart", |e| is_text(e, "back after restart")).await?;
+    b.node
+        .engine
+        .send(group.id.clone(), "back after restart".into())
+        .await?;
+    wait_event(&mut a_events, "A hears B after restart", |e| {
+        is_text(e, "back after restart")
+    })
+    .await?;
+    wait_event(&mut c_events, "C hears B after restart", |e| {
+        is_text(e, "back after restart")
+    })
+    .await?;
     let mut b_events = b.node.engine.subscribe();
-    a.node.engine.send(group.id.clone(), "welcome back".into()).await?;
-    wait_event(&mut b_events, "B hears A after restart", |e| is_text(e, "welcome back")).await?;
+    a.node
+        .engine
+        .send(group.id.clone(), "welcome back".into())
+        .await?;
+    wait_event(&mut b_events, "B hears A after restart", |e| {
+        is_text(e, "welcome back")
+    })
+    .await?;
 
     for n in [a, b, c] {
         n.node.shutdown().await;

@@ -24,7 +24,9 @@ fn three_members_exchange_messages() {
     for (j, v) in &s.verdicts {
         match v {
             Verdict::Accept => {}
-            Verdict::Ignore(why) => assert!(why.contains("commit for past epoch"), "member {j}: {why}"),
+            Verdict::Ignore(why) => {
+                assert!(why.contains("commit for past epoch"), "member {j}: {why}")
+            }
             Verdict::Reject(why) => panic!("member {j} rejected a valid envelope: {why}"),
         }
     }
@@ -65,7 +67,9 @@ fn message_from_next_epoch_is_held_until_its_commit_arrives() {
     assert_eq!(s.in_flight.len(), 2);
     s.deliver_at(1);
     assert!(
-        s.verdicts.iter().any(|(j, v)| *j == 1 && matches!(v, Verdict::Ignore(_))),
+        s.verdicts
+            .iter()
+            .any(|(j, v)| *j == 1 && matches!(v, Verdict::Ignore(_))),
         "{:?}",
         s.verdicts
     );
@@ -90,7 +94,9 @@ fn garbage_and_forged_envelopes_are_rejected() {
     assert!(matches!(v, Verdict::Reject(_)), "{v:?}");
     assert!(fx.is_empty());
     // A valid envelope header around bytes that are not MLS.
-    let (bytes, _) = Envelope::new(g, 1, PayloadKind::Application, vec![1, 2, 3]).encode().unwrap();
+    let (bytes, _) = Envelope::new(g, 1, PayloadKind::Application, vec![1, 2, 3])
+        .encode()
+        .unwrap();
     let (v, _) = s.engines[1].handle_envelope(&bytes, now);
     assert!(matches!(v, Verdict::Reject(_)), "{v:?}");
     // A real message whose header names the wrong epoch.
@@ -112,7 +118,9 @@ fn garbage_and_forged_envelopes_are_rejected() {
     let (v, _) = s.engines[1].handle_envelope(&data, now);
     assert_eq!(v, Verdict::Accept);
     // An envelope for a group we are not in is ignored, not rejected.
-    let (other, _) = Envelope::new(GroupId([9; 32]), 0, PayloadKind::Application, vec![]).encode().unwrap();
+    let (other, _) = Envelope::new(GroupId([9; 32]), 0, PayloadKind::Application, vec![])
+        .encode()
+        .unwrap();
     let (v, _) = s.engines[1].handle_envelope(&other, now);
     assert!(matches!(v, Verdict::Ignore(_)), "{v:?}");
 }
@@ -140,7 +148,9 @@ fn join_requests_are_checked() {
     let peer2 = s.peer(2);
 
     let reject = |s: &mut Sim<'_, _>, from, req: JoinRequest, rec: Option<InviteRecord>, now| {
-        let (resp, fx) = s.engines[0].handle_join_request(from, req, rec, now).unwrap();
+        let (resp, fx) = s.engines[0]
+            .handle_join_request(from, req, rec, now)
+            .unwrap();
         assert!(fx.is_empty(), "a rejection changes nothing");
         match resp {
             JoinResponse::Rejected(r) => r,
@@ -148,26 +158,47 @@ fn join_requests_are_checked() {
         }
     };
     // No record for this secret.
-    assert_eq!(reject(&mut s, peer1, req.clone(), None, T0), JoinRejection::UnknownInvite);
+    assert_eq!(
+        reject(&mut s, peer1, req.clone(), None, T0),
+        JoinRejection::UnknownInvite
+    );
     // Wrong secret.
     let JoinRequest::V1(mut bad) = req.clone();
     bad.secret[0] ^= 1;
     assert_eq!(
-        reject(&mut s, peer1, JoinRequest::V1(bad), Some(record.clone()), T0),
+        reject(
+            &mut s,
+            peer1,
+            JoinRequest::V1(bad),
+            Some(record.clone()),
+            T0
+        ),
         JoinRejection::UnknownInvite
     );
     // Wrong network.
     let JoinRequest::V1(mut bad) = req.clone();
     bad.network = "elsewhere".into();
     assert_eq!(
-        reject(&mut s, peer1, JoinRequest::V1(bad), Some(record.clone()), T0),
+        reject(
+            &mut s,
+            peer1,
+            JoinRequest::V1(bad),
+            Some(record.clone()),
+            T0
+        ),
         JoinRejection::WrongNetwork
     );
     // Unknown group.
     let JoinRequest::V1(mut bad) = req.clone();
     bad.group = GroupId([3; 32]);
     assert_eq!(
-        reject(&mut s, peer1, JoinRequest::V1(bad), Some(record.clone()), T0),
+        reject(
+            &mut s,
+            peer1,
+            JoinRequest::V1(bad),
+            Some(record.clone()),
+            T0
+        ),
         JoinRejection::NotMember
     );
     // Expired (exactly at expiry).
@@ -179,7 +210,10 @@ fn join_requests_are_checked() {
     // Used up.
     let mut used = record.clone();
     used.uses = used.max_uses;
-    assert_eq!(reject(&mut s, peer1, req.clone(), Some(used), T0), JoinRejection::UsedUp);
+    assert_eq!(
+        reject(&mut s, peer1, req.clone(), Some(used), T0),
+        JoinRejection::UsedUp
+    );
     // Key package presented by a different peer than the one it names.
     assert_eq!(
         reject(&mut s, peer2, req.clone(), Some(record.clone()), T0),
@@ -189,13 +223,25 @@ fn join_requests_are_checked() {
     let JoinRequest::V1(mut bad) = req.clone();
     bad.key_package = vec![0; 40];
     assert_eq!(
-        reject(&mut s, peer1, JoinRequest::V1(bad), Some(record.clone()), T0),
+        reject(
+            &mut s,
+            peer1,
+            JoinRequest::V1(bad),
+            Some(record.clone()),
+            T0
+        ),
         JoinRejection::InvalidKeyPackage
     );
-    assert_eq!(s.engines[0].group(&g).unwrap().epoch, 0, "nothing was committed");
+    assert_eq!(
+        s.engines[0].group(&g).unwrap().epoch,
+        0,
+        "nothing was committed"
+    );
 
     // The genuine request is accepted and uses the invite up.
-    let (resp, fx) = s.engines[0].handle_join_request(peer1, req, Some(record), T0).unwrap();
+    let (resp, fx) = s.engines[0]
+        .handle_join_request(peer1, req, Some(record), T0)
+        .unwrap();
     assert!(matches!(resp, JoinResponse::Accepted { .. }));
     let saved = fx.iter().find_map(|e| match e {
         Effect::SaveInvite(r) => Some(r.clone()),
@@ -205,7 +251,10 @@ fn join_requests_are_checked() {
     let (gid, _) = s.engines[1].handle_join_response(&inv, resp, T0).unwrap();
     assert_eq!(gid, g);
     // Joining twice is refused locally.
-    assert!(matches!(s.engines[1].prepare_join(&inv, T0), Err(GroupError::AlreadyMember(_))));
+    assert!(matches!(
+        s.engines[1].prepare_join(&inv, T0),
+        Err(GroupError::AlreadyMember(_))
+    ));
 }
 
 #[test]
@@ -216,11 +265,17 @@ fn joiner_reports_rejection_and_rejects_foreign_welcome() {
     let err = s.engines[1]
         .handle_join_response(&inv, JoinResponse::Rejected(JoinRejection::UsedUp), T0)
         .unwrap_err();
-    assert!(matches!(err, GroupError::JoinRejected(JoinRejection::UsedUp)));
+    assert!(matches!(
+        err,
+        GroupError::JoinRejected(JoinRejection::UsedUp)
+    ));
     let err = s.engines[1]
         .handle_join_response(
             &inv,
-            JoinResponse::Accepted { welcome: vec![1, 2, 3], group_name: "x".into() },
+            JoinResponse::Accepted {
+                welcome: vec![1, 2, 3],
+                group_name: "x".into(),
+            },
             T0,
         )
         .unwrap_err();
@@ -231,8 +286,12 @@ fn joiner_reports_rejection_and_rejects_foreign_welcome() {
     let req = s.engines[1].prepare_join(&inv_other, T0).unwrap();
     let rec = s.invites[2][0].clone();
     let p1 = s.peer(1);
-    let (resp, _) = s.engines[2].handle_join_request(p1, req, Some(rec), T0).unwrap();
-    let err = s.engines[1].handle_join_response(&inv, resp, T0).unwrap_err();
+    let (resp, _) = s.engines[2]
+        .handle_join_request(p1, req, Some(rec), T0)
+        .unwrap();
+    let err = s.engines[1]
+        .handle_join_response(&inv, resp, T0)
+        .unwrap_err();
     assert!(matches!(err, GroupError::BadWelcome(_)), "{err:?}");
     assert!(s.engines[1].groups().is_empty());
 }
@@ -241,14 +300,23 @@ fn joiner_reports_rejection_and_rejects_foreign_welcome() {
 fn sending_checks_input() {
     let mut s = sim(1);
     let g = s.create_group(0, "solo").unwrap();
-    assert!(matches!(s.engines[0].send_text(g, "", T0), Err(GroupError::InvalidInput(_))));
+    assert!(matches!(
+        s.engines[0].send_text(g, "", T0),
+        Err(GroupError::InvalidInput(_))
+    ));
     let long = "x".repeat(crate::envelope::MAX_TEXT_BYTES + 1);
-    assert!(matches!(s.engines[0].send_text(g, &long, T0), Err(GroupError::InvalidInput(_))));
+    assert!(matches!(
+        s.engines[0].send_text(g, &long, T0),
+        Err(GroupError::InvalidInput(_))
+    ));
     assert!(matches!(
         s.engines[0].send_text(GroupId([1; 32]), "hi", T0),
         Err(GroupError::UnknownGroup(_))
     ));
-    assert!(matches!(s.engines[0].create_group(GroupId([2; 32]), "  ", T0), Err(GroupError::InvalidInput(_))));
+    assert!(matches!(
+        s.engines[0].create_group(GroupId([2; 32]), "  ", T0),
+        Err(GroupError::InvalidInput(_))
+    ));
 }
 
 #[test]
@@ -260,5 +328,11 @@ fn members_are_bound_to_their_node_keys() {
     s.deliver_all();
     let view = s.engines[0].group(&g).unwrap();
     let peers: Vec<_> = view.members.iter().map(|(_, p)| *p).collect();
-    assert_eq!(peers, vec![member_key(0).public().to_peer_id(), member_key(1).public().to_peer_id()]);
+    assert_eq!(
+        peers,
+        vec![
+            member_key(0).public().to_peer_id(),
+            member_key(1).public().to_peer_id()
+        ]
+    );
 }
