@@ -185,6 +185,12 @@ impl NetHandle {
         self.tx.blocking_send(cmd).map_err(|_| NetError::Stopped)
     }
 
+    /// Publishes raw bytes on a topic from async code (tools and tests; the engine uses
+    /// [`NetHandle::publish_blocking`]).
+    pub async fn publish(&self, topic: TopicId, data: Vec<u8>) -> Result<(), NetError> {
+        self.send(Command::Publish { topic, data }).await
+    }
+
     /// Publishes envelope bytes on a topic. Called from the engine thread (blocking).
     pub fn publish_blocking(&self, topic: TopicId, data: Vec<u8>) -> Result<(), NetError> {
         self.send_blocking(Command::Publish { topic, data })
