@@ -162,6 +162,26 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The records to persist for a list of engine effects (the network and notification
+    /// effects are not the store's business and are skipped).
+    pub fn from_effects(effects: &[kith_protocol::group::Effect]) -> Batch {
+        use kith_protocol::group::Effect;
+        let mut batch = Batch::default();
+        for e in effects {
+            match e {
+                Effect::SaveGroup(m) => batch.groups.push(m.clone()),
+                Effect::SaveEnvelope(s) => batch.envelopes.push(s.clone()),
+                Effect::Record(h) => batch.history.push(h.clone()),
+                Effect::SaveInvite(r) => batch.invites.push(r.clone()),
+                Effect::Publish { .. }
+                | Effect::Subscribe(_)
+                | Effect::Unsubscribe(_)
+                | Effect::EpochChanged { .. } => {}
+            }
+        }
+        batch
+    }
+
     /// True if the batch writes nothing.
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
