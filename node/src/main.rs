@@ -28,8 +28,22 @@ fn main() -> ExitCode {
 
 /// Prints the error as one line on stderr and returns exit code 1.
 fn fail(err: &anyhow::Error) -> ExitCode {
-    let _ = writeln!(std::io::stderr().lock(), "error: {err:#}");
+    let _ = writeln!(std::io::stderr().lock(), "error: {}", one_line(err));
     ExitCode::FAILURE
+}
+
+/// The error and its causes on one line, skipping causes whose text the message already
+/// carries (many error types both print their cause and expose it as `source()`).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line.replace('\n', " ")
 }
 
 /// Logs go to stderr; `RUST_LOG` filters them (default `info`).
@@ -68,5 +82,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         _ => cli::run_client(cli).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot bind: {source}")]
+    struct Bind {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "address in use");
+        let err = anyhow::Error::new(Bind { source: io });
+        assert_eq!(one_line(&err), "cannot bind: address in use");
+        let err = anyhow::anyhow!("inner detail").context("outer");
+        assert_eq!(one_line(&err), "outer: inner detail");
     }
 }

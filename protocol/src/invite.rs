@@ -42,8 +42,9 @@ pub enum InviteError {
     #[error("invite link is damaged (not valid base32); was it copied completely?")]
     BadEncoding,
     /// The bytes do not decode as a ticket (truncated or altered).
-    #[error("invite link is damaged or truncated: {0}")]
-    Malformed(#[from] DecodeError),
+    /// (The decode detail is kept for logs and tests but not shown: it means nothing to a user.)
+    #[error("invite link is damaged or truncated; was it copied completely?")]
+    Malformed(DecodeError),
     /// The inviter key inside the ticket is not a valid ed25519 key.
     #[error("invite link names an invalid inviter key")]
     BadInviterKey,
@@ -70,6 +71,12 @@ pub enum InviteError {
     /// Signing failed (the key is not ed25519).
     #[error("the node key cannot sign invites (ed25519 required)")]
     Signing,
+}
+
+impl From<DecodeError> for InviteError {
+    fn from(e: DecodeError) -> Self {
+        InviteError::Malformed(e)
+    }
 }
 
 /// What a member chooses when creating an invite.

@@ -304,3 +304,215 @@ pub fn bootstrap_addr(dir: &Path) -> anyhow::Result<String> {
         .context("no TCP listen address")?;
     Ok(format!("{addr}/p2p/{peer}"))
 }
+
+/// Polls `probe` every 100 ms until it returns `Some`, failing after [`WAIT`]. An error from
+/// `probe` ends the wait at once.
+pub fn poll_until<T>(
+    what: &str,
+    mut probe: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = probe().with_context(|| format!("while waiting for {what}"))? {
+            return Ok(v);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("timed out after {WAIT:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `kith group show GROUP --json` on the node in `dir`.
+pub fn group_json(dir: &Path, group: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(&kith_ok(
+        dir,
+        &["group", "show", group, "--json"],
+    )?)?)
+}
+
+/// The texts of a group's history on the node in `dir`, oldest first (`kith history --json`).
+pub fn history_texts(dir: &Path, group: &str) -> anyhow::Result<Vec<String>> {
+    let out = kith_ok(dir, &["history", group, "--json", "--limit", "1000"])?;
+    let messages: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(messages
+        .as_array()
+        .context("history is not a JSON array")?
+        .iter()
+        .filter(|m| m["body"]["type"] == "text")
+        .filter_map(|m| m["body"]["text"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Waits until the history of `group` on the node in `dir` holds every text in `texts`;
+/// returns the whole history's texts.
+pub fn wait_history(dir: &Path, group: &str, texts: &[&str]) -> anyhow::Result<Vec<String>> {
+    let mut last = Vec::new();
+    let found = poll_until(
+        &format!("{texts:?} in the history of {}", dir.display()),
+        || {
+            last = history_texts(dir, group)?;
+            Ok(texts
+                .iter()
+                .all(|t| last.iter().any(|l| l == t))
+                .then(|| last.clone()))
+        },
+    );
+    found.with_context(|| format!("history so far: {last:?}"))
+}
+
+impl KithProcess {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM (with the `kill` command) and waits up to [`WAIT`] for the process to
+    /// exit; returns its exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.pid().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .context("running kill -TERM")?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed: {status}");
+        }
+        poll_until(&format!("kith run (pid {pid}) to exit"), || {
+            Ok(self.child.try_wait()?)
+        })
+    }
+}
+
+/// A `kith watch GROUP --json` child process whose stdout lines are read by a thread.
+/// Killed on drop.
+pub struct KithWatch {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+/// Starts `kith watch GROUP --json` on the node in `dir` (stderr goes to `dir/watch.log`).
+pub fn spawn_kith_watch(dir: &Path, group: &str) -> anyhow::Result<KithWatch> {
+    let mut child = Command::new(kith_bin()?)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["watch", group, "--json"])
+        .env_remove("KITH_API")
+        .env_remove("KITH_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(dir.join("watch.log"))?))
+        .spawn()
+        .context("spawning kith watch")?;
+    let stdout = child.stdout.take().context("watch stdout")?;
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(KithWatch { child, lines })
+}
+
+impl KithWatch {
+    /// Waits up to `timeout` for the watch to print a JSON line matching `pred` and returns
+    /// it; `None` if none came in time. Lines that do not match are skipped. Fails if the
+    /// watch ended or printed something that is not JSON.
+    pub fn next_matching(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<Option<serde_json::Value>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Ok(None),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("kith watch ended")
+                }
+            };
+            let value: serde_json::Value = serde_json::from_str(&line)
+                .with_context(|| format!("kith watch printed a non-JSON line: {line:?}"))?;
+            if pred(&value) {
+                return Ok(Some(value));
+            }
+        }
+    }
+
+    /// As [`KithWatch::next_matching`] with a timeout of [`WAIT`], failing if nothing matched.
+    pub fn wait_line(
+        &self,
+        what: &str,
+        pred: impl FnMut(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.next_matching(WAIT, pred)
+            .with_context(|| format!("waiting for kith watch to print {what}"))?
+            .with_context(|| format!("kith watch did not print {what} within {WAIT:?}"))
+    }
+}
+
+impl Drop for KithWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a `kith watch --json` line is the text message `text`.
+pub fn is_text_json(event: &serde_json::Value, text: &str) -> bool {
+    event["type"] == "message" && event["body"]["type"] == "text" && event["body"]["text"] == text
+}
+
+/// The address of the node's local API, from `<dir>/api.addr`.
+pub fn api_addr(dir: &Path) -> anyhow::Result<SocketAddr> {
+    Ok(std::fs::read_to_string(dir.join("api.addr"))?
+        .trim()
+        .parse()?)
+}
+
+/// The node's API token, from `<dir>/api.token`.
+pub fn api_token(dir: &Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(dir.join("api.token"))?
+        .trim()
+        .to_owned())
+}
+
+/// Sends one raw HTTP/1.1 request (`Connection: close`) to `addr` and returns the status
+/// code and the body. `headers` are extra header lines without CRLF.
+pub fn raw_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(WAIT))?;
+    stream.set_write_timeout(Some(WAIT))?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        request.push_str(h);
+        request.push_str("\r\n");
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8(response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("HTTP response without a blank line after the headers")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .context("HTTP response without a status")?
+        .parse()?;
+    Ok((status, body.to_owned()))
+}
