@@ -3,7 +3,10 @@
 //! Served on loopback by default. Every request needs `Authorization: Bearer <token>` with
 //! the token from `<data_dir>/api.token`. Every error, including unknown routes and bodies
 //! that are not valid JSON, is a JSON [`ErrorBody`] with a stable `code`. Live events are
-//! server-sent events on `GET /v1/events`.
+//! server-sent events on `GET /v1/events`. `GET /v1/net/peers` lists connected peers and
+//! `GET`/`PUT /v1/net/blocked` read and replace the block list (connection gating, used to
+//! make partitions in tests). Requests are counted in `kith_api_requests_total` by matched
+//! route, not raw path.
 //!
 //! The handlers are written against [`ApiBackend`] rather than the engine directly, so the
 //! API is tested against a fake backend and the engine against its own tests.
@@ -16,21 +19,23 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::{Stream, StreamExt};
+use libp2p::PeerId;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
 
 use crate::engine::{EngineError, EngineHandle};
+use crate::metrics::KithMetrics;
 use crate::model::{
     CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, EventsQuery, GroupInfo,
     GroupSummary, HistoryQuery, InviteInfo, JoinBody, LAGGED_EVENT, MessageInfo, NodeEvent,
-    SendBody, StatusInfo,
+    PeerList, SendBody, StatusInfo,
 };
 
 /// Largest accepted request body.
@@ -78,6 +83,19 @@ pub trait ApiBackend: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<MessageInfo>, EngineError>> + Send;
     /// A receiver of live events for `GET /v1/events`.
     fn subscribe(&self) -> broadcast::Receiver<NodeEvent>;
+    /// `GET /v1/net/peers`: the connected peers.
+    fn connected_peers(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send;
+    /// `GET /v1/net/blocked`: the blocked peers.
+    fn blocked(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send;
+    /// `PUT /v1/net/blocked`: replaces the block list, returns the new one.
+    fn set_blocked(
+        &self,
+        peers: Vec<PeerId>,
+    ) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send;
+    /// Where to count API requests; `None` (the default) counts nothing.
+    fn metrics(&self) -> Option<Arc<KithMetrics>> {
+        None
+    }
 }
 
 impl ApiBackend for EngineHandle {
@@ -122,6 +140,21 @@ impl ApiBackend for EngineHandle {
     }
     fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
         EngineHandle::subscribe(self)
+    }
+    fn connected_peers(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send {
+        EngineHandle::connected_peers(self)
+    }
+    fn blocked(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send {
+        EngineHandle::blocked(self)
+    }
+    fn set_blocked(
+        &self,
+        peers: Vec<PeerId>,
+    ) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send {
+        EngineHandle::set_blocked(self, peers)
+    }
+    fn metrics(&self) -> Option<Arc<KithMetrics>> {
+        Some(EngineHandle::metrics(self).clone())
     }
 }
 
@@ -171,7 +204,8 @@ struct ApiState<B> {
 
 fn build_router<B: ApiBackend>(backend: B, token: &str, stop: watch::Receiver<bool>) -> Router {
     let token_digest: Arc<[u8; 32]> = Arc::new(Sha256::digest(token.as_bytes()).into());
-    Router::new()
+    let metrics = backend.metrics();
+    let router = Router::new()
         .route("/v1/status", get(status::<B>))
         .route("/v1/groups", get(list_groups::<B>).post(create_group::<B>))
         .route("/v1/groups/{group}", get(show_group::<B>))
@@ -182,11 +216,39 @@ fn build_router<B: ApiBackend>(backend: B, token: &str, stop: watch::Receiver<bo
         )
         .route("/v1/join", post(join::<B>))
         .route("/v1/events", get(events::<B>))
+        .route("/v1/net/peers", get(connected_peers::<B>))
+        .route("/v1/net/blocked", get(blocked::<B>).put(set_blocked::<B>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(ApiState { backend, stop })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(token_digest, require_token))
+        .layer(middleware::from_fn_with_state(token_digest, require_token));
+    match metrics {
+        // Outermost, so refused requests (401) are counted too.
+        Some(metrics) => router.layer(middleware::from_fn_with_state(metrics, count_request)),
+        None => router,
+    }
+}
+
+/// Counts a request by method, matched route (`unmatched` for unknown paths; the raw path
+/// would let any client create label values) and status.
+async fn count_request(
+    State(metrics): State<Arc<KithMetrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().clone();
+    let endpoint = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    metrics.api_request(
+        &method,
+        endpoint.as_deref().unwrap_or("unmatched"),
+        response.status().as_u16(),
+    );
+    response
 }
 
 /// An API error: an HTTP status and the JSON [`ErrorBody`].
@@ -399,6 +461,38 @@ async fn history<B: ApiBackend>(
     Ok(Json(s.backend.history(group, limit).await?))
 }
 
+fn peer_list(peers: Vec<PeerId>) -> PeerList {
+    PeerList {
+        peers: peers.iter().map(PeerId::to_string).collect(),
+    }
+}
+
+async fn connected_peers<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<PeerList> {
+    Ok(Json(peer_list(s.backend.connected_peers().await?)))
+}
+
+async fn blocked<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<PeerList> {
+    Ok(Json(peer_list(s.backend.blocked().await?)))
+}
+
+async fn set_blocked<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    body: Result<Json<PeerList>, JsonRejection>,
+) -> ApiResult<PeerList> {
+    let Json(body) = body?;
+    let peers = body
+        .peers
+        .iter()
+        .map(|p| {
+            p.trim().parse::<PeerId>().map_err(|_| {
+                let shown: String = p.chars().take(64).collect();
+                ApiError::bad_request(format!("invalid peer id '{shown}'"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(peer_list(s.backend.set_blocked(peers).await?)))
+}
+
 async fn events<B: ApiBackend>(
     State(s): State<ApiState<B>>,
     query: Result<Query<EventsQuery>, QueryRejection>,
@@ -473,14 +567,26 @@ pub(crate) mod fake {
     #[derive(Clone)]
     pub(crate) struct Fake {
         pub(crate) events: broadcast::Sender<NodeEvent>,
+        pub(crate) blocked: Arc<std::sync::Mutex<Vec<PeerId>>>,
+        pub(crate) metrics: Option<Arc<KithMetrics>>,
     }
 
     impl Fake {
         pub(crate) fn new(capacity: usize) -> Self {
             Fake {
                 events: broadcast::channel(capacity).0,
+                blocked: Arc::default(),
+                metrics: None,
             }
         }
+    }
+
+    /// A fixed, valid PeerId: that of the ed25519 key whose secret is 32 bytes of `n`.
+    pub(crate) fn peer(n: u8) -> PeerId {
+        libp2p::identity::Keypair::ed25519_from_bytes([n; 32])
+            .expect("32 bytes are an ed25519 secret key")
+            .public()
+            .to_peer_id()
     }
 
     fn group_info() -> GroupInfo {
@@ -588,6 +694,24 @@ pub(crate) mod fake {
         }
         fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
             self.events.subscribe()
+        }
+        async fn connected_peers(&self) -> Result<Vec<PeerId>, EngineError> {
+            Ok(vec![peer(1)])
+        }
+        async fn blocked(&self) -> Result<Vec<PeerId>, EngineError> {
+            Ok(self.blocked.lock().expect("not poisoned").clone())
+        }
+        async fn set_blocked(&self, mut peers: Vec<PeerId>) -> Result<Vec<PeerId>, EngineError> {
+            peers.sort();
+            peers.dedup();
+            self.blocked
+                .lock()
+                .expect("not poisoned")
+                .clone_from(&peers);
+            Ok(peers)
+        }
+        fn metrics(&self) -> Option<Arc<KithMetrics>> {
+            self.metrics.clone()
         }
     }
 }
@@ -847,6 +971,78 @@ mod tests {
         // Percent-encoded names reach the backend decoded.
         let (status, _) = call(app(), request("GET", "/v1/groups/fri%65nds", None)).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn net_endpoints_list_and_replace_peers() {
+        use super::fake::peer;
+        let (status, json) = call(app(), request("GET", "/v1/net/peers", None)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json, serde_json::json!({ "peers": [peer(1).to_string()] }));
+
+        let fake = Fake::new(16);
+        let app = router(fake.clone(), TOKEN.to_owned());
+        let body = serde_json::json!({ "peers": [peer(2).to_string()] }).to_string();
+        let (status, json) =
+            call(app.clone(), request("PUT", "/v1/net/blocked", Some(&body))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json["peers"][0], peer(2).to_string());
+        let (_, json) = call(app.clone(), request("GET", "/v1/net/blocked", None)).await;
+        assert_eq!(json["peers"][0], peer(2).to_string());
+
+        // One bad id refuses the whole request and changes nothing.
+        let body = serde_json::json!({ "peers": [peer(3).to_string(), "12D3KooWbad"] }).to_string();
+        let (status, json) =
+            call(app.clone(), request("PUT", "/v1/net/blocked", Some(&body))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(json["code"], "bad_request");
+        assert!(json["error"].as_str().unwrap().contains("12D3KooWbad"));
+        assert_eq!(*fake.blocked.lock().unwrap(), vec![peer(2)]);
+        expect_error(
+            request("PUT", "/v1/net/blocked", Some("{\"peers\": \"x\"}")),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        )
+        .await;
+        expect_error(
+            request("POST", "/v1/net/blocked", Some("{\"peers\": []}")),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn requests_are_counted_by_matched_route() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let mut fake = Fake::new(16);
+        fake.metrics = Some(Arc::new(KithMetrics::register(&mut registry)));
+        let app = router(fake, TOKEN.to_owned());
+        for uri in [
+            "/v1/groups/friends",
+            "/v1/groups/fri%65nds",
+            "/v1/groups/zzz",
+        ] {
+            let _ = call(app.clone(), request("GET", uri, None)).await;
+        }
+        let _ = call(app.clone(), request("GET", "/v1/no/such/path", None)).await;
+        let unauthenticated = axum::http::Request::get("/v1/status")
+            .body(Body::empty())
+            .unwrap();
+        let _ = call(app.clone(), unauthenticated).await;
+        let text = crate::metrics::encode(&registry).unwrap();
+        for line in [
+            "kith_api_requests_total{method=\"GET\",endpoint=\"/v1/groups/{group}\",status=\"200\"} 2",
+            "kith_api_requests_total{method=\"GET\",endpoint=\"/v1/groups/{group}\",status=\"404\"} 1",
+            "kith_api_requests_total{method=\"GET\",endpoint=\"unmatched\",status=\"404\"} 1",
+            "kith_api_requests_total{method=\"GET\",endpoint=\"/v1/status\",status=\"401\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(!text.contains("zzz") && !text.contains("such"), "{text}");
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use libp2p::PeerId;
 use reqwest::Url;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -18,7 +19,8 @@ use crate::config::{ConfigOverrides, resolve_data_dir};
 use crate::identity::{self, IdentityError};
 use crate::model::{
     CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, GroupInfo, GroupSummary,
-    InviteInfo, JoinBody, LAGGED_EVENT, MessageBody, MessageInfo, NodeEvent, SendBody, StatusInfo,
+    InviteInfo, JoinBody, LAGGED_EVENT, MessageBody, MessageInfo, NodeEvent, PeerList, SendBody,
+    StatusInfo,
 };
 
 /// Largest response body the client reads (history is at most 1000 messages of 64 KiB).
@@ -79,6 +81,30 @@ pub enum Command {
     History(HistoryArgs),
     /// Print a group's messages as they arrive (times are UTC).
     Watch(WatchArgs),
+    /// Inspect connections and block peers (e.g. to make a network partition in a test).
+    #[command(subcommand)]
+    Net(NetCommand),
+}
+
+/// `kith net …`.
+#[derive(Debug, Subcommand)]
+pub enum NetCommand {
+    /// List the connected peers.
+    Peers(JsonArg),
+    /// List the blocked peers.
+    Blocked(JsonArg),
+    /// Add peers to the block list: their connections are closed and refused both ways
+    /// until unblocked.
+    Block {
+        /// PeerIds to block.
+        #[arg(required = true, num_args = 1.., value_name = "PEER_ID", value_parser = parse_peer_id)]
+        peers: Vec<PeerId>,
+        /// Print the API's JSON answer (the whole block list) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Empty the block list; the node reconnects to the peers it had blocked.
+    UnblockAll(JsonArg),
 }
 
 /// `kith init`.
@@ -108,6 +134,10 @@ pub struct RunArgs {
     /// Address for the local API (IP:PORT; port 0 picks a free one).
     #[arg(long, value_name = "IP:PORT")]
     pub api_listen: Option<SocketAddr>,
+    /// Serve Prometheus/OpenMetrics metrics on http://IP:PORT/metrics (port 0 picks a free
+    /// one, written to metrics.addr in the data directory). Off by default.
+    #[arg(long = "metrics", value_name = "IP:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl RunArgs {
@@ -119,6 +149,7 @@ impl RunArgs {
             bootstrap: self.bootstrap.clone(),
             no_mdns: self.no_mdns,
             api_listen: self.api_listen,
+            metrics_listen: self.metrics_listen,
         }
     }
 }
@@ -268,6 +299,13 @@ pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
         return Err("duration must be more than zero".to_owned());
     }
     Ok(total)
+}
+
+/// Parses a PeerId argument.
+pub fn parse_peer_id(text: &str) -> Result<PeerId, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("'{}' is not a peer id (12D3KooW…)", clean(text)))
 }
 
 /// Why a client command failed. Displayed as the one-line error the user sees.
@@ -438,6 +476,33 @@ impl Client {
     /// `GET /v1/groups`.
     pub async fn groups(&self) -> Result<Vec<GroupSummary>, ClientError> {
         self.get(&["v1", "groups"]).await
+    }
+
+    async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = self.url(segments)?;
+        self.call(self.http.put(url).json(body)).await
+    }
+
+    /// `GET /v1/net/peers`: the connected peers.
+    pub async fn peers(&self) -> Result<PeerList, ClientError> {
+        self.get(&["v1", "net", "peers"]).await
+    }
+
+    /// `GET /v1/net/blocked`: the blocked peers.
+    pub async fn blocked(&self) -> Result<PeerList, ClientError> {
+        self.get(&["v1", "net", "blocked"]).await
+    }
+
+    /// `PUT /v1/net/blocked`: replaces the block list with `peers`; returns the new list.
+    pub async fn set_blocked(&self, peers: &[String]) -> Result<PeerList, ClientError> {
+        let body = PeerList {
+            peers: peers.to_vec(),
+        };
+        self.put(&["v1", "net", "blocked"], &body).await
     }
 
     /// `POST /v1/groups`.
@@ -801,7 +866,31 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
             }
             Err(ClientError::StreamEnded)
         }
+        Command::Net(cmd) => net_command(&connect()?, cmd).await,
     }
+}
+
+async fn net_command(client: &Client, cmd: &NetCommand) -> Result<(), ClientError> {
+    let (list, json) = match cmd {
+        NetCommand::Peers(args) => (client.peers().await?, args.json),
+        NetCommand::Blocked(args) => (client.blocked().await?, args.json),
+        NetCommand::Block { peers, json } => {
+            // The API replaces the whole list; add to what is blocked already.
+            let mut all = client.blocked().await?.peers;
+            all.extend(peers.iter().map(PeerId::to_string));
+            all.sort();
+            all.dedup();
+            (client.set_blocked(&all).await?, *json)
+        }
+        NetCommand::UnblockAll(args) => (client.set_blocked(&[]).await?, args.json),
+    };
+    if json {
+        return print_json(&list);
+    }
+    for p in &list.peers {
+        out(&clean(p))?;
+    }
+    Ok(())
 }
 
 /// Writes one line to stdout.
@@ -1129,6 +1218,28 @@ mod tests {
     }
 
     #[test]
+    fn net_block_takes_peer_ids() {
+        let peer = crate::api::fake::peer(7);
+        let cli = Cli::try_parse_from(["kith", "net", "block", &peer.to_string()]).unwrap();
+        let Command::Net(NetCommand::Block { peers, json }) = cli.command else {
+            panic!("not net block");
+        };
+        assert_eq!(peers, vec![peer]);
+        assert!(!json);
+        assert!(Cli::try_parse_from(["kith", "net", "block"]).is_err());
+        assert!(Cli::try_parse_from(["kith", "net", "block", "not-a-peer"]).is_err());
+        assert!(Cli::try_parse_from(["kith", "net", "unblock-all"]).is_ok());
+        let cli = Cli::try_parse_from(["kith", "run", "--metrics", "127.0.0.1:0"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(
+            args.overrides().metrics_listen,
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn utc_formatting() {
         assert_eq!(format_utc(0), "1970-01-01 00:00:00");
         assert_eq!(format_utc(1_700_000_000), "2023-11-14 22:13:20");
@@ -1281,6 +1392,31 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(err.to_string(), "no group matches 'nobody'");
+    }
+
+    #[tokio::test]
+    async fn client_reads_and_replaces_the_block_list() {
+        use crate::api::fake::{TOKEN, peer};
+        let (client, fake) = fake_node(TOKEN).await;
+        assert_eq!(client.blocked().await.unwrap().peers, Vec::<String>::new());
+        let (a, b) = (peer(1).to_string(), peer(2).to_string());
+        let list = client
+            .set_blocked(&[b.clone(), a.clone(), a.clone()])
+            .await
+            .unwrap();
+        let mut want = vec![a.clone(), b.clone()];
+        want.sort_by_key(|p| p.parse::<PeerId>().unwrap());
+        assert_eq!(list.peers, want);
+        assert_eq!(client.blocked().await.unwrap().peers, want);
+        assert_eq!(fake.blocked.lock().unwrap().len(), 2);
+        assert_eq!(client.peers().await.unwrap().peers, vec![a]);
+        let err = client.set_blocked(&["nope".to_owned()]).await.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Api { status: 400, code, .. } if code == "bad_request"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("invalid peer id 'nope'"), "{err}");
+        assert_eq!(client.set_blocked(&[]).await.unwrap().peers.len(), 0);
     }
 
     #[tokio::test]

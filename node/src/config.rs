@@ -39,6 +39,8 @@ pub mod env {
     pub const API_LISTEN: &str = "KITH_API_LISTEN";
     /// Overrides `api_allow_non_loopback` (boolean, as for `KITH_MDNS`).
     pub const API_ALLOW_NON_LOOPBACK: &str = "KITH_API_ALLOW_NON_LOOPBACK";
+    /// Overrides `metrics_listen` (`IP:PORT`).
+    pub const METRICS: &str = "KITH_METRICS";
 }
 
 /// Why the configuration could not be loaded. Each variant names the file, variable or
@@ -95,6 +97,13 @@ pub enum ConfigError {
          set `api_allow_non_loopback = true` if you really want that"
     )]
     NonLoopbackApi(SocketAddr),
+    /// The metrics endpoint (which has no authentication) would listen on a non-loopback
+    /// address.
+    #[error(
+        "refusing to serve metrics on non-loopback address {0}; \
+         set `api_allow_non_loopback = true` if you really want that"
+    )]
+    NonLoopbackMetrics(SocketAddr),
     /// No data directory was given and the platform has none (no home directory).
     #[error("cannot determine a data directory; pass --data-dir or set {DATA_DIR_ENV}")]
     NoDataDir,
@@ -115,8 +124,12 @@ pub struct Config {
     pub mdns: bool,
     /// Where the local HTTP API listens (port 0 picks a free port).
     pub api_listen: SocketAddr,
-    /// Allow `api_listen` to be a non-loopback address (off: the API is local only).
+    /// Allow `api_listen` and `metrics_listen` to be non-loopback addresses (off: both are
+    /// local only).
     pub api_allow_non_loopback: bool,
+    /// Where to serve Prometheus/OpenMetrics metrics on `GET /metrics` (port 0 picks a
+    /// free port); off when absent.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -131,6 +144,7 @@ impl Default for Config {
             mdns: true,
             api_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             api_allow_non_loopback: false,
+            metrics_listen: None,
         }
     }
 }
@@ -148,6 +162,8 @@ pub struct ConfigOverrides {
     pub no_mdns: bool,
     /// `--api-listen`.
     pub api_listen: Option<SocketAddr>,
+    /// `--metrics`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A bootstrap peer: its id and where to dial it.
@@ -172,6 +188,9 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// Where the local API listens; loopback unless explicitly allowed otherwise.
     pub api_listen: SocketAddr,
+    /// Where the metrics endpoint listens, if on; loopback unless explicitly allowed
+    /// otherwise.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -242,6 +261,13 @@ impl Config {
         if let Some(v) = get(env::API_ALLOW_NON_LOOPBACK)? {
             self.api_allow_non_loopback = parse_env_bool(env::API_ALLOW_NON_LOOPBACK, &v)?;
         }
+        if let Some(v) = get(env::METRICS)? {
+            self.metrics_listen = Some(v.trim().parse().map_err(|e| ConfigError::InvalidEnv {
+                var: env::METRICS,
+                value: v.clone(),
+                reason: format!("{e} (expected IP:PORT, e.g. 127.0.0.1:9464)"),
+            })?);
+        }
         Ok(())
     }
 
@@ -261,6 +287,9 @@ impl Config {
         }
         if let Some(api_listen) = overrides.api_listen {
             self.api_listen = api_listen;
+        }
+        if let Some(metrics_listen) = overrides.metrics_listen {
+            self.metrics_listen = Some(metrics_listen);
         }
     }
 
@@ -287,12 +316,19 @@ impl Config {
         if !self.api_listen.ip().is_loopback() && !self.api_allow_non_loopback {
             return Err(ConfigError::NonLoopbackApi(self.api_listen));
         }
+        if let Some(addr) = self.metrics_listen
+            && !addr.ip().is_loopback()
+            && !self.api_allow_non_loopback
+        {
+            return Err(ConfigError::NonLoopbackMetrics(addr));
+        }
         Ok(NodeConfig {
             network: self.network.clone(),
             listen,
             bootstrap,
             mdns: self.mdns,
             api_listen: self.api_listen,
+            metrics_listen: self.metrics_listen,
         })
     }
 
@@ -354,10 +390,16 @@ mdns = {mdns}
 # Env: KITH_API_LISTEN. Flag: --api-listen.
 api_listen = {api_listen}
 
-# The API is refused on any non-loopback address unless this is true. Anyone who can
-# reach the API and read api.token controls the node.
+# The API and the metrics endpoint are refused on any non-loopback address unless this
+# is true. Anyone who can reach the API and read api.token controls the node; anyone who
+# can reach the metrics endpoint can read it.
 # Env: KITH_API_ALLOW_NON_LOOPBACK (true/false).
 api_allow_non_loopback = {allow}
+
+# Serve Prometheus/OpenMetrics metrics on http://IP:PORT/metrics (off unless set; port 0
+# picks a free port; the chosen address is written to metrics.addr in the data directory).
+# Env: KITH_METRICS. Flag: --metrics.
+# metrics_listen = "127.0.0.1:9464"
 "#,
             network = quote(network),
             port = DEFAULT_PORT,
@@ -615,6 +657,46 @@ mod tests {
             ..Config::default()
         };
         assert!(v6.validate().is_ok());
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_loopback_only() {
+        assert_eq!(Config::default().validate().unwrap().metrics_listen, None);
+        let c = Config::from_toml("metrics_listen = \"127.0.0.1:0\"").unwrap();
+        assert_eq!(
+            c.validate().unwrap().metrics_listen,
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        let mut c = Config {
+            metrics_listen: Some("0.0.0.0:9464".parse().unwrap()),
+            ..Config::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::NonLoopbackMetrics(_))
+        ));
+        c.api_allow_non_loopback = true;
+        assert!(c.validate().is_ok());
+
+        let mut c = Config::default();
+        c.apply_env(|var| (var == "KITH_METRICS").then(|| "[::1]:9464".into()))
+            .unwrap();
+        assert_eq!(c.metrics_listen, Some("[::1]:9464".parse().unwrap()));
+        c.apply_overrides(&ConfigOverrides {
+            metrics_listen: Some("127.0.0.1:1".parse().unwrap()),
+            ..ConfigOverrides::default()
+        });
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:1".parse().unwrap()));
+        let err = c
+            .apply_env(|var| (var == "KITH_METRICS").then(|| "9464".into()))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::InvalidEnv {
+                var: "KITH_METRICS",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! that commit publishes, subscribes and tells API clients. If the commit fails it discards
 //! the staged writes and reloads MLS state from disk, so memory never runs ahead of disk.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kith_protocol::envelope::{JoinRejection, JoinRequest, JoinResponse};
 use kith_protocol::group::{Effect, GroupEngine, GroupError, GroupView, Identity, Verdict};
@@ -23,11 +25,12 @@ use libp2p::{Multiaddr, PeerId};
 use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::metrics::{GroupGauges, IgnoreReason, JoinRequestResult, JoinResult, KithMetrics};
 use crate::model::{
     CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, MemberInfo, MessageBody, MessageInfo,
     NodeEvent, StatusInfo,
 };
-use crate::net::{NetEvent, NetHandle};
+use crate::net::{MAX_BLOCKED_PEERS, NetError, NetEvent, NetHandle};
 use crate::store::{Batch, KithProvider, Store, StoreError};
 
 /// Default invite lifetime.
@@ -203,6 +206,7 @@ pub struct EngineHandle {
     net: NetHandle,
     network: String,
     peer_id: PeerId,
+    metrics: Arc<KithMetrics>,
 }
 
 impl EngineHandle {
@@ -266,6 +270,18 @@ impl EngineHandle {
     /// Joins a group by invite link: checks the link locally, sends the join request to the
     /// inviter, and builds the group from the Welcome.
     pub async fn join(&self, link: String) -> Result<GroupInfo, EngineError> {
+        let result = self.join_inner(link).await;
+        self.metrics.join(match &result {
+            Ok(_) => JoinResult::Joined,
+            Err(EngineError::JoinRejected(_)) => JoinResult::Refused,
+            Err(EngineError::Unreachable(_)) => JoinResult::Unreachable,
+            Err(EngineError::Invite(_)) => JoinResult::BadInvite,
+            Err(_) => JoinResult::Error,
+        });
+        result
+    }
+
+    async fn join_inner(&self, link: String) -> Result<GroupInfo, EngineError> {
         let invite = Invite::parse(&link)?;
         invite.check(&self.network, now_ms() / 1000)?;
         let request = self
@@ -299,6 +315,47 @@ impl EngineHandle {
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
         self.events.subscribe()
     }
+
+    /// The peers this node is connected to.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, EngineError> {
+        let mut peers = self.net.info().await.map_err(net_error)?.connected;
+        peers.sort();
+        Ok(peers)
+    }
+
+    /// The peers this node refuses connections with, sorted.
+    pub async fn blocked(&self) -> Result<Vec<PeerId>, EngineError> {
+        self.net.blocked().await.map_err(net_error)
+    }
+
+    /// Replaces the set of peers this node refuses connections with (see
+    /// [`NetHandle::set_blocked`]); returns it, sorted.
+    pub async fn set_blocked(&self, peers: Vec<PeerId>) -> Result<Vec<PeerId>, EngineError> {
+        if peers.contains(&self.peer_id) {
+            return Err(EngineError::BadRequest(
+                "a node cannot block itself".to_owned(),
+            ));
+        }
+        if peers.len() > MAX_BLOCKED_PEERS {
+            return Err(EngineError::BadRequest(format!(
+                "cannot block more than {MAX_BLOCKED_PEERS} peers"
+            )));
+        }
+        self.net.set_blocked(peers).await.map_err(net_error)
+    }
+
+    /// Kith's metrics of this node.
+    pub fn metrics(&self) -> &Arc<KithMetrics> {
+        &self.metrics
+    }
+}
+
+fn net_error(e: NetError) -> EngineError {
+    match e {
+        NetError::Stopped => EngineError::ShuttingDown,
+        NetError::TooManyBlocked { .. } => EngineError::BadRequest(e.to_string()),
+        e => EngineError::Internal(e.to_string()),
+    }
 }
 
 /// The running actor: its handle and its thread.
@@ -318,13 +375,15 @@ impl EngineTask {
 }
 
 /// Opens the group state from `store`, subscribes to every group, and starts the actor thread
-/// consuming `net_events`. Must be called inside a tokio runtime.
+/// consuming `net_events`. The engine counts what it does in `metrics`. Must be called
+/// inside a tokio runtime.
 pub fn start(
     store: Store,
     keypair: &Keypair,
     network: String,
     net: NetHandle,
     mut net_events: mpsc::Receiver<NetEvent>,
+    metrics: Arc<KithMetrics>,
 ) -> Result<(EngineHandle, EngineTask), EngineError> {
     let identity = Identity::new(keypair)?;
     let peer_id = identity.peer_id();
@@ -341,6 +400,7 @@ pub fn start(
         net: net.clone(),
         network,
         peer_id,
+        metrics: metrics.clone(),
     };
     // Forward network events and timer ticks into the actor's single input queue.
     let fwd = tx.clone();
@@ -367,12 +427,17 @@ pub fn start(
         net,
         events,
         me: peer_id,
+        metrics,
+        gauges: HashMap::new(),
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
         .spawn(move || {
             // Subscribe to the loaded groups' topics and announce them, then serve.
             actor.after_commit(effects);
+            for v in actor.groups.groups() {
+                actor.update_gauges(v.meta.id, v.epoch, v.members.len());
+            }
             actor.rendezvous();
             actor.run(rx)
         })
@@ -392,6 +457,9 @@ struct Actor {
     net: NetHandle,
     events: broadcast::Sender<NodeEvent>,
     me: PeerId,
+    metrics: Arc<KithMetrics>,
+    /// Each group's gauges, created once (creating takes a lock; setting is atomic).
+    gauges: HashMap<GroupId, GroupGauges>,
 }
 
 impl Actor {
@@ -424,13 +492,29 @@ impl Actor {
             }
         }
         if (!batch.is_empty() || self.store.has_staged())
-            && let Err(e) = self.store.commit(batch)
+            && let Err(e) = self.commit(batch)
         {
             self.rollback();
             return Err(e.into());
         }
         self.after_commit(effects);
         Ok(())
+    }
+
+    /// Commits a batch, timing it for `kith_store_commit_seconds`.
+    fn commit(&mut self, batch: Batch) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.store.commit(batch);
+        self.metrics.store_commit(started.elapsed());
+        result
+    }
+
+    fn update_gauges(&mut self, group: GroupId, epoch: u64, members: usize) {
+        let metrics = &self.metrics;
+        self.gauges
+            .entry(group)
+            .or_insert_with(|| metrics.group_gauges(&group))
+            .set(epoch, members);
     }
 
     fn rollback(&mut self) {
@@ -447,6 +531,10 @@ impl Actor {
                 Effect::Subscribe(t) => self.net.subscribe_blocking(t),
                 Effect::Unsubscribe(t) => self.net.unsubscribe_blocking(t),
                 Effect::Record(h) => {
+                    // Counted before it is announced, so whoever sees the event sees the count.
+                    if h.sender != self.me && matches!(h.kind, EntryKind::Text(_)) {
+                        self.metrics.messages_received(1);
+                    }
                     let _ = self.events.send(NodeEvent::Message(message_info(&h)));
                     Ok(())
                 }
@@ -455,6 +543,7 @@ impl Actor {
                     epoch,
                     member_count,
                 } => {
+                    self.update_gauges(group, epoch, member_count);
                     let _ = self.events.send(NodeEvent::EpochChanged {
                         group: group.to_string(),
                         epoch,
@@ -485,19 +574,27 @@ impl Actor {
         match ev {
             NetEvent::Gossip { id, source, data } => {
                 let verdict = match self.store.has_message(&id) {
-                    Ok(true) => Verdict::Accept,
+                    Ok(true) => {
+                        self.metrics.envelope_ignored(IgnoreReason::Duplicate);
+                        Verdict::Accept
+                    }
                     Ok(false) => {
                         let (verdict, effects) = self.groups.handle_envelope(&data, now_ms());
                         match self.apply(effects) {
-                            Ok(()) => verdict,
+                            Ok(()) => {
+                                self.metrics.envelope(&verdict);
+                                verdict
+                            }
                             Err(e) => {
                                 tracing::error!(error = %e, msg = %id.short(), "cannot store message");
+                                self.metrics.envelope_ignored(IgnoreReason::Storage);
                                 Verdict::Ignore("local storage failure".into())
                             }
                         }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "store read failed");
+                        self.metrics.envelope_ignored(IgnoreReason::Storage);
                         Verdict::Ignore("local storage failure".into())
                     }
                 };
@@ -527,7 +624,7 @@ impl Actor {
                     peers: vec![(peer, addrs)],
                     ..Batch::default()
                 };
-                if let Err(e) = self.store.commit(batch) {
+                if let Err(e) = self.commit(batch) {
                     tracing::warn!(error = %e, "cannot update the address book");
                 }
             }
@@ -552,19 +649,23 @@ impl Actor {
                 Ok(()) => {
                     if let JoinResponse::Rejected(why) = &response {
                         tracing::info!(%peer, group = %group.short(), reason = %why, "refused join request");
+                        self.metrics.join_request(JoinRequestResult::Refused);
                     } else {
                         tracing::info!(%peer, group = %group.short(), "added a member by invite");
+                        self.metrics.join_request(JoinRequestResult::Accepted);
                     }
                     response
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot store the join; refusing it");
+                    self.metrics.join_request(JoinRequestResult::Error);
                     JoinResponse::Rejected(JoinRejection::Internal)
                 }
             },
             Err(e) => {
                 tracing::error!(error = %e, "join request failed");
                 self.rollback();
+                self.metrics.join_request(JoinRequestResult::Error);
                 JoinResponse::Rejected(JoinRejection::Internal)
             }
         }
@@ -663,6 +764,7 @@ impl Actor {
         let effects = self.groups.create_group(id, name, now_ms())?;
         self.apply(effects)?;
         let view = self.view(&id)?;
+        self.update_gauges(id, view.epoch, view.members.len());
         let _ = self.events.send(NodeEvent::GroupJoined(summary(&view)));
         let key = id.provider_key(self.groups.network());
         let _ = self.net.provide_blocking(key);
@@ -701,6 +803,7 @@ impl Actor {
             self.groups
                 .create_invite(id, addrs, secret, now / 1000 + secs, uses, now)?;
         self.apply(effects)?;
+        self.metrics.invite_created();
         Ok(InviteInfo {
             link: invite.link().to_owned(),
             url: invite.url(),
@@ -724,6 +827,7 @@ impl Actor {
         };
         self.apply(effects)?;
         let view = self.view(&id)?;
+        self.update_gauges(id, view.epoch, view.members.len());
         let _ = self.events.send(NodeEvent::GroupJoined(summary(&view)));
         let key = id.provider_key(self.groups.network());
         let _ = self.net.provide_blocking(key);
@@ -742,6 +846,7 @@ impl Actor {
             }
         };
         self.apply(effects)?;
+        self.metrics.message_sent();
         Ok(message_info(&entry))
     }
 }

@@ -4,6 +4,7 @@
 //!   node's identity (its PeerId); it is never overwritten once created.
 //! - `api.token`: 32 random bytes as hex, mode 0600; the local API's bearer token.
 //! - `api.addr`: the address the running node's API is bound to, for the CLI to find it.
+//! - `metrics.addr`: the address the running node serves metrics on, when it does.
 //!
 //! Secret files are written to a temporary file and hard-linked into place, so a crash never
 //! leaves a half-written key and two concurrent `init`s never overwrite each other.
@@ -26,6 +27,8 @@ pub const KEY_FILE: &str = "node.key";
 pub const API_TOKEN_FILE: &str = "api.token";
 /// File name of the running node's API address inside the data directory.
 pub const API_ADDR_FILE: &str = "api.addr";
+/// File name of the running node's metrics address inside the data directory.
+pub const METRICS_ADDR_FILE: &str = "metrics.addr";
 /// Largest accepted key, token or address file; anything bigger is not one of ours.
 const MAX_SMALL_FILE_BYTES: u64 = 4096;
 /// Length of the API token in bytes (before hex encoding).
@@ -79,7 +82,7 @@ pub enum IdentityError {
     /// The API token file does not hold a token.
     #[error("{0} does not hold a valid API token (expected 64 hex characters)")]
     BadToken(PathBuf),
-    /// The API address file does not hold an address.
+    /// An address file (`api.addr`, `metrics.addr`) does not hold a socket address.
     #[error("{path} does not hold a socket address: '{value}'")]
     BadApiAddr {
         /// The file.
@@ -208,7 +211,27 @@ pub fn read_api_token(data_dir: &Path) -> Result<String, IdentityError> {
 /// Records the address the node's API is bound to in `<data_dir>/api.addr` (replacing an
 /// old one atomically), so the CLI can find the node.
 pub fn write_api_addr(data_dir: &Path, addr: SocketAddr) -> Result<(), IdentityError> {
-    let path = data_dir.join(API_ADDR_FILE);
+    write_addr_file(&data_dir.join(API_ADDR_FILE), addr)
+}
+
+/// Records the address the node serves metrics on in `<data_dir>/metrics.addr` (replacing
+/// an old one atomically), so tools can find it.
+pub fn write_metrics_addr(data_dir: &Path, addr: SocketAddr) -> Result<(), IdentityError> {
+    write_addr_file(&data_dir.join(METRICS_ADDR_FILE), addr)
+}
+
+/// Reads `<data_dir>/metrics.addr`; `None` if the file does not exist.
+pub fn read_metrics_addr(data_dir: &Path) -> Result<Option<SocketAddr>, IdentityError> {
+    read_addr_file(data_dir.join(METRICS_ADDR_FILE))
+}
+
+/// Removes `<data_dir>/metrics.addr` (at node shutdown); a missing file is fine.
+pub fn remove_metrics_addr(data_dir: &Path) -> Result<(), IdentityError> {
+    remove_if_present(data_dir.join(METRICS_ADDR_FILE))
+}
+
+fn write_addr_file(path: &Path, addr: SocketAddr) -> Result<(), IdentityError> {
+    let path = path.to_owned();
     let tmp = temp_path(&path);
     write_exclusive(&tmp, format!("{addr}\n").as_bytes(), 0o600)?;
     std::fs::rename(&tmp, &path).map_err(|e| {
@@ -223,7 +246,10 @@ pub fn write_api_addr(data_dir: &Path, addr: SocketAddr) -> Result<(), IdentityE
 
 /// Reads `<data_dir>/api.addr`; `None` if the file does not exist (no node has run).
 pub fn read_api_addr(data_dir: &Path) -> Result<Option<SocketAddr>, IdentityError> {
-    let path = data_dir.join(API_ADDR_FILE);
+    read_addr_file(data_dir.join(API_ADDR_FILE))
+}
+
+fn read_addr_file(path: PathBuf) -> Result<Option<SocketAddr>, IdentityError> {
     let bytes = match read_bounded(&path) {
         Ok(bytes) => bytes,
         Err(IdentityError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -243,7 +269,10 @@ pub fn read_api_addr(data_dir: &Path) -> Result<Option<SocketAddr>, IdentityErro
 
 /// Removes `<data_dir>/api.addr` (at node shutdown); a missing file is fine.
 pub fn remove_api_addr(data_dir: &Path) -> Result<(), IdentityError> {
-    let path = data_dir.join(API_ADDR_FILE);
+    remove_if_present(data_dir.join(API_ADDR_FILE))
+}
+
+fn remove_if_present(path: PathBuf) -> Result<(), IdentityError> {
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -488,6 +517,13 @@ mod tests {
         remove_api_addr(dir.path()).unwrap();
         remove_api_addr(dir.path()).unwrap();
         assert_eq!(read_api_addr(dir.path()).unwrap(), None);
+        // The metrics address lives beside it, independently.
+        write_metrics_addr(dir.path(), addr).unwrap();
+        assert_eq!(read_metrics_addr(dir.path()).unwrap(), Some(addr));
+        assert_eq!(read_api_addr(dir.path()).unwrap(), None);
+        remove_metrics_addr(dir.path()).unwrap();
+        remove_metrics_addr(dir.path()).unwrap();
+        assert_eq!(read_metrics_addr(dir.path()).unwrap(), None);
 
         std::fs::write(dir.path().join(API_ADDR_FILE), "nonsense").unwrap();
         assert!(matches!(

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod identity;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod node;

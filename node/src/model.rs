@@ -200,6 +200,14 @@ impl NodeEvent {
     }
 }
 
+/// A list of peers: `GET /v1/net/peers` (connected peers), `GET /v1/net/blocked`, and the
+/// body and answer of `PUT /v1/net/blocked` (the whole block list).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerList {
+    /// PeerIds (`12D3KooW…`), sorted.
+    pub peers: Vec<String>,
+}
+
 /// Error body of every non-2xx response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

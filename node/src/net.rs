@@ -2,15 +2,20 @@
 //!
 //! Behaviours: gossipsub (one topic per group; anonymous, content-addressed, validated by the
 //! engine), Kademlia on `/kith/kad/1.0.0` (peer routing and member rendezvous through provider
-//! records), identify, ping, request-response for joining (`/kith/join/1.0.0`) and optional
-//! mDNS. Transports: TCP and QUIC, with Noise and Yamux on TCP.
+//! records), identify, ping, request-response for joining (`/kith/join/1.0.0`), optional
+//! mDNS, and a block list (connection gating, e.g. for partition tests without root).
+//! Transports: TCP and QUIC, with Noise and Yamux on TCP.
+//!
+//! When metrics are on, the task records libp2p's swarm and behaviour metrics and the
+//! transport's bandwidth, and gossipsub keeps its internal per-topic metrics (see
+//! [`crate::metrics`]).
 //!
 //! Everything else talks to the task through [`NetHandle`] (a bounded command queue with
 //! `oneshot` replies) and receives [`NetEvent`]s. No other module sees `SwarmEvent`s. The task
 //! never blocks on the engine: events are offered with `try_send`, and a full queue drops
 //! gossip (gossipsub's redundancy and later history sync cover it) rather than stalling IO.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::time::Duration;
 
@@ -22,12 +27,15 @@ use kith_protocol::ids::{MessageId, TopicId};
 use kith_protocol::{codec, group::Verdict};
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::identity::Keypair;
+use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, mdns, noise, ping, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, identify, kad, mdns, noise, ping,
+    tcp, yamux,
 };
+use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
 /// Kademlia protocol name: a separate DHT from the public IPFS one.
@@ -50,6 +58,12 @@ const MAX_DIALS_PER_LOOKUP: usize = 16;
 const OUTBOX_PER_TOPIC: usize = 1024;
 /// Bytes kept in all outboxes together.
 const OUTBOX_BYTES: usize = 32 * 1024 * 1024;
+/// Most peers the block list may hold.
+pub const MAX_BLOCKED_PEERS: usize = 4096;
+/// How often unblocked peers are dialled again until they are connected.
+const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
+/// Dial attempts per unblocked peer (the first one is immediate).
+const REDIAL_ATTEMPTS: u8 = 8;
 /// Queue depths.
 const COMMAND_QUEUE: usize = 1024;
 const EVENT_QUEUE: usize = 4096;
@@ -96,6 +110,12 @@ pub enum NetError {
     /// Too many requests in flight; try again later.
     #[error("too many requests in flight")]
     Busy,
+    /// The block list would hold more than [`MAX_BLOCKED_PEERS`] peers.
+    #[error("cannot block more than {max} peers")]
+    TooManyBlocked {
+        /// The limit.
+        max: usize,
+    },
     /// The network task has stopped.
     #[error("the network task has stopped")]
     Stopped,
@@ -167,6 +187,11 @@ enum Command {
     Provide([u8; 32]),
     FindProviders([u8; 32]),
     Info(oneshot::Sender<NetInfo>),
+    SetBlocked {
+        peers: Vec<PeerId>,
+        reply: oneshot::Sender<Result<Vec<PeerId>, NetError>>,
+    },
+    Blocked(oneshot::Sender<Vec<PeerId>>),
     Shutdown,
 }
 
@@ -269,6 +294,25 @@ impl NetHandle {
         rx.await.map_err(|_| NetError::Stopped)
     }
 
+    /// Replaces the block list with `peers` and returns it, sorted. Connections to newly
+    /// blocked peers are closed and new ones refused in both directions; unblocked peers are
+    /// dialled again (at addresses from the DHT routing table or remembered when they were
+    /// blocked) until connected, so a healed partition reforms without waiting for
+    /// rendezvous. This node's own id is left out. Fails with [`NetError::TooManyBlocked`]
+    /// above [`MAX_BLOCKED_PEERS`] peers.
+    pub async fn set_blocked(&self, peers: Vec<PeerId>) -> Result<Vec<PeerId>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::SetBlocked { peers, reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// The blocked peers, sorted.
+    pub async fn blocked(&self) -> Result<Vec<PeerId>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Blocked(reply)).await?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
     /// The current network state, from the engine thread.
     pub fn info_blocking(&self) -> Result<NetInfo, NetError> {
         let (reply, rx) = oneshot::channel();
@@ -368,6 +412,7 @@ impl request_response::Codec for JoinCodec {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    block: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     gossipsub: gossipsub::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
@@ -380,8 +425,14 @@ fn topic_of(t: TopicId) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(t.topic_string())
 }
 
-fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
-    let build = |e: &dyn std::fmt::Display| NetError::Build(e.to_string());
+/// Builds the behaviours. With a registry, gossipsub records its internal metrics in it
+/// (prefix `gossipsub`).
+fn behaviour(
+    key: &Keypair,
+    cfg: &NetConfig,
+    registry: Option<&mut Registry>,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let peer = key.public().to_peer_id();
     let gossip_config = gossipsub::ConfigBuilder::default()
         .validation_mode(gossipsub::ValidationMode::Anonymous)
         .validate_messages()
@@ -390,10 +441,55 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
         })
         .max_transmit_size(MAX_ENVELOPE_BYTES + 1024)
         .heartbeat_interval(cfg.heartbeat)
-        .build()
-        .map_err(|e| build(&e))?;
-    let mdns_on = cfg.mdns;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
+        .build()?;
+    let mut gossipsub =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)?;
+    if let Some(registry) = registry {
+        gossipsub = gossipsub.with_metrics(
+            registry.sub_registry_with_prefix("gossipsub"),
+            gossipsub::MetricsConfig::default(),
+        );
+    }
+    let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+    kad_config.set_query_timeout(Duration::from_secs(30));
+    let mut kad = kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config);
+    // Every Kith node serves the DHT: nodes are peers, not clients of a server.
+    kad.set_mode(Some(kad::Mode::Server));
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+            .with_agent_version(format!("kith/{}", env!("CARGO_PKG_VERSION"))),
+    );
+    let join = request_response::Behaviour::new(
+        [(JOIN_PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(JOIN_TIMEOUT)
+            .with_max_concurrent_streams(MAX_PENDING_INBOUND),
+    );
+    let mdns = if cfg.mdns {
+        Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
+    } else {
+        None
+    };
+    Ok(Behaviour {
+        block: allow_block_list::Behaviour::default(),
+        gossipsub,
+        kad,
+        identify,
+        ping: ping::Behaviour::default(),
+        join,
+        mdns: Toggle::from(mdns),
+    })
+}
+
+/// Builds the swarm and starts listening. With a registry, libp2p's metrics (swarm and
+/// behaviour events, transport bandwidth) and gossipsub's are registered in it, and the
+/// returned recorder is to be fed the swarm's events.
+fn build_swarm(
+    cfg: &NetConfig,
+    registry: Option<&mut Registry>,
+) -> Result<(Swarm<Behaviour>, Option<Libp2pMetrics>), NetError> {
+    let build = |e: &dyn std::fmt::Display| NetError::Build(e.to_string());
+    let builder = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -401,46 +497,29 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
             yamux::Config::default,
         )
         .map_err(|e| build(&e))?
-        .with_quic()
-        .with_behaviour(|key| {
-            let peer = key.public().to_peer_id();
-            let gossipsub = gossipsub::Behaviour::new(
-                gossipsub::MessageAuthenticity::Anonymous,
-                gossip_config,
-            )?;
-            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
-            kad_config.set_query_timeout(Duration::from_secs(30));
-            let mut kad =
-                kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config);
-            // Every Kith node serves the DHT: nodes are peers, not clients of a server.
-            kad.set_mode(Some(kad::Mode::Server));
-            let identify = identify::Behaviour::new(
-                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                    .with_agent_version(format!("kith/{}", env!("CARGO_PKG_VERSION"))),
-            );
-            let join = request_response::Behaviour::new(
-                [(JOIN_PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default()
-                    .with_request_timeout(JOIN_TIMEOUT)
-                    .with_max_concurrent_streams(MAX_PENDING_INBOUND),
-            );
-            let mdns = if mdns_on {
-                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
-            } else {
-                None
-            };
-            Ok(Behaviour {
-                gossipsub,
-                kad,
-                identify,
-                ping: ping::Behaviour::default(),
-                join,
-                mdns: Toggle::from(mdns),
-            })
-        })
-        .map_err(|e| build(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build();
+        .with_quic();
+    let swarm_config =
+        |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(120));
+    let (mut swarm, metrics) = match registry {
+        Some(registry) => {
+            let metrics = Libp2pMetrics::new(registry);
+            let swarm = builder
+                .with_bandwidth_metrics(registry)
+                .with_behaviour(|key| behaviour(key, cfg, Some(registry)))
+                .map_err(|e| build(&e))?
+                .with_swarm_config(swarm_config)
+                .build();
+            (swarm, Some(metrics))
+        }
+        None => {
+            let swarm = builder
+                .with_behaviour(|key| behaviour(key, cfg, None))
+                .map_err(|e| build(&e))?
+                .with_swarm_config(swarm_config)
+                .build();
+            (swarm, None)
+        }
+    };
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())
@@ -449,7 +528,7 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
                 reason: e.to_string(),
             })?;
     }
-    Ok(swarm)
+    Ok((swarm, metrics))
 }
 
 /// Splits `/…/p2p/<id>` into the peer id and the address without it.
@@ -471,9 +550,13 @@ fn is_dialable(addr: &Multiaddr) -> bool {
     })
 }
 
-/// Starts the network task. Returns its handle and the event stream.
-pub fn spawn(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
-    let mut swarm = build_swarm(&cfg)?;
+/// Starts the network task. Returns its handle and the event stream. With a metrics
+/// registry, libp2p's and gossipsub's metrics are registered in it and kept up to date.
+pub fn spawn(
+    cfg: NetConfig,
+    metrics: Option<&mut Registry>,
+) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
+    let (mut swarm, metrics) = build_swarm(&cfg, metrics)?;
     for addr in &cfg.bootstrap {
         if let Some((peer, a)) = split_peer(addr) {
             swarm.behaviour_mut().kad.add_address(&peer, a.clone());
@@ -507,6 +590,10 @@ pub fn spawn(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), Ne
         subscribed: HashSet::new(),
         outbox: HashMap::new(),
         outbox_bytes: 0,
+        blocked_addrs: HashMap::new(),
+        redial: HashMap::new(),
+        metrics,
+        heartbeat: cfg.heartbeat,
     };
     tokio::spawn(task.run(rx));
     Ok((NetHandle { tx }, ev_rx))
@@ -526,12 +613,32 @@ struct NetTask {
     /// subscribes. Bounded per topic and in total; the oldest go first when full.
     outbox: HashMap<gossipsub::TopicHash, std::collections::VecDeque<Vec<u8>>>,
     outbox_bytes: usize,
+    /// Addresses of blocked peers, remembered when they were blocked (the DHT routing table
+    /// may forget them meanwhile), to dial them again once unblocked.
+    blocked_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Unblocked peers to dial until connected: dial attempts left and addresses. Bounded
+    /// by [`MAX_BLOCKED_PEERS`].
+    redial: HashMap<PeerId, (u8, Vec<Multiaddr>)>,
+    /// libp2p's metrics recorder, when metrics are on.
+    metrics: Option<Libp2pMetrics>,
+    /// Gossipsub's heartbeat interval.
+    heartbeat: Duration,
 }
 
 impl NetTask {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut bootstrap_timer = tokio::time::interval(Duration::from_secs(300));
         bootstrap_timer.tick().await;
+        let mut redial_timer = tokio::time::interval(REDIAL_INTERVAL);
+        redial_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        redial_timer.tick().await;
+        // gossipsub 0.50 re-arms its heartbeat timer after it fires without registering a
+        // waker (`Behaviour::poll` resets the `Delay` and returns `Pending`), so on a quiet
+        // node the heartbeat, and with it mesh repair and IHAVE gossip, only runs when
+        // something else wakes this task (a ping, every 15 s). Polling the swarm once per
+        // heartbeat interval keeps it on time.
+        let mut swarm_wake = tokio::time::interval(self.heartbeat);
+        swarm_wake.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -543,6 +650,9 @@ impl NetTask {
                 _ = bootstrap_timer.tick() => {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
+                _ = redial_timer.tick(), if !self.redial.is_empty() => self.redial_unblocked(),
+                // Nothing to do: the next turn of the loop polls the swarm.
+                _ = swarm_wake.tick() => {}
             }
         }
         tracing::debug!("network task stopped");
@@ -671,11 +781,118 @@ impl NetTask {
                     connected: self.swarm.connected_peers().copied().collect(),
                 });
             }
+            Command::SetBlocked { peers, reply } => {
+                let _ = reply.send(self.set_blocked(peers));
+            }
+            Command::Blocked(reply) => {
+                let _ = reply.send(self.blocked());
+            }
             Command::Shutdown => {}
         }
     }
 
+    fn blocked(&self) -> Vec<PeerId> {
+        let set: BTreeSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .block
+            .blocked_peers()
+            .iter()
+            .copied()
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// Replaces the block list. Newly blocked peers are disconnected by the block list
+    /// behaviour; unblocked ones are dialled again.
+    fn set_blocked(&mut self, peers: Vec<PeerId>) -> Result<Vec<PeerId>, NetError> {
+        let me = *self.swarm.local_peer_id();
+        let wanted: HashSet<PeerId> = peers.into_iter().filter(|p| *p != me).collect();
+        if wanted.len() > MAX_BLOCKED_PEERS {
+            return Err(NetError::TooManyBlocked {
+                max: MAX_BLOCKED_PEERS,
+            });
+        }
+        let current: HashSet<PeerId> = self.swarm.behaviour().block.blocked_peers().clone();
+        let (mut unblocked, mut blocked) = (0usize, 0usize);
+        for peer in current.difference(&wanted) {
+            self.swarm.behaviour_mut().block.unblock_peer(*peer);
+            let addrs = self.blocked_addrs.remove(peer).unwrap_or_default();
+            tracing::debug!(%peer, "unblocked peer");
+            self.redial.insert(*peer, (REDIAL_ATTEMPTS, addrs));
+            unblocked += 1;
+        }
+        for peer in wanted.difference(&current) {
+            let addrs = self.routing_addrs(peer);
+            self.redial.remove(peer);
+            self.blocked_addrs.insert(*peer, addrs);
+            self.swarm.behaviour_mut().block.block_peer(*peer);
+            tracing::debug!(%peer, "blocked peer");
+            blocked += 1;
+        }
+        if blocked + unblocked > 0 {
+            tracing::info!(
+                blocked,
+                unblocked,
+                total = wanted.len(),
+                "block list changed"
+            );
+        }
+        self.redial_unblocked();
+        Ok(self.blocked())
+    }
+
+    /// The addresses of `peer` in the DHT routing table.
+    fn routing_addrs(&mut self, peer: &PeerId) -> Vec<Multiaddr> {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let Some(bucket) = kad.kbucket(*peer) else {
+            return Vec::new();
+        };
+        bucket
+            .iter()
+            .find(|e| e.node.key.preimage() == peer)
+            .map(|e| {
+                e.node
+                    .value
+                    .iter()
+                    .take(MAX_ADDRS_PER_PEER)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Dials the unblocked peers that are not connected yet, each at most
+    /// [`REDIAL_ATTEMPTS`] times. The other side may still block us for a while (a healed
+    /// partition is unblocked one node at a time), hence the retries.
+    fn redial_unblocked(&mut self) {
+        let peers: Vec<PeerId> = self.redial.keys().copied().collect();
+        for peer in peers {
+            if self.swarm.is_connected(&peer) {
+                self.redial.remove(&peer);
+                continue;
+            }
+            let Some((left, addrs)) = self.redial.get_mut(&peer) else {
+                continue;
+            };
+            *left = left.saturating_sub(1);
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs.clone())
+                .extend_addresses_through_behaviour()
+                .build();
+            if *left == 0 {
+                self.redial.remove(&peer);
+            }
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, error = %e, "cannot dial unblocked peer");
+            }
+        }
+    }
+
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let Some(m) = &self.metrics {
+            m.record(&event);
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
@@ -714,6 +931,15 @@ impl NetTask {
     }
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        if let Some(m) = &self.metrics {
+            match &event {
+                BehaviourEvent::Gossipsub(e) => m.record(e),
+                BehaviourEvent::Kad(e) => m.record(e),
+                BehaviourEvent::Identify(e) => m.record(e),
+                BehaviourEvent::Ping(e) => m.record(e),
+                _ => {}
+            }
+        }
         match event {
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
@@ -789,6 +1015,7 @@ impl NetTask {
             }
             BehaviourEvent::Kad(_) => {}
             BehaviourEvent::Join(ev) => self.on_join_event(ev),
+            BehaviourEvent::Block(never) => match never {},
         }
     }
 

@@ -6,9 +6,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::PeerId;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -16,6 +18,7 @@ use tokio::task::JoinHandle;
 use crate::config::NodeConfig;
 use crate::engine::{self, EngineError, EngineHandle, EngineTask};
 use crate::identity::{self, IdentityError};
+use crate::metrics::{self, KithMetrics};
 use crate::net::{self, NetConfig, NetError, NetHandle};
 use crate::store::StoreError;
 
@@ -61,6 +64,14 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The metrics address could not be bound.
+    #[error("cannot bind the metrics endpoint on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// A node that is up.
@@ -75,10 +86,15 @@ pub struct RunningNode {
     pub api_token: String,
     /// This node's PeerId.
     pub peer_id: PeerId,
+    /// Where `GET /metrics` is served, if metrics are on.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Kith's metrics (counted whether or not they are served).
+    pub metrics: Arc<KithMetrics>,
     data_dir: PathBuf,
     engine_task: EngineTask,
     api_stop: oneshot::Sender<()>,
     api_task: JoinHandle<std::io::Result<()>>,
+    metrics_server: Option<(oneshot::Sender<()>, JoinHandle<std::io::Result<()>>)>,
 }
 
 /// Starts a node. Must be called inside a multi-threaded tokio runtime.
@@ -102,20 +118,37 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         tracing::warn!(error = %e, "cannot read the address book; starting without it");
         Vec::new()
     });
-    let (net, net_events) = net::spawn(NetConfig {
-        keypair: keypair.clone(),
-        listen: config.listen.clone(),
-        bootstrap: config.bootstrap.iter().map(|b| b.addr.clone()).collect(),
-        known_peers,
-        mdns: config.mdns,
-        heartbeat,
-    })?;
+    // Kith's metrics are always counted (atomics); libp2p's are only recorded, and the
+    // registry only served, when metrics are on.
+    let mut registry = Registry::default();
+    let kith_metrics = Arc::new(KithMetrics::register(&mut registry));
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some((
+            addr,
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Metrics { addr, source })?,
+        )),
+        None => None,
+    };
+    let (net, net_events) = net::spawn(
+        NetConfig {
+            keypair: keypair.clone(),
+            listen: config.listen.clone(),
+            bootstrap: config.bootstrap.iter().map(|b| b.addr.clone()).collect(),
+            known_peers,
+            mdns: config.mdns,
+            heartbeat,
+        },
+        metrics_listener.as_ref().map(|_| &mut registry),
+    )?;
     let (engine, engine_task) = engine::start(
         store,
         &keypair,
         config.network.clone(),
         net.clone(),
         net_events,
+        kith_metrics.clone(),
     )?;
 
     let api_token = identity::load_or_create_api_token(&data_dir)?;
@@ -139,6 +172,24 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
             let _ = stop_rx.await;
         },
     ));
+    let (metrics_addr, metrics_server) = match metrics_listener {
+        Some((requested, listener)) => {
+            let addr = listener
+                .local_addr()
+                .map_err(|source| StartError::Metrics {
+                    addr: requested,
+                    source,
+                })?;
+            identity::write_metrics_addr(&data_dir, addr)?;
+            let (stop, stop_rx) = oneshot::channel::<()>();
+            let task = tokio::spawn(metrics::serve(listener, Arc::new(registry), async move {
+                let _ = stop_rx.await;
+            }));
+            tracing::info!(%addr, "serving metrics on /metrics");
+            (Some(addr), Some((stop, task)))
+        }
+        None => (None, None),
+    };
     tracing::info!(%peer_id, network = %config.network, api = %api_addr, "node started");
     Ok(RunningNode {
         engine,
@@ -146,10 +197,13 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         api_addr,
         api_token,
         peer_id,
+        metrics_addr,
+        metrics: kith_metrics,
         data_dir,
         engine_task,
         api_stop,
         api_task,
+        metrics_server,
     })
 }
 
@@ -162,6 +216,23 @@ impl RunningNode {
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "API server stopped with an error"),
             Ok(Err(e)) => tracing::warn!(error = %e, "API task failed"),
             Err(_) => tracing::warn!("API server did not stop within 5 s"),
+        }
+        if let Some((stop, mut task)) = self.metrics_server {
+            let _ = stop.send(());
+            match tokio::time::timeout(Duration::from_secs(5), &mut task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(error = %e, "metrics server stopped with an error")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "metrics task failed"),
+                Err(_) => {
+                    tracing::warn!("metrics server did not stop within 5 s; aborting it");
+                    task.abort();
+                }
+            }
+            if let Err(e) = identity::remove_metrics_addr(&self.data_dir) {
+                tracing::debug!(error = %e, "cannot remove metrics.addr");
+            }
         }
         self.engine_task.shutdown().await;
         self.net.shutdown().await;
@@ -208,6 +279,9 @@ pub async fn run(data_dir: &Path, config: NodeConfig) -> Result<(), StartError> 
         node.api_addr,
         data_dir.join("api.token").display()
     );
+    if let Some(addr) = node.metrics_addr {
+        println!("metrics on http://{addr}/metrics");
+    }
     shutdown_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await;

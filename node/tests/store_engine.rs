@@ -18,18 +18,27 @@ fn open_all(paths: &[PathBuf]) -> Vec<Store> {
 fn persist(stores: &[Store]) -> kith_protocol::testing::Hook<'_, kith_node::store::KithProvider> {
     Box::new(move |i, _engine, effects: &[Effect]| {
         stores[i].commit(Batch::from_effects(effects)).unwrap();
-        assert!(!stores[i].has_staged(), "every MLS write is committed with its effects");
+        assert!(
+            !stores[i].has_staged(),
+            "every MLS write is committed with its effects"
+        );
     })
 }
 
 #[test]
 fn three_member_run_on_redb_then_everyone_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let paths: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("m{i}.redb"))).collect();
+    let paths: Vec<PathBuf> = (0..3)
+        .map(|i| dir.path().join(format!("m{i}.redb")))
+        .collect();
 
     let group = {
         let stores = open_all(&paths);
-        let mut sim = Sim::new(stores.iter().map(Store::provider).collect(), "net", persist(&stores));
+        let mut sim = Sim::new(
+            stores.iter().map(Store::provider).collect(),
+            "net",
+            persist(&stores),
+        );
         let g = three_member_run(&mut sim);
         assert!(sim.in_flight.is_empty());
         g
@@ -50,7 +59,11 @@ fn three_member_run_on_redb_then_everyone_restarts() {
         assert_eq!(texts.len(), 3, "{texts:?}");
         assert_eq!(s.groups().unwrap().len(), 1);
     }
-    let mut sim = Sim::new(stores.iter().map(Store::provider).collect(), "net", persist(&stores));
+    let mut sim = Sim::new(
+        stores.iter().map(Store::provider).collect(),
+        "net",
+        persist(&stores),
+    );
     for (i, s) in stores.iter().enumerate() {
         let (effects, missing) = sim.engines[i].load(s.groups().unwrap()).unwrap();
         assert!(missing.is_empty());
@@ -72,11 +85,19 @@ fn three_member_run_on_redb_then_everyone_restarts() {
     for i in 0..3 {
         let got: Vec<String> = sim.texts(i, group);
         for j in (0..3).filter(|j| *j != i) {
-            assert!(got.contains(&format!("after restart {j}")), "member {i}: {got:?}");
+            assert!(
+                got.contains(&format!("after restart {j}")),
+                "member {i}: {got:?}"
+            );
         }
     }
     for (i, s) in stores.iter().enumerate() {
-        let n = s.history(&group, 100).unwrap().iter().filter(|h| matches!(h.kind, EntryKind::Text(_))).count();
+        let n = s
+            .history(&group, 100)
+            .unwrap()
+            .iter()
+            .filter(|h| matches!(h.kind, EntryKind::Text(_)))
+            .count();
         assert_eq!(n, 6, "member {i} has all six texts on disk");
     }
 }

@@ -34,6 +34,7 @@ pub fn loopback_config(bootstrap: Vec<BootstrapPeer>) -> NodeConfig {
         bootstrap,
         mdns: false,
         api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics_listen: None,
     }
 }
 
@@ -515,4 +516,79 @@ pub fn raw_http(
         .context("HTTP response without a status")?
         .parse()?;
     Ok((status, body.to_owned()))
+}
+
+/// Path of the `kith-testnet` binary (`target/<profile>/kith-testnet`), building it with the
+/// same cargo if it is missing. `KITH_TESTNET_BIN` overrides. `cargo test --workspace` builds
+/// it fresh (the kith-testnet package has integration tests).
+pub fn kith_testnet_bin() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("KITH_TESTNET_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("unexpected test binary location")?;
+    let bin = profile_dir.join("kith-testnet");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "kith-testnet", "--bin", "kith-testnet"])
+            .status()
+            .context("running cargo build for the kith-testnet binary")?;
+        if !status.success() || !bin.exists() {
+            bail!(
+                "could not build the kith-testnet binary at {}",
+                bin.display()
+            );
+        }
+    }
+    Ok(bin)
+}
+
+/// A `kith-testnet` command using [`kith_bin`]'s `kith` (through `KITH_BIN`), with the
+/// environment cleaned of variables that would change what it does.
+pub fn kith_testnet_cmd() -> anyhow::Result<Command> {
+    let mut cmd = Command::new(kith_testnet_bin()?);
+    cmd.env_remove("KITH_TESTNET_SEED")
+        .env_remove("KITH_API")
+        .env_remove("KITH_DATA_DIR")
+        .env("KITH_BIN", kith_bin()?)
+        .stdin(Stdio::null());
+    Ok(cmd)
+}
+
+/// The scenario files shipped with kith-testnet (`testnet/scenarios/`).
+pub fn testnet_scenarios_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("testnet")
+        .join("scenarios")
+}
+
+/// Whether `pid` is a live process (present in `/proc` and not a zombie).
+pub fn pid_alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Pids of live processes whose command line mentions `needle` (e.g. a run directory).
+pub fn pids_mentioning(needle: &str) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .filter(|pid| pid_alive(*pid))
+        .collect()
 }

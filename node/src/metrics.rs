@@ -1,0 +1,800 @@
+//! Prometheus/OpenMetrics metrics: one registry per node, served on `GET /metrics`.
+//!
+//! Off by default; `kith run --metrics IP:PORT` (or `metrics_listen`) turns the endpoint on.
+//! The registry is filled in one place, at start ([`crate::node::start`]):
+//!
+//! - `kith_*`: Kith's own metrics, [`KithMetrics`], shared by `Arc` with the engine and the API;
+//! - `libp2p_*`: libp2p's swarm, identify, kad, ping and gossipsub event metrics and the
+//!   transport's bandwidth, recorded by the network task;
+//! - `gossipsub_*`: gossipsub's internal metrics, among them per-topic received message
+//!   counts with duplicates (`gossipsub_topic_msg_recv_counts_unfiltered_total`) and without
+//!   (`gossipsub_topic_msg_recv_counts_total`).
+//!
+//! Updating a metric never blocks on IO and never fails. The engine thread only touches
+//! atomics: counters with a fixed set of label values are created up front, and a group's
+//! gauges are created once and then cached by the engine.
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use kith_protocol::group::Verdict;
+use kith_protocol::ids::GroupId;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+/// The `Content-Type` of `GET /metrics`: the OpenMetrics text format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The path the metrics are served on.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// Why a gossip envelope was rejected (label `reason` of `kith_envelopes_rejected_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The bytes are not an envelope, or the envelope does not carry an MLS protocol message.
+    Decode,
+    /// MLS refused the message (failed to decrypt or verify, or the commit cannot be merged).
+    Mls,
+    /// The envelope's group or epoch disagrees with the MLS message inside.
+    Header,
+    /// The decrypted application content is malformed.
+    Content,
+    /// A credential not bound to its key: an application message's sender, or a member a
+    /// commit adds.
+    UnboundSender,
+    /// A reason this version does not know.
+    Other,
+}
+
+impl RejectReason {
+    /// Every reason, in label order.
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::Decode,
+        RejectReason::Mls,
+        RejectReason::Header,
+        RejectReason::Content,
+        RejectReason::UnboundSender,
+        RejectReason::Other,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Decode => "decode",
+            RejectReason::Mls => "mls",
+            RejectReason::Header => "header",
+            RejectReason::Content => "content",
+            RejectReason::UnboundSender => "unbound_sender",
+            RejectReason::Other => "other",
+        }
+    }
+}
+
+/// Why a gossip envelope was ignored (label `reason` of `kith_envelopes_ignored_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IgnoreReason {
+    /// For a group this node is not (or no longer) a member of.
+    NotMember,
+    /// From an epoch ahead of ours; held until the commits in between arrive.
+    FutureEpoch,
+    /// A commit for an epoch already past.
+    PastCommit,
+    /// A message from a past epoch whose keys are gone.
+    PastEpoch,
+    /// Already stored: a copy that came back after gossipsub's duplicate cache forgot it.
+    Duplicate,
+    /// This node could not read or write its store.
+    Storage,
+    /// A reason this version does not know (e.g. an unsupported MLS content type).
+    Other,
+}
+
+impl IgnoreReason {
+    /// Every reason, in label order.
+    pub const ALL: [IgnoreReason; 7] = [
+        IgnoreReason::NotMember,
+        IgnoreReason::FutureEpoch,
+        IgnoreReason::PastCommit,
+        IgnoreReason::PastEpoch,
+        IgnoreReason::Duplicate,
+        IgnoreReason::Storage,
+        IgnoreReason::Other,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IgnoreReason::NotMember => "not_member",
+            IgnoreReason::FutureEpoch => "future_epoch",
+            IgnoreReason::PastCommit => "past_commit",
+            IgnoreReason::PastEpoch => "past_epoch",
+            IgnoreReason::Duplicate => "duplicate",
+            IgnoreReason::Storage => "storage",
+            IgnoreReason::Other => "other",
+        }
+    }
+}
+
+/// Why an MLS message could not be decrypted (label `reason` of
+/// `kith_decrypt_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecryptFailure {
+    /// From a past epoch whose keys are gone (the envelope is ignored).
+    PastEpoch,
+    /// MLS could not decrypt or verify it (the envelope is rejected).
+    Invalid,
+}
+
+impl DecryptFailure {
+    /// Every reason, in label order.
+    pub const ALL: [DecryptFailure; 2] = [DecryptFailure::PastEpoch, DecryptFailure::Invalid];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecryptFailure::PastEpoch => "past_epoch",
+            DecryptFailure::Invalid => "invalid",
+        }
+    }
+}
+
+/// The outcome of validating one gossip envelope, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted and processed.
+    Accepted,
+    /// Rejected as invalid (not forwarded).
+    Rejected(RejectReason),
+    /// Ignored (no penalty).
+    Ignored(IgnoreReason),
+}
+
+/// Sorts a verdict of `kith_protocol::group::GroupEngine::handle_envelope` (or of the engine,
+/// which adds "local storage failure") into a bounded label by the start of its reason text.
+/// Unknown texts count as `other`, so a reworded reason can never add a label value.
+pub fn classify(verdict: &Verdict) -> Outcome {
+    match verdict {
+        Verdict::Accept => Outcome::Accepted,
+        Verdict::Reject(why) => Outcome::Rejected(reject_reason(why)),
+        Verdict::Ignore(why) => Outcome::Ignored(ignore_reason(why)),
+    }
+}
+
+fn reject_reason(why: &str) -> RejectReason {
+    const PREFIXES: [(&str, RejectReason); 8] = [
+        ("bad envelope", RejectReason::Decode),
+        ("not an MLS protocol message", RejectReason::Decode),
+        ("envelope header does not match", RejectReason::Header),
+        ("MLS processing failed", RejectReason::Mls),
+        ("cannot merge commit", RejectReason::Mls),
+        ("bad application content", RejectReason::Content),
+        (
+            "application message from an unbound sender",
+            RejectReason::UnboundSender,
+        ),
+        (
+            "commit adds a member whose credential is not bound",
+            RejectReason::UnboundSender,
+        ),
+    ];
+    PREFIXES
+        .iter()
+        .find(|(p, _)| why.starts_with(p))
+        .map_or(RejectReason::Other, |(_, r)| *r)
+}
+
+fn ignore_reason(why: &str) -> IgnoreReason {
+    const PREFIXES: [(&str, IgnoreReason); 5] = [
+        ("not a member of this group", IgnoreReason::NotMember),
+        ("no longer a member of this group", IgnoreReason::NotMember),
+        ("commit for past epoch", IgnoreReason::PastCommit),
+        (
+            "cannot read message from past epoch",
+            IgnoreReason::PastEpoch,
+        ),
+        ("local storage failure", IgnoreReason::Storage),
+    ];
+    if let Some((_, r)) = PREFIXES.iter().find(|(p, _)| why.starts_with(p)) {
+        return *r;
+    }
+    // "epoch 7 is ahead of ours (5); held"
+    if why.starts_with("epoch ") && why.contains(" is ahead of ours") {
+        return IgnoreReason::FutureEpoch;
+    }
+    IgnoreReason::Other
+}
+
+/// Whether a verdict means an MLS message could not be decrypted, and why.
+pub fn decrypt_failure(verdict: &Verdict) -> Option<DecryptFailure> {
+    match verdict {
+        Verdict::Reject(why) if why.starts_with("MLS processing failed") => {
+            Some(DecryptFailure::Invalid)
+        }
+        Verdict::Ignore(why) if why.starts_with("cannot read message from past epoch") => {
+            Some(DecryptFailure::PastEpoch)
+        }
+        _ => None,
+    }
+}
+
+/// The result of this node's own attempt to join a group by invite (label `result` of
+/// `kith_joins_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JoinResult {
+    /// Joined.
+    Joined,
+    /// The member refused the request (used up, expired, revoked, …).
+    Refused,
+    /// No member could be reached.
+    Unreachable,
+    /// The link is damaged, expired or for another network.
+    BadInvite,
+    /// Anything else (already a member, storage, MLS).
+    Error,
+}
+
+impl JoinResult {
+    /// Every result, in label order.
+    pub const ALL: [JoinResult; 5] = [
+        JoinResult::Joined,
+        JoinResult::Refused,
+        JoinResult::Unreachable,
+        JoinResult::BadInvite,
+        JoinResult::Error,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinResult::Joined => "joined",
+            JoinResult::Refused => "refused",
+            JoinResult::Unreachable => "unreachable",
+            JoinResult::BadInvite => "bad_invite",
+            JoinResult::Error => "error",
+        }
+    }
+}
+
+/// How this node answered another peer's join request (label `result` of
+/// `kith_join_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JoinRequestResult {
+    /// The peer was added and got a Welcome.
+    Accepted,
+    /// The request was refused for a reason the peer is told.
+    Refused,
+    /// This node failed to process it.
+    Error,
+}
+
+impl JoinRequestResult {
+    /// Every result, in label order.
+    pub const ALL: [JoinRequestResult; 3] = [
+        JoinRequestResult::Accepted,
+        JoinRequestResult::Refused,
+        JoinRequestResult::Error,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinRequestResult::Accepted => "accepted",
+            JoinRequestResult::Refused => "refused",
+            JoinRequestResult::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabel {
+    group: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiLabel {
+    method: &'static str,
+    endpoint: String,
+    status: u16,
+}
+
+/// Upper bounds (seconds) of `kith_store_commit_seconds`: redb commits with fsync.
+const COMMIT_BUCKETS: [f64; 12] = [
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// A histogram of durations updated with atomics only (prometheus-client's own histogram
+/// takes a lock per observation). A scrape may see the sum one observation behind the
+/// buckets; the count is always the buckets' total.
+#[derive(Debug, Default)]
+struct AtomicHistogram {
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    counts: [AtomicU64; COMMIT_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = COMMIT_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(COMMIT_BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        let buckets: Vec<(f64, u64)> = COMMIT_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(self.counts.iter().map(|c| c.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// The gauges of one group, to be cached by their user (creating them takes a lock).
+#[derive(Debug, Clone, Default)]
+pub struct GroupGauges {
+    /// `kith_group_epoch{group}`.
+    pub epoch: Gauge,
+    /// `kith_group_members{group}`.
+    pub members: Gauge,
+}
+
+impl GroupGauges {
+    /// Sets both gauges.
+    pub fn set(&self, epoch: u64, members: usize) {
+        self.epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
+        self.members.set(i64::try_from(members).unwrap_or(i64::MAX));
+    }
+}
+
+/// Kith's own metrics (prefix `kith_`). Cheap to update from any thread; cloned handles
+/// share the same values.
+#[derive(Debug)]
+pub struct KithMetrics {
+    messages_sent: Counter,
+    messages_received: Counter,
+    rejected: [Counter; RejectReason::ALL.len()],
+    ignored: [Counter; IgnoreReason::ALL.len()],
+    decrypt_failures: [Counter; DecryptFailure::ALL.len()],
+    group_epoch: Family<GroupLabel, Gauge>,
+    group_members: Family<GroupLabel, Gauge>,
+    store_commit: Arc<AtomicHistogram>,
+    api_requests: Family<ApiLabel, Counter>,
+    joins: [Counter; JoinResult::ALL.len()],
+    join_requests: [Counter; JoinRequestResult::ALL.len()],
+    invites_created: Counter,
+}
+
+/// Registers a counter family with one child per label value and returns the children.
+fn counters<L, const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    labels: [L; N],
+) -> [Counter; N]
+where
+    L: EncodeLabelSet + Clone + std::hash::Hash + Eq + fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::<L, Counter>::default();
+    registry.register(name, help, family.clone());
+    labels.map(|l| family.get_or_create_owned(&l))
+}
+
+impl KithMetrics {
+    /// Creates Kith's metrics and registers them in `registry` under the prefix `kith`.
+    pub fn register(registry: &mut Registry) -> KithMetrics {
+        let r = registry.sub_registry_with_prefix("kith");
+        let messages_sent = Counter::default();
+        r.register(
+            "messages_sent",
+            "Text messages this node sent",
+            messages_sent.clone(),
+        );
+        let messages_received = Counter::default();
+        r.register(
+            "messages_received",
+            "Text messages received from the network, decrypted and stored",
+            messages_received.clone(),
+        );
+        let rejected = counters(
+            r,
+            "envelopes_rejected",
+            "Gossip envelopes rejected as invalid, by reason",
+            RejectReason::ALL.map(|x| ReasonLabel { reason: x.as_str() }),
+        );
+        let ignored = counters(
+            r,
+            "envelopes_ignored",
+            "Gossip envelopes ignored (not judged), by reason",
+            IgnoreReason::ALL.map(|x| ReasonLabel { reason: x.as_str() }),
+        );
+        let decrypt_failures = counters(
+            r,
+            "decrypt_failures",
+            "MLS messages that could not be decrypted, by reason",
+            DecryptFailure::ALL.map(|x| ReasonLabel { reason: x.as_str() }),
+        );
+        let group_epoch = Family::<GroupLabel, Gauge>::default();
+        r.register(
+            "group_epoch",
+            "Current MLS epoch per group (label: short group id)",
+            group_epoch.clone(),
+        );
+        let group_members = Family::<GroupLabel, Gauge>::default();
+        r.register(
+            "group_members",
+            "Current member count per group (label: short group id)",
+            group_members.clone(),
+        );
+        let store_commit = Arc::new(AtomicHistogram::default());
+        r.register_with_unit(
+            "store_commit",
+            "Duration of store write transactions (commit with fsync)",
+            Unit::Seconds,
+            ArcMetric(store_commit.clone()),
+        );
+        let api_requests = Family::<ApiLabel, Counter>::default();
+        r.register(
+            "api_requests",
+            "Local API requests by method, matched route and HTTP status",
+            api_requests.clone(),
+        );
+        let joins = counters(
+            r,
+            "joins",
+            "This node's attempts to join a group by invite, by result",
+            JoinResult::ALL.map(|x| ResultLabel { result: x.as_str() }),
+        );
+        let join_requests = counters(
+            r,
+            "join_requests",
+            "Join requests from other peers answered by this node, by result",
+            JoinRequestResult::ALL.map(|x| ResultLabel { result: x.as_str() }),
+        );
+        let invites_created = Counter::default();
+        r.register(
+            "invites_created",
+            "Invite links created",
+            invites_created.clone(),
+        );
+        KithMetrics {
+            messages_sent,
+            messages_received,
+            rejected,
+            ignored,
+            decrypt_failures,
+            group_epoch,
+            group_members,
+            store_commit,
+            api_requests,
+            joins,
+            join_requests,
+            invites_created,
+        }
+    }
+
+    /// Counts a text message sent by this node.
+    pub fn message_sent(&self) {
+        self.messages_sent.inc();
+    }
+
+    /// Counts `n` text messages received from the network.
+    pub fn messages_received(&self, n: u64) {
+        if n > 0 {
+            self.messages_received.inc_by(n);
+        }
+    }
+
+    /// Counts one validated gossip envelope by its verdict.
+    pub fn envelope(&self, verdict: &Verdict) {
+        match classify(verdict) {
+            Outcome::Accepted => {}
+            Outcome::Rejected(r) => self.envelope_rejected(r),
+            Outcome::Ignored(r) => self.envelope_ignored(r),
+        }
+        if let Some(f) = decrypt_failure(verdict) {
+            self.decrypt_failures[index_of(&DecryptFailure::ALL, f)].inc();
+        }
+    }
+
+    /// Counts a rejected envelope.
+    pub fn envelope_rejected(&self, reason: RejectReason) {
+        self.rejected[index_of(&RejectReason::ALL, reason)].inc();
+    }
+
+    /// Counts an ignored envelope.
+    pub fn envelope_ignored(&self, reason: IgnoreReason) {
+        self.ignored[index_of(&IgnoreReason::ALL, reason)].inc();
+    }
+
+    /// The gauges of a group, labelled with its short id. Takes the family's lock: callers
+    /// on the engine thread cache the result.
+    pub fn group_gauges(&self, group: &GroupId) -> GroupGauges {
+        let label = GroupLabel {
+            group: group.short(),
+        };
+        GroupGauges {
+            epoch: self.group_epoch.get_or_create_owned(&label),
+            members: self.group_members.get_or_create_owned(&label),
+        }
+    }
+
+    /// Records the duration of one store commit.
+    pub fn store_commit(&self, d: Duration) {
+        self.store_commit.observe(d);
+    }
+
+    /// Counts one local API request. `endpoint` is the matched route (e.g.
+    /// `/v1/groups/{group}`), never the raw path, so the label stays bounded.
+    pub fn api_request(&self, method: &axum::http::Method, endpoint: &str, status: u16) {
+        use axum::http::Method;
+        let method = match *method {
+            Method::GET => "GET",
+            Method::POST => "POST",
+            Method::PUT => "PUT",
+            Method::DELETE => "DELETE",
+            Method::HEAD => "HEAD",
+            _ => "other",
+        };
+        self.api_requests
+            .get_or_create(&ApiLabel {
+                method,
+                endpoint: endpoint.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
+    /// Counts one of this node's attempts to join a group.
+    pub fn join(&self, result: JoinResult) {
+        self.joins[index_of(&JoinResult::ALL, result)].inc();
+    }
+
+    /// Counts one answered join request from another peer.
+    pub fn join_request(&self, result: JoinRequestResult) {
+        self.join_requests[index_of(&JoinRequestResult::ALL, result)].inc();
+    }
+
+    /// Counts a created invite.
+    pub fn invite_created(&self) {
+        self.invites_created.inc();
+    }
+}
+
+fn index_of<T: PartialEq>(all: &[T], x: T) -> usize {
+    all.iter().position(|a| *a == x).unwrap_or(0)
+}
+
+/// An `Arc`'d metric, registrable as itself (the registry takes ownership of a handle).
+#[derive(Debug)]
+struct ArcMetric<M>(Arc<M>);
+
+impl<M: EncodeMetric> EncodeMetric for ArcMetric<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+}
+
+/// Encodes the whole registry in the OpenMetrics text format.
+pub fn encode(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    Ok(text)
+}
+
+/// The metrics endpoint: `GET /metrics` only, no authentication (serve it on loopback).
+pub fn router(registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route(METRICS_PATH, get(metrics))
+        .with_state(registry)
+}
+
+async fn metrics(State(registry): State<Arc<Registry>>) -> Response {
+    match encode(&registry) {
+        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot encode metrics");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// Serves [`router`] on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(registry))
+        .with_graceful_shutdown(shutdown)
+        .into_future()
+        .await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    #[test]
+    fn verdicts_are_classified_by_their_reason() {
+        let reject = |s: &str| classify(&Verdict::Reject(s.to_owned()));
+        let ignore = |s: &str| classify(&Verdict::Ignore(s.to_owned()));
+        // The texts are the ones kith_protocol::group produces.
+        for (why, r) in [
+            ("bad envelope: malformed input: x", RejectReason::Decode),
+            ("not an MLS protocol message", RejectReason::Decode),
+            (
+                "envelope header does not match the MLS message",
+                RejectReason::Header,
+            ),
+            ("MLS processing failed: decryption", RejectReason::Mls),
+            ("cannot merge commit: x", RejectReason::Mls),
+            ("bad application content: x", RejectReason::Content),
+            (
+                "application message from an unbound sender",
+                RejectReason::UnboundSender,
+            ),
+            (
+                "commit adds a member whose credential is not bound to its key",
+                RejectReason::UnboundSender,
+            ),
+            ("something new", RejectReason::Other),
+        ] {
+            assert_eq!(reject(why), Outcome::Rejected(r), "{why}");
+        }
+        for (why, r) in [
+            ("not a member of this group", IgnoreReason::NotMember),
+            ("no longer a member of this group", IgnoreReason::NotMember),
+            (
+                "epoch 7 is ahead of ours (5); held",
+                IgnoreReason::FutureEpoch,
+            ),
+            ("commit for past epoch 3", IgnoreReason::PastCommit),
+            (
+                "cannot read message from past epoch: gone",
+                IgnoreReason::PastEpoch,
+            ),
+            ("local storage failure", IgnoreReason::Storage),
+            ("unsupported MLS content", IgnoreReason::Other),
+            ("cannot store proposal: x", IgnoreReason::Other),
+        ] {
+            assert_eq!(ignore(why), Outcome::Ignored(r), "{why}");
+        }
+        assert_eq!(classify(&Verdict::Accept), Outcome::Accepted);
+        assert_eq!(
+            decrypt_failure(&Verdict::Reject("MLS processing failed: x".into())),
+            Some(DecryptFailure::Invalid)
+        );
+        assert_eq!(
+            decrypt_failure(&Verdict::Ignore(
+                "cannot read message from past epoch".into()
+            )),
+            Some(DecryptFailure::PastEpoch)
+        );
+        assert_eq!(
+            decrypt_failure(&Verdict::Reject("bad envelope: x".into())),
+            None
+        );
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_in_the_output() {
+        let mut registry = Registry::default();
+        let m = KithMetrics::register(&mut registry);
+        m.store_commit(Duration::from_micros(100));
+        m.store_commit(Duration::from_millis(3));
+        m.store_commit(Duration::from_secs(5));
+        let text = encode(&registry).unwrap();
+        assert!(
+            text.contains("# TYPE kith_store_commit_seconds histogram"),
+            "{text}"
+        );
+        assert!(text.contains("kith_store_commit_seconds_count 3"), "{text}");
+        assert!(text.contains("kith_store_commit_seconds_bucket{le=\"0.00025\"} 1"));
+        assert!(text.contains("kith_store_commit_seconds_bucket{le=\"0.005\"} 2"));
+        assert!(text.contains("kith_store_commit_seconds_bucket{le=\"+Inf\"} 3"));
+    }
+
+    #[tokio::test]
+    async fn endpoint_serves_kith_and_libp2p_families() {
+        let mut registry = Registry::default();
+        let m = KithMetrics::register(&mut registry);
+        let _libp2p = libp2p::metrics::Metrics::new(&mut registry);
+        m.message_sent();
+        m.envelope(&Verdict::Reject("bad envelope: x".into()));
+        m.envelope(&Verdict::Ignore(
+            "epoch 2 is ahead of ours (1); held".into(),
+        ));
+        m.group_gauges(&GroupId([0xab; 32])).set(4, 3);
+        m.api_request(&axum::http::Method::GET, "/v1/groups/{group}", 200);
+        m.join(JoinResult::Joined);
+        let app = router(Arc::new(registry));
+
+        let response = app
+            .clone()
+            .oneshot(
+                axum::http::Request::get(METRICS_PATH)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        for line in [
+            "kith_messages_sent_total 1",
+            "kith_messages_received_total 0",
+            "kith_envelopes_rejected_total{reason=\"decode\"} 1",
+            "kith_envelopes_rejected_total{reason=\"mls\"} 0",
+            "kith_envelopes_ignored_total{reason=\"future_epoch\"} 1",
+            "kith_group_epoch{group=\"abababab\"} 4",
+            "kith_group_members{group=\"abababab\"} 3",
+            "kith_api_requests_total{method=\"GET\",endpoint=\"/v1/groups/{group}\",status=\"200\"} 1",
+            "kith_joins_total{result=\"joined\"} 1",
+            "kith_invites_created_total 0",
+            "# TYPE libp2p_swarm_dial_attempt counter",
+            "# TYPE libp2p_gossipsub_messages counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+
+        let response = app
+            .oneshot(
+                axum::http::Request::get("/nope")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+}
