@@ -15,7 +15,11 @@ async fn garbage_on_the_topic_is_dropped_and_nothing_is_lost() -> anyhow::Result
     let a = TestNode::start(da.path(), loopback_config(vec![])).await?;
     let b = TestNode::start(db.path(), loopback_config(vec![a.bootstrap_peer().await?])).await?;
     let g = a.node.engine.create_group("g".into()).await?;
-    let inv = a.node.engine.create_invite(g.id.clone(), CreateInviteRequest::default()).await?;
+    let inv = a
+        .node
+        .engine
+        .create_invite(g.id.clone(), CreateInviteRequest::default())
+        .await?;
     b.node.engine.join(inv.link).await?;
     let mut b_events = b.node.engine.subscribe();
     a.node.engine.send(g.id.clone(), "before".into()).await?;
@@ -26,11 +30,17 @@ async fn garbage_on_the_topic_is_dropped_and_nothing_is_lost() -> anyhow::Result
     let real = b.node.engine.history(g.id.clone(), 10).await?;
     // A valid envelope to mutate: B's own last message as stored is not reachable here, so
     // build shapes by hand.
-    let header_only = Envelope::new(gid, 1, PayloadKind::Application, vec![0u8; 64]).encode()?.0;
+    let header_only = Envelope::new(gid, 1, PayloadKind::Application, vec![0u8; 64])
+        .encode()?
+        .0;
     let mut truncated = header_only.clone();
     truncated.truncate(header_only.len() / 2);
-    let wrong_epoch = Envelope::new(gid, 99, PayloadKind::Commit, vec![1, 2, 3]).encode()?.0;
-    let other_group = Envelope::new(GroupId([7; 32]), 0, PayloadKind::Application, vec![]).encode()?.0;
+    let wrong_epoch = Envelope::new(gid, 99, PayloadKind::Commit, vec![1, 2, 3])
+        .encode()?
+        .0;
+    let other_group = Envelope::new(GroupId([7; 32]), 0, PayloadKind::Application, vec![])
+        .encode()?
+        .0;
     let mut trailing = header_only.clone();
     trailing.push(0);
     for junk in [
@@ -57,10 +67,17 @@ async fn garbage_on_the_topic_is_dropped_and_nothing_is_lost() -> anyhow::Result
         })
         .collect();
     assert_eq!(texts, vec!["before", "after"]);
-    assert_eq!(history.len(), real.len() + 1, "only the genuine message was added");
+    assert_eq!(
+        history.len(),
+        real.len() + 1,
+        "only the genuine message was added"
+    );
     // B is still fully functional: it can send, and A reads it.
     let mut a_events = a.node.engine.subscribe();
-    b.node.engine.send(g.id.clone(), "still here".into()).await?;
+    b.node
+        .engine
+        .send(g.id.clone(), "still here".into())
+        .await?;
     wait_texts(&mut a_events, "A", &["still here".to_string()]).await?;
     a.node.shutdown().await;
     b.node.shutdown().await;

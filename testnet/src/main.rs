@@ -1,0 +1,361 @@
+//! `kith-testnet`: the command-line front end of the `kith_testnet` library.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use kith_testnet::bench::{self, BenchOptions};
+use kith_testnet::launcher::{self, DEFAULT_NODE_LOG, DEFAULT_ROOT, Testnet, UpOptions};
+use kith_testnet::manifest::latest_run_dir;
+use kith_testnet::scenario::{self, ScenarioOptions};
+use kith_testnet::{SEED_ENV, resolve_seed};
+
+/// Start many local Kith nodes, drive traffic and scenarios, and measure them.
+#[derive(Debug, Parser)]
+#[command(name = "kith-testnet", version, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a testnet and keep it up until Ctrl-C (or --duration).
+    Up(UpArgs),
+    /// Stop a testnet started by another kith-testnet process.
+    Down(DirArg),
+    /// Show each node of a testnet: alive, peer, connections, groups, epoch.
+    Status(DirArg),
+    /// Start a testnet (or use a running one), send steady traffic, report figures.
+    Bench(BenchArgs),
+    /// Run a scenario file (TOML) against a fresh testnet.
+    Scenario(ScenarioArgs),
+}
+
+/// Options shared by the commands that start nodes.
+#[derive(Debug, Clone, Args)]
+struct NodeArgs {
+    /// The kith binary [default: $KITH_BIN, else `kith` next to this executable].
+    #[arg(long, value_name = "PATH")]
+    kith: Option<PathBuf>,
+    /// RUST_LOG of the nodes (their logs go to RUN_DIR/node-NNN/node.log).
+    #[arg(long, value_name = "FILTER", default_value = DEFAULT_NODE_LOG)]
+    node_log: String,
+    /// Print no progress lines.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Run directory [default: ./testnet-run/<UTC timestamp>].
+    #[arg(long, value_name = "RUN_DIR")]
+    dir: Option<PathBuf>,
+    /// Stop after this many seconds instead of waiting for Ctrl-C.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Network id of the nodes.
+    #[arg(long, value_name = "NAME", default_value = "kith-testnet")]
+    network: String,
+    /// Serve metrics on each node (`kith run --metrics 127.0.0.1:0`).
+    #[arg(long)]
+    metrics: bool,
+    /// Nodes started at once after node 0.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    batch: usize,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Debug, Args)]
+struct DirArg {
+    /// Run directory [default: the newest under ./testnet-run].
+    #[arg(long, value_name = "RUN_DIR")]
+    dir: Option<PathBuf>,
+    /// Print JSON instead of a table (status only).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Number of nodes to start (ignored with --dir).
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Messages per second, all senders together.
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Bytes per message (16 to 65536).
+    #[arg(long, default_value_t = 200)]
+    size: usize,
+    /// Measured traffic, in seconds.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    duration: f64,
+    /// Traffic before the measurement, in seconds (not counted).
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    warmup: f64,
+    /// How long to wait for the last deliveries, in seconds.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    drain: f64,
+    /// Report directory [default: RUN_DIR/bench-<UTC timestamp>].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Use the running testnet in RUN_DIR instead of starting one.
+    #[arg(long, value_name = "RUN_DIR")]
+    dir: Option<PathBuf>,
+    /// Where to start the testnet [default: ./testnet-run/<UTC timestamp>].
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "dir")]
+    run_dir: Option<PathBuf>,
+    /// Network id of the nodes.
+    #[arg(long, value_name = "NAME", default_value = "kith-testnet")]
+    network: String,
+    /// Traffic seed [default: $KITH_TESTNET_SEED, else random; printed in the report].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print the report as JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Debug, Args)]
+struct ScenarioArgs {
+    /// The scenario file (see testnet/scenarios/).
+    file: PathBuf,
+    /// Run directory [default: ./testnet-run/<UTC timestamp>].
+    #[arg(long, value_name = "RUN_DIR")]
+    dir: Option<PathBuf>,
+    /// Traffic seed [default: $KITH_TESTNET_SEED, else the file's `seed`, else random].
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Prints the error as one line on stderr and returns exit code 1.
+fn fail(err: &anyhow::Error) -> ExitCode {
+    let text = format!("{err:#}").replace('\n', " ");
+    let _ = writeln!(std::io::stderr().lock(), "error: {text}");
+    ExitCode::FAILURE
+}
+
+fn secs(what: &str, v: f64) -> anyhow::Result<Duration> {
+    if v.is_finite() && (0.0..=86_400.0).contains(&v) {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        anyhow::bail!("{what} must be 0 to 86400 seconds")
+    }
+}
+
+fn run_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match dir {
+        Some(d) => Ok(d),
+        None => Ok(latest_run_dir(Path::new(DEFAULT_ROOT))?),
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+fn out(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Up(args) => up(args).await,
+        Command::Down(args) => {
+            let dir = run_dir(args.dir)?;
+            let (summary, notes) = launcher::down(&dir).await?;
+            for n in notes {
+                out(&format!("{n}\n"))?;
+            }
+            out(&format!(
+                "stopped {} nodes ({} needed SIGKILL)\n",
+                summary.stopped.len() + summary.killed.len(),
+                summary.killed.len()
+            ))?;
+            if !summary.left_running.is_empty() {
+                anyhow::bail!("still running: {:?}", summary.left_running);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            let dir = run_dir(args.dir)?;
+            let (m, rows) = launcher::status(&dir).await?;
+            if args.json {
+                out(&(serde_json::to_string_pretty(&rows)? + "\n"))?;
+            } else {
+                out(&format!(
+                    "{} (network {}, group {})\n{}",
+                    dir.display(),
+                    m.network,
+                    m.group.as_deref().map_or("none", |g| &g[..8.min(g.len())]),
+                    launcher::status_table(&rows)
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            let seed = resolve_seed(args.seed, None)?;
+            let opts = BenchOptions {
+                up: UpOptions {
+                    nodes: args.nodes,
+                    dir: args.run_dir,
+                    network: args.network,
+                    metrics: true,
+                    kith: args.node.kith,
+                    node_log: args.node.node_log,
+                    quiet: args.node.quiet,
+                    ..UpOptions::default()
+                },
+                attach: args.dir,
+                rate: args.rate,
+                size: args.size,
+                duration: secs("--duration", args.duration)?,
+                warmup: secs("--warmup", args.warmup)?,
+                drain: secs("--drain", args.drain)?,
+                out: args.out,
+                seed,
+            };
+            let report = tokio::select! {
+                r = bench::bench(opts) => r?,
+                () = interrupted() => anyhow::bail!("interrupted; nodes were killed"),
+            };
+            if args.json {
+                out(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+            } else {
+                out(&bench::render(&report))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Scenario(args) => {
+            let seed = match args.seed {
+                Some(s) => Some(s),
+                None => std::env::var_os(SEED_ENV)
+                    .is_some()
+                    .then(|| resolve_seed(None, None))
+                    .transpose()?,
+            };
+            let opts = ScenarioOptions {
+                file: args.file,
+                dir: args.dir,
+                kith: args.node.kith,
+                seed,
+                node_log: args.node.node_log,
+                quiet: args.node.quiet,
+            };
+            let report = tokio::select! {
+                r = scenario::run(opts) => r?,
+                () = interrupted() => anyhow::bail!("interrupted; nodes were killed"),
+            };
+            out(&scenario::render(&report))?;
+            match report.failure {
+                None => Ok(ExitCode::SUCCESS),
+                Some(f) => {
+                    let _ = writeln!(std::io::stderr().lock(), "error: {f}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let duration = args.duration.map(|d| secs("--duration", d)).transpose()?;
+    let opts = UpOptions {
+        nodes: args.nodes,
+        dir: args.dir,
+        network: args.network,
+        metrics: args.metrics,
+        kith: args.node.kith,
+        batch: args.batch,
+        node_log: args.node.node_log,
+        quiet: args.node.quiet,
+    };
+    let mut tn = tokio::select! {
+        r = Testnet::up(opts) => r?,
+        () = interrupted() => anyhow::bail!("interrupted during start; nodes were killed"),
+    };
+    let group = tn.group_id()?.to_owned();
+    let last = tn.nodes.len() - 1;
+    out(&format!(
+        "testnet up: {} nodes in {}\n\
+         group {group}\n\
+         manifest {}\n\
+         talk to any node, e.g.:\n  \
+         kith --data-dir {} send {} hello\n  \
+         kith --data-dir {} history {}\n\
+         status: kith-testnet status --dir {}\n\
+         stop:   Ctrl-C here, or kith-testnet down --dir {}\n",
+        tn.nodes.len(),
+        tn.dir.display(),
+        tn.dir.join(kith_testnet::manifest::FILE_NAME).display(),
+        tn.nodes[last].dir.display(),
+        &group[..8],
+        tn.nodes[0].dir.display(),
+        &group[..8],
+        tn.dir.display(),
+        tn.dir.display(),
+    ))?;
+    let stop = async {
+        match duration {
+            Some(d) => tokio::select! {
+                () = tokio::time::sleep(d) => {}
+                () = interrupted() => {}
+            },
+            None => interrupted().await,
+        }
+    };
+    stop.await;
+    tn.progress.line("stopping");
+    let summary = tn.shutdown().await;
+    out(&format!(
+        "stopped {} nodes ({} needed SIGKILL)\n",
+        summary.stopped.len() + summary.killed.len(),
+        summary.killed.len()
+    ))?;
+    if !summary.left_running.is_empty() {
+        return Err(anyhow::anyhow!("still running: {:?}", summary.left_running))
+            .context("stopping the testnet");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,67 @@
+//! The shipped kill-restart scenario, as real processes: with node 3 killed (SIGKILL) in the
+//! middle of traffic, the four others still get every message; once restarted, node 3 is
+//! back in the group topic and gets every message sent after its restart.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kith_tests::{kith_testnet_cmd, pids_mentioning, testnet_scenarios_dir};
+
+#[test]
+fn kill_restart_scenario_passes() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("run");
+    let file = testnet_scenarios_dir().join("kill-restart.toml");
+    let started = Instant::now();
+    let output = kith_testnet_cmd()?
+        .arg("scenario")
+        .arg(&file)
+        .args(["--seed", "7", "--dir"])
+        .arg(&run)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "scenario failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let text = std::fs::read_to_string(run.join("scenario-report.json"))?;
+    let report: serde_json::Value = serde_json::from_str(&text)?;
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!(report["seed"], 7);
+    let steps = report["steps"].as_array().context("steps")?;
+    assert_eq!(steps.len(), 7);
+    assert!(steps.iter().all(|s| s["ok"] == true), "{steps:#?}");
+    let detail = |action: &str| {
+        steps
+            .iter()
+            .find(|s| s["action"] == action)
+            .and_then(|s| s["detail"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // Messages were really sent while node 3 was down, and after its restart.
+    assert!(
+        detail("assert delivered_while_down").contains("reached every up member"),
+        "{steps:#?}"
+    );
+    assert!(
+        detail("assert received_after_restart node 3").contains("node 3 received all"),
+        "{steps:#?}"
+    );
+    let d = &report["delivery"];
+    assert_eq!(d["delivered"], d["expected"], "{d}");
+    assert!(d["excluded_receiver_down"].as_u64().unwrap() > 0, "{d}");
+    assert!(report["left_running"].as_array().unwrap().is_empty());
+    assert!(pids_mentioning(&run.to_string_lossy()).is_empty());
+    Ok(())
+}
