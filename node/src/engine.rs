@@ -8,7 +8,7 @@
 //! that commit publishes, subscribes and tells API clients. If the commit fails it discards
 //! the staged writes and reloads MLS state from disk, so memory never runs ahead of disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kith_protocol::envelope::{JoinRejection, JoinRequest, JoinResponse};
 use kith_protocol::group::{Effect, GroupEngine, GroupError, GroupView, Identity, Verdict};
-use kith_protocol::ids::GroupId;
+use kith_protocol::ids::{GroupId, MessageId};
 use kith_protocol::invite::{Invite, secret_hash};
 use kith_protocol::records::{EntryKind, HistoryEntry};
 use libp2p::identity::Keypair;
@@ -44,6 +44,8 @@ pub const MAX_HISTORY: usize = 1000;
 /// How often the node re-announces its groups in the DHT and looks for other members.
 pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(60);
 const INPUT_QUEUE: usize = 4096;
+/// Most received envelopes written in one store transaction.
+const MAX_GOSSIP_BATCH: usize = 256;
 const EVENT_BUFFER: usize = 1024;
 
 /// Why an engine operation failed. Each variant maps to one HTTP status in the API.
@@ -464,8 +466,34 @@ struct Actor {
 
 impl Actor {
     fn run(mut self, mut rx: mpsc::Receiver<Input>) {
-        while let Some(input) = rx.blocking_recv() {
+        let mut next: Option<Input> = None;
+        loop {
+            let input = match next.take() {
+                Some(i) => i,
+                None => match rx.blocking_recv() {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
             match input {
+                Input::Net(NetEvent::Gossip { id, source, data }) => {
+                    // Group commit: take the gossip that queued up meanwhile, process it all,
+                    // and write it in one transaction (one fsync instead of one per message).
+                    let mut batch = vec![(id, source, data)];
+                    while batch.len() < MAX_GOSSIP_BATCH {
+                        match rx.try_recv() {
+                            Ok(Input::Net(NetEvent::Gossip { id, source, data })) => {
+                                batch.push((id, source, data))
+                            }
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.on_gossip(batch);
+                }
                 Input::Net(ev) => self.on_net(ev),
                 Input::Call(call) => self.on_call(call),
                 Input::Tick => self.rendezvous(),
@@ -475,22 +503,53 @@ impl Actor {
         tracing::debug!("engine stopped; store closed");
     }
 
+    /// Processes received envelopes, reports each verdict to gossipsub as soon as MLS has
+    /// judged it (forwarding does not wait for our disk), then stores all of them in one
+    /// transaction. If that write fails, the MLS state is rolled back to disk and the
+    /// messages are lost for this node only (they were valid, so forwarding them was right;
+    /// history sync can fetch them again).
+    fn on_gossip(&mut self, batch: Vec<(MessageId, PeerId, Vec<u8>)>) {
+        let mut effects = Vec::new();
+        let mut seen: HashSet<MessageId> = HashSet::new();
+        for (id, source, data) in batch {
+            let verdict = if !seen.insert(id) {
+                Verdict::Ignore("duplicate".into())
+            } else {
+                match self.store.has_message(&id) {
+                    Ok(true) => Verdict::Ignore("duplicate".into()),
+                    Ok(false) => {
+                        let (verdict, fx) = self.groups.handle_envelope(&data, now_ms());
+                        effects.extend(fx);
+                        verdict
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "store read failed");
+                        Verdict::Ignore("local storage failure".into())
+                    }
+                }
+            };
+            self.metrics.envelope(&verdict);
+            match &verdict {
+                Verdict::Reject(why) => {
+                    tracing::warn!(msg = %id.short(), from = %source, reason = %why, "rejected gossip message")
+                }
+                Verdict::Ignore(why) => {
+                    tracing::debug!(msg = %id.short(), reason = %why, "ignored gossip message")
+                }
+                Verdict::Accept => tracing::debug!(msg = %id.short(), "accepted gossip message"),
+            }
+            let _ = self.net.validate_blocking(id, source, &verdict);
+        }
+        if let Err(e) = self.apply(effects) {
+            tracing::error!(error = %e, "cannot store received messages; they are lost on this node");
+            self.metrics.envelope_ignored(IgnoreReason::Storage);
+        }
+    }
+
     /// Writes effects' records and the staged MLS state in one transaction, then performs
     /// the network and notification effects. On failure, rolls memory back to disk.
     fn apply(&mut self, effects: Vec<Effect>) -> Result<(), EngineError> {
-        let mut batch = Batch::default();
-        for e in &effects {
-            match e {
-                Effect::SaveGroup(m) => batch.groups.push(m.clone()),
-                Effect::SaveEnvelope(s) => batch.envelopes.push(s.clone()),
-                Effect::Record(h) => batch.history.push(h.clone()),
-                Effect::SaveInvite(r) => batch.invites.push(r.clone()),
-                Effect::Publish { .. }
-                | Effect::Subscribe(_)
-                | Effect::Unsubscribe(_)
-                | Effect::EpochChanged { .. } => {}
-            }
-        }
+        let batch = Batch::from_effects(&effects);
         if (!batch.is_empty() || self.store.has_staged())
             && let Err(e) = self.commit(batch)
         {
@@ -572,45 +631,7 @@ impl Actor {
 
     fn on_net(&mut self, ev: NetEvent) {
         match ev {
-            NetEvent::Gossip { id, source, data } => {
-                let verdict = match self.store.has_message(&id) {
-                    Ok(true) => {
-                        self.metrics.envelope_ignored(IgnoreReason::Duplicate);
-                        Verdict::Accept
-                    }
-                    Ok(false) => {
-                        let (verdict, effects) = self.groups.handle_envelope(&data, now_ms());
-                        match self.apply(effects) {
-                            Ok(()) => {
-                                self.metrics.envelope(&verdict);
-                                verdict
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, msg = %id.short(), "cannot store message");
-                                self.metrics.envelope_ignored(IgnoreReason::Storage);
-                                Verdict::Ignore("local storage failure".into())
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "store read failed");
-                        self.metrics.envelope_ignored(IgnoreReason::Storage);
-                        Verdict::Ignore("local storage failure".into())
-                    }
-                };
-                match &verdict {
-                    Verdict::Reject(why) => {
-                        tracing::warn!(msg = %id.short(), from = %source, reason = %why, "rejected gossip message")
-                    }
-                    Verdict::Ignore(why) => {
-                        tracing::debug!(msg = %id.short(), reason = %why, "ignored gossip message")
-                    }
-                    Verdict::Accept => {
-                        tracing::debug!(msg = %id.short(), "accepted gossip message")
-                    }
-                }
-                let _ = self.net.validate_blocking(id, source, &verdict);
-            }
+            NetEvent::Gossip { id, source, data } => self.on_gossip(vec![(id, source, data)]),
             NetEvent::InboundJoin {
                 peer,
                 request,

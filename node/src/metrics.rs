@@ -195,7 +195,8 @@ fn reject_reason(why: &str) -> RejectReason {
 }
 
 fn ignore_reason(why: &str) -> IgnoreReason {
-    const PREFIXES: [(&str, IgnoreReason); 5] = [
+    const PREFIXES: [(&str, IgnoreReason); 6] = [
+        ("duplicate", IgnoreReason::Duplicate),
         ("not a member of this group", IgnoreReason::NotMember),
         ("no longer a member of this group", IgnoreReason::NotMember),
         ("commit for past epoch", IgnoreReason::PastCommit),
