@@ -44,6 +44,8 @@ pub const MAX_HISTORY: usize = 1000;
 /// How often the node re-announces its groups in the DHT and looks for other members.
 pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(60);
 const INPUT_QUEUE: usize = 4096;
+/// Received messages are made durable at least this often.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 /// Most received envelopes written in one store transaction.
 const MAX_GOSSIP_BATCH: usize = 256;
 const EVENT_BUFFER: usize = 1024;
@@ -124,6 +126,8 @@ enum Input {
     Net(NetEvent),
     Call(Call),
     Tick,
+    /// Make non-durable commits durable.
+    Flush,
     Shutdown,
 }
 
@@ -413,6 +417,16 @@ pub fn start(
             }
         }
     });
+    let flush = tx.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(FLUSH_INTERVAL);
+        loop {
+            interval.tick().await;
+            if flush.send(Input::Flush).await.is_err() {
+                break;
+            }
+        }
+    });
     let tick = tx.clone();
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(RENDEZVOUS_INTERVAL);
@@ -431,6 +445,7 @@ pub fn start(
         me: peer_id,
         metrics,
         gauges: HashMap::new(),
+        unflushed: false,
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -462,6 +477,8 @@ struct Actor {
     metrics: Arc<KithMetrics>,
     /// Each group's gauges, created once (creating takes a lock; setting is atomic).
     gauges: HashMap<GroupId, GroupGauges>,
+    /// Whether a non-durable commit awaits the next flush.
+    unflushed: bool,
 }
 
 impl Actor {
@@ -497,7 +514,11 @@ impl Actor {
                 Input::Net(ev) => self.on_net(ev),
                 Input::Call(call) => self.on_call(call),
                 Input::Tick => self.rendezvous(),
-                Input::Shutdown => break,
+                Input::Flush => self.flush(),
+                Input::Shutdown => {
+                    self.flush();
+                    break;
+                }
             }
         }
         tracing::debug!("engine stopped; store closed");
@@ -540,7 +561,7 @@ impl Actor {
             }
             let _ = self.net.validate_blocking(id, source, &verdict);
         }
-        if let Err(e) = self.apply(effects) {
+        if let Err(e) = self.apply_with(effects, false) {
             tracing::error!(error = %e, "cannot store received messages; they are lost on this node");
             self.metrics.envelope_ignored(IgnoreReason::Storage);
         }
@@ -549,9 +570,17 @@ impl Actor {
     /// Writes effects' records and the staged MLS state in one transaction, then performs
     /// the network and notification effects. On failure, rolls memory back to disk.
     fn apply(&mut self, effects: Vec<Effect>) -> Result<(), EngineError> {
+        self.apply_with(effects, true)
+    }
+
+    /// [`Actor::apply`] with a choice of durability: received messages are committed
+    /// without fsync (atomic, lost together with their MLS state on a crash, made durable
+    /// within [`FLUSH_INTERVAL`]); everything this node originates is durable before it is
+    /// published, so a crash can never make it reuse a sender key generation.
+    fn apply_with(&mut self, effects: Vec<Effect>, durable: bool) -> Result<(), EngineError> {
         let batch = Batch::from_effects(&effects);
         if (!batch.is_empty() || self.store.has_staged())
-            && let Err(e) = self.commit(batch)
+            && let Err(e) = self.commit_with(batch, durable)
         {
             self.rollback();
             return Err(e.into());
@@ -561,11 +590,24 @@ impl Actor {
     }
 
     /// Commits a batch, timing it for `kith_store_commit_seconds`.
-    fn commit(&mut self, batch: Batch) -> Result<(), StoreError> {
+    fn commit_with(&mut self, batch: Batch, durable: bool) -> Result<(), StoreError> {
         let started = Instant::now();
-        let result = self.store.commit(batch);
+        let result = self.store.commit_with(batch, durable);
         self.metrics.store_commit(started.elapsed());
+        if result.is_ok() {
+            // A durable commit also makes every earlier non-durable one durable.
+            self.unflushed = !durable;
+        }
         result
+    }
+
+    fn flush(&mut self) {
+        if self.unflushed {
+            match self.store.flush() {
+                Ok(()) => self.unflushed = false,
+                Err(e) => tracing::error!(error = %e, "cannot flush the store"),
+            }
+        }
     }
 
     fn update_gauges(&mut self, group: GroupId, epoch: u64, members: usize) {
@@ -645,7 +687,7 @@ impl Actor {
                     peers: vec![(peer, addrs)],
                     ..Batch::default()
                 };
-                if let Err(e) = self.commit(batch) {
+                if let Err(e) = self.commit_with(batch, false) {
                     tracing::warn!(error = %e, "cannot update the address book");
                 }
             }

@@ -276,11 +276,24 @@ impl Store {
     /// the stored peer whose id follows it in key order (a pseudo-random victim, since peer ids
     /// are hashes), so the book stays bounded yet keeps learning.
     pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.commit_with(batch, true)
+    }
+
+    /// Like [`Store::commit`], but with `durable == false` the transaction is not fsynced: it
+    /// is atomic and visible at once, and becomes durable with the next durable commit or
+    /// [`Store::flush`]. A crash before that loses the whole transaction (MLS state and
+    /// records together), never part of it. The node uses this for received messages, whose
+    /// loss is recoverable, and flushes within half a second.
+    pub fn commit_with(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
         let mut staged = self.mls.lock_staged();
         if staged.is_empty() && batch.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Database(redb::Error::from(e)))?;
+        }
         {
             let mut mls = txn.open_table(MLS)?;
             for (key, value) in staged.iter() {
@@ -347,6 +360,14 @@ impl Store {
         }
         txn.commit()?;
         staged.clear();
+        Ok(())
+    }
+
+    /// Makes every earlier non-durable commit durable (an empty fsynced transaction).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let _staged = self.mls.lock_staged();
+        let txn = self.db.begin_write()?;
+        txn.commit()?;
         Ok(())
     }
 

@@ -101,3 +101,45 @@ fn three_member_run_on_redb_then_everyone_restarts() {
         assert_eq!(n, 6, "member {i} has all six texts on disk");
     }
 }
+
+#[test]
+fn non_durable_commits_are_visible_at_once_and_durable_after_flush() {
+    use kith_protocol::ids::{GroupId, MessageId};
+    use kith_protocol::records::HistoryEntry;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let group = GroupId([5; 32]);
+    let entry = |n: u8| HistoryEntry {
+        group,
+        id: MessageId([n; 32]),
+        epoch: 0,
+        sender: kith_protocol::testing::member_key(0).public().to_peer_id(),
+        sent_at_ms: 1,
+        received_at_ms: 2,
+        kind: EntryKind::Text(format!("m{n}")),
+    };
+    {
+        let store = Store::open(&path).unwrap();
+        let batch = |n| Batch {
+            history: vec![entry(n)],
+            ..Batch::default()
+        };
+        store.commit_with(batch(1), false).unwrap();
+        store.commit_with(batch(2), false).unwrap();
+        // Visible to readers before any fsync.
+        assert_eq!(store.history(&group, 10).unwrap().len(), 2);
+        assert!(store.has_message(&MessageId([2; 32])).unwrap());
+        store.flush().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let texts: Vec<_> = store
+        .history(&group, 10)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.kind)
+        .collect();
+    assert_eq!(
+        texts,
+        vec![EntryKind::Text("m1".into()), EntryKind::Text("m2".into())]
+    );
+}

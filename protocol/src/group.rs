@@ -42,7 +42,7 @@ use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
 /// The one ciphersuite Kith uses: X25519, AES-128-GCM, SHA-256, Ed25519 (RFC 9420 §17.1).
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// How many past epochs' secrets are kept so late application messages still decrypt.
-pub const MAX_PAST_EPOCHS: usize = 16;
+pub const MAX_PAST_EPOCHS: usize = 2;
 /// Envelopes for future epochs held per group until the commits before them arrive.
 pub const MAX_PENDING_PER_GROUP: usize = 1024;
 /// Bytes of such envelopes held per group.
