@@ -15,7 +15,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kith_protocol::envelope::{JoinRejection, JoinRequest, JoinResponse};
-use kith_protocol::group::{Effect, GroupEngine, GroupError, GroupView, Identity, Verdict};
+use kith_protocol::group::{
+    Effect, GroupEngine, GroupError, GroupView, Identity, PAST_EPOCH_TTL, Verdict,
+};
 use kith_protocol::ids::{GroupId, MessageId};
 use kith_protocol::invite::{Invite, secret_hash};
 use kith_protocol::records::{EntryKind, HistoryEntry};
@@ -44,6 +46,8 @@ pub const MAX_HISTORY: usize = 1000;
 /// How often the node re-announces its groups in the DHT and looks for other members.
 pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(60);
 const INPUT_QUEUE: usize = 4096;
+/// Past-epoch expiry runs every this many flush ticks (10 s).
+const EXPIRE_EVERY_FLUSHES: u64 = 20;
 /// Received messages are made durable at least this often.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 /// Most received envelopes written in one store transaction.
@@ -446,6 +450,7 @@ pub fn start(
         metrics,
         gauges: HashMap::new(),
         unflushed: false,
+        flushes: 0,
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -479,6 +484,8 @@ struct Actor {
     gauges: HashMap<GroupId, GroupGauges>,
     /// Whether a non-durable commit awaits the next flush.
     unflushed: bool,
+    /// Flush ticks so far (past-epoch expiry runs every [`EXPIRE_EVERY_FLUSHES`]).
+    flushes: u64,
 }
 
 impl Actor {
@@ -514,7 +521,13 @@ impl Actor {
                 Input::Net(ev) => self.on_net(ev),
                 Input::Call(call) => self.on_call(call),
                 Input::Tick => self.rendezvous(),
-                Input::Flush => self.flush(),
+                Input::Flush => {
+                    self.flushes += 1;
+                    if self.flushes.is_multiple_of(EXPIRE_EVERY_FLUSHES) {
+                        self.expire_past_epochs();
+                    }
+                    self.flush();
+                }
                 Input::Shutdown => {
                     self.flush();
                     break;
@@ -599,6 +612,19 @@ impl Actor {
             self.unflushed = !durable;
         }
         result
+    }
+
+    /// Drops past epochs' secrets older than [`PAST_EPOCH_TTL`] and stores the result.
+    fn expire_past_epochs(&mut self) {
+        let result = self
+            .groups
+            .expire_past_epochs(PAST_EPOCH_TTL)
+            .map_err(EngineError::from)
+            .and_then(|()| self.apply_with(Vec::new(), false));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot expire past epochs");
+            self.rollback();
+        }
     }
 
     fn flush(&mut self) {

@@ -43,6 +43,11 @@ use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// How many past epochs' secrets are kept so late application messages still decrypt.
 pub const MAX_PAST_EPOCHS: usize = 2;
+/// Past epochs' secrets are dropped this long after the epoch ended (see
+/// [`GroupEngine::expire_past_epochs`]). openmls rewrites every retained epoch's secrets on
+/// each message, so stale epochs cost on every message; this keeps the window for late
+/// messages while making steady-state messages cheap.
+pub const PAST_EPOCH_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Envelopes for future epochs held per group until the commits before them arrive.
 pub const MAX_PENDING_PER_GROUP: usize = 1024;
 /// Bytes of such envelopes held per group.
@@ -935,6 +940,24 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             // nothing is ready, so the recursion depth is bounded by the number held.
             let _ = self.process(&p.bytes, now_ms, effects, false);
         }
+    }
+
+    /// Drops past epochs' secrets that ended more than `older_than` ago, in every group.
+    /// Call it periodically; the caller persists the resulting storage writes.
+    pub fn expire_past_epochs(
+        &mut self,
+        older_than: std::time::Duration,
+    ) -> Result<(), GroupError> {
+        for g in self.groups.values_mut() {
+            g.mls
+                .delete_past_epoch_secrets(
+                    &self.provider,
+                    openmls::prelude::PastEpochDeletion::older_than_duration(older_than)
+                        .max_past_epochs(MAX_PAST_EPOCHS),
+                )
+                .map_err(mls_err)?;
+        }
+        Ok(())
     }
 
     /// Number of envelopes held for future epochs in `group`.

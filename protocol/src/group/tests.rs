@@ -336,3 +336,48 @@ fn members_are_bound_to_their_node_keys() {
         ]
     );
 }
+
+/// Member 0 sends in epoch 1; the commit to epoch 2 reaches member 1 first.
+fn late_message_setup() -> (Sim<'static, OpenMlsRustCrypto>, GroupId, Vec<u8>) {
+    let mut s = sim(3);
+    let g = s.create_group(0, "late").unwrap();
+    let inv = s.invite(0, g, 2).unwrap();
+    s.join(1, 0, &inv).unwrap();
+    s.deliver_all();
+    s.send(0, g, "sent in epoch 1").unwrap();
+    let (_, _, late) = s.in_flight.pop_back().unwrap();
+    s.join(2, 0, &inv).unwrap();
+    s.deliver_all();
+    assert_eq!(s.engines[1].group(&g).unwrap().epoch, 2);
+    (s, g, late)
+}
+
+#[test]
+fn late_message_from_the_previous_epoch_still_decrypts() {
+    let (mut s, g, late) = late_message_setup();
+    let (v, _) = s.engines[1].handle_envelope(&late, T0);
+    assert_eq!(v, Verdict::Accept);
+    // A fresh expiry window keeps the epoch that just ended.
+    let (mut s2, g2, late2) = late_message_setup();
+    s2.engines[1].expire_past_epochs(PAST_EPOCH_TTL).unwrap();
+    assert_eq!(s2.engines[1].handle_envelope(&late2, T0).0, Verdict::Accept);
+    let _ = (g, g2, &mut s);
+}
+
+#[test]
+fn expired_past_epochs_no_longer_decrypt_and_nothing_breaks() {
+    let (mut s, g, late) = late_message_setup();
+    s.engines[1]
+        .expire_past_epochs(std::time::Duration::ZERO)
+        .unwrap();
+    let (v, fx) = s.engines[1].handle_envelope(&late, T0);
+    assert!(
+        matches!(v, Verdict::Ignore(ref why) if why.starts_with("cannot read message from past epoch")),
+        "{v:?}"
+    );
+    assert!(fx.is_empty());
+    // The current epoch is unaffected.
+    s.send(2, g, "current").unwrap();
+    s.deliver_all();
+    assert_eq!(s.texts(1, g), vec!["current"]);
+}
