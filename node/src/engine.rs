@@ -44,7 +44,9 @@ pub const MAX_INVITE_USES: u32 = 1000;
 /// History entries returned at most per request.
 pub const MAX_HISTORY: usize = 1000;
 /// How often the node re-announces its groups in the DHT and looks for other members.
-pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(60);
+/// Every 60 s cost each node a DHT provide and lookup plus dials of the results; 5 min keeps
+/// the announcement fresh (provider records live for hours) at a fifth of the churn.
+pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(300);
 const INPUT_QUEUE: usize = 4096;
 /// Past-epoch expiry runs every this many flush ticks (10 s).
 const EXPIRE_EVERY_FLUSHES: u64 = 20;
