@@ -423,26 +423,8 @@ pub fn start(
             }
         }
     });
-    let flush = tx.clone();
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(FLUSH_INTERVAL);
-        loop {
-            interval.tick().await;
-            if flush.send(Input::Flush).await.is_err() {
-                break;
-            }
-        }
-    });
-    let tick = tx.clone();
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(RENDEZVOUS_INTERVAL);
-        loop {
-            interval.tick().await;
-            if tick.send(Input::Tick).await.is_err() {
-                break;
-            }
-        }
-    });
+    spawn_ticker(tx.clone(), FLUSH_INTERVAL, || Input::Flush);
+    spawn_ticker(tx.clone(), RENDEZVOUS_INTERVAL, || Input::Tick);
     let mut actor = Actor {
         groups,
         store,
@@ -473,6 +455,19 @@ pub fn start(
             thread: Some(thread),
         },
     ))
+}
+
+/// Sends `make()` to the actor every `period` until the actor is gone.
+fn spawn_ticker(tx: mpsc::Sender<Input>, period: Duration, make: fn() -> Input) {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(period);
+        loop {
+            interval.tick().await;
+            if tx.send(make()).await.is_err() {
+                break;
+            }
+        }
+    });
 }
 
 struct Actor {
