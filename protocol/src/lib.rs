@@ -7,6 +7,7 @@
 //! - [`envelope`]: versioned wire types carried on gossipsub and request-response.
 //! - [`invite`]: signed invite tickets (`kith1…` links).
 //! - [`group`]: the MLS group engine, a state machine generic over the openmls provider.
+//! - [`sync`]: history sync between members (summaries, paginated responses, gap detection).
 
 pub mod codec;
 pub mod envelope;
@@ -14,6 +15,7 @@ pub mod group;
 pub mod ids;
 pub mod invite;
 pub mod records;
+pub mod sync;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 

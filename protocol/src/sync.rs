@@ -1,0 +1,594 @@
+//! History sync: the sans-IO core of offline delivery between members.
+//!
+//! A member that was offline asks an online member for what it missed. It sends a
+//! [`SyncRequest`] carrying a compact [`Summary`] of the envelopes it already holds; the
+//! responder answers with [`SyncResponse`] pages computed by [`plan_response`]: first the
+//! commits the requester lacks, in epoch order, then the application messages of every epoch
+//! whose digest differs, in canonical history order ([`HistoryKey`]). Each page is bounded by
+//! the requester's `max_bytes` (and by [`MAX_PAGE_BYTES`]); a [`Cursor`] resumes the next page
+//! deterministically. [`Gaps`] turns "an envelope from a future epoch arrived" into a bounded
+//! "missing commits" signal during normal operation.
+//!
+//! Nothing here does IO or checks membership: the node authenticates the requester (see
+//! [`SyncRequestV1::proof`]), loads the envelopes, and feeds the received envelopes to the
+//! group engine, which deduplicates them by [`MessageId`].
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+
+use libp2p_identity::PeerId;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::codec::{self, DecodeError, EncodeError};
+use crate::envelope::{MAX_ENVELOPE_BYTES, PayloadKind};
+use crate::ids::{GroupId, MessageId};
+use crate::records::StoredEnvelope;
+
+/// Most epochs a [`Summary`] lists individually; older epochs fall under its floor.
+pub const MAX_SUMMARY_EPOCHS: usize = 1024;
+/// Largest membership proof in a request.
+pub const MAX_PROOF_BYTES: usize = 512;
+/// Longest sender id in a [`HistoryKey`] (an Ed25519 PeerId is 38 bytes).
+pub const MAX_SENDER_BYTES: usize = 64;
+/// Largest encoded [`SyncRequest`] (a full summary is about 80 KiB).
+pub const MAX_SYNC_REQUEST_BYTES: usize = 96 * 1024;
+/// Largest encoded [`SyncResponse`].
+pub const MAX_SYNC_RESPONSE_BYTES: usize = codec::MAX_DECODE_BYTES;
+/// Hard cap on the envelope bytes of one page (each envelope counted with its length prefix),
+/// whatever `max_bytes` the requester asks for. The margin below
+/// [`MAX_SYNC_RESPONSE_BYTES`] covers the response's own fields (tags, cursor, flag).
+pub const MAX_PAGE_BYTES: u32 = (MAX_SYNC_RESPONSE_BYTES - 1024) as u32;
+
+/// Domain separator of [`app_set_digest`].
+const APP_SET_DOMAIN: &[u8] = b"kith/sync/app-set/v1";
+
+// ---------------------------------------------------------------------------------------------
+// Wire types
+// ---------------------------------------------------------------------------------------------
+
+/// Sent by a member to another member of the same group to fetch what it missed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncRequest {
+    /// Version 1.
+    V1(SyncRequestV1),
+}
+
+/// Version 1 of [`SyncRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequestV1 {
+    /// The group to sync.
+    pub group: GroupId,
+    /// What the requester already holds. Send the same summary for every page of one sync.
+    pub summary: Summary,
+    /// Where to resume: `None` for the first page, else the `next` of the previous page.
+    pub cursor: Option<Cursor>,
+    /// Most envelope bytes the requester wants in one page; the responder also applies
+    /// [`MAX_PAGE_BYTES`].
+    pub max_bytes: u32,
+    /// Signature by the requester's MLS leaf key over a fresh challenge; checked by the node
+    /// (not by this module). At most [`MAX_PROOF_BYTES`].
+    pub proof: Vec<u8>,
+}
+
+/// A member's answer to a [`SyncRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncResponse {
+    /// Version 1: one page of envelopes.
+    V1(SyncPageV1),
+    /// The request was refused; nothing was sent.
+    Refused(SyncRefusal),
+}
+
+/// One page of a sync: encoded envelopes, exactly as stored, in sync order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncPageV1 {
+    /// Encoded [`crate::envelope::Envelope`]s, each at most [`MAX_ENVELOPE_BYTES`].
+    pub envelopes: Vec<Vec<u8>>,
+    /// Cursor for the next page; `None` when this is the last page.
+    pub next: Option<Cursor>,
+    /// True exactly when `next` is `None`.
+    pub complete: bool,
+}
+
+/// Why a sync request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum SyncRefusal {
+    /// The requester is not (proved to be) a member of the group.
+    #[error("the requester is not a member of the group")]
+    NotMember,
+    /// The requester asked too often; try again later.
+    #[error("too many sync requests; try again later")]
+    RateLimited,
+    /// The contacted node does not know this group.
+    #[error("the contacted node does not know the group")]
+    UnknownGroup,
+    /// The request is invalid (bad summary or cursor).
+    #[error("the sync request is invalid")]
+    BadRequest,
+}
+
+/// What the requester holds: one entry per epoch it holds anything of, for epochs at or above
+/// `floor`. The requester wants nothing from epochs below `floor` (they are older than the
+/// [`MAX_SUMMARY_EPOCHS`] window, or before it joined and undecryptable for it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// The lowest epoch the requester asks about.
+    pub floor: u64,
+    /// Per-epoch entries, strictly ascending by epoch, all `>= floor`, at most
+    /// [`MAX_SUMMARY_EPOCHS`]. An epoch not listed is one the requester holds nothing of.
+    pub epochs: Vec<EpochSummary>,
+}
+
+/// What the requester holds of one epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochSummary {
+    /// The epoch.
+    pub epoch: u64,
+    /// The commit that left this epoch (envelope epoch = `epoch`), if held.
+    pub commit: Option<MessageId>,
+    /// How many distinct application messages of this epoch are held.
+    pub app_count: u32,
+    /// [`app_set_digest`] of their ids.
+    pub app_hash: [u8; 32],
+}
+
+/// A position in the responder's sync order: everything at or before it has been sent.
+/// Commits sort before application messages. The requester treats it as opaque and echoes it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Cursor {
+    /// After the commit `id` of epoch `epoch` (commits are ordered by `(epoch, id)`).
+    AfterCommit {
+        /// Envelope epoch of the last commit sent.
+        epoch: u64,
+        /// Its id.
+        id: MessageId,
+    },
+    /// After the application message with this key.
+    AfterApplication(HistoryKey),
+}
+
+/// The canonical history order of application messages: `(epoch, sent_at_ms, sender, id)`,
+/// compared field by field (`sender` as bytes, lexicographically).
+///
+/// MLS generations are invisible without decrypting and are per sender, so the order uses what
+/// every member who decrypted the message sees identically: the envelope epoch, the sender's
+/// `AppContent::sent_at_ms`, the sender's PeerId bytes (authenticated by MLS), and the message
+/// id as the final tie-break. All members therefore sort the same set identically, whatever
+/// the arrival order. `sent_at_ms` is the sender's clock, so a member can misplace its own
+/// messages, but only within their epoch.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HistoryKey {
+    /// MLS epoch of the envelope.
+    pub epoch: u64,
+    /// `AppContent::sent_at_ms`.
+    pub sent_at_ms: u64,
+    /// The sender's `PeerId::to_bytes()`, at most [`MAX_SENDER_BYTES`].
+    pub sender: Vec<u8>,
+    /// The envelope's id.
+    pub id: MessageId,
+}
+
+/// The canonical history order key of an application message (see [`HistoryKey`]).
+pub fn history_order_key(
+    epoch: u64,
+    sent_at_ms: u64,
+    sender: &PeerId,
+    id: MessageId,
+) -> HistoryKey {
+    HistoryKey {
+        epoch,
+        sent_at_ms,
+        sender: sender.to_bytes(),
+        id,
+    }
+}
+
+/// A sync message failed to decode or breaks a bound.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    /// The bytes are not a valid encoding.
+    #[error("bad sync message: {0}")]
+    Decode(#[from] DecodeError),
+    /// The summary lists more than [`MAX_SUMMARY_EPOCHS`] epochs.
+    #[error("summary lists {0} epochs, more than {MAX_SUMMARY_EPOCHS}")]
+    TooManyEpochs(usize),
+    /// Summary epochs are not strictly ascending, or one is below the floor.
+    #[error("summary epochs are not strictly ascending from the floor")]
+    UnorderedSummary,
+    /// The proof is longer than [`MAX_PROOF_BYTES`].
+    #[error("proof of {0} bytes exceeds {MAX_PROOF_BYTES}")]
+    ProofTooLarge(usize),
+    /// A cursor's sender is longer than [`MAX_SENDER_BYTES`].
+    #[error("cursor sender of {0} bytes exceeds {MAX_SENDER_BYTES}")]
+    SenderTooLong(usize),
+    /// A page carries an envelope longer than [`MAX_ENVELOPE_BYTES`].
+    #[error("page carries an envelope of {0} bytes, over {MAX_ENVELOPE_BYTES}")]
+    EnvelopeTooLarge(usize),
+    /// A page's `complete` flag disagrees with its `next` cursor.
+    #[error("page is marked complete but has a next cursor, or the reverse")]
+    InconsistentPage,
+}
+
+impl Summary {
+    /// Checks the bounds a decoded summary must satisfy.
+    pub fn validate(&self) -> Result<(), SyncError> {
+        if self.epochs.len() > MAX_SUMMARY_EPOCHS {
+            return Err(SyncError::TooManyEpochs(self.epochs.len()));
+        }
+        let mut prev: Option<u64> = None;
+        for e in &self.epochs {
+            if e.epoch < self.floor || prev.is_some_and(|p| e.epoch <= p) {
+                return Err(SyncError::UnorderedSummary);
+            }
+            prev = Some(e.epoch);
+        }
+        Ok(())
+    }
+
+    /// Raises the floor to `floor` (e.g. the epoch this node joined at), dropping entries below.
+    pub fn with_floor(mut self, floor: u64) -> Self {
+        if floor > self.floor {
+            self.floor = floor;
+            self.epochs.retain(|e| e.epoch >= floor);
+        }
+        self
+    }
+
+    /// The entry for `epoch`, if the requester listed it.
+    pub fn epoch(&self, epoch: u64) -> Option<&EpochSummary> {
+        self.epochs
+            .binary_search_by_key(&epoch, |e| e.epoch)
+            .ok()
+            .and_then(|i| self.epochs.get(i))
+    }
+}
+
+impl Cursor {
+    fn validate(&self) -> Result<(), SyncError> {
+        match self {
+            Cursor::AfterApplication(k) if k.sender.len() > MAX_SENDER_BYTES => {
+                Err(SyncError::SenderTooLong(k.sender.len()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl SyncRequest {
+    /// Encodes the request.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        codec::encode(self)
+    }
+
+    /// Decodes and bound-checks a request from the network. Does not check `proof`.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SyncError> {
+        let req: SyncRequest = codec::decode(bytes, MAX_SYNC_REQUEST_BYTES)?;
+        let SyncRequest::V1(v) = &req;
+        if v.proof.len() > MAX_PROOF_BYTES {
+            return Err(SyncError::ProofTooLarge(v.proof.len()));
+        }
+        v.summary.validate()?;
+        if let Some(c) = &v.cursor {
+            c.validate()?;
+        }
+        Ok(req)
+    }
+}
+
+impl SyncResponse {
+    /// Encodes the response.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        codec::encode(self)
+    }
+
+    /// Decodes and bound-checks a response from the network. The envelopes themselves are
+    /// checked later, one by one, by the group engine.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SyncError> {
+        let resp: SyncResponse = codec::decode(bytes, MAX_SYNC_RESPONSE_BYTES)?;
+        if let SyncResponse::V1(page) = &resp {
+            if let Some(e) = page.envelopes.iter().find(|e| e.len() > MAX_ENVELOPE_BYTES) {
+                return Err(SyncError::EnvelopeTooLarge(e.len()));
+            }
+            if page.complete == page.next.is_some() {
+                return Err(SyncError::InconsistentPage);
+            }
+            if let Some(c) = &page.next {
+                c.validate()?;
+            }
+        }
+        Ok(resp)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Summaries
+// ---------------------------------------------------------------------------------------------
+
+/// Order-independent digest of a set of application message ids:
+/// `SHA-256("kith/sync/app-set/v1" ‖ id1 ‖ … ‖ idn)` over the distinct ids in ascending byte
+/// order. (A plain XOR of ids would be cheaper but lets a member craft colliding sets.)
+pub fn app_set_digest<'a>(ids: impl IntoIterator<Item = &'a MessageId>) -> [u8; 32] {
+    let sorted: BTreeSet<&MessageId> = ids.into_iter().collect();
+    let mut h = Sha256::new();
+    h.update(APP_SET_DOMAIN);
+    for id in sorted {
+        h.update(id.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// Per-epoch contents, used for both sides.
+#[derive(Default)]
+struct EpochSets {
+    commits: BTreeSet<MessageId>,
+    apps: BTreeSet<MessageId>,
+}
+
+fn group_by_epoch<'a>(
+    envelopes: impl Iterator<Item = &'a StoredEnvelope>,
+) -> BTreeMap<u64, EpochSets> {
+    let mut by_epoch: BTreeMap<u64, EpochSets> = BTreeMap::new();
+    for env in envelopes {
+        match env.kind {
+            PayloadKind::Commit => {
+                by_epoch
+                    .entry(env.epoch)
+                    .or_default()
+                    .commits
+                    .insert(env.id);
+            }
+            PayloadKind::Application => {
+                by_epoch.entry(env.epoch).or_default().apps.insert(env.id);
+            }
+            PayloadKind::Proposal => {}
+        }
+    }
+    by_epoch
+}
+
+/// Summarises the envelopes a node holds for one group (proposals are ignored; duplicates
+/// count once). Only the newest [`MAX_SUMMARY_EPOCHS`] epochs are listed; if there are more,
+/// the floor is raised to the oldest one listed. Use [`Summary::with_floor`] to exclude
+/// epochs from before this node joined.
+pub fn summarize<'a>(envelopes: impl Iterator<Item = &'a StoredEnvelope>) -> Summary {
+    let by_epoch = group_by_epoch(envelopes);
+    let skip = by_epoch.len().saturating_sub(MAX_SUMMARY_EPOCHS);
+    let epochs: Vec<EpochSummary> = by_epoch
+        .into_iter()
+        .skip(skip)
+        .map(|(epoch, sets)| EpochSummary {
+            epoch,
+            // Normally one commit per epoch; with several (a fork seen), list the lowest id:
+            // the responder sends any other commit it has.
+            commit: sets.commits.first().copied(),
+            app_count: u32::try_from(sets.apps.len()).unwrap_or(u32::MAX),
+            app_hash: app_set_digest(&sets.apps),
+        })
+        .collect();
+    let floor = if skip > 0 {
+        epochs.first().map_or(0, |e| e.epoch)
+    } else {
+        0
+    };
+    Summary { floor, epochs }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response planning
+// ---------------------------------------------------------------------------------------------
+
+/// One envelope the responder may serve, with its place in the sync order.
+#[derive(Debug, Clone)]
+pub struct SyncItem<'a> {
+    /// The stored envelope.
+    pub envelope: &'a StoredEnvelope,
+    /// Its position: [`Cursor::AfterCommit`] for commits, [`Cursor::AfterApplication`] with the
+    /// message's [`HistoryKey`] for application messages.
+    pub position: Cursor,
+}
+
+impl<'a> SyncItem<'a> {
+    /// A commit envelope.
+    pub fn commit(envelope: &'a StoredEnvelope) -> Self {
+        Self {
+            position: Cursor::AfterCommit {
+                epoch: envelope.epoch,
+                id: envelope.id,
+            },
+            envelope,
+        }
+    }
+
+    /// An application envelope with its decrypted `sent_at_ms` and authenticated sender
+    /// (from the node's history entry with the same id).
+    pub fn application(envelope: &'a StoredEnvelope, sent_at_ms: u64, sender: &PeerId) -> Self {
+        Self {
+            position: Cursor::AfterApplication(history_order_key(
+                envelope.epoch,
+                sent_at_ms,
+                sender,
+                envelope.id,
+            )),
+            envelope,
+        }
+    }
+}
+
+/// One page planned by [`plan_response`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// Encoded envelopes to send, in sync order.
+    pub envelopes: Vec<Vec<u8>>,
+    /// Where the next page starts; `None` when nothing is left.
+    pub next: Option<Cursor>,
+}
+
+impl Page {
+    /// Total envelope bytes of the page as counted against the budget (lengths plus prefixes).
+    pub fn counted_bytes(&self) -> u64 {
+        self.envelopes.iter().map(|e| counted_len(e.len())).sum()
+    }
+
+    /// The wire response for this page.
+    pub fn into_response(self) -> SyncResponse {
+        SyncResponse::V1(SyncPageV1 {
+            complete: self.next.is_none(),
+            envelopes: self.envelopes,
+            next: self.next,
+        })
+    }
+}
+
+/// Bytes an envelope of `len` bytes takes in a page: itself plus its varint length prefix.
+pub fn counted_len(len: usize) -> u64 {
+    let prefix = match len {
+        0..=250 => 1,
+        251..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    };
+    len as u64 + prefix
+}
+
+/// Plans one page of the answer to a requester holding `summary`.
+///
+/// `local` is everything the responder holds for the group, in any order (items of other
+/// kinds than commit/application, envelopes over [`MAX_ENVELOPE_BYTES`] and duplicates are
+/// skipped). The answer is, in this order:
+/// 1. every commit of an epoch `>= summary.floor` whose id the requester's entry for that
+///    epoch does not name, by `(epoch, id)`;
+/// 2. all application messages of every epoch `>= summary.floor` whose `(app_count,
+///    app_hash)` differs from the requester's (or that the requester does not list), in
+///    [`HistoryKey`] order. A digest cannot tell which ids are missing, so a mismatching
+///    epoch is sent whole; the requester drops duplicates by id.
+///
+/// Only items after `cursor` are considered. Items are added while their counted bytes
+/// ([`counted_len`]) fit in `min(max_bytes, MAX_PAGE_BYTES)`; the first item of a page is
+/// always added, so one envelope larger than the budget is sent alone and every page makes
+/// progress. The same inputs always give the same page.
+pub fn plan_response(
+    summary: &Summary,
+    local: &[SyncItem<'_>],
+    cursor: Option<&Cursor>,
+    max_bytes: u32,
+) -> Page {
+    let budget = u64::from(max_bytes.min(MAX_PAGE_BYTES));
+    let usable = |it: &&SyncItem<'_>| {
+        it.envelope.epoch >= summary.floor
+            && it.envelope.bytes.len() <= MAX_ENVELOPE_BYTES
+            && matches!(
+                (&it.position, it.envelope.kind),
+                (Cursor::AfterCommit { .. }, PayloadKind::Commit)
+                    | (Cursor::AfterApplication(_), PayloadKind::Application)
+            )
+    };
+
+    // The responder's own per-epoch application digests.
+    let ours = group_by_epoch(local.iter().filter(usable).map(|it| it.envelope));
+    let epoch_differs = |epoch: u64| -> bool {
+        let Some(mine) = ours.get(&epoch) else {
+            return false;
+        };
+        match summary.epoch(epoch) {
+            None => !mine.apps.is_empty(),
+            Some(theirs) => {
+                u32::try_from(mine.apps.len()).unwrap_or(u32::MAX) != theirs.app_count
+                    || app_set_digest(&mine.apps) != theirs.app_hash
+            }
+        }
+    };
+    let differing: BTreeSet<u64> = ours.keys().copied().filter(|&e| epoch_differs(e)).collect();
+
+    let mut wanted: Vec<&SyncItem<'_>> = local
+        .iter()
+        .filter(usable)
+        .filter(|it| cursor.is_none_or(|c| it.position.cmp(c) == Ordering::Greater))
+        .filter(|it| match it.envelope.kind {
+            PayloadKind::Commit => {
+                summary.epoch(it.envelope.epoch).and_then(|e| e.commit) != Some(it.envelope.id)
+            }
+            _ => differing.contains(&it.envelope.epoch),
+        })
+        .collect();
+    wanted.sort_by(|a, b| a.position.cmp(&b.position));
+    wanted.dedup_by(|a, b| a.envelope.id == b.envelope.id);
+
+    let mut page = Page {
+        envelopes: Vec::new(),
+        next: None,
+    };
+    let mut used = 0u64;
+    let mut last: Option<&Cursor> = None;
+    for (i, it) in wanted.iter().enumerate() {
+        let cost = counted_len(it.envelope.bytes.len());
+        if i > 0 && used + cost > budget {
+            page.next = last.cloned();
+            return page;
+        }
+        used += cost;
+        page.envelopes.push(it.envelope.bytes.clone());
+        last = Some(&it.position);
+    }
+    page
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gap detection
+// ---------------------------------------------------------------------------------------------
+
+/// Commits known to be missing: those whose envelope epoch is in `first..=last` (the commit of
+/// epoch `e` moves the group to `e + 1`), so the group can advance to `last + 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissingCommits {
+    /// Envelope epoch of the first missing commit (this node's current epoch).
+    pub first: u64,
+    /// Envelope epoch of the last missing commit.
+    pub last: u64,
+}
+
+/// Per-group gap detector for normal operation. State is two numbers, so it is bounded.
+///
+/// Envelope epochs are unauthenticated until decrypted, so a signal is only a hint: the node
+/// should answer it with a rate-limited [`SyncRequest`], not trust it further.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gaps {
+    /// Highest epoch already signalled as reachable (`last + 1` of the last signal).
+    signalled_up_to: Option<u64>,
+}
+
+impl Gaps {
+    /// A detector with nothing signalled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that an envelope of `seen_epoch` arrived while this node is at `current_epoch`.
+    /// Returns the missing commits if the envelope is ahead and the gap reaches further than
+    /// anything signalled before; `None` otherwise (no gap, or already signalled).
+    pub fn observe(&mut self, seen_epoch: u64, current_epoch: u64) -> Option<MissingCommits> {
+        if let Some(s) = self.signalled_up_to
+            && s <= current_epoch
+        {
+            // The earlier gap has been filled.
+            self.signalled_up_to = None;
+        }
+        if seen_epoch <= current_epoch {
+            return None;
+        }
+        if self.signalled_up_to.is_some_and(|s| seen_epoch <= s) {
+            return None;
+        }
+        self.signalled_up_to = Some(seen_epoch);
+        Some(MissingCommits {
+            first: current_epoch,
+            last: seen_epoch - 1,
+        })
+    }
+
+    /// Forgets what was signalled, so the next gap is signalled again (e.g. after a sync
+    /// failed and should be retried).
+    pub fn reset(&mut self) {
+        self.signalled_up_to = None;
+    }
+}

@@ -1,0 +1,813 @@
+//! History sync tests: wire round trips, the golden `SyncRequest` vector, typed decode errors,
+//! summaries, response planning (order, pagination, completeness) and the gap detector.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use data_encoding::HEXLOWER;
+use kith_protocol::codec::{self, DecodeError};
+use kith_protocol::envelope::{Envelope, MAX_ENVELOPE_BYTES, PayloadKind};
+use kith_protocol::ids::{GroupId, MessageId};
+use kith_protocol::records::StoredEnvelope;
+use kith_protocol::sync::{
+    Cursor, EpochSummary, Gaps, HistoryKey, MAX_PROOF_BYTES, MAX_SENDER_BYTES, MAX_SUMMARY_EPOCHS,
+    MAX_SYNC_REQUEST_BYTES, MissingCommits, Summary, SyncError, SyncItem, SyncPageV1, SyncRefusal,
+    SyncRequest, SyncRequestV1, SyncResponse, app_set_digest, counted_len, history_order_key,
+    plan_response, summarize,
+};
+use kith_protocol::{Keypair, PeerId};
+use proptest::prelude::*;
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------------
+
+const GROUP: GroupId = GroupId([0x22; 32]);
+
+fn peer(i: u8) -> PeerId {
+    Keypair::ed25519_from_bytes([i + 1; 32])
+        .unwrap()
+        .public()
+        .to_peer_id()
+}
+
+/// A stored envelope with `len` bytes of MLS payload, made unique by `tag`.
+fn stored(epoch: u64, kind: PayloadKind, tag: u32, len: usize) -> StoredEnvelope {
+    let mut mls = tag.to_le_bytes().to_vec();
+    mls.resize(len.max(4), 0xab);
+    let (bytes, id) = Envelope::new(GROUP, epoch, kind, mls).encode().unwrap();
+    StoredEnvelope {
+        id,
+        group: GROUP,
+        epoch,
+        kind,
+        bytes,
+        received_at_ms: 0,
+    }
+}
+
+/// An application message with its order metadata.
+#[derive(Debug, Clone)]
+struct App {
+    env: StoredEnvelope,
+    sent_at_ms: u64,
+    sender: u8,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Store {
+    commits: Vec<StoredEnvelope>,
+    apps: Vec<App>,
+}
+
+impl Store {
+    fn items(&self) -> Vec<SyncItem<'_>> {
+        let mut v: Vec<SyncItem<'_>> = self.commits.iter().map(SyncItem::commit).collect();
+        v.extend(
+            self.apps
+                .iter()
+                .map(|a| SyncItem::application(&a.env, a.sent_at_ms, &peer(a.sender))),
+        );
+        v
+    }
+
+    fn envelopes(&self) -> impl Iterator<Item = &StoredEnvelope> {
+        self.commits.iter().chain(self.apps.iter().map(|a| &a.env))
+    }
+
+    fn ids(&self) -> BTreeSet<MessageId> {
+        self.envelopes().map(|e| e.id).collect()
+    }
+
+    fn summary(&self) -> Summary {
+        summarize(self.envelopes())
+    }
+}
+
+fn golden_request() -> SyncRequest {
+    SyncRequest::V1(SyncRequestV1 {
+        group: GROUP,
+        summary: Summary {
+            floor: 5,
+            epochs: vec![EpochSummary {
+                epoch: 5,
+                commit: Some(MessageId([0x33; 32])),
+                app_count: 2,
+                app_hash: [0x44; 32],
+            }],
+        },
+        cursor: Some(Cursor::AfterCommit {
+            epoch: 5,
+            id: MessageId([0x55; 32]),
+        }),
+        max_bytes: 65_536,
+        proof: vec![1, 2, 3],
+    })
+}
+
+fn request_with(f: impl FnOnce(&mut SyncRequestV1)) -> SyncRequest {
+    let SyncRequest::V1(mut v) = golden_request();
+    f(&mut v);
+    SyncRequest::V1(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire format
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn golden_sync_request_bytes() {
+    let expected = [
+        "00",             // SyncRequest::V1
+        &"22".repeat(32), // group
+        "05",             // summary.floor
+        "01",             // 1 epoch entry
+        "05",             // epoch
+        "01",             // commit: Some
+        &"33".repeat(32), // commit id
+        "02",             // app_count
+        &"44".repeat(32), // app_hash
+        "01",             // cursor: Some
+        "00",             // Cursor::AfterCommit
+        "05",             // epoch
+        &"55".repeat(32), // id
+        "fc00000100",     // max_bytes = 65536 (u32 varint)
+        "03010203",       // proof
+    ]
+    .concat();
+    let bytes = golden_request().encode().unwrap();
+    assert_eq!(HEXLOWER.encode(&bytes), expected);
+    assert_eq!(SyncRequest::decode(&bytes).unwrap(), golden_request());
+}
+
+#[test]
+fn golden_response_tags() {
+    let refusals = [
+        (SyncRefusal::NotMember, "0100"),
+        (SyncRefusal::RateLimited, "0101"),
+        (SyncRefusal::UnknownGroup, "0102"),
+        (SyncRefusal::BadRequest, "0103"),
+    ];
+    for (r, hex) in refusals {
+        let bytes = SyncResponse::Refused(r).encode().unwrap();
+        assert_eq!(HEXLOWER.encode(&bytes), hex);
+        assert_eq!(
+            SyncResponse::decode(&bytes).unwrap(),
+            SyncResponse::Refused(r)
+        );
+    }
+    let page = SyncResponse::V1(SyncPageV1 {
+        envelopes: vec![vec![9, 8]],
+        next: None,
+        complete: true,
+    });
+    let bytes = page.encode().unwrap();
+    assert_eq!(HEXLOWER.encode(&bytes), "0001020908".to_owned() + "0001");
+    assert_eq!(SyncResponse::decode(&bytes).unwrap(), page);
+}
+
+#[test]
+fn response_round_trip_with_application_cursor() {
+    let key = history_order_key(9, 1_700_000_000_000, &peer(0), MessageId([7; 32]));
+    let page = SyncResponse::V1(SyncPageV1 {
+        envelopes: vec![vec![1; 300], vec![]],
+        next: Some(Cursor::AfterApplication(key)),
+        complete: false,
+    });
+    let bytes = page.encode().unwrap();
+    assert_eq!(SyncResponse::decode(&bytes).unwrap(), page);
+}
+
+#[test]
+fn malformed_requests_are_typed_errors() {
+    let bytes = golden_request().encode().unwrap();
+    // Truncated.
+    for cut in 0..bytes.len() {
+        assert!(matches!(
+            SyncRequest::decode(&bytes[..cut]),
+            Err(SyncError::Decode(DecodeError::Malformed(_)))
+        ));
+    }
+    // Trailing bytes.
+    let mut long = bytes.clone();
+    long.push(0);
+    assert_eq!(
+        SyncRequest::decode(&long),
+        Err(SyncError::Decode(DecodeError::TrailingBytes(1)))
+    );
+    // Unknown version tag.
+    let mut v2 = bytes.clone();
+    v2[0] = 1;
+    assert!(matches!(
+        SyncRequest::decode(&v2),
+        Err(SyncError::Decode(DecodeError::Malformed(_)))
+    ));
+    // Oversized input is refused before parsing.
+    let huge = vec![0u8; MAX_SYNC_REQUEST_BYTES + 1];
+    assert_eq!(
+        SyncRequest::decode(&huge),
+        Err(SyncError::Decode(DecodeError::TooLarge {
+            len: MAX_SYNC_REQUEST_BYTES + 1,
+            limit: MAX_SYNC_REQUEST_BYTES
+        }))
+    );
+    // A length prefix claiming more than the input.
+    let mut lying = bytes[..bytes.len() - 4].to_vec();
+    lying.extend_from_slice(&[0xfc, 0xff, 0xff, 0xff, 0x7f]);
+    assert!(matches!(
+        SyncRequest::decode(&lying),
+        Err(SyncError::Decode(DecodeError::Malformed(_)))
+    ));
+}
+
+#[test]
+fn out_of_bounds_requests_are_typed_errors() {
+    let check = |req: SyncRequest, err: SyncError| {
+        let bytes = req.encode().unwrap();
+        assert_eq!(SyncRequest::decode(&bytes), Err(err));
+    };
+    check(
+        request_with(|v| v.proof = vec![0; MAX_PROOF_BYTES + 1]),
+        SyncError::ProofTooLarge(MAX_PROOF_BYTES + 1),
+    );
+    let entry = |epoch| EpochSummary {
+        epoch,
+        commit: None,
+        app_count: 0,
+        app_hash: [0; 32],
+    };
+    check(
+        request_with(|v| {
+            v.summary.floor = 0;
+            v.summary.epochs = (0..=MAX_SUMMARY_EPOCHS as u64).map(entry).collect();
+        }),
+        SyncError::TooManyEpochs(MAX_SUMMARY_EPOCHS + 1),
+    );
+    check(
+        request_with(|v| v.summary.epochs = vec![entry(6), entry(6)]),
+        SyncError::UnorderedSummary,
+    );
+    check(
+        request_with(|v| v.summary.epochs = vec![entry(7), entry(6)]),
+        SyncError::UnorderedSummary,
+    );
+    check(
+        request_with(|v| v.summary.epochs = vec![entry(4)]),
+        SyncError::UnorderedSummary,
+    );
+    check(
+        request_with(|v| {
+            v.cursor = Some(Cursor::AfterApplication(HistoryKey {
+                epoch: 1,
+                sent_at_ms: 2,
+                sender: vec![0; MAX_SENDER_BYTES + 1],
+                id: MessageId([0; 32]),
+            }))
+        }),
+        SyncError::SenderTooLong(MAX_SENDER_BYTES + 1),
+    );
+    // The largest valid summary fits the request limit.
+    let full = request_with(|v| {
+        v.summary.floor = u64::MAX - MAX_SUMMARY_EPOCHS as u64;
+        v.summary.epochs = (0..MAX_SUMMARY_EPOCHS as u64)
+            .map(|i| EpochSummary {
+                epoch: v.summary.floor + i,
+                commit: Some(MessageId([0xff; 32])),
+                app_count: u32::MAX,
+                app_hash: [0xff; 32],
+            })
+            .collect();
+        v.proof = vec![0; MAX_PROOF_BYTES];
+        v.cursor = Some(Cursor::AfterApplication(HistoryKey {
+            epoch: u64::MAX,
+            sent_at_ms: u64::MAX,
+            sender: vec![0; MAX_SENDER_BYTES],
+            id: MessageId([0; 32]),
+        }));
+    });
+    let bytes = full.encode().unwrap();
+    assert!(bytes.len() <= MAX_SYNC_REQUEST_BYTES, "{}", bytes.len());
+    assert_eq!(SyncRequest::decode(&bytes).unwrap(), full);
+}
+
+#[test]
+fn bad_responses_are_typed_errors() {
+    let enc = |r: &SyncResponse| r.encode().unwrap();
+    let inconsistent = SyncResponse::V1(SyncPageV1 {
+        envelopes: vec![],
+        next: None,
+        complete: false,
+    });
+    assert_eq!(
+        SyncResponse::decode(&enc(&inconsistent)),
+        Err(SyncError::InconsistentPage)
+    );
+    let inconsistent = SyncResponse::V1(SyncPageV1 {
+        envelopes: vec![],
+        next: Some(Cursor::AfterCommit {
+            epoch: 0,
+            id: MessageId([0; 32]),
+        }),
+        complete: true,
+    });
+    assert_eq!(
+        SyncResponse::decode(&enc(&inconsistent)),
+        Err(SyncError::InconsistentPage)
+    );
+    let big = SyncResponse::V1(SyncPageV1 {
+        envelopes: vec![vec![0; MAX_ENVELOPE_BYTES + 1]],
+        next: None,
+        complete: true,
+    });
+    assert_eq!(
+        SyncResponse::decode(&enc(&big)),
+        Err(SyncError::EnvelopeTooLarge(MAX_ENVELOPE_BYTES + 1))
+    );
+    assert!(matches!(
+        SyncResponse::decode(&[0x02]),
+        Err(SyncError::Decode(DecodeError::Malformed(_)))
+    ));
+    assert!(matches!(
+        SyncResponse::decode(&[0x01, 0x04]),
+        Err(SyncError::Decode(DecodeError::Malformed(_)))
+    ));
+    // Non-canonical varint in the envelope count.
+    assert!(matches!(
+        SyncResponse::decode(&[0x00, 0xfb, 0x00, 0x00, 0x00, 0x01]),
+        Err(SyncError::Decode(DecodeError::Malformed(_)))
+    ));
+    let huge = vec![0u8; codec::MAX_DECODE_BYTES + 1];
+    assert!(matches!(
+        SyncResponse::decode(&huge),
+        Err(SyncError::Decode(DecodeError::TooLarge { .. }))
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Summaries and order
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn summary_of_empty_and_truncated_sets() {
+    let empty = summarize(std::iter::empty());
+    assert_eq!(empty, Summary::default());
+
+    let many: Vec<StoredEnvelope> = (0..(MAX_SUMMARY_EPOCHS as u64 + 10))
+        .map(|e| stored(e, PayloadKind::Commit, e as u32, 8))
+        .collect();
+    let s = summarize(many.iter());
+    assert_eq!(s.epochs.len(), MAX_SUMMARY_EPOCHS);
+    assert_eq!(s.floor, 10);
+    assert_eq!(s.epochs[0].epoch, 10);
+    s.validate().unwrap();
+    let raised = s.clone().with_floor(500);
+    assert_eq!(raised.floor, 500);
+    assert_eq!(raised.epochs[0].epoch, 500);
+    raised.validate().unwrap();
+    // Lowering is a no-op.
+    assert_eq!(s.clone().with_floor(3), s);
+}
+
+#[test]
+fn proposals_are_neither_summarised_nor_served() {
+    let p = stored(1, PayloadKind::Proposal, 1, 8);
+    assert_eq!(summarize([&p].into_iter()), Summary::default());
+    let item = SyncItem {
+        envelope: &p,
+        position: Cursor::AfterCommit { epoch: 1, id: p.id },
+    };
+    let page = plan_response(&Summary::default(), &[item], None, 1 << 20);
+    assert!(page.envelopes.is_empty());
+    assert_eq!(page.next, None);
+}
+
+#[test]
+fn history_order_is_epoch_time_sender_id() {
+    let (a, b) = (peer(0), peer(1));
+    let (lo, hi) = if a.to_bytes() < b.to_bytes() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let id0 = MessageId([0; 32]);
+    let id1 = MessageId([1; 32]);
+    let keys = [
+        history_order_key(1, 999, &hi, id1),
+        history_order_key(2, 0, &lo, id0),
+        history_order_key(2, 5, &lo, id1),
+        history_order_key(2, 5, &hi, id0),
+        history_order_key(2, 5, &hi, id1),
+        history_order_key(2, 6, &lo, id0),
+    ];
+    for w in keys.windows(2) {
+        assert!(w[0] < w[1], "{:?} !< {:?}", w[0], w[1]);
+    }
+    // Every commit position sorts before every application position.
+    let c = Cursor::AfterCommit {
+        epoch: u64::MAX,
+        id: MessageId([0xff; 32]),
+    };
+    assert!(c < Cursor::AfterApplication(keys[0].clone()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Planning
+// ---------------------------------------------------------------------------------------------
+
+/// Three epochs: each a commit and three app messages of varied sizes.
+fn sample_store() -> Store {
+    let mut s = Store::default();
+    let mut tag = 0;
+    for epoch in 0..3u64 {
+        tag += 1;
+        s.commits.push(stored(epoch, PayloadKind::Commit, tag, 100));
+        for j in 0..3u64 {
+            tag += 1;
+            s.apps.push(App {
+                env: stored(epoch, PayloadKind::Application, tag, 50 + 40 * j as usize),
+                sent_at_ms: 1000 - j * 10,
+                sender: j as u8 % 2,
+            });
+        }
+    }
+    s
+}
+
+#[test]
+fn commits_first_in_epoch_order_then_history_order() {
+    let store = sample_store();
+    // Items in scrambled order.
+    let mut items = store.items();
+    items.reverse();
+    items.swap(1, 7);
+    let page = plan_response(&Summary::default(), &items, None, u32::MAX);
+    assert_eq!(page.next, None);
+    let sent: Vec<StoredEnvelope> = page
+        .envelopes
+        .iter()
+        .map(|b| store.envelopes().find(|e| &e.bytes == b).unwrap().clone())
+        .collect();
+    assert_eq!(sent.len(), 12);
+    let commit_epochs: Vec<u64> = sent[..3].iter().map(|e| e.epoch).collect();
+    assert_eq!(commit_epochs, [0, 1, 2]);
+    assert!(sent[..3].iter().all(|e| e.kind == PayloadKind::Commit));
+    assert!(sent[3..].iter().all(|e| e.kind == PayloadKind::Application));
+    let keys: Vec<HistoryKey> = sent[3..]
+        .iter()
+        .map(|e| {
+            let a = store.apps.iter().find(|a| a.env.id == e.id).unwrap();
+            history_order_key(e.epoch, a.sent_at_ms, &peer(a.sender), e.id)
+        })
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted);
+}
+
+#[test]
+fn matching_epochs_are_skipped_and_mismatching_sent_whole() {
+    let store = sample_store();
+    // The requester has everything except one app message of epoch 1.
+    let missing = store.apps.iter().find(|a| a.env.epoch == 1).unwrap().env.id;
+    let held: Vec<&StoredEnvelope> = store.envelopes().filter(|e| e.id != missing).collect();
+    let summary = summarize(held.into_iter());
+    let page = plan_response(&summary, &store.items(), None, u32::MAX);
+    let sent: BTreeSet<MessageId> = page.envelopes.iter().map(|b| MessageId::of(b)).collect();
+    let epoch1: BTreeSet<MessageId> = store
+        .apps
+        .iter()
+        .filter(|a| a.env.epoch == 1)
+        .map(|a| a.env.id)
+        .collect();
+    assert_eq!(sent, epoch1);
+
+    // Up to date: nothing to send, complete.
+    let page = plan_response(&store.summary(), &store.items(), None, 10);
+    assert!(page.envelopes.is_empty());
+    assert_eq!(page.next, None);
+    assert!(matches!(
+        page.into_response(),
+        SyncResponse::V1(SyncPageV1 { complete: true, .. })
+    ));
+
+    // Below the floor: nothing.
+    let page = plan_response(
+        &Summary {
+            floor: 3,
+            epochs: vec![],
+        },
+        &store.items(),
+        None,
+        u32::MAX,
+    );
+    assert!(page.envelopes.is_empty());
+}
+
+#[test]
+fn oversized_envelope_is_sent_alone() {
+    let mut store = sample_store();
+    store.apps.push(App {
+        env: stored(2, PayloadKind::Application, 999, 5000),
+        sent_at_ms: 0,
+        sender: 0,
+    });
+    let items = store.items();
+    let mut cursor = None;
+    let mut seen = 0;
+    loop {
+        let page = plan_response(&Summary::default(), &items, cursor.as_ref(), 1000);
+        assert!(!page.envelopes.is_empty());
+        if page.counted_bytes() > 1000 {
+            assert_eq!(page.envelopes.len(), 1);
+            assert!(page.envelopes[0].len() > 1000);
+        }
+        seen += page.envelopes.len();
+        match page.next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, 13);
+    // max_bytes 0: one envelope per page, still progressing.
+    let page = plan_response(&Summary::default(), &items, None, 0);
+    assert_eq!(page.envelopes.len(), 1);
+    assert!(page.next.is_some());
+}
+
+#[test]
+fn pages_are_deterministic_and_resume_after_new_arrivals() {
+    let mut store = sample_store();
+    let items = store.items();
+    let p1 = plan_response(&Summary::default(), &items, None, 400);
+    let p1b = plan_response(&Summary::default(), &items, None, 400);
+    assert_eq!(p1, p1b);
+    let next = p1.next.clone().unwrap();
+    // A message arriving between pages after the cursor is included; already-sent ones are not
+    // repeated.
+    store.apps.push(App {
+        env: stored(2, PayloadKind::Application, 777, 10),
+        sent_at_ms: u64::MAX,
+        sender: 0,
+    });
+    let items = store.items();
+    let mut got: BTreeSet<MessageId> = p1.envelopes.iter().map(|b| MessageId::of(b)).collect();
+    let mut cursor = Some(next);
+    while let Some(c) = cursor {
+        let p = plan_response(&Summary::default(), &items, Some(&c), 400);
+        for b in &p.envelopes {
+            assert!(got.insert(MessageId::of(b)), "sent twice");
+        }
+        cursor = p.next;
+    }
+    assert_eq!(got, store.ids());
+}
+
+#[test]
+fn counted_len_matches_the_codec() {
+    for len in [0usize, 1, 250, 251, 0xffff, 0x1_0000, 300_000] {
+        let enc = codec::encode(&vec![0u8; len]).unwrap();
+        assert_eq!(counted_len(len), enc.len() as u64, "len {len}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gaps
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn gap_detector_signals_once_per_extension() {
+    let mut g = Gaps::new();
+    assert_eq!(g.observe(3, 3), None);
+    assert_eq!(g.observe(2, 3), None);
+    assert_eq!(g.observe(5, 3), Some(MissingCommits { first: 3, last: 4 }));
+    assert_eq!(g.observe(5, 3), None);
+    assert_eq!(g.observe(4, 3), None);
+    assert_eq!(g.observe(7, 3), Some(MissingCommits { first: 3, last: 6 }));
+    // Partly filled: still within what was signalled.
+    assert_eq!(g.observe(7, 5), None);
+    // Filled, then a new gap.
+    assert_eq!(g.observe(7, 7), None);
+    assert_eq!(g.observe(9, 8), Some(MissingCommits { first: 8, last: 8 }));
+    g.reset();
+    assert_eq!(g.observe(9, 8), Some(MissingCommits { first: 8, last: 8 }));
+    assert_eq!(
+        g.observe(u64::MAX, 0),
+        Some(MissingCommits {
+            first: 0,
+            last: u64::MAX - 1
+        })
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Properties
+// ---------------------------------------------------------------------------------------------
+
+/// A random responder store: per epoch an optional commit and some app messages, each with a
+/// "held by the requester" flag.
+fn arb_world() -> impl Strategy<Value = (Store, BTreeSet<MessageId>)> {
+    let app = (1usize..600, 0u64..50, 0u8..3, any::<bool>());
+    let epoch = (
+        any::<bool>(),
+        any::<bool>(),
+        prop::collection::vec(app, 0..6),
+    );
+    prop::collection::vec(epoch, 0..7).prop_map(|epochs| {
+        let mut store = Store::default();
+        let mut held = BTreeSet::new();
+        let mut tag = 0u32;
+        for (e, (has_commit, commit_held, apps)) in epochs.into_iter().enumerate() {
+            let e = e as u64;
+            if has_commit {
+                tag += 1;
+                let c = stored(e, PayloadKind::Commit, tag, 120);
+                if commit_held {
+                    held.insert(c.id);
+                }
+                store.commits.push(c);
+            }
+            for (len, sent_at_ms, sender, is_held) in apps {
+                tag += 1;
+                let env = stored(e, PayloadKind::Application, tag, len);
+                if is_held {
+                    held.insert(env.id);
+                }
+                store.apps.push(App {
+                    env,
+                    sent_at_ms,
+                    sender,
+                });
+            }
+        }
+        (store, held)
+    })
+}
+
+/// Runs a whole sync; returns the pages.
+fn run_sync(summary: &Summary, items: &[SyncItem<'_>], max_bytes: u32) -> Vec<Vec<Vec<u8>>> {
+    let mut pages = Vec::new();
+    let mut cursor: Option<Cursor> = None;
+    loop {
+        let page = plan_response(summary, items, cursor.as_ref(), max_bytes);
+        // Through the wire and back.
+        let resp = SyncResponse::decode(&page.clone().into_response().encode().unwrap()).unwrap();
+        let SyncResponse::V1(p) = resp else {
+            panic!("refused")
+        };
+        pages.push(p.envelopes);
+        match p.next {
+            Some(n) => cursor = Some(n),
+            None => return pages,
+        }
+        assert!(pages.len() < 10_000, "no progress");
+    }
+}
+
+proptest! {
+    #[test]
+    fn summary_is_order_and_duplicate_independent(
+        (store, _) in arb_world(),
+        seed in any::<u64>(),
+    ) {
+        let mut envs: Vec<&StoredEnvelope> = store.envelopes().collect();
+        let s1 = summarize(envs.iter().copied());
+        // Deterministic shuffle plus duplicates.
+        let n = envs.len();
+        if n > 1 {
+            for i in 0..n {
+                let j = (seed.wrapping_mul(i as u64 + 7) % n as u64) as usize;
+                envs.swap(i, j);
+            }
+            envs.push(envs[0]);
+        }
+        let s2 = summarize(envs.into_iter());
+        prop_assert_eq!(&s1, &s2);
+        s1.validate().unwrap();
+        // Different sets give different summaries.
+        if let Some(first) = store.apps.first() {
+            let fewer = summarize(store.envelopes().filter(|e| e.id != first.env.id));
+            prop_assert_ne!(&s1, &fewer);
+        }
+    }
+
+    #[test]
+    fn sync_delivers_exactly_the_missing_epochs(
+        (store, held) in arb_world(),
+        max_bytes in prop_oneof![Just(0u32), 1u32..2000, Just(u32::MAX)],
+        extra in any::<bool>(),
+    ) {
+        let items = store.items();
+        let mut requester: Vec<StoredEnvelope> =
+            store.envelopes().filter(|e| held.contains(&e.id)).cloned().collect();
+        if extra {
+            // The requester also holds a message the responder lacks.
+            requester.push(stored(1, PayloadKind::Application, 1_000_000, 30));
+        }
+        let summary = summarize(requester.iter());
+        let pages = run_sync(&summary, &items, max_bytes);
+
+        let mut sent = Vec::new();
+        for page in &pages {
+            let counted: u64 = page.iter().map(|e| counted_len(e.len())).sum();
+            prop_assert!(
+                counted <= u64::from(max_bytes) || page.len() == 1,
+                "page of {} bytes over {}", counted, max_bytes
+            );
+            sent.extend(page.iter().map(|b| MessageId::of(b)));
+        }
+        let sent_set: BTreeSet<MessageId> = sent.iter().copied().collect();
+        prop_assert_eq!(sent.len(), sent_set.len(), "an envelope was sent twice");
+
+        // Union.
+        let mut have: BTreeSet<MessageId> = requester.iter().map(|e| e.id).collect();
+        have.extend(sent_set.iter().copied());
+        let mut union = store.ids();
+        union.extend(requester.iter().map(|e| e.id));
+        prop_assert_eq!(&have, &union);
+
+        // Exactly: missing commits, plus all apps of epochs where the two sets differ.
+        let req_apps: BTreeMap<u64, BTreeSet<MessageId>> = requester
+            .iter()
+            .filter(|e| e.kind == PayloadKind::Application)
+            .fold(BTreeMap::new(), |mut m, e| {
+                m.entry(e.epoch).or_default().insert(e.id);
+                m
+            });
+        let mut resp_apps: BTreeMap<u64, BTreeSet<MessageId>> = BTreeMap::new();
+        for a in &store.apps {
+            resp_apps.entry(a.env.epoch).or_default().insert(a.env.id);
+        }
+        let mut expected: BTreeSet<MessageId> = store
+            .commits
+            .iter()
+            .filter(|c| !held.contains(&c.id))
+            .map(|c| c.id)
+            .collect();
+        for (epoch, ids) in &resp_apps {
+            if req_apps.get(epoch) != Some(ids) {
+                expected.extend(ids.iter().copied());
+            }
+        }
+        prop_assert_eq!(&sent_set, &expected);
+
+        // Commits first, in epoch order.
+        let by_id: BTreeMap<MessageId, &StoredEnvelope> =
+            store.envelopes().map(|e| (e.id, e)).collect();
+        let kinds: Vec<(PayloadKind, u64)> =
+            sent.iter().map(|id| (by_id[id].kind, by_id[id].epoch)).collect();
+        let n_commits = kinds.iter().filter(|k| k.0 == PayloadKind::Commit).count();
+        prop_assert!(kinds[..n_commits].iter().all(|k| k.0 == PayloadKind::Commit));
+        prop_assert!(kinds[..n_commits].windows(2).all(|w| w[0].1 <= w[1].1));
+        prop_assert!(kinds[n_commits..].windows(2).all(|w| w[0].1 <= w[1].1));
+
+        // Efficiency: when every mismatching epoch is missing whole, only missing bytes are
+        // sent (bound: 1.3 × missing bytes).
+        let whole = resp_apps.iter().all(|(epoch, ids)| {
+            let h = req_apps.get(epoch).map_or(0, |r| r.intersection(ids).count());
+            h == 0 || h == ids.len()
+        }) && !extra;
+        if whole {
+            let missing_bytes: u64 = store
+                .envelopes()
+                .filter(|e| !held.contains(&e.id))
+                .map(|e| e.bytes.len() as u64)
+                .sum();
+            let sent_bytes: u64 = sent.iter().map(|id| by_id[id].bytes.len() as u64).sum();
+            prop_assert!(sent_bytes * 10 <= missing_bytes * 13);
+        }
+    }
+
+    #[test]
+    fn sync_request_round_trips(
+        floor in any::<u64>(),
+        counts in prop::collection::vec((any::<u32>(), any::<bool>()), 0..20),
+        max_bytes in any::<u32>(),
+        proof in prop::collection::vec(any::<u8>(), 0..=MAX_PROOF_BYTES),
+        sent_at_ms in any::<u64>(),
+    ) {
+        let epochs: Vec<EpochSummary> = counts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (c, has))| {
+                floor.checked_add(i as u64).map(|epoch| EpochSummary {
+                    epoch,
+                    commit: has.then_some(MessageId([i as u8; 32])),
+                    app_count: *c,
+                    app_hash: app_set_digest([&MessageId([*c as u8; 32])]),
+                })
+            })
+            .collect();
+        let req = SyncRequest::V1(SyncRequestV1 {
+            group: GROUP,
+            summary: Summary { floor, epochs },
+            cursor: Some(Cursor::AfterApplication(history_order_key(
+                floor, sent_at_ms, &peer(2), MessageId([9; 32]),
+            ))),
+            max_bytes,
+            proof,
+        });
+        let bytes = req.encode().unwrap();
+        prop_assert_eq!(SyncRequest::decode(&bytes).unwrap(), req);
+    }
+}
