@@ -24,7 +24,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use futures::{Stream, StreamExt};
 use libp2p::PeerId;
 use sha2::{Digest, Sha256};
@@ -34,8 +34,8 @@ use crate::engine::{EngineError, EngineHandle};
 use crate::metrics::KithMetrics;
 use crate::model::{
     CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, EventsQuery, GroupInfo,
-    GroupSummary, HistoryQuery, InviteInfo, JoinBody, LAGGED_EVENT, MessageInfo, NodeEvent,
-    PeerList, SendBody, StatusInfo,
+    GroupSummary, HistoryQuery, InviteInfo, JoinBody, LAGGED_EVENT, MemberInfo, MessageInfo,
+    NodeEvent, PeerList, SendBody, StatusInfo,
 };
 
 /// Largest accepted request body.
@@ -81,6 +81,22 @@ pub trait ApiBackend: Clone + Send + Sync + 'static {
         group: String,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<MessageInfo>, EngineError>> + Send;
+    /// `DELETE /v1/groups/{group}/members/{peer}`: commits the member's removal.
+    fn remove_member(
+        &self,
+        group: String,
+        peer: PeerId,
+    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
+    /// `POST /v1/groups/{group}/leave`: proposes this node's removal.
+    fn leave_group(
+        &self,
+        group: String,
+    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
+    /// `POST /v1/groups/{group}/update`: commits a fresh leaf key for this node.
+    fn self_update(
+        &self,
+        group: String,
+    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
     /// A receiver of live events for `GET /v1/events`.
     fn subscribe(&self) -> broadcast::Receiver<NodeEvent>;
     /// `GET /v1/net/peers`: the connected peers.
@@ -137,6 +153,25 @@ impl ApiBackend for EngineHandle {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<MessageInfo>, EngineError>> + Send {
         EngineHandle::history(self, group, limit)
+    }
+    fn remove_member(
+        &self,
+        group: String,
+        peer: PeerId,
+    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
+        EngineHandle::remove_member(self, group, peer)
+    }
+    fn leave_group(
+        &self,
+        group: String,
+    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
+        EngineHandle::leave_group(self, group)
+    }
+    fn self_update(
+        &self,
+        group: String,
+    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
+        EngineHandle::self_update(self, group)
     }
     fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
         EngineHandle::subscribe(self)
@@ -210,6 +245,13 @@ fn build_router<B: ApiBackend>(backend: B, token: &str, stop: watch::Receiver<bo
         .route("/v1/groups", get(list_groups::<B>).post(create_group::<B>))
         .route("/v1/groups/{group}", get(show_group::<B>))
         .route("/v1/groups/{group}/invites", post(create_invite::<B>))
+        .route("/v1/groups/{group}/members", get(members::<B>))
+        .route(
+            "/v1/groups/{group}/members/{peer}",
+            delete(remove_member::<B>),
+        )
+        .route("/v1/groups/{group}/leave", post(leave_group::<B>))
+        .route("/v1/groups/{group}/update", post(self_update::<B>))
         .route(
             "/v1/groups/{group}/messages",
             get(history::<B>).post(send_message::<B>),
@@ -284,7 +326,9 @@ impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> Self {
         let message = err.to_string();
         let (status, code) = match &err {
-            EngineError::GroupNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            EngineError::GroupNotFound(_) | EngineError::MemberNotFound(_) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
             EngineError::AmbiguousGroup(_) | EngineError::BadRequest(_) => {
                 (StatusCode::BAD_REQUEST, "bad_request")
             }
@@ -416,6 +460,49 @@ async fn show_group<B: ApiBackend>(
 ) -> ApiResult<GroupInfo> {
     let Path(group) = group?;
     Ok(Json(s.backend.group(group).await?))
+}
+
+async fn members<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    group: Result<Path<String>, PathRejection>,
+) -> ApiResult<Vec<MemberInfo>> {
+    let Path(group) = group?;
+    Ok(Json(s.backend.group(group).await?.members))
+}
+
+async fn remove_member<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<GroupInfo> {
+    let Path((group, peer)) = path?;
+    let peer: PeerId = peer.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("'{peer}' is not a peer id"),
+        )
+    })?;
+    Ok(Json(s.backend.remove_member(group, peer).await?))
+}
+
+async fn leave_group<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    group: Result<Path<String>, PathRejection>,
+) -> Result<(StatusCode, Json<GroupInfo>), ApiError> {
+    let Path(group) = group?;
+    // Accepted, not done: another member commits the removal.
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(s.backend.leave_group(group).await?),
+    ))
+}
+
+async fn self_update<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    group: Result<Path<String>, PathRejection>,
+) -> ApiResult<GroupInfo> {
+    let Path(group) = group?;
+    Ok(Json(s.backend.self_update(group).await?))
 }
 
 async fn create_invite<B: ApiBackend>(
@@ -600,6 +687,8 @@ pub(crate) mod fake {
                 is_self: true,
             }],
             joined_at_ms: 1,
+            active: true,
+            leaving: false,
         }
     }
 
@@ -691,6 +780,32 @@ pub(crate) mod fake {
             Ok((0..limit.min(3))
                 .map(|i| message(&g.id, &format!("{i} of {limit}")))
                 .collect())
+        }
+        async fn remove_member(
+            &self,
+            group: String,
+            peer: PeerId,
+        ) -> Result<GroupInfo, EngineError> {
+            let g = find(&group)?;
+            if peer.to_string() == "12D3KooWself"
+                || !g.members.iter().any(|m| m.peer_id == peer.to_string())
+            {
+                return Err(EngineError::MemberNotFound(peer.to_string()));
+            }
+            Ok(g)
+        }
+        async fn leave_group(&self, group: String) -> Result<GroupInfo, EngineError> {
+            Ok(GroupInfo {
+                leaving: true,
+                ..find(&group)?
+            })
+        }
+        async fn self_update(&self, group: String) -> Result<GroupInfo, EngineError> {
+            let g = find(&group)?;
+            Ok(GroupInfo {
+                epoch: g.epoch + 1,
+                ..g
+            })
         }
         fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
             self.events.subscribe()
@@ -1008,6 +1123,42 @@ mod tests {
             request("POST", "/v1/net/blocked", Some("{\"peers\": []}")),
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn membership_routes() {
+        let (status, json) = call(app(), request("GET", "/v1/groups/friends/members", None)).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!(json[0]["is_self"], true);
+        assert!(json[0]["leaf_index"].is_u64());
+        let (status, json) = call(app(), request("POST", "/v1/groups/friends/leave", None)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        assert_eq!(json["leaving"], true);
+        let (status, json) = call(app(), request("POST", "/v1/groups/friends/update", None)).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        let other = super::fake::peer(2);
+        expect_error(
+            request(
+                "DELETE",
+                &format!("/v1/groups/friends/members/{other}"),
+                None,
+            ),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+        expect_error(
+            request("DELETE", "/v1/groups/friends/members/not-a-peer", None),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        )
+        .await;
+        expect_error(
+            request("POST", "/v1/groups/nope/leave", None),
+            StatusCode::NOT_FOUND,
+            "not_found",
         )
         .await;
     }

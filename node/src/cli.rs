@@ -19,8 +19,8 @@ use crate::config::{ConfigOverrides, resolve_data_dir};
 use crate::identity::{self, IdentityError};
 use crate::model::{
     CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, GroupInfo, GroupSummary,
-    InviteInfo, JoinBody, LAGGED_EVENT, MessageBody, MessageInfo, NodeEvent, PeerList, SendBody,
-    StatusInfo,
+    InviteInfo, JoinBody, LAGGED_EVENT, MemberInfo, MessageBody, MessageInfo, NodeEvent, PeerList,
+    SendBody, StatusInfo,
 };
 
 /// Largest response body the client reads (history is at most 1000 messages of 64 KiB).
@@ -178,6 +178,43 @@ pub enum GroupCommand {
     /// Show a group and its members.
     Show {
         /// Group id, unique id prefix (4+ hex characters) or exact name.
+        group: String,
+        /// Print the API's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a group's members (PeerId, MLS leaf index, this node).
+    Members {
+        /// Group id, unique id prefix or exact name.
+        group: String,
+        /// Print the API's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a member from a group (it cannot read anything sent afterwards).
+    Remove {
+        /// Group id, unique id prefix or exact name.
+        group: String,
+        /// The member's PeerId.
+        #[arg(value_parser = parse_peer_id)]
+        peer: PeerId,
+        /// Print the API's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Leave a group. Another member (the one with the lowest leaf index) commits it; until
+    /// then this node sends nothing more to the group.
+    Leave {
+        /// Group id, unique id prefix or exact name.
+        group: String,
+        /// Print the API's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refresh this node's key in a group (a self-update commit; also automatic after 1000
+    /// own messages or 7 days).
+    Update {
+        /// Group id, unique id prefix or exact name.
         group: String,
         /// Print the API's JSON answer instead of text.
         #[arg(long)]
@@ -518,6 +555,29 @@ impl Client {
         self.get(&["v1", "groups", group]).await
     }
 
+    /// `GET /v1/groups/{group}/members`.
+    pub async fn members(&self, group: &str) -> Result<Vec<MemberInfo>, ClientError> {
+        self.get(&["v1", "groups", group, "members"]).await
+    }
+
+    /// `DELETE /v1/groups/{group}/members/{peer}`.
+    pub async fn remove_member(&self, group: &str, peer: &str) -> Result<GroupInfo, ClientError> {
+        let url = self.url(&["v1", "groups", group, "members", peer])?;
+        self.call(self.http.delete(url)).await
+    }
+
+    /// `POST /v1/groups/{group}/leave`.
+    pub async fn leave_group(&self, group: &str) -> Result<GroupInfo, ClientError> {
+        let url = self.url(&["v1", "groups", group, "leave"])?;
+        self.call(self.http.post(url)).await
+    }
+
+    /// `POST /v1/groups/{group}/update`.
+    pub async fn self_update(&self, group: &str) -> Result<GroupInfo, ClientError> {
+        let url = self.url(&["v1", "groups", group, "update"])?;
+        self.call(self.http.post(url)).await
+    }
+
     /// `POST /v1/groups/{group}/invites`.
     pub async fn create_invite(
         &self,
@@ -773,6 +833,51 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
                 return print_json(&group);
             }
             print_group(&group)
+        }
+        Command::Group(GroupCommand::Members { group, json }) => {
+            let members = connect()?.members(group).await?;
+            if *json {
+                return print_json(&members);
+            }
+            let mut lines = vec![format!("{:>4}  PEER", "LEAF")];
+            for m in &members {
+                let me = if m.is_self { "  (this node)" } else { "" };
+                lines.push(format!("{:>4}  {}{me}", m.leaf_index, clean(&m.peer_id)));
+            }
+            out(&lines.join("\n"))
+        }
+        Command::Group(GroupCommand::Remove { group, peer, json }) => {
+            let g = connect()?.remove_member(group, &peer.to_string()).await?;
+            if *json {
+                return print_json(&g);
+            }
+            out(&format!(
+                "removed {peer} from '{}'; epoch {}, {} members",
+                clean(&g.name),
+                g.epoch,
+                g.members.len()
+            ))
+        }
+        Command::Group(GroupCommand::Leave { group, json }) => {
+            let g = connect()?.leave_group(group).await?;
+            if *json {
+                return print_json(&g);
+            }
+            out(&format!(
+                "asked to leave '{}'; another member commits it when it sees the request",
+                clean(&g.name)
+            ))
+        }
+        Command::Group(GroupCommand::Update { group, json }) => {
+            let g = connect()?.self_update(group).await?;
+            if *json {
+                return print_json(&g);
+            }
+            out(&format!(
+                "refreshed this node's key in '{}'; epoch {}",
+                clean(&g.name),
+                g.epoch
+            ))
         }
         Command::Invite(args) => {
             let req = CreateInviteRequest {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kith_protocol::envelope::{JoinRejection, JoinRequest, JoinResponse};
 use kith_protocol::group::{
-    Effect, GroupEngine, GroupError, GroupView, Identity, PAST_EPOCH_TTL, Verdict,
+    Effect, GroupEngine, GroupError, GroupView, Identity, PAST_EPOCH_TTL, UpdatePolicy, Verdict,
 };
 use kith_protocol::ids::{GroupId, MessageId};
 use kith_protocol::invite::{Invite, secret_hash};
@@ -62,6 +62,9 @@ pub enum EngineError {
     /// No group matches the given id, id prefix or name (HTTP 404).
     #[error("no group matches '{0}'")]
     GroupNotFound(String),
+    /// The peer is not a member of the group (HTTP 404).
+    #[error("{0} is not a member of the group")]
+    MemberNotFound(String),
     /// The id prefix or name matches more than one group (HTTP 400).
     #[error("'{0}' matches several groups; use the full id")]
     AmbiguousGroup(String),
@@ -95,6 +98,11 @@ impl From<GroupError> for EngineError {
             GroupError::Inactive(g) => {
                 EngineError::BadRequest(format!("no longer a member of group {}", g.short()))
             }
+            GroupError::Leaving(g) => EngineError::BadRequest(format!(
+                "leaving group {}; waiting for a member to commit the removal",
+                g.short()
+            )),
+            GroupError::UnknownMember(p) => EngineError::MemberNotFound(p.to_string()),
             GroupError::InvalidInput(m) => EngineError::BadRequest(m),
             GroupError::Invite(e) => EngineError::Invite(e),
             GroupError::JoinRejected(r) => EngineError::JoinRejected(r),
@@ -125,6 +133,9 @@ enum Call {
     CompleteJoin(Box<Invite>, JoinResponse, Reply<GroupInfo>),
     Send(String, String, Reply<MessageInfo>),
     History(String, usize, Reply<Vec<MessageInfo>>),
+    RemoveMember(String, PeerId, Reply<GroupInfo>),
+    LeaveGroup(String, Reply<GroupInfo>),
+    SelfUpdate(String, Reply<GroupInfo>),
 }
 
 /// What the actor consumes.
@@ -178,6 +189,8 @@ fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
             })
             .collect(),
         joined_at_ms: v.meta.joined_at_ms,
+        active: v.active,
+        leaving: v.leaving,
     }
 }
 
@@ -312,6 +325,26 @@ impl EngineHandle {
     /// Sends a text message to a group.
     pub async fn send(&self, group: String, text: String) -> Result<MessageInfo, EngineError> {
         self.call(|r| Call::Send(group, text, r)).await
+    }
+
+    /// Removes a member (by PeerId) from a group; returns the group after the commit.
+    pub async fn remove_member(
+        &self,
+        group: String,
+        peer: PeerId,
+    ) -> Result<GroupInfo, EngineError> {
+        self.call(|r| Call::RemoveMember(group, peer, r)).await
+    }
+
+    /// Asks to leave a group: publishes this node's removal proposal, which another member
+    /// commits. Returns the group, marked `leaving`.
+    pub async fn leave_group(&self, group: String) -> Result<GroupInfo, EngineError> {
+        self.call(|r| Call::LeaveGroup(group, r)).await
+    }
+
+    /// Commits a fresh leaf key for this node in a group; returns the group after it.
+    pub async fn self_update(&self, group: String) -> Result<GroupInfo, EngineError> {
+        self.call(|r| Call::SelfUpdate(group, r)).await
     }
 
     /// The newest `limit` history entries of a group, oldest first.
@@ -517,7 +550,10 @@ impl Actor {
                 }
                 Input::Net(ev) => self.on_net(ev),
                 Input::Call(call) => self.on_call(call),
-                Input::Tick => self.rendezvous(),
+                Input::Tick => {
+                    self.self_updates();
+                    self.rendezvous();
+                }
                 Input::Flush => {
                     self.flushes += 1;
                     if self.flushes.is_multiple_of(EXPIRE_EVERY_FLUSHES) {
@@ -829,6 +865,33 @@ impl Actor {
             Call::Send(q, text, r) => {
                 let _ = r.send(self.send(&q, &text));
             }
+            Call::RemoveMember(q, peer, r) => {
+                let res = self.resolve(&q).and_then(|id| {
+                    let fx = self.groups.remove_member(id, peer, now_ms());
+                    self.commit_local(id, fx)
+                });
+                if res.is_ok() {
+                    tracing::info!(group = %q, %peer, "removed a member");
+                }
+                let _ = r.send(res);
+            }
+            Call::LeaveGroup(q, r) => {
+                let res = self.resolve(&q).and_then(|id| {
+                    let fx = self.groups.leave_group(id, now_ms());
+                    self.commit_local(id, fx)
+                });
+                if res.is_ok() {
+                    tracing::info!(group = %q, "asked to leave the group");
+                }
+                let _ = r.send(res);
+            }
+            Call::SelfUpdate(q, r) => {
+                let res = self.resolve(&q).and_then(|id| {
+                    let fx = self.groups.self_update(id, now_ms());
+                    self.commit_local(id, fx)
+                });
+                let _ = r.send(res);
+            }
             Call::History(q, limit, r) => {
                 let res = self.resolve(&q).and_then(|id| {
                     Ok(self
@@ -839,6 +902,41 @@ impl Actor {
                         .collect())
                 });
                 let _ = r.send(res);
+            }
+        }
+    }
+
+    /// Applies the effects of a local membership operation on `id` (durably, before they
+    /// are published) and returns the group after it; rolls back on failure.
+    fn commit_local(
+        &mut self,
+        id: GroupId,
+        effects: Result<Vec<Effect>, GroupError>,
+    ) -> Result<GroupInfo, EngineError> {
+        let effects = match effects {
+            Ok(fx) => fx,
+            Err(e) => {
+                self.rollback();
+                return Err(e.into());
+            }
+        };
+        self.apply(effects)?;
+        Ok(group_info(&self.view(&id)?, self.me))
+    }
+
+    /// Commits a self-update in every group where one is due ([`UpdatePolicy::default`]:
+    /// after 1000 own messages or 7 days). Runs on the rendezvous tick.
+    fn self_updates(&mut self) {
+        for id in self
+            .groups
+            .due_self_updates(now_ms(), UpdatePolicy::default())
+        {
+            let fx = self.groups.self_update(id, now_ms());
+            match self.commit_local(id, fx) {
+                Ok(v) => {
+                    tracing::info!(group = %id.short(), epoch = v.epoch, "self-update committed")
+                }
+                Err(e) => tracing::warn!(group = %id.short(), error = %e, "self-update failed"),
             }
         }
     }

@@ -48,6 +48,16 @@ pub struct GroupInfo {
     pub members: Vec<MemberInfo>,
     /// When this node created or joined the group.
     pub joined_at_ms: u64,
+    /// Whether this node is still a member (false once removed or after leaving).
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// Whether this node asked to leave and waits for a member to commit it.
+    #[serde(default)]
+    pub leaving: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A member of a group.

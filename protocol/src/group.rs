@@ -21,9 +21,9 @@ use libp2p_identity::{Keypair, PeerId, PublicKey, ed25519};
 use multiaddr::Multiaddr;
 use openmls::prelude::{
     BasicCredential, Ciphersuite, CredentialWithKey, KeyPackage, KeyPackageIn, LeafNodeIndex,
-    Member, MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn,
-    PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, ProtocolMessage, ProtocolVersion,
-    SenderRatchetConfiguration, StagedWelcome,
+    LeafNodeParameters, Member, MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn,
+    MlsMessageOut, PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, Proposal,
+    ProtocolMessage, ProtocolVersion, Sender, SenderRatchetConfiguration, StagedWelcome,
     tls_codec::{Deserialize as _, Serialize as _},
 };
 use openmls_basic_credential::SignatureKeyPair;
@@ -56,6 +56,31 @@ pub const MAX_PENDING_BYTES_PER_GROUP: usize = 8 * 1024 * 1024;
 const OUT_OF_ORDER_TOLERANCE: u32 = 64;
 /// A sender may skip this many of its own generations (lost messages) and still be read.
 const MAX_FORWARD_DISTANCE: u32 = 5000;
+/// Default [`UpdatePolicy::after_messages`]: own messages in a group before a self-update.
+pub const SELF_UPDATE_AFTER_MESSAGES: u64 = 1000;
+/// Default [`UpdatePolicy::after_ms`]: time since this node's last commit in a group before a
+/// self-update (7 days).
+pub const SELF_UPDATE_AFTER_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// When this node refreshes its own leaf key in a group (a self-update commit), for
+/// post-compromise security: after `after_messages` own messages or `after_ms` since its
+/// last own commit, whichever comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpdatePolicy {
+    /// Own application messages since the last own commit.
+    pub after_messages: u64,
+    /// Milliseconds since the last own commit (or since the group was loaded).
+    pub after_ms: u64,
+}
+
+impl Default for UpdatePolicy {
+    fn default() -> Self {
+        UpdatePolicy {
+            after_messages: SELF_UPDATE_AFTER_MESSAGES,
+            after_ms: SELF_UPDATE_AFTER_MS,
+        }
+    }
+}
 
 /// Why a group operation failed. Rejections of remote input are [`Verdict`]s, not errors.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +94,12 @@ pub enum GroupError {
     /// This node was removed from the group; it can read history but not send.
     #[error("no longer a member of group {0}")]
     Inactive(GroupId),
+    /// This node asked to leave the group and waits for a member to commit its removal.
+    #[error("leaving group {0}; waiting for a member to commit the removal")]
+    Leaving(GroupId),
+    /// The peer is not a member of the group.
+    #[error("{0} is not a member of the group")]
+    UnknownMember(PeerId),
     /// The caller's input is invalid (empty or oversized text, bad name, …).
     #[error("{0}")]
     InvalidInput(String),
@@ -201,6 +232,8 @@ pub struct GroupView {
     pub epoch: u64,
     /// Whether this node is still a member.
     pub active: bool,
+    /// Whether this node proposed its own removal and waits for it to be committed.
+    pub leaving: bool,
     /// Members as (leaf index, PeerId), in leaf order.
     pub members: Vec<(u32, PeerId)>,
 }
@@ -216,9 +249,32 @@ struct Group {
     topic: TopicId,
     pending: VecDeque<Pending>,
     pending_bytes: usize,
+    /// This node proposed its own removal (see [`GroupEngine::leave_group`]).
+    leaving: bool,
+    /// Own application messages since this node's last own commit.
+    sent_since_update: u64,
+    /// When this node last committed in the group; `None` until first seen by
+    /// [`GroupEngine::due_self_updates`] after a load.
+    last_update_ms: Option<u64>,
 }
 
 impl Group {
+    fn new(mls: MlsGroup, meta: GroupMeta, topic: TopicId, now_ms: Option<u64>) -> Self {
+        let me = mls.own_leaf_index();
+        // A self-removal proposal survives restarts in the MLS proposal store.
+        let leaving = mls.is_active() && mls.pending_proposals().any(|p| is_self_remove(p, me));
+        Group {
+            mls,
+            meta,
+            topic,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            leaving,
+            sent_since_update: 0,
+            last_update_ms: now_ms,
+        }
+    }
+
     fn epoch(&self) -> u64 {
         self.mls.epoch().as_u64()
     }
@@ -228,6 +284,7 @@ impl Group {
             meta: self.meta.clone(),
             epoch: self.epoch(),
             active: self.mls.is_active(),
+            leaving: self.leaving,
             members: self
                 .mls
                 .members()
@@ -239,6 +296,96 @@ impl Group {
     fn member_count(&self) -> usize {
         self.mls.members().count()
     }
+}
+
+/// Whether a queued proposal is a member proposing its own removal, optionally only `who`'s.
+fn is_self_remove(p: &openmls::prelude::QueuedProposal, who: LeafNodeIndex) -> bool {
+    self_remover(p.proposal(), p.sender()) == Some(who)
+}
+
+/// The leaf proposing its own removal, if this proposal is one.
+fn self_remover(proposal: &Proposal, sender: &Sender) -> Option<LeafNodeIndex> {
+    match (proposal, sender) {
+        (Proposal::Remove(r), Sender::Member(s)) if r.removed() == *s => Some(*s),
+        _ => None,
+    }
+}
+
+/// The peers a pending or staged commit removes, looked up in the tree before it is merged.
+fn removed_peers(mls: &MlsGroup, staged: &openmls::prelude::StagedCommit) -> Vec<PeerId> {
+    staged
+        .remove_proposals()
+        .filter_map(|r| {
+            let idx: LeafNodeIndex = r.remove_proposal().removed();
+            mls.member_at(idx).and_then(|m| member_peer(&m))
+        })
+        .collect()
+}
+
+/// Merges this node's own pending commit (`commit`, made at `old_epoch`) and returns the
+/// effects: the commit envelope stored, removals recorded, the epoch change, the publication.
+fn merge_own_commit<P: OpenMlsProvider>(
+    provider: &P,
+    me: PeerId,
+    group: GroupId,
+    g: &mut Group,
+    commit: MlsMessageOut,
+    old_epoch: u64,
+    now_ms: u64,
+) -> Result<Vec<Effect>, GroupError> {
+    let removed = g
+        .mls
+        .pending_commit()
+        .map(|c| removed_peers(&g.mls, c))
+        .unwrap_or_default();
+    if let Err(e) = g.mls.merge_pending_commit(provider) {
+        let _ = g.mls.clear_pending_commit(provider.storage());
+        return Err(mls_err(e));
+    }
+    // Every commit of ours carries an update path: our leaf key is fresh.
+    g.sent_since_update = 0;
+    g.last_update_ms = Some(now_ms);
+    let commit = commit.tls_serialize_detached().map_err(mls_err)?;
+    let (data, id) = Envelope::new(group, old_epoch, PayloadKind::Commit, commit)
+        .encode()
+        .map_err(mls_err)?;
+    let mut effects = vec![Effect::SaveEnvelope(StoredEnvelope {
+        id,
+        group,
+        epoch: old_epoch,
+        kind: PayloadKind::Commit,
+        bytes: data.clone(),
+        received_at_ms: now_ms,
+    })];
+    if !removed.is_empty() {
+        effects.push(Effect::Record(HistoryEntry {
+            group,
+            id: removal_id(&id),
+            epoch: old_epoch,
+            sender: me,
+            sent_at_ms: now_ms,
+            received_at_ms: now_ms,
+            kind: EntryKind::MembersRemoved(removed),
+        }));
+    }
+    effects.push(Effect::EpochChanged {
+        group,
+        epoch: g.epoch(),
+        member_count: g.member_count(),
+    });
+    effects.push(Effect::Publish {
+        topic: g.topic,
+        data,
+    });
+    Ok(effects)
+}
+
+/// The history id of the removals in the commit envelope `commit`.
+fn removal_id(commit: &MessageId) -> MessageId {
+    MessageId(crate::ids::hash_parts(&[
+        b"kith/removed",
+        commit.as_bytes(),
+    ]))
 }
 
 fn join_config() -> MlsGroupJoinConfig {
@@ -303,16 +450,8 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                     if mls.is_active() {
                         effects.push(Effect::Subscribe(topic));
                     }
-                    self.groups.insert(
-                        meta.id,
-                        Group {
-                            mls,
-                            meta,
-                            topic,
-                            pending: VecDeque::new(),
-                            pending_bytes: 0,
-                        },
-                    );
+                    self.groups
+                        .insert(meta.id, Group::new(mls, meta, topic, None));
                 }
                 None => missing.push(meta.id),
             }
@@ -329,6 +468,9 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             match MlsGroup::load(self.provider.storage(), &mls_id).map_err(mls_err)? {
                 Some(mls) => {
                     if let Some(g) = self.groups.get_mut(&id) {
+                        let me = mls.own_leaf_index();
+                        g.leaving = mls.is_active()
+                            && mls.pending_proposals().any(|p| is_self_remove(p, me));
                         g.mls = mls;
                     }
                 }
@@ -402,16 +544,8 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                 name: name.to_owned(),
             },
         };
-        self.groups.insert(
-            id,
-            Group {
-                mls,
-                meta: meta.clone(),
-                topic,
-                pending: VecDeque::new(),
-                pending_bytes: 0,
-            },
-        );
+        self.groups
+            .insert(id, Group::new(mls, meta.clone(), topic, Some(now_ms)));
         Ok(vec![
             Effect::SaveGroup(meta),
             Effect::Record(entry),
@@ -435,6 +569,9 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             .ok_or(GroupError::UnknownGroup(group))?;
         if !g.mls.is_active() {
             return Err(GroupError::Inactive(group));
+        }
+        if g.leaving {
+            return Err(GroupError::Leaving(group));
         }
         let invite = Invite::create(
             InviteParams {
@@ -501,7 +638,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         let Some(g) = self.groups.get_mut(&req.group) else {
             return reject(JoinRejection::NotMember);
         };
-        if !g.mls.is_active() {
+        if !g.mls.is_active() || g.leaving {
             return reject(JoinRejection::NotMember);
         }
         let Some(mut record) =
@@ -633,13 +770,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             joined_at_ms: now_ms,
         };
         let topic = id.topic(&self.network);
-        let group = Group {
-            mls,
-            meta: meta.clone(),
-            topic,
-            pending: VecDeque::new(),
-            pending_bytes: 0,
-        };
+        let group = Group::new(mls, meta.clone(), topic, Some(now_ms));
         let epoch = group.epoch();
         let member_count = group.member_count();
         self.groups.insert(id, group);
@@ -686,6 +817,9 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         if !g.mls.is_active() {
             return Err(GroupError::Inactive(group));
         }
+        if g.leaving {
+            return Err(GroupError::Leaving(group));
+        }
         let content = AppContent::V1(AppContentV1 {
             sent_at_ms: now_ms,
             body: Body::Text(text.to_owned()),
@@ -696,6 +830,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             .mls
             .create_message(&self.provider, &self.me.signer, &plain)
             .map_err(mls_err)?;
+        g.sent_since_update += 1;
         let mls = out.tls_serialize_detached().map_err(mls_err)?;
         let (data, id) = Envelope::new(group, epoch, PayloadKind::Application, mls)
             .encode()
@@ -727,6 +862,134 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                 },
             ],
         ))
+    }
+
+    /// Removes `peer` from `group`: commits a Remove, merges it and publishes the commit. The
+    /// removed member cannot read anything sent after it. To remove yourself, use
+    /// [`GroupEngine::leave_group`].
+    pub fn remove_member(
+        &mut self,
+        group: GroupId,
+        peer: PeerId,
+        now_ms: u64,
+    ) -> Result<Vec<Effect>, GroupError> {
+        if peer == self.me.peer {
+            return Err(GroupError::InvalidInput(
+                "cannot remove yourself; leave the group instead".into(),
+            ));
+        }
+        let g = active_group(&mut self.groups, group)?;
+        let leaf = g
+            .mls
+            .members()
+            .find(|m| member_peer(m) == Some(peer))
+            .map(|m| m.index)
+            .ok_or(GroupError::UnknownMember(peer))?;
+        let old_epoch = g.epoch();
+        let (commit, _, _) = match g
+            .mls
+            .remove_members(&self.provider, &self.me.signer, &[leaf])
+        {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = g.mls.clear_pending_commit(self.provider.storage());
+                return Err(mls_err(e));
+            }
+        };
+        merge_own_commit(
+            &self.provider,
+            self.me.peer,
+            group,
+            g,
+            commit,
+            old_epoch,
+            now_ms,
+        )
+    }
+
+    /// Asks to leave `group`: publishes a proposal to remove this node, which another member
+    /// must commit (MLS members cannot commit their own removal). The remaining member with
+    /// the lowest leaf index commits it when it receives the proposal; until this node sees
+    /// that commit it is *leaving*: it sends nothing more to the group. If that member is
+    /// offline, the leave waits until it comes back.
+    pub fn leave_group(&mut self, group: GroupId, now_ms: u64) -> Result<Vec<Effect>, GroupError> {
+        let g = active_group(&mut self.groups, group)?;
+        if g.member_count() < 2 {
+            return Err(GroupError::InvalidInput(
+                "you are the only member; nobody could commit your leaving".into(),
+            ));
+        }
+        let epoch = g.epoch();
+        let proposal = g
+            .mls
+            .leave_group(&self.provider, &self.me.signer)
+            .map_err(mls_err)?;
+        g.leaving = true;
+        let mls = proposal.tls_serialize_detached().map_err(mls_err)?;
+        let (data, id) = Envelope::new(group, epoch, PayloadKind::Proposal, mls)
+            .encode()
+            .map_err(mls_err)?;
+        Ok(vec![
+            Effect::SaveEnvelope(StoredEnvelope {
+                id,
+                group,
+                epoch,
+                kind: PayloadKind::Proposal,
+                bytes: data.clone(),
+                received_at_ms: now_ms,
+            }),
+            Effect::Publish {
+                topic: g.topic,
+                data,
+            },
+        ])
+    }
+
+    /// Commits a fresh leaf key for this node in `group` (post-compromise security), merges it
+    /// and publishes the commit. Pending self-removal proposals of others are committed too.
+    pub fn self_update(&mut self, group: GroupId, now_ms: u64) -> Result<Vec<Effect>, GroupError> {
+        let g = active_group(&mut self.groups, group)?;
+        let old_epoch = g.epoch();
+        let bundle = match g.mls.self_update(
+            &self.provider,
+            &self.me.signer,
+            LeafNodeParameters::default(),
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = g.mls.clear_pending_commit(self.provider.storage());
+                return Err(mls_err(e));
+            }
+        };
+        let (commit, _, _) = bundle.into_contents();
+        merge_own_commit(
+            &self.provider,
+            self.me.peer,
+            group,
+            g,
+            commit,
+            old_epoch,
+            now_ms,
+        )
+    }
+
+    /// The active groups where this node is due a self-update under `policy`. Call it on a
+    /// timer and [`GroupEngine::self_update`] each. Counters live in memory: after a load,
+    /// the time counts from the first call and the message count from zero.
+    pub fn due_self_updates(&mut self, now_ms: u64, policy: UpdatePolicy) -> Vec<GroupId> {
+        let mut due = Vec::new();
+        for (id, g) in &mut self.groups {
+            if !g.mls.is_active() || g.leaving {
+                continue;
+            }
+            let since = *g.last_update_ms.get_or_insert(now_ms);
+            if g.sent_since_update >= policy.after_messages
+                || now_ms.saturating_sub(since) >= policy.after_ms
+            {
+                due.push(*id);
+            }
+        }
+        due
     }
 
     /// Handles envelope bytes received from the network. Returns the gossip verdict and the
@@ -811,12 +1074,17 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             }
             Err(e) => return Verdict::Reject(format!("MLS processing failed: {e}")),
         };
-        let sender = match processed.sender() {
-            openmls::prelude::Sender::Member(idx) => {
-                g.mls.member_at(*idx).and_then(|m| member_peer(&m))
-            }
+        let sender_leaf = match processed.sender() {
+            Sender::Member(idx) => Some(*idx),
             _ => None,
         };
+        // The sender as of the message's epoch. Commits and proposals are only processed at
+        // the current epoch; application messages may come from a past one, whose tree
+        // openmls used to verify them and whose credential it returns.
+        let sender = sender_leaf.and_then(|idx| g.mls.member_at(idx).and_then(|m| member_peer(&m)));
+        let named_sender = BasicCredential::try_from(processed.credential().clone())
+            .ok()
+            .and_then(|c| PeerId::from_bytes(c.identity()).ok());
         let stored = StoredEnvelope {
             id,
             group: group_id,
@@ -827,8 +1095,12 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         };
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
-                let Some(sender) = sender else {
-                    return Verdict::Reject("application message from an unbound sender".into());
+                // A member removed since (a message from a past epoch) no longer speaks for the
+                // group: its leaf is gone or belongs to someone else now.
+                let Some(sender) = named_sender.filter(|n| sender == Some(*n)) else {
+                    return Verdict::Reject(
+                        "application message from a sender who is not a current member".into(),
+                    );
                 };
                 let content = match AppContent::decode(&app.into_bytes()) {
                     Ok(c) => c,
@@ -863,13 +1135,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                         }
                     }
                 }
-                let removed: Vec<PeerId> = staged
-                    .remove_proposals()
-                    .filter_map(|r| {
-                        let idx: LeafNodeIndex = r.remove_proposal().removed();
-                        g.mls.member_at(idx).and_then(|m| member_peer(&m))
-                    })
-                    .collect();
+                let removed = removed_peers(&g.mls, &staged);
                 let self_removed = staged.self_removed();
                 if let Err(e) = g.mls.merge_staged_commit(&self.provider, *staged) {
                     return Verdict::Reject(format!("cannot merge commit: {e}"));
@@ -890,7 +1156,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                 if !removed.is_empty() {
                     effects.push(Effect::Record(HistoryEntry {
                         group: group_id,
-                        id: MessageId(crate::ids::hash_parts(&[b"kith/removed", id.as_bytes()])),
+                        id: removal_id(&id),
                         epoch: envelope.epoch(),
                         sender,
                         sent_at_ms: now_ms,
@@ -904,11 +1170,29 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                     member_count: g.member_count(),
                 });
                 if self_removed {
+                    g.leaving = false;
                     effects.push(Effect::Unsubscribe(g.topic));
+                } else if g.leaving {
+                    // Another commit won this epoch and dropped our self-removal proposal:
+                    // propose it again in the new epoch.
+                    g.leaving = false;
+                    match self.leave_group(group_id, now_ms) {
+                        Ok(fx) => effects.extend(fx),
+                        Err(e) => {
+                            return Verdict::Reject(format!(
+                                "cannot re-propose leaving after a commit: {e}"
+                            ));
+                        }
+                    }
                 }
                 Verdict::Accept
             }
             ProcessedMessageContent::ProposalMessage(proposal) => {
+                // Kith only ever proposes a member's own removal (leaving); any other
+                // proposal would be committed by the next commit of an honest member.
+                if self_remover(proposal.proposal(), proposal.sender()).is_none() {
+                    return Verdict::Reject("only self-removal proposals are accepted".into());
+                }
                 if let Err(e) = g
                     .mls
                     .store_pending_proposal(self.provider.storage(), *proposal)
@@ -916,6 +1200,49 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                     return Verdict::Ignore(format!("cannot store proposal: {e}"));
                 }
                 effects.push(Effect::SaveEnvelope(stored));
+                if g.leaving || !g.mls.is_active() {
+                    return Verdict::Accept;
+                }
+                // Only the remaining member with the lowest leaf index commits, so the members
+                // do not all commit the same removal at once.
+                let leaving: Vec<LeafNodeIndex> = g
+                    .mls
+                    .pending_proposals()
+                    .filter_map(|p| self_remover(p.proposal(), p.sender()))
+                    .collect();
+                let lowest = g
+                    .mls
+                    .members()
+                    .map(|m| m.index)
+                    .filter(|i| !leaving.contains(i))
+                    .min();
+                if lowest == Some(g.mls.own_leaf_index()) {
+                    let old_epoch = g.epoch();
+                    let commit = match g
+                        .mls
+                        .commit_to_pending_proposals(&self.provider, &self.me.signer)
+                    {
+                        Ok((commit, _, _)) => commit,
+                        Err(e) => {
+                            let _ = g.mls.clear_pending_commit(self.provider.storage());
+                            return Verdict::Ignore(format!("cannot commit the removal: {e}"));
+                        }
+                    };
+                    match merge_own_commit(
+                        &self.provider,
+                        self.me.peer,
+                        group_id,
+                        g,
+                        commit,
+                        old_epoch,
+                        now_ms,
+                    ) {
+                        Ok(fx) => effects.extend(fx),
+                        Err(e) => {
+                            return Verdict::Ignore(format!("cannot commit the removal: {e}"));
+                        }
+                    }
+                }
                 Verdict::Accept
             }
             _ => Verdict::Ignore("unsupported MLS content".into()),
@@ -964,6 +1291,23 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
     pub fn pending_count(&self, group: &GroupId) -> usize {
         self.groups.get(group).map_or(0, |g| g.pending.len())
     }
+}
+
+/// The group, if this node may still send to it.
+fn active_group(
+    groups: &mut BTreeMap<GroupId, Group>,
+    group: GroupId,
+) -> Result<&mut Group, GroupError> {
+    let g = groups
+        .get_mut(&group)
+        .ok_or(GroupError::UnknownGroup(group))?;
+    if !g.mls.is_active() {
+        return Err(GroupError::Inactive(group));
+    }
+    if g.leaving {
+        return Err(GroupError::Leaving(group));
+    }
+    Ok(g)
 }
 
 fn hold_pending(g: &mut Group, epoch: u64, bytes: &[u8]) {

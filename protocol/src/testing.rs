@@ -162,6 +162,27 @@ impl<'a, P: OpenMlsProvider> Sim<'a, P> {
         Ok(())
     }
 
+    /// Member `i` removes `peer` from `group`; the commit is queued.
+    pub fn remove(&mut self, i: usize, group: GroupId, peer: PeerId) -> Result<(), GroupError> {
+        let fx = self.engines[i].remove_member(group, peer, self.now_ms)?;
+        self.apply(i, fx);
+        Ok(())
+    }
+
+    /// Member `i` asks to leave `group`; its proposal is queued.
+    pub fn leave(&mut self, i: usize, group: GroupId) -> Result<(), GroupError> {
+        let fx = self.engines[i].leave_group(group, self.now_ms)?;
+        self.apply(i, fx);
+        Ok(())
+    }
+
+    /// Member `i` commits a fresh leaf key in `group`; the commit is queued.
+    pub fn self_update(&mut self, i: usize, group: GroupId) -> Result<(), GroupError> {
+        let fx = self.engines[i].self_update(group, self.now_ms)?;
+        self.apply(i, fx);
+        Ok(())
+    }
+
     /// Delivers one in-flight envelope (at `index` in the queue) to every other subscriber.
     pub fn deliver_at(&mut self, index: usize) {
         let Some((from, topic, data)) = self.in_flight.remove(index) else {

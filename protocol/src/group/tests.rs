@@ -381,3 +381,235 @@ fn expired_past_epochs_no_longer_decrypt_and_nothing_breaks() {
     s.deliver_all();
     assert_eq!(s.texts(1, g), vec!["current"]);
 }
+
+/// Member 0 creates a group and admits members 1..n through invites; all delivered.
+fn group_of(n: usize) -> (Sim<'static, OpenMlsRustCrypto>, GroupId) {
+    let mut s = sim(n);
+    let g = s.create_group(0, "members").unwrap();
+    let inv = s.invite(0, g, n as u32).unwrap();
+    for j in 1..n {
+        s.join(j, 0, &inv).unwrap();
+        s.deliver_all();
+    }
+    (s, g)
+}
+
+fn assert_converged(s: &Sim<'_, OpenMlsRustCrypto>, g: GroupId, members: &[usize], epoch: u64) {
+    let auth = s.engines[members[0]].epoch_authenticator(&g);
+    for &i in members {
+        let v = s.engines[i].group(&g).unwrap();
+        assert!(v.active, "member {i} active");
+        assert_eq!(v.epoch, epoch, "member {i} epoch");
+        assert_eq!(v.members.len(), members.len(), "member {i} member count");
+        assert_eq!(s.engines[i].epoch_authenticator(&g), auth, "member {i}");
+    }
+}
+
+fn removals(s: &Sim<'_, OpenMlsRustCrypto>, i: usize, g: GroupId) -> Vec<(PeerId, Vec<PeerId>)> {
+    s.history[i]
+        .iter()
+        .filter(|h| h.group == g)
+        .filter_map(|h| match &h.kind {
+            EntryKind::MembersRemoved(v) => Some((h.sender, v.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn removed_member_reads_nothing_after_and_is_not_heard() {
+    let (mut s, g) = group_of(4);
+    let epoch = s.engines[0].group(&g).unwrap().epoch;
+    let gone = s.peer(3);
+    s.remove(0, g, gone).unwrap();
+    // Member 3 has not seen the commit yet and posts in the old epoch.
+    s.send(3, g, "from the removed member").unwrap();
+    let flight: Vec<Vec<u8>> = s.in_flight.drain(..).map(|(_, _, d)| d).collect();
+    let [commit, stale] = flight.as_slice() else {
+        panic!("{} envelopes in flight", flight.len());
+    };
+    // Members 1 and 2 process the commit, then the stale post: rejected, nothing stored.
+    for j in 1..3 {
+        let (v, fx) = s.engines[j].handle_envelope(commit, T0);
+        assert_eq!(v, Verdict::Accept, "member {j}");
+        s.apply(j, fx);
+    }
+    for j in 0..3 {
+        let (v, fx) = s.engines[j].handle_envelope(stale, T0);
+        assert!(
+            matches!(v, Verdict::Reject(ref why) if why.contains("not a current member")),
+            "member {j}: {v:?}"
+        );
+        assert!(fx.is_empty(), "member {j} stores nothing: {fx:?}");
+    }
+    // The others talk in the new epoch.
+    s.send(1, g, "after 1").unwrap();
+    s.send(2, g, "after 2").unwrap();
+    let after: Vec<Vec<u8>> = s.in_flight.iter().map(|(_, _, d)| d.clone()).collect();
+    let (after1, after2) = (&after[0], &after[1]);
+    // Member 3 gets the new-epoch messages first (held), then the commit: it reads none.
+    for env in [after1, after2, commit] {
+        let (_, fx) = s.engines[3].handle_envelope(env, T0);
+        s.apply(3, fx);
+    }
+    for env in [after1, after2] {
+        let (v, fx) = s.engines[3].handle_envelope(env, T0);
+        assert!(matches!(v, Verdict::Ignore(_)), "{v:?}");
+        assert!(fx.is_empty());
+    }
+    assert_eq!(s.texts(3, g), vec!["from the removed member"]);
+    let v3 = s.engines[3].group(&g).unwrap();
+    assert!(!v3.active);
+    assert!(!s.subscribed[3].contains(&g.topic("test-net")));
+    assert!(matches!(
+        s.engines[3].send_text(g, "still here?", T0),
+        Err(GroupError::Inactive(_))
+    ));
+    // The remaining members deliver the rest and converge.
+    s.deliver_all();
+    assert_converged(&s, g, &[0, 1, 2], epoch + 1);
+    for i in 0..3 {
+        let mut texts = s.texts(i, g);
+        texts.sort();
+        assert_eq!(texts, vec!["after 1", "after 2"], "member {i}");
+        assert_eq!(
+            removals(&s, i, g),
+            vec![(s.peer(0), vec![gone])],
+            "member {i}"
+        );
+    }
+    s.send(0, g, "still talking").unwrap();
+    s.deliver_all();
+    assert!(s.texts(1, g).contains(&"still talking".to_owned()));
+}
+
+#[test]
+fn leaving_is_committed_by_the_lowest_remaining_member() {
+    let (mut s, g) = group_of(4);
+    let epoch = s.engines[0].group(&g).unwrap().epoch;
+    let leaver = s.peer(0);
+    s.leave(0, g).unwrap();
+    assert!(s.engines[0].group(&g).unwrap().leaving);
+    assert!(matches!(
+        s.engines[0].send_text(g, "bye", T0),
+        Err(GroupError::Leaving(_))
+    ));
+    assert!(matches!(
+        s.engines[0].self_update(g, T0),
+        Err(GroupError::Leaving(_))
+    ));
+    s.deliver_all();
+    // One commit, by member 1 (lowest leaf after the leaver's).
+    assert_converged(&s, g, &[1, 2, 3], epoch + 1);
+    for i in 1..4 {
+        assert_eq!(
+            removals(&s, i, g),
+            vec![(s.peer(1), vec![leaver])],
+            "member {i}"
+        );
+    }
+    let v0 = s.engines[0].group(&g).unwrap();
+    assert!(!v0.active);
+    assert!(!v0.leaving);
+    assert!(!s.subscribed[0].contains(&g.topic("test-net")));
+    for (j, v) in &s.verdicts {
+        assert!(!matches!(v, Verdict::Reject(_)), "member {j}: {v:?}");
+    }
+    s.send(3, g, "without 0").unwrap();
+    s.deliver_all();
+    assert_eq!(s.texts(1, g), vec!["without 0"]);
+    assert!(s.texts(0, g).is_empty());
+}
+
+#[test]
+fn a_member_leaving_in_the_middle_is_committed_by_member_0() {
+    let (mut s, g) = group_of(3);
+    s.leave(2, g).unwrap();
+    s.deliver_all();
+    assert_converged(&s, g, &[0, 1], 3);
+    assert_eq!(removals(&s, 1, g), vec![(s.peer(0), vec![s.peer(2)])]);
+    assert!(!s.engines[2].group(&g).unwrap().active);
+}
+
+#[test]
+fn leave_proposal_survives_a_competing_commit() {
+    let (mut s, g) = group_of(3);
+    // Member 2 leaves while member 1's self-update is already in flight and wins the epoch.
+    s.self_update(1, g).unwrap();
+    s.leave(2, g).unwrap();
+    s.deliver_all();
+    // The proposal made in the old epoch was dropped; member 2 proposed again and member 0
+    // committed it.
+    assert_converged(&s, g, &[0, 1], 4);
+    assert!(!s.engines[2].group(&g).unwrap().active);
+}
+
+#[test]
+fn self_update_advances_the_epoch_for_everyone() {
+    let (mut s, g) = group_of(3);
+    let before = s.engines[0].epoch_authenticator(&g);
+    s.self_update(1, g).unwrap();
+    s.deliver_all();
+    assert_converged(&s, g, &[0, 1, 2], 3);
+    assert_ne!(s.engines[0].epoch_authenticator(&g), before);
+    for i in 0..3 {
+        s.send(i, g, &format!("after update {i}")).unwrap();
+    }
+    s.deliver_all();
+    for i in 0..3 {
+        assert_eq!(s.texts(i, g).len(), 3, "member {i}");
+    }
+}
+
+#[test]
+fn self_updates_fall_due_by_messages_and_by_time() {
+    let (mut s, g) = group_of(2);
+    let policy = UpdatePolicy {
+        after_messages: 2,
+        after_ms: 1000,
+    };
+    assert_eq!(UpdatePolicy::default().after_messages, 1000);
+    let now = s.now_ms;
+    assert!(s.engines[1].due_self_updates(now, policy).is_empty());
+    s.send(1, g, "one").unwrap();
+    assert!(s.engines[1].due_self_updates(now, policy).is_empty());
+    s.send(1, g, "two").unwrap();
+    assert_eq!(s.engines[1].due_self_updates(now, policy), vec![g]);
+    s.self_update(1, g).unwrap();
+    assert!(s.engines[1].due_self_updates(now, policy).is_empty());
+    assert_eq!(
+        s.engines[1].due_self_updates(now + 1000, policy),
+        vec![g],
+        "due by time"
+    );
+    s.deliver_all();
+    assert_converged(&s, g, &[0, 1], 2);
+    assert_eq!(s.texts(0, g), vec!["one", "two"]);
+}
+
+#[test]
+fn membership_errors() {
+    let (mut s, g) = group_of(2);
+    let me = s.peer(0);
+    assert!(matches!(
+        s.engines[0].remove_member(g, me, T0),
+        Err(GroupError::InvalidInput(_))
+    ));
+    let stranger = member_key(9).public().to_peer_id();
+    assert!(matches!(
+        s.engines[0].remove_member(g, stranger, T0),
+        Err(GroupError::UnknownMember(p)) if p == stranger
+    ));
+    assert!(matches!(
+        s.engines[0].remove_member(GroupId([7; 32]), stranger, T0),
+        Err(GroupError::UnknownGroup(_))
+    ));
+    let solo = s.create_group(1, "solo").unwrap();
+    assert!(matches!(
+        s.engines[1].leave_group(solo, T0),
+        Err(GroupError::InvalidInput(_))
+    ));
+    // Nothing changed.
+    assert_eq!(s.engines[0].group(&g).unwrap().epoch, 1);
+    assert!(s.in_flight.is_empty());
+}
