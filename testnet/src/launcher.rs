@@ -909,20 +909,27 @@ impl Testnet {
             self.apply_partition_to(i, &sides).await?;
         }
         if self.nodes[i].member {
-            self.open_recorder(i).await?;
-            let others: Vec<usize> = self
-                .running_members()
-                .into_iter()
-                .filter(|&o| o != i && self.same_side(i, o))
-                .collect();
-            let mut pairs = Vec::new();
-            for &o in &others {
-                pairs.push((o, i));
-                pairs.push((i, o));
-            }
-            self.prove_ready(&pairs, READY_TIMEOUT).await?;
-            self.mark_ready(&[i]);
+            self.open_recorder_and_prove_ready(i).await?;
         }
+        Ok(())
+    }
+
+    /// Opens node `i`'s event recorder and waits until it and every running member on its
+    /// side of any partition hear each other on the group topic; then marks it ready.
+    async fn open_recorder_and_prove_ready(&mut self, i: usize) -> Result<()> {
+        self.open_recorder(i).await?;
+        let others: Vec<usize> = self
+            .running_members()
+            .into_iter()
+            .filter(|&o| o != i && self.same_side(i, o))
+            .collect();
+        let mut pairs = Vec::new();
+        for &o in &others {
+            pairs.push((o, i));
+            pairs.push((i, o));
+        }
+        self.prove_ready(&pairs, READY_TIMEOUT).await?;
+        self.mark_ready(&[i]);
         Ok(())
     }
 
@@ -955,19 +962,7 @@ impl Testnet {
         self.join(i, &link).await?;
         self.write_manifest()?;
         self.shared.lock().ledger.set_member(i, now_ms());
-        self.open_recorder(i).await?;
-        let others: Vec<usize> = self
-            .running_members()
-            .into_iter()
-            .filter(|&o| o != i && self.same_side(i, o))
-            .collect();
-        let mut pairs = Vec::new();
-        for &o in &others {
-            pairs.push((o, i));
-            pairs.push((i, o));
-        }
-        self.prove_ready(&pairs, READY_TIMEOUT).await?;
-        self.mark_ready(&[i]);
+        self.open_recorder_and_prove_ready(i).await?;
         Ok(())
     }
 
