@@ -1033,8 +1033,15 @@ fn print_status(s: &StatusInfo) -> Result<(), ClientError> {
     }
     lines.push(format!("groups:    {}", s.groups.len()));
     for g in &s.groups {
+        let sync = if g.in_sync {
+            String::new()
+        } else if g.held > 0 {
+            format!(", catching up: {} held", g.held)
+        } else {
+            ", catching up".to_owned()
+        };
         lines.push(format!(
-            "           {}  {} ({} members)",
+            "           {}  {} ({} members{sync})",
             short_id(&g.id),
             clean(&g.name),
             g.member_count

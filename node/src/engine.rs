@@ -7,6 +7,11 @@
 //! history rows, envelopes, groups and invites in **one** redb transaction, and only after
 //! that commit publishes, subscribes and tells API clients. If the commit fails it discards
 //! the staged writes and reloads MLS state from disk, so memory never runs ahead of disk.
+//!
+//! History sync: the actor answers sync requests from members and starts sync runs (when a
+//! member connects, every [`SYNC_INTERVAL`], and when a gap is seen). A run's requests are
+//! awaited in a tokio task that sends the pages back as inputs, so the actor never waits on
+//! the network; fetched envelopes go through the same path as gossip.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -14,13 +19,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kith_protocol::envelope::{JoinRejection, JoinRequest, JoinResponse};
+use kith_protocol::envelope::{Envelope, JoinRejection, JoinRequest, JoinResponse, PayloadKind};
 use kith_protocol::group::{
     Effect, GroupEngine, GroupError, GroupView, Identity, PAST_EPOCH_TTL, UpdatePolicy, Verdict,
 };
 use kith_protocol::ids::{GroupId, MessageId};
 use kith_protocol::invite::{Invite, secret_hash};
 use kith_protocol::records::{EntryKind, HistoryEntry};
+use kith_protocol::sync::{
+    Gaps, MAX_PAGE_BYTES, Summary, SyncItem, SyncRefusal, SyncRequest, SyncRequestV1, SyncResponse,
+    plan_response, summarize,
+};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
@@ -34,6 +43,10 @@ use crate::model::{
 };
 use crate::net::{MAX_BLOCKED_PEERS, NetError, NetEvent, NetHandle};
 use crate::store::{Batch, KithProvider, Store, StoreError};
+use crate::sync::{
+    GAP_DEBOUNCE, MAX_PAGES_PER_RUN, MAX_PEERS_PER_RUN, MAX_SCAN_ENVELOPES, SYNC_DEBOUNCE,
+    SYNC_INTERVAL, SyncLimiter,
+};
 
 /// Default invite lifetime.
 pub const DEFAULT_INVITE_SECS: u64 = 24 * 3600;
@@ -143,6 +156,18 @@ enum Input {
     Net(NetEvent),
     Call(Call),
     Tick,
+    /// Sync every active group with an online member.
+    SyncTick,
+    /// A page of envelopes fetched by a sync run of `group`.
+    SyncPage {
+        group: GroupId,
+        envelopes: Vec<Vec<u8>>,
+    },
+    /// A sync run of `group` ended; `complete` if a member sent everything it had.
+    SyncDone {
+        group: GroupId,
+        complete: bool,
+    },
     /// Make non-durable commits durable.
     Flush,
     Shutdown,
@@ -200,6 +225,8 @@ fn summary(v: &GroupView) -> GroupSummary {
         name: v.meta.name.clone(),
         epoch: v.epoch,
         member_count: v.members.len(),
+        in_sync: true,
+        held: 0,
     }
 }
 
@@ -458,6 +485,7 @@ pub fn start(
     });
     spawn_ticker(tx.clone(), FLUSH_INTERVAL, || Input::Flush);
     spawn_ticker(tx.clone(), RENDEZVOUS_INTERVAL, || Input::Tick);
+    spawn_ticker(tx.clone(), SYNC_INTERVAL, || Input::SyncTick);
     let mut actor = Actor {
         groups,
         store,
@@ -468,6 +496,13 @@ pub fn start(
         gauges: HashMap::new(),
         unflushed: false,
         flushes: 0,
+        tx: tx.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        limiter: SyncLimiter::new(),
+        syncs: HashMap::new(),
+        last_sync: HashMap::new(),
+        unsynced: HashSet::new(),
+        gaps: HashMap::new(),
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -516,6 +551,38 @@ struct Actor {
     unflushed: bool,
     /// Flush ticks so far (past-epoch expiry runs every [`EXPIRE_EVERY_FLUSHES`]).
     flushes: u64,
+    /// The actor's own input queue, for sync tasks to send their pages back.
+    tx: mpsc::Sender<Input>,
+    /// The runtime sync tasks run on (the actor thread is not a runtime thread).
+    runtime: tokio::runtime::Handle,
+    /// Per-peer rate limit of inbound sync requests.
+    limiter: SyncLimiter,
+    /// Sync runs in progress, by group.
+    syncs: HashMap<GroupId, SyncRun>,
+    /// When each group's last sync run started.
+    last_sync: HashMap<GroupId, Instant>,
+    /// Groups whose last sync run failed (no member sent everything).
+    unsynced: HashSet<GroupId>,
+    /// Gap detectors, by group.
+    gaps: HashMap<GroupId, Gaps>,
+}
+
+/// A sync run in progress.
+#[derive(Default)]
+struct SyncRun {
+    /// Envelopes fetched and accepted so far.
+    fetched: usize,
+    /// A gap was signalled during the run: start another one when it ends.
+    again: bool,
+}
+
+/// Why a sync of a group is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncTrigger {
+    /// A member connected, or the periodic timer.
+    Routine,
+    /// An envelope for a future epoch arrived.
+    Gap,
 }
 
 impl Actor {
@@ -554,6 +621,20 @@ impl Actor {
                     self.self_updates();
                     self.rendezvous();
                 }
+                Input::SyncTick => {
+                    for v in self.groups.groups() {
+                        if v.active {
+                            self.start_sync(v.meta.id, SyncTrigger::Routine);
+                        }
+                    }
+                }
+                Input::SyncPage { group, envelopes } => {
+                    let fetched = self.ingest(group, envelopes);
+                    if let Some(run) = self.syncs.get_mut(&group) {
+                        run.fetched += fetched;
+                    }
+                }
+                Input::SyncDone { group, complete } => self.sync_done(group, complete),
                 Input::Flush => {
                     self.flushes += 1;
                     if self.flushes.is_multiple_of(EXPIRE_EVERY_FLUSHES) {
@@ -587,6 +668,9 @@ impl Actor {
                     Ok(false) => {
                         let (verdict, fx) = self.groups.handle_envelope(&data, now_ms());
                         effects.extend(fx);
+                        if matches!(verdict, Verdict::Ignore(_)) {
+                            self.observe_gap(&data);
+                        }
                         verdict
                     }
                     Err(e) => {
@@ -611,6 +695,228 @@ impl Actor {
             tracing::error!(error = %e, "cannot store received messages; they are lost on this node");
             self.metrics.envelope_ignored(IgnoreReason::Storage);
         }
+    }
+
+    /// If `data` is an envelope of a group this node is behind in, feeds the group's gap
+    /// detector and starts a sync when it signals.
+    fn observe_gap(&mut self, data: &[u8]) {
+        let Ok(env) = Envelope::decode(data) else {
+            return;
+        };
+        let group = env.group();
+        let Some(current) = self.groups.group_epoch(&group) else {
+            return;
+        };
+        let signal = self
+            .gaps
+            .entry(group)
+            .or_default()
+            .observe(env.epoch(), current);
+        if let Some(missing) = signal {
+            tracing::debug!(group = %group.short(), first = missing.first, last = missing.last, "missing commits; syncing");
+            self.start_sync(group, SyncTrigger::Gap);
+        }
+    }
+
+    /// Processes envelopes fetched by history sync for `group`, like gossip but without
+    /// reporting verdicts: envelopes of other groups and ones already stored are skipped,
+    /// commits go first (so messages held for their epoch are released), and everything is
+    /// written in one transaction. Returns how many were accepted.
+    fn ingest(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) -> usize {
+        let mut effects = Vec::new();
+        let mut seen: HashSet<MessageId> = HashSet::new();
+        let mut decoded: Vec<(bool, MessageId, Vec<u8>)> = Vec::with_capacity(envelopes.len());
+        for data in envelopes {
+            let id = MessageId::of(&data);
+            let Ok(env) = Envelope::decode(&data) else {
+                continue;
+            };
+            if env.group() != group || !seen.insert(id) {
+                continue;
+            }
+            decoded.push((env.kind() != PayloadKind::Commit, id, data));
+        }
+        // Stable: commits first, each kind in the responder's order.
+        decoded.sort_by_key(|(not_commit, _, _)| *not_commit);
+        let mut accepted = 0;
+        for (_, id, data) in decoded {
+            match self.store.has_message(&id) {
+                Ok(false) => {}
+                Ok(true) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "store read failed");
+                    continue;
+                }
+            }
+            let (verdict, fx) = self.groups.handle_envelope(&data, now_ms());
+            effects.extend(fx);
+            match verdict {
+                Verdict::Accept => accepted += 1,
+                Verdict::Reject(why) => {
+                    tracing::debug!(msg = %id.short(), reason = %why, "rejected synced envelope")
+                }
+                Verdict::Ignore(why) => {
+                    tracing::debug!(msg = %id.short(), reason = %why, "ignored synced envelope")
+                }
+            }
+        }
+        if let Err(e) = self.apply_with(effects, false) {
+            tracing::error!(error = %e, "cannot store synced messages");
+            return 0;
+        }
+        accepted
+    }
+
+    /// Starts a sync run of `group` with its online members, unless one is running or the
+    /// last one started too recently. The summary is built here; the requests run in a tokio
+    /// task that sends the pages back as [`Input::SyncPage`] and ends with
+    /// [`Input::SyncDone`].
+    fn start_sync(&mut self, group: GroupId, trigger: SyncTrigger) {
+        if let Some(run) = self.syncs.get_mut(&group) {
+            if trigger == SyncTrigger::Gap {
+                run.again = true;
+            }
+            return;
+        }
+        let debounce = match trigger {
+            SyncTrigger::Routine => SYNC_DEBOUNCE,
+            SyncTrigger::Gap => GAP_DEBOUNCE,
+        };
+        if self
+            .last_sync
+            .get(&group)
+            .is_some_and(|t| t.elapsed() < debounce)
+        {
+            if trigger == SyncTrigger::Gap
+                && let Some(g) = self.gaps.get_mut(&group)
+            {
+                // Too soon: let the next envelope from the future signal again.
+                g.reset();
+            }
+            return;
+        }
+        let Some(view) = self.groups.group(&group).filter(|v| v.active) else {
+            return;
+        };
+        let Ok(info) = self.net.info_blocking() else {
+            return;
+        };
+        let connected: HashSet<PeerId> = info.connected.into_iter().collect();
+        let mut peers: Vec<PeerId> = view
+            .members
+            .iter()
+            .map(|(_, p)| *p)
+            .filter(|p| *p != self.me && connected.contains(p))
+            .collect();
+        if peers.is_empty() {
+            return;
+        }
+        // Spread the load over the members.
+        let start = (rand::rngs::OsRng.next_u32() as usize) % peers.len();
+        peers.rotate_left(start);
+        peers.truncate(MAX_PEERS_PER_RUN);
+        let summary = match self.sync_summary(&group) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot summarise stored envelopes");
+                return;
+            }
+        };
+        tracing::debug!(group = %group.short(), ?trigger, peers = peers.len(), epochs = summary.epochs.len(), "starting history sync");
+        self.syncs.insert(group, SyncRun::default());
+        self.last_sync.insert(group, Instant::now());
+        let net = self.net.clone();
+        let tx = self.tx.clone();
+        self.runtime.spawn(async move {
+            let complete = run_sync(&net, &tx, group, summary, peers).await;
+            let _ = tx.send(Input::SyncDone { group, complete }).await;
+        });
+    }
+
+    /// What this node holds of `group`, with the floor at the epoch it joined at.
+    fn sync_summary(&self, group: &GroupId) -> Result<Summary, StoreError> {
+        let envelopes = self.store.envelopes_of_group(group, MAX_SCAN_ENVELOPES)?;
+        let floor = self.store.first_history_epoch(group)?.unwrap_or(0);
+        Ok(summarize(envelopes.iter()).with_floor(floor))
+    }
+
+    fn sync_done(&mut self, group: GroupId, complete: bool) {
+        let Some(run) = self.syncs.remove(&group) else {
+            return;
+        };
+        if complete {
+            self.unsynced.remove(&group);
+        } else {
+            self.unsynced.insert(group);
+            // Let the next future-epoch envelope signal the gap again.
+            if let Some(g) = self.gaps.get_mut(&group) {
+                g.reset();
+            }
+        }
+        tracing::debug!(group = %group.short(), complete, fetched = run.fetched, "history sync ended");
+        if run.fetched > 0 {
+            tracing::info!(group = %group.short(), fetched = run.fetched, "fetched missed history");
+            let _ = self.events.send(NodeEvent::HistorySynced {
+                group: group.to_string(),
+                fetched: run.fetched,
+            });
+        }
+        if run.again {
+            self.last_sync.remove(&group);
+            self.start_sync(group, SyncTrigger::Gap);
+        }
+    }
+
+    /// Answers a sync request from `peer`.
+    ///
+    /// Membership: the transport authenticated `peer` (Noise), and every member's MLS
+    /// credential binds its PeerId to its leaf key (see `kith_protocol::group::bound_peer`), so
+    /// `peer` being in the group's current member list proves membership. The request's
+    /// `proof` field is therefore not checked (it is reserved for relayed requests, where the
+    /// transport peer is not the requester).
+    fn on_sync_request(&mut self, peer: PeerId, request: SyncRequest) -> SyncResponse {
+        let SyncRequest::V1(r) = request;
+        let now = Instant::now();
+        if !self.limiter.allow(peer, now) {
+            tracing::debug!(%peer, "sync request rate-limited");
+            return SyncResponse::Refused(SyncRefusal::RateLimited);
+        }
+        let Some(view) = self.groups.group(&r.group).filter(|v| v.active) else {
+            return SyncResponse::Refused(SyncRefusal::UnknownGroup);
+        };
+        if !view.members.iter().any(|(_, p)| *p == peer) {
+            tracing::debug!(%peer, group = %r.group.short(), "sync request from a non-member");
+            return SyncResponse::Refused(SyncRefusal::NotMember);
+        }
+        let envelopes = match self.store.envelopes_of_group(&r.group, MAX_SCAN_ENVELOPES) {
+            Ok(e) => e,
+            Err(e) => {
+                // There is no "internal error" refusal; "try again later" is the honest one.
+                tracing::error!(error = %e, "cannot read envelopes for sync");
+                return SyncResponse::Refused(SyncRefusal::RateLimited);
+            }
+        };
+        let mut items = Vec::with_capacity(envelopes.len());
+        for env in &envelopes {
+            match env.kind {
+                PayloadKind::Commit => items.push(SyncItem::commit(env)),
+                PayloadKind::Application => match self.store.history_entry(&env.id) {
+                    Ok(Some(h)) => items.push(SyncItem::application(env, h.sent_at_ms, &h.sender)),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot read history entry"),
+                },
+                PayloadKind::Proposal => {}
+            }
+        }
+        let page = plan_response(
+            &r.summary,
+            &items,
+            r.cursor.as_ref(),
+            r.max_bytes.min(MAX_PAGE_BYTES),
+        );
+        self.limiter.charge(peer, page.counted_bytes(), now);
+        tracing::debug!(%peer, group = %r.group.short(), envelopes = page.envelopes.len(), complete = page.next.is_none(), "serving history sync");
+        page.into_response()
     }
 
     /// Writes effects' records and the staged MLS state in one transaction, then performs
@@ -741,6 +1047,26 @@ impl Actor {
                 let response = self.on_join_request(peer, request);
                 let _ = self.net.respond_join_blocking(token, response);
             }
+            NetEvent::InboundSync {
+                peer,
+                request,
+                token,
+            } => {
+                let response = self.on_sync_request(peer, request);
+                let _ = self.net.respond_sync_blocking(token, response);
+            }
+            NetEvent::PeerConnected { peer } => {
+                let groups: Vec<GroupId> = self
+                    .groups
+                    .groups()
+                    .iter()
+                    .filter(|v| v.active && v.members.iter().any(|(_, p)| *p == peer))
+                    .map(|v| v.meta.id)
+                    .collect();
+                for g in groups {
+                    self.start_sync(g, SyncTrigger::Routine);
+                }
+            }
             NetEvent::PeerIdentified { peer, addrs } => {
                 let batch = Batch {
                     peers: vec![(peer, addrs)],
@@ -829,7 +1155,23 @@ impl Actor {
     fn on_call(&mut self, call: Call) {
         match call {
             Call::Groups(r) => {
-                let _ = r.send(Ok(self.groups.groups().iter().map(summary).collect()));
+                let list = self
+                    .groups
+                    .groups()
+                    .iter()
+                    .map(|v| {
+                        let id = v.meta.id;
+                        let held = self.groups.pending_count(&id);
+                        GroupSummary {
+                            held,
+                            in_sync: held == 0
+                                && !self.syncs.contains_key(&id)
+                                && !self.unsynced.contains(&id),
+                            ..summary(v)
+                        }
+                    })
+                    .collect();
+                let _ = r.send(Ok(list));
             }
             Call::Group(q, r) => {
                 let res = self
@@ -1033,6 +1375,59 @@ impl Actor {
         self.metrics.message_sent();
         Ok(message_info(&entry))
     }
+}
+
+/// Requests pages of `group` from `peers`, one peer after the other, until one sends
+/// everything; forwards every page to the actor. Returns whether a peer completed.
+async fn run_sync(
+    net: &NetHandle,
+    tx: &mpsc::Sender<Input>,
+    group: GroupId,
+    summary: Summary,
+    peers: Vec<PeerId>,
+) -> bool {
+    for peer in peers {
+        let mut cursor = None;
+        for _ in 0..MAX_PAGES_PER_RUN {
+            let request = SyncRequest::V1(SyncRequestV1 {
+                group,
+                summary: summary.clone(),
+                cursor: cursor.take(),
+                max_bytes: MAX_PAGE_BYTES,
+                proof: Vec::new(),
+            });
+            match net.sync(peer, request).await {
+                Ok(SyncResponse::V1(page)) => {
+                    let complete = page.complete;
+                    cursor = page.next;
+                    if !page.envelopes.is_empty()
+                        && tx
+                            .send(Input::SyncPage {
+                                group,
+                                envelopes: page.envelopes,
+                            })
+                            .await
+                            .is_err()
+                    {
+                        return false;
+                    }
+                    if complete || cursor.is_none() {
+                        return true;
+                    }
+                }
+                Ok(SyncResponse::Refused(why)) => {
+                    tracing::debug!(%peer, group = %group.short(), reason = %why, "sync refused");
+                    break;
+                }
+                Err(NetError::Stopped) => return false,
+                Err(e) => {
+                    tracing::debug!(%peer, group = %group.short(), error = %e, "sync request failed");
+                    break;
+                }
+            }
+        }
+    }
+    false
 }
 
 /// Opens the node's store in `data_dir`.

@@ -33,6 +33,13 @@ pub struct GroupSummary {
     pub epoch: u64,
     /// Number of members.
     pub member_count: usize,
+    /// Whether this node believes it has the group's history: no envelopes held for a
+    /// future epoch, no history sync running, and the last one (if any) completed.
+    #[serde(default = "yes")]
+    pub in_sync: bool,
+    /// Envelopes held for a future epoch, waiting for the commits before them.
+    #[serde(default)]
+    pub held: usize,
 }
 
 /// `GET /v1/groups/{group}`: one group in detail.
@@ -188,6 +195,14 @@ pub enum NodeEvent {
         /// Member count after the change.
         member_count: usize,
     },
+    /// History sync fetched envelopes this node had missed (their messages are also
+    /// announced one by one as [`NodeEvent::Message`]).
+    HistorySynced {
+        /// Group id.
+        group: String,
+        /// Envelopes fetched and accepted.
+        fetched: usize,
+    },
 }
 
 impl NodeEvent {
@@ -197,6 +212,7 @@ impl NodeEvent {
             NodeEvent::Message(m) => &m.group,
             NodeEvent::GroupJoined(g) => &g.id,
             NodeEvent::EpochChanged { group, .. } => group,
+            NodeEvent::HistorySynced { group, .. } => group,
         }
     }
 
@@ -206,6 +222,7 @@ impl NodeEvent {
             NodeEvent::Message(_) => "message",
             NodeEvent::GroupJoined(_) => "group_joined",
             NodeEvent::EpochChanged { .. } => "epoch_changed",
+            NodeEvent::HistorySynced { .. } => "history_synced",
         }
     }
 }

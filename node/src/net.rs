@@ -2,8 +2,8 @@
 //!
 //! Behaviours: gossipsub (one topic per group; anonymous, content-addressed, validated by the
 //! engine), Kademlia on `/kith/kad/1.0.0` (peer routing and member rendezvous through provider
-//! records), identify, ping, request-response for joining (`/kith/join/1.0.0`), optional
-//! mDNS, and a block list (connection gating, e.g. for partition tests without root).
+//! records), identify, ping, request-response for joining (`/kith/join/1.0.0`) and for
+//! history sync (`/kith/sync/1.0.0`), optional mDNS, and a block list (connection gating, e.g. for partition tests without root).
 //! Transports: TCP and QUIC, with Noise and Yamux on TCP.
 //!
 //! When metrics are on, the task records libp2p's swarm and behaviour metrics and the
@@ -24,6 +24,9 @@ use kith_protocol::envelope::{
     JoinRequest, JoinResponse, MAX_ENVELOPE_BYTES, MAX_JOIN_REQUEST_BYTES, MAX_JOIN_RESPONSE_BYTES,
 };
 use kith_protocol::ids::{MessageId, TopicId};
+use kith_protocol::sync::{
+    MAX_SYNC_REQUEST_BYTES, MAX_SYNC_RESPONSE_BYTES, SyncRequest, SyncResponse,
+};
 use kith_protocol::{codec, group::Verdict};
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::identity::Keypair;
@@ -42,10 +45,18 @@ use tokio::sync::{mpsc, oneshot};
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/kad/1.0.0");
 /// Join request-response protocol name.
 pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/join/1.0.0");
+/// History sync request-response protocol name.
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/sync/1.0.0");
 /// Identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/kith/id/1.0.0";
 /// How long a join request may take, dialling included.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one sync page request may take.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Inbound sync requests awaiting the engine's answer, at most.
+const MAX_PENDING_SYNC_INBOUND: usize = 64;
+/// Outbound sync requests in flight, at most.
+const MAX_PENDING_SYNC_OUTBOUND: usize = 64;
 /// Inbound join requests awaiting the engine's answer, at most.
 const MAX_PENDING_INBOUND: usize = 64;
 /// Outbound join requests in flight, at most.
@@ -145,6 +156,20 @@ pub enum NetEvent {
         /// Token to answer with.
         token: u64,
     },
+    /// A member asks for history; answer with [`NetHandle::respond_sync_blocking`].
+    InboundSync {
+        /// The requester (authenticated by the transport).
+        peer: PeerId,
+        /// The decoded, bound-checked request.
+        request: SyncRequest,
+        /// Token to answer with.
+        token: u64,
+    },
+    /// A first connection to a peer was established.
+    PeerConnected {
+        /// The peer.
+        peer: PeerId,
+    },
     /// A peer told us its listen addresses (for the address book).
     PeerIdentified {
         /// The peer.
@@ -186,6 +211,15 @@ enum Command {
     RespondJoin {
         token: u64,
         response: JoinResponse,
+    },
+    Sync {
+        peer: PeerId,
+        request: SyncRequest,
+        reply: oneshot::Sender<Result<SyncResponse, NetError>>,
+    },
+    RespondSync {
+        token: u64,
+        response: SyncResponse,
     },
     Provide([u8; 32]),
     FindProviders([u8; 32]),
@@ -260,6 +294,28 @@ impl NetHandle {
         response: JoinResponse,
     ) -> Result<(), NetError> {
         self.send_blocking(Command::RespondJoin { token, response })
+    }
+
+    /// Answers an inbound sync request (engine thread).
+    pub fn respond_sync_blocking(
+        &self,
+        token: u64,
+        response: SyncResponse,
+    ) -> Result<(), NetError> {
+        self.send_blocking(Command::RespondSync { token, response })
+    }
+
+    /// Sends one history sync request to `peer` (normally connected; otherwise dialled at
+    /// addresses known to the DHT) and waits for the page or refusal.
+    pub async fn sync(&self, peer: PeerId, request: SyncRequest) -> Result<SyncResponse, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Sync {
+            peer,
+            request,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| NetError::Stopped)?
     }
 
     /// Announces this node as a provider of `key` in the DHT (engine thread).
@@ -413,6 +469,58 @@ impl request_response::Codec for JoinCodec {
     }
 }
 
+/// Length-prefixed codec for the sync protocol, framed like [`JoinCodec`]: requests above
+/// [`MAX_SYNC_REQUEST_BYTES`] and responses above [`MAX_SYNC_RESPONSE_BYTES`] are refused
+/// before they are read, and both are bound-checked when decoded.
+#[derive(Clone, Default)]
+pub struct SyncCodec;
+
+impl request_response::Codec for SyncCodec {
+    type Protocol = StreamProtocol;
+    type Request = SyncRequest;
+    type Response = SyncResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncRequest>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        let bytes = read_frame(io, MAX_SYNC_REQUEST_BYTES).await?;
+        SyncRequest::decode(&bytes).map_err(invalid)
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncResponse>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        let bytes = read_frame(io, MAX_SYNC_RESPONSE_BYTES).await?;
+        SyncResponse::decode(&bytes).map_err(invalid)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: SyncRequest,
+    ) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &req.encode().map_err(invalid)?).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: SyncResponse,
+    ) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &res.encode().map_err(invalid)?).await
+    }
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     block: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
@@ -421,6 +529,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     join: request_response::Behaviour<JoinCodec>,
+    sync: request_response::Behaviour<SyncCodec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -468,6 +577,12 @@ fn behaviour(
             .with_request_timeout(JOIN_TIMEOUT)
             .with_max_concurrent_streams(MAX_PENDING_INBOUND),
     );
+    let sync = request_response::Behaviour::new(
+        [(SYNC_PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(SYNC_TIMEOUT)
+            .with_max_concurrent_streams(MAX_PENDING_SYNC_INBOUND),
+    );
     let mdns = if cfg.mdns {
         Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
     } else {
@@ -482,6 +597,7 @@ fn behaviour(
         // per node the default 15 s ping was a measurable share of idle CPU.
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(60))),
         join,
+        sync,
         mdns: Toggle::from(mdns),
     })
 }
@@ -589,6 +705,8 @@ pub fn spawn(
         events: ev_tx,
         pending_out: HashMap::new(),
         pending_in: HashMap::new(),
+        sync_out: HashMap::new(),
+        sync_in: HashMap::new(),
         next_token: 0,
         listen_addrs: Vec::new(),
         bootstrapped: !cfg.bootstrap.is_empty() || !cfg.known_peers.is_empty(),
@@ -610,6 +728,10 @@ struct NetTask {
     pending_out:
         HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<JoinResponse, NetError>>)>,
     pending_in: HashMap<u64, ResponseChannel<JoinResponse>>,
+    /// Outbound sync requests awaiting their page (at most [`MAX_PENDING_SYNC_OUTBOUND`]).
+    sync_out: HashMap<OutboundRequestId, oneshot::Sender<Result<SyncResponse, NetError>>>,
+    /// Inbound sync requests awaiting the engine (at most [`MAX_PENDING_SYNC_INBOUND`]).
+    sync_in: HashMap<u64, ResponseChannel<SyncResponse>>,
     next_token: u64,
     listen_addrs: Vec<Multiaddr>,
     bootstrapped: bool,
@@ -771,6 +893,25 @@ impl NetTask {
                     tracing::debug!("joiner went away before the answer");
                 }
             }
+            Command::Sync {
+                peer,
+                request,
+                reply,
+            } => {
+                if self.sync_out.len() >= MAX_PENDING_SYNC_OUTBOUND {
+                    let _ = reply.send(Err(NetError::Busy));
+                    return;
+                }
+                let id = b.sync.send_request(&peer, request);
+                self.sync_out.insert(id, reply);
+            }
+            Command::RespondSync { token, response } => {
+                if let Some(ch) = self.sync_in.remove(&token)
+                    && b.sync.send_response(ch, response).is_err()
+                {
+                    tracing::debug!("sync requester went away before the answer");
+                }
+            }
             Command::Provide(key) => {
                 if let Err(e) = b.kad.start_providing(kad::RecordKey::new(&key)) {
                     tracing::warn!(error = %e, "cannot announce group membership in the DHT");
@@ -915,6 +1056,9 @@ impl NetTask {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
+                if num_established.get() == 1 {
+                    self.emit(NetEvent::PeerConnected { peer: peer_id });
+                }
                 if !self.bootstrapped {
                     self.bootstrapped = true;
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -1020,6 +1164,7 @@ impl NetTask {
             }
             BehaviourEvent::Kad(_) => {}
             BehaviourEvent::Join(ev) => self.on_join_event(ev),
+            BehaviourEvent::Sync(ev) => self.on_sync_event(ev),
             BehaviourEvent::Block(never) => match never {},
         }
     }
@@ -1078,6 +1223,63 @@ impl NetTask {
                 tracing::debug!(%peer, error = %error, "inbound join request failed");
                 // Channels whose stream failed are dead; forget them.
                 self.pending_in.retain(|_, ch| ch.is_open());
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                if self.sync_in.len() >= MAX_PENDING_SYNC_INBOUND {
+                    tracing::warn!(%peer, "too many sync requests pending; dropping one");
+                    return;
+                }
+                let token = self.next_token;
+                self.next_token += 1;
+                self.sync_in.insert(token, channel);
+                self.emit(NetEvent::InboundSync {
+                    peer,
+                    request,
+                    token,
+                });
+            }
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.sync_out.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.sync_out.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, error = %error, "inbound sync request failed");
+                self.sync_in.retain(|_, ch| ch.is_open());
             }
             Event::ResponseSent { .. } => {}
         }

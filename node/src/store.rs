@@ -435,6 +435,63 @@ impl Store {
             .transpose()
     }
 
+    /// The stored envelopes of `group`, in id order, at most `limit` of them (a full scan of
+    /// the `envelopes` table: it is keyed by message id). Used to summarise what this node
+    /// holds and to answer sync requests.
+    pub fn envelopes_of_group(
+        &self,
+        group: &GroupId,
+        limit: usize,
+    ) -> Result<Vec<StoredEnvelope>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ENVELOPES)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, value) = row?;
+            let env: StoredEnvelope = decode_record("envelopes", value.value())?;
+            if env.group == *group {
+                out.push(env);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The history entry recorded for message `id`, if any (looked up through
+    /// `message_index`).
+    pub fn history_entry(&self, id: &MessageId) -> Result<Option<HistoryEntry>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let index = txn.open_table(MESSAGE_INDEX)?;
+        let Some(key) = index.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let Ok(key) = <[u8; HISTORY_KEY_LEN]>::try_from(key.value()) else {
+            return Ok(None);
+        };
+        let history = txn.open_table(HISTORY)?;
+        let value = history.get(&key)?;
+        value
+            .map(|v| decode_record("history", v.value()))
+            .transpose()
+    }
+
+    /// The epoch of the oldest history entry of `group` (for a joiner, the epoch it joined
+    /// at), if it has any.
+    pub fn first_history_epoch(&self, group: &GroupId) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HISTORY)?;
+        let lo = history_key(group, 0);
+        let hi = history_key(group, u64::MAX);
+        let Some(row) = table.range::<&[u8; HISTORY_KEY_LEN]>(&lo..=&hi)?.next() else {
+            return Ok(None);
+        };
+        let (_, value) = row?;
+        let entry: HistoryEntry = decode_record("history", value.value())?;
+        Ok(Some(entry.epoch))
+    }
+
     /// The invite record stored under this secret hash, if any.
     pub fn invite(&self, secret_hash: &[u8; 32]) -> Result<Option<InviteRecord>, StoreError> {
         let txn = self.db.begin_read()?;

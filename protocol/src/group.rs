@@ -1287,6 +1287,11 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         Ok(())
     }
 
+    /// The current epoch of `group`, if this node has it (cheaper than [`GroupEngine::group`]).
+    pub fn group_epoch(&self, group: &GroupId) -> Option<u64> {
+        self.groups.get(group).map(|g| g.epoch())
+    }
+
     /// Number of envelopes held for future epochs in `group`.
     pub fn pending_count(&self, group: &GroupId) -> usize {
         self.groups.get(group).map_or(0, |g| g.pending.len())

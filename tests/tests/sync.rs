@@ -1,0 +1,210 @@
+//! History sync between in-process nodes: a node that was offline catches up from online
+//! members by itself (no manual call), also when the sender of what it missed is gone, and a
+//! non-member's sync request is refused.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kith_node::model::{CreateInviteRequest, GroupInfo, MessageBody, NodeEvent};
+use kith_protocol::ids::GroupId;
+use kith_protocol::sync::SyncResponse;
+use kith_protocol::sync::{MAX_PAGE_BYTES, Summary, SyncRefusal, SyncRequest, SyncRequestV1};
+use kith_tests::{TestNode, WAIT, loopback_config, wait_event, wait_texts};
+
+/// A, B and C in one group created by A (C bootstraps from `c_boot` extra peers too).
+async fn three_in_a_group(
+    dirs: &[tempfile::TempDir],
+) -> anyhow::Result<(TestNode, TestNode, TestNode, GroupInfo)> {
+    let a = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
+    let boot_a = a.bootstrap_peer().await?;
+    let b = TestNode::start(dirs[1].path(), loopback_config(vec![boot_a.clone()])).await?;
+    let boot_b = b.bootstrap_peer().await?;
+    // C knows both, so it finds B after a restart even when A is gone.
+    let c = TestNode::start(dirs[2].path(), loopback_config(vec![boot_a, boot_b])).await?;
+    let group = a.node.engine.create_group("sync".into()).await?;
+    let invite = a
+        .node
+        .engine
+        .create_invite(
+            group.id.clone(),
+            CreateInviteRequest {
+                expires_in_secs: None,
+                max_uses: Some(2),
+            },
+        )
+        .await?;
+    let mut b_events = b.node.engine.subscribe();
+    b.node.engine.join(invite.link.clone()).await?;
+    c.node.engine.join(invite.link.clone()).await?;
+    wait_event(&mut b_events, "B moves to epoch 2", |e| {
+        matches!(e, NodeEvent::EpochChanged { epoch: 2, .. })
+    })
+    .await?;
+    Ok((a, b, c, group))
+}
+
+async fn texts(node: &TestNode, group: &str) -> anyhow::Result<BTreeSet<String>> {
+    Ok(node
+        .node
+        .engine
+        .history(group.to_owned(), 1000)
+        .await?
+        .into_iter()
+        .filter_map(|m| match m.body {
+            MessageBody::Text { text } => Some(text),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Polls until `node` has every text in `want` and is at least at `epoch`.
+async fn wait_caught_up(
+    node: &TestNode,
+    group: &str,
+    want: &BTreeSet<String>,
+    epoch: u64,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let have = texts(node, group).await?;
+        let e = node.node.engine.group(group.to_owned()).await?.epoch;
+        if want.is_subset(&have) && e >= epoch {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            let missing: Vec<_> = want.difference(&have).collect();
+            anyhow::bail!("not caught up after {WAIT:?}: epoch {e}, missing {missing:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offline_node_catches_up_by_itself() -> anyhow::Result<()> {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c, group) = three_in_a_group(&dirs).await?;
+
+    // C goes offline, keeping its data directory.
+    let TestNode {
+        node: c_node,
+        dir: c_dir,
+        config: c_config,
+    } = c;
+    c_node.shutdown().await;
+
+    // A and B exchange 50 messages, then A commits a self-update.
+    let mut a_events = a.node.engine.subscribe();
+    let mut b_events = b.node.engine.subscribe();
+    let mut from_a = Vec::new();
+    let mut from_b = Vec::new();
+    for i in 0..25 {
+        let t = format!("a{i}");
+        a.node.engine.send(group.id.clone(), t.clone()).await?;
+        from_a.push(t);
+        let t = format!("b{i}");
+        b.node.engine.send(group.id.clone(), t.clone()).await?;
+        from_b.push(t);
+    }
+    wait_texts(&mut b_events, "B", &from_a).await?;
+    wait_texts(&mut a_events, "A", &from_b).await?;
+    let updated = a.node.engine.self_update(group.id.clone()).await?;
+    assert_eq!(updated.epoch, 3);
+    wait_event(&mut b_events, "B moves to epoch 3", |e| {
+        matches!(e, NodeEvent::EpochChanged { epoch: 3, .. })
+    })
+    .await?;
+
+    // C comes back and fetches everything without being asked to.
+    let c = TestNode::start(&c_dir, c_config).await?;
+    let want: BTreeSet<String> = from_a.iter().chain(&from_b).cloned().collect();
+    wait_caught_up(&c, &group.id, &want, 3).await?;
+    assert_eq!(texts(&c, &group.id).await?.len(), 50);
+
+    // And it is back in the conversation at the new epoch.
+    let mut c_events = c.node.engine.subscribe();
+    b.node.engine.send(group.id.clone(), "after".into()).await?;
+    wait_texts(&mut c_events, "C", &["after".to_owned()]).await?;
+
+    for n in [a, b, c] {
+        n.node.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn history_comes_from_a_member_other_than_the_sender() -> anyhow::Result<()> {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c, group) = three_in_a_group(&dirs).await?;
+    // Let C learn B's addresses before it goes down.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let TestNode {
+        node: c_node,
+        dir: c_dir,
+        config: c_config,
+    } = c;
+    c_node.shutdown().await;
+
+    let mut b_events = b.node.engine.subscribe();
+    let sent: Vec<String> = (0..10).map(|i| format!("from a {i}")).collect();
+    for t in &sent {
+        a.node.engine.send(group.id.clone(), t.clone()).await?;
+    }
+    wait_texts(&mut b_events, "B", &sent).await?;
+    // The sender leaves; only B holds its messages for C.
+    a.node.shutdown().await;
+
+    let c = TestNode::start(&c_dir, c_config).await?;
+    let want: BTreeSet<String> = sent.into_iter().collect();
+    wait_caught_up(&c, &group.id, &want, 2).await?;
+
+    for n in [b, c] {
+        n.node.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn non_member_sync_is_refused() -> anyhow::Result<()> {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c, group) = three_in_a_group(&dirs[..3]).await?;
+    let d = TestNode::start(
+        dirs[3].path(),
+        loopback_config(vec![b.bootstrap_peer().await?]),
+    )
+    .await?;
+    let request = |group: GroupId| {
+        SyncRequest::V1(SyncRequestV1 {
+            group,
+            summary: Summary::default(),
+            cursor: None,
+            max_bytes: MAX_PAGE_BYTES,
+            proof: Vec::new(),
+        })
+    };
+    let id: GroupId = group.id.parse()?;
+    let answer = d.node.net.sync(b.node.peer_id, request(id)).await?;
+    assert_eq!(answer, SyncResponse::Refused(SyncRefusal::NotMember));
+    let answer = d
+        .node
+        .net
+        .sync(b.node.peer_id, request(GroupId([7; 32])))
+        .await?;
+    assert_eq!(answer, SyncResponse::Refused(SyncRefusal::UnknownGroup));
+
+    // A member asking directly gets the history.
+    let answer = c.node.net.sync(b.node.peer_id, request(id)).await?;
+    match answer {
+        SyncResponse::V1(page) => {
+            assert!(page.complete);
+            assert!(!page.envelopes.is_empty());
+        }
+        other => panic!("member was refused: {other:?}"),
+    }
+
+    for n in [a, b, c, d] {
+        n.node.shutdown().await;
+    }
+    Ok(())
+}
