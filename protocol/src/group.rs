@@ -563,16 +563,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         max_uses: u32,
         now_ms: u64,
     ) -> Result<(Invite, Vec<Effect>), GroupError> {
-        let g = self
-            .groups
-            .get(&group)
-            .ok_or(GroupError::UnknownGroup(group))?;
-        if !g.mls.is_active() {
-            return Err(GroupError::Inactive(group));
-        }
-        if g.leaving {
-            return Err(GroupError::Leaving(group));
-        }
+        let g = active_group(&mut self.groups, group)?;
         let invite = Invite::create(
             InviteParams {
                 network: self.network.clone(),
@@ -810,16 +801,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                 "text must be 1 to {MAX_TEXT_BYTES} bytes"
             )));
         }
-        let g = self
-            .groups
-            .get_mut(&group)
-            .ok_or(GroupError::UnknownGroup(group))?;
-        if !g.mls.is_active() {
-            return Err(GroupError::Inactive(group));
-        }
-        if g.leaving {
-            return Err(GroupError::Leaving(group));
-        }
+        let g = active_group(&mut self.groups, group)?;
         let content = AppContent::V1(AppContentV1 {
             sent_at_ms: now_ms,
             body: Body::Text(text.to_owned()),
