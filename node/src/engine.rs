@@ -42,7 +42,7 @@ use crate::model::{
     NodeEvent, StatusInfo,
 };
 use crate::net::{MAX_BLOCKED_PEERS, NetError, NetEvent, NetHandle};
-use crate::store::{Batch, KithProvider, Store, StoreError};
+use crate::store::{Batch, KithProvider, Retention, Store, StoreError};
 use crate::sync::{
     GAP_DEBOUNCE, MAX_PAGES_PER_RUN, MAX_PEERS_PER_RUN, MAX_SCAN_ENVELOPES, SYNC_DEBOUNCE,
     SYNC_INTERVAL, SyncLimiter,
@@ -65,6 +65,12 @@ const INPUT_QUEUE: usize = 4096;
 const EXPIRE_EVERY_FLUSHES: u64 = 20;
 /// Received messages are made durable at least this often.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+/// How often history retention ([`Retention::default`]: 365 days, 100 000 entries per group)
+/// is applied.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+/// Most history rows one prune run deletes (over all groups); when it runs out, another run
+/// is queued behind the inputs already waiting.
+const PRUNE_BUDGET: usize = 5000;
 /// Most received envelopes written in one store transaction.
 const MAX_GOSSIP_BATCH: usize = 256;
 const EVENT_BUFFER: usize = 1024;
@@ -170,6 +176,8 @@ enum Input {
     },
     /// Make non-durable commits durable.
     Flush,
+    /// Apply history retention.
+    Prune,
     Shutdown,
 }
 
@@ -486,6 +494,7 @@ pub fn start(
     spawn_ticker(tx.clone(), FLUSH_INTERVAL, || Input::Flush);
     spawn_ticker(tx.clone(), RENDEZVOUS_INTERVAL, || Input::Tick);
     spawn_ticker(tx.clone(), SYNC_INTERVAL, || Input::SyncTick);
+    spawn_ticker(tx.clone(), PRUNE_INTERVAL, || Input::Prune);
     let mut actor = Actor {
         groups,
         store,
@@ -642,6 +651,7 @@ impl Actor {
                     }
                     self.flush();
                 }
+                Input::Prune => self.prune(),
                 Input::Shutdown => {
                     self.flush();
                     break;
@@ -951,6 +961,43 @@ impl Actor {
             self.unflushed = !durable;
         }
         result
+    }
+
+    /// Deletes history and envelopes beyond the retention policy, at most [`PRUNE_BUDGET`]
+    /// history rows per run, in non-durable commits (made durable by the next flush).
+    fn prune(&mut self) {
+        let groups = match self.store.groups() {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list groups to prune");
+                return;
+            }
+        };
+        let mut budget = PRUNE_BUDGET;
+        let mut more = false;
+        for g in groups {
+            if budget == 0 {
+                more = true;
+                break;
+            }
+            match self
+                .store
+                .prune(&g.id, Retention::default(), now_ms(), budget)
+            {
+                Ok(p) => {
+                    if p.history > 0 || p.envelopes > 0 {
+                        self.unflushed = true;
+                        tracing::info!(group = %g.id.short(), history = p.history, envelopes = p.envelopes, "pruned old history");
+                    }
+                    budget = budget.saturating_sub(p.history);
+                    more |= p.more;
+                }
+                Err(e) => tracing::error!(group = %g.id.short(), error = %e, "prune failed"),
+            }
+        }
+        if more {
+            let _ = self.tx.try_send(Input::Prune);
+        }
     }
 
     /// Drops past epochs' secrets older than [`PAST_EPOCH_TTL`] and stores the result.

@@ -4,12 +4,15 @@
 //! - `mls`: openmls' [`StorageProvider`](openmls_traits::storage::StorageProvider) records
 //!   (keys and values are written by [`MlsStorage`]).
 //! - `groups`: group id → [`GroupMeta`].
-//! - `history`: group id ++ local sequence (u64 big-endian) → [`HistoryEntry`].
+//! - `history`: [`history_key`] (group id ++ the canonical history order: epoch, sent_at_ms,
+//!   sender, message id) → [`HistoryEntry`], so every member lists a group's history in the
+//!   same order whatever the arrival order.
 //! - `message_index`: message id → history key (or empty), to drop duplicates.
 //! - `envelopes`: message id → [`StoredEnvelope`], to serve history to other members.
 //! - `invites`: secret hash → [`InviteRecord`].
 //! - `peers`: `PeerId` bytes → list of multiaddr bytes (the address book).
-//! - `meta`: `schema_version` (u32) and `next_seq` (u64), both big-endian.
+//! - `meta`: `schema_version` (u32 big-endian). Schema 1 keyed `history` by a local arrival
+//!   sequence (kept in `next_seq`); [`Store::open`] migrates it to schema 2 in place.
 //!
 //! Kith records are encoded with [`kith_protocol::codec`]; openmls records with serde_json.
 //!
@@ -26,9 +29,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kith_protocol::codec::{self, MAX_DECODE_BYTES};
+use kith_protocol::envelope::PayloadKind;
 use kith_protocol::ids::{GroupId, MessageId};
 use kith_protocol::invite::InviteRecord;
 use kith_protocol::records::{GroupMeta, HistoryEntry, StoredEnvelope};
+use kith_protocol::sync::MAX_SENDER_BYTES;
 use kith_protocol::{Multiaddr, PeerId};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
@@ -54,16 +59,56 @@ const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const META_SCHEMA_VERSION: &str = "schema_version";
+/// Schema 1 only: the next local history sequence number.
 const META_NEXT_SEQ: &str = "next_seq";
 
-/// The schema this code writes and understands.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this code writes and understands. Version 1 (history in arrival order) is
+/// migrated in place on open.
+pub const SCHEMA_VERSION: u32 = 2;
 /// At most this many addresses are kept per peer; newer ones push out older ones.
 pub const MAX_ADDRS_PER_PEER: usize = 8;
 /// At most this many peers are kept in the address book.
 pub const MAX_PEERS: u64 = 1000;
 
-const HISTORY_KEY_LEN: usize = 40;
+/// group id (32) ‖ epoch (8) ‖ sent_at_ms (8) ‖ sender padded to [`MAX_SENDER_BYTES`] ‖
+/// sender length (1) ‖ message id (32).
+const HISTORY_KEY_LEN: usize = 32 + 8 + 8 + MAX_SENDER_BYTES + 1 + 32;
+/// Schema 1 `history` key: group id ‖ u64 BE arrival sequence.
+const V1_HISTORY_KEY_LEN: usize = 40;
+
+/// How much history a node keeps per group; see [`Store::prune`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Entries whose `sent_at_ms` is older than this many milliseconds are deleted.
+    pub max_age_ms: u64,
+    /// At most this many history entries are kept per group (the newest in canonical order).
+    pub max_messages: u64,
+}
+
+/// Default retention: 365 days.
+pub const DEFAULT_RETENTION_DAYS: u64 = 365;
+/// Default retention: 100 000 history entries per group.
+pub const DEFAULT_RETENTION_MAX_MESSAGES: u64 = 100_000;
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age_ms: DEFAULT_RETENTION_DAYS * 24 * 3600 * 1000,
+            max_messages: DEFAULT_RETENTION_MAX_MESSAGES,
+        }
+    }
+}
+
+/// What one [`Store::prune`] call deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// History rows deleted.
+    pub history: usize,
+    /// Envelopes deleted.
+    pub envelopes: usize,
+    /// The budget ran out: more may be due, call again.
+    pub more: bool,
+}
 
 /// What went wrong in the store. Every variant leaves the database as it was before the call:
 /// a failed [`Store::commit`] writes nothing.
@@ -148,9 +193,9 @@ impl From<redb::DatabaseError> for StoreError {
 pub struct Batch {
     /// Groups to insert or replace (keyed by [`GroupMeta::id`]).
     pub groups: Vec<GroupMeta>,
-    /// History entries to append, in order. Each gets the next local sequence number; an entry
-    /// whose message id already has a history row (stored earlier or earlier in this batch) is
-    /// skipped.
+    /// History entries to store, each at its canonical position (see [`Store::history`]); an
+    /// entry whose message id already has a history row (stored earlier or earlier in this
+    /// batch) is skipped. A sender id longer than [`MAX_SENDER_BYTES`] fails the commit.
     pub history: Vec<HistoryEntry>,
     /// Raw envelopes to keep for serving sync; an envelope already stored is left as is.
     pub envelopes: Vec<StoredEnvelope>,
@@ -222,22 +267,14 @@ impl Store {
             .create(path)?;
         let txn = db.begin_write()?;
         {
-            txn.open_table(MLS)?;
-            txn.open_table(GROUPS)?;
-            txn.open_table(HISTORY)?;
-            txn.open_table(MESSAGE_INDEX)?;
-            txn.open_table(ENVELOPES)?;
-            txn.open_table(INVITES)?;
-            txn.open_table(PEERS)?;
-            let mut meta = txn.open_table(META)?;
-            let found = meta
-                .get(META_SCHEMA_VERSION)?
-                .map(|v| decode_u32(v.value()))
-                .transpose()?;
+            let found = {
+                let meta = txn.open_table(META)?;
+                meta.get(META_SCHEMA_VERSION)?
+                    .map(|v| decode_u32(v.value()))
+                    .transpose()?
+            };
             match found {
-                None => {
-                    meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes().as_slice())?;
-                }
+                None => {}
                 Some(found) if found > SCHEMA_VERSION => {
                     // Dropping `txn` aborts it: the file stays untouched.
                     return Err(StoreError::SchemaTooNew {
@@ -246,12 +283,25 @@ impl Store {
                     });
                 }
                 Some(SCHEMA_VERSION) => {}
+                // Same transaction as the version bump below: all or nothing.
+                Some(1) => migrate_v1(&txn)?,
                 Some(found) => {
                     return Err(StoreError::Corrupt {
                         table: "meta",
                         reason: format!("unknown schema version {found}"),
                     });
                 }
+            }
+            txn.open_table(MLS)?;
+            txn.open_table(GROUPS)?;
+            txn.open_table(HISTORY)?;
+            txn.open_table(MESSAGE_INDEX)?;
+            txn.open_table(ENVELOPES)?;
+            txn.open_table(INVITES)?;
+            txn.open_table(PEERS)?;
+            if found != Some(SCHEMA_VERSION) {
+                let mut meta = txn.open_table(META)?;
+                meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes().as_slice())?;
             }
         }
         txn.commit()?;
@@ -314,11 +364,6 @@ impl Store {
             }
 
             if !batch.history.is_empty() {
-                let mut meta = txn.open_table(META)?;
-                let mut next_seq = match meta.get(META_NEXT_SEQ)? {
-                    Some(v) => decode_u64(v.value())?,
-                    None => 0,
-                };
                 let mut history = txn.open_table(HISTORY)?;
                 let mut index = txn.open_table(MESSAGE_INDEX)?;
                 for entry in &batch.history {
@@ -326,16 +371,11 @@ impl Store {
                         tracing::debug!(id = %entry.id.short(), "history entry already stored");
                         continue;
                     }
-                    let key = history_key(&entry.group, next_seq);
-                    next_seq = next_seq.checked_add(1).ok_or_else(|| StoreError::Corrupt {
-                        table: "meta",
-                        reason: "history sequence exhausted".into(),
-                    })?;
+                    let key = history_key(entry)?;
                     let bytes = encode_record("history", entry)?;
                     history.insert(&key, bytes.as_slice())?;
                     index.insert(entry.id.as_bytes(), key.as_slice())?;
                 }
-                meta.insert(META_NEXT_SEQ, next_seq.to_be_bytes().as_slice())?;
             }
 
             let mut envelopes = txn.open_table(ENVELOPES)?;
@@ -394,15 +434,16 @@ impl Store {
         Ok(out)
     }
 
-    /// The newest `limit` history entries of `group`, oldest first.
+    /// The newest `limit` history entries of `group`, in canonical history order
+    /// (`kith_protocol::sync::HistoryKey`: epoch, sent_at_ms, sender bytes, message id), which
+    /// is the same on every member whatever the arrival order.
     pub fn history(&self, group: &GroupId, limit: usize) -> Result<Vec<HistoryEntry>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
         let txn = self.db.begin_read()?;
         let table = txn.open_table(HISTORY)?;
-        let lo = history_key(group, 0);
-        let hi = history_key(group, u64::MAX);
+        let (lo, hi) = group_range(group);
         let mut out = Vec::with_capacity(limit.min(1024));
         for row in table
             .range::<&[u8; HISTORY_KEY_LEN]>(&lo..=&hi)?
@@ -482,14 +523,111 @@ impl Store {
     pub fn first_history_epoch(&self, group: &GroupId) -> Result<Option<u64>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(HISTORY)?;
-        let lo = history_key(group, 0);
-        let hi = history_key(group, u64::MAX);
+        let (lo, hi) = group_range(group);
         let Some(row) = table.range::<&[u8; HISTORY_KEY_LEN]>(&lo..=&hi)?.next() else {
             return Ok(None);
         };
         let (_, value) = row?;
         let entry: HistoryEntry = decode_record("history", value.value())?;
         Ok(Some(entry.epoch))
+    }
+
+    /// Deletes `group`'s history beyond `retention`, oldest first in canonical order, touching at
+    /// most `budget` history rows; [`Pruned::more`] says the budget ran out. Committed without
+    /// fsync, like received messages.
+    ///
+    /// A history row goes if it is older than `retention.max_age_ms` (by its `sent_at_ms`,
+    /// relative to `now_ms`) or beyond the newest `retention.max_messages`; the walk stops at
+    /// the first row that is neither. With it go its `message_index` entry and, for an
+    /// application message, its envelope. Then every stored envelope of the group from an epoch
+    /// below the oldest retained row's epoch `T` is deleted, except commits of epoch `T - 1`
+    /// (the commit into `T`): the commit chain from `T - 1` on stays servable by sync. If every
+    /// row went, `T` is the newest deleted row's epoch.
+    pub fn prune(
+        &self,
+        group: &GroupId,
+        retention: Retention,
+        now_ms: u64,
+        budget: usize,
+    ) -> Result<Pruned, StoreError> {
+        let cutoff = now_ms.saturating_sub(retention.max_age_ms);
+        let (lo, hi) = group_range(group);
+        // Plan in a read transaction; the rows are only read.
+        let mut doomed: Vec<([u8; HISTORY_KEY_LEN], HistoryEntry)> = Vec::new();
+        let mut more = false;
+        let threshold = {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(HISTORY)?;
+            let total = table.range::<&[u8; HISTORY_KEY_LEN]>(&lo..=&hi)?.count() as u64;
+            let mut excess = total.saturating_sub(retention.max_messages);
+            let mut threshold = None;
+            for row in table.range::<&[u8; HISTORY_KEY_LEN]>(&lo..=&hi)? {
+                let (key, value) = row?;
+                let entry: HistoryEntry = decode_record("history", value.value())?;
+                if excess == 0 && entry.sent_at_ms >= cutoff {
+                    threshold = Some(entry.epoch);
+                    break;
+                }
+                if doomed.len() >= budget {
+                    more = true;
+                    threshold = Some(entry.epoch);
+                    break;
+                }
+                excess = excess.saturating_sub(1);
+                doomed.push((*key.value(), entry));
+            }
+            threshold.or_else(|| doomed.last().map(|(_, e)| e.epoch))
+        };
+        let Some(threshold) = threshold else {
+            return Ok(Pruned::default());
+        };
+        let mut pruned = Pruned {
+            history: doomed.len(),
+            envelopes: 0,
+            more,
+        };
+        let _staged = self.mls.lock_staged();
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Database(redb::Error::from(e)))?;
+        {
+            let mut history = txn.open_table(HISTORY)?;
+            let mut index = txn.open_table(MESSAGE_INDEX)?;
+            let mut envelopes = txn.open_table(ENVELOPES)?;
+            for (key, entry) in &doomed {
+                history.remove(key)?;
+                index.remove(entry.id.as_bytes())?;
+                let is_app = envelopes
+                    .get(entry.id.as_bytes())?
+                    .map(|v| decode_record::<StoredEnvelope>("envelopes", v.value()))
+                    .transpose()?
+                    .is_some_and(|env| env.kind == PayloadKind::Application);
+                if is_app {
+                    envelopes.remove(entry.id.as_bytes())?;
+                    pruned.envelopes += 1;
+                }
+            }
+            // Envelopes are keyed by id: one scan finds the group's old ones.
+            let mut old_ids = Vec::new();
+            for row in envelopes.iter()? {
+                let (key, value) = row?;
+                let env: StoredEnvelope = decode_record("envelopes", value.value())?;
+                let keep_commit =
+                    env.kind == PayloadKind::Commit && env.epoch.saturating_add(1) >= threshold;
+                if env.group == *group && env.epoch < threshold && !keep_commit {
+                    old_ids.push(*key.value());
+                }
+            }
+            for id in &old_ids {
+                envelopes.remove(id)?;
+                // A "seen, no history row" marker, if any; history rows are below `threshold`
+                // only when already deleted above.
+                index.remove(id)?;
+            }
+            pruned.envelopes += old_ids.len();
+        }
+        txn.commit()?;
+        Ok(pruned)
     }
 
     /// The invite record stored under this secret hash, if any.
@@ -577,13 +715,67 @@ fn upsert_peer(
     Ok(())
 }
 
-/// The `history` key: group id then the big-endian sequence, so one group's rows are contiguous
-/// and ordered by arrival.
-fn history_key(group: &GroupId, seq: u64) -> [u8; HISTORY_KEY_LEN] {
+/// The `history` key of an entry: group id, then the canonical history order
+/// `(epoch, sent_at_ms, sender bytes, message id)` in a form whose byte order is that order. One
+/// group's rows are contiguous.
+///
+/// The sender is zero-padded to [`MAX_SENDER_BYTES`] and followed by its length, which keeps
+/// lexicographic byte order exactly (a plain length prefix would sort short ids first; in
+/// practice every Ed25519 PeerId is 38 bytes).
+fn history_key(entry: &HistoryEntry) -> Result<[u8; HISTORY_KEY_LEN], StoreError> {
+    let sender = entry.sender.to_bytes();
+    if sender.len() > MAX_SENDER_BYTES {
+        return Err(StoreError::TooLarge {
+            table: "history",
+            len: sender.len(),
+            limit: MAX_SENDER_BYTES,
+        });
+    }
     let mut key = [0u8; HISTORY_KEY_LEN];
-    key[..32].copy_from_slice(group.as_bytes());
-    key[32..].copy_from_slice(&seq.to_be_bytes());
-    key
+    key[..32].copy_from_slice(entry.group.as_bytes());
+    key[32..40].copy_from_slice(&entry.epoch.to_be_bytes());
+    key[40..48].copy_from_slice(&entry.sent_at_ms.to_be_bytes());
+    key[48..48 + sender.len()].copy_from_slice(&sender);
+    key[48 + MAX_SENDER_BYTES] = sender.len() as u8;
+    key[HISTORY_KEY_LEN - 32..].copy_from_slice(entry.id.as_bytes());
+    Ok(key)
+}
+
+/// The smallest and largest possible `history` keys of `group`.
+fn group_range(group: &GroupId) -> ([u8; HISTORY_KEY_LEN], [u8; HISTORY_KEY_LEN]) {
+    let mut lo = [0u8; HISTORY_KEY_LEN];
+    lo[..32].copy_from_slice(group.as_bytes());
+    let mut hi = [0xffu8; HISTORY_KEY_LEN];
+    hi[..32].copy_from_slice(group.as_bytes());
+    (lo, hi)
+}
+
+/// Schema 1 → 2: re-keys every `history` row from the arrival sequence to [`history_key`],
+/// points `message_index` at the new keys and drops `next_seq`. Runs inside the caller's
+/// transaction, which also writes the new schema version: all of it or nothing.
+fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    const V1_HISTORY: TableDefinition<&[u8; V1_HISTORY_KEY_LEN], &[u8]> =
+        TableDefinition::new("history");
+    let mut rows: Vec<Vec<u8>> = Vec::new();
+    {
+        let old = txn.open_table(V1_HISTORY)?;
+        for row in old.iter()? {
+            let (_, value) = row?;
+            rows.push(value.value().to_vec());
+        }
+    }
+    txn.delete_table(V1_HISTORY)?;
+    let mut history = txn.open_table(HISTORY)?;
+    let mut index = txn.open_table(MESSAGE_INDEX)?;
+    for bytes in &rows {
+        let entry: HistoryEntry = decode_record("history", bytes)?;
+        let key = history_key(&entry)?;
+        history.insert(&key, bytes.as_slice())?;
+        index.insert(entry.id.as_bytes(), key.as_slice())?;
+    }
+    txn.open_table(META)?.remove(META_NEXT_SEQ)?;
+    tracing::info!(rows = rows.len(), "migrated the store from schema 1 to 2");
+    Ok(())
 }
 
 fn encode_record<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
@@ -618,15 +810,6 @@ fn decode_u32(bytes: &[u8]) -> Result<u32, StoreError> {
         .map_err(|_| StoreError::Corrupt {
             table: "meta",
             reason: format!("expected 4 bytes, found {}", bytes.len()),
-        })
-}
-
-fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
-    <[u8; 8]>::try_from(bytes)
-        .map(u64::from_be_bytes)
-        .map_err(|_| StoreError::Corrupt {
-            table: "meta",
-            reason: format!("expected 8 bytes, found {}", bytes.len()),
         })
 }
 
@@ -733,7 +916,7 @@ mod tests {
                 .is_empty()
         );
 
-        // The sequence survives a reopen: new rows still come after the old ones.
+        // Rows written after a reopen still sort in.
         drop(store);
         let store = Store::open(&dir.path().join("kith.redb")).expect("reopen");
         let batch = Batch {
@@ -745,6 +928,261 @@ mod tests {
             texts(&store.history(&g1, 2).expect("history")),
             ["a3", "a4"]
         );
+    }
+
+    fn ids(entries: &[HistoryEntry]) -> Vec<u8> {
+        entries.iter().map(|e| e.id.0[0]).collect()
+    }
+
+    /// An entry with explicit order fields.
+    fn at(id: u8, epoch: u64, sent_at_ms: u64, sender: u8) -> HistoryEntry {
+        HistoryEntry {
+            epoch,
+            sent_at_ms,
+            sender: peer(sender),
+            ..entry(1, id, "x")
+        }
+    }
+
+    fn app_envelope(e: &HistoryEntry) -> StoredEnvelope {
+        StoredEnvelope {
+            id: e.id,
+            group: e.group,
+            epoch: e.epoch,
+            kind: PayloadKind::Application,
+            bytes: vec![e.id.0[0]],
+            received_at_ms: 5,
+        }
+    }
+
+    fn commit_envelope(id: u8, epoch: u64) -> StoredEnvelope {
+        StoredEnvelope {
+            kind: PayloadKind::Commit,
+            epoch,
+            ..envelope(id, 3)
+        }
+    }
+
+    #[test]
+    fn history_is_in_canonical_order_whatever_the_arrival_order() {
+        let (s1, s2) = (peer(1).to_bytes(), peer(2).to_bytes());
+        let (lo, hi) = if s1 < s2 { (1, 2) } else { (2, 1) };
+        // Canonical: (epoch, sent_at_ms, sender bytes, id).
+        let canonical = vec![
+            at(9, 1, 500, hi),
+            at(3, 2, 100, lo),
+            at(2, 2, 100, hi),
+            at(1, 2, 200, lo),
+            at(4, 2, 200, lo),
+            at(5, 3, 0, hi),
+        ];
+        let want = ids(&canonical);
+        for order in [[5, 4, 3, 2, 1, 0], [2, 0, 5, 1, 4, 3], [0, 1, 2, 3, 4, 5]] {
+            let (_dir, store) = open_temp();
+            // One entry per commit, as if they arrived one by one.
+            for i in order {
+                let batch = Batch {
+                    history: vec![canonical[i].clone()],
+                    ..Batch::default()
+                };
+                store.commit(batch).expect("commit");
+            }
+            let got = store.history(&GroupId([1; 32]), 100).expect("history");
+            assert_eq!(ids(&got), want, "arrival order {order:?}");
+            assert_eq!(
+                ids(&store.history(&GroupId([1; 32]), 2).expect("history")),
+                want[4..]
+            );
+            assert_eq!(
+                store.first_history_epoch(&GroupId([1; 32])).expect("first"),
+                Some(1)
+            );
+            let e = store
+                .history_entry(&MessageId([4; 32]))
+                .expect("entry")
+                .expect("present");
+            assert_eq!(e, canonical[4]);
+        }
+    }
+
+    #[test]
+    fn schema_1_is_migrated_in_place() {
+        const V1_HISTORY: TableDefinition<&[u8; V1_HISTORY_KEY_LEN], &[u8]> =
+            TableDefinition::new("history");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kith.redb");
+        // A minimal schema-1 writer: rows keyed by arrival sequence, in arrival order.
+        let arrived = [
+            at(1, 3, 10, 1),
+            at(2, 1, 50, 1),
+            at(3, 2, 5, 1),
+            at(4, 1, 20, 1),
+        ];
+        raw_write(&path, |txn| {
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert(META_SCHEMA_VERSION, 1u32.to_be_bytes().as_slice())
+                .expect("version");
+            meta.insert(META_NEXT_SEQ, 4u64.to_be_bytes().as_slice())
+                .expect("seq");
+            let mut history = txn.open_table(V1_HISTORY).expect("history");
+            let mut index = txn.open_table(MESSAGE_INDEX).expect("index");
+            for (seq, e) in arrived.iter().enumerate() {
+                let mut key = [0u8; V1_HISTORY_KEY_LEN];
+                key[..32].copy_from_slice(e.group.as_bytes());
+                key[32..].copy_from_slice(&(seq as u64).to_be_bytes());
+                let bytes = codec::encode(e).expect("encode");
+                history.insert(&key, bytes.as_slice()).expect("row");
+                index
+                    .insert(e.id.as_bytes(), key.as_slice())
+                    .expect("index");
+            }
+            // A "seen, no history row" marker survives as is.
+            index.insert(&[7; 32], [].as_slice()).expect("marker");
+        });
+        let store = Store::open(&path).expect("migrate");
+        let g = GroupId([1; 32]);
+        assert_eq!(ids(&store.history(&g, 10).expect("history")), [4, 2, 3, 1]);
+        for e in &arrived {
+            assert_eq!(store.history_entry(&e.id).expect("entry").as_ref(), Some(e));
+        }
+        assert!(store.has_message(&MessageId([7; 32])).expect("has"));
+        // New rows sort in; a duplicate of a migrated row is still dropped.
+        store
+            .commit(Batch {
+                history: vec![at(5, 2, 1, 1), at(2, 9, 9, 1)],
+                ..Batch::default()
+            })
+            .expect("commit");
+        assert_eq!(
+            ids(&store.history(&g, 10).expect("history")),
+            [4, 2, 5, 3, 1]
+        );
+        drop(store);
+        // The version was bumped with the re-keying; reopening does not migrate again.
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(
+            ids(&store.history(&g, 10).expect("history")),
+            [4, 2, 5, 3, 1]
+        );
+        drop(store);
+        let db = Database::create(&path).expect("raw open");
+        let txn = db.begin_read().expect("read");
+        let meta = txn.open_table(META).expect("meta");
+        let version = meta
+            .get(META_SCHEMA_VERSION)
+            .expect("get")
+            .expect("version");
+        assert_eq!(decode_u32(version.value()).expect("u32"), SCHEMA_VERSION);
+        assert!(meta.get(META_NEXT_SEQ).expect("get").is_none());
+    }
+
+    #[test]
+    fn prune_by_count_keeps_the_newest_in_order_and_the_commit_chain() {
+        let (_dir, store) = open_temp();
+        let g = GroupId([1; 32]);
+        // Epochs 1..=4, three messages each (ids 10*epoch + k), arriving newest first.
+        let entries: Vec<HistoryEntry> = (1..=4u8)
+            .rev()
+            .flat_map(|e| {
+                (0..3u8).map(move |k| at(10 * e + k, u64::from(e), 100 + u64::from(k), 1))
+            })
+            .collect();
+        let commits: Vec<StoredEnvelope> = (1..=4u8)
+            .map(|e| commit_envelope(200 + e, u64::from(e)))
+            .collect();
+        let batch = Batch {
+            history: entries.clone(),
+            envelopes: entries.iter().map(app_envelope).chain(commits).collect(),
+            ..Batch::default()
+        };
+        store.commit(batch).expect("commit");
+        let keep = Retention {
+            max_age_ms: u64::MAX,
+            max_messages: 5,
+        };
+        // A budget of 4 stops early and says so.
+        let p = store.prune(&g, keep, 1_000, 4).expect("prune");
+        assert_eq!((p.history, p.more), (4, true));
+        let p = store.prune(&g, keep, 1_000, 100).expect("prune");
+        assert_eq!((p.history, p.more), (3, false));
+        assert_eq!(
+            ids(&store.history(&g, 100).expect("history")),
+            [31, 32, 40, 41, 42]
+        );
+        assert_eq!(store.first_history_epoch(&g).expect("first"), Some(3));
+        for gone in [10, 12, 20, 22, 30] {
+            assert!(
+                !store.has_message(&MessageId([gone; 32])).expect("has"),
+                "{gone}"
+            );
+        }
+        for kept in [31, 42] {
+            assert!(
+                store
+                    .envelope(&MessageId([kept; 32]))
+                    .expect("env")
+                    .is_some()
+            );
+        }
+        // Commits of epochs 1 goes; 2 (into 3), 3 and 4 stay.
+        assert!(
+            store
+                .envelope(&MessageId([201; 32]))
+                .expect("env")
+                .is_none()
+        );
+        for kept in [202, 203, 204] {
+            assert!(
+                store
+                    .envelope(&MessageId([kept; 32]))
+                    .expect("env")
+                    .is_some(),
+                "{kept}"
+            );
+        }
+        // Nothing more is due.
+        assert_eq!(
+            store.prune(&g, keep, 1_000, 100).expect("prune"),
+            Pruned::default()
+        );
+    }
+
+    #[test]
+    fn prune_by_age_leaves_other_groups_alone() {
+        let (_dir, store) = open_temp();
+        let g = GroupId([1; 32]);
+        let entries: Vec<HistoryEntry> = (0..6u8)
+            .map(|i| at(i, 1 + u64::from(i / 2), 1_000 * u64::from(i), 1))
+            .collect();
+        let other = HistoryEntry {
+            sent_at_ms: 0,
+            ..entry(2, 99, "other")
+        };
+        let batch = Batch {
+            history: entries.iter().cloned().chain([other.clone()]).collect(),
+            envelopes: entries.iter().chain([&other]).map(app_envelope).collect(),
+            ..Batch::default()
+        };
+        store.commit(batch).expect("commit");
+        let keep = Retention {
+            max_age_ms: 2_500,
+            max_messages: 100,
+        };
+        // At 6 000 ms, entries sent before 3 500 ms are too old.
+        let p = store.prune(&g, keep, 6_000, 100).expect("prune");
+        assert_eq!(p.history, 4);
+        assert_eq!(ids(&store.history(&g, 100).expect("history")), [4, 5]);
+        assert!(store.envelope(&MessageId([3; 32])).expect("env").is_none());
+        assert!(store.envelope(&MessageId([4; 32])).expect("env").is_some());
+        assert_eq!(
+            store.history(&GroupId([2; 32]), 10).expect("history"),
+            vec![other]
+        );
+        assert!(store.envelope(&MessageId([99; 32])).expect("env").is_some());
+        // Everything old: the group's history is emptied.
+        let p = store.prune(&g, keep, 100_000, 100).expect("prune");
+        assert_eq!(p.history, 2);
+        assert!(store.history(&g, 100).expect("history").is_empty());
     }
 
     #[test]
@@ -1012,7 +1450,7 @@ mod tests {
                 .expect("insert");
             txn.open_table(HISTORY)
                 .expect("history")
-                .insert(&history_key(&GroupId([1; 32]), 0), garbage)
+                .insert(&group_range(&GroupId([1; 32])).0, garbage)
                 .expect("insert");
             txn.open_table(ENVELOPES)
                 .expect("envelopes")

@@ -59,6 +59,18 @@ async fn texts(node: &TestNode, group: &str) -> anyhow::Result<BTreeSet<String>>
         .collect())
 }
 
+/// The ids of `node`'s history of `group`, in the order the node lists them.
+async fn history_ids(node: &TestNode, group: &str) -> anyhow::Result<Vec<String>> {
+    Ok(node
+        .node
+        .engine
+        .history(group.to_owned(), 1000)
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect())
+}
+
 /// Polls until `node` has every text in `want` and is at least at `epoch`.
 async fn wait_caught_up(
     node: &TestNode,
@@ -121,6 +133,40 @@ async fn offline_node_catches_up_by_itself() -> anyhow::Result<()> {
     let want: BTreeSet<String> = from_a.iter().chain(&from_b).cloned().collect();
     wait_caught_up(&c, &group.id, &want, 3).await?;
     assert_eq!(texts(&c, &group.id).await?.len(), 50);
+
+    // Every member lists the history in the same (canonical) order, although C got it by
+    // back-fill and A and B by gossip in different interleavings. Only the entries from
+    // before a member joined differ (A records the group's creation, a joiner its join), so
+    // the lists are compared on the entries all three hold: the 50 messages and later.
+    let all = [
+        history_ids(&a, &group.id).await?,
+        history_ids(&b, &group.id).await?,
+        history_ids(&c, &group.id).await?,
+    ];
+    let shared: Vec<Vec<&String>> = all
+        .iter()
+        .map(|ids| {
+            ids.iter()
+                .filter(|id| all.iter().all(|other| other.contains(id)))
+                .collect()
+        })
+        .collect();
+    assert!(
+        shared[0].len() >= 50,
+        "only {} shared entries",
+        shared[0].len()
+    );
+    assert_eq!(shared[0], shared[1], "A and B list history differently");
+    assert_eq!(shared[0], shared[2], "A and C list history differently");
+    // The shared entries are each list's tail: nothing shared is interleaved with local ones.
+    for ids in &all {
+        assert_eq!(
+            ids[ids.len() - shared[0].len()..]
+                .iter()
+                .collect::<Vec<_>>(),
+            shared[0]
+        );
+    }
 
     // And it is back in the conversation at the new epoch.
     let mut c_events = c.node.engine.subscribe();
