@@ -534,6 +534,11 @@ pub fn start(
     ))
 }
 
+/// Whether applying `effects` sends something this node originated to the network.
+fn publishes(effects: &[Effect]) -> bool {
+    effects.iter().any(|e| matches!(e, Effect::Publish { .. }))
+}
+
 /// Sends `make()` to the actor every `period` until the actor is gone.
 fn spawn_ticker(tx: mpsc::Sender<Input>, period: Duration, make: fn() -> Input) {
     tokio::spawn(async move {
@@ -939,7 +944,12 @@ impl Actor {
     /// without fsync (atomic, lost together with their MLS state on a crash, made durable
     /// within [`FLUSH_INTERVAL`]); everything this node originates is durable before it is
     /// published, so a crash can never make it reuse a sender key generation.
+    ///
+    /// A batch that publishes anything is always durable, whatever the caller asked: a
+    /// received message can make this node commit (e.g. a leave proposal it must commit),
+    /// and a commit others may already apply must never be lost here by a crash.
     fn apply_with(&mut self, effects: Vec<Effect>, durable: bool) -> Result<(), EngineError> {
+        let durable = durable || publishes(&effects);
         let batch = Batch::from_effects(&effects);
         if (!batch.is_empty() || self.store.has_staged())
             && let Err(e) = self.commit_with(batch, durable)
@@ -1480,4 +1490,26 @@ async fn run_sync(
 /// Opens the node's store in `data_dir`.
 pub fn open_store(data_dir: &Path) -> Result<Store, StoreError> {
     Store::open(&data_dir.join("kith.redb"))
+}
+
+#[cfg(test)]
+mod durability_tests {
+    use super::*;
+
+    #[test]
+    fn batches_that_publish_are_recognised() {
+        let topic = GroupId([1; 32]).topic("n");
+        assert!(publishes(&[
+            Effect::Subscribe(topic),
+            Effect::Publish {
+                topic,
+                data: vec![1]
+            }
+        ]));
+        assert!(!publishes(&[
+            Effect::Subscribe(topic),
+            Effect::Unsubscribe(topic)
+        ]));
+        assert!(!publishes(&[]));
+    }
 }
