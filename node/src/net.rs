@@ -385,10 +385,65 @@ impl NetHandle {
     }
 }
 
-/// Length-prefixed codec for the join protocol: a 4-byte big-endian length, then the
-/// `kith_protocol::codec` encoding. Lengths above the type's limit are refused before reading.
-#[derive(Clone, Default)]
-pub struct JoinCodec;
+/// A message carried on one of Kith's request-response protocols: encoded by
+/// `kith_protocol::codec` and never longer than [`WireMessage::MAX_BYTES`].
+pub trait WireMessage: Sized + Send {
+    /// Longest accepted encoding; a longer frame is refused before it is read.
+    const MAX_BYTES: usize;
+    /// Encodes the message.
+    fn to_bytes(&self) -> Result<Vec<u8>, String>;
+    /// Decodes a received message (bounded, typed errors, never panics).
+    fn from_bytes(bytes: &[u8]) -> Result<Self, String>;
+}
+
+macro_rules! wire_message {
+    ($ty:ty, $max:expr, $encode:expr) => {
+        impl WireMessage for $ty {
+            const MAX_BYTES: usize = $max;
+            fn to_bytes(&self) -> Result<Vec<u8>, String> {
+                $encode(self).map_err(|e| e.to_string())
+            }
+            fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+                <$ty>::decode(bytes).map_err(|e| e.to_string())
+            }
+        }
+    };
+}
+
+wire_message!(
+    JoinRequest,
+    MAX_JOIN_REQUEST_BYTES,
+    codec::encode::<JoinRequest>
+);
+wire_message!(
+    JoinResponse,
+    MAX_JOIN_RESPONSE_BYTES,
+    codec::encode::<JoinResponse>
+);
+wire_message!(SyncRequest, MAX_SYNC_REQUEST_BYTES, SyncRequest::encode);
+wire_message!(SyncResponse, MAX_SYNC_RESPONSE_BYTES, SyncResponse::encode);
+
+/// Length-prefixed codec for Kith's request-response protocols: a 4-byte big-endian
+/// length, then the message. A length above the message type's limit is refused before
+/// anything is read, and every message is bound-checked when decoded.
+pub struct FramedCodec<Req, Resp>(std::marker::PhantomData<fn() -> (Req, Resp)>);
+
+impl<Req, Resp> Default for FramedCodec<Req, Resp> {
+    fn default() -> Self {
+        FramedCodec(std::marker::PhantomData)
+    }
+}
+
+impl<Req, Resp> Clone for FramedCodec<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// The join protocol's codec.
+pub type JoinCodec = FramedCodec<JoinRequest, JoinResponse>;
+/// The history sync protocol's codec.
+pub type SyncCodec = FramedCodec<SyncRequest, SyncResponse>;
 
 async fn read_frame<T: futures::AsyncRead + Unpin + Send>(
     io: &mut T,
@@ -423,101 +478,159 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
-impl request_response::Codec for JoinCodec {
+async fn read_message<M: WireMessage, T: futures::AsyncRead + Unpin + Send>(
+    io: &mut T,
+) -> io::Result<M> {
+    let bytes = read_frame(io, M::MAX_BYTES).await?;
+    M::from_bytes(&bytes).map_err(invalid)
+}
+
+async fn write_message<M: WireMessage, T: futures::AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    message: M,
+) -> io::Result<()> {
+    write_frame(io, &message.to_bytes().map_err(invalid)?).await
+}
+
+impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCodec<Req, Resp> {
     type Protocol = StreamProtocol;
-    type Request = JoinRequest;
-    type Response = JoinResponse;
+    type Request = Req;
+    type Response = Resp;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<JoinRequest>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        let bytes = read_frame(io, MAX_JOIN_REQUEST_BYTES).await?;
-        JoinRequest::decode(&bytes).map_err(invalid)
+        read_message(io).await
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<JoinResponse>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        let bytes = read_frame(io, MAX_JOIN_RESPONSE_BYTES).await?;
-        JoinResponse::decode(&bytes).map_err(invalid)
+        read_message(io).await
     }
 
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: JoinRequest,
-    ) -> io::Result<()>
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Req) -> io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &codec::encode(&req).map_err(invalid)?).await
+        write_message(io, req).await
     }
 
     async fn write_response<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        res: JoinResponse,
+        res: Resp,
     ) -> io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &codec::encode(&res).map_err(invalid)?).await
+        write_message(io, res).await
     }
 }
 
-/// Length-prefixed codec for the sync protocol, framed like [`JoinCodec`]: requests above
-/// [`MAX_SYNC_REQUEST_BYTES`] and responses above [`MAX_SYNC_RESPONSE_BYTES`] are refused
-/// before they are read, and both are bound-checked when decoded.
-#[derive(Clone, Default)]
-pub struct SyncCodec;
+/// The requests of one request-response protocol that await an answer, both ways.
+/// Bounded: beyond the limits an inbound request is dropped (its stream closes, the
+/// requester sees a failure) and an outbound one is refused with [`NetError::Busy`].
+struct Exchange<Resp> {
+    name: &'static str,
+    inbound: HashMap<u64, ResponseChannel<Resp>>,
+    outbound: HashMap<OutboundRequestId, oneshot::Sender<Result<Resp, NetError>>>,
+    max_inbound: usize,
+    max_outbound: usize,
+}
 
-impl request_response::Codec for SyncCodec {
-    type Protocol = StreamProtocol;
-    type Request = SyncRequest;
-    type Response = SyncResponse;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncRequest>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        let bytes = read_frame(io, MAX_SYNC_REQUEST_BYTES).await?;
-        SyncRequest::decode(&bytes).map_err(invalid)
+impl<Resp> Exchange<Resp> {
+    fn new(name: &'static str, max_inbound: usize, max_outbound: usize) -> Self {
+        Exchange {
+            name,
+            inbound: HashMap::new(),
+            outbound: HashMap::new(),
+            max_inbound,
+            max_outbound,
+        }
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncResponse>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        let bytes = read_frame(io, MAX_SYNC_RESPONSE_BYTES).await?;
-        SyncResponse::decode(&bytes).map_err(invalid)
+    /// Refuses `reply` if too many requests are in flight; otherwise hands it back.
+    fn admit_outbound(
+        &self,
+        reply: oneshot::Sender<Result<Resp, NetError>>,
+    ) -> Option<oneshot::Sender<Result<Resp, NetError>>> {
+        if self.outbound.len() >= self.max_outbound {
+            let _ = reply.send(Err(NetError::Busy));
+            return None;
+        }
+        Some(reply)
     }
 
-    async fn write_request<T>(
+    /// Takes the answer channel of inbound request `token`, if it is still pending.
+    fn take_inbound(&mut self, token: u64) -> Option<ResponseChannel<Resp>> {
+        self.inbound.remove(&token)
+    }
+
+    /// Handles one behaviour event; returns an inbound request to hand to the engine with
+    /// its token.
+    fn on_event<Req>(
         &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: SyncRequest,
-    ) -> io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &req.encode().map_err(invalid)?).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: SyncResponse,
-    ) -> io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &res.encode().map_err(invalid)?).await
+        event: request_response::Event<Req, Resp>,
+        next_token: &mut u64,
+    ) -> Option<(PeerId, Req, u64)> {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                if self.inbound.len() >= self.max_inbound {
+                    tracing::warn!(%peer, protocol = self.name, "too many requests pending; dropping one");
+                    return None;
+                }
+                let token = *next_token;
+                *next_token += 1;
+                self.inbound.insert(token, channel);
+                Some((peer, request, token))
+            }
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.outbound.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+                None
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.outbound.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+                None
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, protocol = self.name, error = %error, "inbound request failed");
+                // Channels whose stream failed are dead; forget them.
+                self.inbound.retain(|_, ch| ch.is_open());
+                None
+            }
+            Event::ResponseSent { .. } => None,
+        }
     }
 }
 
@@ -703,10 +816,8 @@ pub fn spawn(
     let task = NetTask {
         swarm,
         events: ev_tx,
-        pending_out: HashMap::new(),
-        pending_in: HashMap::new(),
-        sync_out: HashMap::new(),
-        sync_in: HashMap::new(),
+        join: Exchange::new("join", MAX_PENDING_INBOUND, MAX_PENDING_OUTBOUND),
+        sync: Exchange::new("sync", MAX_PENDING_SYNC_INBOUND, MAX_PENDING_SYNC_OUTBOUND),
         next_token: 0,
         listen_addrs: Vec::new(),
         bootstrapped: !cfg.bootstrap.is_empty() || !cfg.known_peers.is_empty(),
@@ -725,13 +836,10 @@ pub fn spawn(
 struct NetTask {
     swarm: Swarm<Behaviour>,
     events: mpsc::Sender<NetEvent>,
-    pending_out:
-        HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<JoinResponse, NetError>>)>,
-    pending_in: HashMap<u64, ResponseChannel<JoinResponse>>,
-    /// Outbound sync requests awaiting their page (at most [`MAX_PENDING_SYNC_OUTBOUND`]).
-    sync_out: HashMap<OutboundRequestId, oneshot::Sender<Result<SyncResponse, NetError>>>,
-    /// Inbound sync requests awaiting the engine (at most [`MAX_PENDING_SYNC_INBOUND`]).
-    sync_in: HashMap<u64, ResponseChannel<SyncResponse>>,
+    /// Join requests awaiting an answer, both ways.
+    join: Exchange<JoinResponse>,
+    /// Sync requests awaiting a page, both ways.
+    sync: Exchange<SyncResponse>,
     next_token: u64,
     listen_addrs: Vec<Multiaddr>,
     bootstrapped: bool,
@@ -876,18 +984,17 @@ impl NetTask {
                 request,
                 reply,
             } => {
-                if self.pending_out.len() >= MAX_PENDING_OUTBOUND {
-                    let _ = reply.send(Err(NetError::Busy));
+                let Some(reply) = self.join.admit_outbound(reply) else {
                     return;
-                }
+                };
                 for a in &addrs {
                     b.kad.add_address(&peer, a.clone());
                 }
                 let id = b.join.send_request_with_addresses(&peer, request, addrs);
-                self.pending_out.insert(id, (peer, reply));
+                self.join.outbound.insert(id, reply);
             }
             Command::RespondJoin { token, response } => {
-                if let Some(ch) = self.pending_in.remove(&token)
+                if let Some(ch) = self.join.take_inbound(token)
                     && b.join.send_response(ch, response).is_err()
                 {
                     tracing::debug!("joiner went away before the answer");
@@ -898,15 +1005,14 @@ impl NetTask {
                 request,
                 reply,
             } => {
-                if self.sync_out.len() >= MAX_PENDING_SYNC_OUTBOUND {
-                    let _ = reply.send(Err(NetError::Busy));
+                let Some(reply) = self.sync.admit_outbound(reply) else {
                     return;
-                }
+                };
                 let id = b.sync.send_request(&peer, request);
-                self.sync_out.insert(id, reply);
+                self.sync.outbound.insert(id, reply);
             }
             Command::RespondSync { token, response } => {
-                if let Some(ch) = self.sync_in.remove(&token)
+                if let Some(ch) = self.sync.take_inbound(token)
                     && b.sync.send_response(ch, response).is_err()
                 {
                     tracing::debug!("sync requester went away before the answer");
@@ -1170,118 +1276,22 @@ impl NetTask {
     }
 
     fn on_join_event(&mut self, event: request_response::Event<JoinRequest, JoinResponse>) {
-        use request_response::{Event, Message};
-        match event {
-            Event::Message {
+        if let Some((peer, request, token)) = self.join.on_event(event, &mut self.next_token) {
+            self.emit(NetEvent::InboundJoin {
                 peer,
-                message:
-                    Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => {
-                if self.pending_in.len() >= MAX_PENDING_INBOUND {
-                    // Dropping the channel closes the stream; the joiner sees a failure.
-                    tracing::warn!(%peer, "too many join requests pending; dropping one");
-                    return;
-                }
-                let token = self.next_token;
-                self.next_token += 1;
-                self.pending_in.insert(token, channel);
-                self.emit(NetEvent::InboundJoin {
-                    peer,
-                    request,
-                    token,
-                });
-            }
-            Event::Message {
-                message:
-                    Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some((_, reply)) = self.pending_out.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some((_, reply)) = self.pending_out.remove(&request_id) {
-                    let _ = reply.send(Err(NetError::Request {
-                        peer,
-                        reason: error.to_string(),
-                    }));
-                }
-            }
-            Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, error = %error, "inbound join request failed");
-                // Channels whose stream failed are dead; forget them.
-                self.pending_in.retain(|_, ch| ch.is_open());
-            }
-            Event::ResponseSent { .. } => {}
+                request,
+                token,
+            });
         }
     }
 
     fn on_sync_event(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
-        use request_response::{Event, Message};
-        match event {
-            Event::Message {
+        if let Some((peer, request, token)) = self.sync.on_event(event, &mut self.next_token) {
+            self.emit(NetEvent::InboundSync {
                 peer,
-                message:
-                    Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => {
-                if self.sync_in.len() >= MAX_PENDING_SYNC_INBOUND {
-                    tracing::warn!(%peer, "too many sync requests pending; dropping one");
-                    return;
-                }
-                let token = self.next_token;
-                self.next_token += 1;
-                self.sync_in.insert(token, channel);
-                self.emit(NetEvent::InboundSync {
-                    peer,
-                    request,
-                    token,
-                });
-            }
-            Event::Message {
-                message:
-                    Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.sync_out.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(reply) = self.sync_out.remove(&request_id) {
-                    let _ = reply.send(Err(NetError::Request {
-                        peer,
-                        reason: error.to_string(),
-                    }));
-                }
-            }
-            Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, error = %error, "inbound sync request failed");
-                self.sync_in.retain(|_, ch| ch.is_open());
-            }
-            Event::ResponseSent { .. } => {}
+                request,
+                token,
+            });
         }
     }
 }
