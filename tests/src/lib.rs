@@ -85,6 +85,27 @@ impl TestNode {
         })
     }
 
+    /// Creates group `name` on this node and an invite to it allowing `uses` joins.
+    pub async fn group_with_invite(
+        &self,
+        name: &str,
+        uses: u32,
+    ) -> anyhow::Result<(kith_node::model::GroupInfo, kith_node::model::InviteInfo)> {
+        let group = self.node.engine.create_group(name.into()).await?;
+        let invite = self
+            .node
+            .engine
+            .create_invite(
+                group.id.clone(),
+                kith_node::model::CreateInviteRequest {
+                    expires_in_secs: None,
+                    max_uses: Some(uses),
+                },
+            )
+            .await?;
+        Ok((group, invite))
+    }
+
     /// Stops the node and starts it again on the same data directory.
     pub async fn restart(self) -> anyhow::Result<TestNode> {
         let TestNode { node, dir, config } = self;
@@ -171,7 +192,13 @@ pub fn is_text(ev: &NodeEvent, text: &str) -> bool {
 /// Path of the `kith` binary built alongside the tests (`target/<profile>/kith`), building it
 /// with the same cargo if it is missing. `KITH_BIN` overrides.
 pub fn kith_bin() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("KITH_BIN") {
+    workspace_bin("kith", "kith-node", "KITH_BIN")
+}
+
+/// A binary of this workspace next to the test executable (`target/<profile>/<name>`),
+/// built with the same cargo if it is missing; the environment variable `env` overrides.
+fn workspace_bin(name: &str, package: &str, env: &str) -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var(env) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
@@ -180,15 +207,15 @@ pub fn kith_bin() -> anyhow::Result<PathBuf> {
         .parent()
         .and_then(Path::parent)
         .context("unexpected test binary location")?;
-    let bin = profile_dir.join("kith");
+    let bin = profile_dir.join(name);
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "-p", "kith-node", "--bin", "kith"])
+            .args(["build", "-p", package, "--bin", name])
             .status()
-            .context("running cargo build for the kith binary")?;
+            .with_context(|| format!("running cargo build for the {name} binary"))?;
         if !status.success() || !bin.exists() {
-            bail!("could not build the kith binary at {}", bin.display());
+            bail!("could not build the {name} binary at {}", bin.display());
         }
     }
     Ok(bin)
@@ -522,29 +549,7 @@ pub fn raw_http(
 /// same cargo if it is missing. `KITH_TESTNET_BIN` overrides. `cargo test --workspace` builds
 /// it fresh (the kith-testnet package has integration tests).
 pub fn kith_testnet_bin() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("KITH_TESTNET_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("unexpected test binary location")?;
-    let bin = profile_dir.join("kith-testnet");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "kith-testnet", "--bin", "kith-testnet"])
-            .status()
-            .context("running cargo build for the kith-testnet binary")?;
-        if !status.success() || !bin.exists() {
-            bail!(
-                "could not build the kith-testnet binary at {}",
-                bin.display()
-            );
-        }
-    }
-    Ok(bin)
+    workspace_bin("kith-testnet", "kith-testnet", "KITH_TESTNET_BIN")
 }
 
 /// A `kith-testnet` command using [`kith_bin`]'s `kith` (through `KITH_BIN`), with the

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use kith_node::model::{CreateInviteRequest, MessageBody, NodeEvent};
+use kith_node::model::{MessageBody, NodeEvent};
 use kith_tests::{TestNode, is_text, loopback_config, wait_event, wait_texts};
 
 fn epoch_is(e: &NodeEvent, want: u64, members: usize) -> bool {
@@ -21,19 +21,8 @@ async fn removed_node_hears_nothing_and_the_others_keep_talking() -> anyhow::Res
     let b = TestNode::start(dirs[1].path(), loopback_config(vec![boot.clone()])).await?;
     let c = TestNode::start(dirs[2].path(), loopback_config(vec![boot])).await?;
 
-    let group = a.node.engine.create_group("club".into()).await?;
+    let (group, invite) = a.group_with_invite("club", 2).await?;
     let g = group.id.clone();
-    let invite = a
-        .node
-        .engine
-        .create_invite(
-            g.clone(),
-            CreateInviteRequest {
-                expires_in_secs: None,
-                max_uses: Some(2),
-            },
-        )
-        .await?;
     let mut a_events = a.node.engine.subscribe();
     b.node.engine.join(invite.link.clone()).await?;
     wait_event(&mut a_events, "A at epoch 1", |e| epoch_is(e, 1, 2)).await?;

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use kith_node::model::{CreateInviteRequest, NodeEvent};
+use kith_node::model::NodeEvent;
 use kith_tests::{TestNode, WAIT, is_text, loopback_config, wait_event, wait_texts};
 use libp2p::PeerId;
 
@@ -49,18 +49,7 @@ async fn a_blocked_peer_is_cut_off_and_comes_back_when_unblocked() -> anyhow::Re
     let c = TestNode::start(dirs[2].path(), loopback_config(vec![boot])).await?;
     let (pa, pb, pc) = (a.node.peer_id, b.node.peer_id, c.node.peer_id);
 
-    let group = a.node.engine.create_group("split".into()).await?;
-    let invite = a
-        .node
-        .engine
-        .create_invite(
-            group.id.clone(),
-            CreateInviteRequest {
-                expires_in_secs: None,
-                max_uses: Some(2),
-            },
-        )
-        .await?;
+    let (group, invite) = a.group_with_invite("split", 2).await?;
     let mut b_events = b.node.engine.subscribe();
     b.node.engine.join(invite.link.clone()).await?;
     c.node.engine.join(invite.link).await?;

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kith_node::model::{CreateInviteRequest, GroupInfo, MessageBody, NodeEvent};
+use kith_node::model::{GroupInfo, MessageBody, NodeEvent};
 use kith_protocol::ids::GroupId;
 use kith_protocol::sync::SyncResponse;
 use kith_protocol::sync::{MAX_PAGE_BYTES, Summary, SyncRefusal, SyncRequest, SyncRequestV1};
@@ -23,18 +23,7 @@ async fn three_in_a_group(
     let boot_b = b.bootstrap_peer().await?;
     // C knows both, so it finds B after a restart even when A is gone.
     let c = TestNode::start(dirs[2].path(), loopback_config(vec![boot_a, boot_b])).await?;
-    let group = a.node.engine.create_group("sync".into()).await?;
-    let invite = a
-        .node
-        .engine
-        .create_invite(
-            group.id.clone(),
-            CreateInviteRequest {
-                expires_in_secs: None,
-                max_uses: Some(2),
-            },
-        )
-        .await?;
+    let (group, invite) = a.group_with_invite("sync", 2).await?;
     let mut b_events = b.node.engine.subscribe();
     b.node.engine.join(invite.link.clone()).await?;
     c.node.engine.join(invite.link.clone()).await?;
