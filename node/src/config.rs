@@ -114,7 +114,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Network id: nodes only talk to nodes of the same network.
+    /// Network id: group topics, DHT rendezvous keys and invite links are scoped to it, so
+    /// groups and invites of one network are invisible to another (the DHT itself is shared).
     pub network: String,
     /// libp2p listen multiaddrs.
     pub listen: Vec<String>,
@@ -367,8 +368,9 @@ impl Config {
 # with an environment variable (shown below) or a `kith run` flag; flags win over the
 # environment, which wins over this file.
 
-# Network id. Nodes only talk to nodes of the same network, and invite links only work
-# within one network. 1 to 64 characters of A-Z a-z 0-9 . _ -
+# Network id. Group topics, DHT rendezvous keys and invite links are scoped to it, so a
+# group or invite of one network is invisible to another (nodes still share the DHT).
+# 1 to 64 characters of A-Z a-z 0-9 . _ -
 # Env: KITH_NETWORK. Flag: --network.
 network = {network}
 
