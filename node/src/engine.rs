@@ -1074,7 +1074,17 @@ impl Actor {
                     });
                     Ok(())
                 }
-                Effect::SaveGroup(_) | Effect::SaveEnvelope(_) | Effect::SaveInvite(_) => Ok(()),
+                Effect::RolledBack {
+                    group, to_epoch, ..
+                } => {
+                    self.metrics.rollback();
+                    tracing::info!(group = %group.short(), to_epoch, "rolled back to the winning branch");
+                    Ok(())
+                }
+                Effect::SaveGroup(_)
+                | Effect::SaveEnvelope(_)
+                | Effect::SaveInvite(_)
+                | Effect::LinkEnvelope { .. } => Ok(()),
             };
             if sent.is_err() {
                 tracing::warn!("network task has stopped; effect dropped");

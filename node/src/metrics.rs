@@ -388,6 +388,7 @@ impl GroupGauges {
 pub struct KithMetrics {
     messages_sent: Counter,
     messages_received: Counter,
+    rollbacks: Counter,
     rejected: [Counter; RejectReason::ALL.len()],
     ignored: [Counter; IgnoreReason::ALL.len()],
     decrypt_failures: [Counter; DecryptFailure::ALL.len()],
@@ -430,6 +431,12 @@ impl KithMetrics {
             "messages_received",
             "Text messages received from the network, decrypted and stored",
             messages_received.clone(),
+        );
+        let rollbacks = Counter::default();
+        r.register(
+            "group_rollbacks",
+            "Times a group left a losing branch for a concurrent commit with a lower id",
+            rollbacks.clone(),
         );
         let rejected = counters(
             r,
@@ -495,6 +502,7 @@ impl KithMetrics {
         KithMetrics {
             messages_sent,
             messages_received,
+            rollbacks,
             rejected,
             ignored,
             decrypt_failures,
@@ -518,6 +526,11 @@ impl KithMetrics {
         if n > 0 {
             self.messages_received.inc_by(n);
         }
+    }
+
+    /// Counts one rollback to a winning branch.
+    pub fn rollback(&self) {
+        self.rollbacks.inc();
     }
 
     /// Counts one validated gossip envelope by its verdict.

@@ -204,6 +204,26 @@ pub struct Batch {
     /// Address-book updates: the given addresses go first, then the previously known ones, at
     /// most [`MAX_ADDRS_PER_PEER`]. See [`Store::commit`] for the peer cap.
     pub peers: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Losing branches left (applied before everything else in the batch): the group's
+    /// envelopes of later epochs and the lost commits are deleted, and the history rows of
+    /// membership changes that did not happen.
+    pub rollbacks: Vec<Rollback>,
+    /// (envelope id, history id): the envelope carried that history entry, so
+    /// [`Store::history_entry`] finds the entry by the envelope's id too.
+    pub links: Vec<(MessageId, MessageId)>,
+}
+
+/// See [`Batch::rollbacks`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollback {
+    /// The group.
+    pub group: GroupId,
+    /// Envelopes of epochs after this one are deleted.
+    pub to_epoch: u64,
+    /// Envelope ids deleted whatever their epoch.
+    pub lost_commits: Vec<MessageId>,
+    /// History ids whose rows are deleted.
+    pub forget_history: Vec<MessageId>,
 }
 
 impl Batch {
@@ -218,6 +238,29 @@ impl Batch {
                 Effect::SaveEnvelope(s) => batch.envelopes.push(s.clone()),
                 Effect::Record(h) => batch.history.push(h.clone()),
                 Effect::SaveInvite(r) => batch.invites.push(r.clone()),
+                Effect::LinkEnvelope { envelope, history } => {
+                    if envelope != history {
+                        batch.links.push((*envelope, *history));
+                    }
+                }
+                Effect::RolledBack {
+                    group,
+                    to_epoch,
+                    lost_commits,
+                    forget_history,
+                } => {
+                    // What this batch would have stored on the losing branch goes too.
+                    batch.envelopes.retain(|e| {
+                        e.group != *group || (e.epoch <= *to_epoch && !lost_commits.contains(&e.id))
+                    });
+                    batch.history.retain(|h| !forget_history.contains(&h.id));
+                    batch.rollbacks.push(Rollback {
+                        group: *group,
+                        to_epoch: *to_epoch,
+                        lost_commits: lost_commits.clone(),
+                        forget_history: forget_history.clone(),
+                    });
+                }
                 Effect::Publish { .. }
                 | Effect::Subscribe(_)
                 | Effect::Unsubscribe(_)
@@ -234,6 +277,8 @@ impl Batch {
             && self.envelopes.is_empty()
             && self.invites.is_empty()
             && self.peers.is_empty()
+            && self.rollbacks.is_empty()
+            && self.links.is_empty()
     }
 }
 
@@ -357,6 +402,10 @@ impl Store {
                 }
             }
 
+            for rollback in &batch.rollbacks {
+                apply_rollback(&txn, rollback)?;
+            }
+
             let mut groups = txn.open_table(GROUPS)?;
             for group in &batch.groups {
                 let bytes = encode_record("groups", group)?;
@@ -367,14 +416,32 @@ impl Store {
                 let mut history = txn.open_table(HISTORY)?;
                 let mut index = txn.open_table(MESSAGE_INDEX)?;
                 for entry in &batch.history {
-                    if index.get(entry.id.as_bytes())?.is_some() {
-                        tracing::debug!(id = %entry.id.short(), "history entry already stored");
-                        continue;
-                    }
                     let key = history_key(entry)?;
+                    let old = index.get(entry.id.as_bytes())?.map(|k| k.value().to_vec());
+                    if let Some(old) = old {
+                        if old == key {
+                            tracing::debug!(id = %entry.id.short(), "history entry already stored");
+                            continue;
+                        }
+                        // The same message again in another epoch (re-sent after its branch
+                        // lost): it moves to its new place, it is not shown twice.
+                        if let Ok(old) = <[u8; HISTORY_KEY_LEN]>::try_from(old.as_slice()) {
+                            history.remove(&old)?;
+                        }
+                    }
                     let bytes = encode_record("history", entry)?;
                     history.insert(&key, bytes.as_slice())?;
                     index.insert(entry.id.as_bytes(), key.as_slice())?;
+                }
+            }
+
+            if !batch.links.is_empty() {
+                let mut index = txn.open_table(MESSAGE_INDEX)?;
+                for (envelope, history) in &batch.links {
+                    let key = index.get(history.as_bytes())?.map(|k| k.value().to_vec());
+                    if let Some(key) = key {
+                        index.insert(envelope.as_bytes(), key.as_slice())?;
+                    }
                 }
             }
 
@@ -778,6 +845,37 @@ fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Deletes what a losing branch stored (see [`Batch::rollbacks`]).
+fn apply_rollback(txn: &redb::WriteTransaction, r: &Rollback) -> Result<(), StoreError> {
+    let mut envelopes = txn.open_table(ENVELOPES)?;
+    let mut doomed: Vec<[u8; 32]> = Vec::new();
+    for row in envelopes.iter()? {
+        let (key, value) = row?;
+        let env: StoredEnvelope = decode_record("envelopes", value.value())?;
+        if env.group == r.group && (env.epoch > r.to_epoch || r.lost_commits.contains(&env.id)) {
+            doomed.push(*key.value());
+        }
+    }
+    for id in &doomed {
+        envelopes.remove(id)?;
+    }
+    let mut history = txn.open_table(HISTORY)?;
+    let mut index = txn.open_table(MESSAGE_INDEX)?;
+    for id in &r.forget_history {
+        let key = index.remove(id.as_bytes())?.map(|k| k.value().to_vec());
+        if let Some(key) = key.and_then(|k| <[u8; HISTORY_KEY_LEN]>::try_from(k.as_slice()).ok()) {
+            history.remove(&key)?;
+        }
+    }
+    tracing::info!(
+        group = %r.group.short(),
+        to_epoch = r.to_epoch,
+        envelopes = doomed.len(),
+        "deleted what a losing branch stored"
+    );
+    Ok(())
+}
+
 fn encode_record<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     let bytes = codec::encode(value).map_err(|e| StoreError::Serde(e.to_string()))?;
     if bytes.len() > MAX_DECODE_BYTES {
@@ -1049,7 +1147,7 @@ mod tests {
         // New rows sort in; a duplicate of a migrated row is still dropped.
         store
             .commit(Batch {
-                history: vec![at(5, 2, 1, 1), at(2, 9, 9, 1)],
+                history: vec![at(5, 2, 1, 1), at(2, 1, 50, 1)],
                 ..Batch::default()
             })
             .expect("commit");

@@ -120,6 +120,21 @@ impl Envelope {
 pub enum AppContent {
     /// Version 1.
     V1(AppContentV1),
+    /// Version 2: adds a stable message id, so a message re-sent after a concurrent commit
+    /// lost (see docs/PROTOCOL.md, "Concurrent commits") is recognised as the same message.
+    V2(AppContentV2),
+}
+
+/// Version 2 of [`AppContent`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppContentV2 {
+    /// Chosen by the sender once and kept for every re-send. Receivers scope it to the
+    /// MLS-authenticated sender, so a member can only ever name its own messages.
+    pub id: MessageId,
+    /// Sender's clock at the first send, milliseconds since the Unix epoch (display only).
+    pub sent_at_ms: u64,
+    /// What was said.
+    pub body: Body,
 }
 
 /// Version 1 of [`AppContent`].
@@ -139,11 +154,10 @@ pub enum Body {
 }
 
 impl AppContent {
-    /// Decodes decrypted application plaintext.
+    /// Decodes and checks the content of an application message.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let content: AppContent = codec::decode(bytes, MAX_TEXT_BYTES + 64)?;
-        let AppContent::V1(v) = &content;
-        let Body::Text(t) = &v.body;
+        let content: AppContent = codec::decode(bytes, MAX_TEXT_BYTES + 128)?;
+        let Body::Text(t) = content.body();
         if t.len() > MAX_TEXT_BYTES {
             return Err(DecodeError::TooLarge {
                 len: t.len(),
@@ -151,6 +165,38 @@ impl AppContent {
             });
         }
         Ok(content)
+    }
+
+    /// The sender's clock at (first) sending.
+    pub fn sent_at_ms(&self) -> u64 {
+        match self {
+            AppContent::V1(c) => c.sent_at_ms,
+            AppContent::V2(c) => c.sent_at_ms,
+        }
+    }
+
+    /// What was said.
+    pub fn body(&self) -> &Body {
+        match self {
+            AppContent::V1(c) => &c.body,
+            AppContent::V2(c) => &c.body,
+        }
+    }
+
+    /// The sender's stable message id (version 2 only).
+    pub fn stable_id(&self) -> Option<MessageId> {
+        match self {
+            AppContent::V1(_) => None,
+            AppContent::V2(c) => Some(c.id),
+        }
+    }
+
+    /// Takes the body out.
+    pub fn into_body(self) -> Body {
+        match self {
+            AppContent::V1(c) => c.body,
+            AppContent::V2(c) => c.body,
+        }
     }
 }
 

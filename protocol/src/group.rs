@@ -32,9 +32,10 @@ use openmls_traits::types::SignatureScheme;
 
 use crate::codec;
 use crate::envelope::{
-    AppContent, AppContentV1, Body, Envelope, JoinRejection, JoinRequest, JoinRequestV1,
+    AppContent, AppContentV2, Body, Envelope, JoinRejection, JoinRequest, JoinRequestV1,
     JoinResponse, MAX_GROUP_NAME_BYTES, MAX_TEXT_BYTES, PayloadKind,
 };
+use crate::fork::{self, Applied, Branch, GroupRecords, OwnChange, REWIND_DEPTH, Sent};
 use crate::ids::{GroupId, MessageId, TopicId};
 use crate::invite::{Invite, InviteError, InviteParams, InviteRecord, secret_hash};
 use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
@@ -42,7 +43,7 @@ use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
 /// The one ciphersuite Kith uses: X25519, AES-128-GCM, SHA-256, Ed25519 (RFC 9420 §17.1).
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// How many past epochs' secrets are kept so late application messages still decrypt.
-pub const MAX_PAST_EPOCHS: usize = 2;
+pub const MAX_PAST_EPOCHS: usize = 5;
 /// Past epochs' secrets are dropped this long after the epoch ended (see
 /// [`GroupEngine::expire_past_epochs`]). openmls rewrites every retained epoch's secrets on
 /// each message, so stale epochs cost on every message; this keeps the window for late
@@ -52,6 +53,11 @@ pub const PAST_EPOCH_TTL: std::time::Duration = std::time::Duration::from_secs(3
 pub const MAX_PENDING_PER_GROUP: usize = 1024;
 /// Bytes of such envelopes held per group.
 pub const MAX_PENDING_BYTES_PER_GROUP: usize = 8 * 1024 * 1024;
+/// Envelopes kept per group because they did not apply to this node's branch (a losing or
+/// foreign commit, a message that did not decrypt), retried after every rollback.
+pub const MAX_ORPHANS_PER_GROUP: usize = 512;
+/// Bytes of such envelopes kept per group.
+pub const MAX_ORPHAN_BYTES_PER_GROUP: usize = 4 * 1024 * 1024;
 /// Messages from one sender may arrive this far out of order and still decrypt.
 const OUT_OF_ORDER_TOLERANCE: u32 = 64;
 /// A sender may skip this many of its own generations (lost messages) and still be read.
@@ -157,6 +163,28 @@ pub enum Effect {
     Record(HistoryEntry),
     /// Upsert an invite record.
     SaveInvite(InviteRecord),
+    /// The group left a losing branch (see docs/PROTOCOL.md, "Concurrent commits"): delete
+    /// the stored envelopes of epochs after `to_epoch` and of the `lost_commits`, and the
+    /// history lines in `forget_history` (membership changes that did not happen). Comes
+    /// before the effects of the winning branch.
+    RolledBack {
+        /// The group.
+        group: GroupId,
+        /// The last epoch both branches share.
+        to_epoch: u64,
+        /// Envelope ids of the commits that lost.
+        lost_commits: Vec<MessageId>,
+        /// History ids to delete.
+        forget_history: Vec<MessageId>,
+    },
+    /// The application envelope `envelope` carried the history entry `history` (their ids
+    /// differ for texts with a stable id): sync needs the entry to order the envelope.
+    LinkEnvelope {
+        /// Envelope id.
+        envelope: MessageId,
+        /// History id.
+        history: MessageId,
+    },
     /// A group moved to a new epoch.
     EpochChanged {
         /// The group.
@@ -236,6 +264,10 @@ pub struct GroupView {
     pub leaving: bool,
     /// Members as (leaf index, PeerId), in leaf order.
     pub members: Vec<(u32, PeerId)>,
+    /// Times this node left a losing branch since it loaded the group.
+    pub rollbacks: u64,
+    /// Rival commits seen for epochs this node can no longer roll back to (a deep fork).
+    pub deep_forks: u64,
 }
 
 struct Pending {
@@ -243,12 +275,28 @@ struct Pending {
     bytes: Vec<u8>,
 }
 
+/// Work lost in a rollback to epoch `.0`: the commits of the losing branch.
+type Redo = (u64, Vec<Applied>);
+
 struct Group {
     mls: MlsGroup,
     meta: GroupMeta,
     topic: TopicId,
     pending: VecDeque<Pending>,
     pending_bytes: usize,
+    /// The commits merged recently, for the concurrent-commit rule.
+    branch: Branch,
+    /// Envelopes that did not apply to this branch (see [`MAX_ORPHANS_PER_GROUP`]).
+    orphans: VecDeque<Pending>,
+    orphan_bytes: usize,
+    /// Rollbacks whose lost work (own changes, own messages) is still to be redone.
+    redo: Vec<Redo>,
+    /// Rival commits for epochs before the rewind window (a fork too deep to roll back).
+    deep_forks: u64,
+    /// Times this node left a losing branch.
+    rollbacks: u64,
+    /// Orphans must be retried (a rollback happened).
+    retry: bool,
     /// This node proposed its own removal (see [`GroupEngine::leave_group`]).
     leaving: bool,
     /// Own application messages since this node's last own commit.
@@ -259,16 +307,27 @@ struct Group {
 }
 
 impl Group {
-    fn new(mls: MlsGroup, meta: GroupMeta, topic: TopicId, now_ms: Option<u64>) -> Self {
-        let me = mls.own_leaf_index();
-        // A self-removal proposal survives restarts in the MLS proposal store.
-        let leaving = mls.is_active() && mls.pending_proposals().any(|p| is_self_remove(p, me));
+    fn new(
+        mls: MlsGroup,
+        meta: GroupMeta,
+        topic: TopicId,
+        now_ms: Option<u64>,
+        branch: Branch,
+    ) -> Self {
+        let leaving = self_remove_pending(&mls);
         Group {
             mls,
             meta,
             topic,
             pending: VecDeque::new(),
             pending_bytes: 0,
+            branch,
+            orphans: VecDeque::new(),
+            orphan_bytes: 0,
+            redo: Vec::new(),
+            deep_forks: 0,
+            rollbacks: 0,
+            retry: false,
             leaving,
             sent_since_update: 0,
             last_update_ms: now_ms,
@@ -290,12 +349,21 @@ impl Group {
                 .members()
                 .filter_map(|m| Some((m.index.u32(), member_peer(&m)?)))
                 .collect(),
+            rollbacks: self.rollbacks,
+            deep_forks: self.deep_forks,
         }
     }
 
     fn member_count(&self) -> usize {
         self.mls.members().count()
     }
+}
+
+/// Whether this node proposed its own removal and the proposal is still pending (it survives
+/// restarts in the MLS proposal store).
+fn self_remove_pending(mls: &MlsGroup) -> bool {
+    let me = mls.own_leaf_index();
+    mls.is_active() && mls.pending_proposals().any(|p| is_self_remove(p, me))
 }
 
 /// Whether a queued proposal is a member proposing its own removal, optionally only `who`'s.
@@ -324,6 +392,7 @@ fn removed_peers(mls: &MlsGroup, staged: &openmls::prelude::StagedCommit) -> Vec
 
 /// Merges this node's own pending commit (`commit`, made at `old_epoch`) and returns the
 /// effects: the commit envelope stored, removals recorded, the epoch change, the publication.
+#[allow(clippy::too_many_arguments)]
 fn merge_own_commit<P: OpenMlsProvider>(
     provider: &P,
     me: PeerId,
@@ -331,8 +400,12 @@ fn merge_own_commit<P: OpenMlsProvider>(
     g: &mut Group,
     commit: MlsMessageOut,
     old_epoch: u64,
+    own: OwnChange,
     now_ms: u64,
-) -> Result<Vec<Effect>, GroupError> {
+) -> Result<Vec<Effect>, GroupError>
+where
+    P::StorageProvider: GroupRecords,
+{
     let removed = g
         .mls
         .pending_commit()
@@ -349,6 +422,16 @@ fn merge_own_commit<P: OpenMlsProvider>(
     let (data, id) = Envelope::new(group, old_epoch, PayloadKind::Commit, commit)
         .encode()
         .map_err(mls_err)?;
+    note_applied(
+        provider,
+        group,
+        g,
+        Applied {
+            epoch: old_epoch,
+            commit: id,
+            own: Some(own),
+        },
+    )?;
     let mut effects = vec![Effect::SaveEnvelope(StoredEnvelope {
         id,
         group,
@@ -380,8 +463,56 @@ fn merge_own_commit<P: OpenMlsProvider>(
     Ok(effects)
 }
 
+/// Saves the checkpoint of `group` at its current epoch `epoch`: the state a commit made in
+/// this epoch applies to. Call it before creating or merging any commit.
+fn checkpoint<P: OpenMlsProvider>(
+    provider: &P,
+    group: GroupId,
+    epoch: u64,
+) -> Result<(), GroupError>
+where
+    P::StorageProvider: GroupRecords,
+{
+    fork::save_checkpoint(provider.storage(), &group, epoch).map_err(mls_err)
+}
+
+/// Records a merged commit in the group's branch, drops the checkpoints and kept messages
+/// that fell out of the rewind window, and persists the branch.
+fn note_applied<P: OpenMlsProvider>(
+    provider: &P,
+    group: GroupId,
+    g: &mut Group,
+    applied: Applied,
+) -> Result<(), GroupError>
+where
+    P::StorageProvider: GroupRecords,
+{
+    let storage = provider.storage();
+    g.branch.applied.retain(|a| a.epoch < applied.epoch);
+    g.branch.applied.push(applied);
+    while g.branch.applied.len() > REWIND_DEPTH {
+        let old = g.branch.applied.remove(0);
+        fork::delete_checkpoint(storage, &group, old.epoch).map_err(mls_err)?;
+    }
+    if let Some(oldest) = g.branch.oldest() {
+        // Messages of the oldest epoch still reachable stay readable after any rollback.
+        fork::trim_sent(storage, &group, oldest + 1).map_err(mls_err)?;
+    }
+    fork::save_branch(storage, &group, &g.branch).map_err(mls_err)
+}
+
+/// The history id of a text whose sender chose the stable id `stable`: scoped to the
+/// (MLS-authenticated) sender, so nobody can overwrite another member's message.
+pub fn text_history_id(sender: &PeerId, stable: &MessageId) -> MessageId {
+    MessageId(crate::ids::hash_parts(&[
+        b"kith/text",
+        &sender.to_bytes(),
+        stable.as_bytes(),
+    ]))
+}
+
 /// The history id of the removals in the commit envelope `commit`.
-fn removal_id(commit: &MessageId) -> MessageId {
+pub fn removal_id(commit: &MessageId) -> MessageId {
     MessageId(crate::ids::hash_parts(&[
         b"kith/removed",
         commit.as_bytes(),
@@ -406,9 +537,14 @@ pub struct GroupEngine<P: OpenMlsProvider> {
     me: Identity,
     network: String,
     groups: BTreeMap<GroupId, Group>,
+    /// Own messages sent since start, mixed into stable message ids.
+    sent_seq: u64,
 }
 
-impl<P: OpenMlsProvider> GroupEngine<P> {
+impl<P: OpenMlsProvider> GroupEngine<P>
+where
+    P::StorageProvider: GroupRecords,
+{
     /// A new engine with no groups loaded.
     pub fn new(provider: P, me: Identity, network: impl Into<String>) -> Self {
         GroupEngine {
@@ -416,6 +552,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             me,
             network: network.into(),
             groups: BTreeMap::new(),
+            sent_seq: 0,
         }
     }
 
@@ -450,8 +587,14 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                     if mls.is_active() {
                         effects.push(Effect::Subscribe(topic));
                     }
+                    let mut branch =
+                        fork::load_branch(self.provider.storage(), &meta.id).map_err(mls_err)?;
+                    if branch.applied.is_empty() {
+                        // No commit seen since this version: judge only from now on.
+                        branch.since = branch.since.max(mls.epoch().as_u64());
+                    }
                     self.groups
-                        .insert(meta.id, Group::new(mls, meta, topic, None));
+                        .insert(meta.id, Group::new(mls, meta, topic, None, branch));
                 }
                 None => missing.push(meta.id),
             }
@@ -467,11 +610,12 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             let mls_id = openmls::group::GroupId::from_slice(id.as_bytes());
             match MlsGroup::load(self.provider.storage(), &mls_id).map_err(mls_err)? {
                 Some(mls) => {
+                    let branch =
+                        fork::load_branch(self.provider.storage(), &id).map_err(mls_err)?;
                     if let Some(g) = self.groups.get_mut(&id) {
-                        let me = mls.own_leaf_index();
-                        g.leaving = mls.is_active()
-                            && mls.pending_proposals().any(|p| is_self_remove(p, me));
+                        g.leaving = self_remove_pending(&mls);
                         g.mls = mls;
+                        g.branch = branch;
                     }
                 }
                 None => {
@@ -544,8 +688,10 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                 name: name.to_owned(),
             },
         };
-        self.groups
-            .insert(id, Group::new(mls, meta.clone(), topic, Some(now_ms)));
+        self.groups.insert(
+            id,
+            Group::new(mls, meta.clone(), topic, Some(now_ms), Branch::default()),
+        );
         Ok(vec![
             Effect::SaveGroup(meta),
             Effect::Record(entry),
@@ -656,6 +802,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             return reject(JoinRejection::AlreadyMember);
         }
         let old_epoch = g.epoch();
+        checkpoint(&self.provider, req.group, old_epoch)?;
         let (commit, welcome, _info) = g
             .mls
             .add_members(&self.provider, &self.me.signer, &[kp])
@@ -668,6 +815,21 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         let commit = commit.tls_serialize_detached().map_err(mls_err)?;
         let envelope = Envelope::new(req.group, old_epoch, PayloadKind::Commit, commit);
         let (data, id) = envelope.encode().map_err(mls_err)?;
+        note_applied(
+            &self.provider,
+            req.group,
+            g,
+            Applied {
+                epoch: old_epoch,
+                commit: id,
+                own: Some(OwnChange::Add {
+                    key_package: req.key_package.clone(),
+                    invite: Some(record.secret_hash),
+                }),
+            },
+        )?;
+        g.sent_since_update = 0;
+        g.last_update_ms = Some(now_ms);
         record.uses += 1;
         let effects = vec![
             Effect::SaveInvite(record),
@@ -761,7 +923,13 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             joined_at_ms: now_ms,
         };
         let topic = id.topic(&self.network);
-        let group = Group::new(mls, meta.clone(), topic, Some(now_ms));
+        // Nothing of a previous membership (checkpoints, kept messages) applies any more.
+        fork::forget_group(self.provider.storage(), &id).map_err(mls_err)?;
+        let branch = Branch {
+            since: mls.epoch().as_u64(),
+            applied: Vec::new(),
+        };
+        let group = Group::new(mls, meta.clone(), topic, Some(now_ms), branch);
         let epoch = group.epoch();
         let member_count = group.member_count();
         self.groups.insert(id, group);
@@ -801,9 +969,34 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                 "text must be 1 to {MAX_TEXT_BYTES} bytes"
             )));
         }
+        let epoch = active_group(&mut self.groups, group)?.epoch();
+        self.sent_seq += 1;
+        let stable = MessageId(crate::ids::hash_parts(&[
+            b"kith/msg",
+            group.as_bytes(),
+            &self.me.peer.to_bytes(),
+            &epoch.to_be_bytes(),
+            &now_ms.to_be_bytes(),
+            &self.sent_seq.to_be_bytes(),
+            text.as_bytes(),
+        ]));
+        self.send_content(group, stable, now_ms, text, now_ms)
+    }
+
+    /// Encrypts `text` under the stable id `stable` in the current epoch and keeps it for
+    /// re-sending until its epoch can no longer be rolled back.
+    fn send_content(
+        &mut self,
+        group: GroupId,
+        stable: MessageId,
+        sent_at_ms: u64,
+        text: &str,
+        now_ms: u64,
+    ) -> Result<(HistoryEntry, Vec<Effect>), GroupError> {
         let g = active_group(&mut self.groups, group)?;
-        let content = AppContent::V1(AppContentV1 {
-            sent_at_ms: now_ms,
+        let content = AppContent::V2(AppContentV2 {
+            id: stable,
+            sent_at_ms,
             body: Body::Text(text.to_owned()),
         });
         let plain = codec::encode(&content).map_err(mls_err)?;
@@ -817,12 +1010,23 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         let (data, id) = Envelope::new(group, epoch, PayloadKind::Application, mls)
             .encode()
             .map_err(mls_err)?;
+        fork::save_sent(
+            self.provider.storage(),
+            &group,
+            &Sent {
+                epoch,
+                id: stable,
+                sent_at_ms,
+                text: text.to_owned(),
+            },
+        )
+        .map_err(mls_err)?;
         let entry = HistoryEntry {
             group,
-            id,
+            id: text_history_id(&self.me.peer, &stable),
             epoch,
             sender: self.me.peer,
-            sent_at_ms: now_ms,
+            sent_at_ms,
             received_at_ms: now_ms,
             kind: EntryKind::Text(text.to_owned()),
         };
@@ -837,6 +1041,10 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                     bytes: data.clone(),
                     received_at_ms: now_ms,
                 }),
+                Effect::LinkEnvelope {
+                    envelope: id,
+                    history: entry.id,
+                },
                 Effect::Record(entry),
                 Effect::Publish {
                     topic: g.topic,
@@ -868,6 +1076,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             .map(|m| m.index)
             .ok_or(GroupError::UnknownMember(peer))?;
         let old_epoch = g.epoch();
+        checkpoint(&self.provider, group, old_epoch)?;
         let (commit, _, _) = match g
             .mls
             .remove_members(&self.provider, &self.me.signer, &[leaf])
@@ -885,6 +1094,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             g,
             commit,
             old_epoch,
+            OwnChange::Remove(peer.to_bytes()),
             now_ms,
         )
     }
@@ -932,6 +1142,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
     pub fn self_update(&mut self, group: GroupId, now_ms: u64) -> Result<Vec<Effect>, GroupError> {
         let g = active_group(&mut self.groups, group)?;
         let old_epoch = g.epoch();
+        checkpoint(&self.provider, group, old_epoch)?;
         let bundle = match g.mls.self_update(
             &self.provider,
             &self.me.signer,
@@ -951,6 +1162,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             g,
             commit,
             old_epoch,
+            OwnChange::Update,
             now_ms,
         )
     }
@@ -980,6 +1192,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
     pub fn handle_envelope(&mut self, bytes: &[u8], now_ms: u64) -> (Verdict, Vec<Effect>) {
         let mut effects = Vec::new();
         let verdict = self.process(bytes, now_ms, &mut effects, true);
+        self.settle(now_ms, &mut effects);
         (verdict, effects)
     }
 
@@ -998,11 +1211,9 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         let Some(g) = self.groups.get_mut(&group_id) else {
             return Verdict::Ignore("not a member of this group".into());
         };
-        if !g.mls.is_active() {
-            return Verdict::Ignore("no longer a member of this group".into());
-        }
         let epoch = g.epoch();
         if envelope.epoch() > epoch {
+            // Held even by a node removed on its branch: the branch may lose.
             if hold {
                 hold_pending(g, envelope.epoch(), bytes);
             }
@@ -1010,9 +1221,6 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                 "epoch {} is ahead of ours ({epoch}); held",
                 envelope.epoch()
             ));
-        }
-        if envelope.kind() == PayloadKind::Commit && envelope.epoch() < epoch {
-            return Verdict::Ignore(format!("commit for past epoch {}", envelope.epoch()));
         }
         let message = match MlsMessageIn::tls_deserialize_exact(envelope.mls())
             .ok()
@@ -1027,11 +1235,236 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             return Verdict::Reject("envelope header does not match the MLS message".into());
         }
         let id = MessageId::of(bytes);
-        let verdict = self.process_mls(group_id, &envelope, id, message, bytes, now_ms, effects);
+        let verdict = if envelope.kind() == PayloadKind::Commit && envelope.epoch() < epoch {
+            self.consider_rival(group_id, &envelope, id, message, bytes, now_ms, effects)
+        } else if !g.mls.is_active() {
+            return Verdict::Ignore("no longer a member of this group".into());
+        } else {
+            self.process_mls(group_id, &envelope, id, message, bytes, now_ms, effects)
+        };
         if verdict == Verdict::Accept {
             self.drain_pending(group_id, now_ms, effects);
         }
         verdict
+    }
+
+    /// A commit for an epoch this node has already left: a rival of the commit it merged
+    /// there. The lowest envelope id wins; if the rival wins, roll back and take it.
+    #[allow(clippy::too_many_arguments)]
+    fn consider_rival(
+        &mut self,
+        group_id: GroupId,
+        envelope: &Envelope,
+        id: MessageId,
+        message: ProtocolMessage,
+        bytes: &[u8],
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) -> Verdict {
+        let Some(g) = self.groups.get_mut(&group_id) else {
+            return Verdict::Ignore("not a member of this group".into());
+        };
+        let e = envelope.epoch();
+        let ours = match g.branch.at(e) {
+            Some(a) => a.commit,
+            None => {
+                if e >= g.branch.since {
+                    g.deep_forks += 1;
+                    tracing::warn!(
+                        group = %group_id.short(),
+                        epoch = e,
+                        "a rival commit for an epoch beyond the rewind window: deep fork"
+                    );
+                }
+                return Verdict::Ignore(format!(
+                    "commit for epoch {e}, which this node can no longer roll back to"
+                ));
+            }
+        };
+        if ours == id {
+            return Verdict::Ignore("commit already merged".into());
+        }
+        if ours < id {
+            hold_orphan(g, e, bytes);
+            return Verdict::Ignore(format!(
+                "loses to commit {} for epoch {e} (lowest id wins)",
+                ours.short()
+            ));
+        }
+        self.switch_branch(group_id, envelope, id, message, bytes, now_ms, effects)
+    }
+
+    /// Rolls `group_id` back to the epoch of `envelope` and merges its commit, if it is valid
+    /// there; otherwise leaves the group as it was. On success the lost commits and own
+    /// messages are redone by [`GroupEngine::settle`].
+    #[allow(clippy::too_many_arguments)]
+    fn switch_branch(
+        &mut self,
+        group_id: GroupId,
+        envelope: &Envelope,
+        id: MessageId,
+        message: ProtocolMessage,
+        bytes: &[u8],
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) -> Verdict {
+        let e = envelope.epoch();
+        let Some(g) = self.groups.get_mut(&group_id) else {
+            return Verdict::Ignore("not a member of this group".into());
+        };
+        let cur = g.epoch();
+        let was_leaving = g.leaving;
+        let storage = self.provider.storage();
+        if let Err(err) = checkpoint(&self.provider, group_id, cur) {
+            return Verdict::Ignore(format!("cannot checkpoint before a rollback: {err}"));
+        }
+        let restored = fork::restore_checkpoint(storage, &group_id, e)
+            .map_err(mls_err)
+            .and_then(|found| {
+                if !found {
+                    return Err(GroupError::Mls(format!("no checkpoint for epoch {e}")));
+                }
+                load_mls(storage, &group_id)
+            });
+        match restored {
+            Ok(mls) => {
+                g.leaving = was_leaving || self_remove_pending(&mls);
+                g.mls = mls;
+            }
+            Err(err) => {
+                let _ = put_back(&self.provider, group_id, g, cur, was_leaving);
+                return Verdict::Ignore(format!("cannot roll back to epoch {e}: {err}"));
+            }
+        }
+        let lost: Vec<Applied> = g
+            .branch
+            .applied
+            .iter()
+            .filter(|a| a.epoch >= e)
+            .cloned()
+            .collect();
+        let saved_branch = g.branch.clone();
+        let mut fx = Vec::new();
+        let verdict = self.process_mls(group_id, envelope, id, message, bytes, now_ms, &mut fx);
+        let Some(g) = self.groups.get_mut(&group_id) else {
+            return verdict;
+        };
+        if verdict != Verdict::Accept {
+            // Not valid on our branch at that epoch: it belongs to another branch. Keep ours.
+            g.branch = saved_branch;
+            if let Err(err) = put_back(&self.provider, group_id, g, cur, was_leaving) {
+                tracing::error!(group = %group_id.short(), "cannot restore the branch: {err}");
+            }
+            hold_orphan(g, e, bytes);
+            return Verdict::Ignore(format!(
+                "rival commit for epoch {e} does not apply to this branch"
+            ));
+        }
+        let storage = self.provider.storage();
+        for a in lost.iter().filter(|a| a.epoch > e) {
+            let _ = fork::delete_checkpoint(storage, &group_id, a.epoch);
+        }
+        let _ = fork::delete_checkpoint(storage, &group_id, cur);
+        g.rollbacks += 1;
+        g.retry = true;
+        tracing::info!(
+            group = %group_id.short(),
+            from = cur,
+            to = e,
+            winner = %id.short(),
+            "left a losing branch"
+        );
+        let lost_commits: Vec<MessageId> = lost.iter().map(|a| a.commit).collect();
+        let mut forget_history = lost_commits.clone();
+        forget_history.extend(lost_commits.iter().map(removal_id));
+        effects.push(Effect::RolledBack {
+            group: group_id,
+            to_epoch: e,
+            lost_commits,
+            forget_history,
+        });
+        effects.extend(fx);
+        g.redo.push((e, lost));
+        Verdict::Accept
+    }
+
+    /// After envelopes were handled: while a rollback happened, retries the orphans (they may
+    /// belong to the winning branch), then redoes what the lost branch did of this node's
+    /// own: its messages are re-sent, its changes proposed again.
+    fn settle(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
+        // Each pass either changes nothing or moves a group to a branch whose commit at some
+        // epoch has a lower id than before; the commits seen are finite, so this ends.
+        while let Some(gid) = self.groups.iter().find(|(_, g)| g.retry).map(|(id, _)| *id) {
+            let Some(g) = self.groups.get_mut(&gid) else {
+                break;
+            };
+            g.retry = false;
+            let orphans = std::mem::take(&mut g.orphans);
+            g.orphan_bytes = 0;
+            for o in orphans {
+                let _ = self.process(&o.bytes, now_ms, effects, true);
+            }
+        }
+        let todo: Vec<(GroupId, Vec<Redo>)> = self
+            .groups
+            .iter_mut()
+            .filter(|(_, g)| !g.redo.is_empty())
+            .map(|(id, g)| (*id, std::mem::take(&mut g.redo)))
+            .collect();
+        for (gid, redo) in todo {
+            for (epoch, lost) in redo {
+                if let Err(e) = self.redo_lost(gid, epoch, &lost, now_ms, effects) {
+                    tracing::warn!(group = %gid.short(), "cannot redo work of a lost branch: {e}");
+                }
+            }
+        }
+    }
+
+    /// Re-sends this node's messages encrypted after `epoch` and proposes its lost changes
+    /// again, in the order it first made them.
+    fn redo_lost(
+        &mut self,
+        gid: GroupId,
+        epoch: u64,
+        lost: &[Applied],
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), GroupError> {
+        let Some(g) = self.groups.get(&gid) else {
+            return Ok(());
+        };
+        if !g.mls.is_active() || g.leaving {
+            return Ok(());
+        }
+        let sent = fork::sent_after(self.provider.storage(), &gid, epoch).map_err(mls_err)?;
+        for m in sent {
+            fork::delete_sent(self.provider.storage(), &gid, &m).map_err(mls_err)?;
+            let (_, fx) = self.send_content(gid, m.id, m.sent_at_ms, &m.text, now_ms)?;
+            effects.extend(fx);
+        }
+        for a in lost {
+            match &a.own {
+                Some(OwnChange::Update) => effects.extend(self.self_update(gid, now_ms)?),
+                Some(OwnChange::Remove(peer)) => {
+                    let Ok(peer) = PeerId::from_bytes(peer) else {
+                        continue;
+                    };
+                    let still = self
+                        .group(&gid)
+                        .is_some_and(|v| v.members.iter().any(|(_, p)| *p == peer));
+                    if still {
+                        effects.extend(self.remove_member(gid, peer, now_ms)?);
+                    }
+                }
+                Some(OwnChange::Add { .. }) => {
+                    // The joiner holds a Welcome into the losing branch; re-adding it needs a
+                    // new Welcome delivered to it (not implemented yet: it must join again).
+                    tracing::warn!(group = %gid.short(), "a member this node added was on a losing branch");
+                }
+                Some(OwnChange::Proposals) | None => {}
+            }
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1052,9 +1485,15 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         let processed = match g.mls.process_message(&self.provider, message) {
             Ok(p) => p,
             Err(e) if envelope.epoch() < current => {
+                // It may have been sent on a branch this node has not switched to yet.
+                hold_orphan(g, envelope.epoch(), bytes);
                 return Verdict::Ignore(format!("cannot read message from past epoch: {e}"));
             }
-            Err(e) => return Verdict::Reject(format!("MLS processing failed: {e}")),
+            Err(e) => {
+                // It may belong to a branch that wins later.
+                hold_orphan(g, envelope.epoch(), bytes);
+                return Verdict::Reject(format!("MLS processing failed: {e}"));
+            }
         };
         let sender_leaf = match processed.sender() {
             Sender::Member(idx) => Some(*idx),
@@ -1088,15 +1527,22 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                     Ok(c) => c,
                     Err(e) => return Verdict::Reject(format!("bad application content: {e}")),
                 };
-                let AppContent::V1(c) = content;
-                let Body::Text(text) = c.body;
+                let history_id = content
+                    .stable_id()
+                    .map_or(id, |s| text_history_id(&sender, &s));
+                let sent_at_ms = content.sent_at_ms();
+                let Body::Text(text) = content.into_body();
                 effects.push(Effect::SaveEnvelope(stored));
+                effects.push(Effect::LinkEnvelope {
+                    envelope: id,
+                    history: history_id,
+                });
                 effects.push(Effect::Record(HistoryEntry {
                     group: group_id,
-                    id,
+                    id: history_id,
                     epoch: envelope.epoch(),
                     sender,
-                    sent_at_ms: c.sent_at_ms,
+                    sent_at_ms,
                     received_at_ms: now_ms,
                     kind: EntryKind::Text(text),
                 }));
@@ -1119,8 +1565,23 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                 }
                 let removed = removed_peers(&g.mls, &staged);
                 let self_removed = staged.self_removed();
+                if let Err(e) = checkpoint(&self.provider, group_id, current) {
+                    return Verdict::Ignore(format!("cannot checkpoint before merging: {e}"));
+                }
                 if let Err(e) = g.mls.merge_staged_commit(&self.provider, *staged) {
                     return Verdict::Reject(format!("cannot merge commit: {e}"));
+                }
+                if let Err(e) = note_applied(
+                    &self.provider,
+                    group_id,
+                    g,
+                    Applied {
+                        epoch: current,
+                        commit: id,
+                        own: None,
+                    },
+                ) {
+                    return Verdict::Ignore(format!("cannot record the commit: {e}"));
                 }
                 let sender = sender.unwrap_or(self.me.peer);
                 effects.push(Effect::SaveEnvelope(stored));
@@ -1200,6 +1661,9 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                     .min();
                 if lowest == Some(g.mls.own_leaf_index()) {
                     let old_epoch = g.epoch();
+                    if let Err(e) = checkpoint(&self.provider, group_id, old_epoch) {
+                        return Verdict::Ignore(format!("cannot commit the removal: {e}"));
+                    }
                     let commit = match g
                         .mls
                         .commit_to_pending_proposals(&self.provider, &self.me.signer)
@@ -1217,6 +1681,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                         g,
                         commit,
                         old_epoch,
+                        OwnChange::Proposals,
                         now_ms,
                     ) {
                         Ok(fx) => effects.extend(fx),
@@ -1297,6 +1762,58 @@ fn active_group(
     Ok(g)
 }
 
+/// Keeps an envelope that does not apply to this node's branch, in case a rollback makes it
+/// applicable (bounded; the oldest go first).
+fn hold_orphan(g: &mut Group, epoch: u64, bytes: &[u8]) {
+    if g.orphans.iter().any(|p| p.bytes == bytes) || bytes.len() > MAX_ORPHAN_BYTES_PER_GROUP {
+        return;
+    }
+    while g.orphans.len() >= MAX_ORPHANS_PER_GROUP
+        || g.orphan_bytes + bytes.len() > MAX_ORPHAN_BYTES_PER_GROUP
+    {
+        match g.orphans.pop_front() {
+            Some(old) => g.orphan_bytes -= old.bytes.len(),
+            None => break,
+        }
+    }
+    g.orphan_bytes += bytes.len();
+    g.orphans.push_back(Pending {
+        epoch,
+        bytes: bytes.to_vec(),
+    });
+}
+
+/// Loads a group's MLS state from storage.
+fn load_mls<
+    S: openmls_traits::storage::StorageProvider<{ openmls_traits::storage::CURRENT_VERSION }>,
+>(
+    storage: &S,
+    group: &GroupId,
+) -> Result<MlsGroup, GroupError> {
+    let mls_id = openmls::group::GroupId::from_slice(group.as_bytes());
+    MlsGroup::load(storage, &mls_id)
+        .map_err(mls_err)?
+        .ok_or_else(|| GroupError::Mls("group state missing after restore".into()))
+}
+
+/// Undoes a rollback attempt: puts back the state saved at `cur` and drops that checkpoint.
+fn put_back<P: OpenMlsProvider>(
+    provider: &P,
+    group: GroupId,
+    g: &mut Group,
+    cur: u64,
+    was_leaving: bool,
+) -> Result<(), GroupError>
+where
+    P::StorageProvider: GroupRecords,
+{
+    let storage = provider.storage();
+    fork::restore_checkpoint(storage, &group, cur).map_err(mls_err)?;
+    g.mls = load_mls(storage, &group)?;
+    g.leaving = was_leaving;
+    fork::delete_checkpoint(storage, &group, cur).map_err(mls_err)
+}
+
 fn hold_pending(g: &mut Group, epoch: u64, bytes: &[u8]) {
     if g.pending.iter().any(|p| p.bytes == bytes) {
         return;
@@ -1316,5 +1833,7 @@ fn hold_pending(g: &mut Group, epoch: u64, bytes: &[u8]) {
     });
 }
 
+#[cfg(test)]
+mod fork_tests;
 #[cfg(test)]
 mod tests;

@@ -6,11 +6,13 @@
 //! - [`codec`]: the only place that turns wire types into bytes and back.
 //! - [`envelope`]: versioned wire types carried on gossipsub and request-response.
 //! - [`invite`]: signed invite tickets (`kith1…` links).
+//! - [`fork`]: checkpoints and branches for the concurrent-commit rule.
 //! - [`group`]: the MLS group engine, a state machine generic over the openmls provider.
 //! - [`sync`]: history sync between members (summaries, paginated responses, gap detection).
 
 pub mod codec;
 pub mod envelope;
+pub mod fork;
 pub mod group;
 pub mod ids;
 pub mod invite;

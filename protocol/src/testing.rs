@@ -47,7 +47,10 @@ pub struct Sim<'a, P: OpenMlsProvider> {
     hook: Hook<'a, P>,
 }
 
-impl<'a, P: OpenMlsProvider> Sim<'a, P> {
+impl<'a, P: OpenMlsProvider> Sim<'a, P>
+where
+    P::StorageProvider: crate::fork::GroupRecords,
+{
     /// A sim with one member per provider; member `i` gets key [`member_key`]`(i)`.
     pub fn new(providers: Vec<P>, network: &str, hook: Hook<'a, P>) -> Self {
         let n = providers.len();
@@ -85,15 +88,23 @@ impl<'a, P: OpenMlsProvider> Sim<'a, P> {
                 Effect::Subscribe(t) => self.subscribed[i].push(t),
                 Effect::Unsubscribe(t) => self.subscribed[i].retain(|x| *x != t),
                 Effect::Record(h) => {
-                    if !self.history[i].iter().any(|x| x.id == h.id) {
-                        self.history[i].push(h)
+                    // A re-sent message replaces its earlier copy (the store does the same).
+                    match self.history[i].iter_mut().find(|x| x.id == h.id) {
+                        Some(x) => *x = h,
+                        None => self.history[i].push(h),
                     }
+                }
+                Effect::RolledBack { forget_history, .. } => {
+                    self.history[i].retain(|h| !forget_history.contains(&h.id));
                 }
                 Effect::SaveInvite(r) => {
                     self.invites[i].retain(|x| x.secret_hash != r.secret_hash);
                     self.invites[i].push(r);
                 }
-                Effect::SaveGroup(_) | Effect::SaveEnvelope(_) | Effect::EpochChanged { .. } => {}
+                Effect::SaveGroup(_)
+                | Effect::SaveEnvelope(_)
+                | Effect::LinkEnvelope { .. }
+                | Effect::EpochChanged { .. } => {}
             }
         }
     }
@@ -222,7 +233,10 @@ impl<'a, P: OpenMlsProvider> Sim<'a, P> {
 /// The standard three-member run: member 0 creates a group and invites 1 and 2 by link (each
 /// through member 0), everyone delivers, then every member sends one message. Returns the
 /// group id. Panics with a message on any divergence, so it is usable as a test body.
-pub fn three_member_run<P: OpenMlsProvider>(sim: &mut Sim<'_, P>) -> GroupId {
+pub fn three_member_run<P: OpenMlsProvider>(sim: &mut Sim<'_, P>) -> GroupId
+where
+    P::StorageProvider: crate::fork::GroupRecords,
+{
     let g = sim.create_group(0, "friends").expect("create group");
     let inv = sim.invite(0, g, 2).expect("invite");
     sim.join(1, 0, &inv).expect("member 1 joins");

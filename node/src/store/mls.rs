@@ -11,10 +11,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use kith_protocol::fork::{self, GroupRecords};
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::storage::{CURRENT_VERSION, StorageProvider, traits};
-use redb::{Database, ReadableDatabase};
+use redb::{Database, ReadableDatabase, ReadableTable};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -221,6 +222,99 @@ fn proposal_key<'a, G: Serialize, R: Serialize>(
     proposal_ref: &'a R,
 ) -> (&'a G, &'a R) {
     (group_id, proposal_ref)
+}
+
+impl MlsStorage {
+    /// Every current (key, value) whose key matches `keep`: committed rows overlaid with the
+    /// staged writes and deletions, in key order. Scans the whole table: used only around
+    /// commits and rollbacks, which are rare.
+    fn scan(&self, keep: impl Fn(&[u8]) -> bool) -> Result<fork::Records, StoreError> {
+        let staged = self.lock_staged();
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MLS)?;
+        let mut out: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            if keep(k.value()) {
+                out.insert(k.value().to_vec(), v.value().to_vec());
+            }
+        }
+        for (k, v) in staged.iter().filter(|(k, _)| keep(k)) {
+            match v {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+/// Checkpoints and Kith's fork records live in the `mls` table beside the openmls records
+/// (keys starting with [`fork::KITH_PREFIX`]), so they commit in the same transaction.
+impl GroupRecords for MlsStorage {
+    type Error = StoreError;
+
+    fn group_records(
+        &self,
+        group: &kith_protocol::ids::GroupId,
+    ) -> Result<fork::Records, StoreError> {
+        let needle = fork::openmls_group_needle(group);
+        self.scan(|k| !k.starts_with(fork::KITH_PREFIX) && fork::contains(k, &needle))
+    }
+
+    fn replace_group_records(
+        &self,
+        group: &kith_protocol::ids::GroupId,
+        records: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let current = self.group_records(group)?;
+        let mut staged = self.lock_staged();
+        for (k, _) in current {
+            staged.insert(k, None);
+        }
+        for (k, v) in records {
+            staged.insert(k.clone(), Some(v.clone()));
+        }
+        Ok(())
+    }
+
+    fn put_kith(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        self.lock_staged()
+            .insert(key.to_vec(), value.map(<[u8]>::to_vec));
+        Ok(())
+    }
+
+    fn get_kith(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let staged = self.lock_staged();
+        self.get_raw(&staged, key)
+    }
+
+    fn kith_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let staged = self.lock_staged();
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MLS)?;
+        let mut keys: std::collections::BTreeSet<Vec<u8>> = std::collections::BTreeSet::new();
+        for row in table.range::<&[u8]>(prefix..)? {
+            let (k, _) = row?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            keys.insert(k.value().to_vec());
+        }
+        for (k, v) in staged.range::<[u8], _>((
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        )) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(_) => keys.insert(k.clone()),
+                None => keys.remove(k),
+            };
+        }
+        Ok(keys.into_iter().collect())
+    }
 }
 
 impl StorageProvider<CURRENT_VERSION> for MlsStorage {

@@ -1,0 +1,272 @@
+//! Concurrent commits: a seeded simulation with shuffled, duplicated and dropped deliveries.
+//!
+//! `KITH_SIM_SEEDS` sets how many seeds run (default 24) and `KITH_SIM_SEED` the first one,
+//! so a failing seed printed by the test can be replayed alone.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use openmls_rust_crypto::OpenMlsRustCrypto;
+
+use super::*;
+use crate::testing::Sim;
+
+/// xorshift64*: a tiny deterministic generator, enough to shuffle deliveries.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn sim(n: usize) -> Sim<'static, OpenMlsRustCrypto> {
+    Sim::new(
+        (0..n).map(|_| OpenMlsRustCrypto::default()).collect(),
+        "test-net",
+        Box::new(|_, _, _| {}),
+    )
+}
+
+/// A network where every (receiver, envelope) delivery is a separate item picked at random.
+struct Net {
+    queue: Vec<(usize, Vec<u8>)>,
+    dropped: Vec<(usize, Vec<u8>)>,
+}
+
+impl Net {
+    /// Moves the sim's publications into per-receiver deliveries.
+    fn collect(&mut self, s: &mut Sim<'_, OpenMlsRustCrypto>) {
+        while let Some((from, topic, data)) = s.in_flight.pop_front() {
+            for j in 0..s.engines.len() {
+                if j != from && s.subscribed[j].contains(&topic) {
+                    self.queue.push((j, data.clone()));
+                }
+            }
+        }
+    }
+
+    /// Delivers everything: random order, 10 % duplicated, 10 % dropped and redelivered
+    /// later; members sometimes send a text in between.
+    fn run(
+        &mut self,
+        s: &mut Sim<'_, OpenMlsRustCrypto>,
+        rng: &mut Rng,
+        g: GroupId,
+        sent: &mut BTreeMap<String, usize>,
+    ) {
+        self.collect(s);
+        loop {
+            if self.queue.is_empty() {
+                if self.dropped.is_empty() {
+                    return;
+                }
+                self.queue.append(&mut self.dropped);
+            }
+            let (to, data) = self.queue.swap_remove(rng.below(self.queue.len()));
+            if rng.chance(10) {
+                self.dropped.push((to, data));
+                continue;
+            }
+            if rng.chance(10) {
+                self.queue.push((to, data.clone()));
+            }
+            s.now_ms += 1;
+            let (_, fx) = s.engines[to].handle_envelope(&data, s.now_ms);
+            s.apply(to, fx);
+            if rng.chance(3) {
+                let i = rng.below(s.engines.len());
+                send(s, i, g, sent);
+            }
+            self.collect(s);
+        }
+    }
+}
+
+fn send(
+    s: &mut Sim<'_, OpenMlsRustCrypto>,
+    i: usize,
+    g: GroupId,
+    sent: &mut BTreeMap<String, usize>,
+) {
+    let text = format!("m{} from {i}", sent.len());
+    if s.send(i, g, &text).is_ok() {
+        sent.insert(text, i);
+    }
+}
+
+/// One seeded run: `n` members, `rounds` rounds in which 2 or 3 members commit at once
+/// (self-updates) while messages fly. Returns a description of the first divergence.
+fn run_seed(seed: u64, n: usize, rounds: usize) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    let mut s = sim(n);
+    let g = s.create_group(0, "fork").unwrap();
+    let inv = s.invite(0, g, n as u32).unwrap();
+    for j in 1..n {
+        s.join(j, 0, &inv).unwrap();
+        s.deliver_all();
+    }
+    let mut net = Net {
+        queue: Vec::new(),
+        dropped: Vec::new(),
+    };
+    let mut sent = BTreeMap::new();
+    for _ in 0..rounds {
+        for _ in 0..rng.below(3) {
+            let i = rng.below(n);
+            send(&mut s, i, g, &mut sent);
+        }
+        let committers = 2 + rng.below(2);
+        let mut chosen = BTreeSet::new();
+        while chosen.len() < committers.min(n) {
+            chosen.insert(rng.below(n));
+        }
+        for &i in &chosen {
+            s.self_update(i, g)
+                .map_err(|e| format!("self-update: {e}"))?;
+        }
+        net.run(&mut s, &mut rng, g, &mut sent);
+    }
+    let auth0 = s.engines[0].epoch_authenticator(&g);
+    let epoch0 = s.engines[0].group_epoch(&g);
+    for i in 0..n {
+        if s.engines[i].epoch_authenticator(&g) != auth0 {
+            return Err(format!(
+                "member {i} ended at epoch {:?} with another authenticator than member 0 (epoch {epoch0:?})",
+                s.engines[i].group_epoch(&g)
+            ));
+        }
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for h in s.history[i].iter().filter(|h| h.group == g) {
+            if let EntryKind::Text(t) = &h.kind {
+                *seen.entry(t.clone()).or_default() += 1;
+            }
+        }
+        for text in sent.keys() {
+            match seen.get(text) {
+                Some(1) => {}
+                Some(k) => return Err(format!("member {i} has {text:?} {k} times")),
+                None => return Err(format!("member {i} never got {text:?}")),
+            }
+        }
+        if seen.len() != sent.len() {
+            return Err(format!("member {i} has texts nobody sent"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn concurrent_commits_converge_over_many_seeds() {
+    let count = env_u64("KITH_SIM_SEEDS", 24);
+    let first = env_u64("KITH_SIM_SEED", 1);
+    let mut rollbacks = 0;
+    for seed in first..first + count {
+        let n = 3 + (seed % 4) as usize;
+        if let Err(e) = run_seed(seed, n, 6) {
+            panic!(
+                "seed {seed} ({n} members): {e} (replay: KITH_SIM_SEED={seed} KITH_SIM_SEEDS=1)"
+            );
+        }
+        rollbacks += 1;
+    }
+    assert_eq!(rollbacks, count);
+}
+
+/// Two members commit at once; whichever order the others see them in, all end on the
+/// commit with the lower id, and the loser's message sent on its branch is read once.
+#[test]
+fn lower_commit_id_wins_in_any_order() {
+    for order in [[0usize, 1], [1, 0]] {
+        let mut s = sim(3);
+        let g = crate::testing::three_member_run(&mut s);
+        s.self_update(0, g).unwrap();
+        s.self_update(1, g).unwrap();
+        let commits: Vec<_> = s.in_flight.drain(..).collect();
+        let ids: Vec<MessageId> = commits.iter().map(|c| MessageId::of(&c.2)).collect();
+        let winner = if ids[0] < ids[1] { 0 } else { 1 };
+        let loser = 1 - winner;
+        // The loser talks on its own branch before it learns it lost.
+        s.send(loser, g, "on the losing branch").unwrap();
+        let loser_msg = s.in_flight.pop_back().unwrap();
+        for &k in &order {
+            s.in_flight.push_back(commits[k].clone());
+        }
+        s.in_flight.push_back(loser_msg);
+        s.deliver_all();
+        let auth = s.engines[winner].epoch_authenticator(&g);
+        for i in 0..3 {
+            assert_eq!(s.engines[i].epoch_authenticator(&g), auth, "member {i}");
+            let texts: Vec<_> = s
+                .texts(i, g)
+                .into_iter()
+                .filter(|t| t == "on the losing branch")
+                .collect();
+            assert_eq!(texts.len(), 1, "member {i} reads the re-sent message once");
+        }
+        let view = s.engines[loser].group(&g).unwrap();
+        assert_eq!(view.rollbacks, 1);
+        // The loser proposed its update again: both updates are in, one epoch apart.
+        assert_eq!(
+            view.epoch, 4,
+            "two more epochs: the winner's and the loser's update"
+        );
+    }
+}
+
+/// A member removed by a commit that loses is a member again; the removal is re-proposed
+/// by its author and wins in the next epoch.
+#[test]
+fn a_lost_removal_is_proposed_again() {
+    let mut s = sim(4);
+    let g = s.create_group(0, "r").unwrap();
+    let inv = s.invite(0, g, 3).unwrap();
+    for j in 1..4 {
+        s.join(j, 0, &inv).unwrap();
+        s.deliver_all();
+    }
+    let victim = s.peer(3);
+    // Find a pair where the removal loses: try member 1's update against member 0's remove.
+    s.remove(0, g, victim).unwrap();
+    s.self_update(1, g).unwrap();
+    let commits: Vec<_> = s.in_flight.drain(..).collect();
+    let remove_id = MessageId::of(&commits[0].2);
+    let update_id = MessageId::of(&commits[1].2);
+    for c in commits {
+        s.in_flight.push_back(c);
+    }
+    s.deliver_all();
+    let auth = s.engines[0].epoch_authenticator(&g);
+    for i in 0..3 {
+        assert_eq!(s.engines[i].epoch_authenticator(&g), auth, "member {i}");
+        let members = s.engines[i].group(&g).unwrap().members;
+        assert!(
+            !members.iter().any(|(_, p)| *p == victim),
+            "member {i} still lists the removed member (remove {} vs update {})",
+            remove_id.short(),
+            update_id.short()
+        );
+        assert_eq!(members.len(), 3);
+    }
+    assert!(!s.engines[3].group(&g).unwrap().active);
+}
