@@ -689,6 +689,9 @@ pub(crate) mod fake {
             joined_at_ms: 1,
             active: true,
             leaving: false,
+            epoch_auth: String::new(),
+            rollbacks: 0,
+            deep_forks: 0,
         }
     }
 

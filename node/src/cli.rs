@@ -1040,11 +1040,20 @@ fn print_status(s: &StatusInfo) -> Result<(), ClientError> {
         } else {
             ", catching up".to_owned()
         };
+        let forks = match (g.rollbacks, g.deep_forks) {
+            (0, 0) => String::new(),
+            (r, 0) => format!(", {r} rollbacks"),
+            (r, d) => {
+                format!(", {r} rollbacks, FORKED: {d} rival commits beyond the rewind window")
+            }
+        };
         lines.push(format!(
-            "           {}  {} ({} members{sync})",
+            "           {}  {} ({} members, epoch {} auth {}{sync}{forks})",
             short_id(&g.id),
             clean(&g.name),
-            g.member_count
+            g.member_count,
+            g.epoch,
+            clean(&g.epoch_auth)
         ));
     }
     out(&lines.join("\n"))

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use data_encoding::HEXLOWER;
 use kith_protocol::envelope::{Envelope, JoinRejection, JoinRequest, JoinResponse, PayloadKind};
 use kith_protocol::group::{
     Effect, GroupEngine, GroupError, GroupView, Identity, PAST_EPOCH_TTL, UpdatePolicy, Verdict,
@@ -224,6 +225,9 @@ fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
         joined_at_ms: v.meta.joined_at_ms,
         active: v.active,
         leaving: v.leaving,
+        epoch_auth: HEXLOWER.encode(&v.authenticator),
+        rollbacks: v.rollbacks,
+        deep_forks: v.deep_forks,
     }
 }
 
@@ -235,6 +239,9 @@ fn summary(v: &GroupView) -> GroupSummary {
         member_count: v.members.len(),
         in_sync: true,
         held: 0,
+        epoch_auth: HEXLOWER.encode(&v.authenticator),
+        rollbacks: v.rollbacks,
+        deep_forks: v.deep_forks,
     }
 }
 

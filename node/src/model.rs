@@ -40,6 +40,15 @@ pub struct GroupSummary {
     /// Envelopes held for a future epoch, waiting for the commits before them.
     #[serde(default)]
     pub held: usize,
+    /// See [`GroupInfo::epoch_auth`].
+    #[serde(default)]
+    pub epoch_auth: String,
+    /// See [`GroupInfo::rollbacks`].
+    #[serde(default)]
+    pub rollbacks: u64,
+    /// See [`GroupInfo::deep_forks`].
+    #[serde(default)]
+    pub deep_forks: u64,
 }
 
 /// `GET /v1/groups/{group}`: one group in detail.
@@ -61,6 +70,17 @@ pub struct GroupInfo {
     /// Whether this node asked to leave and waits for a member to commit it.
     #[serde(default)]
     pub leaving: bool,
+    /// Digest of the current epoch's MLS epoch authenticator (16 hex characters): the same
+    /// on every member in the same epoch unless the group forked.
+    #[serde(default)]
+    pub epoch_auth: String,
+    /// Times this node rolled the group back to a winning branch (since it started).
+    #[serde(default)]
+    pub rollbacks: u64,
+    /// Rival commits for epochs too old to roll back to (a fork deeper than the rewind
+    /// window; since it started).
+    #[serde(default)]
+    pub deep_forks: u64,
 }
 
 fn yes() -> bool {

@@ -268,6 +268,9 @@ pub struct GroupView {
     pub rollbacks: u64,
     /// Rival commits seen for epochs this node can no longer roll back to (a deep fork).
     pub deep_forks: u64,
+    /// The first 8 bytes of SHA-256 over the current epoch's MLS epoch authenticator: equal
+    /// on every member in the same epoch of the same branch, different across a fork.
+    pub authenticator: [u8; 8],
 }
 
 struct Pending {
@@ -351,12 +354,22 @@ impl Group {
                 .collect(),
             rollbacks: self.rollbacks,
             deep_forks: self.deep_forks,
+            authenticator: authenticator_digest(self.mls.epoch_authenticator().as_slice()),
         }
     }
 
     fn member_count(&self) -> usize {
         self.mls.members().count()
     }
+}
+
+/// The short digest of an epoch authenticator shown to users and exchanged between members
+/// (see [`GroupView::authenticator`]).
+pub fn authenticator_digest(authenticator: &[u8]) -> [u8; 8] {
+    let h = crate::ids::hash_parts(&[b"kith/epoch-auth", authenticator]);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&h[..8]);
+    out
 }
 
 /// Whether this node proposed its own removal and the proposal is still pending (it survives
