@@ -18,12 +18,11 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use libp2p_identity::{Keypair, PeerId, PublicKey, ed25519};
-use multiaddr::Multiaddr;
 use openmls::prelude::{
-    BasicCredential, Ciphersuite, CredentialWithKey, KeyPackage, KeyPackageIn, LeafNodeIndex,
-    LeafNodeParameters, Member, MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn,
-    MlsMessageOut, PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, Proposal,
-    ProtocolMessage, ProtocolVersion, Sender, SenderRatchetConfiguration, StagedWelcome,
+    BasicCredential, Ciphersuite, CredentialWithKey, KeyPackage, LeafNodeIndex, LeafNodeParameters,
+    Member, MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
+    PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, Proposal, ProtocolMessage, Sender,
+    SenderRatchetConfiguration, StagedWelcome,
     tls_codec::{Deserialize as _, Serialize as _},
 };
 use openmls_basic_credential::SignatureKeyPair;
@@ -35,8 +34,8 @@ use crate::envelope::{
     AppContent, AppContentV1, Body, Envelope, JoinRejection, JoinRequest, JoinRequestV1,
     JoinResponse, MAX_GROUP_NAME_BYTES, MAX_TEXT_BYTES, PayloadKind,
 };
-use crate::ids::{GroupId, MessageId, TopicId};
-use crate::invite::{Invite, InviteError, InviteParams, InviteRecord, secret_hash};
+use crate::ids::{GroupId, InviteId, MessageId, TopicId};
+use crate::invite::{Invite, InviteError, InviteRecord, InviteUpdate};
 use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
 
 /// The one ciphersuite Kith uses: X25519, AES-128-GCM, SHA-256, Ed25519 (RFC 9420 §17.1).
@@ -155,8 +154,8 @@ pub enum Effect {
     SaveEnvelope(StoredEnvelope),
     /// Append a history entry (and tell the app).
     Record(HistoryEntry),
-    /// Upsert an invite record.
-    SaveInvite(InviteRecord),
+    /// Merge an update into the invite record with its id ([`InviteRecord::merge`]).
+    Invite(InviteUpdate),
     /// A group moved to a new epoch.
     EpochChanged {
         /// The group.
@@ -553,33 +552,6 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         ])
     }
 
-    /// Creates a signed invite to `group` and the record to store for it.
-    pub fn create_invite(
-        &mut self,
-        group: GroupId,
-        addrs: Vec<Multiaddr>,
-        secret: [u8; 32],
-        expires_at: u64,
-        max_uses: u32,
-        now_ms: u64,
-    ) -> Result<(Invite, Vec<Effect>), GroupError> {
-        let g = active_group(&mut self.groups, group)?;
-        let invite = Invite::create(
-            InviteParams {
-                network: self.network.clone(),
-                group,
-                group_name: g.meta.name.clone(),
-                addrs,
-                secret,
-                expires_at,
-                max_uses,
-            },
-            &self.me.keypair,
-        )?;
-        let record = invite.record(now_ms / 1000);
-        Ok((invite, vec![Effect::SaveInvite(record)]))
-    }
-
     /// Makes the join request for `invite`: a fresh key package (its private keys are staged
     /// in storage; the caller commits them before sending).
     pub fn prepare_join(
@@ -621,45 +593,27 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         record: Option<InviteRecord>,
         now_ms: u64,
     ) -> Result<(JoinResponse, Vec<Effect>), GroupError> {
+        let kp = match self.screen_join_request(from, &request, record.as_ref(), now_ms) {
+            Ok(kp) => kp,
+            Err(r) => return Ok((JoinResponse::Rejected(r), Vec::new())),
+        };
         let JoinRequest::V1(req) = request;
-        let reject = |r| Ok((JoinResponse::Rejected(r), Vec::new()));
-        if req.network != self.network {
-            return reject(JoinRejection::WrongNetwork);
-        }
         let Some(g) = self.groups.get_mut(&req.group) else {
-            return reject(JoinRejection::NotMember);
+            return Ok((JoinResponse::Rejected(JoinRejection::NotMember), Vec::new()));
         };
-        if !g.mls.is_active() || g.leaving {
-            return reject(JoinRejection::NotMember);
-        }
-        let Some(mut record) =
-            record.filter(|r| r.group == req.group && r.secret_hash == secret_hash(&req.secret))
-        else {
-            return reject(JoinRejection::UnknownInvite);
-        };
-        if let Err(r) = record.admits(now_ms / 1000) {
-            return reject(r);
-        }
-        let Ok(kp_in) = KeyPackageIn::tls_deserialize_exact(req.key_package.as_slice()) else {
-            return reject(JoinRejection::InvalidKeyPackage);
-        };
-        let Ok(kp) = kp_in.validate(self.provider.crypto(), ProtocolVersion::Mls10) else {
-            return reject(JoinRejection::InvalidKeyPackage);
-        };
-        let leaf = kp.leaf_node();
-        if kp.ciphersuite() != CIPHERSUITE
-            || bound_peer(leaf.credential(), leaf.signature_key().as_slice()) != Some(from)
-        {
-            return reject(JoinRejection::InvalidKeyPackage);
-        }
-        if g.mls.members().any(|m| member_peer(&m) == Some(from)) {
-            return reject(JoinRejection::AlreadyMember);
-        }
+        let invite = InviteId::of(&crate::invite::secret_hash(&req.secret));
         let old_epoch = g.epoch();
-        let (commit, welcome, _info) = g
-            .mls
-            .add_members(&self.provider, &self.me.signer, &[kp])
-            .map_err(mls_err)?;
+        // The commit names the invite it used, so every member counts the use on merging it.
+        g.mls
+            .set_aad(invites::CommitNote::InviteUse(invite).encode());
+        let (commit, welcome, _info) =
+            match g.mls.add_members(&self.provider, &self.me.signer, &[kp]) {
+                Ok(x) => x,
+                Err(e) => {
+                    g.mls.set_aad(Vec::new());
+                    return Err(mls_err(e));
+                }
+            };
         if let Err(e) = g.mls.merge_pending_commit(&self.provider) {
             let _ = g.mls.clear_pending_commit(self.provider.storage());
             return Err(mls_err(e));
@@ -668,9 +622,11 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         let commit = commit.tls_serialize_detached().map_err(mls_err)?;
         let envelope = Envelope::new(req.group, old_epoch, PayloadKind::Commit, commit);
         let (data, id) = envelope.encode().map_err(mls_err)?;
-        record.uses += 1;
         let effects = vec![
-            Effect::SaveInvite(record),
+            Effect::Invite(InviteUpdate::Used {
+                group: req.group,
+                id: invite,
+            }),
             Effect::SaveEnvelope(StoredEnvelope {
                 id,
                 group: req.group,
@@ -716,6 +672,11 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
     ) -> Result<(GroupId, Vec<Effect>), GroupError> {
         let (welcome_bytes, group_name) = match response {
             JoinResponse::Rejected(r) => return Err(GroupError::JoinRejected(r)),
+            JoinResponse::AwaitingApproval { .. } => {
+                return Err(GroupError::BadWelcome(
+                    "the member still holds the request for approval".into(),
+                ));
+            }
             JoinResponse::Accepted {
                 welcome,
                 group_name,
@@ -1075,6 +1036,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             bytes: bytes.to_vec(),
             received_at_ms: now_ms,
         };
+        let aad = processed.aad().to_vec();
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
                 // A member removed since (a message from a past epoch) no longer speaks for the
@@ -1089,7 +1051,25 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                     Err(e) => return Verdict::Reject(format!("bad application content: {e}")),
                 };
                 let AppContent::V1(c) = content;
-                let Body::Text(text) = c.body;
+                let text = match c.body {
+                    Body::Text(text) => text,
+                    other => {
+                        return match invites::invite_message_effects(
+                            group_id,
+                            sender,
+                            stored,
+                            c.sent_at_ms,
+                            now_ms,
+                            other,
+                        ) {
+                            Ok(fx) => {
+                                effects.extend(fx);
+                                Verdict::Accept
+                            }
+                            Err(v) => v,
+                        };
+                    }
+                };
                 effects.push(Effect::SaveEnvelope(stored));
                 effects.push(Effect::Record(HistoryEntry {
                     group: group_id,
@@ -1124,6 +1104,7 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
                 }
                 let sender = sender.unwrap_or(self.me.peer);
                 effects.push(Effect::SaveEnvelope(stored));
+                effects.extend(invites::used_invite(group_id, &aad));
                 if !added.is_empty() {
                     effects.push(Effect::Record(HistoryEntry {
                         group: group_id,
@@ -1315,6 +1296,9 @@ fn hold_pending(g: &mut Group, epoch: u64, bytes: &[u8]) {
         bytes: bytes.to_vec(),
     });
 }
+
+mod invites;
+pub use invites::{CommitNote, NewInvite};
 
 #[cfg(test)]
 mod tests;

@@ -631,6 +631,7 @@ impl Testnet {
         let req = CreateInviteRequest {
             expires_in_secs: Some(24 * 3600),
             max_uses: Some(u32::try_from(uses).unwrap_or(u32::MAX)),
+            approval: false,
         };
         let invite = within(
             API_TIMEOUT,
@@ -655,7 +656,7 @@ impl Testnet {
             || format!("node {i} to join"),
             async {
                 client
-                    .join(link)
+                    .join(link, None)
                     .await
                     .map_err(|e| TestnetError::api(i, "joining by invite", e))
             },
