@@ -64,6 +64,10 @@ pub const MAX_JOIN_TIMEOUT: Duration = Duration::from_secs(3600);
 const JOIN_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a joiner whose request awaits approval sends it again.
 pub const APPROVAL_RETRY: Duration = Duration::from_secs(2);
+/// DHT lookups for members one join makes at most (they are retried when none is found).
+const MAX_JOIN_LOOKUPS: u32 = 5;
+/// Pause between DHT lookups that found nobody.
+const JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(1);
 /// Members found through the DHT that a joiner tries, at most.
 const MAX_JOIN_CANDIDATES: usize = 8;
 /// Invites one node announces in the DHT at most (the newest active ones).
@@ -484,9 +488,13 @@ impl EngineHandle {
             .call(|r| Call::PrepareJoin(Box::new(invite.clone()), r))
             .await?;
         // Look the invite up in the DHT while the inviter is tried.
-        let net = self.net.clone();
-        let key = invite.rendezvous_key();
-        let mut lookup = Some(tokio::spawn(async move { net.get_providers(key).await }));
+        let lookup_providers = || {
+            let net = self.net.clone();
+            let key = invite.rendezvous_key();
+            tokio::spawn(async move { net.get_providers(key).await })
+        };
+        let mut lookup = Some(lookup_providers());
+        let mut lookups = 1;
         let mut candidates: Vec<(PeerId, Vec<Multiaddr>, &'static str)> =
             vec![(invite.inviter, invite.addrs.clone(), "link")];
         let mut tried: HashSet<PeerId> = HashSet::new();
@@ -509,7 +517,16 @@ impl EngineHandle {
                         .map(|p| (p, Vec::new(), "dht")),
                 );
                 if candidates.is_empty() {
-                    failures.push("no member found in the DHT".to_owned());
+                    // A node that just started may not have DHT peers yet, and a member may
+                    // be announcing right now: look again a few times.
+                    let retry_at = tokio::time::Instant::now() + JOIN_LOOKUP_RETRY;
+                    if lookups < MAX_JOIN_LOOKUPS && retry_at < deadline {
+                        tokio::time::sleep_until(retry_at).await;
+                        lookups += 1;
+                        lookup = Some(lookup_providers());
+                        continue;
+                    }
+                    failures.push("no other member found in the DHT".to_owned());
                     break;
                 }
             }
