@@ -495,14 +495,90 @@ impl EngineHandle {
         };
         let mut lookup = Some(lookup_providers());
         let mut lookups = 1;
-        let mut candidates: Vec<(PeerId, Vec<Multiaddr>, &'static str)> =
-            vec![(invite.inviter, invite.addrs.clone(), "link")];
         let mut tried: HashSet<PeerId> = HashSet::new();
         let mut failures: Vec<String> = Vec::new();
         let mut unknown: Option<JoinRejection> = None;
+        // Connecting is harmless, so the inviter is dialled while the DHT is searched: a
+        // dead or black-holed link address then costs nothing if a member answers there
+        // first. The request itself goes to one member at a time (two members could
+        // otherwise both add us).
+        self.progress(
+            group,
+            JoinStage::Contacting {
+                peer: invite.inviter.to_string(),
+                via: "link".to_owned(),
+            },
+        );
+        let mut inviter_dial = {
+            let net = self.net.clone();
+            let (peer, addrs) = (invite.inviter, invite.addrs.clone());
+            let limit = deadline.min(tokio::time::Instant::now() + JOIN_DIAL_TIMEOUT);
+            Some(tokio::spawn(async move {
+                tokio::time::timeout_at(limit, net.connect(peer, addrs)).await
+            }))
+        };
+        let mut candidates: Vec<(PeerId, Vec<Multiaddr>, &'static str)> = Vec::new();
+        let inviter_entry = (invite.inviter, invite.addrs.clone(), "link");
+        while candidates.is_empty() && (inviter_dial.is_some() || lookup.is_some()) {
+            tokio::select! {
+                // The inviter first when both are ready.
+                biased;
+                dialled = async { inviter_dial.as_mut().expect("guarded").await },
+                    if inviter_dial.is_some() =>
+                {
+                    inviter_dial = None;
+                    match dialled {
+                        Ok(Ok(Ok(()))) => candidates.push(inviter_entry.clone()),
+                        Ok(Ok(Err(e))) => {
+                            failures.push(format!("inviter: cannot connect: {e}"));
+                        }
+                        _ => failures.push("inviter: cannot connect: timed out".to_owned()),
+                    }
+                }
+                found = async { lookup.as_mut().expect("guarded").await },
+                    if lookup.is_some() =>
+                {
+                    lookup = None;
+                    let found = match found {
+                        Ok(Ok(peers)) => peers,
+                        _ => Vec::new(),
+                    };
+                    candidates.extend(
+                        found
+                            .into_iter()
+                            .filter(|p| *p != self.peer_id && *p != invite.inviter)
+                            .take(MAX_JOIN_CANDIDATES)
+                            .map(|p| (p, Vec::new(), "dht")),
+                    );
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(self.timed_out(timeout, &failures));
+                }
+            }
+        }
+        if let Some(dial) = inviter_dial.take() {
+            // Members answered in the DHT first; the inviter stays a fallback.
+            dial.abort();
+            candidates.push(inviter_entry);
+        }
         loop {
             if candidates.is_empty() {
-                let Some(task) = lookup.take() else { break };
+                let task = match lookup.take() {
+                    Some(task) => task,
+                    // A node that just started may not have DHT peers yet, and a member may
+                    // be announcing right now: look again a few times.
+                    None if lookups < MAX_JOIN_LOOKUPS
+                        && tokio::time::Instant::now() + JOIN_LOOKUP_RETRY < deadline =>
+                    {
+                        tokio::time::sleep(JOIN_LOOKUP_RETRY).await;
+                        lookups += 1;
+                        lookup_providers()
+                    }
+                    None => {
+                        failures.push("no other member found in the DHT".to_owned());
+                        break;
+                    }
+                };
                 let found = match tokio::time::timeout_at(deadline, task).await {
                     Ok(Ok(Ok(peers))) => peers,
                     Ok(_) => Vec::new(),
@@ -517,17 +593,7 @@ impl EngineHandle {
                         .map(|p| (p, Vec::new(), "dht")),
                 );
                 if candidates.is_empty() {
-                    // A node that just started may not have DHT peers yet, and a member may
-                    // be announcing right now: look again a few times.
-                    let retry_at = tokio::time::Instant::now() + JOIN_LOOKUP_RETRY;
-                    if lookups < MAX_JOIN_LOOKUPS && retry_at < deadline {
-                        tokio::time::sleep_until(retry_at).await;
-                        lookups += 1;
-                        lookup = Some(lookup_providers());
-                        continue;
-                    }
-                    failures.push("no other member found in the DHT".to_owned());
-                    break;
+                    continue;
                 }
             }
             let (peer, addrs, via) = candidates.remove(0);
@@ -604,13 +670,16 @@ impl EngineHandle {
         request: &JoinRequest,
         deadline: tokio::time::Instant,
     ) -> Attempt {
-        self.progress(
-            group,
-            JoinStage::Contacting {
-                peer: peer.to_string(),
-                via: via.to_owned(),
-            },
-        );
+        if via != "link" {
+            // The inviter was announced when its dial started.
+            self.progress(
+                group,
+                JoinStage::Contacting {
+                    peer: peer.to_string(),
+                    via: via.to_owned(),
+                },
+            );
+        }
         let dial_deadline = deadline.min(tokio::time::Instant::now() + JOIN_DIAL_TIMEOUT);
         match tokio::time::timeout_at(dial_deadline, self.net.connect(peer, addrs)).await {
             Ok(Ok(())) => {}

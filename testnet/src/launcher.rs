@@ -967,6 +967,17 @@ impl Testnet {
         Ok(())
     }
 
+    /// Starts a new node that is not in the group, bootstrapping from node `via`, and waits
+    /// until its API answers. Returns its index.
+    pub async fn add_spare_node(&mut self, via: usize) -> Result<usize> {
+        let i = self.add_node()?;
+        let boot = self.nodes[via].bootstrap_addr.clone();
+        self.spawn(i, boot)?;
+        self.wait_up(&[i]).await?;
+        self.write_manifest()?;
+        Ok(i)
+    }
+
     /// Sends `text` from node `i` and records it as tracked traffic.
     pub async fn send(&self, i: usize, text: &str) -> Result<u64> {
         let client = self.nodes[i].client()?.clone();

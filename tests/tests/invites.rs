@@ -267,19 +267,25 @@ async fn approval_mode_holds_requests_until_a_member_decides() -> anyhow::Result
     })
     .await?;
     let NodeEvent::JoinProgress {
-        stage: JoinStage::AwaitingApproval { request, .. },
+        stage: JoinStage::AwaitingApproval { request, peer },
         ..
     } = held
     else {
         unreachable!()
     };
-    let listed = a.node.engine.join_requests(g.clone()).await?;
+    // The request is held by whichever member J reached first (A or B).
+    let holder = if peer == b.node.peer_id.to_string() {
+        &b
+    } else {
+        &a
+    };
+    let listed = holder.node.engine.join_requests(g.clone()).await?;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].id, request);
     assert_eq!(listed[0].peer, j.node.peer_id.to_string());
     assert_eq!(listed[0].state, "waiting");
     assert!(!joining.is_finished(), "J must still be waiting");
-    let approved = a
+    let approved = holder
         .node
         .engine
         .decide_join(g.clone(), request[..6].to_owned(), true)
@@ -296,7 +302,7 @@ async fn approval_mode_holds_requests_until_a_member_decides() -> anyhow::Result
     let k_engine = k.node.engine.clone();
     let link = inv.link.clone();
     let asking = tokio::spawn(async move { k_engine.join(link).await });
-    wait_event(&mut k_events, "K waits for approval", |e| {
+    let held = wait_event(&mut k_events, "K waits for approval", |e| {
         matches!(
             e,
             NodeEvent::JoinProgress {
@@ -306,12 +312,25 @@ async fn approval_mode_holds_requests_until_a_member_decides() -> anyhow::Result
         )
     })
     .await?;
-    let waiting = a.node.engine.join_requests(g.clone()).await?;
+    let NodeEvent::JoinProgress {
+        stage: JoinStage::AwaitingApproval { peer, .. },
+        ..
+    } = held
+    else {
+        unreachable!()
+    };
+    let holder = if peer == b.node.peer_id.to_string() {
+        &b
+    } else {
+        &a
+    };
+    let waiting = holder.node.engine.join_requests(g.clone()).await?;
     let k_request = waiting
         .iter()
         .find(|r| r.peer == k.node.peer_id.to_string())
         .unwrap();
-    a.node
+    holder
+        .node
         .engine
         .decide_join(g.clone(), k_request.id.clone(), false)
         .await?;
