@@ -34,8 +34,8 @@ use crate::engine::{EngineError, EngineHandle};
 use crate::metrics::KithMetrics;
 use crate::model::{
     CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, EventsQuery, GroupInfo,
-    GroupSummary, HistoryQuery, InviteInfo, JoinBody, LAGGED_EVENT, MemberInfo, MessageInfo,
-    NodeEvent, PeerList, SendBody, StatusInfo,
+    GroupSummary, HistoryQuery, InviteInfo, InviteSummary, JoinBody, JoinRequestInfo, LAGGED_EVENT,
+    MemberInfo, MessageInfo, NodeEvent, PeerList, SendBody, StatusInfo,
 };
 
 /// Largest accepted request body.
@@ -67,8 +67,35 @@ pub trait ApiBackend: Clone + Send + Sync + 'static {
         group: String,
         req: CreateInviteRequest,
     ) -> impl Future<Output = Result<InviteInfo, EngineError>> + Send;
-    /// `POST /v1/join`.
-    fn join(&self, link: String) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
+    /// `GET /v1/groups/{group}/invites`.
+    fn invites(
+        &self,
+        group: String,
+    ) -> impl Future<Output = Result<Vec<InviteSummary>, EngineError>> + Send;
+    /// `DELETE /v1/groups/{group}/invites/{invite}`: revokes it for the whole group.
+    fn revoke_invite(
+        &self,
+        group: String,
+        invite: String,
+    ) -> impl Future<Output = Result<InviteSummary, EngineError>> + Send;
+    /// `GET /v1/groups/{group}/join-requests`.
+    fn join_requests(
+        &self,
+        group: String,
+    ) -> impl Future<Output = Result<Vec<JoinRequestInfo>, EngineError>> + Send;
+    /// `POST /v1/groups/{group}/join-requests/{request}/approve` (or `/deny`).
+    fn decide_join(
+        &self,
+        group: String,
+        request: String,
+        approve: bool,
+    ) -> impl Future<Output = Result<JoinRequestInfo, EngineError>> + Send;
+    /// `POST /v1/join`; `timeout` limits the whole join.
+    fn join(
+        &self,
+        link: String,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
     /// `POST /v1/groups/{group}/messages`.
     fn send(
         &self,
@@ -137,8 +164,39 @@ impl ApiBackend for EngineHandle {
     ) -> impl Future<Output = Result<InviteInfo, EngineError>> + Send {
         EngineHandle::create_invite(self, group, req)
     }
-    fn join(&self, link: String) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::join(self, link)
+    fn invites(
+        &self,
+        group: String,
+    ) -> impl Future<Output = Result<Vec<InviteSummary>, EngineError>> + Send {
+        EngineHandle::invites(self, group)
+    }
+    fn revoke_invite(
+        &self,
+        group: String,
+        invite: String,
+    ) -> impl Future<Output = Result<InviteSummary, EngineError>> + Send {
+        EngineHandle::revoke_invite(self, group, invite)
+    }
+    fn join_requests(
+        &self,
+        group: String,
+    ) -> impl Future<Output = Result<Vec<JoinRequestInfo>, EngineError>> + Send {
+        EngineHandle::join_requests(self, group)
+    }
+    fn decide_join(
+        &self,
+        group: String,
+        request: String,
+        approve: bool,
+    ) -> impl Future<Output = Result<JoinRequestInfo, EngineError>> + Send {
+        EngineHandle::decide_join(self, group, request, approve)
+    }
+    fn join(
+        &self,
+        link: String,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
+        EngineHandle::join_with_timeout(self, link, timeout)
     }
     fn send(
         &self,
@@ -244,7 +302,23 @@ fn build_router<B: ApiBackend>(backend: B, token: &str, stop: watch::Receiver<bo
         .route("/v1/status", get(status::<B>))
         .route("/v1/groups", get(list_groups::<B>).post(create_group::<B>))
         .route("/v1/groups/{group}", get(show_group::<B>))
-        .route("/v1/groups/{group}/invites", post(create_invite::<B>))
+        .route(
+            "/v1/groups/{group}/invites",
+            get(list_invites::<B>).post(create_invite::<B>),
+        )
+        .route(
+            "/v1/groups/{group}/invites/{invite}",
+            delete(revoke_invite::<B>),
+        )
+        .route("/v1/groups/{group}/join-requests", get(join_requests::<B>))
+        .route(
+            "/v1/groups/{group}/join-requests/{request}/approve",
+            post(approve_join::<B>),
+        )
+        .route(
+            "/v1/groups/{group}/join-requests/{request}/deny",
+            post(deny_join::<B>),
+        )
         .route("/v1/groups/{group}/members", get(members::<B>))
         .route(
             "/v1/groups/{group}/members/{peer}",
@@ -326,15 +400,16 @@ impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> Self {
         let message = err.to_string();
         let (status, code) = match &err {
-            EngineError::GroupNotFound(_) | EngineError::MemberNotFound(_) => {
-                (StatusCode::NOT_FOUND, "not_found")
-            }
+            EngineError::GroupNotFound(_)
+            | EngineError::MemberNotFound(_)
+            | EngineError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             EngineError::AmbiguousGroup(_) | EngineError::BadRequest(_) => {
                 (StatusCode::BAD_REQUEST, "bad_request")
             }
             EngineError::Invite(_) => (StatusCode::BAD_REQUEST, "bad_invite"),
             EngineError::JoinRejected(_) => (StatusCode::CONFLICT, "join_rejected"),
             EngineError::Unreachable(_) => (StatusCode::GATEWAY_TIMEOUT, "unreachable"),
+            EngineError::TimedOut(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             EngineError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             EngineError::Internal(_) => {
                 tracing::error!(error = %message, "API request failed");
@@ -515,12 +590,53 @@ async fn create_invite<B: ApiBackend>(
     Ok(Json(s.backend.create_invite(group, body).await?))
 }
 
+async fn list_invites<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    group: Result<Path<String>, PathRejection>,
+) -> ApiResult<Vec<InviteSummary>> {
+    let Path(group) = group?;
+    Ok(Json(s.backend.invites(group).await?))
+}
+
+async fn revoke_invite<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<InviteSummary> {
+    let Path((group, invite)) = path?;
+    Ok(Json(s.backend.revoke_invite(group, invite).await?))
+}
+
+async fn join_requests<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    group: Result<Path<String>, PathRejection>,
+) -> ApiResult<Vec<JoinRequestInfo>> {
+    let Path(group) = group?;
+    Ok(Json(s.backend.join_requests(group).await?))
+}
+
+async fn approve_join<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<JoinRequestInfo> {
+    let Path((group, request)) = path?;
+    Ok(Json(s.backend.decide_join(group, request, true).await?))
+}
+
+async fn deny_join<B: ApiBackend>(
+    State(s): State<ApiState<B>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<JoinRequestInfo> {
+    let Path((group, request)) = path?;
+    Ok(Json(s.backend.decide_join(group, request, false).await?))
+}
+
 async fn join<B: ApiBackend>(
     State(s): State<ApiState<B>>,
     body: Result<Json<JoinBody>, JsonRejection>,
 ) -> ApiResult<GroupInfo> {
     let Json(body) = body?;
-    Ok(Json(s.backend.join(body.link).await?))
+    let timeout = body.timeout_secs.map(Duration::from_secs);
+    Ok(Json(s.backend.join(body.link, timeout).await?))
 }
 
 async fn send_message<B: ApiBackend>(
@@ -709,6 +825,37 @@ pub(crate) mod fake {
         }
     }
 
+    pub(crate) const INVITE_ID: &str =
+        "1234000000000000000000000000000000000000000000000000000000000000";
+    pub(crate) const REQUEST_ID: &str = "abcd000000000001";
+
+    fn invite_summary(group: &str, revoked: bool) -> InviteSummary {
+        InviteSummary {
+            id: INVITE_ID.to_owned(),
+            group: group.to_owned(),
+            creator: "12D3KooWself".to_owned(),
+            max_uses: 3,
+            uses: 1,
+            uses_left: 2,
+            expires_at: 1_900_000_000,
+            created_at: 1_700_000_000,
+            approval: false,
+            revoked,
+            state: if revoked { "revoked" } else { "active" }.to_owned(),
+        }
+    }
+
+    fn join_request(group: &str, state: &str) -> JoinRequestInfo {
+        JoinRequestInfo {
+            id: REQUEST_ID.to_owned(),
+            group: group.to_owned(),
+            peer: peer(5).to_string(),
+            invite: INVITE_ID.to_owned(),
+            received_at_ms: 1_700_000_000_000,
+            state: state.to_owned(),
+        }
+    }
+
     fn find(group: &str) -> Result<GroupInfo, EngineError> {
         match group {
             "friends" | GROUP_ID => Ok(group_info()),
@@ -756,9 +903,53 @@ pub(crate) mod fake {
                 group: g.id,
                 expires_at: req.expires_in_secs.unwrap_or(86_400),
                 max_uses: req.max_uses.unwrap_or(1),
+                id: INVITE_ID.to_owned(),
+                approval: req.approval,
             })
         }
-        async fn join(&self, link: String) -> Result<GroupInfo, EngineError> {
+        async fn invites(&self, group: String) -> Result<Vec<InviteSummary>, EngineError> {
+            let g = find(&group)?;
+            Ok(vec![invite_summary(&g.id, false)])
+        }
+        async fn revoke_invite(
+            &self,
+            group: String,
+            invite: String,
+        ) -> Result<InviteSummary, EngineError> {
+            let g = find(&group)?;
+            if !INVITE_ID.starts_with(&invite) || invite.len() < 4 {
+                return Err(EngineError::NotFound(format!(
+                    "no invite matches '{invite}'"
+                )));
+            }
+            Ok(invite_summary(&g.id, true))
+        }
+        async fn join_requests(&self, group: String) -> Result<Vec<JoinRequestInfo>, EngineError> {
+            let g = find(&group)?;
+            Ok(vec![join_request(&g.id, "waiting")])
+        }
+        async fn decide_join(
+            &self,
+            group: String,
+            request: String,
+            approve: bool,
+        ) -> Result<JoinRequestInfo, EngineError> {
+            let g = find(&group)?;
+            if !REQUEST_ID.starts_with(&request) || request.len() < 4 {
+                return Err(EngineError::NotFound(format!(
+                    "no join request matches '{request}'"
+                )));
+            }
+            Ok(join_request(
+                &g.id,
+                if approve { "approved" } else { "denied" },
+            ))
+        }
+        async fn join(
+            &self,
+            link: String,
+            _timeout: Option<Duration>,
+        ) -> Result<GroupInfo, EngineError> {
             match link.as_str() {
                 "rejected" => Err(EngineError::JoinRejected(
                     kith_protocol::envelope::JoinRejection::UsedUp,

@@ -19,8 +19,8 @@ use crate::config::{ConfigOverrides, resolve_data_dir};
 use crate::identity::{self, IdentityError};
 use crate::model::{
     CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, GroupInfo, GroupSummary,
-    InviteInfo, JoinBody, LAGGED_EVENT, MemberInfo, MessageBody, MessageInfo, NodeEvent, PeerList,
-    SendBody, StatusInfo,
+    InviteInfo, InviteSummary, JoinBody, JoinRequestInfo, JoinStage, LAGGED_EVENT, MemberInfo,
+    MessageBody, MessageInfo, NodeEvent, PeerList, SendBody, StatusInfo,
 };
 
 /// Largest response body the client reads (history is at most 1000 messages of 64 KiB).
@@ -71,10 +71,22 @@ pub enum Command {
     /// Create, list and inspect groups.
     #[command(subcommand)]
     Group(GroupCommand),
-    /// Create an invite link (with a QR code) for a group.
+    /// Create an invite link (with a QR code) for a group; list or revoke a group's invites.
     Invite(InviteArgs),
     /// Join a group with an invite link.
     Join(JoinArgs),
+    /// List the join requests waiting for approval on this node.
+    JoinRequests {
+        /// Group id, unique id prefix or exact name.
+        group: String,
+        /// Print the API's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a join request (the joiner is added to the group).
+    Approve(DecideArgs),
+    /// Deny a join request.
+    Deny(DecideArgs),
     /// Send a text message to a group.
     Send(SendArgs),
     /// Show a group's message history (times are UTC).
@@ -222,11 +234,55 @@ pub enum GroupCommand {
     },
 }
 
-/// `kith invite`.
+/// `kith approve` and `kith deny`.
 #[derive(Debug, Clone, Args)]
-pub struct InviteArgs {
+pub struct DecideArgs {
     /// Group id, unique id prefix or exact name.
     pub group: String,
+    /// The request id (or a unique prefix of 4+ characters), from `kith join-requests`.
+    pub request: String,
+    /// Print the API's JSON answer instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kith invite list` and `kith invite revoke`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum InviteCommand {
+    /// List a group's invites as this node knows them (any member's, with group-wide uses).
+    List {
+        /// Group id, unique id prefix or exact name.
+        group: String,
+        /// Print the API's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an invite for the whole group: no member honours it any more.
+    Revoke {
+        /// Group id, unique id prefix or exact name.
+        group: String,
+        /// The invite id or a unique prefix of 4+ characters (`kith invite list`).
+        invite: String,
+        /// Print the API's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `kith invite`: `kith invite GROUP [options]` creates a link; `kith invite list GROUP` and
+/// `kith invite revoke GROUP INVITE` manage them.
+#[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct InviteArgs {
+    /// List or revoke instead of creating.
+    #[command(subcommand)]
+    pub action: Option<InviteCommand>,
+    /// Group id, unique id prefix or exact name.
+    #[arg(required = true)]
+    pub group: Option<String>,
+    /// Joins wait until a member approves them (`kith join-requests`, `kith approve`).
+    #[arg(long)]
+    pub approve: bool,
     /// How many people can join with the link [default: 1].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub uses: Option<u32>,
@@ -246,6 +302,9 @@ pub struct InviteArgs {
 pub struct JoinArgs {
     /// The invite link (`kith1…` or `kith://join#kith1…`).
     pub link: String,
+    /// Give up after this long, e.g. 30s, 5m [default: 2m; at most 1h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
+    pub timeout: Option<u64>,
     /// Print the API's JSON answer instead of text.
     #[arg(long)]
     pub json: bool,
@@ -588,11 +647,48 @@ impl Client {
     }
 
     /// `POST /v1/join`.
-    pub async fn join(&self, link: &str) -> Result<GroupInfo, ClientError> {
+    pub async fn join(
+        &self,
+        link: &str,
+        timeout_secs: Option<u64>,
+    ) -> Result<GroupInfo, ClientError> {
         let body = JoinBody {
             link: link.to_owned(),
+            timeout_secs,
         };
         self.post(&["v1", "join"], &body).await
+    }
+
+    /// `GET /v1/groups/{group}/invites`.
+    pub async fn invites(&self, group: &str) -> Result<Vec<InviteSummary>, ClientError> {
+        self.get(&["v1", "groups", group, "invites"]).await
+    }
+
+    /// `DELETE /v1/groups/{group}/invites/{invite}`.
+    pub async fn revoke_invite(
+        &self,
+        group: &str,
+        invite: &str,
+    ) -> Result<InviteSummary, ClientError> {
+        let url = self.url(&["v1", "groups", group, "invites", invite])?;
+        self.call(self.http.delete(url)).await
+    }
+
+    /// `GET /v1/groups/{group}/join-requests`.
+    pub async fn join_requests(&self, group: &str) -> Result<Vec<JoinRequestInfo>, ClientError> {
+        self.get(&["v1", "groups", group, "join-requests"]).await
+    }
+
+    /// `POST /v1/groups/{group}/join-requests/{request}/approve` (or `/deny`).
+    pub async fn decide_join(
+        &self,
+        group: &str,
+        request: &str,
+        approve: bool,
+    ) -> Result<JoinRequestInfo, ClientError> {
+        let verb = if approve { "approve" } else { "deny" };
+        let url = self.url(&["v1", "groups", group, "join-requests", request, verb])?;
+        self.call(self.http.post(url)).await
     }
 
     /// `POST /v1/groups/{group}/messages`.
@@ -776,7 +872,8 @@ impl SseParser {
                 let lagged: EventsLagged = serde_json::from_str(&data).map_err(bad)?;
                 Ok(Some(LiveEvent::Lagged(lagged.missed)))
             }
-            "message" | "group_joined" | "epoch_changed" => Ok(Some(LiveEvent::Event(
+            "message" | "group_joined" | "epoch_changed" | "history_synced" | "join_progress"
+            | "join_request_held" => Ok(Some(LiveEvent::Event(
                 serde_json::from_str(&data).map_err(bad)?,
             ))),
             _ => {
@@ -879,43 +976,49 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
                 g.epoch
             ))
         }
-        Command::Invite(args) => {
-            let req = CreateInviteRequest {
-                expires_in_secs: args.expires,
-                max_uses: args.uses,
-            };
-            let invite = connect()?.create_invite(&args.group, &req).await?;
-            if args.json {
-                return print_json(&invite);
+        Command::Invite(args) => invite_command(&connect()?, args).await,
+        Command::Join(args) => join_command(connect, args).await,
+        Command::JoinRequests { group, json } => {
+            let list = connect()?.join_requests(group).await?;
+            if *json {
+                return print_json(&list);
             }
-            print_invite(&invite, !args.no_qr)
-        }
-        Command::Join(args) => {
-            // Refuse a damaged or expired link before bothering the node.
-            let invite = kith_protocol::invite::Invite::parse(&args.link)?;
-            if now_secs() >= invite.expires_at {
-                return Err(kith_protocol::invite::InviteError::Expired {
-                    expired_at: invite.expires_at,
-                }
-                .into());
+            if list.is_empty() {
+                return out("no join requests are waiting on this node");
             }
-            let client = connect()?;
-            if !args.json {
-                eprintln_quiet(&format!(
-                    "joining '{}' via {}…",
-                    clean(&invite.group_name),
-                    short_peer(&invite.inviter.to_string())
+            let mut lines = vec![format!(
+                "{:<16}  {:<8}  {:<8}  {:<19}  STATE",
+                "REQUEST", "JOINER", "INVITE", "RECEIVED (UTC)"
+            )];
+            for r in &list {
+                lines.push(format!(
+                    "{:<16}  {:<8}  {:<8}  {:<19}  {}",
+                    clean(&r.id),
+                    short_peer(&r.peer),
+                    short_id(&r.invite),
+                    format_utc(r.received_at_ms / 1000),
+                    clean(&r.state)
                 ));
             }
-            let group = client.join(invite.link()).await?;
+            out(&lines.join("\n"))
+        }
+        Command::Approve(args) | Command::Deny(args) => {
+            let approve = matches!(&cli.command, Command::Approve(_));
+            let r = connect()?
+                .decide_join(&args.group, &args.request, approve)
+                .await?;
             if args.json {
-                return print_json(&group);
+                return print_json(&r);
             }
+            let verb = if approve {
+                "approved; the joiner is added when it asks again (within seconds)"
+            } else {
+                "denied"
+            };
             out(&format!(
-                "joined group '{}' ({}), {} members",
-                clean(&group.name),
-                group.id,
-                group.members.len()
+                "join request {} from {} {verb}",
+                clean(&r.id),
+                short_peer(&r.peer)
             ))
         }
         Command::Send(args) => {
@@ -972,6 +1075,198 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
             Err(ClientError::StreamEnded)
         }
         Command::Net(cmd) => net_command(&connect()?, cmd).await,
+    }
+}
+
+async fn invite_command(client: &Client, args: &InviteArgs) -> Result<(), ClientError> {
+    match &args.action {
+        Some(InviteCommand::List { group, json }) => {
+            let list = client.invites(group).await?;
+            if *json {
+                return print_json(&list);
+            }
+            if list.is_empty() {
+                return out("no invites known for this group");
+            }
+            let mut lines = vec![format!(
+                "{:<12}  {:<8}  {:>9}  {:<19}  {:<8}  FLAGS",
+                "INVITE", "CREATOR", "USES LEFT", "EXPIRES (UTC)", "STATE"
+            )];
+            for i in &list {
+                let creator = if i.creator.is_empty() {
+                    "?".to_owned()
+                } else {
+                    short_peer(&i.creator)
+                };
+                let mut flags = Vec::new();
+                if i.approval {
+                    flags.push("approval");
+                }
+                if i.revoked {
+                    flags.push("revoked");
+                }
+                lines.push(format!(
+                    "{:<12}  {:<8}  {:>9}  {:<19}  {:<8}  {}",
+                    clean(&i.id).chars().take(12).collect::<String>(),
+                    creator,
+                    format!("{}/{}", i.uses_left, i.max_uses),
+                    format_utc(i.expires_at),
+                    clean(&i.state),
+                    flags.join(",")
+                ));
+            }
+            out(&lines.join("\n"))
+        }
+        Some(InviteCommand::Revoke {
+            group,
+            invite,
+            json,
+        }) => {
+            let r = client.revoke_invite(group, invite).await?;
+            if *json {
+                return print_json(&r);
+            }
+            out(&format!(
+                "revoked invite {} for the whole group",
+                short_id(&r.id)
+            ))
+        }
+        None => {
+            let group = args
+                .group
+                .as_deref()
+                .ok_or_else(|| ClientError::Local("no group given".to_owned()))?;
+            let req = CreateInviteRequest {
+                expires_in_secs: args.expires,
+                max_uses: args.uses,
+                approval: args.approve,
+            };
+            let invite = client.create_invite(group, &req).await?;
+            if args.json {
+                return print_json(&invite);
+            }
+            print_invite(&invite, !args.no_qr)
+        }
+    }
+}
+
+/// `kith join`: checks the link, then asks the node to join while printing each stage the
+/// node reports on its event stream (to stderr), and ends with the group or the reason.
+async fn join_command(
+    connect: impl Fn() -> Result<Client, ClientError>,
+    args: &JoinArgs,
+) -> Result<(), ClientError> {
+    // Refuse a damaged, forged or expired link before bothering the node.
+    let invite = kith_protocol::invite::Invite::parse(&args.link)?;
+    if now_secs() >= invite.expires_at {
+        return Err(kith_protocol::invite::InviteError::Expired {
+            expired_at: invite.expires_at,
+        }
+        .into());
+    }
+    let client = connect()?;
+    let timeout = args.timeout.unwrap_or(DEFAULT_JOIN_TIMEOUT_SECS);
+    let mut printer = None;
+    if !args.json {
+        eprintln_quiet(&format!(
+            "joining '{}' (invited by {}; giving up after {})",
+            clean(&invite.group_name),
+            short_peer(&invite.inviter.to_string()),
+            format_secs(timeout)
+        ));
+        // Progress is commentary: if the event stream fails, the join still goes on.
+        if let Ok(mut events) = client.events(None).await {
+            let group = invite.group.to_string();
+            printer = Some(tokio::spawn(async move {
+                while let Ok(Some(event)) = events.next().await {
+                    if let LiveEvent::Event(NodeEvent::JoinProgress { group: g, stage }) = event
+                        && g == group
+                    {
+                        eprintln_quiet(&format!("  {}", describe_stage(&stage)));
+                        if matches!(stage, JoinStage::Ready { .. }) {
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    let result = client.join(invite.link(), Some(timeout)).await;
+    if let Some(mut p) = printer {
+        // On success, let the stream catch up to "ready" so the stages print in order.
+        if result.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), &mut p).await;
+        }
+        p.abort();
+    }
+    let group = result?;
+    if args.json {
+        return print_json(&group);
+    }
+    out(&format!(
+        "joined group '{}' ({}), {} members",
+        clean(&group.name),
+        group.id,
+        group.members.len()
+    ))
+}
+
+/// `kith join`'s time limit when `--timeout` is not given.
+const DEFAULT_JOIN_TIMEOUT_SECS: u64 = 120;
+
+/// A duration in seconds as `2m`, `1h30m` or `45s`.
+fn format_secs(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if s > 0 || out.is_empty() {
+        out.push_str(&format!("{s}s"));
+    }
+    out
+}
+
+/// One line for a join stage.
+pub fn describe_stage(stage: &JoinStage) -> String {
+    match stage {
+        JoinStage::FindingMembers { .. } => {
+            "finding members (the inviter, and the DHT)…".to_owned()
+        }
+        JoinStage::Contacting { peer, via } => {
+            let via = if via == "dht" {
+                "found in the DHT"
+            } else {
+                "the inviter"
+            };
+            format!("contacting {} ({via})…", short_peer(peer))
+        }
+        JoinStage::RequestSent { peer } => format!("request sent to {}", short_peer(peer)),
+        JoinStage::TryingNext { peer, reason } => {
+            format!(
+                "{} could not help ({}); trying another member",
+                short_peer(peer),
+                clean(reason)
+            )
+        }
+        JoinStage::AwaitingApproval { peer, request } => format!(
+            "waiting for approval: request {} held by {} (a member runs `kith approve GROUP {}`)",
+            clean(request),
+            short_peer(peer),
+            clean(request)
+        ),
+        JoinStage::Added { peer } => {
+            format!("added by {}; setting up the group…", short_peer(peer))
+        }
+        JoinStage::Ready {
+            epoch,
+            member_count,
+        } => format!(
+            "ready at epoch {epoch} with {member_count} members; new messages and history are arriving"
+        ),
     }
 }
 
@@ -1102,11 +1397,18 @@ fn print_invite(invite: &InviteInfo, qr: bool) -> Result<(), ClientError> {
     } else {
         format!("{} joins", invite.max_uses)
     };
+    let approval = if invite.approval {
+        " Each join waits for a member's approval (`kith join-requests`)."
+    } else {
+        ""
+    };
     let mut text = format!(
-        "{}\n\nURL: {}\nValid for {uses} until {} UTC.",
+        "{}\n\nURL: {}\nValid for {uses} until {} UTC; any member online can admit.{approval}\nInvite id: {} (`kith invite revoke GROUP {}` to revoke it).",
         invite.link,
         invite.url,
-        format_utc(invite.expires_at)
+        format_utc(invite.expires_at),
+        clean(&invite.id),
+        short_id(&invite.id)
     );
     if qr {
         match render_qr(&invite.url) {
@@ -1169,6 +1471,22 @@ pub fn format_message(m: &MessageInfo, me: Option<&str>) -> String {
         MessageBody::MembersRemoved { members } => {
             let names: Vec<String> = members.iter().map(|p| who(p)).collect();
             format!("{time}  * {} left", names.join(", "))
+        }
+        MessageBody::InviteCreated {
+            invite,
+            max_uses,
+            expires_at,
+            approval,
+        } => {
+            let approval = if *approval { ", approval needed" } else { "" };
+            format!(
+                "{time}  * {sender} created invite {} ({max_uses} uses until {} UTC{approval})",
+                short_id(invite),
+                format_utc(*expires_at)
+            )
+        }
+        MessageBody::InviteRevoked { invite } => {
+            format!("{time}  * {sender} revoked invite {}", short_id(invite))
         }
     }
 }

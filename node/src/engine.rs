@@ -22,10 +22,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use data_encoding::HEXLOWER;
 use kith_protocol::envelope::{Envelope, JoinRejection, JoinRequest, JoinResponse, PayloadKind};
 use kith_protocol::group::{
-    Effect, GroupEngine, GroupError, GroupView, Identity, PAST_EPOCH_TTL, UpdatePolicy, Verdict,
+    Effect, GroupEngine, GroupError, GroupView, Identity, NewInvite, PAST_EPOCH_TTL, UpdatePolicy,
+    Verdict,
 };
-use kith_protocol::ids::{GroupId, MessageId};
-use kith_protocol::invite::{Invite, secret_hash};
+use kith_protocol::ids::{GroupId, InviteId, MessageId, invite_rendezvous_key};
+use kith_protocol::invite::{Invite, InviteRecord, secret_hash};
 use kith_protocol::records::{EntryKind, HistoryEntry};
 use kith_protocol::sync::{
     Gaps, MAX_PAGE_BYTES, Summary, SyncItem, SyncRefusal, SyncRequest, SyncRequestV1, SyncResponse,
@@ -37,10 +38,11 @@ use libp2p::{Multiaddr, PeerId};
 use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::admission::{FindError, HeldRequests, HeldState, request_id_text};
 use crate::metrics::{GroupGauges, IgnoreReason, JoinRequestResult, JoinResult, KithMetrics};
 use crate::model::{
-    CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, MemberInfo, MessageBody, MessageInfo,
-    NodeEvent, StatusInfo,
+    CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, InviteSummary, JoinRequestInfo,
+    JoinStage, MemberInfo, MessageBody, MessageInfo, NodeEvent, StatusInfo,
 };
 use crate::net::{MAX_BLOCKED_PEERS, NetError, NetEvent, NetHandle};
 use crate::store::{Batch, KithProvider, Retention, Store, StoreError};
@@ -54,7 +56,25 @@ pub const DEFAULT_INVITE_SECS: u64 = 24 * 3600;
 /// Longest invite lifetime.
 pub const MAX_INVITE_SECS: u64 = 30 * 24 * 3600;
 /// Most uses one invite may allow.
-pub const MAX_INVITE_USES: u32 = 1000;
+pub const MAX_INVITE_USES: u32 = kith_protocol::envelope::MAX_INVITE_USES;
+/// How long a join may take when the caller sets no limit.
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest join time limit a caller may set.
+pub const MAX_JOIN_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long the joiner waits for a connection to one member before trying the next.
+const JOIN_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a joiner whose request awaits approval sends it again.
+pub const APPROVAL_RETRY: Duration = Duration::from_secs(2);
+/// DHT lookups for members one join makes at most (they are retried when none is found).
+const MAX_JOIN_LOOKUPS: u32 = 5;
+/// Pause between DHT lookups that found nobody.
+const JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(1);
+/// Members found through the DHT that a joiner tries, at most.
+const MAX_JOIN_CANDIDATES: usize = 8;
+/// Invites one node announces in the DHT at most (the newest active ones).
+const MAX_PROVIDED_INVITES: usize = 256;
+/// Invite records are deleted this long after they expired (with the retention timer).
+const INVITE_RECORD_GRACE_SECS: u64 = 24 * 3600;
 /// History entries returned at most per request.
 pub const MAX_HISTORY: usize = 1000;
 /// How often the node re-announces its groups in the DHT and looks for other members.
@@ -85,6 +105,9 @@ pub enum EngineError {
     /// The peer is not a member of the group (HTTP 404).
     #[error("{0} is not a member of the group")]
     MemberNotFound(String),
+    /// No invite or held join request matches (HTTP 404).
+    #[error("{0}")]
+    NotFound(String),
     /// The id prefix or name matches more than one group (HTTP 400).
     #[error("'{0}' matches several groups; use the full id")]
     AmbiguousGroup(String),
@@ -100,6 +123,9 @@ pub enum EngineError {
     /// No member of the group could be reached (HTTP 504).
     #[error("could not reach a member of the group: {0}")]
     Unreachable(String),
+    /// The join did not finish within its time limit (HTTP 504).
+    #[error("{0}")]
+    TimedOut(String),
     /// The node is shutting down (HTTP 503).
     #[error("the node is shutting down")]
     ShuttingDown,
@@ -149,6 +175,10 @@ enum Call {
     Group(String, Reply<GroupInfo>),
     CreateGroup(String, Reply<GroupInfo>),
     CreateInvite(String, CreateInviteRequest, Reply<InviteInfo>),
+    ListInvites(String, Reply<Vec<InviteSummary>>),
+    RevokeInvite(String, String, Reply<InviteSummary>),
+    JoinRequests(String, Reply<Vec<JoinRequestInfo>>),
+    DecideJoin(String, String, bool, Reply<JoinRequestInfo>),
     PrepareJoin(Box<Invite>, Reply<JoinRequest>),
     CompleteJoin(Box<Invite>, JoinResponse, Reply<GroupInfo>),
     Send(String, String, Reply<MessageInfo>),
@@ -204,6 +234,20 @@ pub fn message_info(h: &HistoryEntry) -> MessageInfo {
             EntryKind::GroupCreated { name } => MessageBody::GroupCreated { name: name.clone() },
             EntryKind::MembersAdded(v) => MessageBody::MembersAdded { members: peers(v) },
             EntryKind::MembersRemoved(v) => MessageBody::MembersRemoved { members: peers(v) },
+            EntryKind::InviteCreated {
+                id,
+                max_uses,
+                expires_at,
+                approval,
+            } => MessageBody::InviteCreated {
+                invite: id.to_string(),
+                max_uses: *max_uses,
+                expires_at: *expires_at,
+                approval: *approval,
+            },
+            EntryKind::InviteRevoked(id) => MessageBody::InviteRevoked {
+                invite: id.to_string(),
+            },
         },
     }
 }
@@ -229,6 +273,63 @@ fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
         rollbacks: v.rollbacks,
         deep_forks: v.deep_forks,
     }
+}
+
+/// The API form of an invite record at `now` (Unix seconds).
+fn invite_summary(r: &InviteRecord, now: u64) -> InviteSummary {
+    use kith_protocol::envelope::JoinRejection as R;
+    let state = match r.admits(now) {
+        Ok(()) => "active",
+        Err(R::Revoked) => "revoked",
+        Err(R::Expired) => "expired",
+        Err(R::UsedUp) => "used_up",
+        Err(_) => "unknown",
+    };
+    InviteSummary {
+        id: r.id.to_string(),
+        group: r.group.to_string(),
+        creator: r.creator.map(|p| p.to_string()).unwrap_or_default(),
+        max_uses: r.max_uses,
+        uses: r.uses,
+        uses_left: r.uses_left(),
+        expires_at: r.expires_at,
+        created_at: r.created_at,
+        approval: r.approval,
+        revoked: r.revoked,
+        state: state.to_owned(),
+    }
+}
+
+fn held_info(h: &crate::admission::Held) -> JoinRequestInfo {
+    JoinRequestInfo {
+        id: request_id_text(h.id),
+        group: h.group.to_string(),
+        peer: h.peer.to_string(),
+        invite: h.invite.to_string(),
+        received_at_ms: h.received_at_ms,
+        state: match h.state {
+            HeldState::Waiting => "waiting",
+            HeldState::Approved(_) => "approved",
+            HeldState::Denied => "denied",
+        }
+        .to_owned(),
+    }
+}
+
+/// The last 8 characters of a PeerId (they all start alike), for messages.
+fn short_peer(peer: &PeerId) -> String {
+    let text = peer.to_string();
+    text[text.len().saturating_sub(8)..].to_owned()
+}
+
+/// How a join attempt with one member ended.
+enum Attempt {
+    /// The member added us: complete the join with this answer.
+    Accepted(JoinResponse),
+    /// A refusal no other member would change (revoked, expired, used up, denied, …).
+    Refused(JoinRejection),
+    /// This member could not help; try the next one.
+    Next(String),
 }
 
 fn summary(v: &GroupView) -> GroupSummary {
@@ -334,33 +435,336 @@ impl EngineHandle {
         self.call(|r| Call::CreateInvite(group, req, r)).await
     }
 
-    /// Joins a group by invite link: checks the link locally, sends the join request to the
-    /// inviter, and builds the group from the Welcome.
+    /// Joins a group by invite link within `timeout` (default [`DEFAULT_JOIN_TIMEOUT`]):
+    /// checks the link locally, then asks the inviter named in the link and, if it cannot
+    /// help, members found in the DHT under the invite's rendezvous key; waits (retrying)
+    /// while a member holds the request for approval; builds the group from the Welcome.
+    /// Each stage is announced as [`NodeEvent::JoinProgress`].
     pub async fn join(&self, link: String) -> Result<GroupInfo, EngineError> {
-        let result = self.join_inner(link).await;
+        self.join_with_timeout(link, None).await
+    }
+
+    /// [`EngineHandle::join`] with a time limit (`None`: [`DEFAULT_JOIN_TIMEOUT`]).
+    pub async fn join_with_timeout(
+        &self,
+        link: String,
+        timeout: Option<Duration>,
+    ) -> Result<GroupInfo, EngineError> {
+        let result = self.join_inner(link, timeout).await;
         self.metrics.join(match &result {
             Ok(_) => JoinResult::Joined,
             Err(EngineError::JoinRejected(_)) => JoinResult::Refused,
-            Err(EngineError::Unreachable(_)) => JoinResult::Unreachable,
+            Err(EngineError::Unreachable(_) | EngineError::TimedOut(_)) => JoinResult::Unreachable,
             Err(EngineError::Invite(_)) => JoinResult::BadInvite,
             Err(_) => JoinResult::Error,
         });
         result
     }
 
-    async fn join_inner(&self, link: String) -> Result<GroupInfo, EngineError> {
+    fn progress(&self, group: GroupId, stage: JoinStage) {
+        let _ = self.events.send(NodeEvent::JoinProgress {
+            group: group.to_string(),
+            stage,
+        });
+    }
+
+    async fn join_inner(
+        &self,
+        link: String,
+        timeout: Option<Duration>,
+    ) -> Result<GroupInfo, EngineError> {
+        // A damaged, forged, expired or foreign link is refused here, before any traffic.
         let invite = Invite::parse(&link)?;
         invite.check(&self.network, now_ms() / 1000)?;
+        let timeout = timeout.unwrap_or(DEFAULT_JOIN_TIMEOUT);
+        if timeout.is_zero() || timeout > MAX_JOIN_TIMEOUT {
+            return Err(EngineError::BadRequest(format!(
+                "the join time limit must be between 1 second and {} minutes",
+                MAX_JOIN_TIMEOUT.as_secs() / 60
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let group = invite.group;
+        self.progress(
+            group,
+            JoinStage::FindingMembers {
+                timeout_secs: timeout.as_secs(),
+            },
+        );
         let request = self
             .call(|r| Call::PrepareJoin(Box::new(invite.clone()), r))
             .await?;
-        tracing::info!(group = %invite.group.short(), inviter = %invite.inviter, "sending join request");
-        let response = self
-            .net
-            .join(invite.inviter, invite.addrs.clone(), request)
-            .await
-            .map_err(|e| EngineError::Unreachable(e.to_string()))?;
-        self.call(|r| Call::CompleteJoin(Box::new(invite), response, r))
+        // Look the invite up in the DHT while the inviter is tried.
+        let lookup_providers = || {
+            let net = self.net.clone();
+            let key = invite.rendezvous_key();
+            tokio::spawn(async move { net.get_providers(key).await })
+        };
+        let mut lookup = Some(lookup_providers());
+        let mut lookups = 1;
+        let mut tried: HashSet<PeerId> = HashSet::new();
+        let mut failures: Vec<String> = Vec::new();
+        let mut unknown: Option<JoinRejection> = None;
+        // Connecting is harmless, so the inviter is dialled while the DHT is searched: a
+        // dead or black-holed link address then costs nothing if a member answers there
+        // first. The request itself goes to one member at a time (two members could
+        // otherwise both add us).
+        self.progress(
+            group,
+            JoinStage::Contacting {
+                peer: invite.inviter.to_string(),
+                via: "link".to_owned(),
+            },
+        );
+        let mut inviter_dial = {
+            let net = self.net.clone();
+            let (peer, addrs) = (invite.inviter, invite.addrs.clone());
+            let limit = deadline.min(tokio::time::Instant::now() + JOIN_DIAL_TIMEOUT);
+            Some(tokio::spawn(async move {
+                tokio::time::timeout_at(limit, net.connect(peer, addrs)).await
+            }))
+        };
+        let mut candidates: Vec<(PeerId, Vec<Multiaddr>, &'static str)> = Vec::new();
+        let inviter_entry = (invite.inviter, invite.addrs.clone(), "link");
+        while candidates.is_empty() && (inviter_dial.is_some() || lookup.is_some()) {
+            tokio::select! {
+                // The inviter first when both are ready.
+                biased;
+                dialled = async { inviter_dial.as_mut().expect("guarded").await },
+                    if inviter_dial.is_some() =>
+                {
+                    inviter_dial = None;
+                    match dialled {
+                        Ok(Ok(Ok(()))) => candidates.push(inviter_entry.clone()),
+                        Ok(Ok(Err(e))) => {
+                            failures.push(format!("inviter: cannot connect: {e}"));
+                        }
+                        _ => failures.push("inviter: cannot connect: timed out".to_owned()),
+                    }
+                }
+                found = async { lookup.as_mut().expect("guarded").await },
+                    if lookup.is_some() =>
+                {
+                    lookup = None;
+                    let found = match found {
+                        Ok(Ok(peers)) => peers,
+                        _ => Vec::new(),
+                    };
+                    candidates.extend(
+                        found
+                            .into_iter()
+                            .filter(|p| *p != self.peer_id && *p != invite.inviter)
+                            .take(MAX_JOIN_CANDIDATES)
+                            .map(|p| (p, Vec::new(), "dht")),
+                    );
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(self.timed_out(timeout, &failures));
+                }
+            }
+        }
+        if let Some(dial) = inviter_dial.take() {
+            // Members answered in the DHT first; the inviter stays a fallback.
+            dial.abort();
+            candidates.push(inviter_entry);
+        }
+        loop {
+            if candidates.is_empty() {
+                let task = match lookup.take() {
+                    Some(task) => task,
+                    // A node that just started may not have DHT peers yet, and a member may
+                    // be announcing right now: look again a few times.
+                    None if lookups < MAX_JOIN_LOOKUPS
+                        && tokio::time::Instant::now() + JOIN_LOOKUP_RETRY < deadline =>
+                    {
+                        tokio::time::sleep(JOIN_LOOKUP_RETRY).await;
+                        lookups += 1;
+                        lookup_providers()
+                    }
+                    None => {
+                        failures.push("no other member found in the DHT".to_owned());
+                        break;
+                    }
+                };
+                let found = match tokio::time::timeout_at(deadline, task).await {
+                    Ok(Ok(Ok(peers))) => peers,
+                    Ok(_) => Vec::new(),
+                    Err(_) => return Err(self.timed_out(timeout, &failures)),
+                };
+                tracing::debug!(group = %group.short(), found = found.len(), "members found in the DHT");
+                candidates.extend(
+                    found
+                        .into_iter()
+                        .filter(|p| *p != self.peer_id && !tried.contains(p))
+                        .take(MAX_JOIN_CANDIDATES)
+                        .map(|p| (p, Vec::new(), "dht")),
+                );
+                if candidates.is_empty() {
+                    continue;
+                }
+            }
+            let (peer, addrs, via) = candidates.remove(0);
+            if !tried.insert(peer) {
+                continue;
+            }
+            match self
+                .attempt(group, peer, addrs, via, &request, deadline)
+                .await
+            {
+                Attempt::Accepted(response) => {
+                    self.progress(
+                        group,
+                        JoinStage::Added {
+                            peer: peer.to_string(),
+                        },
+                    );
+                    let info = self
+                        .call(|r| Call::CompleteJoin(Box::new(invite), response, r))
+                        .await?;
+                    self.progress(
+                        group,
+                        JoinStage::Ready {
+                            epoch: info.epoch,
+                            member_count: info.members.len(),
+                        },
+                    );
+                    return Ok(info);
+                }
+                Attempt::Refused(r) => return Err(EngineError::JoinRejected(r)),
+                Attempt::Next(reason) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(self.timed_out(timeout, &failures));
+                    }
+                    if reason == JoinRejection::UnknownInvite.to_string() {
+                        unknown = Some(JoinRejection::UnknownInvite);
+                    }
+                    self.progress(
+                        group,
+                        JoinStage::TryingNext {
+                            peer: peer.to_string(),
+                            reason: reason.clone(),
+                        },
+                    );
+                    failures.push(format!("{}: {reason}", short_peer(&peer)));
+                }
+            }
+        }
+        // Every member we reached said it does not know the invite: that is the answer.
+        if let Some(r) = unknown {
+            return Err(EngineError::JoinRejected(r));
+        }
+        Err(EngineError::Unreachable(failures.join("; ")))
+    }
+
+    fn timed_out(&self, timeout: Duration, failures: &[String]) -> EngineError {
+        let mut text = format!("the join did not finish within {} s", timeout.as_secs());
+        if !failures.is_empty() {
+            text.push_str(" (");
+            text.push_str(&failures.join("; "));
+            text.push(')');
+        }
+        EngineError::TimedOut(text)
+    }
+
+    /// Asks one member: connect (bounded by [`JOIN_DIAL_TIMEOUT`]), send the request, and
+    /// while the member holds it for approval, send it again every [`APPROVAL_RETRY`].
+    async fn attempt(
+        &self,
+        group: GroupId,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        via: &'static str,
+        request: &JoinRequest,
+        deadline: tokio::time::Instant,
+    ) -> Attempt {
+        if via != "link" {
+            // The inviter was announced when its dial started.
+            self.progress(
+                group,
+                JoinStage::Contacting {
+                    peer: peer.to_string(),
+                    via: via.to_owned(),
+                },
+            );
+        }
+        let dial_deadline = deadline.min(tokio::time::Instant::now() + JOIN_DIAL_TIMEOUT);
+        match tokio::time::timeout_at(dial_deadline, self.net.connect(peer, addrs)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Attempt::Next(format!("cannot connect: {e}")),
+            Err(_) => return Attempt::Next("cannot connect: timed out".to_owned()),
+        }
+        self.progress(
+            group,
+            JoinStage::RequestSent {
+                peer: peer.to_string(),
+            },
+        );
+        tracing::info!(group = %group.short(), %peer, via, "sending join request");
+        let mut announced = false;
+        loop {
+            let sent = self.net.join(peer, Vec::new(), request.clone());
+            let response = match tokio::time::timeout_at(deadline, sent).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return Attempt::Next(format!("request failed: {e}")),
+                Err(_) => return Attempt::Next("no answer in time".to_owned()),
+            };
+            match response {
+                JoinResponse::Accepted { .. } => return Attempt::Accepted(response),
+                JoinResponse::Rejected(
+                    r @ (JoinRejection::UnknownInvite
+                    | JoinRejection::NotMember
+                    | JoinRejection::Internal
+                    | JoinRejection::Busy),
+                ) => return Attempt::Next(r.to_string()),
+                JoinResponse::Rejected(r) => return Attempt::Refused(r),
+                JoinResponse::AwaitingApproval { request: id } => {
+                    if !announced {
+                        announced = true;
+                        self.progress(
+                            group,
+                            JoinStage::AwaitingApproval {
+                                peer: peer.to_string(),
+                                request: request_id_text(id),
+                            },
+                        );
+                    }
+                    let wake = deadline.min(tokio::time::Instant::now() + APPROVAL_RETRY);
+                    tokio::time::sleep_until(wake).await;
+                    if tokio::time::Instant::now() >= deadline {
+                        return Attempt::Next("still waiting for approval".to_owned());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The invites of a group as this node knows them, newest first.
+    pub async fn invites(&self, group: String) -> Result<Vec<InviteSummary>, EngineError> {
+        self.call(|r| Call::ListInvites(group, r)).await
+    }
+
+    /// Revokes an invite (id or unique prefix of 4+ hex characters) for the whole group.
+    pub async fn revoke_invite(
+        &self,
+        group: String,
+        invite: String,
+    ) -> Result<InviteSummary, EngineError> {
+        self.call(|r| Call::RevokeInvite(group, invite, r)).await
+    }
+
+    /// The join requests held for approval on this node for a group.
+    pub async fn join_requests(&self, group: String) -> Result<Vec<JoinRequestInfo>, EngineError> {
+        self.call(|r| Call::JoinRequests(group, r)).await
+    }
+
+    /// Approves (`true`: commits the Add) or denies a held join request.
+    pub async fn decide_join(
+        &self,
+        group: String,
+        request: String,
+        approve: bool,
+    ) -> Result<JoinRequestInfo, EngineError> {
+        self.call(|r| Call::DecideJoin(group, request, approve, r))
             .await
     }
 
@@ -519,6 +923,8 @@ pub fn start(
         last_sync: HashMap::new(),
         unsynced: HashSet::new(),
         gaps: HashMap::new(),
+        held: HeldRequests::new(),
+        provided_invites: HashSet::new(),
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -586,6 +992,10 @@ struct Actor {
     unsynced: HashSet<GroupId>,
     /// Gap detectors, by group.
     gaps: HashMap<GroupId, Gaps>,
+    /// Join requests held for approval on this node.
+    held: HeldRequests,
+    /// Invite rendezvous keys this node announces in the DHT.
+    provided_invites: HashSet<[u8; 32]>,
 }
 
 /// A sync run in progress.
@@ -1012,6 +1422,15 @@ impl Actor {
                 Err(e) => tracing::error!(group = %g.id.short(), error = %e, "prune failed"),
             }
         }
+        let before = (now_ms() / 1000).saturating_sub(INVITE_RECORD_GRACE_SECS);
+        match self.store.prune_invites(before, PRUNE_BUDGET) {
+            Ok(0) => {}
+            Ok(n) => {
+                self.unflushed = true;
+                tracing::info!(invites = n, "deleted expired invite records");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot prune invites"),
+        }
         if more {
             let _ = self.tx.try_send(Input::Prune);
         }
@@ -1055,6 +1474,7 @@ impl Actor {
     }
 
     fn after_commit(&mut self, effects: Vec<Effect>) {
+        let invites_changed = effects.iter().any(|e| matches!(e, Effect::Invite(_)));
         for e in effects {
             let sent = match e {
                 Effect::Publish { topic, data } => self.net.publish_blocking(topic, data),
@@ -1090,16 +1510,60 @@ impl Actor {
                 }
                 Effect::SaveGroup(_)
                 | Effect::SaveEnvelope(_)
-                | Effect::SaveInvite(_)
+                | Effect::Invite(_)
                 | Effect::LinkEnvelope { .. } => Ok(()),
             };
             if sent.is_err() {
                 tracing::warn!("network task has stopped; effect dropped");
             }
         }
+        if invites_changed {
+            self.announce_invites(false);
+        }
     }
 
-    /// Announces this node's groups in the DHT and looks for other online members.
+    /// Announces this node in the DHT under the rendezvous key of every active invite of its
+    /// active groups (all of them again when `refresh`, else only new ones), and stops
+    /// announcing invites that were revoked, expired or used up.
+    fn announce_invites(&mut self, refresh: bool) {
+        let records = match self.store.invites() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read invites to announce");
+                return;
+            }
+        };
+        let now = now_ms() / 1000;
+        let mut active: Vec<&InviteRecord> = records
+            .iter()
+            .filter(|r| {
+                r.is_active(now)
+                    && self
+                        .groups
+                        .group(&r.group)
+                        .is_some_and(|v| v.active && !v.leaving)
+            })
+            .collect();
+        active.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+        let network = self.groups.network().to_owned();
+        let wanted: HashSet<[u8; 32]> = active
+            .iter()
+            .take(MAX_PROVIDED_INVITES)
+            .filter_map(|r| r.secret_hash.map(|h| invite_rendezvous_key(&network, &h)))
+            .collect();
+        for key in self.provided_invites.difference(&wanted) {
+            let _ = self.net.stop_providing_blocking(*key);
+        }
+        for key in &wanted {
+            if refresh || !self.provided_invites.contains(key) {
+                let _ = self.net.provide_blocking(*key);
+            }
+        }
+        self.provided_invites = wanted;
+    }
+
+    /// Announces this node's groups and active invites in the DHT and looks for other
+    /// online members.
     fn rendezvous(&mut self) {
         for v in self.groups.groups() {
             if v.active {
@@ -1108,6 +1572,7 @@ impl Actor {
                 let _ = self.net.find_providers_blocking(key);
             }
         }
+        self.announce_invites(true);
     }
 
     fn on_net(&mut self, ev: NetEvent) {
@@ -1153,15 +1618,62 @@ impl Actor {
         }
     }
 
+    /// Answers a join request. A retry of a request held for approval gets its current
+    /// answer; a new request is screened, then held (approval invites) or admitted.
     fn on_join_request(&mut self, peer: PeerId, request: JoinRequest) -> JoinResponse {
+        let now = now_ms();
+        self.held.expire(now);
+        let held_id = crate::admission::request_id(&peer, &request);
+        if let Some(h) = self.held.retry(held_id, now) {
+            return match &h.state {
+                HeldState::Waiting => JoinResponse::AwaitingApproval { request: held_id },
+                HeldState::Approved(response) => response.clone(),
+                HeldState::Denied => JoinResponse::Rejected(JoinRejection::Denied),
+            };
+        }
         let JoinRequest::V1(r) = &request;
-        let record = match self.store.invite(&secret_hash(&r.secret)) {
+        let invite = InviteId::of(&secret_hash(&r.secret));
+        let group = r.group;
+        let record = match self.store.invite(&invite) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read invites");
                 return JoinResponse::Rejected(JoinRejection::Internal);
             }
         };
+        if let Err(why) = self
+            .groups
+            .screen_join_request(peer, &request, record.as_ref(), now)
+        {
+            tracing::info!(%peer, group = %group.short(), reason = %why, "refused join request");
+            self.metrics.join_request(JoinRequestResult::Refused);
+            return JoinResponse::Rejected(why);
+        }
+        if record.as_ref().is_some_and(|r| r.approval) {
+            return match self.held.hold(peer, group, invite, request, now) {
+                Ok(h) => {
+                    tracing::info!(%peer, group = %group.short(), request = %request_id_text(h.id), "join request awaits approval");
+                    let _ = self.events.send(NodeEvent::JoinRequestHeld(held_info(h)));
+                    JoinResponse::AwaitingApproval { request: h.id }
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, group = %group.short(), error = %e, "cannot hold join request");
+                    JoinResponse::Rejected(JoinRejection::Busy)
+                }
+            };
+        }
+        self.admit(peer, request, record)
+    }
+
+    /// Adds `peer` to the group with `request` (screened again inside), stores and publishes
+    /// the commit, and returns the answer for the joiner.
+    fn admit(
+        &mut self,
+        peer: PeerId,
+        request: JoinRequest,
+        record: Option<InviteRecord>,
+    ) -> JoinResponse {
+        let JoinRequest::V1(r) = &request;
         let group = r.group;
         match self
             .groups
@@ -1191,6 +1703,53 @@ impl Actor {
                 JoinResponse::Rejected(JoinRejection::Internal)
             }
         }
+    }
+
+    /// Approves or denies a held join request of group `q` (id prefix `which`). Approving
+    /// commits the Add now; the joiner collects the Welcome with its next retry, so a joiner
+    /// that stopped retrying is not added.
+    fn decide_join(
+        &mut self,
+        q: &str,
+        which: &str,
+        approve: bool,
+    ) -> Result<JoinRequestInfo, EngineError> {
+        let id = self.resolve(q)?;
+        let now = now_ms();
+        self.held.expire(now);
+        let h = self.held.find(id, which).map_err(|e| match e {
+            FindError::NotFound(_) => EngineError::NotFound(e.to_string()),
+            FindError::Ambiguous(_) => EngineError::BadRequest(e.to_string()),
+        })?;
+        if h.state != HeldState::Waiting {
+            return Err(EngineError::BadRequest(format!(
+                "join request {} was already {}",
+                request_id_text(h.id),
+                held_info(h).state
+            )));
+        }
+        let (held_id, peer, request, invite) = (h.id, h.peer, h.request.clone(), h.invite);
+        if !approve {
+            self.held.decide(held_id, HeldState::Denied, now);
+            tracing::info!(%peer, group = %id.short(), "denied a join request");
+        } else {
+            if !h.joiner_waiting(now) {
+                return Err(EngineError::BadRequest(
+                    "the joiner stopped waiting; it must ask again".to_owned(),
+                ));
+            }
+            let record = self.store.invite(&invite)?;
+            match self.admit(peer, request, record) {
+                JoinResponse::Rejected(why) => return Err(EngineError::JoinRejected(why)),
+                response => self
+                    .held
+                    .decide(held_id, HeldState::Approved(response), now),
+            }
+        }
+        self.held
+            .retry(held_id, now)
+            .map(held_info)
+            .ok_or_else(|| EngineError::Internal("held request vanished".to_owned()))
     }
 
     fn resolve(&self, query: &str) -> Result<GroupId, EngineError> {
@@ -1259,6 +1818,33 @@ impl Actor {
             }
             Call::CreateInvite(q, req, r) => {
                 let _ = r.send(self.create_invite(&q, req));
+            }
+            Call::ListInvites(q, r) => {
+                let res = self.resolve(&q).and_then(|id| {
+                    let now = now_ms() / 1000;
+                    let mut list: Vec<InviteRecord> = self
+                        .store
+                        .invites()?
+                        .into_iter()
+                        .filter(|r| r.group == id)
+                        .collect();
+                    list.sort_by_key(|r| std::cmp::Reverse((r.created_at, r.id)));
+                    Ok(list.iter().map(|r| invite_summary(r, now)).collect())
+                });
+                let _ = r.send(res);
+            }
+            Call::RevokeInvite(q, which, r) => {
+                let _ = r.send(self.revoke_invite(&q, &which));
+            }
+            Call::JoinRequests(q, r) => {
+                let res = self.resolve(&q).map(|id| {
+                    self.held.expire(now_ms());
+                    self.held.of_group(id).into_iter().map(held_info).collect()
+                });
+                let _ = r.send(res);
+            }
+            Call::DecideJoin(q, which, approve, r) => {
+                let _ = r.send(self.decide_join(&q, &which, approve));
             }
             Call::PrepareJoin(invite, r) => {
                 let res = self
@@ -1399,18 +1985,73 @@ impl Actor {
         let mut secret = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut secret);
         let now = now_ms();
-        let (invite, effects) =
-            self.groups
-                .create_invite(id, addrs, secret, now / 1000 + secs, uses, now)?;
+        let new = NewInvite {
+            addrs,
+            secret,
+            expires_at: now / 1000 + secs,
+            max_uses: uses,
+            approval: req.approval,
+        };
+        let (invite, effects) = match self.groups.create_invite(id, new, now) {
+            Ok(x) => x,
+            Err(e) => {
+                self.rollback();
+                return Err(e.into());
+            }
+        };
+        // Stored durably and published to the group before the link is shown.
         self.apply(effects)?;
         self.metrics.invite_created();
+        tracing::info!(group = %id.short(), invite = %invite.id().short(), uses, approval = req.approval, "created invite");
         Ok(InviteInfo {
             link: invite.link().to_owned(),
             url: invite.url(),
             group: id.to_string(),
             expires_at: invite.expires_at,
             max_uses: invite.max_uses,
+            id: invite.id().to_string(),
+            approval: req.approval,
         })
+    }
+
+    /// Revokes invite `which` (id or unique prefix) of group `q` for the whole group.
+    fn revoke_invite(&mut self, q: &str, which: &str) -> Result<InviteSummary, EngineError> {
+        let id = self.resolve(q)?;
+        let which = which.trim().to_ascii_lowercase();
+        let is_prefix = which.len() >= 4 && which.chars().all(|c| c.is_ascii_hexdigit());
+        let matches: Vec<InviteRecord> = self
+            .store
+            .invites()?
+            .into_iter()
+            .filter(|r| r.group == id && is_prefix && r.id.to_string().starts_with(&which))
+            .collect();
+        let record = match matches.as_slice() {
+            [] => {
+                return Err(EngineError::NotFound(format!(
+                    "no invite of this group matches '{which}'"
+                )));
+            }
+            [one] => one.clone(),
+            _ => {
+                return Err(EngineError::BadRequest(format!(
+                    "'{which}' matches several invites; give more characters"
+                )));
+            }
+        };
+        if record.revoked {
+            return Ok(invite_summary(&record, now_ms() / 1000));
+        }
+        let effects = match self.groups.revoke_invite(id, record.id, now_ms()) {
+            Ok(fx) => fx,
+            Err(e) => {
+                self.rollback();
+                return Err(e.into());
+            }
+        };
+        self.apply(effects)?;
+        tracing::info!(group = %id.short(), invite = %record.id.short(), "revoked invite");
+        let record = self.store.invite(&record.id)?.unwrap_or(record);
+        Ok(invite_summary(&record, now_ms() / 1000))
     }
 
     fn complete_join(
@@ -1432,6 +2073,8 @@ impl Actor {
         let key = id.provider_key(self.groups.network());
         let _ = self.net.provide_blocking(key);
         let _ = self.net.find_providers_blocking(key);
+        // Fetch what was sent in the new epoch before our subscription reached the mesh.
+        self.start_sync(id, SyncTrigger::Routine);
         tracing::info!(group = %id.short(), name = %view.meta.name, epoch = view.epoch, "joined group");
         Ok(group_info(&view, self.me))
     }

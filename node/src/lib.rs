@@ -1,5 +1,6 @@
 //! The Kith node: IO around the sans-IO `kith-protocol` core.
 
+pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -114,6 +114,9 @@ pub struct CreateInviteRequest {
     /// How many joins the link allows (default 1, at most 1000).
     #[serde(default)]
     pub max_uses: Option<u32>,
+    /// Joins wait for a member's approval (default false).
+    #[serde(default)]
+    pub approval: bool,
 }
 
 /// A created invite.
@@ -129,6 +132,58 @@ pub struct InviteInfo {
     pub expires_at: u64,
     /// Allowed joins.
     pub max_uses: u32,
+    /// The invite's id in the group (64 hex characters; `kith invite list` shows it).
+    #[serde(default)]
+    pub id: String,
+    /// Joins wait for a member's approval.
+    #[serde(default)]
+    pub approval: bool,
+}
+
+/// An invite of a group as every member stores it: `GET /v1/groups/{group}/invites`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteSummary {
+    /// Invite id (64 hex characters); a unique prefix of 4 or more names it.
+    pub id: String,
+    /// Group id.
+    pub group: String,
+    /// The member who created it (empty if unknown: created before schema 3, or only a use
+    /// or revocation of it has been seen so far).
+    pub creator: String,
+    /// Joins allowed.
+    pub max_uses: u32,
+    /// Joins so far, counted group-wide from the commits that used it.
+    pub uses: u32,
+    /// Joins left.
+    pub uses_left: u32,
+    /// Expiry, seconds since the Unix epoch.
+    pub expires_at: u64,
+    /// Creation time (creator's clock), seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Joins wait for a member's approval.
+    pub approval: bool,
+    /// A member revoked it.
+    pub revoked: bool,
+    /// `active`, `revoked`, `expired`, `used_up`, or `unknown` (its creation message has
+    /// not reached this node yet).
+    pub state: String,
+}
+
+/// A join request held for approval on this node: `GET /v1/groups/{group}/join-requests`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequestInfo {
+    /// Request id (16 hex characters); a unique prefix of 4 or more names it.
+    pub id: String,
+    /// Group id.
+    pub group: String,
+    /// The joiner's PeerId (authenticated by the transport).
+    pub peer: String,
+    /// The invite it uses.
+    pub invite: String,
+    /// When it first arrived, milliseconds since the Unix epoch.
+    pub received_at_ms: u64,
+    /// `waiting`, `approved` or `denied`.
+    pub state: String,
 }
 
 /// `POST /v1/join` body.
@@ -136,6 +191,58 @@ pub struct InviteInfo {
 pub struct JoinBody {
     /// The invite link, `kith1…` or `kith://join#…`.
     pub link: String,
+    /// Give up after this many seconds (default 120, at most 3600).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// A stage of a join in progress, reported as [`NodeEvent::JoinProgress`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JoinStage {
+    /// Looking for members: the link's inviter first, the DHT meanwhile.
+    FindingMembers {
+        /// The time limit of the whole join, in seconds.
+        timeout_secs: u64,
+    },
+    /// Connecting to a member.
+    Contacting {
+        /// Its PeerId.
+        peer: String,
+        /// `link` (the inviter named in the link) or `dht` (found under the invite's key).
+        via: String,
+    },
+    /// The join request was sent to a member.
+    RequestSent {
+        /// Its PeerId.
+        peer: String,
+    },
+    /// A member could not help (unreachable, or did not know the invite); trying the next.
+    TryingNext {
+        /// Its PeerId.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The member holds the request until someone approves it.
+    AwaitingApproval {
+        /// The member's PeerId.
+        peer: String,
+        /// The request id to give to whoever approves (`kith approve GROUP ID`).
+        request: String,
+    },
+    /// A member added this node; the group is being set up.
+    Added {
+        /// The member who added us.
+        peer: String,
+    },
+    /// The group is ready; messages from now on arrive (and missed ones through sync).
+    Ready {
+        /// Epoch joined at.
+        epoch: u64,
+        /// Member count.
+        member_count: usize,
+    },
 }
 
 /// `POST /v1/groups/{group}/messages` body.
@@ -188,6 +295,22 @@ pub enum MessageBody {
         /// Who.
         members: Vec<String>,
     },
+    /// The sender created an invite any member honours.
+    InviteCreated {
+        /// Invite id.
+        invite: String,
+        /// Joins allowed.
+        max_uses: u32,
+        /// Expiry, seconds since the Unix epoch.
+        expires_at: u64,
+        /// Joins wait for approval.
+        approval: bool,
+    },
+    /// The sender revoked an invite.
+    InviteRevoked {
+        /// Invite id.
+        invite: String,
+    },
 }
 
 /// `GET /v1/groups/{group}/messages` query.
@@ -223,6 +346,15 @@ pub enum NodeEvent {
         /// Envelopes fetched and accepted.
         fetched: usize,
     },
+    /// A join by invite link (on this node) reached a new stage.
+    JoinProgress {
+        /// The group being joined.
+        group: String,
+        /// The stage.
+        stage: JoinStage,
+    },
+    /// A join request awaits approval on this node (`kith join-requests`).
+    JoinRequestHeld(JoinRequestInfo),
 }
 
 impl NodeEvent {
@@ -233,6 +365,8 @@ impl NodeEvent {
             NodeEvent::GroupJoined(g) => &g.id,
             NodeEvent::EpochChanged { group, .. } => group,
             NodeEvent::HistorySynced { group, .. } => group,
+            NodeEvent::JoinProgress { group, .. } => group,
+            NodeEvent::JoinRequestHeld(r) => &r.group,
         }
     }
 
@@ -243,6 +377,8 @@ impl NodeEvent {
             NodeEvent::GroupJoined(_) => "group_joined",
             NodeEvent::EpochChanged { .. } => "epoch_changed",
             NodeEvent::HistorySynced { .. } => "history_synced",
+            NodeEvent::JoinProgress { .. } => "join_progress",
+            NodeEvent::JoinRequestHeld(_) => "join_request_held",
         }
     }
 }

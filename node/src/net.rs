@@ -33,7 +33,11 @@ use libp2p::identity::Keypair;
 use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts};
+use libp2p::swarm::{
+    ConnectionId, NetworkBehaviour, SwarmEvent,
+    behaviour::toggle::Toggle,
+    dial_opts::{DialOpts, PeerCondition},
+};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, identify, kad, mdns, noise, ping,
     tcp, yamux,
@@ -65,6 +69,10 @@ const MAX_PENDING_OUTBOUND: usize = 64;
 pub const MAX_ADDRS_PER_PEER: usize = 8;
 /// Provider lookups dial at most this many newly found members.
 const MAX_DIALS_PER_LOOKUP: usize = 16;
+/// Provider lookups awaited by a caller, at most (more are answered empty at once).
+const MAX_PROVIDER_QUERIES: usize = 64;
+/// Dials awaited by a caller, at most (more fail with [`NetError::Busy`]).
+const MAX_PENDING_DIALS: usize = 64;
 /// Envelopes kept per topic while no peer of that topic is connected.
 const OUTBOX_PER_TOPIC: usize = 1024;
 /// Bytes kept in all outboxes together.
@@ -222,7 +230,17 @@ enum Command {
         response: SyncResponse,
     },
     Provide([u8; 32]),
+    StopProviding([u8; 32]),
     FindProviders([u8; 32]),
+    GetProviders {
+        key: [u8; 32],
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Connect {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
     Info(oneshot::Sender<NetInfo>),
     SetBlocked {
         peers: Vec<PeerId>,
@@ -326,6 +344,28 @@ impl NetHandle {
     /// Looks up providers of `key` and dials the ones not yet connected (engine thread).
     pub fn find_providers_blocking(&self, key: [u8; 32]) -> Result<(), NetError> {
         self.send_blocking(Command::FindProviders(key))
+    }
+
+    /// Stops announcing this node as a provider of `key` (engine thread). Records already
+    /// stored by other nodes expire on their own.
+    pub fn stop_providing_blocking(&self, key: [u8; 32]) -> Result<(), NetError> {
+        self.send_blocking(Command::StopProviding(key))
+    }
+
+    /// Looks up providers of `key` in the DHT and returns the first ones found (empty if
+    /// none was found before the query ended). The found peers are also dialled.
+    pub async fn get_providers(&self, key: [u8; 32]) -> Result<Vec<PeerId>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::GetProviders { key, reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Connects to `peer` (at `addrs`, and at addresses the DHT knows), or returns at once
+    /// if connected. Fails with [`NetError::Request`] when every address failed.
+    pub async fn connect(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Connect { peer, addrs, reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)?
     }
 
     /// Sends a join request to `peer`, dialling `addrs` if needed, and waits for the answer.
@@ -828,6 +868,8 @@ pub fn spawn(
         redial: HashMap::new(),
         metrics,
         heartbeat: cfg.heartbeat,
+        provider_queries: HashMap::new(),
+        dials: HashMap::new(),
     };
     tokio::spawn(task.run(rx));
     Ok((NetHandle { tx }, ev_rx))
@@ -858,6 +900,10 @@ struct NetTask {
     metrics: Option<Libp2pMetrics>,
     /// Gossipsub's heartbeat interval.
     heartbeat: Duration,
+    /// Provider lookups a caller awaits, answered with the first providers found.
+    provider_queries: HashMap<kad::QueryId, oneshot::Sender<Vec<PeerId>>>,
+    /// Dials a caller awaits, by connection: the peer and the answer channel.
+    dials: HashMap<ConnectionId, (PeerId, oneshot::Sender<Result<(), NetError>>)>,
 }
 
 impl NetTask {
@@ -1023,9 +1069,21 @@ impl NetTask {
                     tracing::warn!(error = %e, "cannot announce group membership in the DHT");
                 }
             }
+            Command::StopProviding(key) => {
+                b.kad.stop_providing(&kad::RecordKey::new(&key));
+            }
             Command::FindProviders(key) => {
                 b.kad.get_providers(kad::RecordKey::new(&key));
             }
+            Command::GetProviders { key, reply } => {
+                if self.provider_queries.len() >= MAX_PROVIDER_QUERIES {
+                    let _ = reply.send(Vec::new());
+                    return;
+                }
+                let id = b.kad.get_providers(kad::RecordKey::new(&key));
+                self.provider_queries.insert(id, reply);
+            }
+            Command::Connect { peer, addrs, reply } => self.connect(peer, addrs, reply),
             Command::Info(reply) => {
                 let _ = reply.send(NetInfo {
                     peer_id: *self.swarm.local_peer_id(),
@@ -1040,6 +1098,50 @@ impl NetTask {
                 let _ = reply.send(self.blocked());
             }
             Command::Shutdown => {}
+        }
+    }
+
+    /// Dials `peer` for a caller that awaits the outcome.
+    fn connect(
+        &mut self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    ) {
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        if self.dials.len() >= MAX_PENDING_DIALS {
+            let _ = reply.send(Err(NetError::Busy));
+            return;
+        }
+        for a in &addrs {
+            self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+        }
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::Always)
+            .addresses(addrs)
+            .extend_addresses_through_behaviour()
+            .build();
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dials.insert(id, (peer, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(NetError::Request {
+                    peer,
+                    reason: e.to_string(),
+                }));
+            }
+        }
+    }
+
+    /// Answers the awaited dial on `connection`, if any.
+    fn dial_done(&mut self, connection: ConnectionId, result: Result<(), String>) {
+        if let Some((peer, reply)) = self.dials.remove(&connection) {
+            let _ = reply.send(result.map_err(|reason| NetError::Request { peer, reason }));
         }
     }
 
@@ -1157,10 +1259,12 @@ impl NetTask {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
+                self.dial_done(connection_id, Ok(()));
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
                 if num_established.get() == 1 {
                     self.emit(NetEvent::PeerConnected { peer: peer_id });
@@ -1177,8 +1281,20 @@ impl NetTask {
             } => {
                 tracing::debug!(peer = %peer_id, num_established, "disconnected");
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                connection_id,
+                error,
+                ..
+            } => {
                 tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+                let connected = peer_id.is_some_and(|p| self.swarm.is_connected(&p));
+                let result = if connected {
+                    Ok(())
+                } else {
+                    Err(error.to_string())
+                };
+                self.dial_done(connection_id, result);
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
             _ => {}
@@ -1250,6 +1366,7 @@ impl NetTask {
             }
             BehaviourEvent::Mdns(_) => {}
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
                 result:
                     kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
                         providers,
@@ -1258,6 +1375,12 @@ impl NetTask {
                 ..
             }) => {
                 let me = *self.swarm.local_peer_id();
+                if let Some(reply) = self.provider_queries.remove(&id) {
+                    let mut found: Vec<PeerId> =
+                        providers.iter().copied().filter(|p| *p != me).collect();
+                    found.sort();
+                    let _ = reply.send(found);
+                }
                 let new: Vec<PeerId> = providers
                     .into_iter()
                     .filter(|p| *p != me && !self.swarm.is_connected(p))
@@ -1266,6 +1389,16 @@ impl NetTask {
                 for p in new {
                     tracing::debug!(peer = %p, "dialling group member found in the DHT");
                     let _ = self.swarm.dial(p);
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(_),
+                ..
+            }) => {
+                // Finished (or failed) without finding anyone.
+                if let Some(reply) = self.provider_queries.remove(&id) {
+                    let _ = reply.send(Vec::new());
                 }
             }
             BehaviourEvent::Kad(_) => {}

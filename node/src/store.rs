@@ -9,10 +9,11 @@
 //!   same order whatever the arrival order.
 //! - `message_index`: message id → history key (or empty), to drop duplicates.
 //! - `envelopes`: message id → [`StoredEnvelope`], to serve history to other members.
-//! - `invites`: secret hash → [`InviteRecord`].
+//! - `invites`: invite id → [`InviteRecord`] (schema 2 keyed the inviter's records by the
+//!   secret hash; [`Store::open`] migrates them to schema 3 in place).
 //! - `peers`: `PeerId` bytes → list of multiaddr bytes (the address book).
 //! - `meta`: `schema_version` (u32 big-endian). Schema 1 keyed `history` by a local arrival
-//!   sequence (kept in `next_seq`); [`Store::open`] migrates it to schema 2 in place.
+//!   sequence (kept in `next_seq`); [`Store::open`] migrates it to schema 2, then 3, in place.
 //!
 //! Kith records are encoded with [`kith_protocol::codec`]; openmls records with serde_json.
 //!
@@ -30,8 +31,8 @@ use std::sync::Arc;
 
 use kith_protocol::codec::{self, MAX_DECODE_BYTES};
 use kith_protocol::envelope::PayloadKind;
-use kith_protocol::ids::{GroupId, MessageId};
-use kith_protocol::invite::InviteRecord;
+use kith_protocol::ids::{GroupId, InviteId, MessageId};
+use kith_protocol::invite::{InviteRecord, InviteUpdate};
 use kith_protocol::records::{GroupMeta, HistoryEntry, StoredEnvelope};
 use kith_protocol::sync::MAX_SENDER_BYTES;
 use kith_protocol::{Multiaddr, PeerId};
@@ -51,7 +52,7 @@ const HISTORY: TableDefinition<&[u8; HISTORY_KEY_LEN], &[u8]> = TableDefinition:
 const MESSAGE_INDEX: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("message_index");
 /// Message id → codec-encoded [`StoredEnvelope`].
 const ENVELOPES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("envelopes");
-/// Invite secret hash → codec-encoded [`InviteRecord`].
+/// Invite id → codec-encoded [`InviteRecord`].
 const INVITES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("invites");
 /// `PeerId` bytes → codec-encoded `Vec<Vec<u8>>` of multiaddr bytes.
 const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
@@ -62,9 +63,10 @@ const META_SCHEMA_VERSION: &str = "schema_version";
 /// Schema 1 only: the next local history sequence number.
 const META_NEXT_SEQ: &str = "next_seq";
 
-/// The schema this code writes and understands. Version 1 (history in arrival order) is
-/// migrated in place on open.
-pub const SCHEMA_VERSION: u32 = 2;
+/// The schema this code writes and understands. Version 1 (history in arrival order) and
+/// version 2 (invites keyed by secret hash, without group-wide state) are migrated in place
+/// on open.
+pub const SCHEMA_VERSION: u32 = 3;
 /// At most this many addresses are kept per peer; newer ones push out older ones.
 pub const MAX_ADDRS_PER_PEER: usize = 8;
 /// At most this many peers are kept in the address book.
@@ -199,8 +201,9 @@ pub struct Batch {
     pub history: Vec<HistoryEntry>,
     /// Raw envelopes to keep for serving sync; an envelope already stored is left as is.
     pub envelopes: Vec<StoredEnvelope>,
-    /// Invite records to insert or replace (keyed by [`InviteRecord::secret_hash`]).
-    pub invites: Vec<InviteRecord>,
+    /// Invite updates, each merged into the stored record with its id
+    /// ([`InviteRecord::merge`]), in order.
+    pub invites: Vec<InviteUpdate>,
     /// Address-book updates: the given addresses go first, then the previously known ones, at
     /// most [`MAX_ADDRS_PER_PEER`]. See [`Store::commit`] for the peer cap.
     pub peers: Vec<(PeerId, Vec<Multiaddr>)>,
@@ -237,7 +240,7 @@ impl Batch {
                 Effect::SaveGroup(m) => batch.groups.push(m.clone()),
                 Effect::SaveEnvelope(s) => batch.envelopes.push(s.clone()),
                 Effect::Record(h) => batch.history.push(h.clone()),
-                Effect::SaveInvite(r) => batch.invites.push(r.clone()),
+                Effect::Invite(u) => batch.invites.push(u.clone()),
                 Effect::LinkEnvelope { envelope, history } => {
                     if envelope != history {
                         batch.links.push((*envelope, *history));
@@ -329,7 +332,11 @@ impl Store {
                 }
                 Some(SCHEMA_VERSION) => {}
                 // Same transaction as the version bump below: all or nothing.
-                Some(1) => migrate_v1(&txn)?,
+                Some(1) => {
+                    migrate_v1(&txn)?;
+                    migrate_v2(&txn)?;
+                }
+                Some(2) => migrate_v2(&txn)?,
                 Some(found) => {
                     return Err(StoreError::Corrupt {
                         table: "meta",
@@ -455,9 +462,15 @@ impl Store {
             }
 
             let mut invites = txn.open_table(INVITES)?;
-            for invite in &batch.invites {
-                let bytes = encode_record("invites", invite)?;
-                invites.insert(&invite.secret_hash, bytes.as_slice())?;
+            for update in &batch.invites {
+                let id = update.id();
+                let current: Option<InviteRecord> = invites
+                    .get(id.as_bytes())?
+                    .map(|v| decode_record("invites", v.value()))
+                    .transpose()?;
+                let merged = InviteRecord::merge(current, update);
+                let bytes = encode_record("invites", &merged)?;
+                invites.insert(id.as_bytes(), bytes.as_slice())?;
             }
 
             let mut peers = txn.open_table(PEERS)?;
@@ -697,14 +710,53 @@ impl Store {
         Ok(pruned)
     }
 
-    /// The invite record stored under this secret hash, if any.
-    pub fn invite(&self, secret_hash: &[u8; 32]) -> Result<Option<InviteRecord>, StoreError> {
+    /// The invite record with this id, if any.
+    pub fn invite(&self, id: &InviteId) -> Result<Option<InviteRecord>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(INVITES)?;
-        let value = table.get(secret_hash)?;
+        let value = table.get(id.as_bytes())?;
         value
             .map(|v| decode_record("invites", v.value()))
             .transpose()
+    }
+
+    /// Every stored invite record (of all groups), in id order.
+    pub fn invites(&self) -> Result<Vec<InviteRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(INVITES)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (_, value) = row?;
+            out.push(decode_record("invites", value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes the invite records that expired before `before` (Unix seconds), at most
+    /// `budget` of them; returns how many. Run with the retention timer, so the table stays
+    /// bounded by the invites of the recent past.
+    pub fn prune_invites(&self, before: u64, budget: usize) -> Result<usize, StoreError> {
+        let expired: Vec<InviteId> = self
+            .invites()?
+            .into_iter()
+            .filter(|r| r.secret_hash.is_some() && r.expires_at < before)
+            .map(|r| r.id)
+            .take(budget)
+            .collect();
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Database(redb::Error::from(e)))?;
+        {
+            let mut table = txn.open_table(INVITES)?;
+            for id in &expired {
+                table.remove(id.as_bytes())?;
+            }
+        }
+        txn.commit()?;
+        Ok(expired.len())
     }
 
     /// The address book: every known peer with its addresses (most recently learned first),
@@ -873,6 +925,50 @@ fn apply_rollback(txn: &redb::WriteTransaction, r: &Rollback) -> Result<(), Stor
         envelopes = doomed.len(),
         "deleted what a losing branch stored"
     );
+    Ok(())
+}
+
+/// Schema 2 → 3: the inviter's own invite records, keyed by secret hash, become group-wide
+/// records keyed by invite id (creator unknown, no approval, not revoked, uses kept).
+fn migrate_v2(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    /// The schema-2 record.
+    #[derive(Serialize, serde::Deserialize)]
+    struct InviteRecordV2 {
+        group: GroupId,
+        secret_hash: [u8; 32],
+        expires_at: u64,
+        max_uses: u32,
+        uses: u32,
+        created_at: u64,
+    }
+    let mut old: Vec<InviteRecordV2> = Vec::new();
+    {
+        let table = txn.open_table(INVITES)?;
+        for row in table.iter()? {
+            let (_, value) = row?;
+            old.push(decode_record("invites", value.value())?);
+        }
+    }
+    txn.delete_table(INVITES)?;
+    let mut table = txn.open_table(INVITES)?;
+    for r in &old {
+        let id = InviteId::of(&r.secret_hash);
+        let record = InviteRecord {
+            group: r.group,
+            id,
+            secret_hash: Some(r.secret_hash),
+            expires_at: r.expires_at,
+            max_uses: r.max_uses,
+            uses: r.uses,
+            created_at: r.created_at,
+            creator: None,
+            approval: false,
+            revoked: false,
+        };
+        let bytes = encode_record("invites", &record)?;
+        table.insert(id.as_bytes(), bytes.as_slice())?;
+    }
+    tracing::info!(invites = old.len(), "migrated the store from schema 2 to 3");
     Ok(())
 }
 
@@ -1175,6 +1271,37 @@ mod tests {
     }
 
     #[test]
+    fn schema_2_invites_are_migrated_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kith.redb");
+        raw_write(&path, |txn| {
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert(META_SCHEMA_VERSION, 2u32.to_be_bytes().as_slice())
+                .expect("version");
+            let mut invites = txn.open_table(INVITES).expect("invites");
+            // The schema-2 golden record: group 44…44, secret hash 66…66, expiry
+            // 1 800 000 000, 5 uses allowed, 2 used, created 1 700 000 000.
+            let mut bytes = vec![0x44; 32];
+            bytes.extend_from_slice(&[0x66; 32]);
+            bytes.extend_from_slice(&[0xfc, 0x00, 0xd2, 0x49, 0x6b, 0x05, 0x02]);
+            bytes.extend_from_slice(&[0xfc, 0x00, 0xf1, 0x53, 0x65]);
+            invites.insert(&[0x66; 32], bytes.as_slice()).expect("row");
+        });
+        let store = Store::open(&path).expect("migrate");
+        let id = InviteId::of(&[0x66; 32]);
+        let r = store.invite(&id).expect("read").expect("migrated");
+        assert_eq!(r.group, GroupId([0x44; 32]));
+        assert_eq!(r.secret_hash, Some([0x66; 32]));
+        assert_eq!((r.max_uses, r.uses), (5, 2));
+        assert_eq!((r.expires_at, r.created_at), (1_800_000_000, 1_700_000_000));
+        assert!(!r.revoked && !r.approval && r.creator.is_none());
+        assert_eq!(store.invites().expect("all").len(), 1);
+        drop(store);
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(store.invite(&id).expect("read"), Some(r));
+    }
+
+    #[test]
     fn prune_by_count_keeps_the_newest_in_order_and_the_commit_chain() {
         let (_dir, store) = open_temp();
         let g = GroupId([1; 32]);
@@ -1334,34 +1461,47 @@ mod tests {
             name: name.into(),
             joined_at_ms: 7,
         };
-        let invite = InviteRecord {
-            group: GroupId([1; 32]),
+        let group = GroupId([1; 32]);
+        let id = InviteId::of(&[5; 32]);
+        let created = InviteUpdate::Created {
+            group,
+            id,
             secret_hash: [5; 32],
             expires_at: 1000,
             max_uses: 3,
-            uses: 0,
+            approval: true,
+            creator: peer(1),
             created_at: 1,
         };
+        let used = InviteUpdate::Used { group, id };
+        // A use can arrive before the creation (sync sends commits first): both count.
         let batch = Batch {
             groups: vec![meta(2, "two"), meta(1, "one")],
-            invites: vec![invite.clone()],
-            ..Batch::default()
-        };
-        store.commit(batch).expect("commit");
-        assert_eq!(
-            store.invite(&[5; 32]).expect("invite"),
-            Some(invite.clone())
-        );
-        assert_eq!(store.invite(&[6; 32]).expect("invite"), None);
-
-        let used = InviteRecord { uses: 1, ..invite };
-        let batch = Batch {
-            groups: vec![meta(1, "renamed")],
             invites: vec![used.clone()],
             ..Batch::default()
         };
         store.commit(batch).expect("commit");
-        assert_eq!(store.invite(&[5; 32]).expect("invite"), Some(used));
+        let early = store.invite(&id).expect("invite").expect("record");
+        assert_eq!((early.uses, early.secret_hash), (1, None));
+        assert_eq!(store.invite(&InviteId([6; 32])).expect("invite"), None);
+
+        let batch = Batch {
+            groups: vec![meta(1, "renamed")],
+            invites: vec![created.clone(), used.clone()],
+            ..Batch::default()
+        };
+        store.commit(batch).expect("commit");
+        let record = store.invite(&id).expect("invite").expect("record");
+        let expected = InviteRecord::merge(Some(InviteRecord::merge(Some(early), &created)), &used);
+        assert_eq!(record, expected);
+        assert_eq!((record.uses, record.max_uses), (2, 3));
+        assert_eq!(record.creator, Some(peer(1)));
+        assert!(record.approval && !record.revoked);
+        assert_eq!(store.invites().expect("all"), vec![record.clone()]);
+        // Expired records are pruned; live ones stay.
+        assert_eq!(store.prune_invites(1000, 10).expect("prune"), 0);
+        assert_eq!(store.prune_invites(1001, 10).expect("prune"), 1);
+        assert_eq!(store.invite(&id).expect("invite"), None);
         assert_eq!(
             store.groups().expect("groups"),
             vec![meta(1, "renamed"), meta(2, "two")]
@@ -1571,7 +1711,7 @@ mod tests {
         corrupt(store.groups().map(drop), "groups");
         corrupt(store.history(&GroupId([1; 32]), 5).map(drop), "history");
         corrupt(store.envelope(&MessageId([1; 32])).map(drop), "envelopes");
-        corrupt(store.invite(&[1; 32]).map(drop), "invites");
+        corrupt(store.invite(&InviteId([1; 32])).map(drop), "invites");
         corrupt(store.peers().map(drop), "peers");
         // Writing over a corrupt record still works (an upsert does not read it).
         let fixed = GroupMeta {

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, DecodeError, EncodeError};
-use crate::ids::{GroupId, MessageId};
+use crate::ids::{GroupId, InviteId, MessageId};
 
 /// Largest envelope accepted from the network (also the gossipsub maximum transmit size).
 pub const MAX_ENVELOPE_BYTES: usize = 256 * 1024;
@@ -151,20 +151,44 @@ pub struct AppContentV1 {
 pub enum Body {
     /// UTF-8 text of at most [`MAX_TEXT_BYTES`].
     Text(String),
+    /// The sender created an invite; every member stores it and may honour it.
+    InviteCreated(SharedInvite),
+    /// The sender revoked the invite with this id; no member honours it any more.
+    InviteRevoked(InviteId),
+}
+
+/// Most joins one invite may allow.
+pub const MAX_INVITE_USES: u32 = 1000;
+
+/// An invite as shared with the group in [`Body::InviteCreated`]: what a member needs to
+/// honour it. The creator is the message's MLS-authenticated sender; the id is
+/// [`InviteId::of`] the secret hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedInvite {
+    /// Hash of the invite's secret (`invite::secret_hash`); the secret never leaves the link.
+    pub secret_hash: [u8; 32],
+    /// Expiry, seconds since the Unix epoch.
+    pub expires_at: u64,
+    /// Joins allowed, 1 to [`MAX_INVITE_USES`].
+    pub max_uses: u32,
+    /// Joins wait for a member's approval.
+    pub approval: bool,
 }
 
 impl AppContent {
     /// Decodes and checks the content of an application message.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let content: AppContent = codec::decode(bytes, MAX_TEXT_BYTES + 128)?;
-        let Body::Text(t) = content.body();
-        if t.len() > MAX_TEXT_BYTES {
-            return Err(DecodeError::TooLarge {
+        match content.body() {
+            Body::Text(t) if t.len() > MAX_TEXT_BYTES => Err(DecodeError::TooLarge {
                 len: t.len(),
                 limit: MAX_TEXT_BYTES,
-            });
+            }),
+            Body::InviteCreated(i) if i.max_uses == 0 || i.max_uses > MAX_INVITE_USES => Err(
+                DecodeError::Malformed(format!("invite allows {} uses", i.max_uses)),
+            ),
+            _ => Ok(content),
         }
-        Ok(content)
     }
 
     /// The sender's clock at (first) sending.
@@ -233,13 +257,20 @@ pub enum JoinResponse {
     },
     /// The request was refused; nothing changed in the group.
     Rejected(JoinRejection),
+    /// The invite needs a member's approval: the member holds the request. The joiner sends
+    /// the same request again later and gets `Accepted` or `Rejected` once it is decided.
+    AwaitingApproval {
+        /// The held request's id, as the member lists it (`kith join-requests`).
+        request: u64,
+    },
 }
 
 /// Why a join request was refused. Each variant maps to a distinct user-facing message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum JoinRejection {
-    /// The invite is not known to this member (wrong secret, or revoked).
-    #[error("the invite is not known to this member (wrong secret or revoked)")]
+    /// The invite is not known to this member (wrong secret, or the member has not yet
+    /// learned of it); another member may know it.
+    #[error("the invite is not known to this member")]
     UnknownInvite,
     /// The invite has expired.
     #[error("the invite has expired")]
@@ -262,6 +293,15 @@ pub enum JoinRejection {
     /// The member failed to process the request; trying again later may work.
     #[error("the member could not process the request; try again")]
     Internal,
+    /// A member revoked the invite.
+    #[error("the invite was revoked")]
+    Revoked,
+    /// A member denied this join request (approval mode).
+    #[error("a member denied the join request")]
+    Denied,
+    /// The member holds too many join requests awaiting approval; try later.
+    #[error("the member has too many join requests awaiting approval; try again later")]
+    Busy,
 }
 
 impl JoinRequest {

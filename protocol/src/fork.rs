@@ -132,6 +132,8 @@ pub struct Applied {
     pub commit: MessageId,
     /// Set when this node made the commit.
     pub own: Option<OwnChange>,
+    /// The invite whose use the commit counted (its Add was admitted by it).
+    pub invite: Option<crate::ids::InviteId>,
 }
 
 /// One of this node's own application messages, kept for re-sending after a rollback.

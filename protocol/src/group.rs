@@ -18,12 +18,11 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use libp2p_identity::{Keypair, PeerId, PublicKey, ed25519};
-use multiaddr::Multiaddr;
 use openmls::prelude::{
-    BasicCredential, Ciphersuite, CredentialWithKey, KeyPackage, KeyPackageIn, LeafNodeIndex,
-    LeafNodeParameters, Member, MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn,
-    MlsMessageOut, PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, Proposal,
-    ProtocolMessage, ProtocolVersion, Sender, SenderRatchetConfiguration, StagedWelcome,
+    BasicCredential, Ciphersuite, CredentialWithKey, KeyPackage, LeafNodeIndex, LeafNodeParameters,
+    Member, MlsGroup, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
+    PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, Proposal, ProtocolMessage, Sender,
+    SenderRatchetConfiguration, StagedWelcome,
     tls_codec::{Deserialize as _, Serialize as _},
 };
 use openmls_basic_credential::SignatureKeyPair;
@@ -36,8 +35,8 @@ use crate::envelope::{
     JoinResponse, MAX_GROUP_NAME_BYTES, MAX_TEXT_BYTES, PayloadKind,
 };
 use crate::fork::{self, Applied, Branch, GroupRecords, OwnChange, REWIND_DEPTH, Sent};
-use crate::ids::{GroupId, MessageId, TopicId};
-use crate::invite::{Invite, InviteError, InviteParams, InviteRecord, secret_hash};
+use crate::ids::{GroupId, InviteId, MessageId, TopicId};
+use crate::invite::{Invite, InviteError, InviteRecord, InviteUpdate};
 use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
 
 /// The one ciphersuite Kith uses: X25519, AES-128-GCM, SHA-256, Ed25519 (RFC 9420 §17.1).
@@ -161,8 +160,6 @@ pub enum Effect {
     SaveEnvelope(StoredEnvelope),
     /// Append a history entry (and tell the app).
     Record(HistoryEntry),
-    /// Upsert an invite record.
-    SaveInvite(InviteRecord),
     /// The group left a losing branch (see docs/PROTOCOL.md, "Concurrent commits"): delete
     /// the stored envelopes of epochs after `to_epoch` and of the `lost_commits`, and the
     /// history lines in `forget_history` (membership changes that did not happen). Comes
@@ -185,6 +182,8 @@ pub enum Effect {
         /// History id.
         history: MessageId,
     },
+    /// Merge an update into the invite record with its id ([`InviteRecord::merge`]).
+    Invite(InviteUpdate),
     /// A group moved to a new epoch.
     EpochChanged {
         /// The group.
@@ -443,6 +442,7 @@ where
             epoch: old_epoch,
             commit: id,
             own: Some(own),
+            invite: None,
         },
     )?;
     let mut effects = vec![Effect::SaveEnvelope(StoredEnvelope {
@@ -712,33 +712,6 @@ where
         ])
     }
 
-    /// Creates a signed invite to `group` and the record to store for it.
-    pub fn create_invite(
-        &mut self,
-        group: GroupId,
-        addrs: Vec<Multiaddr>,
-        secret: [u8; 32],
-        expires_at: u64,
-        max_uses: u32,
-        now_ms: u64,
-    ) -> Result<(Invite, Vec<Effect>), GroupError> {
-        let g = active_group(&mut self.groups, group)?;
-        let invite = Invite::create(
-            InviteParams {
-                network: self.network.clone(),
-                group,
-                group_name: g.meta.name.clone(),
-                addrs,
-                secret,
-                expires_at,
-                max_uses,
-            },
-            &self.me.keypair,
-        )?;
-        let record = invite.record(now_ms / 1000);
-        Ok((invite, vec![Effect::SaveInvite(record)]))
-    }
-
     /// Makes the join request for `invite`: a fresh key package (its private keys are staged
     /// in storage; the caller commits them before sending).
     pub fn prepare_join(
@@ -780,46 +753,28 @@ where
         record: Option<InviteRecord>,
         now_ms: u64,
     ) -> Result<(JoinResponse, Vec<Effect>), GroupError> {
+        let kp = match self.screen_join_request(from, &request, record.as_ref(), now_ms) {
+            Ok(kp) => kp,
+            Err(r) => return Ok((JoinResponse::Rejected(r), Vec::new())),
+        };
         let JoinRequest::V1(req) = request;
-        let reject = |r| Ok((JoinResponse::Rejected(r), Vec::new()));
-        if req.network != self.network {
-            return reject(JoinRejection::WrongNetwork);
-        }
         let Some(g) = self.groups.get_mut(&req.group) else {
-            return reject(JoinRejection::NotMember);
+            return Ok((JoinResponse::Rejected(JoinRejection::NotMember), Vec::new()));
         };
-        if !g.mls.is_active() || g.leaving {
-            return reject(JoinRejection::NotMember);
-        }
-        let Some(mut record) =
-            record.filter(|r| r.group == req.group && r.secret_hash == secret_hash(&req.secret))
-        else {
-            return reject(JoinRejection::UnknownInvite);
-        };
-        if let Err(r) = record.admits(now_ms / 1000) {
-            return reject(r);
-        }
-        let Ok(kp_in) = KeyPackageIn::tls_deserialize_exact(req.key_package.as_slice()) else {
-            return reject(JoinRejection::InvalidKeyPackage);
-        };
-        let Ok(kp) = kp_in.validate(self.provider.crypto(), ProtocolVersion::Mls10) else {
-            return reject(JoinRejection::InvalidKeyPackage);
-        };
-        let leaf = kp.leaf_node();
-        if kp.ciphersuite() != CIPHERSUITE
-            || bound_peer(leaf.credential(), leaf.signature_key().as_slice()) != Some(from)
-        {
-            return reject(JoinRejection::InvalidKeyPackage);
-        }
-        if g.mls.members().any(|m| member_peer(&m) == Some(from)) {
-            return reject(JoinRejection::AlreadyMember);
-        }
+        let invite = InviteId::of(&crate::invite::secret_hash(&req.secret));
         let old_epoch = g.epoch();
         checkpoint(&self.provider, req.group, old_epoch)?;
-        let (commit, welcome, _info) = g
-            .mls
-            .add_members(&self.provider, &self.me.signer, &[kp])
-            .map_err(mls_err)?;
+        // The commit names the invite it used, so every member counts the use on merging it.
+        g.mls
+            .set_aad(invites::CommitNote::InviteUse(invite).encode());
+        let (commit, welcome, _info) =
+            match g.mls.add_members(&self.provider, &self.me.signer, &[kp]) {
+                Ok(x) => x,
+                Err(e) => {
+                    g.mls.set_aad(Vec::new());
+                    return Err(mls_err(e));
+                }
+            };
         if let Err(e) = g.mls.merge_pending_commit(&self.provider) {
             let _ = g.mls.clear_pending_commit(self.provider.storage());
             return Err(mls_err(e));
@@ -837,15 +792,18 @@ where
                 commit: id,
                 own: Some(OwnChange::Add {
                     key_package: req.key_package.clone(),
-                    invite: Some(record.secret_hash),
+                    invite: Some(*invite.as_bytes()),
                 }),
+                invite: Some(invite),
             },
         )?;
         g.sent_since_update = 0;
         g.last_update_ms = Some(now_ms);
-        record.uses += 1;
         let effects = vec![
-            Effect::SaveInvite(record),
+            Effect::Invite(InviteUpdate::Used {
+                group: req.group,
+                id: invite,
+            }),
             Effect::SaveEnvelope(StoredEnvelope {
                 id,
                 group: req.group,
@@ -891,6 +849,11 @@ where
     ) -> Result<(GroupId, Vec<Effect>), GroupError> {
         let (welcome_bytes, group_name) = match response {
             JoinResponse::Rejected(r) => return Err(GroupError::JoinRejected(r)),
+            JoinResponse::AwaitingApproval { .. } => {
+                return Err(GroupError::BadWelcome(
+                    "the member still holds the request for approval".into(),
+                ));
+            }
             JoinResponse::Accepted {
                 welcome,
                 group_name,
@@ -1396,6 +1359,13 @@ where
             lost_commits,
             forget_history,
         });
+        // Invite uses counted by the lost commits no longer count.
+        for id in lost.iter().filter_map(|a| a.invite) {
+            effects.push(Effect::Invite(InviteUpdate::Unused {
+                group: group_id,
+                id,
+            }));
+        }
         effects.extend(fx);
         g.redo.push((e, lost));
         Verdict::Accept
@@ -1527,6 +1497,7 @@ where
             bytes: bytes.to_vec(),
             received_at_ms: now_ms,
         };
+        let aad = processed.aad().to_vec();
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
                 // A member removed since (a message from a past epoch) no longer speaks for the
@@ -1544,7 +1515,20 @@ where
                     .stable_id()
                     .map_or(id, |s| text_history_id(&sender, &s));
                 let sent_at_ms = content.sent_at_ms();
-                let Body::Text(text) = content.into_body();
+                let text = match content.into_body() {
+                    Body::Text(text) => text,
+                    other => {
+                        return match invites::invite_message_effects(
+                            group_id, sender, stored, sent_at_ms, now_ms, other,
+                        ) {
+                            Ok(fx) => {
+                                effects.extend(fx);
+                                Verdict::Accept
+                            }
+                            Err(v) => v,
+                        };
+                    }
+                };
                 effects.push(Effect::SaveEnvelope(stored));
                 effects.push(Effect::LinkEnvelope {
                     envelope: id,
@@ -1592,12 +1576,14 @@ where
                         epoch: current,
                         commit: id,
                         own: None,
+                        invite: invites::note_invite(&aad),
                     },
                 ) {
                     return Verdict::Ignore(format!("cannot record the commit: {e}"));
                 }
                 let sender = sender.unwrap_or(self.me.peer);
                 effects.push(Effect::SaveEnvelope(stored));
+                effects.extend(invites::used_invite(group_id, &aad));
                 if !added.is_empty() {
                     effects.push(Effect::Record(HistoryEntry {
                         group: group_id,
@@ -1845,6 +1831,9 @@ fn hold_pending(g: &mut Group, epoch: u64, bytes: &[u8]) {
         bytes: bytes.to_vec(),
     });
 }
+
+mod invites;
+pub use invites::{CommitNote, NewInvite};
 
 #[cfg(test)]
 mod fork_tests;

@@ -87,6 +87,14 @@ id_type!(
     MessageId
 );
 
+id_type!(
+    /// Identifies an invite inside its group: a hash of the invite's secret hash. Members name
+    /// invites by it (listing, revoking, and in the authenticated data of the commit that
+    /// used one). It cannot be turned back into the secret hash, so seeing it (commit AAD is
+    /// not encrypted) does not reveal the invite's DHT rendezvous key.
+    InviteId
+);
+
 /// SHA-256 of `parts`, each prefixed with its length so that concatenations cannot collide.
 pub fn hash_parts(parts: &[&[u8]]) -> [u8; 32] {
     let mut h = Sha256::new();
@@ -107,6 +115,25 @@ impl GroupId {
     pub fn provider_key(&self, network: &str) -> [u8; 32] {
         hash_parts(&[b"kith/providers/v1", network.as_bytes(), &self.0])
     }
+}
+
+impl InviteId {
+    /// The id of the invite whose secret hashes to `secret_hash`.
+    pub fn of(secret_hash: &[u8; 32]) -> Self {
+        InviteId(hash_parts(&[b"kith/invite-id/v1", secret_hash]))
+    }
+}
+
+/// The Kademlia provider key under which members that honour an invite announce themselves,
+/// so a joiner holding the link finds them. Derived from the secret's hash (which only the
+/// link holder and members know), not from the group id: the DHT learns neither the group
+/// nor which invites belong together.
+pub fn invite_rendezvous_key(network: &str, secret_hash: &[u8; 32]) -> [u8; 32] {
+    hash_parts(&[
+        b"kith/invite-rendezvous/v1",
+        network.as_bytes(),
+        secret_hash,
+    ])
 }
 
 impl TopicId {

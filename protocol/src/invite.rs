@@ -4,8 +4,9 @@
 //! up to [`MAX_INVITE_ADDRS`] addresses to reach it, a fresh 32-byte secret, an expiry and a
 //! use limit, and is signed by the inviter's node key so a link altered in transit is refused
 //! before any network traffic. Text form: `kith1` followed by the lowercase, unpadded base32
-//! of the encoded ticket; also accepted as `kith://join#kith1…`. The inviting node keeps only
-//! [`InviteRecord`], which holds a hash of the secret, never the secret.
+//! of the encoded ticket; also accepted as `kith://join#kith1…`. Members keep only
+//! [`InviteRecord`], which holds a hash of the secret, never the secret. The record is shared
+//! with the whole group (see `group::invites`), so any member can honour the link.
 
 use data_encoding::BASE32_NOPAD;
 use libp2p_identity::{Keypair, PeerId, PublicKey, ed25519};
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, DecodeError};
 use crate::envelope::{MAX_GROUP_NAME_BYTES, MAX_NETWORK_ID_BYTES};
-use crate::ids::{GroupId, hash_parts};
+use crate::ids::{GroupId, InviteId, hash_parts};
 
 /// Prefix of the text form.
 pub const LINK_PREFIX: &str = "kith1";
@@ -135,27 +136,46 @@ impl std::fmt::Debug for Invite {
     }
 }
 
-/// The invite as the inviting member stores it: no secret, only its hash.
+/// An invite as every member of its group stores it: no secret, only its hash, plus the
+/// group-wide state (uses, revocation). Built by merging [`InviteUpdate`]s, which members
+/// learn inside the group (creation and revocation messages, and the commits that used it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InviteRecord {
     /// The group it admits to.
     pub group: GroupId,
-    /// [`secret_hash`] of the invite's secret; also the record's key.
-    pub secret_hash: [u8; 32],
+    /// Its id ([`InviteId::of`] the secret hash); also the record's key.
+    pub id: InviteId,
+    /// [`secret_hash`] of the invite's secret. `None` while only a use or a revocation is
+    /// known: history sync delivers commits before messages, so those can arrive before
+    /// the creation message. Such a record admits nobody.
+    pub secret_hash: Option<[u8; 32]>,
     /// Expiry, seconds since the Unix epoch.
     pub expires_at: u64,
     /// How many joins it allows.
     pub max_uses: u32,
-    /// How many joins it has admitted so far.
+    /// How many joins it has admitted so far, counted from the commits that name it.
     pub uses: u32,
-    /// When it was created, seconds since the Unix epoch.
+    /// When it was created (the creator's clock), seconds since the Unix epoch.
     pub created_at: u64,
+    /// The member who created it (authenticated by MLS).
+    pub creator: Option<PeerId>,
+    /// Joins wait for a member's approval.
+    pub approval: bool,
+    /// A member revoked it.
+    pub revoked: bool,
 }
 
 impl InviteRecord {
-    /// Checks the record admits one more join at `now` (Unix seconds).
+    /// Checks the record admits one more join at `now` (Unix seconds). The checks go from
+    /// the most to the least permanent reason, so the joiner hears the one that matters.
     pub fn admits(&self, now: u64) -> Result<(), crate::envelope::JoinRejection> {
         use crate::envelope::JoinRejection;
+        if self.secret_hash.is_none() {
+            return Err(JoinRejection::UnknownInvite);
+        }
+        if self.revoked {
+            return Err(JoinRejection::Revoked);
+        }
         if now >= self.expires_at {
             return Err(JoinRejection::Expired);
         }
@@ -163,6 +183,133 @@ impl InviteRecord {
             return Err(JoinRejection::UsedUp);
         }
         Ok(())
+    }
+
+    /// Whether the record can still admit someone at `now` (so members should announce it
+    /// in the DHT).
+    pub fn is_active(&self, now: u64) -> bool {
+        self.admits(now).is_ok()
+    }
+
+    /// Uses left.
+    pub fn uses_left(&self) -> u32 {
+        self.max_uses.saturating_sub(self.uses)
+    }
+
+    /// The record after `update`, starting from `current` (the stored record with this id,
+    /// if any). Merging is commutative: members that learn the same updates in any order
+    /// store the same record, except that of two different creations under one id (a
+    /// secret reused on purpose) the one with the lower (created_at, max_uses, expires_at)
+    /// wins.
+    pub fn merge(current: Option<InviteRecord>, update: &InviteUpdate) -> InviteRecord {
+        let mut r = current.unwrap_or_else(|| InviteRecord {
+            group: update.group(),
+            id: update.id(),
+            secret_hash: None,
+            expires_at: 0,
+            max_uses: 0,
+            uses: 0,
+            created_at: 0,
+            creator: None,
+            approval: false,
+            revoked: false,
+        });
+        match update {
+            InviteUpdate::Created {
+                secret_hash,
+                expires_at,
+                max_uses,
+                approval,
+                creator,
+                created_at,
+                ..
+            } => {
+                let new_key = (*created_at, *max_uses, *expires_at);
+                let replace =
+                    r.secret_hash.is_none() || new_key < (r.created_at, r.max_uses, r.expires_at);
+                if replace {
+                    r.secret_hash = Some(*secret_hash);
+                    r.expires_at = *expires_at;
+                    r.max_uses = *max_uses;
+                    r.approval = *approval;
+                    r.creator = Some(*creator);
+                    r.created_at = *created_at;
+                }
+            }
+            InviteUpdate::Used { .. } => r.uses = r.uses.saturating_add(1),
+            InviteUpdate::Unused { .. } => r.uses = r.uses.saturating_sub(1),
+            InviteUpdate::Revoked { .. } => r.revoked = true,
+        }
+        r
+    }
+}
+
+/// One change to an invite record, as produced by the group engine. The node merges it into
+/// the stored record with [`InviteRecord::merge`] in the same transaction as the MLS change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InviteUpdate {
+    /// A member created the invite (this node, or a creation message from the group).
+    Created {
+        /// The group.
+        group: GroupId,
+        /// The invite id.
+        id: InviteId,
+        /// Hash of the secret.
+        secret_hash: [u8; 32],
+        /// Expiry, Unix seconds.
+        expires_at: u64,
+        /// Joins allowed.
+        max_uses: u32,
+        /// Joins wait for approval.
+        approval: bool,
+        /// Who created it.
+        creator: PeerId,
+        /// When, Unix seconds (creator's clock).
+        created_at: u64,
+    },
+    /// A merged commit added a member with this invite.
+    Used {
+        /// The group.
+        group: GroupId,
+        /// The invite id.
+        id: InviteId,
+    },
+    /// A commit that used the invite lost to a concurrent one and was rolled back: the use
+    /// no longer counts.
+    Unused {
+        /// The group.
+        group: GroupId,
+        /// The invite id.
+        id: InviteId,
+    },
+    /// A member revoked the invite.
+    Revoked {
+        /// The group.
+        group: GroupId,
+        /// The invite id.
+        id: InviteId,
+    },
+}
+
+impl InviteUpdate {
+    /// The group of the invite.
+    pub fn group(&self) -> GroupId {
+        match self {
+            InviteUpdate::Created { group, .. }
+            | InviteUpdate::Used { group, .. }
+            | InviteUpdate::Unused { group, .. }
+            | InviteUpdate::Revoked { group, .. } => *group,
+        }
+    }
+
+    /// The invite's id.
+    pub fn id(&self) -> InviteId {
+        match self {
+            InviteUpdate::Created { id, .. }
+            | InviteUpdate::Used { id, .. }
+            | InviteUpdate::Unused { id, .. }
+            | InviteUpdate::Revoked { id, .. } => *id,
+        }
     }
 }
 
@@ -349,15 +496,13 @@ impl Invite {
         format!("{URL_PREFIX}{}", self.link)
     }
 
-    /// The record the inviting node stores for this invite.
-    pub fn record(&self, created_at: u64) -> InviteRecord {
-        InviteRecord {
-            group: self.group,
-            secret_hash: secret_hash(&self.secret),
-            expires_at: self.expires_at,
-            max_uses: self.max_uses,
-            uses: 0,
-            created_at,
-        }
+    /// The id of this invite inside its group.
+    pub fn id(&self) -> InviteId {
+        InviteId::of(&secret_hash(&self.secret))
+    }
+
+    /// The DHT key under which members that honour this invite announce themselves.
+    pub fn rendezvous_key(&self) -> [u8; 32] {
+        crate::ids::invite_rendezvous_key(&self.network, &secret_hash(&self.secret))
     }
 }

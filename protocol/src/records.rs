@@ -6,7 +6,7 @@ use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::PayloadKind;
-use crate::ids::{GroupId, MessageId};
+use crate::ids::{GroupId, InviteId, MessageId};
 
 /// A group this node is a member of, as listed to the user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +52,19 @@ pub enum EntryKind {
     MembersAdded(Vec<PeerId>),
     /// `sender` removed these members.
     MembersRemoved(Vec<PeerId>),
+    /// `sender` created an invite that any member may honour.
+    InviteCreated {
+        /// The invite.
+        id: InviteId,
+        /// Joins allowed.
+        max_uses: u32,
+        /// Expiry, Unix seconds.
+        expires_at: u64,
+        /// Joins wait for approval.
+        approval: bool,
+    },
+    /// `sender` revoked an invite.
+    InviteRevoked(InviteId),
 }
 
 /// A raw envelope kept to serve history to other members.

@@ -11,7 +11,7 @@ use libp2p_identity::{Keypair, PeerId};
 use openmls_traits::OpenMlsProvider;
 
 use crate::envelope::JoinResponse;
-use crate::group::{Effect, GroupEngine, GroupError, Identity, Verdict};
+use crate::group::{Effect, GroupEngine, GroupError, Identity, NewInvite, Verdict};
 use crate::ids::{GroupId, TopicId};
 use crate::invite::{Invite, InviteRecord};
 use crate::records::{EntryKind, HistoryEntry};
@@ -97,9 +97,10 @@ where
                 Effect::RolledBack { forget_history, .. } => {
                     self.history[i].retain(|h| !forget_history.contains(&h.id));
                 }
-                Effect::SaveInvite(r) => {
-                    self.invites[i].retain(|x| x.secret_hash != r.secret_hash);
-                    self.invites[i].push(r);
+                Effect::Invite(u) => {
+                    let current = self.invites[i].iter().position(|x| x.id == u.id());
+                    let old = current.map(|p| self.invites[i].remove(p));
+                    self.invites[i].push(InviteRecord::merge(old, &u));
                 }
                 Effect::SaveGroup(_)
                 | Effect::SaveEnvelope(_)
@@ -121,7 +122,8 @@ where
         Ok(id)
     }
 
-    /// Member `i` invites; returns the link.
+    /// Member `i` invites (shared with the group: deliver to let others honour it); returns
+    /// the link.
     pub fn invite(
         &mut self,
         i: usize,
@@ -132,10 +134,13 @@ where
         let expires = self.now_ms / 1000 + 3600;
         let (inv, fx) = self.engines[i].create_invite(
             group,
-            Vec::new(),
-            secret,
-            expires,
-            max_uses,
+            NewInvite {
+                addrs: Vec::new(),
+                secret,
+                expires_at: expires,
+                max_uses,
+                approval: false,
+            },
             self.now_ms,
         )?;
         self.apply(i, fx);
@@ -153,7 +158,7 @@ where
         (self.hook)(joiner, &self.engines[joiner], &[]);
         let record = self.invites[host]
             .iter()
-            .find(|r| r.secret_hash == crate::invite::secret_hash(&invite.secret))
+            .find(|r| r.id == invite.id())
             .cloned();
         let from = self.peer(joiner);
         let (resp, fx) = self.engines[host].handle_join_request(from, req, record, self.now_ms)?;
@@ -239,6 +244,7 @@ where
 {
     let g = sim.create_group(0, "friends").expect("create group");
     let inv = sim.invite(0, g, 2).expect("invite");
+    sim.deliver_all();
     sim.join(1, 0, &inv).expect("member 1 joins");
     sim.deliver_all();
     sim.join(2, 0, &inv).expect("member 2 joins");

@@ -7,10 +7,10 @@
 use data_encoding::{BASE32_NOPAD, HEXLOWER};
 use kith_protocol::codec::{self, DecodeError};
 use kith_protocol::envelope::{JoinRejection, MAX_GROUP_NAME_BYTES, MAX_NETWORK_ID_BYTES};
-use kith_protocol::ids::GroupId;
+use kith_protocol::ids::{GroupId, InviteId};
 use kith_protocol::invite::{
-    Invite, InviteError, InviteParams, InviteRecord, LINK_PREFIX, MAX_ADDR_BYTES, MAX_INVITE_ADDRS,
-    MAX_LINK_CHARS, URL_PREFIX, secret_hash,
+    Invite, InviteError, InviteParams, InviteRecord, InviteUpdate, LINK_PREFIX, MAX_ADDR_BYTES,
+    MAX_INVITE_ADDRS, MAX_LINK_CHARS, URL_PREFIX, secret_hash,
 };
 use kith_protocol::{Keypair, Multiaddr};
 use proptest::prelude::*;
@@ -744,13 +744,18 @@ fn expired_invite_still_parses() {
 }
 
 fn record(uses: u32, max_uses: u32) -> InviteRecord {
+    let hash = secret_hash(&[0x55; 32]);
     InviteRecord {
         group: GroupId([0x44; 32]),
-        secret_hash: secret_hash(&[0x55; 32]),
+        id: InviteId::of(&hash),
+        secret_hash: Some(hash),
         expires_at: 1000,
         max_uses,
         uses,
         created_at: 10,
+        creator: None,
+        approval: false,
+        revoked: false,
     }
 }
 
@@ -769,20 +774,52 @@ fn record_admits() {
     assert_eq!(record(0, 0).admits(0), Err(JoinRejection::UsedUp));
     // Both: expiry is reported.
     assert_eq!(record(5, 5).admits(1000), Err(JoinRejection::Expired));
+    // Revoked beats everything else.
+    let revoked = InviteRecord {
+        revoked: true,
+        ..record(5, 5)
+    };
+    assert_eq!(revoked.admits(1000), Err(JoinRejection::Revoked));
+    assert_eq!(revoked.uses_left(), 0);
+    assert!(!revoked.is_active(0));
+    assert!(record(0, 2).is_active(0));
+    assert_eq!(record(1, 3).uses_left(), 2);
 }
 
 #[test]
 fn record_from_invite_holds_hash_not_secret() {
     let inv = invite();
-    let rec = inv.record(1_700_000_000);
+    let hash = secret_hash(&inv.secret);
+    let rec = InviteRecord::merge(
+        None,
+        &InviteUpdate::Created {
+            group: inv.group,
+            id: inv.id(),
+            secret_hash: hash,
+            expires_at: inv.expires_at,
+            max_uses: inv.max_uses,
+            approval: false,
+            creator: inv.inviter,
+            created_at: 1_700_000_000,
+        },
+    );
     assert_eq!(rec.group, inv.group);
-    assert_eq!(rec.secret_hash, secret_hash(&inv.secret));
-    assert_ne!(rec.secret_hash, inv.secret);
+    assert_eq!(rec.id, InviteId::of(&hash));
+    assert_eq!(rec.secret_hash, Some(hash));
+    assert_ne!(hash, inv.secret);
     assert_eq!(rec.expires_at, inv.expires_at);
     assert_eq!(rec.max_uses, inv.max_uses);
     assert_eq!(rec.uses, 0);
     assert_eq!(rec.created_at, 1_700_000_000);
+    assert_eq!(rec.creator, Some(inv.inviter));
     assert_eq!(rec.admits(1_700_000_000), Ok(()));
+    // The link's rendezvous key is the members' one, and is neither the id nor the hash.
+    assert_eq!(
+        inv.rendezvous_key(),
+        kith_protocol::ids::invite_rendezvous_key("kith-test", &hash)
+    );
+    assert_ne!(inv.rendezvous_key(), hash);
+    assert_ne!(inv.rendezvous_key(), inv.id().0);
 
     // The stored bytes do not contain the secret anywhere, nor does the debug output.
     let bytes = codec::encode(&rec).unwrap();
@@ -857,7 +894,7 @@ proptest! {
         prop_assert_eq!(inv.inviter, k.public().to_peer_id());
         prop_assert_eq!(Invite::parse(inv.link()).unwrap(), inv.clone());
         prop_assert_eq!(Invite::parse(&inv.url()).unwrap(), inv.clone());
-        prop_assert_eq!(inv.record(0).secret_hash, secret_hash(&p.secret));
+        prop_assert_eq!(inv.id(), InviteId::of(&secret_hash(&p.secret)));
     }
 
     #[test]
@@ -904,11 +941,15 @@ proptest! {
     ) {
         let rec = InviteRecord {
             group: GroupId([1; 32]),
-            secret_hash: [2; 32],
+            id: InviteId::of(&[2; 32]),
+            secret_hash: Some([2; 32]),
             expires_at,
             max_uses,
             uses,
             created_at: 0,
+            creator: None,
+            approval: false,
+            revoked: false,
         };
         let expected = if now >= expires_at {
             Err(JoinRejection::Expired)

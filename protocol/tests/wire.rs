@@ -9,9 +9,12 @@ use kith_protocol::codec::{self, DecodeError, MAX_DECODE_BYTES};
 use kith_protocol::envelope::{
     AppContent, AppContentV1, Body, Envelope, EnvelopeError, EnvelopeV1, JoinRejection,
     JoinRequest, JoinRequestV1, JoinResponse, MAX_ENVELOPE_BYTES, MAX_JOIN_REQUEST_BYTES,
-    MAX_JOIN_RESPONSE_BYTES, MAX_TEXT_BYTES, PayloadKind,
+    MAX_JOIN_RESPONSE_BYTES, MAX_TEXT_BYTES, PayloadKind, SharedInvite,
 };
-use kith_protocol::ids::{GroupId, IdParseError, MessageId, TopicId};
+use kith_protocol::group::CommitNote;
+use kith_protocol::ids::{
+    GroupId, IdParseError, InviteId, MessageId, TopicId, invite_rendezvous_key,
+};
 use kith_protocol::invite::InviteRecord;
 use kith_protocol::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
 use proptest::prelude::*;
@@ -22,7 +25,7 @@ use proptest::prelude::*;
 
 /// Every rejection reason. `rejection_tag` below matches exhaustively, so adding a variant
 /// fails to compile until it is listed here and given a pinned tag.
-const ALL_REJECTIONS: [JoinRejection; 8] = [
+const ALL_REJECTIONS: [JoinRejection; 11] = [
     JoinRejection::UnknownInvite,
     JoinRejection::Expired,
     JoinRejection::UsedUp,
@@ -31,6 +34,9 @@ const ALL_REJECTIONS: [JoinRejection; 8] = [
     JoinRejection::InvalidKeyPackage,
     JoinRejection::AlreadyMember,
     JoinRejection::Internal,
+    JoinRejection::Revoked,
+    JoinRejection::Denied,
+    JoinRejection::Busy,
 ];
 
 /// The pinned wire tag of each rejection (its bincode variant index).
@@ -44,6 +50,9 @@ fn rejection_tag(r: JoinRejection) -> u8 {
         JoinRejection::InvalidKeyPackage => 5,
         JoinRejection::AlreadyMember => 6,
         JoinRejection::Internal => 7,
+        JoinRejection::Revoked => 8,
+        JoinRejection::Denied => 9,
+        JoinRejection::Busy => 10,
     }
 }
 
@@ -88,12 +97,28 @@ fn golden_join_accepted() -> JoinResponse {
 fn golden_invite_record() -> InviteRecord {
     InviteRecord {
         group: GroupId([0x44; 32]),
-        secret_hash: [0x66; 32],
+        id: InviteId([0x77; 32]),
+        secret_hash: Some([0x66; 32]),
         expires_at: 1_800_000_000,
         max_uses: 5,
         uses: 2,
         created_at: 1_700_000_000,
+        creator: None,
+        approval: true,
+        revoked: false,
     }
+}
+
+fn golden_invite_created() -> AppContent {
+    AppContent::V1(AppContentV1 {
+        sent_at_ms: 5,
+        body: Body::InviteCreated(SharedInvite {
+            secret_hash: [0x66; 32],
+            expires_at: 1_800_000_000,
+            max_uses: 5,
+            approval: true,
+        }),
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -396,11 +421,15 @@ fn arb_invite_record() -> impl Strategy<Value = InviteRecord> {
         .prop_map(
             |(group, secret_hash, expires_at, max_uses, uses, created_at)| InviteRecord {
                 group,
-                secret_hash,
+                id: InviteId::of(&secret_hash),
+                secret_hash: (secret_hash[0] & 1 == 0).then_some(secret_hash),
                 expires_at,
                 max_uses,
                 uses,
                 created_at,
+                creator: None,
+                approval: secret_hash[1] & 1 == 0,
+                revoked: secret_hash[2] & 1 == 0,
             },
         )
 }
@@ -563,10 +592,67 @@ fn golden_payload_kind_tags() {
 
 #[test]
 fn golden_invite_record_bytes() {
-    // Stored on disk by the inviting node: a change orphans every stored invite.
+    // Stored on disk by every member (schema 3; the store migrates schema-2 records): a
+    // change orphans every stored invite. Option = 00 (None) or 01 + value; bool = 00/01.
     let bytes = codec::encode(&golden_invite_record()).unwrap();
-    let expected = format!("{}{}fc00d2496b0502fc00f15365", rep("44", 32), rep("66", 32));
+    let expected = format!(
+        "{}{}01{}fc00d2496b0502fc00f15365000100",
+        rep("44", 32),
+        rep("77", 32),
+        rep("66", 32)
+    );
     assert_eq!(hex(&bytes), expected);
+}
+
+#[test]
+fn golden_invite_bodies_and_approval_response() {
+    // Body::InviteCreated = 01 after sent_at_ms; SharedInvite fields in order.
+    let bytes = codec::encode(&golden_invite_created()).unwrap();
+    let expected = format!("000501{}fc00d2496b0501", rep("66", 32));
+    assert_eq!(hex(&bytes), expected);
+    assert_eq!(AppContent::decode(&bytes).unwrap(), golden_invite_created());
+    // Body::InviteRevoked = 02 and the invite id.
+    let revoked = AppContent::V1(AppContentV1 {
+        sent_at_ms: 5,
+        body: Body::InviteRevoked(InviteId([0x77; 32])),
+    });
+    let bytes = codec::encode(&revoked).unwrap();
+    assert_eq!(hex(&bytes), format!("000502{}", rep("77", 32)));
+    // An invite allowing no joins (or too many) is refused when decoded.
+    let mut zero = golden_invite_created();
+    if let AppContent::V1(c) = &mut zero
+        && let Body::InviteCreated(i) = &mut c.body
+    {
+        i.max_uses = 0;
+    }
+    assert_malformed(
+        "zero uses",
+        AppContent::decode(&codec::encode(&zero).unwrap()).map(drop),
+    );
+    // AwaitingApproval = 02 then the request id as a varint.
+    let bytes = codec::encode(&JoinResponse::AwaitingApproval { request: 7 }).unwrap();
+    assert_eq!(hex(&bytes), "0207");
+    // The commit note naming an invite (the Add commit's AAD).
+    let note = CommitNote::InviteUse(InviteId([0x77; 32])).encode();
+    assert_eq!(hex(&note), format!("00{}", rep("77", 32)));
+}
+
+#[test]
+fn golden_invite_id_and_rendezvous_key() {
+    // Secret 55…55 (the golden link's), hash pinned in tests/invite.rs.
+    let hash = kith_protocol::invite::secret_hash(&[0x55; 32]);
+    assert_eq!(
+        InviteId::of(&hash).to_string(),
+        "e724b1d4ac8276085ff8e3768797bc1729e97ac6665ff6bcb1b7ef665be15363"
+    );
+    assert_eq!(
+        hex(&invite_rendezvous_key("kith-test", &hash)),
+        "c203b3e508ed29afe043591200ffab1da36a89e27eb574e29ac32283c0ee9bc9"
+    );
+    assert_ne!(
+        invite_rendezvous_key("kith-test", &hash),
+        InviteId::of(&hash).0
+    );
 }
 
 #[test]
@@ -849,10 +935,10 @@ fn unknown_enum_tags_are_malformed() {
     b[0] = 1;
     assert_malformed("join request version", JoinRequest::decode(&b).map(drop));
 
-    // JoinResponse tag 2, rejection tag 8.
-    assert_malformed("join response tag", JoinResponse::decode(&[2]).map(drop));
-    assert_malformed("join response tag", JoinResponse::decode(&[2, 0]).map(drop));
-    assert_malformed("rejection tag", JoinResponse::decode(&[1, 8]).map(drop));
+    // JoinResponse tag 3, rejection tag 11 (the first unassigned ones).
+    assert_malformed("join response tag", JoinResponse::decode(&[3]).map(drop));
+    assert_malformed("join response tag", JoinResponse::decode(&[3, 0]).map(drop));
+    assert_malformed("rejection tag", JoinResponse::decode(&[1, 11]).map(drop));
     assert_malformed("rejection tag", JoinResponse::decode(&[1, 250]).map(drop));
 }
 
@@ -899,7 +985,7 @@ fn non_canonical_varints_are_rejected() {
 
     // Invite record max_uses 5 as a u32 varint.
     let rec = codec::encode(&golden_invite_record()).unwrap();
-    let pos = 64 + 5; // after group, secret_hash and the 5-byte expires_at
+    let pos = 32 + 32 + 33 + 5; // after group, id, Some(secret_hash) and the 5-byte expires_at
     assert_eq!(rec[pos], 5);
     let mut b = rec[..pos].to_vec();
     b.extend_from_slice(&[252, 5, 0, 0, 0]);

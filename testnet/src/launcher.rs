@@ -631,6 +631,7 @@ impl Testnet {
         let req = CreateInviteRequest {
             expires_in_secs: Some(24 * 3600),
             max_uses: Some(u32::try_from(uses).unwrap_or(u32::MAX)),
+            approval: false,
         };
         let invite = within(
             API_TIMEOUT,
@@ -655,7 +656,7 @@ impl Testnet {
             || format!("node {i} to join"),
             async {
                 client
-                    .join(link)
+                    .join(link, None)
                     .await
                     .map_err(|e| TestnetError::api(i, "joining by invite", e))
             },
@@ -964,6 +965,17 @@ impl Testnet {
         self.shared.lock().ledger.set_member(i, now_ms());
         self.open_recorder_and_prove_ready(i).await?;
         Ok(())
+    }
+
+    /// Starts a new node that is not in the group, bootstrapping from node `via`, and waits
+    /// until its API answers. Returns its index.
+    pub async fn add_spare_node(&mut self, via: usize) -> Result<usize> {
+        let i = self.add_node()?;
+        let boot = self.nodes[via].bootstrap_addr.clone();
+        self.spawn(i, boot)?;
+        self.wait_up(&[i]).await?;
+        self.write_manifest()?;
+        Ok(i)
     }
 
     /// Sends `text` from node `i` and records it as tracked traffic.

@@ -8,10 +8,12 @@
 //! - [`traffic`]: the seeded traffic generator.
 //! - [`bench`]: `kith-testnet bench` and its report; [`svg`] draws the latency charts.
 //! - [`scenario`]: `kith-testnet scenario FILE.toml`.
+//! - [`joinbench`]: `kith-testnet join-bench`: time from `kith join` to the first message.
 //! - [`metrics`], [`procs`], [`stats`]: reading `/metrics`, `/proc` and summarising.
 
 pub mod bench;
 pub mod error;
+pub mod joinbench;
 pub mod launcher;
 pub mod ledger;
 pub mod manifest;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kith_testnet::bench::{self, BenchOptions};
+use kith_testnet::joinbench::{self, JoinBenchOptions};
 use kith_testnet::launcher::{self, DEFAULT_NODE_LOG, DEFAULT_ROOT, Testnet, UpOptions};
 use kith_testnet::manifest::latest_run_dir;
 use kith_testnet::scenario::{self, ScenarioOptions};
@@ -33,6 +34,29 @@ enum Command {
     Bench(BenchArgs),
     /// Run a scenario file (TOML) against a fresh testnet.
     Scenario(ScenarioArgs),
+    /// Time `kith join LINK` to the first decrypted message, inviter online and offline.
+    JoinBench(JoinBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct JoinBenchArgs {
+    /// Members of the testnet (joiners are extra nodes).
+    #[arg(long, default_value_t = 10)]
+    nodes: usize,
+    /// Joins per mode (inviter online, inviter offline).
+    #[arg(long, default_value_t = 5)]
+    trials: usize,
+    /// Node 0 sends a message this often, in milliseconds.
+    #[arg(long, default_value_t = 100, value_name = "MS")]
+    tick_ms: u64,
+    /// Run directory [default: ./testnet-run/<UTC timestamp>].
+    #[arg(long, value_name = "RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// Print the report as JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    node: NodeArgs,
 }
 
 /// Options shared by the commands that start nodes.
@@ -264,6 +288,34 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 out(&(serde_json::to_string_pretty(&report)? + "\n"))?;
             } else {
                 out(&bench::render(&report))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::JoinBench(args) => {
+            if !(10..=60_000).contains(&args.tick_ms) {
+                anyhow::bail!("--tick-ms must be 10 to 60000");
+            }
+            let opts = JoinBenchOptions {
+                up: UpOptions {
+                    nodes: args.nodes,
+                    dir: args.run_dir,
+                    kith: args.node.kith,
+                    node_log: args.node.node_log,
+                    quiet: args.node.quiet,
+                    ..UpOptions::default()
+                },
+                trials: args.trials,
+                tick: Duration::from_millis(args.tick_ms),
+                out: None,
+            };
+            let report = tokio::select! {
+                r = joinbench::join_bench(opts) => r?,
+                () = interrupted() => anyhow::bail!("interrupted; nodes were killed"),
+            };
+            if args.json {
+                out(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+            } else {
+                out(&joinbench::render(&report))?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -100,6 +100,7 @@ impl TestNode {
                 kith_node::model::CreateInviteRequest {
                     expires_in_secs: None,
                     max_uses: Some(uses),
+                    approval: false,
                 },
             )
             .await?;

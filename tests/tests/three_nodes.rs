@@ -25,6 +25,7 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
             CreateInviteRequest {
                 expires_in_secs: None,
                 max_uses: Some(2),
+                approval: false,
             },
         )
         .await?;

@@ -157,7 +157,7 @@ fn join_requests_are_checked() {
         assert!(fx.is_empty(), "a rejection changes nothing");
         match resp {
             JoinResponse::Rejected(r) => r,
-            JoinResponse::Accepted { .. } => panic!("accepted"),
+            other => panic!("not rejected: {other:?}"),
         }
     };
     // No record for this secret.
@@ -217,6 +217,25 @@ fn join_requests_are_checked() {
         reject(&mut s, peer1, req.clone(), Some(used), T0),
         JoinRejection::UsedUp
     );
+    // Revoked (and revocation wins over expiry and use-up, the more permanent reason).
+    let mut revoked = record.clone();
+    revoked.revoked = true;
+    assert_eq!(
+        reject(&mut s, peer1, req.clone(), Some(revoked.clone()), T0),
+        JoinRejection::Revoked
+    );
+    revoked.uses = revoked.max_uses;
+    assert_eq!(
+        reject(&mut s, peer1, req.clone(), Some(revoked), at_expiry),
+        JoinRejection::Revoked
+    );
+    // A record known only from a use (its creation message not yet seen) admits nobody.
+    let mut unknown = record.clone();
+    unknown.secret_hash = None;
+    assert_eq!(
+        reject(&mut s, peer1, req.clone(), Some(unknown), T0),
+        JoinRejection::UnknownInvite
+    );
     // Key package presented by a different peer than the one it names.
     assert_eq!(
         reject(&mut s, peer2, req.clone(), Some(record.clone()), T0),
@@ -246,11 +265,20 @@ fn join_requests_are_checked() {
         .handle_join_request(peer1, req, Some(record), T0)
         .unwrap();
     assert!(matches!(resp, JoinResponse::Accepted { .. }));
-    let saved = fx.iter().find_map(|e| match e {
-        Effect::SaveInvite(r) => Some(r.clone()),
-        _ => None,
-    });
-    assert_eq!(saved.unwrap().uses, 1);
+    let used: Vec<_> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Invite(u) => Some(u.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        used,
+        vec![InviteUpdate::Used {
+            group: g,
+            id: inv.id()
+        }]
+    );
     let (gid, _) = s.engines[1].handle_join_response(&inv, resp, T0).unwrap();
     assert_eq!(gid, g);
     // Joining twice is refused locally.
