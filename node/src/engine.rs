@@ -906,9 +906,8 @@ impl Actor {
         let envelopes = match self.store.envelopes_of_group(&r.group, MAX_SCAN_ENVELOPES) {
             Ok(e) => e,
             Err(e) => {
-                // There is no "internal error" refusal; "try again later" is the honest one.
-                tracing::error!(error = %e, "cannot read envelopes for sync");
-                return SyncResponse::Refused(SyncRefusal::RateLimited);
+                tracing::error!(%peer, group = %r.group.short(), error = %e, "cannot read envelopes to answer a sync request; refused as unavailable");
+                return SyncResponse::Refused(SyncRefusal::Unavailable);
             }
         };
         let mut items = Vec::with_capacity(envelopes.len());
@@ -918,7 +917,11 @@ impl Actor {
                 PayloadKind::Application => match self.store.history_entry(&env.id) {
                     Ok(Some(h)) => items.push(SyncItem::application(env, h.sent_at_ms, &h.sender)),
                     Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot read history entry"),
+                    Err(e) => {
+                        // Skipping it would send a page that claims to be complete but is not.
+                        tracing::error!(%peer, group = %r.group.short(), error = %e, "cannot read a history entry to answer a sync request; refused as unavailable");
+                        return SyncResponse::Refused(SyncRefusal::Unavailable);
+                    }
                 },
                 PayloadKind::Proposal => {}
             }

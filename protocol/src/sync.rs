@@ -106,6 +106,12 @@ pub enum SyncRefusal {
     /// The request is invalid (bad summary or cursor).
     #[error("the sync request is invalid")]
     BadRequest,
+    /// The responder could not answer right now for a reason of its own (e.g. its storage
+    /// failed to read); the request may be fine. Ask another member, or this one later.
+    /// Added after the first four refusals (tag 04): a node that predates it fails to decode
+    /// this response and treats it like a failed request, which leads to the same retry.
+    #[error("the contacted node cannot answer right now (internal failure)")]
+    Unavailable,
 }
 
 /// What the requester holds: one entry per epoch it holds anything of, for epochs at or above

@@ -148,6 +148,7 @@ fn golden_response_tags() {
         (SyncRefusal::RateLimited, "0101"),
         (SyncRefusal::UnknownGroup, "0102"),
         (SyncRefusal::BadRequest, "0103"),
+        (SyncRefusal::Unavailable, "0104"),
     ];
     for (r, hex) in refusals {
         let bytes = SyncResponse::Refused(r).encode().unwrap();
@@ -329,7 +330,7 @@ fn bad_responses_are_typed_errors() {
         Err(SyncError::Decode(DecodeError::Malformed(_)))
     ));
     assert!(matches!(
-        SyncResponse::decode(&[0x01, 0x04]),
+        SyncResponse::decode(&[0x01, 0x05]),
         Err(SyncError::Decode(DecodeError::Malformed(_)))
     ));
     // Non-canonical varint in the envelope count.
