@@ -65,8 +65,8 @@ const INPUT_QUEUE: usize = 4096;
 const EXPIRE_EVERY_FLUSHES: u64 = 20;
 /// Received messages are made durable at least this often.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
-/// How often history retention ([`Retention::default`]: 365 days, 100 000 entries per group)
-/// is applied.
+/// How often history retention (`[retention]` in `config.toml`; by default 365 days and
+/// 100 000 entries per group) is applied; also once at start.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 /// Most history rows one prune run deletes (over all groups); when it runs out, another run
 /// is queued behind the inputs already waiting.
@@ -464,6 +464,7 @@ pub fn start(
     net: NetHandle,
     mut net_events: mpsc::Receiver<NetEvent>,
     metrics: Arc<KithMetrics>,
+    retention: Retention,
 ) -> Result<(EngineHandle, EngineTask), EngineError> {
     let identity = Identity::new(keypair)?;
     let peer_id = identity.peer_id();
@@ -512,6 +513,7 @@ pub fn start(
         last_sync: HashMap::new(),
         unsynced: HashSet::new(),
         gaps: HashMap::new(),
+        retention,
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -579,6 +581,8 @@ struct Actor {
     unsynced: HashSet<GroupId>,
     /// Gap detectors, by group.
     gaps: HashMap<GroupId, Gaps>,
+    /// How much history to keep per group (`[retention]` in `config.toml`).
+    retention: Retention,
 }
 
 /// A sync run in progress.
@@ -993,10 +997,7 @@ impl Actor {
                 more = true;
                 break;
             }
-            match self
-                .store
-                .prune(&g.id, Retention::default(), now_ms(), budget)
-            {
+            match self.store.prune(&g.id, self.retention, now_ms(), budget) {
                 Ok(p) => {
                     if p.history > 0 || p.envelopes > 0 {
                         self.unflushed = true;

@@ -149,6 +149,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         net.clone(),
         net_events,
         kith_metrics.clone(),
+        config.retention,
     )?;
 
     let api_token = identity::load_or_create_api_token(&data_dir)?;
