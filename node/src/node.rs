@@ -139,6 +139,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
             known_peers,
             mdns: config.mdns,
             heartbeat,
+            sync_bytes: kith_metrics.sync_bytes(),
         },
         metrics_listener.as_ref().map(|_| &mut registry),
     )?;
