@@ -71,6 +71,10 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 /// Most history rows one prune run deletes (over all groups); when it runs out, another run
 /// is queued behind the inputs already waiting.
 const PRUNE_BUDGET: usize = 5000;
+/// Longest time live envelopes of a group are held while a sync run fetches older ones
+/// (checked every [`FLUSH_INTERVAL`]); after it, they are processed and the run goes on
+/// without holding, so a slow or unreachable member delays live messages by at most this.
+pub const CATCH_UP_HOLD_LIMIT: Duration = Duration::from_secs(5);
 /// Most received envelopes written in one store transaction.
 const MAX_GOSSIP_BATCH: usize = 256;
 const EVENT_BUFFER: usize = 1024;
@@ -203,6 +207,9 @@ pub fn message_info(h: &HistoryEntry) -> MessageInfo {
             EntryKind::GroupCreated { name } => MessageBody::GroupCreated { name: name.clone() },
             EntryKind::MembersAdded(v) => MessageBody::MembersAdded { members: peers(v) },
             EntryKind::MembersRemoved(v) => MessageBody::MembersRemoved { members: peers(v) },
+            EntryKind::Joined(me) => MessageBody::MembersAdded {
+                members: peers(std::slice::from_ref(me)),
+            },
         },
     }
 }
@@ -586,8 +593,12 @@ struct Actor {
 }
 
 /// A sync run in progress.
-#[derive(Default)]
 struct SyncRun {
+    /// When it started.
+    started: Instant,
+    /// Live envelopes of the group are held until the run ends or [`CATCH_UP_HOLD_LIMIT`]
+    /// passes (see `GroupEngine::begin_catch_up`).
+    holding: bool,
     /// Envelopes fetched and accepted so far.
     fetched: usize,
     /// A gap was signalled during the run: start another one when it ends.
@@ -654,6 +665,13 @@ impl Actor {
                 }
                 Input::SyncDone { group, complete } => self.sync_done(group, complete),
                 Input::Flush => {
+                    self.release_slow_catch_ups();
+                    // A run that failed is retried (debounced) rather than left for the
+                    // next routine sync a minute later.
+                    let retry: Vec<GroupId> = self.unsynced.iter().copied().collect();
+                    for g in retry {
+                        self.start_sync(g, SyncTrigger::Routine);
+                    }
                     self.flushes += 1;
                     if self.flushes.is_multiple_of(EXPIRE_EVERY_FLUSHES) {
                         self.expire_past_epochs();
@@ -739,8 +757,9 @@ impl Actor {
 
     /// Processes envelopes fetched by history sync for `group`, like gossip but without
     /// reporting verdicts: envelopes of other groups and ones already stored are skipped,
-    /// commits go first (so messages held for their epoch are released), and everything is
-    /// written in one transaction. Returns how many were accepted.
+    /// commits go first, and everything is written in one transaction. Live envelopes held
+    /// meanwhile are processed when the run ends (`GroupEngine::handle_synced_envelope`).
+    /// Returns how many were accepted.
     fn ingest(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) -> usize {
         let mut effects = Vec::new();
         let mut seen: HashSet<MessageId> = HashSet::new();
@@ -767,7 +786,7 @@ impl Actor {
                     continue;
                 }
             }
-            let (verdict, fx) = self.groups.handle_envelope(&data, now_ms());
+            let (verdict, fx) = self.groups.handle_synced_envelope(&data, now_ms());
             effects.extend(fx);
             match verdict {
                 Verdict::Accept => accepted += 1,
@@ -842,7 +861,16 @@ impl Actor {
             }
         };
         tracing::debug!(group = %group.short(), ?trigger, peers = peers.len(), epochs = summary.epochs.len(), "starting history sync");
-        self.syncs.insert(group, SyncRun::default());
+        self.syncs.insert(
+            group,
+            SyncRun {
+                started: Instant::now(),
+                holding: true,
+                fetched: 0,
+                again: false,
+            },
+        );
+        self.groups.begin_catch_up(&group);
         self.last_sync.insert(group, Instant::now());
         let net = self.net.clone();
         let tx = self.tx.clone();
@@ -863,6 +891,7 @@ impl Actor {
         let Some(run) = self.syncs.remove(&group) else {
             return;
         };
+        self.end_catch_up(group);
         if complete {
             self.unsynced.remove(&group);
         } else {
@@ -883,6 +912,33 @@ impl Actor {
         if run.again {
             self.last_sync.remove(&group);
             self.start_sync(group, SyncTrigger::Gap);
+        }
+    }
+
+    /// Processes the live envelopes of `group` held during its sync run, after the fetched
+    /// (older) ones.
+    fn end_catch_up(&mut self, group: GroupId) {
+        let effects = self.groups.end_catch_up(&group, now_ms());
+        if let Err(e) = self.apply_with(effects, false) {
+            tracing::error!(error = %e, "cannot store messages held during history sync");
+        }
+    }
+
+    /// Stops holding live envelopes for sync runs that have held them for
+    /// [`CATCH_UP_HOLD_LIMIT`]; the runs go on.
+    fn release_slow_catch_ups(&mut self) {
+        let due: Vec<GroupId> = self
+            .syncs
+            .iter_mut()
+            .filter(|(_, r)| r.holding && r.started.elapsed() >= CATCH_UP_HOLD_LIMIT)
+            .map(|(g, r)| {
+                r.holding = false;
+                *g
+            })
+            .collect();
+        for group in due {
+            tracing::debug!(group = %group.short(), "history sync is slow; processing live messages meanwhile");
+            self.end_catch_up(group);
         }
     }
 
