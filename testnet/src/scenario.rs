@@ -1593,6 +1593,30 @@ since = "down"
                 "[[step]]\naction = \"send\"\nnode = 0\ntext = \"\"\n",
                 "text",
             ),
+            (
+                "[[step]]\naction = \"remove\"\nnode = 1\nvia = 1\n",
+                "cannot remove itself",
+            ),
+            (
+                "[[step]]\naction = \"remove\"\nnode = 1\nvia = 0\n[[step]]\naction = \"update\"\nnode = 1\n",
+                "step 2",
+            ),
+            (
+                "[[step]]\naction = \"burst\"\ncount = 0\nsize = 100\n",
+                "count",
+            ),
+            (
+                "[[step]]\naction = \"stop\"\nnode = 2\n[[step]]\naction = \"catch_up\"\nnode = 2\n",
+                "metrics = true",
+            ),
+            (
+                "[[step]]\naction = \"assert\"\ncheck = \"epochs_equal\"\nnodes = [0]\n",
+                "only history_equal",
+            ),
+            (
+                "[[step]]\naction = \"assert\"\ncheck = \"history_equal\"\nnodes = [5]\n",
+                "no node 5",
+            ),
         ];
         for (steps, want) in cases {
             let e = err(&format!("{head}{steps}"));
@@ -1602,6 +1626,23 @@ since = "down"
         assert!(err("[testnet]\nnodes = 2\nextra = 1\n").contains("extra"));
         assert!(err("nodes = 2\n").contains("testnet"));
         assert!(err("[testnet\n").contains("TOML") || !err("[testnet\n").is_empty());
+    }
+
+    #[test]
+    fn catch_up_needs_a_stopped_member_and_metrics() {
+        let ok = "[testnet]\nnodes = 3\nmetrics = true\n[[step]]\naction = \"stop\"\nnode = 2\n\
+                  [[step]]\naction = \"catch_up\"\nnode = 2\n";
+        let s = Scenario::parse(ok).unwrap();
+        assert_eq!(
+            s.steps[1].action,
+            Action::CatchUp {
+                node: 2,
+                timeout: None
+            }
+        );
+        let running =
+            "[testnet]\nnodes = 3\nmetrics = true\n[[step]]\naction = \"catch_up\"\nnode = 2\n";
+        assert!(err(running).contains("not a stopped member"));
     }
 
     #[test]
@@ -1615,6 +1656,6 @@ since = "down"
                 n += 1;
             }
         }
-        assert!(n >= 2);
+        assert!(n >= 4);
     }
 }
