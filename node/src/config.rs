@@ -12,6 +12,8 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
+use crate::store::{DEFAULT_RETENTION_DAYS, DEFAULT_RETENTION_MAX_MESSAGES, Retention};
+
 /// File name of the configuration file inside the data directory.
 pub const CONFIG_FILE: &str = "config.toml";
 /// Environment variable naming the data directory (also read by the `--data-dir` flag).
@@ -24,6 +26,11 @@ pub const DEFAULT_PORT: u16 = 7341;
 pub const MAX_NETWORK_ID_BYTES: usize = kith_protocol::envelope::MAX_NETWORK_ID_BYTES;
 /// Longest accepted config file; a bigger file is surely not a config file.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+/// Longest accepted `retention.max_age_days` (100 years; also keeps the milliseconds far
+/// from overflowing).
+pub const MAX_RETENTION_DAYS: u64 = 36_500;
+/// Largest accepted `retention.max_messages` per group.
+pub const MAX_RETENTION_MESSAGES: u64 = 100_000_000;
 
 /// Environment variables read by [`Config::apply_env`], one per field.
 pub mod env {
@@ -131,6 +138,54 @@ pub struct Config {
     /// Where to serve Prometheus/OpenMetrics metrics on `GET /metrics` (port 0 picks a
     /// free port); off when absent.
     pub metrics_listen: Option<SocketAddr>,
+    /// How much history to keep per group (`[retention]`).
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]` in `config.toml`: how much history the node keeps per group. The prune
+/// runs at start and every 10 minutes (see [`crate::store::Store::prune`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// History entries sent more than this many days ago are deleted (1 to
+    /// [`MAX_RETENTION_DAYS`]).
+    pub max_age_days: u64,
+    /// At most this many history entries are kept per group, the newest in history order
+    /// (1 to [`MAX_RETENTION_MESSAGES`]).
+    pub max_messages: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            max_age_days: DEFAULT_RETENTION_DAYS,
+            max_messages: DEFAULT_RETENTION_MAX_MESSAGES,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// Checks the bounds and converts to the store's [`Retention`].
+    pub fn validate(&self) -> Result<Retention, ConfigError> {
+        if !(1..=MAX_RETENTION_DAYS).contains(&self.max_age_days) {
+            return Err(ConfigError::InvalidField {
+                field: "retention.max_age_days",
+                value: self.max_age_days.to_string(),
+                reason: format!("must be 1 to {MAX_RETENTION_DAYS} days"),
+            });
+        }
+        if !(1..=MAX_RETENTION_MESSAGES).contains(&self.max_messages) {
+            return Err(ConfigError::InvalidField {
+                field: "retention.max_messages",
+                value: self.max_messages.to_string(),
+                reason: format!("must be 1 to {MAX_RETENTION_MESSAGES} entries per group"),
+            });
+        }
+        Ok(Retention {
+            max_age_ms: self.max_age_days * 24 * 3600 * 1000,
+            max_messages: self.max_messages,
+        })
+    }
 }
 
 impl Default for Config {
@@ -146,6 +201,7 @@ impl Default for Config {
             api_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             api_allow_non_loopback: false,
             metrics_listen: None,
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -192,6 +248,8 @@ pub struct NodeConfig {
     /// Where the metrics endpoint listens, if on; loopback unless explicitly allowed
     /// otherwise.
     pub metrics_listen: Option<SocketAddr>,
+    /// How much history to keep per group.
+    pub retention: Retention,
 }
 
 impl Config {
@@ -323,6 +381,7 @@ impl Config {
         {
             return Err(ConfigError::NonLoopbackMetrics(addr));
         }
+        let retention = self.retention.validate()?;
         Ok(NodeConfig {
             network: self.network.clone(),
             listen,
@@ -330,6 +389,7 @@ impl Config {
             mdns: self.mdns,
             api_listen: self.api_listen,
             metrics_listen: self.metrics_listen,
+            retention,
         })
     }
 
@@ -402,6 +462,16 @@ api_allow_non_loopback = {allow}
 # picks a free port; the chosen address is written to metrics.addr in the data directory).
 # Env: KITH_METRICS. Flag: --metrics.
 # metrics_listen = "127.0.0.1:9464"
+
+# How much history to keep per group. Entries sent more than `max_age_days` ago, and
+# entries beyond the newest `max_messages` (in history order), are deleted at start and
+# every 10 minutes, with the stored envelopes history sync would serve for them; members
+# that come back later cannot fetch deleted history from this node.
+# max_age_days: 1 to {max_days}. max_messages: 1 to {max_messages} entries per group.
+# File only (no environment variable or flag).
+[retention]
+max_age_days = {age}
+max_messages = {keep}
 "#,
             network = quote(network),
             port = DEFAULT_PORT,
@@ -410,6 +480,10 @@ api_allow_non_loopback = {allow}
             mdns = d.mdns,
             api_listen = quote(&d.api_listen.to_string()),
             allow = d.api_allow_non_loopback,
+            max_days = MAX_RETENTION_DAYS,
+            max_messages = MAX_RETENTION_MESSAGES,
+            age = d.retention.max_age_days,
+            keep = d.retention.max_messages,
         )
     }
 }
@@ -566,6 +640,45 @@ mod tests {
         let c = Config::from_toml(&Config::template_toml("test-net")).unwrap();
         assert_eq!(c.network, "test-net");
         assert_eq!(c.listen, Config::default().listen);
+    }
+
+    #[test]
+    fn retention_defaults_are_the_store_defaults() {
+        let node = Config::default().validate().unwrap();
+        assert_eq!(node.retention, Retention::default());
+        let text = Config::default_toml();
+        assert!(text.contains("[retention]\nmax_age_days = 365\nmax_messages = 100000\n"));
+    }
+
+    #[test]
+    fn retention_is_read_and_validated() {
+        let c = Config::from_toml("[retention]\nmax_messages = 50\n").unwrap();
+        let node = c.validate().unwrap();
+        assert_eq!(node.retention.max_messages, 50);
+        assert_eq!(node.retention.max_age_ms, 365 * 24 * 3600 * 1000);
+        let c = Config::from_toml("[retention]\nmax_age_days = 2\n").unwrap();
+        assert_eq!(c.validate().unwrap().retention.max_age_ms, 2 * 86_400_000);
+        for (text, field) in [
+            ("[retention]\nmax_messages = 0\n", "retention.max_messages"),
+            ("[retention]\nmax_age_days = 0\n", "retention.max_age_days"),
+            (
+                "[retention]\nmax_age_days = 36501\n",
+                "retention.max_age_days",
+            ),
+        ] {
+            let err = Config::from_toml(text).unwrap().validate().unwrap_err();
+            let line = err.to_string();
+            assert!(line.contains(field) && !line.contains('\n'), "{line}");
+        }
+        for text in [
+            "[retention]\nmax_messages = -1\n",
+            "[retention]\nmax_mesages = 5\n",
+            "[retention]\nmax_age_days = \"a year\"\n",
+        ] {
+            let err = Config::from_toml(text).unwrap_err();
+            assert!(err.contains("retention") || err.contains("max_"), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
     }
 
     #[test]

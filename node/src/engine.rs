@@ -65,10 +65,18 @@ pub const MAX_JOIN_TIMEOUT: Duration = Duration::from_secs(3600);
 const JOIN_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a joiner whose request awaits approval sends it again.
 pub const APPROVAL_RETRY: Duration = Duration::from_secs(2);
-/// DHT lookups for members one join makes at most (they are retried when none is found).
-const MAX_JOIN_LOOKUPS: u32 = 5;
-/// Pause between DHT lookups that found nobody.
+/// Pause after the first DHT lookup that found nobody; it doubles for each further one, up
+/// to [`MAX_JOIN_LOOKUP_RETRY`], until the join's time limit.
 const JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(1);
+/// Longest pause between two DHT lookups of one join.
+const MAX_JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(8);
+
+/// The pause after the `lookups`-th DHT lookup of a join found nobody.
+fn lookup_pause(lookups: u32) -> Duration {
+    JOIN_LOOKUP_RETRY
+        .saturating_mul(1 << lookups.saturating_sub(1).min(4))
+        .min(MAX_JOIN_LOOKUP_RETRY)
+}
 /// Members found through the DHT that a joiner tries, at most.
 const MAX_JOIN_CANDIDATES: usize = 8;
 /// Invites one node announces in the DHT at most (the newest active ones).
@@ -86,12 +94,16 @@ const INPUT_QUEUE: usize = 4096;
 const EXPIRE_EVERY_FLUSHES: u64 = 20;
 /// Received messages are made durable at least this often.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
-/// How often history retention ([`Retention::default`]: 365 days, 100 000 entries per group)
-/// is applied.
+/// How often history retention (`[retention]` in `config.toml`; by default 365 days and
+/// 100 000 entries per group) is applied; also once at start.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 /// Most history rows one prune run deletes (over all groups); when it runs out, another run
 /// is queued behind the inputs already waiting.
 const PRUNE_BUDGET: usize = 5000;
+/// Longest time live envelopes of a group are held while a sync run fetches older ones
+/// (checked every [`FLUSH_INTERVAL`]); after it, they are processed and the run goes on
+/// without holding, so a slow or unreachable member delays live messages by at most this.
+pub const CATCH_UP_HOLD_LIMIT: Duration = Duration::from_secs(5);
 /// Most received envelopes written in one store transaction.
 const MAX_GOSSIP_BATCH: usize = 256;
 const EVENT_BUFFER: usize = 1024;
@@ -247,6 +259,9 @@ pub fn message_info(h: &HistoryEntry) -> MessageInfo {
             },
             EntryKind::InviteRevoked(id) => MessageBody::InviteRevoked {
                 invite: id.to_string(),
+            },
+            EntryKind::Joined(me) => MessageBody::MembersAdded {
+                members: peers(std::slice::from_ref(me)),
             },
         },
     }
@@ -573,11 +588,9 @@ impl EngineHandle {
                 let task = match lookup.take() {
                     Some(task) => task,
                     // A node that just started may not have DHT peers yet, and a member may
-                    // be announcing right now: look again a few times.
-                    None if lookups < MAX_JOIN_LOOKUPS
-                        && tokio::time::Instant::now() + JOIN_LOOKUP_RETRY < deadline =>
-                    {
-                        tokio::time::sleep(JOIN_LOOKUP_RETRY).await;
+                    // be announcing right now: look again, less often, until the time limit.
+                    None if tokio::time::Instant::now() + lookup_pause(lookups) < deadline => {
+                        tokio::time::sleep(lookup_pause(lookups)).await;
                         lookups += 1;
                         lookup_providers()
                     }
@@ -875,6 +888,7 @@ pub fn start(
     net: NetHandle,
     mut net_events: mpsc::Receiver<NetEvent>,
     metrics: Arc<KithMetrics>,
+    retention: Retention,
 ) -> Result<(EngineHandle, EngineTask), EngineError> {
     let identity = Identity::new(keypair)?;
     let peer_id = identity.peer_id();
@@ -925,6 +939,7 @@ pub fn start(
         gaps: HashMap::new(),
         held: HeldRequests::new(),
         provided_invites: HashSet::new(),
+        retention,
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -996,11 +1011,17 @@ struct Actor {
     held: HeldRequests,
     /// Invite rendezvous keys this node announces in the DHT.
     provided_invites: HashSet<[u8; 32]>,
+    /// How much history to keep per group (`[retention]` in `config.toml`).
+    retention: Retention,
 }
 
 /// A sync run in progress.
-#[derive(Default)]
 struct SyncRun {
+    /// When it started.
+    started: Instant,
+    /// Live envelopes of the group are held until the run ends or [`CATCH_UP_HOLD_LIMIT`]
+    /// passes (see `GroupEngine::begin_catch_up`).
+    holding: bool,
     /// Envelopes fetched and accepted so far.
     fetched: usize,
     /// A gap was signalled during the run: start another one when it ends.
@@ -1067,6 +1088,13 @@ impl Actor {
                 }
                 Input::SyncDone { group, complete } => self.sync_done(group, complete),
                 Input::Flush => {
+                    self.release_slow_catch_ups();
+                    // A run that failed is retried (debounced) rather than left for the
+                    // next routine sync a minute later.
+                    let retry: Vec<GroupId> = self.unsynced.iter().copied().collect();
+                    for g in retry {
+                        self.start_sync(g, SyncTrigger::Routine);
+                    }
                     self.flushes += 1;
                     if self.flushes.is_multiple_of(EXPIRE_EVERY_FLUSHES) {
                         self.expire_past_epochs();
@@ -1152,8 +1180,9 @@ impl Actor {
 
     /// Processes envelopes fetched by history sync for `group`, like gossip but without
     /// reporting verdicts: envelopes of other groups and ones already stored are skipped,
-    /// commits go first (so messages held for their epoch are released), and everything is
-    /// written in one transaction. Returns how many were accepted.
+    /// commits go first, and everything is written in one transaction. Live envelopes held
+    /// meanwhile are processed when the run ends (`GroupEngine::handle_synced_envelope`).
+    /// Returns how many were accepted.
     fn ingest(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) -> usize {
         let mut effects = Vec::new();
         let mut seen: HashSet<MessageId> = HashSet::new();
@@ -1180,7 +1209,7 @@ impl Actor {
                     continue;
                 }
             }
-            let (verdict, fx) = self.groups.handle_envelope(&data, now_ms());
+            let (verdict, fx) = self.groups.handle_synced_envelope(&data, now_ms());
             effects.extend(fx);
             match verdict {
                 Verdict::Accept => accepted += 1,
@@ -1255,7 +1284,16 @@ impl Actor {
             }
         };
         tracing::debug!(group = %group.short(), ?trigger, peers = peers.len(), epochs = summary.epochs.len(), "starting history sync");
-        self.syncs.insert(group, SyncRun::default());
+        self.syncs.insert(
+            group,
+            SyncRun {
+                started: Instant::now(),
+                holding: true,
+                fetched: 0,
+                again: false,
+            },
+        );
+        self.groups.begin_catch_up(&group);
         self.last_sync.insert(group, Instant::now());
         let net = self.net.clone();
         let tx = self.tx.clone();
@@ -1276,6 +1314,7 @@ impl Actor {
         let Some(run) = self.syncs.remove(&group) else {
             return;
         };
+        self.end_catch_up(group);
         if complete {
             self.unsynced.remove(&group);
         } else {
@@ -1296,6 +1335,33 @@ impl Actor {
         if run.again {
             self.last_sync.remove(&group);
             self.start_sync(group, SyncTrigger::Gap);
+        }
+    }
+
+    /// Processes the live envelopes of `group` held during its sync run, after the fetched
+    /// (older) ones.
+    fn end_catch_up(&mut self, group: GroupId) {
+        let effects = self.groups.end_catch_up(&group, now_ms());
+        if let Err(e) = self.apply_with(effects, false) {
+            tracing::error!(error = %e, "cannot store messages held during history sync");
+        }
+    }
+
+    /// Stops holding live envelopes for sync runs that have held them for
+    /// [`CATCH_UP_HOLD_LIMIT`]; the runs go on.
+    fn release_slow_catch_ups(&mut self) {
+        let due: Vec<GroupId> = self
+            .syncs
+            .iter_mut()
+            .filter(|(_, r)| r.holding && r.started.elapsed() >= CATCH_UP_HOLD_LIMIT)
+            .map(|(g, r)| {
+                r.holding = false;
+                *g
+            })
+            .collect();
+        for group in due {
+            tracing::debug!(group = %group.short(), "history sync is slow; processing live messages meanwhile");
+            self.end_catch_up(group);
         }
     }
 
@@ -1323,9 +1389,8 @@ impl Actor {
         let envelopes = match self.store.envelopes_of_group(&r.group, MAX_SCAN_ENVELOPES) {
             Ok(e) => e,
             Err(e) => {
-                // There is no "internal error" refusal; "try again later" is the honest one.
-                tracing::error!(error = %e, "cannot read envelopes for sync");
-                return SyncResponse::Refused(SyncRefusal::RateLimited);
+                tracing::error!(%peer, group = %r.group.short(), error = %e, "cannot read envelopes to answer a sync request; refused as unavailable");
+                return SyncResponse::Refused(SyncRefusal::Unavailable);
             }
         };
         let mut items = Vec::with_capacity(envelopes.len());
@@ -1335,7 +1400,11 @@ impl Actor {
                 PayloadKind::Application => match self.store.history_entry(&env.id) {
                     Ok(Some(h)) => items.push(SyncItem::application(env, h.sent_at_ms, &h.sender)),
                     Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot read history entry"),
+                    Err(e) => {
+                        // Skipping it would send a page that claims to be complete but is not.
+                        tracing::error!(%peer, group = %r.group.short(), error = %e, "cannot read a history entry to answer a sync request; refused as unavailable");
+                        return SyncResponse::Refused(SyncRefusal::Unavailable);
+                    }
                 },
                 PayloadKind::Proposal => {}
             }
@@ -1407,10 +1476,7 @@ impl Actor {
                 more = true;
                 break;
             }
-            match self
-                .store
-                .prune(&g.id, Retention::default(), now_ms(), budget)
-            {
+            match self.store.prune(&g.id, self.retention, now_ms(), budget) {
                 Ok(p) => {
                     if p.history > 0 || p.envelopes > 0 {
                         self.unflushed = true;

@@ -303,6 +303,26 @@ struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// Bytes of one request-response protocol's frames (the 4-byte length prefix plus the
+/// encoded message; not yamux, Noise or TCP overhead), by direction. Cloned handles share
+/// the counts; the network task's codec updates them.
+#[derive(Debug, Clone, Default)]
+pub struct FrameBytes {
+    /// Requests this node sent.
+    pub request_sent: Counter,
+    /// Responses this node received.
+    pub response_received: Counter,
+    /// Requests this node received.
+    pub request_received: Counter,
+    /// Responses this node sent.
+    pub response_sent: Counter,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -399,6 +419,7 @@ pub struct KithMetrics {
     joins: [Counter; JoinResult::ALL.len()],
     join_requests: [Counter; JoinRequestResult::ALL.len()],
     invites_created: Counter,
+    sync_bytes: FrameBytes,
 }
 
 /// Registers a counter family with one child per label value and returns the children.
@@ -499,6 +520,31 @@ impl KithMetrics {
             "Invite links created",
             invites_created.clone(),
         );
+        let [
+            request_sent,
+            response_received,
+            request_received,
+            response_sent,
+        ] = counters(
+            r,
+            "sync_bytes",
+            "Bytes of history sync frames (/kith/sync/1.0.0, length prefix included), by \
+             direction: request_sent and response_received when this node catches up, \
+             request_received and response_sent when it serves others",
+            [
+                "request_sent",
+                "response_received",
+                "request_received",
+                "response_sent",
+            ]
+            .map(|direction| DirectionLabel { direction }),
+        );
+        let sync_bytes = FrameBytes {
+            request_sent,
+            response_received,
+            request_received,
+            response_sent,
+        };
         KithMetrics {
             messages_sent,
             messages_received,
@@ -513,7 +559,13 @@ impl KithMetrics {
             joins,
             join_requests,
             invites_created,
+            sync_bytes,
         }
+    }
+
+    /// The history sync frame counters, for the network task's codec.
+    pub fn sync_bytes(&self) -> FrameBytes {
+        self.sync_bytes.clone()
     }
 
     /// Counts a text message sent by this node.
@@ -791,6 +843,7 @@ mod tests {
             "kith_api_requests_total{method=\"GET\",endpoint=\"/v1/groups/{group}\",status=\"200\"} 1",
             "kith_joins_total{result=\"joined\"} 1",
             "kith_invites_created_total 0",
+            "kith_sync_bytes_total{direction=\"response_received\"} 0",
             "# TYPE libp2p_swarm_dial_attempt counter",
             "# TYPE libp2p_gossipsub_messages counter",
         ] {

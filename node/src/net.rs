@@ -42,8 +42,11 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, identify, kad, mdns, noise, ping,
     tcp, yamux,
 };
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::FrameBytes;
 
 /// Kademlia protocol name: a separate DHT from the public IPFS one.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/kad/1.0.0");
@@ -105,6 +108,8 @@ pub struct NetConfig {
     pub mdns: bool,
     /// Gossipsub heartbeat (mesh maintenance and gossip emission).
     pub heartbeat: Duration,
+    /// Counters of the history sync protocol's frame bytes.
+    pub sync_bytes: FrameBytes,
 }
 
 /// Why the network could not start or a request failed.
@@ -465,20 +470,49 @@ wire_message!(SyncResponse, MAX_SYNC_RESPONSE_BYTES, SyncResponse::encode);
 
 /// Length-prefixed codec for Kith's request-response protocols: a 4-byte big-endian
 /// length, then the message. A length above the message type's limit is refused before
-/// anything is read, and every message is bound-checked when decoded.
-pub struct FramedCodec<Req, Resp>(std::marker::PhantomData<fn() -> (Req, Resp)>);
+/// anything is read, and every message is bound-checked when decoded. With counters
+/// ([`FramedCodec::counted`]) it adds every frame's bytes to them.
+pub struct FramedCodec<Req, Resp> {
+    bytes: Option<FrameBytes>,
+    _messages: std::marker::PhantomData<fn() -> (Req, Resp)>,
+}
 
 impl<Req, Resp> Default for FramedCodec<Req, Resp> {
     fn default() -> Self {
-        FramedCodec(std::marker::PhantomData)
+        FramedCodec {
+            bytes: None,
+            _messages: std::marker::PhantomData,
+        }
     }
 }
 
 impl<Req, Resp> Clone for FramedCodec<Req, Resp> {
     fn clone(&self) -> Self {
-        Self::default()
+        FramedCodec {
+            bytes: self.bytes.clone(),
+            _messages: std::marker::PhantomData,
+        }
     }
 }
+
+impl<Req, Resp> FramedCodec<Req, Resp> {
+    /// A codec that counts its frames' bytes in `bytes`.
+    pub fn counted(bytes: FrameBytes) -> Self {
+        FramedCodec {
+            bytes: Some(bytes),
+            _messages: std::marker::PhantomData,
+        }
+    }
+
+    fn count(&self, which: fn(&FrameBytes) -> &Counter, frame_len: usize) {
+        if let Some(b) = &self.bytes {
+            which(b).inc_by(FRAME_PREFIX_BYTES + frame_len as u64);
+        }
+    }
+}
+
+/// Length of the frame length prefix.
+const FRAME_PREFIX_BYTES: u64 = 4;
 
 /// The join protocol's codec.
 pub type JoinCodec = FramedCodec<JoinRequest, JoinResponse>;
@@ -518,18 +552,22 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
+/// Reads one message; returns it with its frame's length (without the prefix).
 async fn read_message<M: WireMessage, T: futures::AsyncRead + Unpin + Send>(
     io: &mut T,
-) -> io::Result<M> {
+) -> io::Result<(M, usize)> {
     let bytes = read_frame(io, M::MAX_BYTES).await?;
-    M::from_bytes(&bytes).map_err(invalid)
+    Ok((M::from_bytes(&bytes).map_err(invalid)?, bytes.len()))
 }
 
+/// Writes one message; returns its frame's length (without the prefix).
 async fn write_message<M: WireMessage, T: futures::AsyncWrite + Unpin + Send>(
     io: &mut T,
     message: M,
-) -> io::Result<()> {
-    write_frame(io, &message.to_bytes().map_err(invalid)?).await
+) -> io::Result<usize> {
+    let bytes = message.to_bytes().map_err(invalid)?;
+    write_frame(io, &bytes).await?;
+    Ok(bytes.len())
 }
 
 impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCodec<Req, Resp> {
@@ -541,21 +579,27 @@ impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCode
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        read_message(io).await
+        let (req, len) = read_message(io).await?;
+        self.count(|b| &b.request_received, len);
+        Ok(req)
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        read_message(io).await
+        let (resp, len) = read_message(io).await?;
+        self.count(|b| &b.response_received, len);
+        Ok(resp)
     }
 
     async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Req) -> io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        write_message(io, req).await
+        let len = write_message(io, req).await?;
+        self.count(|b| &b.request_sent, len);
+        Ok(())
     }
 
     async fn write_response<T>(
@@ -567,7 +611,9 @@ impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCode
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        write_message(io, res).await
+        let len = write_message(io, res).await?;
+        self.count(|b| &b.response_sent, len);
+        Ok(())
     }
 }
 
@@ -730,7 +776,8 @@ fn behaviour(
             .with_request_timeout(JOIN_TIMEOUT)
             .with_max_concurrent_streams(MAX_PENDING_INBOUND),
     );
-    let sync = request_response::Behaviour::new(
+    let sync = request_response::Behaviour::with_codec(
+        SyncCodec::counted(cfg.sync_bytes.clone()),
         [(SYNC_PROTOCOL, ProtocolSupport::Full)],
         request_response::Config::default()
             .with_request_timeout(SYNC_TIMEOUT)

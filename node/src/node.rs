@@ -139,6 +139,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
             known_peers,
             mdns: config.mdns,
             heartbeat,
+            sync_bytes: kith_metrics.sync_bytes(),
         },
         metrics_listener.as_ref().map(|_| &mut registry),
     )?;
@@ -149,6 +150,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         net.clone(),
         net_events,
         kith_metrics.clone(),
+        config.retention,
     )?;
 
     let api_token = identity::load_or_create_api_token(&data_dir)?;

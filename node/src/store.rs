@@ -853,7 +853,13 @@ fn history_key(entry: &HistoryEntry) -> Result<[u8; HISTORY_KEY_LEN], StoreError
     let mut key = [0u8; HISTORY_KEY_LEN];
     key[..32].copy_from_slice(entry.group.as_bytes());
     key[32..40].copy_from_slice(&entry.epoch.to_be_bytes());
-    key[40..48].copy_from_slice(&entry.sent_at_ms.to_be_bytes());
+    // Members record a commit at their own times: order it at the end of its epoch instead.
+    let sent_at_ms = if entry.kind.is_commit() {
+        u64::MAX
+    } else {
+        entry.sent_at_ms
+    };
+    key[40..48].copy_from_slice(&sent_at_ms.to_be_bytes());
     key[48..48 + sender.len()].copy_from_slice(&sender);
     key[48 + MAX_SENDER_BYTES] = sender.len() as u8;
     key[HISTORY_KEY_LEN - 32..].copy_from_slice(entry.id.as_bytes());

@@ -279,6 +279,16 @@ struct Pending {
 
 /// Work lost in a rollback to epoch `.0`: the commits of the losing branch.
 type Redo = (u64, Vec<Applied>);
+/// Where envelope bytes come from, for [`GroupEngine::process`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Live gossip: held if from a future epoch, or while the group catches up.
+    Live,
+    /// A history sync page: held only if from a future epoch.
+    Synced,
+    /// Held earlier and now due: never held again.
+    Held,
+}
 
 struct Group {
     mls: MlsGroup,
@@ -299,6 +309,9 @@ struct Group {
     rollbacks: u64,
     /// Orphans must be retried (a rollback happened).
     retry: bool,
+    /// A history sync is fetching older envelopes: live ones are held until it ends (see
+    /// [`GroupEngine::begin_catch_up`]).
+    catching_up: bool,
     /// This node proposed its own removal (see [`GroupEngine::leave_group`]).
     leaving: bool,
     /// Own application messages since this node's last own commit.
@@ -330,6 +343,7 @@ impl Group {
             deep_forks: 0,
             rollbacks: 0,
             retry: false,
+            catching_up: false,
             leaving,
             sent_since_update: 0,
             last_update_ms: now_ms,
@@ -916,7 +930,7 @@ where
             sender: sender.unwrap_or(invite.inviter),
             sent_at_ms: now_ms,
             received_at_ms: now_ms,
-            kind: EntryKind::MembersAdded(vec![self.me.peer]),
+            kind: EntryKind::Joined(self.me.peer),
         };
         Ok((
             id,
@@ -1165,11 +1179,58 @@ where
     /// Handles envelope bytes received from the network. Returns the gossip verdict and the
     /// effects. Envelopes for a future epoch are held (bounded) and processed once the
     /// commits before them arrive.
+    ///
+    /// While the group catches up ([`GroupEngine::begin_catch_up`]) every envelope of it is
+    /// held (verdict `Ignore`) and processed when the catch-up ends.
     pub fn handle_envelope(&mut self, bytes: &[u8], now_ms: u64) -> (Verdict, Vec<Effect>) {
         let mut effects = Vec::new();
-        let verdict = self.process(bytes, now_ms, &mut effects, true);
+        let verdict = self.process(bytes, now_ms, &mut effects, Source::Live);
         self.settle(now_ms, &mut effects);
         (verdict, effects)
+    }
+
+    /// Handles envelope bytes fetched by history sync. Like [`GroupEngine::handle_envelope`],
+    /// but never held for a catch-up, and, while the group catches up, an accepted commit
+    /// does not release the envelopes held for the new epoch: they wait until
+    /// [`GroupEngine::end_catch_up`], after the older envelopes still to be fetched.
+    pub fn handle_synced_envelope(&mut self, bytes: &[u8], now_ms: u64) -> (Verdict, Vec<Effect>) {
+        let mut effects = Vec::new();
+        let verdict = self.process(bytes, now_ms, &mut effects, Source::Synced);
+        self.settle(now_ms, &mut effects);
+        (verdict, effects)
+    }
+
+    /// Starts holding live envelopes of `group` while history sync fetches older ones.
+    ///
+    /// Why: MLS keeps the keys of skipped generations only for a bounded window per sender
+    /// (`OUT_OF_ORDER_TOLERANCE`). A node coming back that decrypted a live message first
+    /// would move each sender's ratchet past the window, and the older messages sync then
+    /// brings could no longer be decrypted. Holding live envelopes (bounded like future-epoch
+    /// ones) and processing them after the fetched ones keeps every sender's messages in
+    /// generation order.
+    pub fn begin_catch_up(&mut self, group: &GroupId) {
+        if let Some(g) = self.groups.get_mut(group) {
+            g.catching_up = true;
+        }
+    }
+
+    /// Ends a catch-up of `group`: processes the envelopes held meanwhile (those whose
+    /// epoch has been reached, in arrival order) and returns their effects.
+    pub fn end_catch_up(&mut self, group: &GroupId, now_ms: u64) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if let Some(g) = self.groups.get_mut(group)
+            && g.catching_up
+        {
+            g.catching_up = false;
+            self.drain_pending(*group, now_ms, &mut effects);
+            self.settle(now_ms, &mut effects);
+        }
+        effects
+    }
+
+    /// Whether `group` is catching up (see [`GroupEngine::begin_catch_up`]).
+    pub fn is_catching_up(&self, group: &GroupId) -> bool {
+        self.groups.get(group).is_some_and(|g| g.catching_up)
     }
 
     fn process(
@@ -1177,7 +1238,7 @@ where
         bytes: &[u8],
         now_ms: u64,
         effects: &mut Vec<Effect>,
-        hold: bool,
+        source: Source,
     ) -> Verdict {
         let envelope = match Envelope::decode(bytes) {
             Ok(e) => e,
@@ -1188,9 +1249,13 @@ where
             return Verdict::Ignore("not a member of this group".into());
         };
         let epoch = g.epoch();
+        if source == Source::Live && g.catching_up {
+            hold_pending(g, envelope.epoch(), bytes);
+            return Verdict::Ignore("held until history sync has caught up".into());
+        }
         if envelope.epoch() > epoch {
             // Held even by a node removed on its branch: the branch may lose.
-            if hold {
+            if source != Source::Held {
                 hold_pending(g, envelope.epoch(), bytes);
             }
             return Verdict::Ignore(format!(
@@ -1218,7 +1283,7 @@ where
         } else {
             self.process_mls(group_id, &envelope, id, message, bytes, now_ms, effects)
         };
-        if verdict == Verdict::Accept {
+        if verdict == Verdict::Accept && !self.is_catching_up(&group_id) {
             self.drain_pending(group_id, now_ms, effects);
         }
         verdict
@@ -1385,7 +1450,7 @@ where
             let orphans = std::mem::take(&mut g.orphans);
             g.orphan_bytes = 0;
             for o in orphans {
-                let _ = self.process(&o.bytes, now_ms, effects, true);
+                let _ = self.process(&o.bytes, now_ms, effects, Source::Synced);
             }
         }
         let todo: Vec<(GroupId, Vec<Redo>)> = self
@@ -1711,7 +1776,7 @@ where
             g.pending_bytes -= p.bytes.len();
             // `process` drains again after each accepted commit; nested calls stop once
             // nothing is ready, so the recursion depth is bounded by the number held.
-            let _ = self.process(&p.bytes, now_ms, effects, false);
+            let _ = self.process(&p.bytes, now_ms, effects, Source::Held);
         }
     }
 

@@ -65,6 +65,22 @@ pub enum EntryKind {
     },
     /// `sender` revoked an invite.
     InviteRevoked(InviteId),
+    /// This node (the PeerId) joined the group through a Welcome from `sender`. Added after
+    /// the others (tag 06); earlier versions recorded a join as `MembersAdded`.
+    Joined(PeerId),
+}
+
+impl EntryKind {
+    /// Whether the entry records a commit (members added or removed). Every member records
+    /// a commit under the same id but at its own time, so the canonical history order puts
+    /// commit entries at the end of their epoch (`epoch`, then `sent_at_ms` = `u64::MAX`)
+    /// rather than at a time members disagree on.
+    pub fn is_commit(&self) -> bool {
+        matches!(
+            self,
+            EntryKind::MembersAdded(_) | EntryKind::MembersRemoved(_)
+        )
+    }
 }
 
 /// A raw envelope kept to serve history to other members.

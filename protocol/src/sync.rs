@@ -106,6 +106,12 @@ pub enum SyncRefusal {
     /// The request is invalid (bad summary or cursor).
     #[error("the sync request is invalid")]
     BadRequest,
+    /// The responder could not answer right now for a reason of its own (e.g. its storage
+    /// failed to read); the request may be fine. Ask another member, or this one later.
+    /// Added after the first four refusals (tag 04): a node that predates it fails to decode
+    /// this response and treats it like a failed request, which leads to the same retry.
+    #[error("the contacted node cannot answer right now (internal failure)")]
+    Unavailable,
 }
 
 /// What the requester holds: one entry per epoch it holds anything of, for epochs at or above
@@ -440,6 +446,18 @@ impl Page {
     }
 }
 
+/// What the decoder's limit charges per envelope of a page on top of its bytes: the codec
+/// counts the memory a decoded `Vec<Vec<u8>>` claims, `size_of::<Vec<u8>>()` per item (24 on
+/// 64-bit targets; 32 leaves room for any target).
+pub const PAGE_ITEM_ALLOWANCE: u64 = 32;
+
+/// What one envelope of `len` bytes costs against a page's budget: [`counted_len`] plus
+/// [`PAGE_ITEM_ALLOWANCE`], so a full page of many envelopes still decodes within
+/// [`MAX_SYNC_RESPONSE_BYTES`].
+pub fn page_cost(len: usize) -> u64 {
+    counted_len(len) + PAGE_ITEM_ALLOWANCE
+}
+
 /// Bytes an envelope of `len` bytes takes in a page: itself plus its varint length prefix.
 pub fn counted_len(len: usize) -> u64 {
     let prefix = match len {
@@ -463,8 +481,9 @@ pub fn counted_len(len: usize) -> u64 {
 ///    [`HistoryKey`] order. A digest cannot tell which ids are missing, so a mismatching
 ///    epoch is sent whole; the requester drops duplicates by id.
 ///
-/// Only items after `cursor` are considered. Items are added while their counted bytes
-/// ([`counted_len`]) fit in `min(max_bytes, MAX_PAGE_BYTES)`; the first item of a page is
+/// Only items after `cursor` are considered. Items are added while their costs
+/// ([`page_cost`]: encoded length plus a per-item decoding allowance) fit in
+/// `min(max_bytes, MAX_PAGE_BYTES)`; the first item of a page is
 /// always added, so one envelope larger than the budget is sent alone and every page makes
 /// progress. The same inputs always give the same page.
 pub fn plan_response(
@@ -521,7 +540,7 @@ pub fn plan_response(
     let mut used = 0u64;
     let mut last: Option<&Cursor> = None;
     for (i, it) in wanted.iter().enumerate() {
-        let cost = counted_len(it.envelope.bytes.len());
+        let cost = page_cost(it.envelope.bytes.len());
         if i > 0 && used + cost > budget {
             page.next = last.cloned();
             return page;

@@ -11,10 +11,10 @@ use kith_protocol::envelope::{Envelope, MAX_ENVELOPE_BYTES, PayloadKind};
 use kith_protocol::ids::{GroupId, MessageId};
 use kith_protocol::records::StoredEnvelope;
 use kith_protocol::sync::{
-    Cursor, EpochSummary, Gaps, HistoryKey, MAX_PROOF_BYTES, MAX_SENDER_BYTES, MAX_SUMMARY_EPOCHS,
-    MAX_SYNC_REQUEST_BYTES, MissingCommits, Summary, SyncError, SyncItem, SyncPageV1, SyncRefusal,
-    SyncRequest, SyncRequestV1, SyncResponse, app_set_digest, counted_len, history_order_key,
-    plan_response, summarize,
+    Cursor, EpochSummary, Gaps, HistoryKey, MAX_PAGE_BYTES, MAX_PROOF_BYTES, MAX_SENDER_BYTES,
+    MAX_SUMMARY_EPOCHS, MAX_SYNC_REQUEST_BYTES, MAX_SYNC_RESPONSE_BYTES, MissingCommits, Summary,
+    SyncError, SyncItem, SyncPageV1, SyncRefusal, SyncRequest, SyncRequestV1, SyncResponse,
+    app_set_digest, counted_len, history_order_key, plan_response, summarize,
 };
 use kith_protocol::{Keypair, PeerId};
 use proptest::prelude::*;
@@ -148,6 +148,7 @@ fn golden_response_tags() {
         (SyncRefusal::RateLimited, "0101"),
         (SyncRefusal::UnknownGroup, "0102"),
         (SyncRefusal::BadRequest, "0103"),
+        (SyncRefusal::Unavailable, "0104"),
     ];
     for (r, hex) in refusals {
         let bytes = SyncResponse::Refused(r).encode().unwrap();
@@ -329,7 +330,7 @@ fn bad_responses_are_typed_errors() {
         Err(SyncError::Decode(DecodeError::Malformed(_)))
     ));
     assert!(matches!(
-        SyncResponse::decode(&[0x01, 0x04]),
+        SyncResponse::decode(&[0x01, 0x05]),
         Err(SyncError::Decode(DecodeError::Malformed(_)))
     ));
     // Non-canonical varint in the envelope count.
@@ -561,6 +562,32 @@ fn pages_are_deterministic_and_resume_after_new_arrivals() {
         cursor = p.next;
     }
     assert_eq!(got, store.ids());
+}
+
+/// A page filled to the largest budget with many small envelopes must still decode: the
+/// decoder's limit also charges each item's in-memory size (found by the catch-up bench:
+/// 846 envelopes of 1.2 KB were refused with `LimitExceeded`).
+#[test]
+fn full_page_of_small_envelopes_decodes() {
+    for len in [100usize, 1200, 5000] {
+        let mut all: Vec<StoredEnvelope> = (0..(2 * 1024 * 1024 / len) as u64)
+            .map(|i| stored(1, PayloadKind::Application, i as u32, len))
+            .collect();
+        all.sort_by_key(|e| e.id);
+        let items: Vec<SyncItem<'_>> = all
+            .iter()
+            .map(|e| SyncItem::application(e, 1, &peer(0)))
+            .collect();
+        let page = plan_response(&Summary::default(), &items, None, MAX_PAGE_BYTES);
+        assert!(page.next.is_some(), "len {len}: the budget should fill");
+        let bytes = page.clone().into_response().encode().unwrap();
+        assert!(bytes.len() <= MAX_SYNC_RESPONSE_BYTES);
+        let decoded = SyncResponse::decode(&bytes)
+            .unwrap_or_else(|e| panic!("len {len}, {} envelopes: {e}", page.envelopes.len()));
+        assert!(
+            matches!(decoded, SyncResponse::V1(p) if p.envelopes.len() == page.envelopes.len())
+        );
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kith_node::cli::{Client, ClientError, LiveEvent};
-use kith_node::model::{CreateInviteRequest, NodeEvent};
+use kith_node::model::{CreateInviteRequest, MessageInfo, NodeEvent};
 use tokio::process::Child;
 use tokio::task::JoinHandle;
 
@@ -42,6 +42,8 @@ pub const DEFAULT_ROOT: &str = "testnet-run";
 const POLL: Duration = Duration::from_millis(50);
 /// An invite allows at most this many joins (the node's limit).
 const MAX_INVITE_USES: usize = 1000;
+/// Most history entries the node's API lists in one request.
+pub const MAX_HISTORY: usize = 1000;
 
 /// Milliseconds since the Unix epoch on this machine's clock (the nodes use the same clock).
 pub fn now_ms() -> u64 {
@@ -892,27 +894,8 @@ impl Testnet {
     /// re-applies a partition in effect, and, for a member, waits until probes prove it is
     /// back in the group topic both ways.
     pub async fn start_node(&mut self, i: usize) -> Result<()> {
-        if self.nodes[i].is_running() {
-            return Err(TestnetError::Node {
-                node: i,
-                message: "is already running".to_owned(),
-            });
-        }
-        let boot = self
-            .nodes
-            .iter()
-            .find(|n| n.index != i && n.is_running())
-            .and_then(|n| n.bootstrap_addr.clone());
-        self.spawn(i, boot)?;
-        self.wait_up(&[i]).await?;
-        self.write_manifest()?;
-        if let Some(sides) = self.partition.clone() {
-            self.apply_partition_to(i, &sides).await?;
-        }
-        if self.nodes[i].member {
-            self.open_recorder_and_prove_ready(i).await?;
-        }
-        Ok(())
+        self.start_node_api_only(i).await?;
+        self.finish_start(i).await
     }
 
     /// Opens node `i`'s event recorder and waits until it and every running member on its
@@ -976,6 +959,113 @@ impl Testnet {
         self.wait_up(&[i]).await?;
         self.write_manifest()?;
         Ok(i)
+    }
+
+    /// Removes member `i` from the group through member `via` (an MLS commit), then waits
+    /// until every running member agrees on the new epoch and member count. From then on
+    /// `i` is not expected to receive anything and does not send traffic; it keeps running.
+    pub async fn remove_member(&mut self, i: usize, via: usize) -> Result<u64> {
+        if !self.nodes[i].member {
+            return Err(TestnetError::Node {
+                node: i,
+                message: "is not a member".to_owned(),
+            });
+        }
+        let client = self.nodes[via].client()?.clone();
+        let gid = self.group_id()?.to_owned();
+        let peer = self.nodes[i].peer_id.clone();
+        let now = now_ms();
+        {
+            let mut st = self.shared.lock();
+            st.ledger.set_removed(i, now);
+            if let Some(slot) = st.senders.get_mut(i) {
+                *slot = None;
+            }
+        }
+        self.nodes[i].member = false;
+        self.write_manifest()?;
+        within(
+            API_TIMEOUT,
+            || format!("node {via} to remove node {i}"),
+            async {
+                client
+                    .remove_member(&gid, &peer)
+                    .await
+                    .map_err(|e| TestnetError::api(via, "removing a member", e))
+            },
+        )
+        .await?;
+        let members = self.running_members();
+        self.wait_converged(&members, CONVERGE_TIMEOUT).await
+    }
+
+    /// Makes member `i` commit a self-update (new leaf key, new epoch), then waits until
+    /// every running member agrees on the new epoch.
+    pub async fn self_update(&self, i: usize) -> Result<u64> {
+        let client = self.nodes[i].client()?.clone();
+        let gid = self.group_id()?.to_owned();
+        within(
+            API_TIMEOUT,
+            || format!("node {i} to update its key"),
+            async {
+                client
+                    .self_update(&gid)
+                    .await
+                    .map_err(|e| TestnetError::api(i, "updating its key", e))
+            },
+        )
+        .await?;
+        let members = self.running_members();
+        self.wait_converged(&members, CONVERGE_TIMEOUT).await
+    }
+
+    /// Node `i`'s history of the group, oldest first, as listed by its API (at most
+    /// [`MAX_HISTORY`] entries, the newest).
+    pub async fn history(&self, i: usize) -> Result<Vec<MessageInfo>> {
+        let client = self.nodes[i].client()?.clone();
+        let gid = self.group_id()?.to_owned();
+        within(
+            API_TIMEOUT,
+            || format!("node {i} to list its history"),
+            async {
+                client
+                    .history(&gid, Some(MAX_HISTORY as u64))
+                    .await
+                    .map_err(|e| TestnetError::api(i, "listing history", e))
+            },
+        )
+        .await
+    }
+
+    /// Starts stopped node `i` again and returns once its API answers, without waiting for
+    /// it to be back in the group topic; [`Testnet::finish_start`] does the rest.
+    pub async fn start_node_api_only(&mut self, i: usize) -> Result<()> {
+        if self.nodes[i].is_running() {
+            return Err(TestnetError::Node {
+                node: i,
+                message: "is already running".to_owned(),
+            });
+        }
+        let boot = self
+            .nodes
+            .iter()
+            .find(|n| n.index != i && n.is_running())
+            .and_then(|n| n.bootstrap_addr.clone());
+        self.spawn(i, boot)?;
+        self.wait_up(&[i]).await?;
+        self.write_manifest()
+    }
+
+    /// The rest of [`Testnet::start_node`] after [`Testnet::start_node_api_only`]: the
+    /// partition in effect, the event recorder, and probes both ways.
+    pub async fn finish_start(&mut self, i: usize) -> Result<()> {
+        if let Some(sides) = self.partition.clone() {
+            self.apply_partition_to(i, &sides).await?;
+        }
+        if self.nodes[i].member {
+            self.open_recorder_and_prove_ready(i).await?;
+        }
+        Ok(())
     }
 
     /// Sends `text` from node `i` and records it as tracked traffic.

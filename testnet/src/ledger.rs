@@ -55,6 +55,9 @@ pub struct NodeTimeline {
     pub peer_id: String,
     /// When it became a member of the group (after its join converged).
     pub member_since_ms: Option<u64>,
+    /// When it stopped being a member (removed or left), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub member_until_ms: Option<u64>,
     /// Windows in which it was ready (see the module docs).
     pub ready: Vec<Span>,
     /// Times its event stream ended while it was supposed to be up.
@@ -65,7 +68,7 @@ pub struct NodeTimeline {
 
 impl NodeTimeline {
     fn is_member_at(&self, t: u64) -> bool {
-        self.member_since_ms.is_some_and(|m| m <= t)
+        self.member_since_ms.is_some_and(|m| m <= t) && self.member_until_ms.is_none_or(|u| t < u)
     }
 
     /// Whether the node is ready at `t`.
@@ -242,6 +245,14 @@ impl Ledger {
     pub fn set_member(&mut self, index: usize, now: u64) {
         if let Some(n) = self.nodes.get_mut(index) {
             n.member_since_ms.get_or_insert(now);
+        }
+    }
+
+    /// Node `index` stopped being a group member at `now` (removed or left): messages sent
+    /// from then on are not expected to reach it.
+    pub fn set_removed(&mut self, index: usize, now: u64) {
+        if let Some(n) = self.nodes.get_mut(index) {
+            n.member_until_ms.get_or_insert(now);
         }
     }
 

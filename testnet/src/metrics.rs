@@ -145,6 +145,10 @@ pub struct Figures {
     pub bytes_out: Option<f64>,
     /// Bytes received by the transports.
     pub bytes_in: Option<f64>,
+    /// History sync request frames this node sent (`kith_sync_bytes_total`).
+    pub sync_request_sent: Option<f64>,
+    /// History sync response frames this node received (`kith_sync_bytes_total`).
+    pub sync_response_received: Option<f64>,
 }
 
 fn sum_where(samples: &[Sample], pred: impl Fn(&Sample) -> bool) -> Option<f64> {
@@ -179,6 +183,12 @@ impl Figures {
             }),
             bytes_out: sum_where(samples, |s| bandwidth(s) && direction(s, "outbound")),
             bytes_in: sum_where(samples, |s| bandwidth(s) && direction(s, "inbound")),
+            sync_request_sent: sum_where(samples, |s| {
+                s.name == "kith_sync_bytes_total" && direction(s, "request_sent")
+            }),
+            sync_response_received: sum_where(samples, |s| {
+                s.name == "kith_sync_bytes_total" && direction(s, "response_received")
+            }),
         }
     }
 
@@ -195,6 +205,8 @@ impl Figures {
             gossip_received: d(before.gossip_received, after.gossip_received),
             bytes_out: d(before.bytes_out, after.bytes_out),
             bytes_in: d(before.bytes_in, after.bytes_in),
+            sync_request_sent: d(before.sync_request_sent, after.sync_request_sent),
+            sync_response_received: d(before.sync_response_received, after.sync_response_received),
         }
     }
 }

@@ -23,8 +23,23 @@
 //! Other actions: `send {node, text}`, `invite_join {node, via}` (a new node when `node` is
 //! the next index), `partition {groups = [[0,1],[2,3,4]]}`, `heal {timeout?}`,
 //! `wait {seconds}`, `wait_until {condition, timeout}` with condition `epochs_equal`,
-//! `all_delivered` or `connected`, and `assert {check, node?, since?, timeout?}` with check
-//! `all_delivered`, `epochs_equal`, `delivered_while_down` or `received_after_restart`.
+//! `all_delivered` or `connected`, and `assert {check, node?, nodes?, since?, timeout?}` with
+//! check `all_delivered`, `epochs_equal`, `delivered_while_down`, `received_after_restart` or
+//! `history_equal`.
+//!
+//! Membership and history sync:
+//! - `burst {count, size, senders?}`: sends `count` tracked messages as fast as the senders'
+//!   APIs accept them (dealt round-robin; default senders: every ready member); waits for
+//!   every answer.
+//! - `remove {node, via}`: member `via` removes `node` (an MLS commit); waits until the
+//!   running members agree on the new epoch. `node` keeps running but is no longer expected
+//!   to receive anything. `update {node}`: `node` commits a self-update (a new epoch).
+//! - `catch_up {node, timeout?}` (needs `metrics = true`): starts stopped member `node` and
+//!   measures the time from its restart until it holds every tracked message sent while it
+//!   was down (polling its `kith_messages_received_total`, then confirming every id in its
+//!   history), and the history sync bytes it moved per missed text byte
+//!   (`kith_sync_bytes_total`). At most 1000 missed messages (the history API's page).
+//!   Then it waits, like `start`, until the node is back in the group topic.
 //!
 //! Checks (the delivery rule is [`crate::ledger`]'s): first every background traffic run
 //! finishes, then the check is retried until it holds or `timeout` (default 10 s) passes.
@@ -36,6 +51,11 @@
 //! - `received_after_restart` (needs `node`): the node was restarted, and every message
 //!   other members sent after its restart reached it (at least one must exist).
 //! - `epochs_equal`: every running member reports the same epoch and the full member count.
+//! - `history_equal` (`nodes`, default every running member): the nodes are at the same
+//!   epoch, each lists every tracked message sent since all of them were members, and the
+//!   entries they all hold appear in the same order in each and at the end of each list
+//!   (entries only one holds, such as its own "joined" row, come before them). Compared on
+//!   the newest 1000 entries (the history API's page), so a node listing that many fails.
 //!
 //! The whole file is validated before any node starts; errors name the step.
 
@@ -47,7 +67,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::error::{Result, TestnetError};
-use crate::launcher::{DEFAULT_ROOT, Testnet, UpOptions, fresh_dir, now_ms};
+use crate::launcher::{DEFAULT_ROOT, MAX_HISTORY, Testnet, UpOptions, fresh_dir, now_ms};
 use crate::ledger::Accounting;
 use crate::manifest::MAX_NODES;
 use crate::procs::Sig;
@@ -63,6 +83,8 @@ const MAX_WAIT_SECS: f64 = 3600.0;
 const DEFAULT_CHECK_TIMEOUT: f64 = 10.0;
 /// Default time a heal may take to restore every pair.
 const DEFAULT_HEAL_TIMEOUT: f64 = 60.0;
+/// Default time a catch-up may take.
+const DEFAULT_CATCH_UP_TIMEOUT: f64 = 60.0;
 
 /// `[testnet]`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -105,6 +127,8 @@ pub enum Check {
     DeliveredWhileDown,
     /// A restarted node got every message sent after its restart.
     ReceivedAfterRestart,
+    /// The listed nodes hold the same history in the same order, at the same epoch.
+    HistoryEqual,
 }
 
 /// One action.
@@ -142,6 +166,36 @@ pub enum Action {
     Restart {
         /// Node index.
         node: usize,
+    },
+    /// Send many tracked messages as fast as the APIs take them.
+    Burst {
+        /// How many.
+        count: u64,
+        /// Bytes per message.
+        size: usize,
+        /// Only these nodes send.
+        #[serde(default)]
+        senders: Option<Vec<usize>>,
+    },
+    /// Remove a member from the group.
+    Remove {
+        /// The member removed.
+        node: usize,
+        /// The member that commits the removal.
+        via: usize,
+    },
+    /// A member commits a self-update.
+    Update {
+        /// The member.
+        node: usize,
+    },
+    /// Start a stopped member and measure how fast it catches up on what it missed.
+    CatchUp {
+        /// The member.
+        node: usize,
+        /// Seconds it may take (default 60).
+        #[serde(default)]
+        timeout: Option<f64>,
     },
     /// Send one tracked message.
     Send {
@@ -187,6 +241,9 @@ pub enum Action {
         /// Node, for checks about one node.
         #[serde(default)]
         node: Option<usize>,
+        /// Nodes, for checks comparing several nodes.
+        #[serde(default)]
+        nodes: Option<Vec<usize>>,
         /// Only messages sent after the step with this label completed.
         #[serde(default)]
         since: Option<String>,
@@ -211,14 +268,21 @@ impl Action {
             Action::Start { node } => format!("start node {node}"),
             Action::Restart { node } => format!("restart node {node}"),
             Action::Send { node, .. } => format!("send from node {node}"),
+            Action::Burst { count, size, .. } => format!("burst {count} × {size} B"),
+            Action::Remove { node, via } => format!("remove node {node} via {via}"),
+            Action::Update { node } => format!("update node {node}"),
+            Action::CatchUp { node, .. } => format!("catch_up node {node}"),
             Action::InviteJoin { node, via } => format!("invite_join node {node} via {via}"),
             Action::Partition { groups } => format!("partition {groups:?}"),
             Action::Heal { .. } => "heal".to_owned(),
             Action::Wait { seconds } => format!("wait {seconds} s"),
             Action::WaitUntil { condition, .. } => format!("wait_until {}", snake(condition)),
-            Action::Assert { check, node, .. } => match node {
-                Some(n) => format!("assert {} node {n}", snake(check)),
-                None => format!("assert {}", snake(check)),
+            Action::Assert {
+                check, node, nodes, ..
+            } => match (node, nodes) {
+                (Some(n), _) => format!("assert {} node {n}", snake(check)),
+                (None, Some(ns)) => format!("assert {} nodes {ns:?}", snake(check)),
+                (None, None) => format!("assert {}", snake(check)),
             },
         }
     }
@@ -403,6 +467,76 @@ impl Scenario {
                         )));
                     }
                 }
+                Action::Burst {
+                    count,
+                    size,
+                    senders,
+                } => {
+                    if !(1..=traffic::MAX_BURST).contains(count) {
+                        return Err(err(format!("count must be 1 to {}", traffic::MAX_BURST)));
+                    }
+                    if !(traffic::MIN_SIZE..=traffic::MAX_SIZE).contains(size) {
+                        return Err(err(format!(
+                            "size must be {} to {} bytes",
+                            traffic::MIN_SIZE,
+                            traffic::MAX_SIZE
+                        )));
+                    }
+                    for &s in senders.iter().flatten() {
+                        exists(s)?;
+                        if !running[s] || !member[s] {
+                            return Err(err(format!(
+                                "sender {s} is not a running member at this point"
+                            )));
+                        }
+                    }
+                }
+                Action::Remove { node, via } => {
+                    exists(*node)?;
+                    exists(*via)?;
+                    if node == via {
+                        return Err(err(
+                            "a member cannot remove itself (that is leaving)".to_owned()
+                        ));
+                    }
+                    if !running[*via] || !member[*via] {
+                        return Err(err(format!(
+                            "node {via} is not a running member at this point"
+                        )));
+                    }
+                    if !member[*node] {
+                        return Err(err(format!("node {node} is not a member at this point")));
+                    }
+                    member[*node] = false;
+                }
+                Action::Update { node } => {
+                    exists(*node)?;
+                    if !running[*node] || !member[*node] {
+                        return Err(err(format!(
+                            "node {node} is not a running member at this point"
+                        )));
+                    }
+                }
+                Action::CatchUp { node, timeout } => {
+                    exists(*node)?;
+                    if !self.testnet.metrics {
+                        return Err(err(
+                            "catch_up reads the node's metrics: set `metrics = true` in [testnet]"
+                                .to_owned(),
+                        ));
+                    }
+                    if running[*node] || !member[*node] {
+                        return Err(err(format!(
+                            "node {node} is not a stopped member at this point"
+                        )));
+                    }
+                    if timeout.is_some_and(|t| !secs_ok(t)) {
+                        return Err(err(format!(
+                            "timeout must be more than 0 and at most {MAX_WAIT_SECS} s"
+                        )));
+                    }
+                    running[*node] = true;
+                }
                 Action::InviteJoin { node, via } => {
                     exists(*via)?;
                     if !running[*via] || !member[*via] {
@@ -467,6 +601,7 @@ impl Scenario {
                 Action::Assert {
                     check,
                     node,
+                    nodes,
                     since,
                     timeout,
                 } => {
@@ -479,6 +614,21 @@ impl Scenario {
                         && !labels.contains(&l.as_str())
                     {
                         return Err(err(format!("`since` names no earlier step label '{l}'")));
+                    }
+                    match (check, nodes) {
+                        (Check::HistoryEqual, Some(ns)) => {
+                            if ns.is_empty() {
+                                return Err(err("`nodes` must not be empty".to_owned()));
+                            }
+                            for &x in ns {
+                                exists(x)?;
+                            }
+                        }
+                        (Check::HistoryEqual, None) => {}
+                        (_, Some(_)) => {
+                            return Err(err("only history_equal takes `nodes`".to_owned()));
+                        }
+                        (_, None) => {}
                     }
                     match (check, node) {
                         (Check::ReceivedAfterRestart, None) => {
@@ -762,6 +912,42 @@ impl Runner {
                 let seq = tn.send(*node, text).await.map_err(e)?;
                 Ok(format!("message #{seq}"))
             }
+            Action::Burst {
+                count,
+                size,
+                senders,
+            } => {
+                let seed = self.seed.wrapping_add(index as u64);
+                let b = traffic::burst(&tn.shared, *count, *size, senders.as_deref(), seed)
+                    .await
+                    .map_err(e)?;
+                if b.failed > 0 {
+                    return Err(format!(
+                        "{} of {count} sends failed (see the report's send failures)",
+                        b.failed
+                    ));
+                }
+                Ok(format!(
+                    "{} messages sent in {:.1} s ({:.0} msg/s)",
+                    b.sent,
+                    b.secs,
+                    b.sent as f64 / b.secs.max(1e-9)
+                ))
+            }
+            Action::Remove { node, via } => {
+                let epoch = tn.remove_member(*node, *via).await.map_err(e)?;
+                Ok(format!(
+                    "node {node} removed; running members at epoch {epoch}"
+                ))
+            }
+            Action::Update { node } => {
+                let epoch = tn.self_update(*node).await.map_err(e)?;
+                Ok(format!("running members at epoch {epoch}"))
+            }
+            Action::CatchUp { node, timeout } => {
+                let limit = Duration::from_secs_f64(timeout.unwrap_or(DEFAULT_CATCH_UP_TIMEOUT));
+                catch_up(tn, *node, limit).await
+            }
             Action::InviteJoin { node, via } => {
                 tn.invite_join(*node, *via).await.map_err(e)?;
                 Ok(format!("node {node} is a member"))
@@ -794,6 +980,7 @@ impl Runner {
             Action::Assert {
                 check,
                 node,
+                nodes,
                 since,
                 timeout,
             } => {
@@ -801,6 +988,10 @@ impl Runner {
                 let since = since.as_ref().and_then(|l| self.labels.get(l).copied());
                 match check {
                     Check::EpochsEqual => epochs_equal(tn, limit).await,
+                    Check::HistoryEqual => {
+                        let ns = nodes.clone().unwrap_or_else(|| tn.running_members());
+                        history_equal(tn, &ns, limit).await
+                    }
                     _ => {
                         self.finish_traffic().await;
                         self.delivery(tn, *check, *node, since, limit).await
@@ -948,7 +1139,9 @@ fn judge(
                 ))
             }
         }
-        Check::EpochsEqual => Err("epochs_equal is not a delivery check".to_owned()),
+        Check::EpochsEqual | Check::HistoryEqual => {
+            Err(format!("{} is not a delivery check", snake(&check)))
+        }
     }
 }
 
@@ -961,6 +1154,240 @@ async fn epochs_equal(tn: &Testnet, limit: Duration) -> std::result::Result<Stri
         )),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Retries [`history_once`] until it holds or `limit` passes.
+async fn history_equal(
+    tn: &Testnet,
+    nodes: &[usize],
+    limit: Duration,
+) -> std::result::Result<String, String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let verdict = history_once(tn, nodes).await;
+        if verdict.is_ok() || tokio::time::Instant::now() >= deadline {
+            return verdict;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One evaluation of `history_equal` (see the module docs).
+async fn history_once(tn: &Testnet, nodes: &[usize]) -> std::result::Result<String, String> {
+    let required: Vec<String> = {
+        let st = tn.shared.lock();
+        let since = nodes
+            .iter()
+            .filter_map(|&i| st.ledger.nodes.get(i).and_then(|n| n.member_since_ms))
+            .max()
+            .unwrap_or(0);
+        st.ledger
+            .sent
+            .iter()
+            .filter(|m| m.send_start_ms >= since)
+            .map(|m| m.id.clone())
+            .collect()
+    };
+    let mut lists: Vec<Vec<String>> = Vec::with_capacity(nodes.len());
+    let mut infos: HashMap<String, String> = HashMap::new();
+    let mut epochs = Vec::with_capacity(nodes.len());
+    for &i in nodes {
+        if !tn.nodes[i].is_running() {
+            return Err(format!("node {i} is not running"));
+        }
+        let view = tn.group_views(&[i]).await.map_err(|e| e.to_string())?;
+        epochs.push(view.first().map_or(0, |v| v.1));
+        let history = tn.history(i).await.map_err(|e| e.to_string())?;
+        if history.len() >= MAX_HISTORY {
+            return Err(format!(
+                "node {i} lists {MAX_HISTORY} entries, the API's page; history_equal compares fewer"
+            ));
+        }
+        for m in &history {
+            infos.entry(m.id.clone()).or_insert_with(|| {
+                format!(
+                    "{} ({}, epoch {}, sent_at_ms {})",
+                    m.id.get(..8).unwrap_or(&m.id),
+                    serde_json::to_value(&m.body)
+                        .ok()
+                        .and_then(|v| v["type"].as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    m.epoch,
+                    m.sent_at_ms
+                )
+            });
+        }
+        lists.push(history.into_iter().map(|m| m.id).collect());
+    }
+    if epochs.iter().any(|e| Some(e) != epochs.first()) {
+        let shown: Vec<String> = nodes
+            .iter()
+            .zip(&epochs)
+            .map(|(i, e)| format!("node {i} at {e}"))
+            .collect();
+        return Err(format!("epochs differ: {}", shown.join(", ")));
+    }
+    let sets: Vec<std::collections::HashSet<&String>> =
+        lists.iter().map(|l| l.iter().collect()).collect();
+    for (k, &i) in nodes.iter().enumerate() {
+        let missing = required.iter().filter(|id| !sets[k].contains(id)).count();
+        if missing > 0 {
+            return Err(format!(
+                "node {i} lacks {missing} of the {} tracked messages",
+                required.len()
+            ));
+        }
+    }
+    let shared: Vec<Vec<&String>> = lists
+        .iter()
+        .map(|l| {
+            l.iter()
+                .filter(|id| sets.iter().all(|s| s.contains(id)))
+                .collect()
+        })
+        .collect();
+    for (k, &i) in nodes.iter().enumerate().skip(1) {
+        if shared[k] != shared[0] {
+            let at = shared[0]
+                .iter()
+                .zip(&shared[k])
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            let show = |k: usize| {
+                shared[k]
+                    .get(at)
+                    .and_then(|id| infos.get(*id))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            return Err(format!(
+                "node {i} orders the {} shared entries differently from node {} (first difference at position {at}: {} there, {} on node {i})",
+                shared[0].len(),
+                nodes[0],
+                show(0),
+                show(k)
+            ));
+        }
+    }
+    for (k, &i) in nodes.iter().enumerate() {
+        let tail = &lists[k][lists[k].len() - shared[k].len()..];
+        if tail.iter().collect::<Vec<_>>() != shared[k] {
+            return Err(format!(
+                "node {i} lists entries only it holds among the shared ones"
+            ));
+        }
+    }
+    Ok(format!(
+        "nodes {nodes:?} at epoch {} list the same {} entries in the same order, with all {} tracked messages",
+        epochs.first().copied().unwrap_or(0),
+        shared[0].len(),
+        required.len()
+    ))
+}
+
+/// `catch_up`: restarts stopped member `node` and measures its catch-up (see the module
+/// docs).
+async fn catch_up(
+    tn: &mut Testnet,
+    node: usize,
+    limit: Duration,
+) -> std::result::Result<String, String> {
+    let (missed, missed_bytes) = {
+        let st = tn.shared.lock();
+        let Some(down) = st
+            .ledger
+            .nodes
+            .get(node)
+            .and_then(|n| n.ready.last())
+            .and_then(|s| s.to_ms)
+        else {
+            return Err(format!("node {node} was never up and then stopped"));
+        };
+        let missed: Vec<&crate::ledger::Sent> = st
+            .ledger
+            .sent
+            .iter()
+            .filter(|m| m.sender != node && m.send_start_ms >= down)
+            .collect();
+        let bytes: usize = missed.iter().map(|m| m.bytes).sum();
+        (
+            missed
+                .into_iter()
+                .map(|m| m.id.clone())
+                .collect::<Vec<String>>(),
+            bytes,
+        )
+    };
+    if missed.is_empty() {
+        return Err(format!(
+            "no tracked message was sent while node {node} was down; nothing to catch up"
+        ));
+    }
+    if missed.len() > MAX_HISTORY {
+        return Err(format!(
+            "node {node} missed {} messages; catch_up confirms through one history page, so at most {}",
+            missed.len(),
+            MAX_HISTORY
+        ));
+    }
+    let started = tokio::time::Instant::now();
+    let deadline = started + limit;
+    tn.start_node_api_only(node)
+        .await
+        .map_err(|e| e.to_string())?;
+    let api_up = started.elapsed();
+    let want = missed.len() as f64;
+    let figures = loop {
+        let figures = match tn.scrape(node).await {
+            None => return Err(format!("node {node} serves no metrics")),
+            Some(Ok(f)) => Some(f),
+            Some(Err(_)) => None,
+        };
+        if figures.is_some_and(|f| f.messages_received.unwrap_or(0.0) >= want) {
+            break figures;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let got = figures.and_then(|f| f.messages_received).unwrap_or(0.0);
+            return Err(format!(
+                "node {node} received {got} of {} missed messages within {:.0} s",
+                missed.len(),
+                limit.as_secs_f64()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let caught_up = started.elapsed();
+    let held: std::collections::HashSet<String> = tn
+        .history(node)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    let lacking = missed.iter().filter(|id| !held.contains(*id)).count();
+    if lacking > 0 {
+        return Err(format!(
+            "node {node} counted {want} received messages but its history lacks {lacking} of the {} it missed",
+            missed.len()
+        ));
+    }
+    let f = figures.unwrap_or_default();
+    let request = f.sync_request_sent.unwrap_or(0.0);
+    let response = f.sync_response_received.unwrap_or(0.0);
+    let transport = f.bytes_in.unwrap_or(0.0) + f.bytes_out.unwrap_or(0.0);
+    let per = |b: f64| b / missed_bytes.max(1) as f64;
+    tn.finish_start(node).await.map_err(|e| e.to_string())?;
+    Ok(format!(
+        "node {node} caught up on {} missed messages ({missed_bytes} text bytes) {:.2} s after its restart ({:.2} s after its API answered); \
+         history sync moved {:.0} bytes ({request:.0} request, {response:.0} response) = {:.3} per missed byte; \
+         all transport bytes since its start {transport:.0} = {:.3} per missed byte",
+        missed.len(),
+        caught_up.as_secs_f64(),
+        (caught_up - api_up).as_secs_f64(),
+        request + response,
+        per(request + response),
+        per(transport)
+    ))
 }
 
 async fn connected(tn: &Testnet, limit: Duration) -> std::result::Result<String, String> {
@@ -1166,6 +1593,30 @@ since = "down"
                 "[[step]]\naction = \"send\"\nnode = 0\ntext = \"\"\n",
                 "text",
             ),
+            (
+                "[[step]]\naction = \"remove\"\nnode = 1\nvia = 1\n",
+                "cannot remove itself",
+            ),
+            (
+                "[[step]]\naction = \"remove\"\nnode = 1\nvia = 0\n[[step]]\naction = \"update\"\nnode = 1\n",
+                "step 2",
+            ),
+            (
+                "[[step]]\naction = \"burst\"\ncount = 0\nsize = 100\n",
+                "count",
+            ),
+            (
+                "[[step]]\naction = \"stop\"\nnode = 2\n[[step]]\naction = \"catch_up\"\nnode = 2\n",
+                "metrics = true",
+            ),
+            (
+                "[[step]]\naction = \"assert\"\ncheck = \"epochs_equal\"\nnodes = [0]\n",
+                "only history_equal",
+            ),
+            (
+                "[[step]]\naction = \"assert\"\ncheck = \"history_equal\"\nnodes = [5]\n",
+                "no node 5",
+            ),
         ];
         for (steps, want) in cases {
             let e = err(&format!("{head}{steps}"));
@@ -1175,6 +1626,23 @@ since = "down"
         assert!(err("[testnet]\nnodes = 2\nextra = 1\n").contains("extra"));
         assert!(err("nodes = 2\n").contains("testnet"));
         assert!(err("[testnet\n").contains("TOML") || !err("[testnet\n").is_empty());
+    }
+
+    #[test]
+    fn catch_up_needs_a_stopped_member_and_metrics() {
+        let ok = "[testnet]\nnodes = 3\nmetrics = true\n[[step]]\naction = \"stop\"\nnode = 2\n\
+                  [[step]]\naction = \"catch_up\"\nnode = 2\n";
+        let s = Scenario::parse(ok).unwrap();
+        assert_eq!(
+            s.steps[1].action,
+            Action::CatchUp {
+                node: 2,
+                timeout: None
+            }
+        );
+        let running =
+            "[testnet]\nnodes = 3\nmetrics = true\n[[step]]\naction = \"catch_up\"\nnode = 2\n";
+        assert!(err(running).contains("not a stopped member"));
     }
 
     #[test]
@@ -1188,6 +1656,6 @@ since = "down"
                 n += 1;
             }
         }
-        assert!(n >= 2);
+        assert!(n >= 4);
     }
 }

@@ -263,3 +263,76 @@ mod tests {
         }
     }
 }
+
+/// Largest burst.
+pub const MAX_BURST: u64 = 100_000;
+
+/// What a burst did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BurstSummary {
+    /// Messages the nodes accepted.
+    pub sent: u64,
+    /// Sends that failed (listed in the ledger's failures).
+    pub failed: u64,
+    /// Wall time of the burst.
+    pub secs: f64,
+}
+
+/// Sends `count` tracked messages of `size` bytes as fast as the senders' APIs accept them:
+/// the messages are dealt round-robin to `senders` (default: every ready member), and each
+/// sender sends its share one after the other while the senders run in parallel. Returns
+/// once every send has been answered.
+pub async fn burst(
+    shared: &Shared,
+    count: u64,
+    size: usize,
+    senders: Option<&[usize]>,
+    seed: u64,
+) -> Result<BurstSummary> {
+    let (group, clients) = {
+        let st = shared.lock();
+        let ready: Vec<(usize, Client)> = st
+            .senders
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| senders.is_none_or(|s| s.contains(i)))
+            .filter_map(|(i, c)| c.clone().map(|c| (i, c)))
+            .collect();
+        (st.group.clone(), ready)
+    };
+    if clients.is_empty() {
+        return Err(TestnetError::Invalid(
+            "no ready member to send the burst".to_owned(),
+        ));
+    }
+    let first_seq = {
+        let mut st = shared.lock();
+        let first = st.next_seq + 1;
+        st.next_seq += count;
+        first
+    };
+    let failures_before = shared.lock().ledger.failures.len();
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let n = clients.len() as u64;
+    for (k, (sender, client)) in clients.into_iter().enumerate() {
+        let shared = shared.clone();
+        let group = group.clone();
+        let mut rng = StdRng::seed_from_u64(seed.wrapping_add(k as u64));
+        tasks.spawn(async move {
+            let mut seq = first_seq + k as u64;
+            while seq < first_seq + count {
+                let text = traffic_text(seq, sender, size, &mut rng);
+                send_tracked(&shared, client.clone(), group.clone(), sender, seq, text).await;
+                seq += n;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let failed = (shared.lock().ledger.failures.len() - failures_before) as u64;
+    Ok(BurstSummary {
+        sent: count - failed.min(count),
+        failed,
+        secs: start.elapsed().as_secs_f64(),
+    })
+}

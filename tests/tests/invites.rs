@@ -178,7 +178,7 @@ async fn useless_link_addresses_still_join_through_the_dht() -> anyhow::Result<(
     let inv = invite(&a, &g, 1, None, false).await?;
     wait_invite(&b, &g, &inv.id, "B to learn the invite", |_| true).await?;
     // The inviter re-signs the same invite with addresses nobody listens on (a port that was
-    // just free on loopback, and a documentation address).
+    // just free, on two loopback addresses).
     let parsed = Invite::parse(&inv.link)?;
     let free_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -192,7 +192,7 @@ async fn useless_link_addresses_still_join_through_the_dht() -> anyhow::Result<(
             group_name: parsed.group_name.clone(),
             addrs: vec![
                 format!("/ip4/127.0.0.1/tcp/{free_port}").parse()?,
-                "/ip4/192.0.2.1/tcp/9".parse()?,
+                format!("/ip4/127.0.0.3/tcp/{free_port}").parse()?,
             ],
             secret: parsed.secret,
             expires_at: parsed.expires_at,

@@ -1,6 +1,7 @@
-//! The shipped kill-restart scenario, as real processes: with node 3 killed (SIGKILL) in the
-//! middle of traffic, the four others still get every message; once restarted, node 3 is
-//! back in the group topic and gets every message sent after its restart.
+//! The shipped scenarios, as real processes. kill-restart: with node 3 killed (SIGKILL) in
+//! the middle of traffic, the four others still get every message; once restarted, node 3 is
+//! back in the group topic and gets every message sent after its restart. offline-sync: a
+//! member that was stopped catches up through history sync.
 
 #![allow(clippy::unwrap_used)]
 
@@ -61,6 +62,67 @@ fn kill_restart_scenario_passes() -> anyhow::Result<()> {
     let d = &report["delivery"];
     assert_eq!(d["delivered"], d["expected"], "{d}");
     assert!(d["excluded_receiver_down"].as_u64().unwrap() > 0, "{d}");
+    assert!(report["left_running"].as_array().unwrap().is_empty());
+    assert!(pids_mentioning(&run.to_string_lossy()).is_empty());
+    Ok(())
+}
+
+/// The shipped offline-sync scenario, as real processes: node 3 is stopped while the others
+/// send 500 messages and remove node 4; once started again, node 3 holds all 500 messages,
+/// the new epoch and the same history, in the same order, as the other members.
+#[test]
+fn offline_sync_scenario_passes() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("run");
+    let file = testnet_scenarios_dir().join("offline-sync.toml");
+    let started = Instant::now();
+    let output = kith_testnet_cmd()?
+        .arg("scenario")
+        .arg(&file)
+        .args(["--seed", "11", "--dir"])
+        .arg(&run)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "scenario failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let text = std::fs::read_to_string(run.join("scenario-report.json"))?;
+    let report: serde_json::Value = serde_json::from_str(&text)?;
+    assert_eq!(report["passed"], true, "{report:#}");
+    let steps = report["steps"].as_array().context("steps")?;
+    assert_eq!(steps.len(), 8);
+    assert!(steps.iter().all(|s| s["ok"] == true), "{steps:#?}");
+    let detail = |action: &str| {
+        steps
+            .iter()
+            .find(|s| s["action"] == action)
+            .and_then(|s| s["detail"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        detail("remove node 4 via 0").contains("running members at epoch"),
+        "{steps:#?}"
+    );
+    let same = detail("assert history_equal nodes [0, 1, 2, 3]");
+    assert!(
+        same.contains("in the same order, with all 500 tracked messages"),
+        "{same}"
+    );
+    // Node 3 was down for every one of the 500 messages: it got them only by history sync.
+    let d = &report["delivery"];
+    assert_eq!(d["messages"], 500, "{d}");
+    assert_eq!(d["delivered"], d["expected"], "{d}");
+    assert_eq!(d["excluded_receiver_down"], 500, "{d}");
     assert!(report["left_running"].as_array().unwrap().is_empty());
     assert!(pids_mentioning(&run.to_string_lossy()).is_empty());
     Ok(())

@@ -243,3 +243,41 @@ async fn non_member_sync_is_refused() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_retention_prunes_history() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let a = TestNode::start(dir.path(), loopback_config(vec![])).await?;
+    let group = a.node.engine.create_group("small".into()).await?;
+    let sent: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    for t in &sent {
+        a.node.engine.send(group.id.clone(), t.clone()).await?;
+    }
+    let ids_before = history_ids(&a, &group.id).await?;
+    assert_eq!(ids_before.len(), 11, "creation row plus 10 messages");
+
+    // The default keeps everything; a restart with `[retention] max_messages = 3` prunes at
+    // start down to the 3 newest entries.
+    let mut a = a.restart().await?;
+    assert_eq!(history_ids(&a, &group.id).await?, ids_before);
+    a.config.retention.max_messages = 3;
+    let a = a.restart().await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ids = history_ids(&a, &group.id).await?;
+        if ids.len() <= 3 {
+            assert_eq!(ids, ids_before[8..]);
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "still {} entries after {WAIT:?}",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept: Vec<String> = texts(&a, &group.id).await?.into_iter().collect();
+    assert_eq!(kept, ["m7", "m8", "m9"]);
+    a.node.shutdown().await;
+    Ok(())
+}
