@@ -12,6 +12,8 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
+use kith_protocol::group::UpdatePolicy;
+
 use crate::store::{DEFAULT_RETENTION_DAYS, DEFAULT_RETENTION_MAX_MESSAGES, Retention};
 
 /// File name of the configuration file inside the data directory.
@@ -140,6 +142,59 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// How much history to keep per group (`[retention]`).
     pub retention: RetentionConfig,
+    /// When this node refreshes its own key in each group (`[keys]`).
+    pub keys: KeysConfig,
+}
+
+/// Largest accepted `keys.update_after_messages`.
+pub const MAX_UPDATE_AFTER_MESSAGES: u64 = 1_000_000;
+/// Largest accepted `keys.update_after_days`.
+pub const MAX_UPDATE_AFTER_DAYS: u64 = 365;
+
+/// `[keys]` in `config.toml`: when this node commits a fresh leaf key of its own in a group
+/// (an MLS self-update, for post-compromise security), whichever comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysConfig {
+    /// After this many own messages in the group (1 to [`MAX_UPDATE_AFTER_MESSAGES`]).
+    pub update_after_messages: u64,
+    /// After this many days since this node's last commit in the group (1 to
+    /// [`MAX_UPDATE_AFTER_DAYS`]).
+    pub update_after_days: u64,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        let d = UpdatePolicy::default();
+        KeysConfig {
+            update_after_messages: d.after_messages,
+            update_after_days: d.after_ms / 86_400_000,
+        }
+    }
+}
+
+impl KeysConfig {
+    /// Checks the bounds and converts to the engine's [`UpdatePolicy`].
+    pub fn validate(&self) -> Result<UpdatePolicy, ConfigError> {
+        if !(1..=MAX_UPDATE_AFTER_MESSAGES).contains(&self.update_after_messages) {
+            return Err(ConfigError::InvalidField {
+                field: "keys.update_after_messages",
+                value: self.update_after_messages.to_string(),
+                reason: format!("must be 1 to {MAX_UPDATE_AFTER_MESSAGES} messages"),
+            });
+        }
+        if !(1..=MAX_UPDATE_AFTER_DAYS).contains(&self.update_after_days) {
+            return Err(ConfigError::InvalidField {
+                field: "keys.update_after_days",
+                value: self.update_after_days.to_string(),
+                reason: format!("must be 1 to {MAX_UPDATE_AFTER_DAYS} days"),
+            });
+        }
+        Ok(UpdatePolicy {
+            after_messages: self.update_after_messages,
+            after_ms: self.update_after_days * 86_400_000,
+        })
+    }
 }
 
 /// `[retention]` in `config.toml`: how much history the node keeps per group. The prune
@@ -202,6 +257,7 @@ impl Default for Config {
             api_allow_non_loopback: false,
             metrics_listen: None,
             retention: RetentionConfig::default(),
+            keys: KeysConfig::default(),
         }
     }
 }
@@ -250,6 +306,8 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How much history to keep per group.
     pub retention: Retention,
+    /// When to refresh this node's own key in each group.
+    pub update_policy: UpdatePolicy,
 }
 
 impl Config {
@@ -382,6 +440,7 @@ impl Config {
             return Err(ConfigError::NonLoopbackMetrics(addr));
         }
         let retention = self.retention.validate()?;
+        let update_policy = self.keys.validate()?;
         Ok(NodeConfig {
             network: self.network.clone(),
             listen,
@@ -390,6 +449,7 @@ impl Config {
             api_listen: self.api_listen,
             metrics_listen: self.metrics_listen,
             retention,
+            update_policy,
         })
     }
 
@@ -472,6 +532,16 @@ api_allow_non_loopback = {allow}
 [retention]
 max_age_days = {age}
 max_messages = {keep}
+
+# When this node commits a fresh key of its own in each group (an MLS self-update): after
+# `update_after_messages` of its own messages there, or `update_after_days` days after its
+# last commit there, whichever comes first. Fresh keys limit what a stolen key can read
+# (post-compromise security); each update is one small commit to the group.
+# update_after_messages: 1 to {max_update_messages}. update_after_days: 1 to {max_update_days}.
+# File only (no environment variable or flag).
+[keys]
+update_after_messages = {update_messages}
+update_after_days = {update_days}
 "#,
             network = quote(network),
             port = DEFAULT_PORT,
@@ -484,6 +554,10 @@ max_messages = {keep}
             max_messages = MAX_RETENTION_MESSAGES,
             age = d.retention.max_age_days,
             keep = d.retention.max_messages,
+            max_update_messages = MAX_UPDATE_AFTER_MESSAGES,
+            max_update_days = MAX_UPDATE_AFTER_DAYS,
+            update_messages = d.keys.update_after_messages,
+            update_days = d.keys.update_after_days,
         )
     }
 }
@@ -648,6 +722,31 @@ mod tests {
         assert_eq!(node.retention, Retention::default());
         let text = Config::default_toml();
         assert!(text.contains("[retention]\nmax_age_days = 365\nmax_messages = 100000\n"));
+    }
+
+    #[test]
+    fn key_update_policy_is_read_and_validated() {
+        let node = Config::default().validate().unwrap();
+        assert_eq!(node.update_policy, UpdatePolicy::default());
+        let text = Config::default_toml();
+        assert!(text.contains("[keys]\nupdate_after_messages = 1000\nupdate_after_days = 7\n"));
+        let c = Config::from_toml("[keys]\nupdate_after_messages = 50\n").unwrap();
+        let p = c.validate().unwrap().update_policy;
+        assert_eq!((p.after_messages, p.after_ms), (50, 7 * 86_400_000));
+        for (toml, field) in [
+            (
+                "[keys]\nupdate_after_messages = 0\n",
+                "keys.update_after_messages",
+            ),
+            (
+                "[keys]\nupdate_after_days = 366\n",
+                "keys.update_after_days",
+            ),
+        ] {
+            let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        assert!(Config::from_toml("[keys]\nupdate_every = 5\n").is_err());
     }
 
     #[test]

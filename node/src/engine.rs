@@ -878,18 +878,33 @@ impl EngineTask {
     }
 }
 
+/// The engine's settings from `config.toml`.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// The network id.
+    pub network: String,
+    /// How much history to keep per group.
+    pub retention: Retention,
+    /// When to refresh this node's own key in each group.
+    pub update_policy: UpdatePolicy,
+}
+
 /// Opens the group state from `store`, subscribes to every group, and starts the actor thread
 /// consuming `net_events`. The engine counts what it does in `metrics`. Must be called
 /// inside a tokio runtime.
 pub fn start(
     store: Store,
     keypair: &Keypair,
-    network: String,
+    settings: EngineSettings,
     net: NetHandle,
     mut net_events: mpsc::Receiver<NetEvent>,
     metrics: Arc<KithMetrics>,
-    retention: Retention,
 ) -> Result<(EngineHandle, EngineTask), EngineError> {
+    let EngineSettings {
+        network,
+        retention,
+        update_policy,
+    } = settings;
     let identity = Identity::new(keypair)?;
     let peer_id = identity.peer_id();
     let mut groups = GroupEngine::new(store.provider(), identity, network.clone());
@@ -940,6 +955,7 @@ pub fn start(
         held: HeldRequests::new(),
         provided_invites: HashSet::new(),
         retention,
+        update_policy,
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -1013,6 +1029,8 @@ struct Actor {
     provided_invites: HashSet<[u8; 32]>,
     /// How much history to keep per group (`[retention]` in `config.toml`).
     retention: Retention,
+    /// When to refresh this node's own key in each group (`[keys]` in `config.toml`).
+    update_policy: UpdatePolicy,
 }
 
 /// A sync run in progress.
@@ -1931,7 +1949,13 @@ impl Actor {
                 let _ = r.send(self.complete_join(&invite, response));
             }
             Call::Send(q, text, r) => {
-                let _ = r.send(self.send(&q, &text));
+                let sent = self.send(&q, &text);
+                let ok = sent.is_ok();
+                let _ = r.send(sent);
+                // The message count may just have reached `[keys] update_after_messages`.
+                if ok {
+                    self.self_updates();
+                }
             }
             Call::RemoveMember(q, peer, r) => {
                 let res = self.resolve(&q).and_then(|id| {
@@ -1992,13 +2016,10 @@ impl Actor {
         Ok(group_info(&self.view(&id)?, self.me))
     }
 
-    /// Commits a self-update in every group where one is due ([`UpdatePolicy::default`]:
-    /// after 1000 own messages or 7 days). Runs on the rendezvous tick.
+    /// Commits a self-update in every group where one is due (`[keys]` in `config.toml`; by
+    /// default after 1000 own messages or 7 days). Runs on the rendezvous tick.
     fn self_updates(&mut self) {
-        for id in self
-            .groups
-            .due_self_updates(now_ms(), UpdatePolicy::default())
-        {
+        for id in self.groups.due_self_updates(now_ms(), self.update_policy) {
             let fx = self.groups.self_update(id, now_ms());
             match self.commit_local(id, fx) {
                 Ok(v) => {

@@ -146,11 +146,14 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     let (engine, engine_task) = engine::start(
         store,
         &keypair,
-        config.network.clone(),
+        engine::EngineSettings {
+            network: config.network.clone(),
+            retention: config.retention,
+            update_policy: config.update_policy,
+        },
         net.clone(),
         net_events,
         kith_metrics.clone(),
-        config.retention,
     )?;
 
     let api_token = identity::load_or_create_api_token(&data_dir)?;

@@ -36,6 +36,7 @@ pub fn loopback_config(bootstrap: Vec<BootstrapPeer>) -> NodeConfig {
         api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         metrics_listen: None,
         retention: Default::default(),
+        update_policy: Default::default(),
     }
 }
 

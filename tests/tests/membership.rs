@@ -113,3 +113,38 @@ async fn removed_node_hears_nothing_and_the_others_keep_talking() -> anyhow::Res
     }
     Ok(())
 }
+
+/// `[keys] update_after_messages` makes a member refresh its key on its own: after three
+/// messages the group moves to a new epoch that everyone follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_update_after_configured_message_count() -> anyhow::Result<()> {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut config = loopback_config(vec![]);
+    config.update_policy.after_messages = 3;
+    let a = TestNode::start(dirs[0].path(), config).await?;
+    let b = TestNode::start(
+        dirs[1].path(),
+        loopback_config(vec![a.bootstrap_peer().await?]),
+    )
+    .await?;
+    let (group, invite) = a.group_with_invite("keys", 1).await?;
+    let mut b_events = b.node.engine.subscribe();
+    b.node.engine.join(invite.link).await?;
+    for i in 0..2 {
+        a.node
+            .engine
+            .send(group.id.clone(), format!("m{i}"))
+            .await?;
+    }
+    assert_eq!(a.node.engine.group(group.id.clone()).await?.epoch, 1);
+    a.node.engine.send(group.id.clone(), "m2".into()).await?;
+    assert_eq!(a.node.engine.group(group.id.clone()).await?.epoch, 2);
+    wait_event(&mut b_events, "B follows the key update", |e| {
+        epoch_is(e, 2, 2)
+    })
+    .await?;
+    for n in [a, b] {
+        n.node.shutdown().await;
+    }
+    Ok(())
+}
