@@ -1267,6 +1267,10 @@ pub fn describe_stage(stage: &JoinStage) -> String {
         } => format!(
             "ready at epoch {epoch} with {member_count} members; new messages and history are arriving"
         ),
+        JoinStage::Rejoining => {
+            "a concurrent commit won over the one that added us; joining again".to_owned()
+        }
+        JoinStage::Lost { reason } => format!("could not join again: {}", clean(reason)),
     }
 }
 

@@ -68,6 +68,9 @@ pub const APPROVAL_RETRY: Duration = Duration::from_secs(2);
 /// Pause after the first DHT lookup that found nobody; it doubles for each further one, up
 /// to [`MAX_JOIN_LOOKUP_RETRY`], until the join's time limit.
 const JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(1);
+/// After joining, the group is synced again after these pauses, so a concurrent commit that
+/// beat the one adding us is noticed quickly (see [`Effect::JoinLost`]).
+const JOIN_FOLLOW_UP_SYNCS: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(8)];
 /// Longest pause between two DHT lookups of one join.
 const MAX_JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(8);
 
@@ -193,6 +196,8 @@ enum Call {
     DecideJoin(String, String, bool, Reply<JoinRequestInfo>),
     PrepareJoin(Box<Invite>, Reply<JoinRequest>),
     CompleteJoin(Box<Invite>, JoinResponse, Reply<GroupInfo>),
+    /// Joining again after a lost race ended: `None` = still a member, else the refusal.
+    JoinOutcome(GroupId, Option<String>, Reply<()>),
     Send(String, String, Reply<MessageInfo>),
     History(String, usize, Reply<Vec<MessageInfo>>),
     RemoveMember(String, PeerId, Reply<GroupInfo>),
@@ -217,6 +222,10 @@ enum Input {
         group: GroupId,
         complete: bool,
     },
+    /// Sync `group` now (a follow-up after joining).
+    SyncGroup(GroupId),
+    /// A member of `group` refused our sync request: it does not count us as a member.
+    NotAMember(GroupId),
     /// Make non-durable commits durable.
     Flush,
     /// Apply history retention.
@@ -465,7 +474,7 @@ impl EngineHandle {
         link: String,
         timeout: Option<Duration>,
     ) -> Result<GroupInfo, EngineError> {
-        let result = self.join_inner(link, timeout).await;
+        let result = self.join_inner(link, timeout, None).await;
         self.metrics.join(match &result {
             Ok(_) => JoinResult::Joined,
             Err(EngineError::JoinRejected(_)) => JoinResult::Refused,
@@ -483,10 +492,13 @@ impl EngineHandle {
         });
     }
 
+    /// Joins by `link` within `timeout`; `prefer` is a member to ask before anyone else (the
+    /// member who added us, when joining again after a lost race).
     async fn join_inner(
         &self,
         link: String,
         timeout: Option<Duration>,
+        prefer: Option<PeerId>,
     ) -> Result<GroupInfo, EngineError> {
         // A damaged, forged, expired or foreign link is refused here, before any traffic.
         let invite = Invite::parse(&link)?;
@@ -539,7 +551,11 @@ impl EngineHandle {
                 tokio::time::timeout_at(limit, net.connect(peer, addrs)).await
             }))
         };
-        let mut candidates: Vec<(PeerId, Vec<Multiaddr>, &'static str)> = Vec::new();
+        let mut candidates: Vec<(PeerId, Vec<Multiaddr>, &'static str)> = prefer
+            .filter(|p| *p != self.peer_id)
+            .map(|p| (p, Vec::new(), "member"))
+            .into_iter()
+            .collect();
         let inviter_entry = (invite.inviter, invite.addrs.clone(), "link");
         while candidates.is_empty() && (inviter_dial.is_some() || lookup.is_some()) {
             tokio::select! {
@@ -669,6 +685,30 @@ impl EngineHandle {
         Err(EngineError::Unreachable(failures.join("; ")))
     }
 
+    /// Joins `group` again with `link` after the commit that added this node lost to a
+    /// concurrent one. A member saying we are still in the group means the join stands; any
+    /// other refusal (the link was used up by the winner, revoked, expired) leaves the group
+    /// read-only here, with the reason in the join progress events.
+    async fn rejoin(&self, group: GroupId, link: String, by: Option<PeerId>) {
+        self.progress(group, JoinStage::Rejoining);
+        let outcome = match self.join_inner(link, None, by).await {
+            Ok(info) => {
+                tracing::info!(group = %group.short(), epoch = info.epoch, "joined again on the winning branch");
+                return;
+            }
+            Err(EngineError::JoinRejected(JoinRejection::AlreadyMember)) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        let _ = self
+            .call(|r| Call::JoinOutcome(group, outcome.clone(), r))
+            .await;
+        // Announced once the group is marked read-only, so a client that sees it sees that.
+        if let Some(reason) = outcome {
+            tracing::warn!(group = %group.short(), %reason, "could not join again after a lost race");
+            self.progress(group, JoinStage::Lost { reason });
+        }
+    }
+
     fn timed_out(&self, timeout: Duration, failures: &[String]) -> EngineError {
         let mut text = format!("the join did not finish within {} s", timeout.as_secs());
         if !failures.is_empty() {
@@ -722,7 +762,9 @@ impl EngineHandle {
                 Err(_) => return Attempt::Next("no answer in time".to_owned()),
             };
             match response {
-                JoinResponse::Accepted { .. } => return Attempt::Accepted(response),
+                JoinResponse::Accepted { .. } | JoinResponse::Admitted { .. } => {
+                    return Attempt::Accepted(response);
+                }
                 JoinResponse::Rejected(
                     r @ (JoinRejection::UnknownInvite
                     | JoinRejection::NotMember
@@ -956,6 +998,7 @@ pub fn start(
         provided_invites: HashSet::new(),
         retention,
         update_policy,
+        handle: handle.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -1031,6 +1074,8 @@ struct Actor {
     retention: Retention,
     /// When to refresh this node's own key in each group (`[keys]` in `config.toml`).
     update_policy: UpdatePolicy,
+    /// A handle to this actor, for work it starts in the background (joining again).
+    handle: EngineHandle,
 }
 
 /// A sync run in progress.
@@ -1120,6 +1165,13 @@ impl Actor {
                     self.flush();
                 }
                 Input::Prune => self.prune(),
+                Input::SyncGroup(group) => self.start_sync(group, SyncTrigger::Gap),
+                Input::NotAMember(group) => {
+                    // If we joined recently, the commit that added us may have lost.
+                    if let Some(fx) = self.groups.member_says_not_in(&group) {
+                        self.after_commit(vec![fx]);
+                    }
+                }
                 Input::Shutdown => {
                     self.flush();
                     break;
@@ -1592,6 +1644,12 @@ impl Actor {
                     tracing::info!(group = %group.short(), to_epoch, "rolled back to the winning branch");
                     Ok(())
                 }
+                Effect::JoinLost { group, link, by } => {
+                    let handle = self.handle.clone();
+                    self.runtime
+                        .spawn(async move { handle.rejoin(group, link, by).await });
+                    Ok(())
+                }
                 Effect::SaveGroup(_)
                 | Effect::SaveEnvelope(_)
                 | Effect::Invite(_)
@@ -1948,6 +2006,13 @@ impl Actor {
             Call::CompleteJoin(invite, response, r) => {
                 let _ = r.send(self.complete_join(&invite, response));
             }
+            Call::JoinOutcome(group, outcome, r) => {
+                match outcome {
+                    None => self.groups.keep_join(&group),
+                    Some(reason) => self.groups.join_lost(&group, reason),
+                }
+                let _ = r.send(Ok(()));
+            }
             Call::Send(q, text, r) => {
                 let sent = self.send(&q, &text);
                 let ok = sent.is_ok();
@@ -2162,6 +2227,17 @@ impl Actor {
         let _ = self.net.find_providers_blocking(key);
         // Fetch what was sent in the new epoch before our subscription reached the mesh.
         self.start_sync(id, SyncTrigger::Routine);
+        // And again shortly after: a concurrent commit that beat the one adding us may have
+        // been published before we subscribed; history sync brings it, and we join again.
+        let tx = self.tx.clone();
+        self.runtime.spawn(async move {
+            for pause in JOIN_FOLLOW_UP_SYNCS {
+                tokio::time::sleep(pause).await;
+                if tx.send(Input::SyncGroup(id)).await.is_err() {
+                    return;
+                }
+            }
+        });
         tracing::info!(group = %id.short(), name = %view.meta.name, epoch = view.epoch, "joined group");
         Ok(group_info(&view, self.me))
     }
@@ -2221,6 +2297,9 @@ async fn run_sync(
                 }
                 Ok(SyncResponse::Refused(why)) => {
                     tracing::debug!(%peer, group = %group.short(), reason = %why, "sync refused");
+                    if why == SyncRefusal::NotMember {
+                        let _ = tx.send(Input::NotAMember(group)).await;
+                    }
                     break;
                 }
                 Err(NetError::Stopped) => return false,

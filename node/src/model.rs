@@ -243,6 +243,14 @@ pub enum JoinStage {
         /// Member count.
         member_count: usize,
     },
+    /// The commit that added this node lost to a concurrent commit (see docs/PROTOCOL.md,
+    /// "Concurrent commits"); the node joins again with the same link.
+    Rejoining,
+    /// Joining again after a lost race was refused; the group stays read-only here.
+    Lost {
+        /// Why (the member's refusal).
+        reason: String,
+    },
 }
 
 /// `POST /v1/groups/{group}/messages` body.

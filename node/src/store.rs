@@ -241,6 +241,7 @@ impl Batch {
                 Effect::SaveEnvelope(s) => batch.envelopes.push(s.clone()),
                 Effect::Record(h) => batch.history.push(h.clone()),
                 Effect::Invite(u) => batch.invites.push(u.clone()),
+                Effect::JoinLost { .. } => {}
                 Effect::LinkEnvelope { envelope, history } => {
                     if envelope != history {
                         batch.links.push((*envelope, *history));

@@ -263,6 +263,17 @@ pub enum JoinResponse {
         /// The held request's id, as the member lists it (`kith join-requests`).
         request: u64,
     },
+    /// The joiner was added, like `Accepted`, and `commit` names the Add commit's envelope.
+    /// If a concurrent commit for the same epoch wins (docs/PROTOCOL.md, "Concurrent
+    /// commits"), the joiner sees it and asks to join again.
+    Admitted {
+        /// TLS-encoded `MLSMessage` holding the Welcome.
+        welcome: Vec<u8>,
+        /// The group's display name.
+        group_name: String,
+        /// Envelope id of the commit that added the joiner.
+        commit: MessageId,
+    },
 }
 
 /// Why a join request was refused. Each variant maps to a distinct user-facing message.

@@ -156,6 +156,23 @@ pub struct Branch {
     pub since: u64,
     /// Merged commits in epoch order.
     pub applied: Vec<Applied>,
+    /// How this node joined, while a concurrent commit could still undo it.
+    pub joined: Option<Joined>,
+}
+
+/// The commit that added this node, and the link it joined with, so it can join again if a
+/// concurrent commit for the same epoch wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    /// The epoch the Add commit was made in (this node's first epoch minus one).
+    pub epoch: u64,
+    /// The Add commit's envelope id.
+    pub commit: MessageId,
+    /// The invite link.
+    pub link: String,
+    /// The member who added this node (PeerId bytes): the first one to ask again, since a
+    /// used-up invite is no longer announced in the DHT.
+    pub by: Option<Vec<u8>>,
 }
 
 impl Branch {

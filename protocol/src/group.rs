@@ -34,7 +34,7 @@ use crate::envelope::{
     AppContent, AppContentV2, Body, Envelope, JoinRejection, JoinRequest, JoinRequestV1,
     JoinResponse, MAX_GROUP_NAME_BYTES, MAX_TEXT_BYTES, PayloadKind,
 };
-use crate::fork::{self, Applied, Branch, GroupRecords, OwnChange, REWIND_DEPTH, Sent};
+use crate::fork::{self, Applied, Branch, GroupRecords, Joined, OwnChange, REWIND_DEPTH, Sent};
 use crate::ids::{GroupId, InviteId, MessageId, TopicId};
 use crate::invite::{Invite, InviteError, InviteRecord, InviteUpdate};
 use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
@@ -184,6 +184,18 @@ pub enum Effect {
     },
     /// Merge an update into the invite record with its id ([`InviteRecord::merge`]).
     Invite(InviteUpdate),
+    /// The commit that added this node lost to a concurrent one: its group state is a dead
+    /// branch. Join again with `link` ([`GroupEngine::prepare_join`] accepts the group
+    /// while it waits), then call [`GroupEngine::keep_join`] or [`GroupEngine::join_lost`]
+    /// if the member refuses.
+    JoinLost {
+        /// The group.
+        group: GroupId,
+        /// The invite link this node joined with.
+        link: String,
+        /// The member who added this node, to ask first.
+        by: Option<PeerId>,
+    },
     /// A group moved to a new epoch.
     EpochChanged {
         /// The group.
@@ -309,6 +321,10 @@ struct Group {
     rollbacks: u64,
     /// Orphans must be retried (a rollback happened).
     retry: bool,
+    /// This node's join lost a race and it is joining again.
+    rejoining: bool,
+    /// This node's join lost a race and joining again was refused for this reason.
+    lost: Option<String>,
     /// A history sync is fetching older envelopes: live ones are held until it ends (see
     /// [`GroupEngine::begin_catch_up`]).
     catching_up: bool,
@@ -343,6 +359,8 @@ impl Group {
             deep_forks: 0,
             rollbacks: 0,
             retry: false,
+            rejoining: false,
+            lost: None,
             catching_up: false,
             leaving,
             sent_since_update: 0,
@@ -358,7 +376,7 @@ impl Group {
         GroupView {
             meta: self.meta.clone(),
             epoch: self.epoch(),
-            active: self.mls.is_active(),
+            active: self.mls.is_active() && self.lost.is_none(),
             leaving: self.leaving,
             members: self
                 .mls
@@ -516,6 +534,13 @@ where
 {
     let storage = provider.storage();
     g.branch.applied.retain(|a| a.epoch < applied.epoch);
+    if g.branch
+        .joined
+        .as_ref()
+        .is_some_and(|j| j.epoch + (REWIND_DEPTH as u64) < applied.epoch)
+    {
+        g.branch.joined = None;
+    }
     g.branch.applied.push(applied);
     while g.branch.applied.len() > REWIND_DEPTH {
         let old = g.branch.applied.remove(0);
@@ -734,7 +759,7 @@ where
         now_ms: u64,
     ) -> Result<JoinRequest, GroupError> {
         invite.check(&self.network, now_ms / 1000)?;
-        if self.groups.contains_key(&invite.group) {
+        if self.groups.get(&invite.group).is_some_and(|g| !g.rejoining) {
             return Err(GroupError::AlreadyMember(invite.group));
         }
         let bundle = KeyPackage::builder()
@@ -846,12 +871,51 @@ where
             },
         ];
         Ok((
-            JoinResponse::Accepted {
+            JoinResponse::Admitted {
                 welcome,
                 group_name: g.meta.name.clone(),
+                commit: id,
             },
             effects,
         ))
+    }
+
+    /// A member says this node is not in `group` (it refused a sync request). If this node
+    /// joined recently, the commit that added it may have lost to a concurrent one that the
+    /// node never received: returns [`Effect::JoinLost`] so the caller asks to join again (a
+    /// member answers "already a member" if the join stands, see [`GroupEngine::keep_join`]).
+    pub fn member_says_not_in(&mut self, group: &GroupId) -> Option<Effect> {
+        let g = self.groups.get_mut(group)?;
+        let j = g.branch.joined.as_ref()?;
+        if g.rejoining || g.lost.is_some() || !g.mls.is_active() {
+            return None;
+        }
+        g.rejoining = true;
+        Some(Effect::JoinLost {
+            group: *group,
+            link: j.link.clone(),
+            by: j.by.as_deref().and_then(|b| PeerId::from_bytes(b).ok()),
+        })
+    }
+
+    /// The member says this node is still in the group: the join did not lose after all.
+    pub fn keep_join(&mut self, group: &GroupId) {
+        if let Some(g) = self.groups.get_mut(group) {
+            g.rejoining = false;
+        }
+    }
+
+    /// Joining again after a lost race was refused (`reason`): the group stays, read-only.
+    pub fn join_lost(&mut self, group: &GroupId, reason: String) {
+        if let Some(g) = self.groups.get_mut(group) {
+            g.rejoining = false;
+            g.lost = Some(reason);
+        }
+    }
+
+    /// Why joining again after a lost race was refused, if it was.
+    pub fn lost_reason(&self, group: &GroupId) -> Option<String> {
+        self.groups.get(group).and_then(|g| g.lost.clone())
     }
 
     /// Completes a join with the member's answer. On success this node is a member.
@@ -861,7 +925,7 @@ where
         response: JoinResponse,
         now_ms: u64,
     ) -> Result<(GroupId, Vec<Effect>), GroupError> {
-        let (welcome_bytes, group_name) = match response {
+        let (welcome_bytes, group_name, commit) = match response {
             JoinResponse::Rejected(r) => return Err(GroupError::JoinRejected(r)),
             JoinResponse::AwaitingApproval { .. } => {
                 return Err(GroupError::BadWelcome(
@@ -871,11 +935,49 @@ where
             JoinResponse::Accepted {
                 welcome,
                 group_name,
-            } => (welcome, group_name),
+            } => (welcome, group_name, None),
+            JoinResponse::Admitted {
+                welcome,
+                group_name,
+                commit,
+            } => (welcome, group_name, Some(commit)),
         };
-        if self.groups.contains_key(&invite.group) {
-            return Err(GroupError::AlreadyMember(invite.group));
+        // Joining again after a lost race replaces the dead branch; if anything below fails,
+        // the old state comes back.
+        let old = match self.groups.get(&invite.group) {
+            Some(g) if g.rejoining => {
+                let epoch = g.epoch();
+                checkpoint(&self.provider, invite.group, epoch)?;
+                self.provider
+                    .storage()
+                    .replace_group_records(&invite.group, &[])
+                    .map_err(mls_err)?;
+                self.groups.remove(&invite.group).map(|g| (g, epoch))
+            }
+            Some(_) => return Err(GroupError::AlreadyMember(invite.group)),
+            None => None,
+        };
+        let joined = self.welcome(invite, welcome_bytes, group_name, commit, now_ms);
+        if joined.is_err()
+            && let Some((g, epoch)) = old
+        {
+            let storage = self.provider.storage();
+            let _ = fork::restore_checkpoint(storage, &invite.group, epoch);
+            let _ = fork::delete_checkpoint(storage, &invite.group, epoch);
+            self.groups.insert(invite.group, g);
         }
+        joined
+    }
+
+    /// Sets up the group from a member's Welcome (see [`GroupEngine::handle_join_response`]).
+    fn welcome(
+        &mut self,
+        invite: &Invite,
+        welcome_bytes: Vec<u8>,
+        group_name: String,
+        commit: Option<MessageId>,
+        now_ms: u64,
+    ) -> Result<(GroupId, Vec<Effect>), GroupError> {
         let msg = MlsMessageIn::tls_deserialize_exact(welcome_bytes.as_slice())
             .map_err(|e| GroupError::BadWelcome(e.to_string()))?;
         let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
@@ -915,10 +1017,18 @@ where
         let topic = id.topic(&self.network);
         // Nothing of a previous membership (checkpoints, kept messages) applies any more.
         fork::forget_group(self.provider.storage(), &id).map_err(mls_err)?;
+        let since = mls.epoch().as_u64();
         let branch = Branch {
-            since: mls.epoch().as_u64(),
+            since,
             applied: Vec::new(),
+            joined: commit.map(|commit| Joined {
+                epoch: since.saturating_sub(1),
+                commit,
+                link: invite.link().to_owned(),
+                by: sender.map(|p| p.to_bytes()),
+            }),
         };
+        fork::save_branch(self.provider.storage(), &id, &branch).map_err(mls_err)?;
         let group = Group::new(mls, meta.clone(), topic, Some(now_ms), branch);
         let epoch = group.epoch();
         let member_count = group.member_count();
@@ -1248,6 +1358,9 @@ where
         let Some(g) = self.groups.get_mut(&group_id) else {
             return Verdict::Ignore("not a member of this group".into());
         };
+        if g.lost.is_some() {
+            return Verdict::Ignore("this node's join lost a race; the group is read-only".into());
+        }
         let epoch = g.epoch();
         if source == Source::Live && g.catching_up {
             hold_pending(g, envelope.epoch(), bytes);
@@ -1306,6 +1419,25 @@ where
             return Verdict::Ignore("not a member of this group".into());
         };
         let e = envelope.epoch();
+        if let Some(j) = &g.branch.joined
+            && e == j.epoch
+            && id != j.commit
+        {
+            if id < j.commit && !g.rejoining && g.lost.is_none() {
+                tracing::warn!(
+                    group = %group_id.short(),
+                    epoch = e,
+                    "the commit that added this node lost to a concurrent one; joining again"
+                );
+                g.rejoining = true;
+                effects.push(Effect::JoinLost {
+                    group: group_id,
+                    link: j.link.clone(),
+                    by: j.by.as_deref().and_then(|b| PeerId::from_bytes(b).ok()),
+                });
+            }
+            return Verdict::Ignore(format!("rival of the commit that added this node ({e})"));
+        }
         let ours = match g.branch.at(e) {
             Some(a) => a.commit,
             None => {
@@ -1817,7 +1949,7 @@ fn active_group(
     let g = groups
         .get_mut(&group)
         .ok_or(GroupError::UnknownGroup(group))?;
-    if !g.mls.is_active() {
+    if !g.mls.is_active() || g.lost.is_some() {
         return Err(GroupError::Inactive(group));
     }
     if g.leaving {

@@ -105,6 +105,7 @@ where
                 Effect::SaveGroup(_)
                 | Effect::SaveEnvelope(_)
                 | Effect::LinkEnvelope { .. }
+                | Effect::JoinLost { .. }
                 | Effect::EpochChanged { .. } => {}
             }
         }

@@ -352,3 +352,102 @@ fn now_secs() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// Two members accept the same one-use link at the same moment, each for a different joiner
+/// (each joiner can reach only one of them). Exactly one joiner ends up in the group; the
+/// other is refused ("used up"), either at once or, if both Add commits were made, after
+/// its commit lost (the joiner sees the winning commit, asks again and is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_members_race_to_accept_a_one_use_link() -> anyhow::Result<()> {
+    race_to_join(1).await
+}
+
+/// The same race with a two-use link: both joiners end up in the group. If both Add
+/// commits were made at once, the joiner whose commit lost joins again on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joiner_whose_add_commit_lost_joins_again() -> anyhow::Result<()> {
+    race_to_join(2).await
+}
+
+async fn race_to_join(uses: u32) -> anyhow::Result<()> {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, g) = two_members(&dirs).await?;
+    let inv = invite(&a, &g, uses, None, false).await?;
+    wait_invite(&b, &g, &inv.id, "B to learn the invite", |_| true).await?;
+    let (pa, pb) = (a.node.peer_id, b.node.peer_id);
+    let j1 = TestNode::start(
+        dirs[2].path(),
+        loopback_config(vec![a.bootstrap_peer().await?]),
+    )
+    .await?;
+    let j2 = TestNode::start(
+        dirs[3].path(),
+        loopback_config(vec![b.bootstrap_peer().await?]),
+    )
+    .await?;
+    // J1 can only talk to A, J2 only to B.
+    j1.node.net.set_blocked(vec![pb]).await?;
+    j2.node.net.set_blocked(vec![pa]).await?;
+    let mut e1 = j1.node.engine.subscribe();
+    let mut e2 = j2.node.engine.subscribe();
+    let (r1, r2) = tokio::join!(
+        j1.node.engine.join(inv.link.clone()),
+        j2.node.engine.join(inv.link.clone()),
+    );
+    let joiners = [(&j1, r1, &mut e1), (&j2, r2, &mut e2)];
+    // Wait until A and B agree, then count who is in.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let members = loop {
+        let ga = a.node.engine.group(g.clone()).await?;
+        let gb = b.node.engine.group(g.clone()).await?;
+        if ga.epoch == gb.epoch
+            && ga.epoch_auth == gb.epoch_auth
+            && ga.members.len() == 2 + uses as usize
+        {
+            break ga.members;
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("A and B did not converge: {ga:?} / {gb:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut winners = 0;
+    for (j, result, events) in joiners {
+        let me = j.node.peer_id.to_string();
+        if members.iter().any(|m| m.peer_id == me) {
+            winners += 1;
+            // The winner's own view converges too.
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let gj = j.node.engine.group(g.clone()).await?;
+                let ga = a.node.engine.group(g.clone()).await?;
+                if gj.active && gj.epoch_auth == ga.epoch_auth {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    anyhow::bail!("the winning joiner did not converge: {gj:?} vs {ga:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            continue;
+        }
+        match result {
+            Err(EngineError::JoinRejected(JoinRejection::UsedUp)) => {}
+            Err(e) => anyhow::bail!("the losing joiner got an unexpected error: {e}"),
+            Ok(_) => {
+                // It was added by the losing commit: it must notice and be told "used up".
+                wait_event(events, "the losing joiner to be refused", |e| {
+                    matches!(e, NodeEvent::JoinProgress { stage: JoinStage::Lost { reason }, .. }
+                        if reason.contains("used up"))
+                })
+                .await?;
+                assert!(!j.node.engine.group(g.clone()).await?.active);
+            }
+        }
+    }
+    assert_eq!(winners, uses, "joiners in the group: {members:?}");
+    for n in [a, b, j1, j2] {
+        n.node.shutdown().await;
+    }
+    Ok(())
+}

@@ -264,7 +264,7 @@ fn join_requests_are_checked() {
     let (resp, fx) = s.engines[0]
         .handle_join_request(peer1, req, Some(record), T0)
         .unwrap();
-    assert!(matches!(resp, JoinResponse::Accepted { .. }));
+    assert!(matches!(resp, JoinResponse::Admitted { .. }));
     let used: Vec<_> = fx
         .iter()
         .filter_map(|e| match e {
