@@ -85,8 +85,11 @@ pub enum FindError {
 /// The id of a join request: from the joiner and its key package, so a retry of the same
 /// request has the same id and a new request (fresh key package) a new one.
 pub fn request_id(peer: &PeerId, request: &JoinRequest) -> u64 {
-    let JoinRequest::V1(r) = request;
-    let h = hash_parts(&[b"kith/join-request/v1", &peer.to_bytes(), &r.key_package]);
+    let key_package = match request {
+        JoinRequest::V1(r) => &r.key_package,
+        JoinRequest::Rejoin(r) => &r.key_package,
+    };
+    let h = hash_parts(&[b"kith/join-request/v1", &peer.to_bytes(), key_package]);
     let mut first = [0u8; 8];
     first.copy_from_slice(&h[..8]);
     u64::from_be_bytes(first)

@@ -20,7 +20,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use data_encoding::HEXLOWER;
-use kith_protocol::envelope::{Envelope, JoinRejection, JoinRequest, JoinResponse, PayloadKind};
+use kith_protocol::envelope::{
+    Envelope, JoinRejection, JoinRequest, JoinResponse, PayloadKind, RejoinRequestV1,
+};
 use kith_protocol::group::{
     Effect, GroupEngine, GroupError, GroupView, Identity, NewInvite, PAST_EPOCH_TTL, UpdatePolicy,
     Verdict,
@@ -71,6 +73,10 @@ const JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(1);
 /// After joining, the group is synced again after these pauses, so a concurrent commit that
 /// beat the one adding us is noticed quickly (see [`Effect::JoinLost`]).
 const JOIN_FOLLOW_UP_SYNCS: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(8)];
+/// Rounds of asking every member to add this node again after a deep fork.
+const REJOIN_ROUNDS: u32 = 5;
+/// Pause between those rounds.
+const REJOIN_RETRY: Duration = Duration::from_secs(2);
 /// Longest pause between two DHT lookups of one join.
 const MAX_JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(8);
 
@@ -196,6 +202,12 @@ enum Call {
     DecideJoin(String, String, bool, Reply<JoinRequestInfo>),
     PrepareJoin(Box<Invite>, Reply<JoinRequest>),
     CompleteJoin(Box<Invite>, JoinResponse, Reply<GroupInfo>),
+    /// A rejoin request after a deep fork (see [`EngineHandle::rejoin_member`]).
+    PrepareRejoin(GroupId, u64, MessageId, Reply<JoinRequest>),
+    /// A member's answer to a rejoin request, from that member.
+    CompleteRejoin(GroupId, PeerId, JoinResponse, Reply<GroupInfo>),
+    /// No member could add this node again after a deep fork.
+    RejoinFailed(GroupId, Reply<()>),
     /// Joining again after a lost race ended: `None` = still a member, else the refusal.
     JoinOutcome(GroupId, Option<String>, Reply<()>),
     Send(String, String, Reply<MessageInfo>),
@@ -683,6 +695,69 @@ impl EngineHandle {
             return Err(EngineError::JoinRejected(r));
         }
         Err(EngineError::Unreachable(failures.join("; ")))
+    }
+
+    /// Asks `members`, one after the other, to add this node again after its branch of
+    /// `group` lost a fork at `epoch` deeper than it can roll back; the one whose branch
+    /// holds `commit` there does. If none can (yet), the next sign of the fork tries again.
+    async fn rejoin_member(
+        &self,
+        group: GroupId,
+        epoch: u64,
+        commit: MessageId,
+        members: Vec<PeerId>,
+    ) {
+        tracing::warn!(group = %group.short(), epoch, "this node's branch lost a deep fork; asking to be added again");
+        // Every member of the losing branch asks in the same order, so the first member of
+        // the winning branch re-adds them one after the other instead of two members
+        // re-adding at once (which would be a new race).
+        let mut members = members;
+        members.sort();
+        // A member of the winning branch may be busy re-adding another node, or not yet
+        // connected after a partition heals: try a few rounds before waiting for the next
+        // sign of the fork.
+        for round in 0..REJOIN_ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(REJOIN_RETRY).await;
+            }
+            for peer in members.iter().copied() {
+                let request = match self
+                    .call(|r| Call::PrepareRejoin(group, epoch, commit, r))
+                    .await
+                {
+                    Ok(request) => request,
+                    Err(e) => {
+                        tracing::warn!(group = %group.short(), error = %e, "cannot prepare a rejoin");
+                        break;
+                    }
+                };
+                let asked = async {
+                    self.net.connect(peer, Vec::new()).await.ok()?;
+                    self.net.join(peer, Vec::new(), request).await.ok()
+                };
+                let Ok(Some(response)) = tokio::time::timeout(JOIN_DIAL_TIMEOUT, asked).await
+                else {
+                    continue;
+                };
+                if let JoinResponse::Rejected(why) = &response {
+                    tracing::debug!(group = %group.short(), %peer, reason = %why, "rejoin refused");
+                    continue;
+                }
+                match self
+                    .call(|r| Call::CompleteRejoin(group, peer, response, r))
+                    .await
+                {
+                    Ok(info) => {
+                        tracing::info!(group = %group.short(), %peer, epoch = info.epoch, "added again on the winning branch");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(group = %group.short(), %peer, error = %e, "cannot use the rejoin answer")
+                    }
+                }
+            }
+        }
+        let _ = self.call(|r| Call::RejoinFailed(group, r)).await;
     }
 
     /// Joins `group` again with `link` after the commit that added this node lost to a
@@ -1644,6 +1719,19 @@ impl Actor {
                     tracing::info!(group = %group.short(), to_epoch, "rolled back to the winning branch");
                     Ok(())
                 }
+                Effect::DeepForkLost {
+                    group,
+                    epoch,
+                    commit,
+                    members,
+                } => {
+                    self.metrics.deep_fork();
+                    let handle = self.handle.clone();
+                    self.runtime.spawn(async move {
+                        handle.rejoin_member(group, epoch, commit, members).await
+                    });
+                    Ok(())
+                }
                 Effect::JoinLost { group, link, by } => {
                     let handle = self.handle.clone();
                     self.runtime
@@ -1773,7 +1861,15 @@ impl Actor {
                 HeldState::Denied => JoinResponse::Rejected(JoinRejection::Denied),
             };
         }
-        let JoinRequest::V1(r) = &request;
+        let r = match &request {
+            JoinRequest::V1(r) => r,
+            JoinRequest::Rejoin(_) => {
+                let JoinRequest::Rejoin(r) = request else {
+                    return JoinResponse::Rejected(JoinRejection::Internal);
+                };
+                return self.on_rejoin_request(peer, r);
+            }
+        };
         let invite = InviteId::of(&secret_hash(&r.secret));
         let group = r.group;
         let record = match self.store.invite(&invite) {
@@ -1807,6 +1903,33 @@ impl Actor {
         self.admit(peer, request, record)
     }
 
+    /// A member whose branch lost a deep fork asks to be added again (see
+    /// [`GroupEngine::handle_rejoin_request`]).
+    fn on_rejoin_request(&mut self, peer: PeerId, r: RejoinRequestV1) -> JoinResponse {
+        let group = r.group;
+        match self.groups.handle_rejoin_request(peer, r, now_ms()) {
+            Ok((response, effects)) => match self.apply(effects) {
+                Ok(()) => {
+                    if let JoinResponse::Rejected(why) = &response {
+                        tracing::info!(%peer, group = %group.short(), reason = %why, "refused rejoin request");
+                    } else {
+                        tracing::info!(%peer, group = %group.short(), "added a member again after a deep fork");
+                    }
+                    response
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot store the rejoin; refusing it");
+                    JoinResponse::Rejected(JoinRejection::Internal)
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "rejoin request failed");
+                self.rollback();
+                JoinResponse::Rejected(JoinRejection::Internal)
+            }
+        }
+    }
+
     /// Adds `peer` to the group with `request` (screened again inside), stores and publishes
     /// the commit, and returns the answer for the joiner.
     fn admit(
@@ -1815,7 +1938,9 @@ impl Actor {
         request: JoinRequest,
         record: Option<InviteRecord>,
     ) -> JoinResponse {
-        let JoinRequest::V1(r) = &request;
+        let JoinRequest::V1(r) = &request else {
+            return JoinResponse::Rejected(JoinRejection::Internal);
+        };
         let group = r.group;
         match self
             .groups
@@ -2005,6 +2130,44 @@ impl Actor {
             }
             Call::CompleteJoin(invite, response, r) => {
                 let _ = r.send(self.complete_join(&invite, response));
+            }
+            Call::PrepareRejoin(group, epoch, commit, r) => {
+                let res = self
+                    .groups
+                    .prepare_rejoin(group, epoch, commit)
+                    .map_err(EngineError::from)
+                    .and_then(|req| {
+                        // The key package's private keys must be on disk before we ask.
+                        self.apply(Vec::new())?;
+                        Ok(req)
+                    });
+                if res.is_err() {
+                    self.rollback();
+                }
+                let _ = r.send(res);
+            }
+            Call::CompleteRejoin(group, peer, response, r) => {
+                let res = match self
+                    .groups
+                    .handle_rejoin_response(group, peer, response, now_ms())
+                {
+                    Ok((id, effects)) => self
+                        .apply(effects)
+                        .and_then(|()| Ok(group_info(&self.view(&id)?, self.me))),
+                    Err(e) => {
+                        self.rollback();
+                        Err(e.into())
+                    }
+                };
+                if res.is_ok() {
+                    self.start_sync(group, SyncTrigger::Gap);
+                    self.follow_up_syncs(group);
+                }
+                let _ = r.send(res);
+            }
+            Call::RejoinFailed(group, r) => {
+                self.groups.rejoin_failed(&group);
+                let _ = r.send(Ok(()));
             }
             Call::JoinOutcome(group, outcome, r) => {
                 match outcome {
@@ -2229,6 +2392,14 @@ impl Actor {
         self.start_sync(id, SyncTrigger::Routine);
         // And again shortly after: a concurrent commit that beat the one adding us may have
         // been published before we subscribed; history sync brings it, and we join again.
+        self.follow_up_syncs(id);
+        tracing::info!(group = %id.short(), name = %view.meta.name, epoch = view.epoch, "joined group");
+        Ok(group_info(&view, self.me))
+    }
+
+    /// Syncs `id` again after each of [`JOIN_FOLLOW_UP_SYNCS`] (after a join or a rejoin,
+    /// when commits published just before our state was set up may have been missed).
+    fn follow_up_syncs(&self, id: GroupId) {
         let tx = self.tx.clone();
         self.runtime.spawn(async move {
             for pause in JOIN_FOLLOW_UP_SYNCS {
@@ -2238,8 +2409,6 @@ impl Actor {
                 }
             }
         });
-        tracing::info!(group = %id.short(), name = %view.meta.name, epoch = view.epoch, "joined group");
-        Ok(group_info(&view, self.me))
     }
 
     fn send(&mut self, q: &str, text: &str) -> Result<MessageInfo, EngineError> {

@@ -409,6 +409,7 @@ pub struct KithMetrics {
     messages_sent: Counter,
     messages_received: Counter,
     rollbacks: Counter,
+    deep_forks: Counter,
     rejected: [Counter; RejectReason::ALL.len()],
     ignored: [Counter; IgnoreReason::ALL.len()],
     decrypt_failures: [Counter; DecryptFailure::ALL.len()],
@@ -458,6 +459,12 @@ impl KithMetrics {
             "group_rollbacks",
             "Times a group left a losing branch for a concurrent commit with a lower id",
             rollbacks.clone(),
+        );
+        let deep_forks = Counter::default();
+        r.register(
+            "group_deep_forks",
+            "Times a group's branch lost a fork deeper than the rewind depth (the node asks to be added again)",
+            deep_forks.clone(),
         );
         let rejected = counters(
             r,
@@ -549,6 +556,7 @@ impl KithMetrics {
             messages_sent,
             messages_received,
             rollbacks,
+            deep_forks,
             rejected,
             ignored,
             decrypt_failures,
@@ -578,6 +586,11 @@ impl KithMetrics {
         if n > 0 {
             self.messages_received.inc_by(n);
         }
+    }
+
+    /// Counts one lost deep fork.
+    pub fn deep_fork(&self) {
+        self.deep_forks.inc();
     }
 
     /// Counts one rollback to a winning branch.

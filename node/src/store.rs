@@ -241,7 +241,7 @@ impl Batch {
                 Effect::SaveEnvelope(s) => batch.envelopes.push(s.clone()),
                 Effect::Record(h) => batch.history.push(h.clone()),
                 Effect::Invite(u) => batch.invites.push(u.clone()),
-                Effect::JoinLost { .. } => {}
+                Effect::JoinLost { .. } | Effect::DeepForkLost { .. } => {}
                 Effect::LinkEnvelope { envelope, history } => {
                     if envelope != history {
                         batch.links.push((*envelope, *history));

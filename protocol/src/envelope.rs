@@ -229,6 +229,26 @@ impl AppContent {
 pub enum JoinRequest {
     /// Version 1.
     V1(JoinRequestV1),
+    /// A member whose branch lost a fork deeper than the rewind depth asks to be added
+    /// again on the winning branch (see docs/PROTOCOL.md, "Concurrent commits").
+    Rejoin(RejoinRequestV1),
+}
+
+/// See [`JoinRequest::Rejoin`]. The requester proves nothing beyond its transport
+/// identity: the member checks that this PeerId is a member on its own branch, and that its
+/// branch holds `commit` at `epoch` (the commit the requester saw win).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejoinRequestV1 {
+    /// Network id.
+    pub network: String,
+    /// The group.
+    pub group: GroupId,
+    /// The epoch where the requester's branch lost.
+    pub epoch: u64,
+    /// The winning commit's envelope id at that epoch.
+    pub commit: MessageId,
+    /// A fresh TLS-encoded MLS KeyPackage of the requester.
+    pub key_package: Vec<u8>,
 }
 
 /// Version 1 of [`JoinRequest`].
@@ -313,6 +333,9 @@ pub enum JoinRejection {
     /// The member holds too many join requests awaiting approval; try later.
     #[error("the member has too many join requests awaiting approval; try again later")]
     Busy,
+    /// The contacted member is not on the branch the requester asks to rejoin.
+    #[error("the contacted member is not on the winning branch")]
+    OtherBranch,
 }
 
 impl JoinRequest {

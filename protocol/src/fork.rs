@@ -158,7 +158,13 @@ pub struct Branch {
     pub applied: Vec<Applied>,
     /// How this node joined, while a concurrent commit could still undo it.
     pub joined: Option<Joined>,
+    /// Ids of the commits merged before the window (epoch, commit), at most [`MAX_OLDER`]:
+    /// enough to tell which side of a fork deeper than [`REWIND_DEPTH`] lost.
+    pub older: Vec<(u64, MessageId)>,
 }
+
+/// Commit ids kept beyond the rewind window (see [`Branch::older`]).
+pub const MAX_OLDER: usize = 1024;
 
 /// The commit that added this node, and the link it joined with, so it can join again if a
 /// concurrent commit for the same epoch wins.
@@ -179,6 +185,16 @@ impl Branch {
     /// The commit merged at `epoch`, if it is still within the window.
     pub fn at(&self, epoch: u64) -> Option<&Applied> {
         self.applied.iter().find(|a| a.epoch == epoch)
+    }
+
+    /// The id of the commit this node's branch merged at `epoch`, if still known.
+    pub fn commit_at(&self, epoch: u64) -> Option<MessageId> {
+        self.at(epoch).map(|a| a.commit).or_else(|| {
+            self.older
+                .iter()
+                .find(|(e, _)| *e == epoch)
+                .map(|(_, c)| *c)
+        })
     }
 
     /// The oldest epoch this node can roll back to.

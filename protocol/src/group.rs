@@ -196,6 +196,19 @@ pub enum Effect {
         /// The member who added this node, to ask first.
         by: Option<PeerId>,
     },
+    /// This node's branch lost a fork at `epoch`, deeper than it can roll back: ask one of
+    /// `members` to add it again ([`GroupEngine::prepare_rejoin`]); the one that holds
+    /// `commit` at `epoch` does.
+    DeepForkLost {
+        /// The group.
+        group: GroupId,
+        /// Where the branches split.
+        epoch: u64,
+        /// The winning commit there.
+        commit: MessageId,
+        /// Members to ask (as this node knows them).
+        members: Vec<PeerId>,
+    },
     /// A group moved to a new epoch.
     EpochChanged {
         /// The group.
@@ -325,6 +338,9 @@ struct Group {
     rejoining: bool,
     /// This node's join lost a race and joining again was refused for this reason.
     lost: Option<String>,
+    /// The lowest epoch at which a rival beyond the rewind window was seen: a fork is
+    /// judged where the branches split, not at a later epoch of the other branch.
+    deep_rival: Option<u64>,
     /// A history sync is fetching older envelopes: live ones are held until it ends (see
     /// [`GroupEngine::begin_catch_up`]).
     catching_up: bool,
@@ -361,6 +377,7 @@ impl Group {
             retry: false,
             rejoining: false,
             lost: None,
+            deep_rival: None,
             catching_up: false,
             leaving,
             sent_since_update: 0,
@@ -545,7 +562,10 @@ where
     while g.branch.applied.len() > REWIND_DEPTH {
         let old = g.branch.applied.remove(0);
         fork::delete_checkpoint(storage, &group, old.epoch).map_err(mls_err)?;
+        g.branch.older.push((old.epoch, old.commit));
     }
+    let excess = g.branch.older.len().saturating_sub(fork::MAX_OLDER);
+    g.branch.older.drain(..excess);
     if let Some(oldest) = g.branch.oldest() {
         // Messages of the oldest epoch still reachable stay readable after any rollback.
         fork::trim_sent(storage, &group, oldest + 1).map_err(mls_err)?;
@@ -796,16 +816,35 @@ where
             Ok(kp) => kp,
             Err(r) => return Ok((JoinResponse::Rejected(r), Vec::new())),
         };
-        let JoinRequest::V1(req) = request;
-        let Some(g) = self.groups.get_mut(&req.group) else {
-            return Ok((JoinResponse::Rejected(JoinRejection::NotMember), Vec::new()));
+        let JoinRequest::V1(req) = request else {
+            return Ok((JoinResponse::Rejected(JoinRejection::Internal), Vec::new()));
         };
         let invite = InviteId::of(&crate::invite::secret_hash(&req.secret));
+        self.add_member(req.group, from, kp, req.key_package, Some(invite), now_ms)
+    }
+
+    /// Adds `from` with key package `kp` (already checked; `key_package` is its encoding) in
+    /// a commit that names `invite` in its AAD when there is one, merges and publishes it,
+    /// and returns the answer for the joiner.
+    fn add_member(
+        &mut self,
+        group: GroupId,
+        from: PeerId,
+        kp: KeyPackage,
+        key_package: Vec<u8>,
+        invite: Option<InviteId>,
+        now_ms: u64,
+    ) -> Result<(JoinResponse, Vec<Effect>), GroupError> {
+        let Some(g) = self.groups.get_mut(&group) else {
+            return Ok((JoinResponse::Rejected(JoinRejection::NotMember), Vec::new()));
+        };
         let old_epoch = g.epoch();
-        checkpoint(&self.provider, req.group, old_epoch)?;
+        checkpoint(&self.provider, group, old_epoch)?;
         // The commit names the invite it used, so every member counts the use on merging it.
-        g.mls
-            .set_aad(invites::CommitNote::InviteUse(invite).encode());
+        if let Some(invite) = invite {
+            g.mls
+                .set_aad(invites::CommitNote::InviteUse(invite).encode());
+        }
         let (commit, welcome, _info) =
             match g.mls.add_members(&self.provider, &self.me.signer, &[kp]) {
                 Ok(x) => x,
@@ -820,39 +859,39 @@ where
         }
         let welcome = welcome.tls_serialize_detached().map_err(mls_err)?;
         let commit = commit.tls_serialize_detached().map_err(mls_err)?;
-        let envelope = Envelope::new(req.group, old_epoch, PayloadKind::Commit, commit);
+        let envelope = Envelope::new(group, old_epoch, PayloadKind::Commit, commit);
         let (data, id) = envelope.encode().map_err(mls_err)?;
         note_applied(
             &self.provider,
-            req.group,
+            group,
             g,
             Applied {
                 epoch: old_epoch,
                 commit: id,
                 own: Some(OwnChange::Add {
-                    key_package: req.key_package.clone(),
-                    invite: Some(*invite.as_bytes()),
+                    key_package,
+                    invite: invite.map(|i| *i.as_bytes()),
                 }),
-                invite: Some(invite),
+                invite,
             },
         )?;
         g.sent_since_update = 0;
         g.last_update_ms = Some(now_ms);
-        let effects = vec![
-            Effect::Invite(InviteUpdate::Used {
-                group: req.group,
-                id: invite,
-            }),
+        let mut effects: Vec<Effect> = invite
+            .map(|id| Effect::Invite(InviteUpdate::Used { group, id }))
+            .into_iter()
+            .collect();
+        effects.extend([
             Effect::SaveEnvelope(StoredEnvelope {
                 id,
-                group: req.group,
+                group,
                 epoch: old_epoch,
                 kind: PayloadKind::Commit,
                 bytes: data.clone(),
                 received_at_ms: now_ms,
             }),
             Effect::Record(HistoryEntry {
-                group: req.group,
+                group,
                 id,
                 epoch: old_epoch,
                 sender: self.me.peer,
@@ -861,7 +900,7 @@ where
                 kind: EntryKind::MembersAdded(vec![from]),
             }),
             Effect::EpochChanged {
-                group: req.group,
+                group,
                 epoch: g.epoch(),
                 member_count: g.member_count(),
             },
@@ -869,7 +908,7 @@ where
                 topic: g.topic,
                 data,
             },
-        ];
+        ]);
         Ok((
             JoinResponse::Admitted {
                 welcome,
@@ -942,29 +981,65 @@ where
                 commit,
             } => (welcome, group_name, Some(commit)),
         };
-        // Joining again after a lost race replaces the dead branch; if anything below fails,
-        // the old state comes back.
-        let old = match self.groups.get(&invite.group) {
+        let source = WelcomeSource {
+            group: invite.group,
+            fallback_name: invite.group_name.clone(),
+            fallback_sender: invite.inviter,
+            link: Some(invite.link().to_owned()),
+        };
+        self.install_welcome(&source, welcome_bytes, group_name, commit, now_ms)
+    }
+
+    /// Sets up a group from a Welcome. If this node is joining the group again (its state
+    /// is a dead branch), the old state is replaced, and comes back if anything fails.
+    fn install_welcome(
+        &mut self,
+        source: &WelcomeSource,
+        welcome_bytes: Vec<u8>,
+        group_name: String,
+        commit: Option<MessageId>,
+        now_ms: u64,
+    ) -> Result<(GroupId, Vec<Effect>), GroupError> {
+        let group = source.group;
+        let old = match self.groups.get(&group) {
             Some(g) if g.rejoining => {
                 let epoch = g.epoch();
-                checkpoint(&self.provider, invite.group, epoch)?;
+                checkpoint(&self.provider, group, epoch)?;
                 self.provider
                     .storage()
-                    .replace_group_records(&invite.group, &[])
+                    .replace_group_records(&group, &[])
                     .map_err(mls_err)?;
-                self.groups.remove(&invite.group).map(|g| (g, epoch))
+                self.groups.remove(&group).map(|g| (g, epoch))
             }
-            Some(_) => return Err(GroupError::AlreadyMember(invite.group)),
+            Some(_) => return Err(GroupError::AlreadyMember(group)),
             None => None,
         };
-        let joined = self.welcome(invite, welcome_bytes, group_name, commit, now_ms);
-        if joined.is_err()
-            && let Some((g, epoch)) = old
-        {
-            let storage = self.provider.storage();
-            let _ = fork::restore_checkpoint(storage, &invite.group, epoch);
-            let _ = fork::delete_checkpoint(storage, &invite.group, epoch);
-            self.groups.insert(invite.group, g);
+        let mut joined = self.welcome(source, welcome_bytes, group_name, commit, now_ms);
+        match (&mut joined, old) {
+            (Err(_), Some((g, epoch))) => {
+                let storage = self.provider.storage();
+                let _ = fork::restore_checkpoint(storage, &group, epoch);
+                let _ = fork::delete_checkpoint(storage, &group, epoch);
+                self.groups.insert(group, g);
+            }
+            (Ok((_, effects)), Some((old, _))) => {
+                // The fork counters describe this node's history with the group: keep them.
+                // Envelopes held for later epochs may be the winning branch's next commits.
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.rollbacks = old.rollbacks;
+                    g.deep_forks = old.deep_forks;
+                    for p in old.pending {
+                        hold_pending(g, p.epoch, &p.bytes);
+                    }
+                    for p in old.orphans {
+                        hold_orphan(g, p.epoch, &p.bytes);
+                    }
+                    g.retry = true;
+                }
+                self.drain_pending(group, now_ms, effects);
+                self.settle(now_ms, effects);
+            }
+            _ => {}
         }
         joined
     }
@@ -972,7 +1047,7 @@ where
     /// Sets up the group from a member's Welcome (see [`GroupEngine::handle_join_response`]).
     fn welcome(
         &mut self,
-        invite: &Invite,
+        source: &WelcomeSource,
         welcome_bytes: Vec<u8>,
         group_name: String,
         commit: Option<MessageId>,
@@ -992,7 +1067,7 @@ where
         let mls = staged
             .into_group(&self.provider)
             .map_err(|e| GroupError::BadWelcome(e.to_string()))?;
-        if mls.group_id().as_slice() != invite.group.as_bytes() {
+        if mls.group_id().as_slice() != source.group.as_bytes() {
             // Not the group we were invited to: undo.
             let mut mls = mls;
             let _ = mls.delete(self.provider.storage());
@@ -1000,14 +1075,14 @@ where
                 "the Welcome is for a different group than the invite".into(),
             ));
         }
-        let id = invite.group;
+        let id = source.group;
         let mut name = if group_name.len() <= MAX_GROUP_NAME_BYTES {
             group_name
         } else {
-            invite.group_name.clone()
+            source.fallback_name.clone()
         };
         if name.trim().is_empty() {
-            name = invite.group_name.clone();
+            name = source.fallback_name.clone();
         }
         let meta = GroupMeta {
             id,
@@ -1021,12 +1096,15 @@ where
         let branch = Branch {
             since,
             applied: Vec::new(),
-            joined: commit.map(|commit| Joined {
-                epoch: since.saturating_sub(1),
-                commit,
-                link: invite.link().to_owned(),
-                by: sender.map(|p| p.to_bytes()),
-            }),
+            joined: commit
+                .zip(source.link.clone())
+                .map(|(commit, link)| Joined {
+                    epoch: since.saturating_sub(1),
+                    commit,
+                    link,
+                    by: sender.map(|p| p.to_bytes()),
+                }),
+            older: Vec::new(),
         };
         fork::save_branch(self.provider.storage(), &id, &branch).map_err(mls_err)?;
         let group = Group::new(mls, meta.clone(), topic, Some(now_ms), branch);
@@ -1037,7 +1115,7 @@ where
             group: id,
             id: MessageId::of(&welcome_bytes),
             epoch,
-            sender: sender.unwrap_or(invite.inviter),
+            sender: sender.unwrap_or(source.fallback_sender),
             sent_at_ms: now_ms,
             received_at_ms: now_ms,
             kind: EntryKind::Joined(self.me.peer),
@@ -1441,13 +1519,42 @@ where
         let ours = match g.branch.at(e) {
             Some(a) => a.commit,
             None => {
-                if e >= g.branch.since {
-                    g.deep_forks += 1;
-                    tracing::warn!(
-                        group = %group_id.short(),
-                        epoch = e,
-                        "a rival commit for an epoch beyond the rewind window: deep fork"
-                    );
+                // Commits of the other branch after the split also look like rivals; only the
+                // lowest epoch seen decides (history sync sends commits in epoch order).
+                let split = g.deep_rival.is_none_or(|r| e < r);
+                if split && e >= g.branch.since {
+                    g.deep_rival = Some(e);
+                    let ours = g.branch.older.iter().find(|(x, _)| *x == e).map(|x| x.1);
+                    if ours.is_none_or(|ours| id < ours) {
+                        g.deep_forks += 1;
+                        tracing::warn!(
+                            group = %group_id.short(),
+                            epoch = e,
+                            "a rival commit for an epoch beyond the rewind window: deep fork"
+                        );
+                    }
+                    // Our branch lost further back than we can roll back: be added again by a
+                    // member of the winning branch (it checks it holds this commit).
+                    if ours.is_some_and(|ours| id < ours)
+                        && !g.rejoining
+                        && g.lost.is_none()
+                        && g.mls.is_active()
+                    {
+                        g.rejoining = true;
+                        let me = self.me.peer;
+                        effects.push(Effect::DeepForkLost {
+                            group: group_id,
+                            epoch: e,
+                            commit: id,
+                            members: g
+                                .view()
+                                .members
+                                .into_iter()
+                                .map(|(_, p)| p)
+                                .filter(|p| *p != me)
+                                .collect(),
+                        });
+                    }
                 }
                 return Verdict::Ignore(format!(
                     "commit for epoch {e}, which this node can no longer roll back to"
@@ -1979,6 +2086,15 @@ fn hold_orphan(g: &mut Group, epoch: u64, bytes: &[u8]) {
     });
 }
 
+/// Where a Welcome comes from: the group it must be for, what to show if the member's answer
+/// lacks a name or sender, and the link (for a join by invite).
+struct WelcomeSource {
+    group: GroupId,
+    fallback_name: String,
+    fallback_sender: PeerId,
+    link: Option<String>,
+}
+
 /// Loads a group's MLS state from storage.
 fn load_mls<
     S: openmls_traits::storage::StorageProvider<{ openmls_traits::storage::CURRENT_VERSION }>,
@@ -2030,6 +2146,7 @@ fn hold_pending(g: &mut Group, epoch: u64, bytes: &[u8]) {
 }
 
 mod invites;
+mod rejoin;
 pub use invites::{CommitNote, NewInvite};
 
 #[cfg(test)]

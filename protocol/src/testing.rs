@@ -106,6 +106,7 @@ where
                 | Effect::SaveEnvelope(_)
                 | Effect::LinkEnvelope { .. }
                 | Effect::JoinLost { .. }
+                | Effect::DeepForkLost { .. }
                 | Effect::EpochChanged { .. } => {}
             }
         }

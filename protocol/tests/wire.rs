@@ -25,7 +25,7 @@ use proptest::prelude::*;
 
 /// Every rejection reason. `rejection_tag` below matches exhaustively, so adding a variant
 /// fails to compile until it is listed here and given a pinned tag.
-const ALL_REJECTIONS: [JoinRejection; 11] = [
+const ALL_REJECTIONS: [JoinRejection; 12] = [
     JoinRejection::UnknownInvite,
     JoinRejection::Expired,
     JoinRejection::UsedUp,
@@ -37,6 +37,7 @@ const ALL_REJECTIONS: [JoinRejection; 11] = [
     JoinRejection::Revoked,
     JoinRejection::Denied,
     JoinRejection::Busy,
+    JoinRejection::OtherBranch,
 ];
 
 /// The pinned wire tag of each rejection (its bincode variant index).
@@ -53,6 +54,7 @@ fn rejection_tag(r: JoinRejection) -> u8 {
         JoinRejection::Revoked => 8,
         JoinRejection::Denied => 9,
         JoinRejection::Busy => 10,
+        JoinRejection::OtherBranch => 11,
     }
 }
 
@@ -921,24 +923,24 @@ fn unknown_enum_tags_are_malformed() {
         Err(EnvelopeError::Decode(DecodeError::Malformed(_)))
     ));
 
-    // AppContent version 1, Body tag 1.
+    // AppContent version 2 is taken (V2); 2 is the first unassigned. Body tag 1.
     let app = codec::encode(&golden_app_content()).unwrap();
     let mut b = app.clone();
-    b[0] = 1;
+    b[0] = 2;
     assert_malformed("app content version", AppContent::decode(&b).map(drop));
     let mut b = app.clone();
-    b[10] = 1;
+    b[10] = 3;
     assert_malformed("body tag", AppContent::decode(&b).map(drop));
 
-    // JoinRequest version 1.
+    // JoinRequest version 2 (V1 and Rejoin are taken).
     let mut b = codec::encode(&golden_join_request()).unwrap();
-    b[0] = 1;
+    b[0] = 2;
     assert_malformed("join request version", JoinRequest::decode(&b).map(drop));
 
-    // JoinResponse tag 3, rejection tag 11 (the first unassigned ones).
-    assert_malformed("join response tag", JoinResponse::decode(&[3]).map(drop));
-    assert_malformed("join response tag", JoinResponse::decode(&[3, 0]).map(drop));
-    assert_malformed("rejection tag", JoinResponse::decode(&[1, 11]).map(drop));
+    // JoinResponse tag 4, rejection tag 12 (the first unassigned ones).
+    assert_malformed("join response tag", JoinResponse::decode(&[4]).map(drop));
+    assert_malformed("join response tag", JoinResponse::decode(&[4, 0]).map(drop));
+    assert_malformed("rejection tag", JoinResponse::decode(&[1, 12]).map(drop));
     assert_malformed("rejection tag", JoinResponse::decode(&[1, 250]).map(drop));
 }
 

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
 use super::*;
+use crate::envelope::{JoinRequest, JoinResponse};
 use crate::testing::Sim;
 
 /// xorshift64*: a tiny deterministic generator, enough to shuffle deliveries.
@@ -269,4 +270,109 @@ fn a_lost_removal_is_proposed_again() {
         assert_eq!(members.len(), 3);
     }
     assert!(!s.engines[3].group(&g).unwrap().active);
+}
+
+/// Delivers what is in flight from members of `side` to the other members of `side` only;
+/// returns what was published, for delivery to the other side later.
+fn deliver_within(s: &mut Sim<'_, OpenMlsRustCrypto>, side: &[usize]) -> Vec<(usize, Vec<u8>)> {
+    let mut published = Vec::new();
+    while let Some((from, _, data)) = s.in_flight.pop_front() {
+        published.push((from, data.clone()));
+        for &j in side.iter().filter(|j| **j != from) {
+            s.now_ms += 1;
+            let (_, fx) = s.engines[j].handle_envelope(&data, s.now_ms);
+            s.apply(j, fx);
+        }
+    }
+    published
+}
+
+/// Both halves of a partition commit more often than the rewind depth. After healing, the
+/// members of the losing half see they cannot roll back, ask a member of the winning half
+/// to add them again, and everyone ends on one branch with all four members.
+#[test]
+fn a_fork_deeper_than_the_rewind_depth_heals_by_rejoining() {
+    let mut s = sim(4);
+    let g = s.create_group(0, "deep").unwrap();
+    let inv = s.invite(0, g, 3).unwrap();
+    for j in 1..4 {
+        s.join(j, 0, &inv).unwrap();
+        s.deliver_all();
+    }
+    let (left, right) = ([0usize, 1], [2usize, 3]);
+    let mut from_left = Vec::new();
+    let mut from_right = Vec::new();
+    for round in 0..REWIND_DEPTH + 2 {
+        s.self_update(left[round % 2], g).unwrap();
+        from_left.extend(deliver_within(&mut s, &left));
+        s.self_update(right[round % 2], g).unwrap();
+        from_right.extend(deliver_within(&mut s, &right));
+    }
+    assert_ne!(
+        s.engines[0].epoch_authenticator(&g),
+        s.engines[2].epoch_authenticator(&g)
+    );
+    // Heal: each side receives everything the other published.
+    let mut lost = Vec::new();
+    for (side, msgs) in [(right, &from_left), (left, &from_right)] {
+        for (_, data) in msgs {
+            for &j in &side {
+                s.now_ms += 1;
+                let (_, fx) = s.engines[j].handle_envelope(data, s.now_ms);
+                for e in &fx {
+                    if let Effect::DeepForkLost { epoch, commit, .. } = e {
+                        lost.push((j, *epoch, *commit));
+                    }
+                }
+                s.apply(j, fx);
+            }
+        }
+    }
+    assert_eq!(
+        lost.len(),
+        2,
+        "both members of the losing half notice: {lost:?}"
+    );
+    let losers: Vec<usize> = lost.iter().map(|l| l.0).collect();
+    let winner = (0..4).find(|i| !losers.contains(i)).unwrap();
+    for (j, epoch, commit) in lost {
+        assert!(s.engines[j].group(&g).unwrap().deep_forks > 0);
+        let req = s.engines[j].prepare_rejoin(g, epoch, commit).unwrap();
+        let JoinRequest::Rejoin(req) = req else {
+            unreachable!("prepare_rejoin makes Rejoin requests")
+        };
+        // A member of the losing half is on the wrong branch and says so.
+        let other_loser = losers.iter().copied().find(|x| *x != j).unwrap();
+        let me = s.peer(j);
+        let (resp, _) = s.engines[other_loser]
+            .handle_rejoin_request(me, req.clone(), s.now_ms)
+            .unwrap();
+        assert!(
+            matches!(resp, JoinResponse::Rejected(_)),
+            "a losing-side member must not re-add: {resp:?}"
+        );
+        let (resp, fx) = s.engines[winner]
+            .handle_rejoin_request(me, req, s.now_ms)
+            .unwrap();
+        s.apply(winner, fx);
+        let by = s.peer(winner);
+        let (_, fx) = s.engines[j]
+            .handle_rejoin_response(g, by, resp, s.now_ms)
+            .unwrap();
+        s.apply(j, fx);
+        s.deliver_all();
+    }
+    let auth = s.engines[winner].epoch_authenticator(&g);
+    for i in 0..4 {
+        let view = s.engines[i].group(&g).unwrap();
+        assert_eq!(s.engines[i].epoch_authenticator(&g), auth, "member {i}");
+        assert_eq!(view.members.len(), 4, "member {i}");
+        assert!(view.active, "member {i}");
+    }
+    // Everyone talks again.
+    s.send(losers[0], g, "back").unwrap();
+    s.deliver_all();
+    for i in 0..4 {
+        assert!(s.texts(i, g).contains(&"back".to_owned()), "member {i}");
+    }
 }

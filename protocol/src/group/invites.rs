@@ -249,7 +249,9 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         record: Option<&InviteRecord>,
         now_ms: u64,
     ) -> Result<KeyPackage, JoinRejection> {
-        let JoinRequest::V1(req) = request;
+        let JoinRequest::V1(req) = request else {
+            return Err(JoinRejection::Internal);
+        };
         if req.network != self.network {
             return Err(JoinRejection::WrongNetwork);
         }
@@ -268,7 +270,21 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             return Err(JoinRejection::UnknownInvite);
         }
         record.admits(now_ms / 1000)?;
-        let Ok(kp_in) = KeyPackageIn::tls_deserialize_exact(req.key_package.as_slice()) else {
+        let kp = self.checked_key_package(from, &req.key_package)?;
+        if g.mls.members().any(|m| member_peer(&m) == Some(from)) {
+            return Err(JoinRejection::AlreadyMember);
+        }
+        Ok(kp)
+    }
+
+    /// Decodes and validates a joiner's key package: our ciphersuite, and a credential bound
+    /// to the signature key that names `from`, the transport-authenticated requester.
+    pub(super) fn checked_key_package(
+        &self,
+        from: PeerId,
+        bytes: &[u8],
+    ) -> Result<KeyPackage, JoinRejection> {
+        let Ok(kp_in) = KeyPackageIn::tls_deserialize_exact(bytes) else {
             return Err(JoinRejection::InvalidKeyPackage);
         };
         let Ok(kp) = kp_in.validate(self.provider.crypto(), ProtocolVersion::Mls10) else {
@@ -279,9 +295,6 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
             || bound_peer(leaf.credential(), leaf.signature_key().as_slice()) != Some(from)
         {
             return Err(JoinRejection::InvalidKeyPackage);
-        }
-        if g.mls.members().any(|m| member_peer(&m) == Some(from)) {
-            return Err(JoinRejection::AlreadyMember);
         }
         Ok(kp)
     }

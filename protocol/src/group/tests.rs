@@ -166,7 +166,9 @@ fn join_requests_are_checked() {
         JoinRejection::UnknownInvite
     );
     // Wrong secret.
-    let JoinRequest::V1(mut bad) = req.clone();
+    let JoinRequest::V1(mut bad) = req.clone() else {
+        unreachable!("prepare_join makes V1 requests")
+    };
     bad.secret[0] ^= 1;
     assert_eq!(
         reject(
@@ -179,7 +181,9 @@ fn join_requests_are_checked() {
         JoinRejection::UnknownInvite
     );
     // Wrong network.
-    let JoinRequest::V1(mut bad) = req.clone();
+    let JoinRequest::V1(mut bad) = req.clone() else {
+        unreachable!("prepare_join makes V1 requests")
+    };
     bad.network = "elsewhere".into();
     assert_eq!(
         reject(
@@ -192,7 +196,9 @@ fn join_requests_are_checked() {
         JoinRejection::WrongNetwork
     );
     // Unknown group.
-    let JoinRequest::V1(mut bad) = req.clone();
+    let JoinRequest::V1(mut bad) = req.clone() else {
+        unreachable!("prepare_join makes V1 requests")
+    };
     bad.group = GroupId([3; 32]);
     assert_eq!(
         reject(
@@ -242,7 +248,9 @@ fn join_requests_are_checked() {
         JoinRejection::InvalidKeyPackage
     );
     // Garbage key package.
-    let JoinRequest::V1(mut bad) = req.clone();
+    let JoinRequest::V1(mut bad) = req.clone() else {
+        unreachable!("prepare_join makes V1 requests")
+    };
     bad.key_package = vec![0; 40];
     assert_eq!(
         reject(
