@@ -177,6 +177,32 @@ pub async fn text_counts(
     Ok(counts)
 }
 
+/// `config` with the `/metrics` server on (loopback, port 0).
+pub fn with_metrics(mut config: NodeConfig) -> NodeConfig {
+    config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config
+}
+
+/// The value of the sample named exactly `series` (name and labels) on `node`'s `/metrics`
+/// (started [`with_metrics`]); 0 if the series is absent.
+pub async fn metric(node: &TestNode, series: &str) -> anyhow::Result<f64> {
+    let addr = node
+        .node
+        .metrics_addr
+        .context("the node was started without metrics")?;
+    let (status, body) =
+        tokio::task::spawn_blocking(move || raw_http(addr, "GET", "/metrics", &[], "")).await??;
+    anyhow::ensure!(status == 200, "GET /metrics answered {status}");
+    Ok(body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0))
+}
+
 /// Waits until the node reports a TCP listen address.
 pub async fn wait_for_listen_addr(node: &RunningNode) -> anyhow::Result<Multiaddr> {
     let deadline = tokio::time::Instant::now() + WAIT;
