@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use kith_node::model::NodeEvent;
 use kith_tests::{TestNode, is_text, loopback_config, wait_connected, wait_event, wait_texts};
 
