@@ -213,6 +213,12 @@ async fn both_sides_of_a_split_change_membership_and_talk_then_converge() -> any
             .collect()
     };
 
+    // Every member of a side has merged its removal before the side talks: a message sent
+    // before its sender saw the removal is from the old epoch, and the removed member may
+    // read it.
+    converged(&nodes, &l_stay, &g, &members_without(&[l_gone]), &[]).await?;
+    converged(&nodes, &r_stay, &g, &members_without(&[r_gone]), &[]).await?;
+
     // Each side talks: 100 messages over its four remaining members, read by its side.
     let l_texts = side_texts("left", &l_stay);
     let r_texts = side_texts("right", &r_stay);
