@@ -1068,6 +1068,7 @@ pub fn start(
         syncs: HashMap::new(),
         last_sync: HashMap::new(),
         unsynced: HashSet::new(),
+        newcomers: HashMap::new(),
         gaps: HashMap::new(),
         held: HeldRequests::new(),
         provided_invites: HashSet::new(),
@@ -1139,6 +1140,11 @@ struct Actor {
     last_sync: HashMap<GroupId, Instant>,
     /// Groups whose last sync run failed (no member sent everything).
     unsynced: HashSet<GroupId>,
+    /// Members that connected since the group's last sync run started, by group (at most
+    /// [`MAX_PEERS_PER_RUN`] each, newest kept). After a partition heals they may hold a
+    /// branch or messages no one reachable before had, so the next run asks each of them,
+    /// not just the first member that answers.
+    newcomers: HashMap<GroupId, Vec<PeerId>>,
     /// Gap detectors, by group.
     gaps: HashMap<GroupId, Gaps>,
     /// Join requests held for approval on this node.
@@ -1171,8 +1177,11 @@ struct SyncRun {
 enum SyncTrigger {
     /// A member connected, or the periodic timer.
     Routine,
-    /// An envelope for a future epoch arrived.
+    /// An envelope for a future epoch arrived, or this node rolled back to another branch
+    /// (whose messages it has yet to fetch).
     Gap,
+    /// A member connected (see `Actor::newcomers`).
+    Newcomer,
 }
 
 impl Actor {
@@ -1232,6 +1241,11 @@ impl Actor {
                     let retry: Vec<GroupId> = self.unsynced.iter().copied().collect();
                     for g in retry {
                         self.start_sync(g, SyncTrigger::Routine);
+                    }
+                    // Members that connected while a run was going on or too soon after one.
+                    let waiting: Vec<GroupId> = self.newcomers.keys().copied().collect();
+                    for g in waiting {
+                        self.start_sync(g, SyncTrigger::Newcomer);
                     }
                     self.flushes += 1;
                     if self.flushes.is_multiple_of(EXPIRE_EVERY_FLUSHES) {
@@ -1386,7 +1400,7 @@ impl Actor {
         }
         let debounce = match trigger {
             SyncTrigger::Routine => SYNC_DEBOUNCE,
-            SyncTrigger::Gap => GAP_DEBOUNCE,
+            SyncTrigger::Gap | SyncTrigger::Newcomer => GAP_DEBOUNCE,
         };
         if self
             .last_sync
@@ -1401,6 +1415,7 @@ impl Actor {
             }
             return;
         }
+        let newcomers = self.newcomers.remove(&group).unwrap_or_default();
         let Some(view) = self.groups.group(&group).filter(|v| v.active) else {
             return;
         };
@@ -1408,19 +1423,25 @@ impl Actor {
             return;
         };
         let connected: HashSet<PeerId> = info.connected.into_iter().collect();
+        let usable = |p: &PeerId| {
+            *p != self.me && connected.contains(p) && view.members.iter().any(|(_, m)| m == p)
+        };
+        let newcomers: Vec<PeerId> = newcomers.into_iter().filter(|p| usable(p)).collect();
         let mut peers: Vec<PeerId> = view
             .members
             .iter()
             .map(|(_, p)| *p)
-            .filter(|p| *p != self.me && connected.contains(p))
+            .filter(|p| usable(p) && !newcomers.contains(p))
             .collect();
-        if peers.is_empty() {
+        if peers.is_empty() && newcomers.is_empty() {
             return;
         }
         // Spread the load over the members.
-        let start = (rand::rngs::OsRng.next_u32() as usize) % peers.len();
-        peers.rotate_left(start);
-        peers.truncate(MAX_PEERS_PER_RUN);
+        if !peers.is_empty() {
+            let start = (rand::rngs::OsRng.next_u32() as usize) % peers.len();
+            peers.rotate_left(start);
+        }
+        peers.truncate(MAX_PEERS_PER_RUN.saturating_sub(newcomers.len()).max(1));
         let summary = match self.sync_summary(&group) {
             Ok(s) => s,
             Err(e) => {
@@ -1428,7 +1449,7 @@ impl Actor {
                 return;
             }
         };
-        tracing::debug!(group = %group.short(), ?trigger, peers = peers.len(), epochs = summary.epochs.len(), "starting history sync");
+        tracing::debug!(group = %group.short(), ?trigger, newcomers = newcomers.len(), peers = peers.len(), epochs = summary.epochs.len(), "starting history sync");
         self.syncs.insert(
             group,
             SyncRun {
@@ -1443,7 +1464,7 @@ impl Actor {
         let net = self.net.clone();
         let tx = self.tx.clone();
         self.runtime.spawn(async move {
-            let complete = run_sync(&net, &tx, group, summary, peers).await;
+            let complete = run_sync(&net, &tx, group, summary, newcomers, peers).await;
             let _ = tx.send(Input::SyncDone { group, complete }).await;
         });
     }
@@ -1686,6 +1707,7 @@ impl Actor {
 
     fn after_commit(&mut self, effects: Vec<Effect>) {
         let invites_changed = effects.iter().any(|e| matches!(e, Effect::Invite(_)));
+        let mut rolled_back = Vec::new();
         for e in effects {
             let sent = match e {
                 Effect::Publish { topic, data } => self.net.publish_blocking(topic, data),
@@ -1717,6 +1739,7 @@ impl Actor {
                 } => {
                     self.metrics.rollback();
                     tracing::info!(group = %group.short(), to_epoch, "rolled back to the winning branch");
+                    rolled_back.push(group);
                     Ok(())
                 }
                 Effect::DeepForkLost {
@@ -1749,6 +1772,11 @@ impl Actor {
         }
         if invites_changed {
             self.announce_invites(false);
+        }
+        // The winning branch's messages sent so far are on other members only: fetch them
+        // now rather than at the next routine sync.
+        for group in rolled_back {
+            self.start_sync(group, SyncTrigger::Gap);
         }
     }
 
@@ -1833,7 +1861,13 @@ impl Actor {
                     .map(|v| v.meta.id)
                     .collect();
                 for g in groups {
-                    self.start_sync(g, SyncTrigger::Routine);
+                    let list = self.newcomers.entry(g).or_default();
+                    list.retain(|p| *p != peer);
+                    if list.len() >= MAX_PEERS_PER_RUN {
+                        list.remove(0);
+                    }
+                    list.push(peer);
+                    self.start_sync(g, SyncTrigger::Newcomer);
                 }
             }
             NetEvent::PeerIdentified { peer, addrs } => {
@@ -2426,60 +2460,90 @@ impl Actor {
     }
 }
 
-/// Requests pages of `group` from `peers`, one peer after the other, until one sends
-/// everything; forwards every page to the actor. Returns whether a peer completed.
+/// One sync run of `group`: asks every member in `newcomers` (members that connected since
+/// the last run: after a partition heals each may hold a branch or messages that nobody
+/// reached before had), then, unless one of them sent everything, the members in `others`
+/// in turn until one does. Pages go to the engine as [`Input::SyncPage`]. Returns whether a
+/// member sent a complete answer.
 async fn run_sync(
     net: &NetHandle,
     tx: &mpsc::Sender<Input>,
     group: GroupId,
     summary: Summary,
-    peers: Vec<PeerId>,
+    newcomers: Vec<PeerId>,
+    others: Vec<PeerId>,
 ) -> bool {
-    for peer in peers {
-        let mut cursor = None;
-        for _ in 0..MAX_PAGES_PER_RUN {
-            let request = SyncRequest::V1(SyncRequestV1 {
-                group,
-                summary: summary.clone(),
-                cursor: cursor.take(),
-                max_bytes: MAX_PAGE_BYTES,
-                proof: Vec::new(),
-            });
-            match net.sync(peer, request).await {
-                Ok(SyncResponse::V1(page)) => {
-                    let complete = page.complete;
-                    cursor = page.next;
-                    if !page.envelopes.is_empty()
-                        && tx
-                            .send(Input::SyncPage {
-                                group,
-                                envelopes: page.envelopes,
-                            })
-                            .await
-                            .is_err()
-                    {
-                        return false;
-                    }
-                    if complete || cursor.is_none() {
-                        return true;
-                    }
+    let mut complete = false;
+    for peer in newcomers {
+        match sync_with(net, tx, group, &summary, peer).await {
+            Some(done) => complete |= done,
+            None => return false,
+        }
+    }
+    for peer in others {
+        if complete {
+            break;
+        }
+        match sync_with(net, tx, group, &summary, peer).await {
+            Some(done) => complete = done,
+            None => return false,
+        }
+    }
+    complete
+}
+
+/// Fetches every page `peer` has for `summary`. `Some(true)` if it sent a complete answer,
+/// `Some(false)` if it refused or failed, `None` if the node is shutting down.
+async fn sync_with(
+    net: &NetHandle,
+    tx: &mpsc::Sender<Input>,
+    group: GroupId,
+    summary: &Summary,
+    peer: PeerId,
+) -> Option<bool> {
+    let mut cursor = None;
+    for _ in 0..MAX_PAGES_PER_RUN {
+        let request = SyncRequest::V1(SyncRequestV1 {
+            group,
+            summary: summary.clone(),
+            cursor: cursor.take(),
+            max_bytes: MAX_PAGE_BYTES,
+            proof: Vec::new(),
+        });
+        match net.sync(peer, request).await {
+            Ok(SyncResponse::V1(page)) => {
+                let complete = page.complete;
+                cursor = page.next;
+                if !page.envelopes.is_empty()
+                    && tx
+                        .send(Input::SyncPage {
+                            group,
+                            envelopes: page.envelopes,
+                        })
+                        .await
+                        .is_err()
+                {
+                    return None;
                 }
-                Ok(SyncResponse::Refused(why)) => {
-                    tracing::debug!(%peer, group = %group.short(), reason = %why, "sync refused");
-                    if why == SyncRefusal::NotMember {
-                        let _ = tx.send(Input::NotAMember(group)).await;
-                    }
-                    break;
+                if complete || cursor.is_none() {
+                    return Some(true);
                 }
-                Err(NetError::Stopped) => return false,
-                Err(e) => {
-                    tracing::debug!(%peer, group = %group.short(), error = %e, "sync request failed");
-                    break;
+            }
+            Ok(SyncResponse::Refused(why)) => {
+                tracing::debug!(%peer, group = %group.short(), reason = %why, "sync refused");
+                if why == SyncRefusal::NotMember {
+                    let _ = tx.send(Input::NotAMember(group)).await;
                 }
+                return Some(false);
+            }
+            Err(NetError::Stopped) => return None,
+            Err(e) => {
+                tracing::debug!(%peer, group = %group.short(), error = %e, "sync request failed");
+                return Some(false);
             }
         }
     }
-    false
+    Some(false)
 }
 
 /// Opens the node's store in `data_dir`.

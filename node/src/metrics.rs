@@ -53,18 +53,22 @@ pub enum RejectReason {
     /// A credential not bound to its key: an application message's sender, or a member a
     /// commit adds.
     UnboundSender,
+    /// An application message whose sender is not (any more) a member holding that leaf
+    /// with a bound credential: typically a removed node still posting with its old state.
+    FormerMember,
     /// A reason this version does not know.
     Other,
 }
 
 impl RejectReason {
     /// Every reason, in label order.
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::Decode,
         RejectReason::Mls,
         RejectReason::Header,
         RejectReason::Content,
         RejectReason::UnboundSender,
+        RejectReason::FormerMember,
         RejectReason::Other,
     ];
 
@@ -76,6 +80,7 @@ impl RejectReason {
             RejectReason::Header => "header",
             RejectReason::Content => "content",
             RejectReason::UnboundSender => "unbound_sender",
+            RejectReason::FormerMember => "former_member",
             RejectReason::Other => "other",
         }
     }
@@ -172,7 +177,7 @@ pub fn classify(verdict: &Verdict) -> Outcome {
 }
 
 fn reject_reason(why: &str) -> RejectReason {
-    const PREFIXES: [(&str, RejectReason); 8] = [
+    const PREFIXES: [(&str, RejectReason); 9] = [
         ("bad envelope", RejectReason::Decode),
         ("not an MLS protocol message", RejectReason::Decode),
         ("envelope header does not match", RejectReason::Header),
@@ -186,6 +191,10 @@ fn reject_reason(why: &str) -> RejectReason {
         (
             "commit adds a member whose credential is not bound",
             RejectReason::UnboundSender,
+        ),
+        (
+            "application message from a sender who is not a current member",
+            RejectReason::FormerMember,
         ),
     ];
     PREFIXES
@@ -757,6 +766,10 @@ mod tests {
             (
                 "commit adds a member whose credential is not bound to its key",
                 RejectReason::UnboundSender,
+            ),
+            (
+                "application message from a sender who is not a current member",
+                RejectReason::FormerMember,
             ),
             ("something new", RejectReason::Other),
         ] {

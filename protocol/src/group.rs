@@ -302,8 +302,16 @@ struct Pending {
     bytes: Vec<u8>,
 }
 
-/// Work lost in a rollback to epoch `.0`: the commits of the losing branch.
-type Redo = (u64, Vec<Applied>);
+/// Work of this node lost in a rollback, still to be redone by [`GroupEngine::settle`].
+struct Redo {
+    /// The commits of the losing branch (this node re-proposes its own ones).
+    lost: Vec<Applied>,
+    /// This node's messages encrypted on the losing branch, to re-send.
+    messages: Vec<Sent>,
+    /// Members removed on the losing branch. The messages above were written for a group
+    /// without them, so they are not re-sent while any of them is a member again.
+    excluded: Vec<PeerId>,
+}
 /// Where envelope bytes come from, for [`GroupEngine::process`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
@@ -1594,6 +1602,7 @@ where
         };
         let cur = g.epoch();
         let was_leaving = g.leaving;
+        let tip_members: Vec<PeerId> = g.mls.members().filter_map(|m| member_peer(&m)).collect();
         let storage = self.provider.storage();
         if let Err(err) = checkpoint(&self.provider, group_id, cur) {
             return Verdict::Ignore(format!("cannot checkpoint before a rollback: {err}"));
@@ -1624,6 +1633,13 @@ where
             .cloned()
             .collect();
         let saved_branch = g.branch.clone();
+        // Members at the fork point that the losing branch had removed.
+        let excluded: Vec<PeerId> = g
+            .mls
+            .members()
+            .filter_map(|m| member_peer(&m))
+            .filter(|p| !tip_members.contains(p))
+            .collect();
         let mut fx = Vec::new();
         let verdict = self.process_mls(group_id, envelope, id, message, bytes, now_ms, &mut fx);
         let Some(g) = self.groups.get_mut(&group_id) else {
@@ -1671,7 +1687,21 @@ where
             }));
         }
         effects.extend(fx);
-        g.redo.push((e, lost));
+        // The messages this node encrypted on the lost branch; one rolled back earlier and
+        // not re-sent yet is now listed here only.
+        let messages = fork::sent_after(self.provider.storage(), &group_id, e).unwrap_or_else(|err| {
+            tracing::warn!(group = %group_id.short(), "cannot read own messages to re-send: {err}");
+            Vec::new()
+        });
+        for r in &mut g.redo {
+            r.messages
+                .retain(|m| !messages.iter().any(|n| n.id == m.id));
+        }
+        g.redo.push(Redo {
+            lost,
+            messages,
+            excluded,
+        });
         Verdict::Accept
     }
 
@@ -1699,37 +1729,41 @@ where
             .map(|(id, g)| (*id, std::mem::take(&mut g.redo)))
             .collect();
         for (gid, redo) in todo {
-            for (epoch, lost) in redo {
-                if let Err(e) = self.redo_lost(gid, epoch, &lost, now_ms, effects) {
-                    tracing::warn!(group = %gid.short(), "cannot redo work of a lost branch: {e}");
+            for r in redo {
+                match self.redo_lost(gid, r, now_ms, effects) {
+                    Ok(Some(waiting)) => {
+                        if let Some(g) = self.groups.get_mut(&gid) {
+                            g.redo.push(waiting);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(group = %gid.short(), "cannot redo work of a lost branch: {e}")
+                    }
                 }
             }
         }
     }
 
-    /// Re-sends this node's messages encrypted after `epoch` and proposes its lost changes
-    /// again, in the order it first made them.
+    /// Proposes this node's lost changes again, in the order it first made them, then
+    /// re-sends its lost messages: removals first, so a message written after a member's
+    /// removal is never encrypted to that member. If a member removed on the lost branch is
+    /// still in the group (another member's removal, not re-proposed yet), the messages wait:
+    /// the returned [`Redo`] is tried again after the next envelope.
     fn redo_lost(
         &mut self,
         gid: GroupId,
-        epoch: u64,
-        lost: &[Applied],
+        redo: Redo,
         now_ms: u64,
         effects: &mut Vec<Effect>,
-    ) -> Result<(), GroupError> {
+    ) -> Result<Option<Redo>, GroupError> {
         let Some(g) = self.groups.get(&gid) else {
-            return Ok(());
+            return Ok(None);
         };
         if !g.mls.is_active() || g.leaving {
-            return Ok(());
+            return Ok(None);
         }
-        let sent = fork::sent_after(self.provider.storage(), &gid, epoch).map_err(mls_err)?;
-        for m in sent {
-            fork::delete_sent(self.provider.storage(), &gid, &m).map_err(mls_err)?;
-            let (_, fx) = self.send_content(gid, m.id, m.sent_at_ms, &m.text, now_ms)?;
-            effects.extend(fx);
-        }
-        for a in lost {
+        for a in &redo.lost {
             match &a.own {
                 Some(OwnChange::Update) => effects.extend(self.self_update(gid, now_ms)?),
                 Some(OwnChange::Remove(peer)) => {
@@ -1751,7 +1785,31 @@ where
                 Some(OwnChange::Proposals) | None => {}
             }
         }
-        Ok(())
+        let members = self.group(&gid).map(|v| v.members).unwrap_or_default();
+        let back: Vec<PeerId> = redo
+            .excluded
+            .iter()
+            .copied()
+            .filter(|p| members.iter().any(|(_, m)| m == p))
+            .collect();
+        if !back.is_empty() && !redo.messages.is_empty() {
+            tracing::info!(
+                group = %gid.short(),
+                messages = redo.messages.len(),
+                "re-sending lost messages once the members removed on the lost branch are removed again"
+            );
+            return Ok(Some(Redo {
+                lost: Vec::new(),
+                messages: redo.messages,
+                excluded: back,
+            }));
+        }
+        for m in redo.messages {
+            fork::delete_sent(self.provider.storage(), &gid, &m).map_err(mls_err)?;
+            let (_, fx) = self.send_content(gid, m.id, m.sent_at_ms, &m.text, now_ms)?;
+            effects.extend(fx);
+        }
+        Ok(None)
     }
 
     #[allow(clippy::too_many_arguments)]

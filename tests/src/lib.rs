@@ -117,6 +117,93 @@ impl TestNode {
     }
 }
 
+/// Starts one node per directory (all bootstrapping from the first) and puts them in one
+/// group created by node 0 and joined by the others in turn; returns when node 0 has merged
+/// every join (epoch `n - 1`).
+pub async fn group_of(
+    dirs: &[tempfile::TempDir],
+    name: &str,
+) -> anyhow::Result<(Vec<TestNode>, kith_node::model::GroupInfo)> {
+    let first = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
+    let boot = first.bootstrap_peer().await?;
+    let mut nodes = vec![first];
+    for d in &dirs[1..] {
+        nodes.push(TestNode::start(d.path(), loopback_config(vec![boot.clone()])).await?);
+    }
+    let (group, invite) = nodes[0].group_with_invite(name, dirs.len() as u32).await?;
+    let n = nodes.len() as u64;
+    let mut events = nodes[0].node.engine.subscribe();
+    for node in &nodes[1..] {
+        node.node.engine.join(invite.link.clone()).await?;
+    }
+    wait_event(
+        &mut events,
+        "everyone joined",
+        |e| matches!(e, NodeEvent::EpochChanged { epoch, .. } if *epoch == n - 1),
+    )
+    .await?;
+    Ok((nodes, group))
+}
+
+/// Polls the node's connected peers until `pred` holds, failing after [`WAIT`].
+pub async fn wait_connected(
+    node: &TestNode,
+    what: &str,
+    pred: impl Fn(&[PeerId]) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let connected = node.node.net.info().await?.connected;
+        if pred(&connected) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {WAIT:?} waiting for {what}; connected: {connected:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The texts of `group`'s history on `node`, with how often each appears.
+pub async fn text_counts(
+    node: &TestNode,
+    group: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
+    let mut counts = std::collections::BTreeMap::new();
+    for m in node.node.engine.history(group.to_owned(), 1000).await? {
+        if let kith_node::model::MessageBody::Text { text } = m.body {
+            *counts.entry(text).or_default() += 1;
+        }
+    }
+    Ok(counts)
+}
+
+/// `config` with the `/metrics` server on (loopback, port 0).
+pub fn with_metrics(mut config: NodeConfig) -> NodeConfig {
+    config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config
+}
+
+/// The value of the sample named exactly `series` (name and labels) on `node`'s `/metrics`
+/// (started [`with_metrics`]); 0 if the series is absent.
+pub async fn metric(node: &TestNode, series: &str) -> anyhow::Result<f64> {
+    let addr = node
+        .node
+        .metrics_addr
+        .context("the node was started without metrics")?;
+    let (status, body) =
+        tokio::task::spawn_blocking(move || raw_http(addr, "GET", "/metrics", &[], "")).await??;
+    anyhow::ensure!(status == 200, "GET /metrics answered {status}");
+    Ok(body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0))
+}
+
 /// Waits until the node reports a TCP listen address.
 pub async fn wait_for_listen_addr(node: &RunningNode) -> anyhow::Result<Multiaddr> {
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -6,11 +6,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kith_node::model::{GroupInfo, MessageBody, NodeEvent};
-use kith_tests::{TestNode, WAIT, loopback_config, wait_event};
+use kith_tests::{TestNode, WAIT, group_of, text_counts};
 
 /// Rounds of racing commits (`KITH_FORK_ROUNDS` overrides).
 fn rounds() -> usize {
@@ -18,31 +16,6 @@ fn rounds() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50)
-}
-
-/// Starts `n` nodes (all bootstrapping from the first) in one group created by node 0.
-pub async fn group_of(dirs: &[tempfile::TempDir]) -> anyhow::Result<(Vec<TestNode>, GroupInfo)> {
-    let first = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
-    let boot = first.bootstrap_peer().await?;
-    let mut nodes = vec![first];
-    for d in &dirs[1..] {
-        nodes.push(TestNode::start(d.path(), loopback_config(vec![boot.clone()])).await?);
-    }
-    let (group, invite) = nodes[0]
-        .group_with_invite("race", dirs.len() as u32)
-        .await?;
-    let n = nodes.len() as u64;
-    let mut events = nodes[0].node.engine.subscribe();
-    for node in &nodes[1..] {
-        node.node.engine.join(invite.link.clone()).await?;
-    }
-    wait_event(
-        &mut events,
-        "everyone joined",
-        |e| matches!(e, NodeEvent::EpochChanged { epoch, .. } if *epoch == n - 1),
-    )
-    .await?;
-    Ok((nodes, group))
 }
 
 /// Waits until every node is at `epoch` or later with one epoch authenticator; returns it.
@@ -64,20 +37,10 @@ async fn converged(nodes: &[TestNode], group: &str, epoch: u64) -> anyhow::Resul
     }
 }
 
-async fn text_counts(node: &TestNode, group: &str) -> anyhow::Result<BTreeMap<String, usize>> {
-    let mut counts = BTreeMap::new();
-    for m in node.node.engine.history(group.to_owned(), 10_000).await? {
-        if let MessageBody::Text { text } = m.body {
-            *counts.entry(text).or_default() += 1;
-        }
-    }
-    Ok(counts)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_members_commit_at_once_fifty_times() -> anyhow::Result<()> {
     let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
-    let (nodes, group) = group_of(&dirs).await?;
+    let (nodes, group) = group_of(&dirs, "race").await?;
     let g = group.id.clone();
     let (mut epoch, _) = converged(&nodes, &g, 4).await?;
     let mut sent = Vec::new();

@@ -5,30 +5,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use kith_node::model::NodeEvent;
-use kith_tests::{TestNode, WAIT, is_text, loopback_config, wait_event, wait_texts};
-use libp2p::PeerId;
-
-/// Polls the node's connected peers until `pred` holds, failing after [`WAIT`].
-async fn wait_connected(
-    node: &TestNode,
-    what: &str,
-    pred: impl Fn(&[PeerId]) -> bool,
-) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let connected = node.node.net.info().await?.connected;
-        if pred(&connected) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("timed out after {WAIT:?} waiting for {what}; connected: {connected:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use kith_tests::{TestNode, is_text, loopback_config, wait_connected, wait_event, wait_texts};
 
 fn texts(history: &[kith_node::model::MessageInfo]) -> Vec<String> {
     history

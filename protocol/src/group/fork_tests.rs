@@ -376,3 +376,80 @@ fn a_fork_deeper_than_the_rewind_depth_heals_by_rejoining() {
         assert!(s.texts(i, g).contains(&"back".to_owned()), "member {i}");
     }
 }
+
+/// Delivers everything in flight to every other member, in publication order, including
+/// members that were removed and unsubscribed: they model a removed node that keeps
+/// listening on the topic.
+fn deliver_to_everyone(s: &mut Sim<'_, OpenMlsRustCrypto>) {
+    while let Some((from, _, data)) = s.in_flight.pop_front() {
+        for j in 0..s.engines.len() {
+            if j != from {
+                s.now_ms += 1;
+                let (_, fx) = s.engines[j].handle_envelope(&data, s.now_ms);
+                s.apply(j, fx);
+            }
+        }
+    }
+}
+
+/// A removal loses to a concurrent commit. Messages that its author, and another member
+/// that had merged it, wrote after the removal are re-sent on the winning branch, where the
+/// removed member is a member again until the removal is re-proposed: they must wait for
+/// that, or the removed member (still listening) reads what was written without it.
+#[test]
+fn messages_written_after_a_lost_removal_never_reach_the_removed_member() {
+    let mut lost_removals = 0;
+    for attempt in 0..40 {
+        let mut s = sim(4);
+        let g = s.create_group(0, "secrets").unwrap();
+        let inv = s.invite(0, g, 3).unwrap();
+        for j in 1..4 {
+            s.join(j, 0, &inv).unwrap();
+            s.deliver_all();
+        }
+        let victim = s.peer(3);
+        s.remove(0, g, victim).unwrap();
+        s.self_update(1, g).unwrap();
+        let removal = s.in_flight.pop_front().unwrap();
+        let update = s.in_flight.pop_front().unwrap();
+        if MessageId::of(&removal.2) < MessageId::of(&update.2) {
+            continue; // The removal wins: nothing is rolled back. Try other keys.
+        }
+        lost_removals += 1;
+        // Member 2 and the victim merge the removal first; 0 and 2 write without the victim.
+        for j in [2, 3] {
+            let (_, fx) = s.engines[j].handle_envelope(&removal.2, s.now_ms);
+            s.apply(j, fx);
+        }
+        assert!(!s.engines[3].group(&g).unwrap().active);
+        s.send(0, g, "secret from 0").unwrap();
+        s.send(2, g, "secret from 2").unwrap();
+        let sent: Vec<_> = s.in_flight.drain(..).collect();
+        s.in_flight.push_back(update);
+        s.in_flight.push_back(removal);
+        s.in_flight.extend(sent);
+        deliver_to_everyone(&mut s);
+
+        let auth = s.engines[0].epoch_authenticator(&g);
+        for i in 0..3 {
+            let view = s.engines[i].group(&g).unwrap();
+            assert_eq!(s.engines[i].epoch_authenticator(&g), auth, "member {i}");
+            assert!(
+                !view.members.iter().any(|(_, p)| *p == victim),
+                "member {i}"
+            );
+            let mut texts = s.texts(i, g);
+            texts.sort();
+            assert_eq!(texts, ["secret from 0", "secret from 2"], "member {i}");
+        }
+        assert!(
+            s.texts(3, g).is_empty(),
+            "attempt {attempt}: the removed member read {:?}",
+            s.texts(3, g)
+        );
+        if lost_removals == 3 {
+            return;
+        }
+    }
+    panic!("the removal lost only {lost_removals} times in 40 attempts");
+}
