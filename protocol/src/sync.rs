@@ -50,8 +50,25 @@ pub const MAX_PAGE_BYTES: u32 = (MAX_SYNC_RESPONSE_BYTES - 1024) as u32;
 
 /// Most ranges one [`Want::Ranges`] request carries.
 pub const MAX_HELD_RANGES: usize = 128;
-/// Most held ids one [`Want::Ranges`] request carries, over all its ranges (64 KiB of ids).
-pub const MAX_HELD_IDS: usize = 2048;
+/// Most held ids one [`Want::Ranges`] request carries, over all its ranges (64 KiB of
+/// [`IdPrefix`]es).
+pub const MAX_HELD_IDS: usize = 4096;
+
+/// The first 16 bytes of a [`MessageId`]: how a [`HeldRange`] names ids, at half the size.
+///
+/// Two different ids share a prefix by chance with probability 2^-128 per pair. Making a
+/// message whose prefix equals another member's message takes about 2^128 hashes, so a
+/// member cannot use it to keep someone else's message from a requester; two messages of its
+/// own with one prefix (about 2^64 hashes) only hide its own messages, which it can withhold
+/// anyway.
+pub type IdPrefix = [u8; 16];
+
+/// The [`IdPrefix`] of `id`.
+pub fn id_prefix(id: &MessageId) -> IdPrefix {
+    let mut p = [0u8; 16];
+    p.copy_from_slice(&id.as_bytes()[..16]);
+    p
+}
 
 /// Domain separator of [`app_set_digest`].
 const APP_SET_DOMAIN: &[u8] = b"kith/sync/app-set/v1";
@@ -114,19 +131,20 @@ pub enum Want {
     Ranges(Vec<HeldRange>),
 }
 
-/// "Of the application messages of `epoch` whose id is in `[start, end)`, I hold exactly
-/// `held`": the responder sends the others. Ranges split an epoch's id space so that a large
-/// holding fits in several requests.
+/// "Of the application messages of `epoch` whose [`IdPrefix`] is in `[start, end)`, I hold
+/// exactly those with a prefix in `held`": the responder sends the others. Ranges split an
+/// epoch's id space so that a large holding fits in several requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldRange {
     /// The epoch.
     pub epoch: u64,
-    /// Lowest id of the range (inclusive).
-    pub start: MessageId,
-    /// End of the range (exclusive); `None`: up to the highest possible id, inclusive.
-    pub end: Option<MessageId>,
-    /// The ids of this range the requester holds, strictly ascending, all inside the range.
-    pub held: Vec<MessageId>,
+    /// Lowest prefix of the range (inclusive).
+    pub start: IdPrefix,
+    /// End of the range (exclusive); `None`: up to the highest possible prefix, inclusive.
+    pub end: Option<IdPrefix>,
+    /// The prefixes of the ids of this range the requester holds, strictly ascending, all
+    /// inside the range.
+    pub held: Vec<IdPrefix>,
 }
 
 /// A member's answer to a [`SyncRequest`].
@@ -351,9 +369,15 @@ impl Cursor {
 }
 
 impl HeldRange {
-    /// True if `id` falls inside the range.
-    pub fn contains(&self, id: &MessageId) -> bool {
-        *id >= self.start && self.end.is_none_or(|end| *id < end)
+    /// True if the prefix `p` falls inside the range.
+    pub fn contains(&self, p: &IdPrefix) -> bool {
+        *p >= self.start && self.end.is_none_or(|end| *p < end)
+    }
+
+    /// True if the message `id` is inside the range and not named as held: it is wanted.
+    pub fn wants(&self, id: &MessageId) -> bool {
+        let p = id_prefix(id);
+        self.contains(&p) && self.held.binary_search(&p).is_err()
     }
 
     fn validate(&self) -> Result<(), SyncError> {
@@ -585,21 +609,23 @@ impl Holdings {
         let mut ids_in_current = 0usize;
         let epochs: BTreeSet<u64> = partial.iter().copied().collect();
         for epoch in epochs {
-            let held: Vec<MessageId> = self
+            // Ascending ids give ascending prefixes; equal prefixes count once.
+            let mut held: Vec<IdPrefix> = self
                 .by_epoch
                 .get(&epoch)
-                .map(|s| s.apps.iter().copied().collect())
+                .map(|s| s.apps.iter().map(id_prefix).collect())
                 .unwrap_or_default();
-            let chunks: Vec<&[MessageId]> = if held.is_empty() {
+            held.dedup();
+            let chunks: Vec<&[IdPrefix]> = if held.is_empty() {
                 vec![&[]]
             } else {
                 held.chunks(MAX_HELD_IDS).collect()
             };
             for (i, chunk) in chunks.iter().enumerate() {
                 let start = if i == 0 {
-                    MessageId([0; 32])
+                    [0; 16]
                 } else {
-                    chunk.first().copied().unwrap_or(MessageId([0; 32]))
+                    chunk.first().copied().unwrap_or([0; 16])
                 };
                 let end = chunks.get(i + 1).and_then(|c| c.first()).copied();
                 if current.len() >= MAX_HELD_RANGES || ids_in_current + chunk.len() > MAX_HELD_IDS {
@@ -909,10 +935,9 @@ pub fn plan_ranges_page(
         .filter(|it| it.envelope.kind == PayloadKind::Application)
         .filter(|it| {
             let id = &it.envelope.id;
-            by_epoch.get(&it.envelope.epoch).is_some_and(|rs| {
-                rs.iter()
-                    .any(|r| r.contains(id) && r.held.binary_search(id).is_err())
-            })
+            by_epoch
+                .get(&it.envelope.epoch)
+                .is_some_and(|rs| rs.iter().any(|r| r.wants(id)))
         })
         .collect();
     paginate(wanted, cursor, budget)

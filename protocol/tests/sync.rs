@@ -11,11 +11,12 @@ use kith_protocol::envelope::{Envelope, MAX_ENVELOPE_BYTES, PayloadKind};
 use kith_protocol::ids::{GroupId, MessageId};
 use kith_protocol::records::StoredEnvelope;
 use kith_protocol::sync::{
-    Cursor, EpochSummary, Gaps, HeldRange, HistoryKey, Holdings, MAX_HELD_IDS, MAX_HELD_RANGES,
-    MAX_PAGE_BYTES, MAX_PROOF_BYTES, MAX_SENDER_BYTES, MAX_SUMMARY_EPOCHS, MAX_SYNC_REQUEST_BYTES,
-    MAX_SYNC_RESPONSE_BYTES, MissingCommits, Summary, SyncError, SyncItem, SyncPageV1, SyncPageV2,
-    SyncRefusal, SyncRequest, SyncRequestV1, SyncRequestV2, SyncResponse, Want, app_set_digest,
-    counted_len, history_order_key, plan_response, plan_summary_page, respond, summarize,
+    Cursor, EpochSummary, Gaps, HeldRange, HistoryKey, Holdings, IdPrefix, MAX_HELD_IDS,
+    MAX_HELD_RANGES, MAX_PAGE_BYTES, MAX_PROOF_BYTES, MAX_SENDER_BYTES, MAX_SUMMARY_EPOCHS,
+    MAX_SYNC_REQUEST_BYTES, MAX_SYNC_RESPONSE_BYTES, MissingCommits, Summary, SyncError, SyncItem,
+    SyncPageV1, SyncPageV2, SyncRefusal, SyncRequest, SyncRequestV1, SyncRequestV2, SyncResponse,
+    Want, app_set_digest, counted_len, history_order_key, plan_response, plan_summary_page,
+    respond, summarize,
 };
 use kith_protocol::{Keypair, PeerId};
 use proptest::prelude::*;
@@ -893,9 +894,9 @@ fn golden_v2_bytes() {
     let ranges = v2(
         Want::Ranges(vec![HeldRange {
             epoch: 7,
-            start: MessageId([0x00; 32]),
-            end: Some(MessageId([0x80; 32])),
-            held: vec![MessageId([0x11; 32])],
+            start: [0x00; 16],
+            end: Some([0x80; 16]),
+            held: vec![[0x11; 16]],
         }]),
         None,
         1000,
@@ -906,11 +907,11 @@ fn golden_v2_bytes() {
         "01", // Want::Ranges
         "01", // 1 range
         "07", // epoch
-        &"00".repeat(32),
+        &"00".repeat(16),
         "01", // end: Some
-        &"80".repeat(32),
-        "01", // 1 held id
-        &"11".repeat(32),
+        &"80".repeat(16),
+        "01", // 1 held id prefix
+        &"11".repeat(16),
         "00",     // cursor: None
         "fbe803", // max_bytes = 1000
         "00",
@@ -940,9 +941,9 @@ fn out_of_bounds_v2_is_a_typed_error() {
         let bytes = req.encode().unwrap();
         assert_eq!(SyncRequest::decode(&bytes), Err(err));
     };
-    let range = |epoch, held: Vec<MessageId>| HeldRange {
+    let range = |epoch, held: Vec<IdPrefix>| HeldRange {
         epoch,
-        start: MessageId([0; 32]),
+        start: [0; 16],
         end: None,
         held,
     };
@@ -958,11 +959,11 @@ fn out_of_bounds_v2_is_a_typed_error() {
         ),
         SyncError::TooManyRanges(MAX_HELD_RANGES + 1),
     );
-    let ids: Vec<MessageId> = (0..=MAX_HELD_IDS as u32)
+    let ids: Vec<IdPrefix> = (0..=MAX_HELD_IDS as u32)
         .map(|i| {
-            let mut b = [0u8; 32];
+            let mut b = [0u8; 16];
             b[..4].copy_from_slice(&i.to_be_bytes());
-            MessageId(b)
+            b
         })
         .collect();
     check(
@@ -971,27 +972,27 @@ fn out_of_bounds_v2_is_a_typed_error() {
     );
     let bad = [
         // Unordered, duplicate.
-        range(1, vec![MessageId([2; 32]), MessageId([1; 32])]),
-        range(1, vec![MessageId([2; 32]), MessageId([2; 32])]),
+        range(1, vec![[2; 16], [1; 16]]),
+        range(1, vec![[2; 16], [2; 16]]),
         // Empty range.
         HeldRange {
             epoch: 1,
-            start: MessageId([5; 32]),
-            end: Some(MessageId([5; 32])),
+            start: [5; 16],
+            end: Some([5; 16]),
             held: vec![],
         },
         // Id outside the range.
         HeldRange {
             epoch: 1,
-            start: MessageId([5; 32]),
-            end: Some(MessageId([9; 32])),
-            held: vec![MessageId([9; 32])],
+            start: [5; 16],
+            end: Some([9; 16]),
+            held: vec![[9; 16]],
         },
         HeldRange {
             epoch: 1,
-            start: MessageId([5; 32]),
+            start: [5; 16],
             end: None,
-            held: vec![MessageId([4; 32])],
+            held: vec![[4; 16]],
         },
     ];
     for r in bad {
@@ -1030,7 +1031,7 @@ fn out_of_bounds_v2_is_a_typed_error() {
                 .map(|(i, c)| HeldRange {
                     epoch: u64::MAX - i as u64,
                     start: c[0],
-                    end: Some(MessageId([0xff; 32])),
+                    end: Some([0xff; 16]),
                     held: c.to_vec(),
                 })
                 .collect(),
@@ -1094,9 +1095,9 @@ fn v2_decoders_do_not_panic_on_mutations() {
     let req = v2(
         Want::Ranges(vec![HeldRange {
             epoch: 3,
-            start: MessageId([1; 32]),
+            start: [1; 16],
             end: None,
-            held: vec![MessageId([2; 32]), MessageId([3; 32])],
+            held: vec![[2; 16], [3; 16]],
         }]),
         None,
         77,
@@ -1218,7 +1219,7 @@ fn refinement_splits_large_holdings_and_covers_the_id_space() {
     let epoch1 = &per_epoch[&1];
     assert_eq!(epoch1.len(), 3);
     // Contiguous from the lowest id to the end of the id space.
-    assert_eq!(epoch1[0].start, MessageId([0; 32]));
+    assert_eq!(epoch1[0].start, [0; 16]);
     for w in epoch1.windows(2) {
         assert_eq!(w[0].end, Some(w[1].start));
     }
@@ -1230,7 +1231,7 @@ fn refinement_splits_large_holdings_and_covers_the_id_space() {
         holdings.refinement(&[999]),
         vec![vec![HeldRange {
             epoch: 999,
-            start: MessageId([0; 32]),
+            start: [0; 16],
             end: None,
             held: vec![]
         }]]
