@@ -31,8 +31,8 @@ use kith_protocol::ids::{GroupId, InviteId, MessageId, invite_rendezvous_key};
 use kith_protocol::invite::{Invite, InviteRecord, secret_hash};
 use kith_protocol::records::{EntryKind, HistoryEntry};
 use kith_protocol::sync::{
-    Gaps, MAX_PAGE_BYTES, Summary, SyncItem, SyncRefusal, SyncRequest, SyncRequestV1, SyncResponse,
-    plan_response, summarize,
+    Cursor, Gaps, Holdings, MAX_PAGE_BYTES, Summary, SyncItem, SyncRefusal, SyncRequest,
+    SyncRequestV1, SyncRequestV2, SyncResponse, Want, respond,
 };
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -1442,7 +1442,7 @@ impl Actor {
             peers.rotate_left(start);
         }
         peers.truncate(MAX_PEERS_PER_RUN.saturating_sub(newcomers.len()).max(1));
-        let summary = match self.sync_summary(&group) {
+        let (holdings, summary) = match self.sync_summary(&group) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot summarise stored envelopes");
@@ -1464,16 +1464,19 @@ impl Actor {
         let net = self.net.clone();
         let tx = self.tx.clone();
         self.runtime.spawn(async move {
-            let complete = run_sync(&net, &tx, group, summary, newcomers, peers).await;
+            let complete = run_sync(&net, &tx, group, &holdings, summary, newcomers, peers).await;
             let _ = tx.send(Input::SyncDone { group, complete }).await;
         });
     }
 
-    /// What this node holds of `group`, with the floor at the epoch it joined at.
-    fn sync_summary(&self, group: &GroupId) -> Result<Summary, StoreError> {
+    /// What this node holds of `group`, and its summary with the floor at the epoch it
+    /// joined at.
+    fn sync_summary(&self, group: &GroupId) -> Result<(Holdings, Summary), StoreError> {
         let envelopes = self.store.envelopes_of_group(group, MAX_SCAN_ENVELOPES)?;
         let floor = self.store.first_history_epoch(group)?.unwrap_or(0);
-        Ok(summarize(envelopes.iter()).with_floor(floor))
+        let holdings = Holdings::new(envelopes.iter());
+        let summary = holdings.summary().with_floor(floor);
+        Ok((holdings, summary))
     }
 
     fn sync_done(&mut self, group: GroupId, complete: bool) {
@@ -1539,23 +1542,23 @@ impl Actor {
     /// `proof` field is therefore not checked (it is reserved for relayed requests, where the
     /// transport peer is not the requester).
     fn on_sync_request(&mut self, peer: PeerId, request: SyncRequest) -> SyncResponse {
-        let SyncRequest::V1(r) = request;
+        let group = *request.group();
         let now = Instant::now();
         if !self.limiter.allow(peer, now) {
             tracing::debug!(%peer, "sync request rate-limited");
             return SyncResponse::Refused(SyncRefusal::RateLimited);
         }
-        let Some(view) = self.groups.group(&r.group).filter(|v| v.active) else {
+        let Some(view) = self.groups.group(&group).filter(|v| v.active) else {
             return SyncResponse::Refused(SyncRefusal::UnknownGroup);
         };
         if !view.members.iter().any(|(_, p)| *p == peer) {
-            tracing::debug!(%peer, group = %r.group.short(), "sync request from a non-member");
+            tracing::debug!(%peer, group = %group.short(), "sync request from a non-member");
             return SyncResponse::Refused(SyncRefusal::NotMember);
         }
-        let envelopes = match self.store.envelopes_of_group(&r.group, MAX_SCAN_ENVELOPES) {
+        let envelopes = match self.store.envelopes_of_group(&group, MAX_SCAN_ENVELOPES) {
             Ok(e) => e,
             Err(e) => {
-                tracing::error!(%peer, group = %r.group.short(), error = %e, "cannot read envelopes to answer a sync request; refused as unavailable");
+                tracing::error!(%peer, group = %group.short(), error = %e, "cannot read envelopes to answer a sync request; refused as unavailable");
                 return SyncResponse::Refused(SyncRefusal::Unavailable);
             }
         };
@@ -1568,22 +1571,17 @@ impl Actor {
                     Ok(None) => {}
                     Err(e) => {
                         // Skipping it would send a page that claims to be complete but is not.
-                        tracing::error!(%peer, group = %r.group.short(), error = %e, "cannot read a history entry to answer a sync request; refused as unavailable");
+                        tracing::error!(%peer, group = %group.short(), error = %e, "cannot read a history entry to answer a sync request; refused as unavailable");
                         return SyncResponse::Refused(SyncRefusal::Unavailable);
                     }
                 },
                 PayloadKind::Proposal => {}
             }
         }
-        let page = plan_response(
-            &r.summary,
-            &items,
-            r.cursor.as_ref(),
-            r.max_bytes.min(MAX_PAGE_BYTES),
-        );
-        self.limiter.charge(peer, page.counted_bytes(), now);
-        tracing::debug!(%peer, group = %r.group.short(), envelopes = page.envelopes.len(), complete = page.next.is_none(), "serving history sync");
-        page.into_response()
+        let (response, bytes) = respond(&request, &items);
+        self.limiter.charge(peer, bytes, now);
+        tracing::debug!(%peer, group = %group.short(), bytes, "serving history sync");
+        response
     }
 
     /// Writes effects' records and the staged MLS state in one transaction, then performs
@@ -2465,17 +2463,23 @@ impl Actor {
 /// reached before had), then, unless one of them sent everything, the members in `others`
 /// in turn until one does. Pages go to the engine as [`Input::SyncPage`]. Returns whether a
 /// member sent a complete answer.
+///
+/// With each member: a version-2 summary pass, then one range pass per
+/// [`Holdings::refinement`] request for the partial epochs it reported. A member that fails
+/// the first version-2 request (a node that predates version 2 cannot decode it) is asked
+/// again with version 1.
 async fn run_sync(
     net: &NetHandle,
     tx: &mpsc::Sender<Input>,
     group: GroupId,
+    holdings: &Holdings,
     summary: Summary,
     newcomers: Vec<PeerId>,
     others: Vec<PeerId>,
 ) -> bool {
     let mut complete = false;
     for peer in newcomers {
-        match sync_with(net, tx, group, &summary, peer).await {
+        match sync_with(net, tx, group, holdings, &summary, peer).await {
             Some(done) => complete |= done,
             None => return false,
         }
@@ -2484,7 +2488,7 @@ async fn run_sync(
         if complete {
             break;
         }
-        match sync_with(net, tx, group, &summary, peer).await {
+        match sync_with(net, tx, group, holdings, &summary, peer).await {
             Some(done) => complete = done,
             None => return false,
         }
@@ -2492,58 +2496,124 @@ async fn run_sync(
     complete
 }
 
-/// Fetches every page `peer` has for `summary`. `Some(true)` if it sent a complete answer,
-/// `Some(false)` if it refused or failed, `None` if the node is shutting down.
+/// Fetches everything `peer` has for `summary` (see [`run_sync`]). `Some(true)` if it sent
+/// a complete answer, `Some(false)` if it refused or failed, `None` if the node stops.
 async fn sync_with(
     net: &NetHandle,
     tx: &mpsc::Sender<Input>,
     group: GroupId,
+    holdings: &Holdings,
     summary: &Summary,
     peer: PeerId,
 ) -> Option<bool> {
-    let mut cursor = None;
-    for _ in 0..MAX_PAGES_PER_RUN {
-        let request = SyncRequest::V1(SyncRequestV1 {
+    let mut pages = 0usize;
+    let main = sync_pass(net, tx, group, peer, &mut pages, |cursor| {
+        SyncRequest::V2(SyncRequestV2 {
             group,
-            summary: summary.clone(),
-            cursor: cursor.take(),
+            want: Want::Summary(summary.clone()),
+            cursor,
             max_bytes: MAX_PAGE_BYTES,
             proof: Vec::new(),
-        });
-        match net.sync(peer, request).await {
-            Ok(SyncResponse::V1(page)) => {
-                let complete = page.complete;
-                cursor = page.next;
-                if !page.envelopes.is_empty()
-                    && tx
-                        .send(Input::SyncPage {
-                            group,
-                            envelopes: page.envelopes,
-                        })
-                        .await
-                        .is_err()
-                {
-                    return None;
-                }
-                if complete || cursor.is_none() {
-                    return Some(true);
-                }
-            }
+        })
+    })
+    .await;
+    let partial = match main {
+        PassEnd::Complete(partial) => partial,
+        PassEnd::Stopped => return None,
+        PassEnd::Unanswered if pages == 1 => {
+            // The first version-2 request failed in transport: perhaps a node that speaks
+            // only version 1 (it cannot decode the request and drops the stream).
+            let v1 = sync_pass(net, tx, group, peer, &mut pages, |cursor| {
+                SyncRequest::V1(SyncRequestV1 {
+                    group,
+                    summary: summary.clone(),
+                    cursor,
+                    max_bytes: MAX_PAGE_BYTES,
+                    proof: Vec::new(),
+                })
+            })
+            .await;
+            return match v1 {
+                PassEnd::Complete(_) => Some(true),
+                PassEnd::Stopped => None,
+                PassEnd::Failed | PassEnd::Unanswered => Some(false),
+            };
+        }
+        PassEnd::Failed | PassEnd::Unanswered => return Some(false),
+    };
+    for ranges in holdings.refinement(&partial) {
+        tracing::debug!(%peer, group = %group.short(), ranges = ranges.len(), "asking for the rest of partial epochs");
+        let end = sync_pass(net, tx, group, peer, &mut pages, |cursor| {
+            SyncRequest::V2(SyncRequestV2 {
+                group,
+                want: Want::Ranges(ranges.clone()),
+                cursor,
+                max_bytes: MAX_PAGE_BYTES,
+                proof: Vec::new(),
+            })
+        })
+        .await;
+        match end {
+            PassEnd::Complete(_) => {}
+            PassEnd::Stopped => return None,
+            PassEnd::Failed | PassEnd::Unanswered => return Some(false),
+        }
+    }
+    Some(true)
+}
+
+/// How one pass of a sync run ended.
+enum PassEnd {
+    /// The last page arrived, with its partial epochs (version 2) or none.
+    Complete(Vec<u64>),
+    /// Refused, or out of pages: try another peer.
+    Failed,
+    /// A request failed in transport (unreachable, timeout, undecodable): try another peer.
+    Unanswered,
+    /// The network or the actor stopped.
+    Stopped,
+}
+
+/// Fetches the pages of one pass from `peer` (requests made by `request` from the cursor),
+/// forwarding their envelopes to the actor. `pages` counts the requests made of this peer
+/// over the whole run, bounded by [`MAX_PAGES_PER_RUN`].
+async fn sync_pass(
+    net: &NetHandle,
+    tx: &mpsc::Sender<Input>,
+    group: GroupId,
+    peer: PeerId,
+    pages: &mut usize,
+    request: impl Fn(Option<Cursor>) -> SyncRequest,
+) -> PassEnd {
+    let mut cursor = None;
+    while *pages < MAX_PAGES_PER_RUN {
+        *pages += 1;
+        let (envelopes, next, partial) = match net.sync(peer, request(cursor.take())).await {
+            Ok(SyncResponse::V1(page)) => (page.envelopes, page.next, Vec::new()),
+            Ok(SyncResponse::V2(page)) => (page.envelopes, page.next, page.partial),
             Ok(SyncResponse::Refused(why)) => {
                 tracing::debug!(%peer, group = %group.short(), reason = %why, "sync refused");
                 if why == SyncRefusal::NotMember {
+                    // A joiner whose Add commit lost asks again (see Input::NotAMember).
                     let _ = tx.send(Input::NotAMember(group)).await;
                 }
-                return Some(false);
+                return PassEnd::Failed;
             }
-            Err(NetError::Stopped) => return None,
+            Err(NetError::Stopped) => return PassEnd::Stopped,
             Err(e) => {
                 tracing::debug!(%peer, group = %group.short(), error = %e, "sync request failed");
-                return Some(false);
+                return PassEnd::Unanswered;
             }
+        };
+        if !envelopes.is_empty() && tx.send(Input::SyncPage { group, envelopes }).await.is_err() {
+            return PassEnd::Stopped;
+        }
+        match next {
+            None => return PassEnd::Complete(partial),
+            Some(n) => cursor = Some(n),
         }
     }
-    Some(false)
+    PassEnd::Failed
 }
 
 /// Opens the node's store in `data_dir`.

@@ -9,11 +9,15 @@
 //!   same order whatever the arrival order.
 //! - `message_index`: message id → history key (or empty), to drop duplicates.
 //! - `envelopes`: message id → [`StoredEnvelope`], to serve history to other members.
+//! - `envelopes_by_group`: group id ‖ epoch ‖ message id → `()`, an index of `envelopes`
+//!   written in the same transactions, so a group's envelopes (or those of a range of its
+//!   epochs) are found without scanning every group's (added by schema 4).
 //! - `invites`: invite id → [`InviteRecord`] (schema 2 keyed the inviter's records by the
 //!   secret hash; [`Store::open`] migrates them to schema 3 in place).
 //! - `peers`: `PeerId` bytes → list of multiaddr bytes (the address book).
 //! - `meta`: `schema_version` (u32 big-endian). Schema 1 keyed `history` by a local arrival
-//!   sequence (kept in `next_seq`); [`Store::open`] migrates it to schema 2, then 3, in place.
+//!   sequence (kept in `next_seq`); [`Store::open`] migrates it to schema 2, then 3 and 4, in
+//!   place.
 //!
 //! Kith records are encoded with [`kith_protocol::codec`]; openmls records with serde_json.
 //!
@@ -52,6 +56,10 @@ const HISTORY: TableDefinition<&[u8; HISTORY_KEY_LEN], &[u8]> = TableDefinition:
 const MESSAGE_INDEX: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("message_index");
 /// Message id → codec-encoded [`StoredEnvelope`].
 const ENVELOPES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("envelopes");
+/// [`envelope_index_key`] (group id ‖ epoch ‖ message id) → nothing: the `envelopes` of a
+/// group in epoch order.
+const ENVELOPES_BY_GROUP: TableDefinition<&[u8; ENVELOPE_INDEX_KEY_LEN], ()> =
+    TableDefinition::new("envelopes_by_group");
 /// Invite id → codec-encoded [`InviteRecord`].
 const INVITES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("invites");
 /// `PeerId` bytes → codec-encoded `Vec<Vec<u8>>` of multiaddr bytes.
@@ -63,10 +71,10 @@ const META_SCHEMA_VERSION: &str = "schema_version";
 /// Schema 1 only: the next local history sequence number.
 const META_NEXT_SEQ: &str = "next_seq";
 
-/// The schema this code writes and understands. Version 1 (history in arrival order) and
-/// version 2 (invites keyed by secret hash, without group-wide state) are migrated in place
-/// on open.
-pub const SCHEMA_VERSION: u32 = 3;
+/// The schema this code writes and understands. Version 1 (history in arrival order),
+/// version 2 (invites keyed by secret hash, without group-wide state) and version 3 (no
+/// per-group envelope index) are migrated in place on open.
+pub const SCHEMA_VERSION: u32 = 4;
 /// At most this many addresses are kept per peer; newer ones push out older ones.
 pub const MAX_ADDRS_PER_PEER: usize = 8;
 /// At most this many peers are kept in the address book.
@@ -75,6 +83,8 @@ pub const MAX_PEERS: u64 = 1000;
 /// group id (32) ‖ epoch (8) ‖ sent_at_ms (8) ‖ sender padded to [`MAX_SENDER_BYTES`] ‖
 /// sender length (1) ‖ message id (32).
 const HISTORY_KEY_LEN: usize = 32 + 8 + 8 + MAX_SENDER_BYTES + 1 + 32;
+/// `envelopes_by_group` key: group id (32) ‖ epoch (8, big-endian) ‖ message id (32).
+const ENVELOPE_INDEX_KEY_LEN: usize = 32 + 8 + 32;
 /// Schema 1 `history` key: group id ‖ u64 BE arrival sequence.
 const V1_HISTORY_KEY_LEN: usize = 40;
 
@@ -336,8 +346,13 @@ impl Store {
                 Some(1) => {
                     migrate_v1(&txn)?;
                     migrate_v2(&txn)?;
+                    migrate_v3(&txn)?;
                 }
-                Some(2) => migrate_v2(&txn)?,
+                Some(2) => {
+                    migrate_v2(&txn)?;
+                    migrate_v3(&txn)?;
+                }
+                Some(3) => migrate_v3(&txn)?,
                 Some(found) => {
                     return Err(StoreError::Corrupt {
                         table: "meta",
@@ -350,6 +365,7 @@ impl Store {
             txn.open_table(HISTORY)?;
             txn.open_table(MESSAGE_INDEX)?;
             txn.open_table(ENVELOPES)?;
+            txn.open_table(ENVELOPES_BY_GROUP)?;
             txn.open_table(INVITES)?;
             txn.open_table(PEERS)?;
             if found != Some(SCHEMA_VERSION) {
@@ -454,12 +470,14 @@ impl Store {
             }
 
             let mut envelopes = txn.open_table(ENVELOPES)?;
+            let mut by_group = txn.open_table(ENVELOPES_BY_GROUP)?;
             for envelope in &batch.envelopes {
                 if envelopes.get(envelope.id.as_bytes())?.is_some() {
                     continue;
                 }
                 let bytes = encode_record("envelopes", envelope)?;
                 envelopes.insert(envelope.id.as_bytes(), bytes.as_slice())?;
+                by_group.insert(&envelope_index_key(envelope), ())?;
             }
 
             let mut invites = txn.open_table(INVITES)?;
@@ -557,26 +575,32 @@ impl Store {
             .transpose()
     }
 
-    /// The stored envelopes of `group`, in id order, at most `limit` of them (a full scan of
-    /// the `envelopes` table: it is keyed by message id). Used to summarise what this node
-    /// holds and to answer sync requests.
+    /// The stored envelopes of `group`, in `(epoch, id)` order, at most `limit` of them (the
+    /// oldest epochs first), found through the `envelopes_by_group` index. Used to summarise
+    /// what this node holds and to answer sync requests.
     pub fn envelopes_of_group(
         &self,
         group: &GroupId,
         limit: usize,
     ) -> Result<Vec<StoredEnvelope>, StoreError> {
         let txn = self.db.begin_read()?;
+        let index = txn.open_table(ENVELOPES_BY_GROUP)?;
         let table = txn.open_table(ENVELOPES)?;
+        let (lo, hi) = envelope_index_range(group, 0, u64::MAX);
         let mut out = Vec::new();
-        for row in table.iter()? {
+        for row in index.range::<&[u8; ENVELOPE_INDEX_KEY_LEN]>(&lo..=&hi)? {
             if out.len() >= limit {
                 break;
             }
-            let (_, value) = row?;
-            let env: StoredEnvelope = decode_record("envelopes", value.value())?;
-            if env.group == *group {
-                out.push(env);
-            }
+            let (key, _) = row?;
+            let id = index_key_id(key.value());
+            let Some(value) = table.get(&id)? else {
+                return Err(StoreError::Corrupt {
+                    table: "envelopes_by_group",
+                    reason: format!("indexes a missing envelope {}", MessageId(id).short()),
+                });
+            };
+            out.push(decode_record("envelopes", value.value())?);
         }
         Ok(out)
     }
@@ -675,37 +699,52 @@ impl Store {
             let mut history = txn.open_table(HISTORY)?;
             let mut index = txn.open_table(MESSAGE_INDEX)?;
             let mut envelopes = txn.open_table(ENVELOPES)?;
+            let mut by_group = txn.open_table(ENVELOPES_BY_GROUP)?;
             for (key, entry) in &doomed {
                 history.remove(key)?;
                 index.remove(entry.id.as_bytes())?;
-                let is_app = envelopes
+                let app = envelopes
                     .get(entry.id.as_bytes())?
                     .map(|v| decode_record::<StoredEnvelope>("envelopes", v.value()))
                     .transpose()?
-                    .is_some_and(|env| env.kind == PayloadKind::Application);
-                if is_app {
+                    .filter(|env| env.kind == PayloadKind::Application);
+                if let Some(env) = app {
                     envelopes.remove(entry.id.as_bytes())?;
+                    by_group.remove(&envelope_index_key(&env))?;
                     pruned.envelopes += 1;
                 }
             }
-            // Envelopes are keyed by id: one scan finds the group's old ones.
-            let mut old_ids = Vec::new();
-            for row in envelopes.iter()? {
-                let (key, value) = row?;
-                let env: StoredEnvelope = decode_record("envelopes", value.value())?;
-                let keep_commit =
-                    env.kind == PayloadKind::Commit && env.epoch.saturating_add(1) >= threshold;
-                if env.group == *group && env.epoch < threshold && !keep_commit {
-                    old_ids.push(*key.value());
+            // The group's envelopes of epochs below `threshold`, from the index; of epoch
+            // `threshold - 1`, the commits stay.
+            let (lo, hi) = envelope_index_range(group, 0, threshold.saturating_sub(1));
+            let mut old: Vec<[u8; ENVELOPE_INDEX_KEY_LEN]> = Vec::new();
+            if threshold > 0 {
+                for row in by_group.range::<&[u8; ENVELOPE_INDEX_KEY_LEN]>(&lo..=&hi)? {
+                    let (key, _) = row?;
+                    let key = *key.value();
+                    if index_key_epoch(&key).saturating_add(1) >= threshold {
+                        let id = index_key_id(&key);
+                        let is_commit = envelopes
+                            .get(&id)?
+                            .map(|v| decode_record::<StoredEnvelope>("envelopes", v.value()))
+                            .transpose()?
+                            .is_some_and(|env| env.kind == PayloadKind::Commit);
+                        if is_commit {
+                            continue;
+                        }
+                    }
+                    old.push(key);
                 }
             }
-            for id in &old_ids {
-                envelopes.remove(id)?;
+            for key in &old {
+                let id = index_key_id(key);
+                envelopes.remove(&id)?;
+                by_group.remove(key)?;
                 // A "seen, no history row" marker, if any; history rows are below `threshold`
                 // only when already deleted above.
-                index.remove(id)?;
+                index.remove(&id)?;
             }
-            pruned.envelopes += old_ids.len();
+            pruned.envelopes += old.len();
         }
         txn.commit()?;
         Ok(pruned)
@@ -907,16 +946,31 @@ fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
 /// Deletes what a losing branch stored (see [`Batch::rollbacks`]).
 fn apply_rollback(txn: &redb::WriteTransaction, r: &Rollback) -> Result<(), StoreError> {
     let mut envelopes = txn.open_table(ENVELOPES)?;
-    let mut doomed: Vec<[u8; 32]> = Vec::new();
-    for row in envelopes.iter()? {
-        let (key, value) = row?;
-        let env: StoredEnvelope = decode_record("envelopes", value.value())?;
-        if env.group == r.group && (env.epoch > r.to_epoch || r.lost_commits.contains(&env.id)) {
+    let mut by_group = txn.open_table(ENVELOPES_BY_GROUP)?;
+    // The group's envelopes of epochs after `to_epoch`, from the index.
+    let mut doomed: Vec<[u8; ENVELOPE_INDEX_KEY_LEN]> = Vec::new();
+    if let Some(first) = r.to_epoch.checked_add(1) {
+        let (lo, hi) = envelope_index_range(&r.group, first, u64::MAX);
+        for row in by_group.range::<&[u8; ENVELOPE_INDEX_KEY_LEN]>(&lo..=&hi)? {
+            let (key, _) = row?;
             doomed.push(*key.value());
         }
     }
-    for id in &doomed {
-        envelopes.remove(id)?;
+    // The lost commits, wherever they are.
+    for id in &r.lost_commits {
+        let env = envelopes
+            .get(id.as_bytes())?
+            .map(|v| decode_record::<StoredEnvelope>("envelopes", v.value()))
+            .transpose()?;
+        if let Some(env) = env.filter(|e| e.group == r.group) {
+            doomed.push(envelope_index_key(&env));
+        }
+    }
+    doomed.sort_unstable();
+    doomed.dedup();
+    for key in &doomed {
+        envelopes.remove(&index_key_id(key))?;
+        by_group.remove(key)?;
     }
     let mut history = txn.open_table(HISTORY)?;
     let mut index = txn.open_table(MESSAGE_INDEX)?;
@@ -977,6 +1031,74 @@ fn migrate_v2(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     }
     tracing::info!(invites = old.len(), "migrated the store from schema 2 to 3");
     Ok(())
+}
+
+/// Schema 3 → 4: builds the `envelopes_by_group` index from the `envelopes` table. A row
+/// that does not decode is left out of the index (logged), so a damaged envelope does not
+/// keep the node from opening; no sync could have served it anyway.
+fn migrate_v3(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut keys: Vec<[u8; ENVELOPE_INDEX_KEY_LEN]> = Vec::new();
+    {
+        let envelopes = txn.open_table(ENVELOPES)?;
+        for row in envelopes.iter()? {
+            let (id, value) = row?;
+            match decode_record::<StoredEnvelope>("envelopes", value.value()) {
+                Ok(env) => keys.push(envelope_index_key(&env)),
+                Err(e) => tracing::warn!(
+                    id = %MessageId(*id.value()).short(),
+                    error = %e,
+                    "envelope left out of the per-group index: it does not decode"
+                ),
+            }
+        }
+    }
+    let mut by_group = txn.open_table(ENVELOPES_BY_GROUP)?;
+    for key in &keys {
+        by_group.insert(key, ())?;
+    }
+    tracing::info!(
+        envelopes = keys.len(),
+        "migrated the store from schema 3 to 4"
+    );
+    Ok(())
+}
+
+/// The `envelopes_by_group` key of an envelope: group id ‖ epoch (big-endian) ‖ message id.
+fn envelope_index_key(env: &StoredEnvelope) -> [u8; ENVELOPE_INDEX_KEY_LEN] {
+    let mut key = [0u8; ENVELOPE_INDEX_KEY_LEN];
+    key[..32].copy_from_slice(env.group.as_bytes());
+    key[32..40].copy_from_slice(&env.epoch.to_be_bytes());
+    key[40..].copy_from_slice(env.id.as_bytes());
+    key
+}
+
+/// The smallest and largest `envelopes_by_group` keys of `group` for epochs `first..=last`.
+fn envelope_index_range(
+    group: &GroupId,
+    first: u64,
+    last: u64,
+) -> ([u8; ENVELOPE_INDEX_KEY_LEN], [u8; ENVELOPE_INDEX_KEY_LEN]) {
+    let mut lo = [0u8; ENVELOPE_INDEX_KEY_LEN];
+    lo[..32].copy_from_slice(group.as_bytes());
+    lo[32..40].copy_from_slice(&first.to_be_bytes());
+    let mut hi = [0xffu8; ENVELOPE_INDEX_KEY_LEN];
+    hi[..32].copy_from_slice(group.as_bytes());
+    hi[32..40].copy_from_slice(&last.to_be_bytes());
+    (lo, hi)
+}
+
+/// The message id in an `envelopes_by_group` key.
+fn index_key_id(key: &[u8; ENVELOPE_INDEX_KEY_LEN]) -> [u8; 32] {
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&key[40..]);
+    id
+}
+
+/// The epoch in an `envelopes_by_group` key.
+fn index_key_epoch(key: &[u8; ENVELOPE_INDEX_KEY_LEN]) -> u64 {
+    let mut epoch = [0u8; 8];
+    epoch.copy_from_slice(&key[32..40]);
+    u64::from_be_bytes(epoch)
 }
 
 fn encode_record<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
@@ -1377,6 +1499,7 @@ mod tests {
             store.prune(&g, keep, 1_000, 100).expect("prune"),
             Pruned::default()
         );
+        assert_index_matches(&store);
     }
 
     #[test]
@@ -1415,6 +1538,170 @@ mod tests {
         let p = store.prune(&g, keep, 100_000, 100).expect("prune");
         assert_eq!(p.history, 2);
         assert!(store.history(&g, 100).expect("history").is_empty());
+        assert_index_matches(&store);
+        let left: Vec<MessageId> = store
+            .envelopes_of_group(&GroupId([2; 32]), 100)
+            .expect("envelopes")
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(left, [MessageId([99; 32])]);
+    }
+
+    /// The `envelopes_by_group` index lists exactly the stored envelopes.
+    fn assert_index_matches(store: &Store) {
+        let txn = store.db.begin_read().expect("read");
+        let envelopes = txn.open_table(ENVELOPES).expect("envelopes");
+        let mut want = Vec::new();
+        for row in envelopes.iter().expect("iter") {
+            let (_, v) = row.expect("row");
+            let env: StoredEnvelope = decode_record("envelopes", v.value()).expect("decode");
+            want.push(envelope_index_key(&env));
+        }
+        want.sort_unstable();
+        let index = txn.open_table(ENVELOPES_BY_GROUP).expect("index");
+        let got: Vec<[u8; ENVELOPE_INDEX_KEY_LEN]> = index
+            .iter()
+            .expect("iter")
+            .map(|r| *r.expect("row").0.value())
+            .collect();
+        assert_eq!(got, want, "index and envelopes disagree");
+    }
+
+    /// Envelopes of two groups over epochs 1..=4: (group, id, epoch, kind).
+    fn spread_envelopes() -> Vec<StoredEnvelope> {
+        let mut out = Vec::new();
+        for (g, base) in [(1u8, 0u8), (2, 100)] {
+            for epoch in 1..=4u64 {
+                out.push(StoredEnvelope {
+                    group: GroupId([g; 32]),
+                    ..commit_envelope(base + 10 * epoch as u8, epoch)
+                });
+                for k in 1..=3u8 {
+                    out.push(StoredEnvelope {
+                        group: GroupId([g; 32]),
+                        epoch,
+                        ..envelope(base + 10 * epoch as u8 + k, 20)
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn group_ids(store: &Store, g: u8) -> Vec<u8> {
+        store
+            .envelopes_of_group(&GroupId([g; 32]), 1000)
+            .expect("envelopes")
+            .iter()
+            .map(|e| e.id.0[0])
+            .collect()
+    }
+
+    #[test]
+    fn rollback_deletes_later_epochs_and_lost_commits_through_the_index() {
+        let (_dir, store) = open_temp();
+        store
+            .commit(Batch {
+                envelopes: spread_envelopes(),
+                ..Batch::default()
+            })
+            .expect("commit");
+        assert_eq!(group_ids(&store, 1).len(), 16);
+        // `envelopes_of_group` is in (epoch, id) order and bounded.
+        assert_eq!(group_ids(&store, 1)[..5], [10, 11, 12, 13, 20]);
+        assert_eq!(
+            store
+                .envelopes_of_group(&GroupId([1; 32]), 3)
+                .expect("envelopes")
+                .len(),
+            3
+        );
+        store
+            .commit(Batch {
+                rollbacks: vec![Rollback {
+                    group: GroupId([1; 32]),
+                    to_epoch: 2,
+                    // The commit leaving epoch 2 lost; a lost id of another group is ignored.
+                    lost_commits: vec![MessageId([20; 32]), MessageId([110; 32])],
+                    forget_history: vec![],
+                }],
+                ..Batch::default()
+            })
+            .expect("rollback");
+        assert_eq!(group_ids(&store, 1), [10, 11, 12, 13, 21, 22, 23]);
+        assert_eq!(group_ids(&store, 2).len(), 16);
+        assert!(store.envelope(&MessageId([30; 32])).expect("env").is_none());
+        assert_index_matches(&store);
+        // Rolling back to the last possible epoch deletes nothing more.
+        store
+            .commit(Batch {
+                rollbacks: vec![Rollback {
+                    group: GroupId([1; 32]),
+                    to_epoch: u64::MAX,
+                    lost_commits: vec![],
+                    forget_history: vec![],
+                }],
+                ..Batch::default()
+            })
+            .expect("rollback");
+        assert_eq!(group_ids(&store, 1).len(), 7);
+        assert_index_matches(&store);
+    }
+
+    #[test]
+    fn schema_3_envelopes_are_indexed_in_place() {
+        let (dir, store) = open_temp();
+        store
+            .commit(Batch {
+                envelopes: spread_envelopes(),
+                ..Batch::default()
+            })
+            .expect("commit");
+        let before = (group_ids(&store, 1), group_ids(&store, 2));
+        drop(store);
+        let path = dir.path().join("kith.redb");
+        // What a schema-3 node left: the same envelopes, no index.
+        raw_write(&path, |txn| {
+            assert!(txn.delete_table(ENVELOPES_BY_GROUP).expect("delete"));
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert(META_SCHEMA_VERSION, 3u32.to_be_bytes().as_slice())
+                .expect("version");
+        });
+        let store = Store::open(&path).expect("migrate");
+        assert_eq!((group_ids(&store, 1), group_ids(&store, 2)), before);
+        assert_index_matches(&store);
+        // The migrated index is maintained like a new one.
+        store
+            .commit(Batch {
+                envelopes: vec![StoredEnvelope {
+                    epoch: 9,
+                    ..envelope(77, 5)
+                }],
+                rollbacks: vec![Rollback {
+                    group: GroupId([2; 32]),
+                    to_epoch: 3,
+                    lost_commits: vec![],
+                    forget_history: vec![],
+                }],
+                ..Batch::default()
+            })
+            .expect("commit");
+        assert_eq!(group_ids(&store, 1).last(), Some(&77));
+        assert_eq!(group_ids(&store, 2).len(), 12);
+        assert_index_matches(&store);
+        drop(store);
+        let store = Store::open(&path).expect("reopen");
+        assert_index_matches(&store);
+        drop(store);
+        let db = Database::create(&path).expect("raw open");
+        let txn = db.begin_read().expect("read");
+        let meta = txn.open_table(META).expect("meta");
+        let version = meta
+            .get(META_SCHEMA_VERSION)
+            .expect("get")
+            .expect("version");
+        assert_eq!(decode_u32(version.value()).expect("u32"), SCHEMA_VERSION);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! History sync between in-process nodes: a node that was offline catches up from online
 //! members by itself (no manual call), also when the sender of what it missed is gone, and a
-//! non-member's sync request is refused.
+//! non-member's sync request is refused; a member holding half of an epoch gets only the
+//! other half (version 2), and version-1 requests are still answered.
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,9 +9,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kith_node::model::{GroupInfo, MessageBody, NodeEvent};
-use kith_protocol::ids::GroupId;
+use kith_protocol::envelope::{Envelope, PayloadKind};
+use kith_protocol::ids::{GroupId, MessageId};
+use kith_protocol::records::StoredEnvelope;
 use kith_protocol::sync::SyncResponse;
-use kith_protocol::sync::{MAX_PAGE_BYTES, Summary, SyncRefusal, SyncRequest, SyncRequestV1};
+use kith_protocol::sync::{
+    Holdings, MAX_PAGE_BYTES, Summary, SyncRefusal, SyncRequest, SyncRequestV1, SyncRequestV2, Want,
+};
 use kith_tests::{TestNode, WAIT, loopback_config, wait_event, wait_texts};
 
 /// A, B and C in one group created by A (C bootstraps from `c_boot` extra peers too).
@@ -239,6 +244,116 @@ async fn non_member_sync_is_refused() -> anyhow::Result<()> {
     }
 
     for n in [a, b, c, d] {
+        n.node.shutdown().await;
+    }
+    Ok(())
+}
+
+/// A member that holds half of an epoch's messages asks a node with version 2: the summary
+/// pass sends none of that epoch and reports it partial; the range pass sends exactly the
+/// other half.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partial_epoch_gets_only_the_missing_half() -> anyhow::Result<()> {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c, group) = three_in_a_group(&dirs).await?;
+    let mut b_events = b.node.engine.subscribe();
+    let sent: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    for t in &sent {
+        a.node.engine.send(group.id.clone(), t.clone()).await?;
+    }
+    wait_texts(&mut b_events, "B", &sent).await?;
+    let id: GroupId = group.id.parse()?;
+
+    // Everything B serves, by version 1 with an empty summary.
+    let all = match c
+        .node
+        .net
+        .sync(
+            b.node.peer_id,
+            SyncRequest::V1(SyncRequestV1 {
+                group: id,
+                summary: Summary::default(),
+                cursor: None,
+                max_bytes: MAX_PAGE_BYTES,
+                proof: Vec::new(),
+            }),
+        )
+        .await?
+    {
+        SyncResponse::V1(page) if page.complete => page.envelopes,
+        other => panic!("unexpected answer: {other:?}"),
+    };
+    let stored: Vec<StoredEnvelope> = all
+        .iter()
+        .map(|bytes| {
+            let env = Envelope::decode(bytes).unwrap();
+            StoredEnvelope {
+                id: MessageId::of(bytes),
+                group: id,
+                epoch: env.epoch(),
+                kind: env.kind(),
+                bytes: bytes.clone(),
+                received_at_ms: 0,
+            }
+        })
+        .collect();
+    let apps: Vec<&StoredEnvelope> = stored
+        .iter()
+        .filter(|e| e.kind == PayloadKind::Application)
+        .collect();
+    assert_eq!(apps.len(), 20);
+    // Hold every commit and every other application message.
+    let held: Vec<StoredEnvelope> = stored
+        .iter()
+        .filter(|e| e.kind == PayloadKind::Commit)
+        .chain(apps.iter().step_by(2).copied())
+        .cloned()
+        .collect();
+    let missing: BTreeSet<MessageId> = apps.iter().skip(1).step_by(2).map(|e| e.id).collect();
+    let holdings = Holdings::new(held.iter());
+
+    let ask = |want: Want| {
+        SyncRequest::V2(SyncRequestV2 {
+            group: id,
+            want,
+            cursor: None,
+            max_bytes: MAX_PAGE_BYTES,
+            proof: Vec::new(),
+        })
+    };
+    let first = c
+        .node
+        .net
+        .sync(b.node.peer_id, ask(Want::Summary(holdings.summary())))
+        .await?;
+    let SyncResponse::V2(first) = first else {
+        panic!("unexpected answer: {first:?}")
+    };
+    assert!(first.complete);
+    assert!(
+        first.envelopes.is_empty(),
+        "the summary pass resent held data"
+    );
+    assert_eq!(first.partial, vec![apps[0].epoch]);
+    let mut got = BTreeSet::new();
+    for ranges in holdings.refinement(&first.partial) {
+        match c
+            .node
+            .net
+            .sync(b.node.peer_id, ask(Want::Ranges(ranges)))
+            .await?
+        {
+            SyncResponse::V2(page) if page.complete => {
+                for e in &page.envelopes {
+                    assert!(got.insert(MessageId::of(e)), "sent twice");
+                }
+            }
+            other => panic!("unexpected answer: {other:?}"),
+        }
+    }
+    assert_eq!(got, missing);
+
+    for n in [a, b, c] {
         n.node.shutdown().await;
     }
     Ok(())
