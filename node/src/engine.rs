@@ -1935,6 +1935,30 @@ impl Actor {
         self.admit(peer, request, record)
     }
 
+    /// Tells the group the state of its live invites after adding a member, who could not
+    /// read the messages that created them (see [`GroupEngine::share_invite_states`]).
+    fn share_invite_states(&mut self, group: GroupId) {
+        let records = match self.store.invites() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read invites to share them");
+                return;
+            }
+        };
+        match self.groups.share_invite_states(group, &records, now_ms()) {
+            Ok(fx) if fx.is_empty() => {}
+            Ok(fx) => {
+                if let Err(e) = self.apply(fx) {
+                    tracing::warn!(group = %group.short(), error = %e, "cannot share invite states");
+                }
+            }
+            Err(e) => {
+                self.rollback();
+                tracing::warn!(group = %group.short(), error = %e, "cannot share invite states");
+            }
+        }
+    }
+
     /// A member whose branch lost a deep fork asks to be added again (see
     /// [`GroupEngine::handle_rejoin_request`]).
     fn on_rejoin_request(&mut self, peer: PeerId, r: RejoinRequestV1) -> JoinResponse {
@@ -1986,6 +2010,7 @@ impl Actor {
                     } else {
                         tracing::info!(%peer, group = %group.short(), "added a member by invite");
                         self.metrics.join_request(JoinRequestResult::Accepted);
+                        self.share_invite_states(group);
                     }
                     response
                 }

@@ -155,6 +155,29 @@ pub enum Body {
     InviteCreated(SharedInvite),
     /// The sender revoked the invite with this id; no member honours it any more.
     InviteRevoked(InviteId),
+    /// The state of the group's invites, sent by the member that just added someone: a
+    /// new member cannot read messages from before it joined, so this is how it learns the
+    /// invites created earlier. At most [`MAX_INVITE_STATES`] entries.
+    InviteStates(Vec<InviteState>),
+}
+
+/// Most entries in one [`Body::InviteStates`].
+pub const MAX_INVITE_STATES: usize = 256;
+
+/// One invite in [`Body::InviteStates`]: what [`SharedInvite`] says, plus who created it and
+/// when, how many joins it has admitted, and whether it was revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteState {
+    /// The invite as created.
+    pub invite: SharedInvite,
+    /// The creator's PeerId bytes.
+    pub creator: Vec<u8>,
+    /// Creation time, Unix seconds (creator's clock).
+    pub created_at: u64,
+    /// Joins admitted so far.
+    pub uses: u32,
+    /// A member revoked it.
+    pub revoked: bool,
 }
 
 /// Most joins one invite may allow.
@@ -187,6 +210,18 @@ impl AppContent {
             Body::InviteCreated(i) if i.max_uses == 0 || i.max_uses > MAX_INVITE_USES => Err(
                 DecodeError::Malformed(format!("invite allows {} uses", i.max_uses)),
             ),
+            Body::InviteStates(list)
+                if list.len() > MAX_INVITE_STATES
+                    || list.iter().any(|s| {
+                        s.invite.max_uses == 0
+                            || s.invite.max_uses > MAX_INVITE_USES
+                            || s.creator.len() > 64
+                    }) =>
+            {
+                Err(DecodeError::Malformed(
+                    "invite states out of bounds".to_owned(),
+                ))
+            }
             _ => Ok(content),
         }
     }

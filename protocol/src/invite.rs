@@ -238,6 +238,36 @@ impl InviteRecord {
             }
             InviteUpdate::Used { .. } => r.uses = r.uses.saturating_add(1),
             InviteUpdate::Unused { .. } => r.uses = r.uses.saturating_sub(1),
+            InviteUpdate::State {
+                group,
+                id,
+                secret_hash,
+                expires_at,
+                max_uses,
+                approval,
+                creator,
+                created_at,
+                uses,
+                revoked,
+            } => {
+                // The creation, as if its message had been read; uses and revocation only
+                // grow, so a state older than what this member counted changes nothing.
+                r = InviteRecord::merge(
+                    Some(r),
+                    &InviteUpdate::Created {
+                        group: *group,
+                        id: *id,
+                        secret_hash: *secret_hash,
+                        expires_at: *expires_at,
+                        max_uses: *max_uses,
+                        approval: *approval,
+                        creator: *creator,
+                        created_at: *created_at,
+                    },
+                );
+                r.uses = r.uses.max(*uses);
+                r.revoked |= *revoked;
+            }
             InviteUpdate::Revoked { .. } => r.revoked = true,
         }
         r
@@ -282,6 +312,29 @@ pub enum InviteUpdate {
         /// The invite id.
         id: InviteId,
     },
+    /// A member told a new member the invite's state ([`crate::envelope::Body::InviteStates`]).
+    State {
+        /// The group.
+        group: GroupId,
+        /// The invite id.
+        id: InviteId,
+        /// Hash of the secret.
+        secret_hash: [u8; 32],
+        /// Expiry, Unix seconds.
+        expires_at: u64,
+        /// Joins allowed.
+        max_uses: u32,
+        /// Joins wait for approval.
+        approval: bool,
+        /// Who created it.
+        creator: PeerId,
+        /// When, Unix seconds (creator's clock).
+        created_at: u64,
+        /// Joins admitted so far, as the sender counted them.
+        uses: u32,
+        /// Revoked, as the sender knew.
+        revoked: bool,
+    },
     /// A member revoked the invite.
     Revoked {
         /// The group.
@@ -298,6 +351,7 @@ impl InviteUpdate {
             InviteUpdate::Created { group, .. }
             | InviteUpdate::Used { group, .. }
             | InviteUpdate::Unused { group, .. }
+            | InviteUpdate::State { group, .. }
             | InviteUpdate::Revoked { group, .. } => *group,
         }
     }
@@ -308,6 +362,7 @@ impl InviteUpdate {
             InviteUpdate::Created { id, .. }
             | InviteUpdate::Used { id, .. }
             | InviteUpdate::Unused { id, .. }
+            | InviteUpdate::State { id, .. }
             | InviteUpdate::Revoked { id, .. } => *id,
         }
     }

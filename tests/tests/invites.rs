@@ -451,3 +451,36 @@ async fn race_to_join(uses: u32) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A member added after an invite was created learns it (the member who adds it shares the
+/// state of the group's live invites) and can honour it while the creator is offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_later_member_honours_an_invite_created_before_it_joined() -> anyhow::Result<()> {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
+    let b = TestNode::start(
+        dirs[1].path(),
+        loopback_config(vec![a.bootstrap_peer().await?]),
+    )
+    .await?;
+    let (group, for_b) = a.group_with_invite("club", 1).await?;
+    let g = group.id;
+    let early = invite(&a, &g, 2, None, false).await?;
+    b.node.engine.join(for_b.link).await?;
+    // B was not a member when `early` was created, yet it learns it, with its use count.
+    let seen = wait_invite(&b, &g, &early.id, "B to learn the earlier invite", |_| true).await?;
+    assert_eq!(seen.uses, 0, "{seen:?}");
+    let j = TestNode::start(
+        dirs[2].path(),
+        loopback_config(vec![b.bootstrap_peer().await?]),
+    )
+    .await?;
+    a.node.shutdown().await;
+    let joined = j.node.engine.join(early.link).await?;
+    assert_eq!(joined.id, g);
+    wait_invite(&b, &g, &early.id, "B to count the use", |i| i.uses == 1).await?;
+    for n in [b, j] {
+        n.node.shutdown().await;
+    }
+    Ok(())
+}

@@ -22,8 +22,8 @@ use super::{
 };
 use crate::codec;
 use crate::envelope::{
-    AppContent, AppContentV1, Body, Envelope, JoinRejection, JoinRequest, MAX_INVITE_USES,
-    PayloadKind, SharedInvite,
+    AppContent, AppContentV1, Body, Envelope, InviteState, JoinRejection, JoinRequest,
+    MAX_INVITE_STATES, MAX_INVITE_USES, PayloadKind, SharedInvite,
 };
 use crate::ids::{GroupId, InviteId};
 use crate::invite::{Invite, InviteParams, InviteRecord, InviteUpdate, secret_hash};
@@ -83,6 +83,26 @@ pub(super) fn invite_message_effects(
     body: Body,
 ) -> Result<Vec<Effect>, Verdict> {
     let (kind, update) = match body {
+        Body::InviteStates(list) => {
+            // No history row: nothing new happened, a new member is told what did.
+            let mut effects = vec![Effect::SaveEnvelope(stored)];
+            effects.extend(list.iter().filter_map(|s| {
+                let creator = PeerId::from_bytes(&s.creator).ok()?;
+                Some(Effect::Invite(InviteUpdate::State {
+                    group,
+                    id: InviteId::of(&s.invite.secret_hash),
+                    secret_hash: s.invite.secret_hash,
+                    expires_at: s.invite.expires_at,
+                    max_uses: s.invite.max_uses,
+                    approval: s.invite.approval,
+                    creator,
+                    created_at: s.created_at,
+                    uses: s.uses,
+                    revoked: s.revoked,
+                }))
+            }));
+            return Ok(effects);
+        }
         Body::InviteCreated(shared) => created(group, sender, sent_at_ms, &shared),
         Body::InviteRevoked(id) => (
             EntryKind::InviteRevoked(id),
@@ -184,6 +204,45 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
         };
         let effects = self.send_invite_body(group, Body::InviteCreated(shared), now_ms)?;
         Ok((invite, effects))
+    }
+
+    /// Tells the group (above all a member just added, who cannot read earlier messages) the
+    /// state of its invites still in use: an encrypted [`Body::InviteStates`] message with
+    /// the `records` that are complete, not revoked, not expired and not used up (at most
+    /// [`MAX_INVITE_STATES`], newest first). Nothing is sent if there are none.
+    pub fn share_invite_states(
+        &mut self,
+        group: GroupId,
+        records: &[InviteRecord],
+        now_ms: u64,
+    ) -> Result<Vec<Effect>, GroupError> {
+        let mut live: Vec<&InviteRecord> = records
+            .iter()
+            .filter(|r| r.group == group && r.admits(now_ms / 1000).is_ok())
+            .collect();
+        live.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+        let states: Vec<InviteState> = live
+            .into_iter()
+            .take(MAX_INVITE_STATES)
+            .filter_map(|r| {
+                Some(InviteState {
+                    invite: SharedInvite {
+                        secret_hash: r.secret_hash?,
+                        expires_at: r.expires_at,
+                        max_uses: r.max_uses,
+                        approval: r.approval,
+                    },
+                    creator: r.creator?.to_bytes(),
+                    created_at: r.created_at,
+                    uses: r.uses,
+                    revoked: r.revoked,
+                })
+            })
+            .collect();
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.send_invite_body(group, Body::InviteStates(states), now_ms)
     }
 
     /// Revokes invite `id` of `group` for the whole group: an encrypted
