@@ -808,6 +808,7 @@ pub(crate) mod fake {
             epoch_auth: String::new(),
             rollbacks: 0,
             deep_forks: 0,
+            forks_detected: 0,
         }
     }
 

@@ -1339,13 +1339,19 @@ fn print_status(s: &StatusInfo) -> Result<(), ClientError> {
         } else {
             ", catching up".to_owned()
         };
-        let forks = match (g.rollbacks, g.deep_forks) {
-            (0, 0) => String::new(),
-            (r, 0) => format!(", {r} rollbacks"),
-            (r, d) => {
-                format!(", {r} rollbacks, FORKED: {d} rival commits beyond the rewind window")
-            }
-        };
+        let mut forks = String::new();
+        if g.forks_detected > 0 {
+            forks.push_str(&format!(", {} forks seen", g.forks_detected));
+        }
+        if g.rollbacks > 0 {
+            forks.push_str(&format!(", {} rollbacks", g.rollbacks));
+        }
+        if g.deep_forks > 0 {
+            forks.push_str(&format!(
+                ", FORKED: {} rival commits beyond the rewind window",
+                g.deep_forks
+            ));
+        }
         lines.push(format!(
             "           {}  {} ({} members, epoch {} auth {}{sync}{forks})",
             short_id(&g.id),

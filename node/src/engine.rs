@@ -308,6 +308,7 @@ fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
         epoch_auth: HEXLOWER.encode(&v.authenticator),
         rollbacks: v.rollbacks,
         deep_forks: v.deep_forks,
+        forks_detected: v.forks_detected,
     }
 }
 
@@ -379,6 +380,7 @@ fn summary(v: &GroupView) -> GroupSummary {
         epoch_auth: HEXLOWER.encode(&v.authenticator),
         rollbacks: v.rollbacks,
         deep_forks: v.deep_forks,
+        forks_detected: v.forks_detected,
     }
 }
 
@@ -1554,6 +1556,26 @@ impl Actor {
         if !view.members.iter().any(|(_, p)| *p == peer) {
             tracing::debug!(%peer, group = %group.short(), "sync request from a non-member");
             return SyncResponse::Refused(SyncRefusal::NotMember);
+        }
+        // The summary names the requester's commit per epoch: its branch. If it differs from
+        // ours, fetch its commits too, so the concurrent-commit rule can decide on our side.
+        let held: Vec<(u64, MessageId)> = request
+            .summary()
+            .map(|s| {
+                s.epochs
+                    .iter()
+                    .filter_map(|e| Some((e.epoch, e.commit?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(epoch) = self.groups.detect_fork(&group, held) {
+            tracing::warn!(%peer, group = %group.short(), epoch, "fork detected: this member holds another commit for the epoch");
+            self.metrics.fork_detected();
+            let list = self.newcomers.entry(group).or_default();
+            if !list.contains(&peer) {
+                list.push(peer);
+            }
+            self.start_sync(group, SyncTrigger::Newcomer);
         }
         let envelopes = match self.store.envelopes_of_group(&group, MAX_SCAN_ENVELOPES) {
             Ok(e) => e,

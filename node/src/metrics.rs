@@ -419,6 +419,7 @@ pub struct KithMetrics {
     messages_received: Counter,
     rollbacks: Counter,
     deep_forks: Counter,
+    forks_detected: Counter,
     rejected: [Counter; RejectReason::ALL.len()],
     ignored: [Counter; IgnoreReason::ALL.len()],
     decrypt_failures: [Counter; DecryptFailure::ALL.len()],
@@ -474,6 +475,12 @@ impl KithMetrics {
             "group_deep_forks",
             "Times a group's branch lost a fork deeper than the rewind depth (the node asks to be added again)",
             deep_forks.clone(),
+        );
+        let forks_detected = Counter::default();
+        r.register(
+            "group_forks_detected",
+            "History sync summaries from members on another branch of a group",
+            forks_detected.clone(),
         );
         let rejected = counters(
             r,
@@ -566,6 +573,7 @@ impl KithMetrics {
             messages_received,
             rollbacks,
             deep_forks,
+            forks_detected,
             rejected,
             ignored,
             decrypt_failures,
@@ -595,6 +603,11 @@ impl KithMetrics {
         if n > 0 {
             self.messages_received.inc_by(n);
         }
+    }
+
+    /// Counts one fork seen in a member's sync summary.
+    pub fn fork_detected(&self) {
+        self.forks_detected.inc();
     }
 
     /// Counts one lost deep fork.

@@ -49,6 +49,9 @@ pub struct GroupSummary {
     /// See [`GroupInfo::deep_forks`].
     #[serde(default)]
     pub deep_forks: u64,
+    /// See [`GroupInfo::forks_detected`].
+    #[serde(default)]
+    pub forks_detected: u64,
 }
 
 /// `GET /v1/groups/{group}`: one group in detail.
@@ -81,6 +84,9 @@ pub struct GroupInfo {
     /// window; since it started).
     #[serde(default)]
     pub deep_forks: u64,
+    /// Times a member's history sync showed it on another branch (since it started).
+    #[serde(default)]
+    pub forks_detected: u64,
 }
 
 fn yes() -> bool {

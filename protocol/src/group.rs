@@ -292,6 +292,9 @@ pub struct GroupView {
     pub rollbacks: u64,
     /// Rival commits seen for epochs this node can no longer roll back to (a deep fork).
     pub deep_forks: u64,
+    /// Times a member's history sync summary named another commit than this node's for an
+    /// epoch both hold: the two are on different branches (since it loaded the group).
+    pub forks_detected: u64,
     /// The first 8 bytes of SHA-256 over the current epoch's MLS epoch authenticator: equal
     /// on every member in the same epoch of the same branch, different across a fork.
     pub authenticator: [u8; 8],
@@ -338,6 +341,8 @@ struct Group {
     redo: Vec<Redo>,
     /// Rival commits for epochs before the rewind window (a fork too deep to roll back).
     deep_forks: u64,
+    /// Sync summaries from members whose branch differs from this node's.
+    forks_detected: u64,
     /// Times this node left a losing branch.
     rollbacks: u64,
     /// Orphans must be retried (a rollback happened).
@@ -381,6 +386,7 @@ impl Group {
             orphan_bytes: 0,
             redo: Vec::new(),
             deep_forks: 0,
+            forks_detected: 0,
             rollbacks: 0,
             retry: false,
             rejoining: false,
@@ -410,6 +416,7 @@ impl Group {
                 .collect(),
             rollbacks: self.rollbacks,
             deep_forks: self.deep_forks,
+            forks_detected: self.forks_detected,
             authenticator: authenticator_digest(self.mls.epoch_authenticator().as_slice()),
         }
     }
@@ -2093,6 +2100,24 @@ where
                 .map_err(mls_err)?;
         }
         Ok(())
+    }
+
+    /// Compares the commits a member holds (`(epoch, commit id)`, from its sync summary) with
+    /// this node's branch. Returns the first epoch where they differ, and counts it: the
+    /// member and this node are on different branches. History sync then brings each side
+    /// the other's commits, and the concurrent-commit rule decides.
+    pub fn detect_fork(
+        &mut self,
+        group: &GroupId,
+        held: impl IntoIterator<Item = (u64, MessageId)>,
+    ) -> Option<u64> {
+        let g = self.groups.get_mut(group)?;
+        let epoch = held
+            .into_iter()
+            .find(|(e, c)| g.branch.commit_at(*e).is_some_and(|ours| ours != *c))
+            .map(|(e, _)| e)?;
+        g.forks_detected += 1;
+        Some(epoch)
     }
 
     /// The current epoch of `group`, if this node has it (cheaper than [`GroupEngine::group`]).

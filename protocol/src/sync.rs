@@ -446,6 +446,17 @@ impl SyncRequest {
             SyncRequest::V2(v) => &v.group,
         }
     }
+
+    /// The requester's summary, if the request carries one (a range pass does not).
+    pub fn summary(&self) -> Option<&Summary> {
+        match self {
+            SyncRequest::V1(v) => Some(&v.summary),
+            SyncRequest::V2(v) => match &v.want {
+                Want::Summary(s) => Some(s),
+                _ => None,
+            },
+        }
+    }
 }
 
 fn validate_page(

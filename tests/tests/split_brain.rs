@@ -269,6 +269,12 @@ async fn both_sides_of_a_split_change_membership_and_talk_then_converge() -> any
             rollbacks.1 += v.rollbacks;
         }
     }
+    // The two sides learned of each other's branch from history sync summaries.
+    let seen: u64 = views.iter().map(|v| v.forks_detected).sum();
+    assert!(
+        seen > 0,
+        "no member saw the fork in a sync summary: {views:?}"
+    );
     let loser = match rollbacks {
         (0, r) if r > 0 => "right",
         (l, 0) if l > 0 => "left",

@@ -453,3 +453,20 @@ fn messages_written_after_a_lost_removal_never_reach_the_removed_member() {
     }
     panic!("the removal lost only {lost_removals} times in 40 attempts");
 }
+
+/// A member's sync summary that names another commit for an epoch this node holds shows a
+/// fork; the same commit does not.
+#[test]
+fn a_summary_from_another_branch_is_a_detected_fork() {
+    let mut s = sim(3);
+    let g = crate::testing::three_member_run(&mut s);
+    s.self_update(0, g).unwrap();
+    s.self_update(1, g).unwrap();
+    let commits: Vec<_> = s.in_flight.drain(..).collect();
+    let (ours, theirs) = (MessageId::of(&commits[0].2), MessageId::of(&commits[1].2));
+    assert_eq!(s.engines[0].detect_fork(&g, [(2, ours)]), None);
+    assert_eq!(s.engines[0].detect_fork(&g, [(2, theirs)]), Some(2));
+    assert_eq!(s.engines[0].group(&g).unwrap().forks_detected, 1);
+    // An epoch this node has no commit for says nothing.
+    assert_eq!(s.engines[0].detect_fork(&g, [(40, theirs)]), None);
+}
