@@ -93,3 +93,83 @@ async fn two_members_commit_at_once_fifty_times() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Waits until `node` is connected to none of `others`.
+async fn wait_cut_off(node: &TestNode, others: &[libp2p::PeerId]) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let connected = node.node.net.info().await?.connected;
+        if !connected.iter().any(|p| others.contains(p)) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("still connected to {others:?}: {connected:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A partition where both halves commit more often than the rewind depth (16 commits): after
+/// healing, the losing half cannot roll back, asks the winning half to add it again, and all
+/// four nodes end on one branch with four members, and talk again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fork_deeper_than_the_rewind_depth_heals_by_rejoining() -> anyhow::Result<()> {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (nodes, group) = group_of(&dirs, "deep").await?;
+    let g = group.id.clone();
+    converged(&nodes, &g, 3).await?;
+    let peers: Vec<_> = nodes.iter().map(|n| n.node.peer_id).collect();
+    let (left, right) = ([0usize, 1], [2usize, 3]);
+    for (side, other) in [(left, right), (right, left)] {
+        let blocked: Vec<_> = other.iter().map(|i| peers[*i]).collect();
+        for i in side {
+            nodes[i].node.net.set_blocked(blocked.clone()).await?;
+        }
+    }
+    for (side, other) in [(left, right), (right, left)] {
+        let blocked: Vec<_> = other.iter().map(|i| peers[*i]).collect();
+        for i in side {
+            wait_cut_off(&nodes[i], &blocked).await?;
+        }
+    }
+    for round in 0..18 {
+        let (a, b) = (left[round % 2], right[round % 2]);
+        let (ra, rb) = tokio::join!(
+            nodes[a].node.engine.self_update(g.clone()),
+            nodes[b].node.engine.self_update(g.clone()),
+        );
+        ra?;
+        rb?;
+        converged(&nodes[left[0]..=left[1]], &g, 0).await?;
+        converged(&nodes[right[0]..=right[1]], &g, 0).await?;
+    }
+    for n in &nodes {
+        n.node.net.set_blocked(Vec::new()).await?;
+    }
+    let (_, auth) = converged(&nodes, &g, 0).await?;
+    let mut deep = 0;
+    for n in &nodes {
+        let info = n.node.engine.group(g.clone()).await?;
+        assert_eq!(info.members.len(), 4, "{info:?}");
+        assert!(info.active);
+        deep += info.deep_forks;
+    }
+    assert!(deep > 0, "the losing half saw the deep fork");
+    // Everyone talks again.
+    let mut events: Vec<_> = nodes.iter().map(|n| n.node.engine.subscribe()).collect();
+    nodes[2]
+        .node
+        .engine
+        .send(g.clone(), "together again".into())
+        .await?;
+    for (i, ev) in events.iter_mut().enumerate() {
+        if i != 2 {
+            kith_tests::wait_texts(ev, "node", &["together again".to_owned()]).await?;
+        }
+    }
+    eprintln!("converged on {auth}");
+    for n in nodes {
+        n.node.shutdown().await;
+    }
+    Ok(())
+}
