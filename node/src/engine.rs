@@ -1957,6 +1957,21 @@ impl Actor {
         self.admit(peer, request, record)
     }
 
+    /// Persists the key package a join or rejoin request carries (its private keys must be
+    /// on disk before we ask), or rolls back if making it failed.
+    fn stored_request(
+        &mut self,
+        req: Result<JoinRequest, GroupError>,
+    ) -> Result<JoinRequest, EngineError> {
+        let res = req
+            .map_err(EngineError::from)
+            .and_then(|req| self.apply(Vec::new()).map(|()| req));
+        if res.is_err() {
+            self.rollback();
+        }
+        res
+    }
+
     /// Tells the group the state of its live invites after adding a member, who could not
     /// read the messages that created them (see [`GroupEngine::share_invite_states`]).
     fn share_invite_states(&mut self, group: GroupId) {
@@ -2193,37 +2208,15 @@ impl Actor {
                 let _ = r.send(self.decide_join(&q, &which, approve));
             }
             Call::PrepareJoin(invite, r) => {
-                let res = self
-                    .groups
-                    .prepare_join(&invite, now_ms())
-                    .map_err(EngineError::from)
-                    .and_then(|req| {
-                        // The key package's private keys must be on disk before we ask.
-                        self.apply(Vec::new())?;
-                        Ok(req)
-                    });
-                if res.is_err() {
-                    self.rollback();
-                }
-                let _ = r.send(res);
+                let req = self.groups.prepare_join(&invite, now_ms());
+                let _ = r.send(self.stored_request(req));
             }
             Call::CompleteJoin(invite, response, r) => {
                 let _ = r.send(self.complete_join(&invite, response));
             }
             Call::PrepareRejoin(group, epoch, commit, r) => {
-                let res = self
-                    .groups
-                    .prepare_rejoin(group, epoch, commit)
-                    .map_err(EngineError::from)
-                    .and_then(|req| {
-                        // The key package's private keys must be on disk before we ask.
-                        self.apply(Vec::new())?;
-                        Ok(req)
-                    });
-                if res.is_err() {
-                    self.rollback();
-                }
-                let _ = r.send(res);
+                let req = self.groups.prepare_rejoin(group, epoch, commit);
+                let _ = r.send(self.stored_request(req));
             }
             Call::CompleteRejoin(group, peer, response, r) => {
                 let res = match self

@@ -797,6 +797,17 @@ where
         if self.groups.get(&invite.group).is_some_and(|g| !g.rejoining) {
             return Err(GroupError::AlreadyMember(invite.group));
         }
+        let key_package = self.fresh_key_package()?;
+        Ok(JoinRequest::V1(JoinRequestV1 {
+            network: self.network.clone(),
+            group: invite.group,
+            secret: invite.secret,
+            key_package,
+        }))
+    }
+
+    /// A new TLS-encoded key package of this node (its private keys go to storage).
+    fn fresh_key_package(&self) -> Result<Vec<u8>, GroupError> {
         let bundle = KeyPackage::builder()
             .build(
                 CIPHERSUITE,
@@ -805,16 +816,10 @@ where
                 self.me.credential.clone(),
             )
             .map_err(mls_err)?;
-        let key_package = bundle
+        bundle
             .key_package()
             .tls_serialize_detached()
-            .map_err(mls_err)?;
-        Ok(JoinRequest::V1(JoinRequestV1 {
-            network: self.network.clone(),
-            group: invite.group,
-            secret: invite.secret,
-            key_package,
-        }))
+            .map_err(mls_err)
     }
 
     /// Answers a join request from `from` (transport-authenticated PeerId). `record` is the

@@ -8,10 +8,9 @@
 //! branch merges. The requester replaces its dead branch with the Welcome.
 
 use libp2p_identity::PeerId;
-use openmls::prelude::{KeyPackage, tls_codec::Serialize as _};
 use openmls_traits::OpenMlsProvider;
 
-use super::{CIPHERSUITE, Effect, GroupEngine, GroupError, WelcomeSource, member_peer, mls_err};
+use super::{Effect, GroupEngine, GroupError, WelcomeSource, member_peer};
 use crate::envelope::{JoinRejection, JoinRequest, JoinResponse, RejoinRequestV1};
 use crate::fork::GroupRecords;
 use crate::ids::{GroupId, MessageId};
@@ -35,18 +34,7 @@ where
         if !g.rejoining {
             return Err(GroupError::AlreadyMember(group));
         }
-        let bundle = KeyPackage::builder()
-            .build(
-                CIPHERSUITE,
-                &self.provider,
-                &self.me.signer,
-                self.me.credential.clone(),
-            )
-            .map_err(mls_err)?;
-        let key_package = bundle
-            .key_package()
-            .tls_serialize_detached()
-            .map_err(mls_err)?;
+        let key_package = self.fresh_key_package()?;
         Ok(JoinRequest::Rejoin(RejoinRequestV1 {
             network: self.network.clone(),
             group,
