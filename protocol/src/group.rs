@@ -540,6 +540,29 @@ where
     Ok(effects)
 }
 
+/// Encrypts `content` as an application message of `group` in its current epoch and wraps it
+/// in an envelope: (epoch, envelope bytes, envelope id).
+fn encrypt_app<P: OpenMlsProvider>(
+    provider: &P,
+    signer: &SignatureKeyPair,
+    group: GroupId,
+    g: &mut Group,
+    content: &AppContent,
+) -> Result<(u64, Vec<u8>, MessageId), GroupError> {
+    let plain = codec::encode(content).map_err(mls_err)?;
+    let epoch = g.epoch();
+    let out = g
+        .mls
+        .create_message(provider, signer, &plain)
+        .map_err(mls_err)?;
+    g.sent_since_update += 1;
+    let mls = out.tls_serialize_detached().map_err(mls_err)?;
+    let (data, id) = Envelope::new(group, epoch, PayloadKind::Application, mls)
+        .encode()
+        .map_err(mls_err)?;
+    Ok((epoch, data, id))
+}
+
 /// Saves the checkpoint of `group` at its current epoch `epoch`: the state a commit made in
 /// this epoch applies to. Call it before creating or merging any commit.
 fn checkpoint<P: OpenMlsProvider>(
@@ -1197,17 +1220,7 @@ where
             sent_at_ms,
             body: Body::Text(text.to_owned()),
         });
-        let plain = codec::encode(&content).map_err(mls_err)?;
-        let epoch = g.epoch();
-        let out = g
-            .mls
-            .create_message(&self.provider, &self.me.signer, &plain)
-            .map_err(mls_err)?;
-        g.sent_since_update += 1;
-        let mls = out.tls_serialize_detached().map_err(mls_err)?;
-        let (data, id) = Envelope::new(group, epoch, PayloadKind::Application, mls)
-            .encode()
-            .map_err(mls_err)?;
+        let (epoch, data, id) = encrypt_app(&self.provider, &self.me.signer, group, g, &content)?;
         fork::save_sent(
             self.provider.storage(),
             &group,

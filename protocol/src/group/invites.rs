@@ -9,21 +9,18 @@
 
 use libp2p_identity::PeerId;
 use multiaddr::Multiaddr;
-use openmls::prelude::{
-    KeyPackage, KeyPackageIn, ProtocolVersion,
-    tls_codec::{Deserialize as _, Serialize as _},
-};
+use openmls::prelude::{KeyPackage, KeyPackageIn, ProtocolVersion, tls_codec::Deserialize as _};
 use openmls_traits::OpenMlsProvider;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CIPHERSUITE, Effect, GroupEngine, GroupError, Verdict, active_group, bound_peer, member_peer,
-    mls_err,
+    CIPHERSUITE, Effect, GroupEngine, GroupError, Verdict, active_group, bound_peer, encrypt_app,
+    member_peer,
 };
 use crate::codec;
 use crate::envelope::{
-    AppContent, AppContentV1, Body, Envelope, InviteState, JoinRejection, JoinRequest,
-    MAX_INVITE_STATES, MAX_INVITE_USES, PayloadKind, SharedInvite,
+    AppContent, AppContentV1, Body, InviteState, JoinRejection, JoinRequest, MAX_INVITE_STATES,
+    MAX_INVITE_USES, PayloadKind, SharedInvite,
 };
 use crate::ids::{GroupId, InviteId};
 use crate::invite::{Invite, InviteParams, InviteRecord, InviteUpdate, secret_hash};
@@ -266,21 +263,11 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
     ) -> Result<Vec<Effect>, GroupError> {
         let me = self.me.peer;
         let g = active_group(&mut self.groups, group)?;
-        let plain = codec::encode(&AppContent::V1(AppContentV1 {
+        let content = AppContent::V1(AppContentV1 {
             sent_at_ms: now_ms,
             body: body.clone(),
-        }))
-        .map_err(mls_err)?;
-        let epoch = g.epoch();
-        let out = g
-            .mls
-            .create_message(&self.provider, &self.me.signer, &plain)
-            .map_err(mls_err)?;
-        g.sent_since_update += 1;
-        let mls = out.tls_serialize_detached().map_err(mls_err)?;
-        let (data, id) = Envelope::new(group, epoch, PayloadKind::Application, mls)
-            .encode()
-            .map_err(mls_err)?;
+        });
+        let (epoch, data, id) = encrypt_app(&self.provider, &self.me.signer, group, g, &content)?;
         let stored = StoredEnvelope {
             id,
             group,
