@@ -77,6 +77,8 @@ const JOIN_FOLLOW_UP_SYNCS: [Duration; 2] = [Duration::from_secs(2), Duration::f
 const REJOIN_ROUNDS: u32 = 5;
 /// Pause between those rounds.
 const REJOIN_RETRY: Duration = Duration::from_secs(2);
+/// DHT lookups a join makes at most after a member said it does not know the invite.
+const UNKNOWN_INVITE_LOOKUPS: u32 = 3;
 /// Longest pause between two DHT lookups of one join.
 const MAX_JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(8);
 
@@ -619,7 +621,11 @@ impl EngineHandle {
                     Some(task) => task,
                     // A node that just started may not have DHT peers yet, and a member may
                     // be announcing right now: look again, less often, until the time limit.
-                    None if tokio::time::Instant::now() + lookup_pause(lookups) < deadline => {
+                    // Once a member said it does not know the invite, a few more looks
+                    // suffice: that is most likely the answer.
+                    None if tokio::time::Instant::now() + lookup_pause(lookups) < deadline
+                        && (unknown.is_none() || lookups < UNKNOWN_INVITE_LOOKUPS) =>
+                    {
                         tokio::time::sleep(lookup_pause(lookups)).await;
                         lookups += 1;
                         lookup_providers()
@@ -679,6 +685,11 @@ impl EngineHandle {
                         return Err(self.timed_out(timeout, &failures));
                     }
                     if reason == JoinRejection::UnknownInvite.to_string() {
+                        // The member who signed the link created the invite: if it does not
+                        // know it, no one does.
+                        if peer == invite.inviter {
+                            return Err(EngineError::JoinRejected(JoinRejection::UnknownInvite));
+                        }
                         unknown = Some(JoinRejection::UnknownInvite);
                     }
                     self.progress(
