@@ -12,31 +12,7 @@ use kith_tests::{kith_testnet_cmd, pids_mentioning, testnet_scenarios_dir};
 
 #[test]
 fn kill_restart_scenario_passes() -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let run = tmp.path().join("run");
-    let file = testnet_scenarios_dir().join("kill-restart.toml");
-    let started = Instant::now();
-    let output = kith_testnet_cmd()?
-        .arg("scenario")
-        .arg(&file)
-        .args(["--seed", "7", "--dir"])
-        .arg(&run)
-        .output()?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "scenario failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        started.elapsed()
-    );
-
-    let text = std::fs::read_to_string(run.join("scenario-report.json"))?;
-    let report: serde_json::Value = serde_json::from_str(&text)?;
+    let (report, run, _tmp) = run_scenario("kill-restart.toml", 7)?;
     assert_eq!(report["passed"], true, "{report:#}");
     assert_eq!(report["seed"], 7);
     let steps = report["steps"].as_array().context("steps")?;
@@ -72,31 +48,7 @@ fn kill_restart_scenario_passes() -> anyhow::Result<()> {
 /// the new epoch and the same history, in the same order, as the other members.
 #[test]
 fn offline_sync_scenario_passes() -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let run = tmp.path().join("run");
-    let file = testnet_scenarios_dir().join("offline-sync.toml");
-    let started = Instant::now();
-    let output = kith_testnet_cmd()?
-        .arg("scenario")
-        .arg(&file)
-        .args(["--seed", "11", "--dir"])
-        .arg(&run)
-        .output()?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "scenario failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        started.elapsed()
-    );
-
-    let text = std::fs::read_to_string(run.join("scenario-report.json"))?;
-    let report: serde_json::Value = serde_json::from_str(&text)?;
+    let (report, run, _tmp) = run_scenario("offline-sync.toml", 11)?;
     assert_eq!(report["passed"], true, "{report:#}");
     let steps = report["steps"].as_array().context("steps")?;
     assert_eq!(steps.len(), 8);
@@ -126,4 +78,38 @@ fn offline_sync_scenario_passes() -> anyhow::Result<()> {
     assert!(report["left_running"].as_array().unwrap().is_empty());
     assert!(pids_mentioning(&run.to_string_lossy()).is_empty());
     Ok(())
+}
+
+/// Runs the shipped scenario `name` with `seed` through the real `kith-testnet` binary,
+/// checks it exited successfully within a minute, and returns its JSON report, its run
+/// directory and the temporary directory holding the run (kept alive).
+fn run_scenario(
+    name: &str,
+    seed: u64,
+) -> anyhow::Result<(serde_json::Value, std::path::PathBuf, tempfile::TempDir)> {
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("run");
+    let file = testnet_scenarios_dir().join(name);
+    let started = Instant::now();
+    let output = kith_testnet_cmd()?
+        .arg("scenario")
+        .arg(&file)
+        .args(["--seed", &seed.to_string(), "--dir"])
+        .arg(&run)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "scenario failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    let text = std::fs::read_to_string(run.join("scenario-report.json"))?;
+    let report: serde_json::Value = serde_json::from_str(&text)?;
+    Ok((report, run, tmp))
 }
