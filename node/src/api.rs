@@ -809,6 +809,10 @@ pub(crate) mod fake {
             rollbacks: 0,
             deep_forks: 0,
             forks_detected: 0,
+            undecryptable: Default::default(),
+            missing: 0,
+            catching_up: false,
+            sync_failures: 0,
         }
     }
 

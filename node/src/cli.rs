@@ -1340,6 +1340,15 @@ fn print_status(s: &StatusInfo) -> Result<(), ClientError> {
             ", catching up".to_owned()
         };
         let mut forks = String::new();
+        if g.missing > 0 {
+            forks.push_str(&format!(", {} missing", g.missing));
+        }
+        if g.sync_failures > 0 {
+            forks.push_str(&format!(", {} failed syncs", g.sync_failures));
+        }
+        if g.undecryptable > 0 {
+            forks.push_str(&format!(", {} UNDECRYPTABLE", g.undecryptable));
+        }
         if g.forks_detected > 0 {
             forks.push_str(&format!(", {} forks seen", g.forks_detected));
         }
@@ -1392,6 +1401,7 @@ fn print_group(g: &GroupInfo) -> Result<(), ClientError> {
         format!("id:      {}", g.id),
         format!("epoch:   {}", g.epoch),
         format!("joined:  {} UTC", format_utc(g.joined_at_ms / 1000)),
+        format!("history: {}", delivery_line(g)),
         format!("members: {}", g.members.len()),
     ];
     for m in &g.members {
@@ -1399,6 +1409,44 @@ fn print_group(g: &GroupInfo) -> Result<(), ClientError> {
         lines.push(format!("  {}{me}", clean(&m.peer_id)));
     }
     out(&lines.join("\n"))
+}
+
+/// What `kith group show` says about the group's history on this node: complete, catching
+/// up, or messages that are missing or lost here.
+fn delivery_line(g: &GroupInfo) -> String {
+    let mut parts = Vec::new();
+    if g.catching_up {
+        parts.push("catching up (new messages are shown once older ones are in)".to_owned());
+    }
+    if g.missing > 0 {
+        parts.push(format!(
+            "{} messages known to be missing, being fetched",
+            g.missing
+        ));
+    }
+    if g.sync_failures > 0 {
+        parts.push(format!(
+            "the last {} history syncs failed (retrying with back-off)",
+            g.sync_failures
+        ));
+    }
+    let lost: u64 = g.undecryptable.values().sum();
+    if lost > 0 {
+        let reasons: Vec<String> = g
+            .undecryptable
+            .iter()
+            .map(|(r, n)| format!("{n} {}", clean(r)))
+            .collect();
+        parts.push(format!(
+            "{lost} messages cannot be decrypted on this node ({})",
+            reasons.join(", ")
+        ));
+    }
+    if parts.is_empty() {
+        "complete".to_owned()
+    } else {
+        parts.join("; ")
+    }
 }
 
 fn print_invite(invite: &InviteInfo, qr: bool) -> Result<(), ClientError> {

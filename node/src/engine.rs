@@ -83,6 +83,17 @@ const UNKNOWN_INVITE_LOOKUPS: u32 = 3;
 const MAX_JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(8);
 
 /// The pause after the `lookups`-th DHT lookup of a join found nobody.
+/// How long to wait before the next sync of a group whose last `failures` runs failed in a
+/// row: nothing extra while they succeed, then 5 s doubling up to [`MAX_SYNC_BACKOFF`].
+fn sync_backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    SYNC_DEBOUNCE
+        .saturating_mul(1 << failures.saturating_sub(1).min(8))
+        .min(MAX_SYNC_BACKOFF)
+}
+
 fn lookup_pause(lookups: u32) -> Duration {
     JOIN_LOOKUP_RETRY
         .saturating_mul(1 << lookups.saturating_sub(1).min(4))
@@ -111,10 +122,25 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 /// Most history rows one prune run deletes (over all groups); when it runs out, another run
 /// is queued behind the inputs already waiting.
 const PRUNE_BUDGET: usize = 5000;
-/// Longest time live envelopes of a group are held while a sync run fetches older ones
-/// (checked every [`FLUSH_INTERVAL`]); after it, they are processed and the run goes on
-/// without holding, so a slow or unreachable member delays live messages by at most this.
-pub const CATCH_UP_HOLD_LIMIT: Duration = Duration::from_secs(5);
+/// Longest time live envelopes of a group are held while this node catches up (after a
+/// start, a wake-up, or a gap in a sender's messages; checked every [`FLUSH_INTERVAL`]):
+/// after it they are processed even if no sync has completed, so a slow or unreachable
+/// member delays live messages by at most this. What is still missing then may no longer
+/// be decryptable when it arrives (it is counted as undecryptable).
+pub const CATCH_UP_HOLD_LIMIT: Duration = Duration::from_secs(30);
+/// A flush tick this much later than due means the machine slept (or the process was
+/// stopped): hold live messages and catch up, as after a start.
+const WAKE_GAP: Duration = Duration::from_secs(10);
+/// Times one page request of a sync run is retried after `RateLimited`, waiting
+/// [`RATE_LIMITED_PAUSE`] times the attempt number (1.4 s in all at most).
+const MAX_RATE_LIMITED_RETRIES: u32 = 4;
+/// See [`MAX_RATE_LIMITED_RETRIES`].
+const RATE_LIMITED_PAUSE: Duration = Duration::from_millis(140);
+/// Longest wait between sync attempts of a group whose syncs keep failing.
+const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(300);
+/// Commits of a sync run kept aside until the application messages of their epoch are in
+/// (see [`Actor::ingest`]); beyond it the oldest are applied at once.
+const MAX_BUFFERED_COMMITS: usize = 4096;
 /// Most received envelopes written in one store transaction.
 const MAX_GOSSIP_BATCH: usize = 256;
 const EVENT_BUFFER: usize = 1024;
@@ -311,6 +337,10 @@ fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
         rollbacks: v.rollbacks,
         deep_forks: v.deep_forks,
         forks_detected: v.forks_detected,
+        undecryptable: Default::default(),
+        missing: 0,
+        catching_up: false,
+        sync_failures: 0,
     }
 }
 
@@ -380,6 +410,9 @@ fn summary(v: &GroupView) -> GroupSummary {
         in_sync: true,
         held: 0,
         epoch_auth: HEXLOWER.encode(&v.authenticator),
+        undecryptable: 0,
+        missing: 0,
+        sync_failures: 0,
         rollbacks: v.rollbacks,
         deep_forks: v.deep_forks,
         forks_detected: v.forks_detected,
@@ -1042,6 +1075,9 @@ pub fn start(
     for g in missing {
         tracing::error!(group = %g, "group listed but its MLS state is missing; skipping it");
     }
+    // Whatever happened while this node was down, live messages wait until a history sync
+    // has fetched what came before them (see `GroupEngine::begin_catch_up`).
+    groups.begin_catch_up_all(now_ms());
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let handle = EngineHandle {
@@ -1081,6 +1117,9 @@ pub fn start(
         syncs: HashMap::new(),
         last_sync: HashMap::new(),
         unsynced: HashSet::new(),
+        sync_failures: HashMap::new(),
+        last_flush: Instant::now(),
+        warned_undecryptable: HashSet::new(),
         newcomers: HashMap::new(),
         gaps: HashMap::new(),
         held: HeldRequests::new(),
@@ -1153,6 +1192,14 @@ struct Actor {
     last_sync: HashMap<GroupId, Instant>,
     /// Groups whose last sync run failed (no member sent everything).
     unsynced: HashSet<GroupId>,
+    /// Sync runs of each group that failed in a row; they space the next attempts out
+    /// (see [`sync_backoff`]), so a group that cannot sync does not loop, and its requests
+    /// do not use up the members' rate limits that other groups' syncs need.
+    sync_failures: HashMap<GroupId, u32>,
+    /// When the last flush tick was handled (a long gap means the machine slept).
+    last_flush: Instant,
+    /// Groups whose undecryptable envelopes were already logged at WARN in this run.
+    warned_undecryptable: HashSet<GroupId>,
     /// Members that connected since the group's last sync run started, by group (at most
     /// [`MAX_PEERS_PER_RUN`] each, newest kept). After a partition heals they may hold a
     /// branch or messages no one reachable before had, so the next run asks each of them,
@@ -1176,9 +1223,10 @@ struct Actor {
 struct SyncRun {
     /// When it started.
     started: Instant,
-    /// Live envelopes of the group are held until the run ends or [`CATCH_UP_HOLD_LIMIT`]
-    /// passes (see `GroupEngine::begin_catch_up`).
-    holding: bool,
+    /// Fetched commits not applied yet, by (epoch, id): each is applied just before the
+    /// first application message of a later epoch, or when the run ends, so every epoch's
+    /// messages are decrypted before the commit that leaves it (see [`Actor::ingest`]).
+    commits: std::collections::BTreeMap<(u64, MessageId), Vec<u8>>,
     /// Envelopes fetched and accepted so far.
     fetched: usize,
     /// A gap was signalled during the run: start another one when it ends.
@@ -1248,12 +1296,38 @@ impl Actor {
                 }
                 Input::SyncDone { group, complete } => self.sync_done(group, complete),
                 Input::Flush => {
-                    self.release_slow_catch_ups();
+                    if self.last_flush.elapsed() >= WAKE_GAP {
+                        tracing::info!(
+                            gap_s = self.last_flush.elapsed().as_secs(),
+                            "woke up after a pause; catching up before showing new messages"
+                        );
+                        self.groups.begin_catch_up_all(now_ms());
+                        for v in self.groups.groups() {
+                            if v.active {
+                                self.last_sync.remove(&v.meta.id);
+                                self.start_sync(v.meta.id, SyncTrigger::Gap);
+                            }
+                        }
+                    }
+                    self.last_flush = Instant::now();
+                    self.release_stale_catch_ups();
                     // A run that failed is retried (debounced) rather than left for the
                     // next routine sync a minute later.
                     let retry: Vec<GroupId> = self.unsynced.iter().copied().collect();
                     for g in retry {
                         self.start_sync(g, SyncTrigger::Routine);
+                    }
+                    // Groups holding live messages for a catch-up need a sync (the debounce,
+                    // and the back-off of failing groups, decide when).
+                    let holding: Vec<GroupId> = self
+                        .groups
+                        .groups()
+                        .iter()
+                        .map(|v| v.meta.id)
+                        .filter(|g| self.groups.is_catching_up(g) && !self.syncs.contains_key(g))
+                        .collect();
+                    for g in holding {
+                        self.start_sync(g, SyncTrigger::Gap);
                     }
                     // Members that connected while a run was going on or too soon after one.
                     let waiting: Vec<GroupId> = self.newcomers.keys().copied().collect();
@@ -1352,13 +1426,19 @@ impl Actor {
 
     /// Processes envelopes fetched by history sync for `group`, like gossip but without
     /// reporting verdicts: envelopes of other groups and ones already stored are skipped,
-    /// commits go first, and everything is written in one transaction. Live envelopes held
-    /// meanwhile are processed when the run ends (`GroupEngine::handle_synced_envelope`).
-    /// Returns how many were accepted.
+    /// and everything is written in one transaction. Live envelopes held meanwhile are
+    /// processed when the run ends (`GroupEngine::handle_synced_envelope`). Returns how many
+    /// were accepted.
+    ///
+    /// Order: a member keeps the secrets of only a few past epochs (and only for a while),
+    /// so the messages of an epoch must be decrypted before the commits that follow it have
+    /// moved the group too far. The responder sends all commits first, then the application
+    /// messages in history order; commits are therefore kept aside in the run and each is
+    /// applied just before the first message of a later epoch (or when the run ends).
     fn ingest(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) -> usize {
         let mut effects = Vec::new();
         let mut seen: HashSet<MessageId> = HashSet::new();
-        let mut decoded: Vec<(bool, MessageId, Vec<u8>)> = Vec::with_capacity(envelopes.len());
+        let mut accepted = 0;
         for data in envelopes {
             let id = MessageId::of(&data);
             let Ok(env) = Envelope::decode(&data) else {
@@ -1367,12 +1447,6 @@ impl Actor {
             if env.group() != group || !seen.insert(id) {
                 continue;
             }
-            decoded.push((env.kind() != PayloadKind::Commit, id, data));
-        }
-        // Stable: commits first, each kind in the responder's order.
-        decoded.sort_by_key(|(not_commit, _, _)| *not_commit);
-        let mut accepted = 0;
-        for (_, id, data) in decoded {
             match self.store.has_message(&id) {
                 Ok(false) => {}
                 Ok(true) => continue,
@@ -1381,23 +1455,70 @@ impl Actor {
                     continue;
                 }
             }
-            let (verdict, fx) = self.groups.handle_synced_envelope(&data, now_ms());
-            effects.extend(fx);
-            match verdict {
-                Verdict::Accept => accepted += 1,
-                Verdict::Reject(why) => {
-                    tracing::debug!(msg = %id.short(), reason = %why, "rejected synced envelope")
+            if env.kind() == PayloadKind::Commit
+                && let Some(run) = self.syncs.get_mut(&group)
+            {
+                run.commits.insert((env.epoch(), id), data);
+                let excess = if run.commits.len() > MAX_BUFFERED_COMMITS {
+                    run.commits.pop_first()
+                } else {
+                    None
+                };
+                if let Some(((_, id), data)) = excess {
+                    accepted += self.ingest_one(id, &data, &mut effects);
                 }
-                Verdict::Ignore(why) => {
-                    tracing::debug!(msg = %id.short(), reason = %why, "ignored synced envelope")
-                }
+                continue;
             }
+            accepted += self.apply_buffered_commits(group, Some(env.epoch()), &mut effects);
+            accepted += self.ingest_one(id, &data, &mut effects);
         }
         if let Err(e) = self.apply_with(effects, false) {
             tracing::error!(error = %e, "cannot store synced messages");
             return 0;
         }
         accepted
+    }
+
+    /// Applies the commits kept aside by the sync run of `group` that leave epochs before
+    /// `before` (all of them with `None`), in (epoch, id) order. Returns how many were
+    /// accepted.
+    fn apply_buffered_commits(
+        &mut self,
+        group: GroupId,
+        before: Option<u64>,
+        effects: &mut Vec<Effect>,
+    ) -> usize {
+        let mut accepted = 0;
+        loop {
+            let Some(run) = self.syncs.get_mut(&group) else {
+                return accepted;
+            };
+            let Some(entry) = run.commits.first_entry() else {
+                return accepted;
+            };
+            if before.is_some_and(|b| entry.key().0 >= b) {
+                return accepted;
+            }
+            let ((_, id), data) = entry.remove_entry();
+            accepted += self.ingest_one(id, &data, effects);
+        }
+    }
+
+    /// Processes one envelope fetched by sync; 1 if accepted.
+    fn ingest_one(&mut self, id: MessageId, data: &[u8], effects: &mut Vec<Effect>) -> usize {
+        let (verdict, fx) = self.groups.handle_synced_envelope(data, now_ms());
+        effects.extend(fx);
+        match verdict {
+            Verdict::Accept => 1,
+            Verdict::Reject(why) => {
+                tracing::debug!(msg = %id.short(), reason = %why, "rejected synced envelope");
+                0
+            }
+            Verdict::Ignore(why) => {
+                tracing::debug!(msg = %id.short(), reason = %why, "ignored synced envelope");
+                0
+            }
+        }
     }
 
     /// Starts a sync run of `group` with its online members, unless one is running or the
@@ -1414,7 +1535,10 @@ impl Actor {
         let debounce = match trigger {
             SyncTrigger::Routine => SYNC_DEBOUNCE,
             SyncTrigger::Gap | SyncTrigger::Newcomer => GAP_DEBOUNCE,
-        };
+        }
+        .max(sync_backoff(
+            self.sync_failures.get(&group).copied().unwrap_or(0),
+        ));
         if self
             .last_sync
             .get(&group)
@@ -1467,12 +1591,12 @@ impl Actor {
             group,
             SyncRun {
                 started: Instant::now(),
-                holding: true,
+                commits: std::collections::BTreeMap::new(),
                 fetched: 0,
                 again: false,
             },
         );
-        self.groups.begin_catch_up(&group);
+        self.groups.begin_catch_up(&group, now_ms());
         self.last_sync.insert(group, Instant::now());
         let net = self.net.clone();
         let tx = self.tx.clone();
@@ -1493,20 +1617,33 @@ impl Actor {
     }
 
     fn sync_done(&mut self, group: GroupId, complete: bool) {
-        let Some(run) = self.syncs.remove(&group) else {
+        // The commits no application message needed first.
+        let mut effects = Vec::new();
+        let applied = self.apply_buffered_commits(group, None, &mut effects);
+        if let Err(e) = self.apply_with(effects, false) {
+            tracing::error!(error = %e, "cannot store synced commits");
+        }
+        let Some(mut run) = self.syncs.remove(&group) else {
             return;
         };
-        self.end_catch_up(group);
+        run.fetched += applied;
         if complete {
             self.unsynced.remove(&group);
+            self.sync_failures.remove(&group);
+            self.end_catch_up(group);
         } else {
+            // Live messages stay held (until a run completes or CATCH_UP_HOLD_LIMIT), and
+            // the next attempt waits longer each time.
             self.unsynced.insert(group);
+            let failures = self.sync_failures.entry(group).or_insert(0);
+            *failures = failures.saturating_add(1);
+            tracing::debug!(group = %group.short(), failures = *failures, retry_in_s = sync_backoff(*failures).as_secs(), "history sync incomplete; backing off");
             // Let the next future-epoch envelope signal the gap again.
             if let Some(g) = self.gaps.get_mut(&group) {
                 g.reset();
             }
         }
-        tracing::debug!(group = %group.short(), complete, fetched = run.fetched, "history sync ended");
+        tracing::debug!(group = %group.short(), complete, fetched = run.fetched, took_ms = run.started.elapsed().as_millis() as u64, "history sync ended");
         if run.fetched > 0 {
             tracing::info!(group = %group.short(), fetched = run.fetched, "fetched missed history");
             let _ = self.events.send(NodeEvent::HistorySynced {
@@ -1515,7 +1652,9 @@ impl Actor {
             });
         }
         if run.again {
-            self.last_sync.remove(&group);
+            if complete {
+                self.last_sync.remove(&group);
+            }
             self.start_sync(group, SyncTrigger::Gap);
         }
     }
@@ -1529,20 +1668,13 @@ impl Actor {
         }
     }
 
-    /// Stops holding live envelopes for sync runs that have held them for
-    /// [`CATCH_UP_HOLD_LIMIT`]; the runs go on.
-    fn release_slow_catch_ups(&mut self) {
-        let due: Vec<GroupId> = self
-            .syncs
-            .iter_mut()
-            .filter(|(_, r)| r.holding && r.started.elapsed() >= CATCH_UP_HOLD_LIMIT)
-            .map(|(g, r)| {
-                r.holding = false;
-                *g
-            })
-            .collect();
-        for group in due {
-            tracing::debug!(group = %group.short(), "history sync is slow; processing live messages meanwhile");
+    /// Ends the catch-ups that have held live envelopes for [`CATCH_UP_HOLD_LIMIT`]: no sync
+    /// completed in time (no member reachable, or a slow one), so the held messages are
+    /// processed now; a run still going on goes on.
+    fn release_stale_catch_ups(&mut self) {
+        let limit = CATCH_UP_HOLD_LIMIT.as_millis() as u64;
+        for group in self.groups.stale_catch_ups(now_ms(), limit) {
+            tracing::info!(group = %group.short(), "history sync has not caught up in time; showing the messages held meanwhile");
             self.end_catch_up(group);
         }
     }
@@ -1631,7 +1763,8 @@ impl Actor {
     /// A batch that publishes anything is always durable, whatever the caller asked: a
     /// received message can make this node commit (e.g. a leave proposal it must commit),
     /// and a commit others may already apply must never be lost here by a crash.
-    fn apply_with(&mut self, effects: Vec<Effect>, durable: bool) -> Result<(), EngineError> {
+    fn apply_with(&mut self, mut effects: Vec<Effect>, durable: bool) -> Result<(), EngineError> {
+        self.drop_known_undecryptable(&mut effects);
         let durable = durable || publishes(&effects);
         let batch = Batch::from_effects(&effects);
         if (!batch.is_empty() || self.store.has_staged())
@@ -1642,6 +1775,34 @@ impl Actor {
         }
         self.after_commit(effects);
         Ok(())
+    }
+
+    /// Drops the [`Effect::Undecryptable`]s of envelopes this node already holds: a copy of a
+    /// message it read (say, one held live during a sync that fetched it too) is refused by
+    /// MLS like a lost one, but nothing is lost.
+    fn drop_known_undecryptable(&self, effects: &mut Vec<Effect>) {
+        if !effects
+            .iter()
+            .any(|e| matches!(e, Effect::Undecryptable { .. }))
+        {
+            return;
+        }
+        let mut known: HashSet<MessageId> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::SaveEnvelope(env) => Some(env.id),
+                _ => None,
+            })
+            .collect();
+        effects.retain(|e| match e {
+            Effect::Undecryptable { envelope, .. } => {
+                let held = known.contains(&envelope.id)
+                    || self.store.has_message(&envelope.id).unwrap_or(true);
+                known.insert(envelope.id);
+                !held
+            }
+            _ => true,
+        });
     }
 
     /// Commits a batch, timing it for `kith_store_commit_seconds`.
@@ -1739,6 +1900,7 @@ impl Actor {
     fn after_commit(&mut self, effects: Vec<Effect>) {
         let invites_changed = effects.iter().any(|e| matches!(e, Effect::Invite(_)));
         let mut rolled_back = Vec::new();
+        let mut behind = Vec::new();
         for e in effects {
             let sent = match e {
                 Effect::Publish { topic, data } => self.net.publish_blocking(topic, data),
@@ -1792,6 +1954,26 @@ impl Actor {
                         .spawn(async move { handle.rejoin(group, link, by).await });
                     Ok(())
                 }
+                Effect::Behind { group, missing } => {
+                    tracing::debug!(group = %group.short(), missing, "messages missing before a live one; fetching history first");
+                    behind.push(group);
+                    Ok(())
+                }
+                Effect::Undecryptable { envelope, reason } => {
+                    self.metrics.undecryptable(reason);
+                    if self.warned_undecryptable.insert(envelope.group) {
+                        tracing::warn!(
+                            group = %envelope.group.short(),
+                            msg = %envelope.id.short(),
+                            epoch = envelope.epoch,
+                            reason = reason.label(),
+                            "a message of this group cannot be decrypted: {reason}; it is lost on this node (counted in `kith group show`; further ones are logged at debug)"
+                        );
+                    } else {
+                        tracing::debug!(group = %envelope.group.short(), msg = %envelope.id.short(), reason = reason.label(), "undecryptable message");
+                    }
+                    Ok(())
+                }
                 Effect::SaveGroup(_)
                 | Effect::SaveEnvelope(_)
                 | Effect::Invite(_)
@@ -1807,6 +1989,10 @@ impl Actor {
         // The winning branch's messages sent so far are on other members only: fetch them
         // now rather than at the next routine sync.
         for group in rolled_back {
+            self.start_sync(group, SyncTrigger::Gap);
+        }
+        // A sender's messages are missing before live ones held now: fetch them.
+        for group in behind {
             self.start_sync(group, SyncTrigger::Gap);
         }
     }
@@ -2167,11 +2353,23 @@ impl Actor {
                     .map(|v| {
                         let id = v.meta.id;
                         let held = self.groups.pending_count(&id);
+                        let undecryptable = self
+                            .store
+                            .undecryptable_counts(&id)
+                            .map(|c| c.values().sum())
+                            .unwrap_or_else(|e| {
+                                tracing::warn!(error = %e, "cannot count undecryptable messages");
+                                0
+                            });
                         GroupSummary {
                             held,
                             in_sync: held == 0
                                 && !self.syncs.contains_key(&id)
-                                && !self.unsynced.contains(&id),
+                                && !self.unsynced.contains(&id)
+                                && !self.groups.is_catching_up(&id),
+                            undecryptable,
+                            missing: self.groups.missing_messages(&id),
+                            sync_failures: self.sync_failures.get(&id).copied().unwrap_or(0),
                             ..summary(v)
                         }
                     })
@@ -2179,10 +2377,22 @@ impl Actor {
                 let _ = r.send(Ok(list));
             }
             Call::Group(q, r) => {
-                let res = self
-                    .resolve(&q)
-                    .and_then(|id| self.view(&id))
-                    .map(|v| group_info(&v, self.me));
+                let res = self.resolve(&q).and_then(|id| {
+                    let v = self.view(&id)?;
+                    let undecryptable = self
+                        .store
+                        .undecryptable_counts(&id)?
+                        .into_iter()
+                        .map(|(reason, n)| (reason.label().to_owned(), n))
+                        .collect();
+                    Ok(GroupInfo {
+                        undecryptable,
+                        missing: self.groups.missing_messages(&id),
+                        catching_up: self.groups.is_catching_up(&id),
+                        sync_failures: self.sync_failures.get(&id).copied().unwrap_or(0),
+                        ..group_info(&v, self.me)
+                    })
+                });
                 let _ = r.send(res);
             }
             Call::CreateGroup(name, r) => {
@@ -2637,11 +2847,22 @@ async fn sync_pass(
     request: impl Fn(Option<Cursor>) -> SyncRequest,
 ) -> PassEnd {
     let mut cursor = None;
+    let mut limited = 0u32;
     while *pages < MAX_PAGES_PER_RUN {
         *pages += 1;
-        let (envelopes, next, partial) = match net.sync(peer, request(cursor.take())).await {
+        let (envelopes, next, partial) = match net.sync(peer, request(cursor.clone())).await {
             Ok(SyncResponse::V1(page)) => (page.envelopes, page.next, Vec::new()),
             Ok(SyncResponse::V2(page)) => (page.envelopes, page.next, page.partial),
+            Ok(SyncResponse::Refused(SyncRefusal::RateLimited))
+                if limited < MAX_RATE_LIMITED_RETRIES =>
+            {
+                // The member serves several of our groups (and other members) from one
+                // budget: wait for it to refill rather than fail the run.
+                limited += 1;
+                tracing::debug!(%peer, group = %group.short(), limited, "sync rate-limited; waiting");
+                tokio::time::sleep(RATE_LIMITED_PAUSE * limited).await;
+                continue;
+            }
             Ok(SyncResponse::Refused(why)) => {
                 tracing::debug!(%peer, group = %group.short(), reason = %why, "sync refused");
                 if why == SyncRefusal::NotMember {
@@ -2659,6 +2880,7 @@ async fn sync_pass(
         if !envelopes.is_empty() && tx.send(Input::SyncPage { group, envelopes }).await.is_err() {
             return PassEnd::Stopped;
         }
+        limited = 0;
         match next {
             None => return PassEnd::Complete(partial),
             Some(n) => cursor = Some(n),

@@ -27,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use kith_protocol::group::Verdict;
 use kith_protocol::ids::GroupId;
+use kith_protocol::order::Undecryptable;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
@@ -101,19 +102,25 @@ pub enum IgnoreReason {
     Duplicate,
     /// This node could not read or write its store.
     Storage,
+    /// Held: earlier messages of its sender are missing, or a history sync is catching up.
+    Held,
+    /// It can never be decrypted here (counted by reason in `kith_undecryptable_total`).
+    Undecryptable,
     /// A reason this version does not know (e.g. an unsupported MLS content type).
     Other,
 }
 
 impl IgnoreReason {
     /// Every reason, in label order.
-    pub const ALL: [IgnoreReason; 7] = [
+    pub const ALL: [IgnoreReason; 9] = [
         IgnoreReason::NotMember,
         IgnoreReason::FutureEpoch,
         IgnoreReason::PastCommit,
         IgnoreReason::PastEpoch,
         IgnoreReason::Duplicate,
         IgnoreReason::Storage,
+        IgnoreReason::Held,
+        IgnoreReason::Undecryptable,
         IgnoreReason::Other,
     ];
 
@@ -126,6 +133,8 @@ impl IgnoreReason {
             IgnoreReason::PastEpoch => "past_epoch",
             IgnoreReason::Duplicate => "duplicate",
             IgnoreReason::Storage => "storage",
+            IgnoreReason::Held => "held",
+            IgnoreReason::Undecryptable => "undecryptable",
             IgnoreReason::Other => "other",
         }
     }
@@ -204,8 +213,13 @@ fn reject_reason(why: &str) -> RejectReason {
 }
 
 fn ignore_reason(why: &str) -> IgnoreReason {
-    const PREFIXES: [(&str, IgnoreReason); 6] = [
+    const PREFIXES: [(&str, IgnoreReason); 11] = [
         ("duplicate", IgnoreReason::Duplicate),
+        ("already read", IgnoreReason::Duplicate),
+        ("cannot be decrypted", IgnoreReason::Undecryptable),
+        ("sent before this node joined", IgnoreReason::PastEpoch),
+        ("held until history sync", IgnoreReason::Held),
+        ("too far ahead of its sender", IgnoreReason::Held),
         ("not a member of this group", IgnoreReason::NotMember),
         ("no longer a member of this group", IgnoreReason::NotMember),
         ("commit for past epoch", IgnoreReason::PastCommit),
@@ -221,6 +235,10 @@ fn ignore_reason(why: &str) -> IgnoreReason {
     // "epoch 7 is ahead of ours (5); held"
     if why.starts_with("epoch ") && why.contains(" is ahead of ours") {
         return IgnoreReason::FutureEpoch;
+    }
+    // "80 earlier messages of its sender are missing; held until they are fetched"
+    if why.contains(" earlier messages of its sender are missing") {
+        return IgnoreReason::Held;
     }
     IgnoreReason::Other
 }
@@ -418,6 +436,7 @@ pub struct KithMetrics {
     messages_sent: Counter,
     messages_received: Counter,
     rollbacks: Counter,
+    undecryptable: [Counter; Undecryptable::ALL.len()],
     deep_forks: Counter,
     forks_detected: Counter,
     rejected: [Counter; RejectReason::ALL.len()],
@@ -463,6 +482,12 @@ impl KithMetrics {
             "messages_received",
             "Text messages received from the network, decrypted and stored",
             messages_received.clone(),
+        );
+        let undecryptable = counters(
+            r,
+            "undecryptable",
+            "Messages of a group this node holds but can never decrypt, by reason",
+            Undecryptable::ALL.map(|x| ReasonLabel { reason: x.label() }),
         );
         let rollbacks = Counter::default();
         r.register(
@@ -572,6 +597,7 @@ impl KithMetrics {
             messages_sent,
             messages_received,
             rollbacks,
+            undecryptable,
             deep_forks,
             forks_detected,
             rejected,
@@ -613,6 +639,11 @@ impl KithMetrics {
     /// Counts one lost deep fork.
     pub fn deep_fork(&self) {
         self.deep_forks.inc();
+    }
+
+    /// Counts one message that can never be decrypted here.
+    pub fn undecryptable(&self, reason: Undecryptable) {
+        self.undecryptable[index_of(&Undecryptable::ALL, reason)].inc();
     }
 
     /// Counts one rollback to a winning branch.

@@ -43,6 +43,16 @@ pub struct GroupSummary {
     /// See [`GroupInfo::epoch_auth`].
     #[serde(default)]
     pub epoch_auth: String,
+    /// Messages of the group this node holds but can never decrypt (all reasons; see
+    /// [`GroupInfo::undecryptable`]).
+    #[serde(default)]
+    pub undecryptable: u64,
+    /// See [`GroupInfo::missing`].
+    #[serde(default)]
+    pub missing: u64,
+    /// See [`GroupInfo::sync_failures`].
+    #[serde(default)]
+    pub sync_failures: u32,
     /// See [`GroupInfo::rollbacks`].
     #[serde(default)]
     pub rollbacks: u64,
@@ -87,6 +97,23 @@ pub struct GroupInfo {
     /// Times a member's history sync showed it on another branch (since it started).
     #[serde(default)]
     pub forks_detected: u64,
+    /// Messages of the group this node holds but can never decrypt, by reason
+    /// (`too_old`: newer messages of the same sender were read first and MLS had already
+    /// dropped its key; `epoch_gone`: the keys of its epoch were already deleted). Each is a
+    /// message lost on this node; the count persists across restarts.
+    #[serde(default)]
+    pub undecryptable: std::collections::BTreeMap<String, u64>,
+    /// Messages of other members this node knows it has not received yet (gaps in their
+    /// senders' message counters); a history sync is fetching them.
+    #[serde(default)]
+    pub missing: u64,
+    /// Whether live messages are held while this node catches up on history.
+    #[serde(default)]
+    pub catching_up: bool,
+    /// History syncs of the group that failed in a row (0: the last one completed or none
+    /// failed); the next attempt waits longer each time, up to 5 minutes.
+    #[serde(default)]
+    pub sync_failures: u32,
 }
 
 fn yes() -> bool {

@@ -29,6 +29,7 @@
 
 mod mls;
 
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use kith_protocol::codec::{self, MAX_DECODE_BYTES};
 use kith_protocol::envelope::PayloadKind;
 use kith_protocol::ids::{GroupId, InviteId, MessageId};
 use kith_protocol::invite::{InviteRecord, InviteUpdate};
+use kith_protocol::order::Undecryptable;
 use kith_protocol::records::{GroupMeta, HistoryEntry, StoredEnvelope};
 use kith_protocol::sync::MAX_SENDER_BYTES;
 use kith_protocol::{Multiaddr, PeerId};
@@ -64,6 +66,10 @@ const ENVELOPES_BY_GROUP: TableDefinition<&[u8; ENVELOPE_INDEX_KEY_LEN], ()> =
 const INVITES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("invites");
 /// `PeerId` bytes → codec-encoded `Vec<Vec<u8>>` of multiaddr bytes.
 const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
+/// group id (32) ‖ envelope id (32) → epoch (u64 BE) ‖ reason code (u8) ‖ received_at_ms
+/// (u64 BE): envelopes of the group that this node can never decrypt
+/// ([`Undecryptable`]); the envelope itself is kept in `envelopes`.
+const UNDECRYPTABLE: TableDefinition<&[u8; 64], &[u8]> = TableDefinition::new("undecryptable");
 /// Store-wide values, see [`META_SCHEMA_VERSION`] and [`META_NEXT_SEQ`].
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -87,6 +93,13 @@ const HISTORY_KEY_LEN: usize = 32 + 8 + 8 + MAX_SENDER_BYTES + 1 + 32;
 const ENVELOPE_INDEX_KEY_LEN: usize = 32 + 8 + 32;
 /// Schema 1 `history` key: group id ‖ u64 BE arrival sequence.
 const V1_HISTORY_KEY_LEN: usize = 40;
+
+fn undecryptable_key(group: &GroupId, id: &MessageId) -> [u8; 64] {
+    let mut k = [0u8; 64];
+    k[..32].copy_from_slice(group.as_bytes());
+    k[32..].copy_from_slice(id.as_bytes());
+    k
+}
 
 /// How much history a node keeps per group; see [`Store::prune`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +237,10 @@ pub struct Batch {
     /// (envelope id, history id): the envelope carried that history entry, so
     /// [`Store::history_entry`] finds the entry by the envelope's id too.
     pub links: Vec<(MessageId, MessageId)>,
+    /// Envelopes this node can never decrypt: each is kept (like [`Batch::envelopes`]) and
+    /// counted in the `undecryptable` table, unless it is already stored (then it was a
+    /// copy of a message this node holds, not a loss).
+    pub undecryptable: Vec<(StoredEnvelope, Undecryptable)>,
 }
 
 /// See [`Batch::rollbacks`].
@@ -251,7 +268,10 @@ impl Batch {
                 Effect::SaveEnvelope(s) => batch.envelopes.push(s.clone()),
                 Effect::Record(h) => batch.history.push(h.clone()),
                 Effect::Invite(u) => batch.invites.push(u.clone()),
-                Effect::JoinLost { .. } | Effect::DeepForkLost { .. } => {}
+                Effect::Undecryptable { envelope, reason } => {
+                    batch.undecryptable.push((envelope.clone(), *reason))
+                }
+                Effect::JoinLost { .. } | Effect::DeepForkLost { .. } | Effect::Behind { .. } => {}
                 Effect::LinkEnvelope { envelope, history } => {
                     if envelope != history {
                         batch.links.push((*envelope, *history));
@@ -293,6 +313,7 @@ impl Batch {
             && self.peers.is_empty()
             && self.rollbacks.is_empty()
             && self.links.is_empty()
+            && self.undecryptable.is_empty()
     }
 }
 
@@ -368,6 +389,7 @@ impl Store {
             txn.open_table(ENVELOPES_BY_GROUP)?;
             txn.open_table(INVITES)?;
             txn.open_table(PEERS)?;
+            txn.open_table(UNDECRYPTABLE)?;
             if found != Some(SCHEMA_VERSION) {
                 let mut meta = txn.open_table(META)?;
                 meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes().as_slice())?;
@@ -479,6 +501,28 @@ impl Store {
                 envelopes.insert(envelope.id.as_bytes(), bytes.as_slice())?;
                 by_group.insert(&envelope_index_key(envelope), ())?;
             }
+            if !batch.undecryptable.is_empty() {
+                let mut lost = txn.open_table(UNDECRYPTABLE)?;
+                let index = txn.open_table(MESSAGE_INDEX)?;
+                for (envelope, reason) in &batch.undecryptable {
+                    if envelopes.get(envelope.id.as_bytes())?.is_some()
+                        || index.get(envelope.id.as_bytes())?.is_some()
+                    {
+                        continue;
+                    }
+                    let bytes = encode_record("envelopes", envelope)?;
+                    envelopes.insert(envelope.id.as_bytes(), bytes.as_slice())?;
+                    by_group.insert(&envelope_index_key(envelope), ())?;
+                    let mut value = Vec::with_capacity(17);
+                    value.extend_from_slice(&envelope.epoch.to_be_bytes());
+                    value.push(reason.code());
+                    value.extend_from_slice(&envelope.received_at_ms.to_be_bytes());
+                    lost.insert(
+                        &undecryptable_key(&envelope.group, &envelope.id),
+                        value.as_slice(),
+                    )?;
+                }
+            }
 
             let mut invites = txn.open_table(INVITES)?;
             for update in &batch.invites {
@@ -563,6 +607,32 @@ impl Store {
             return Ok(true);
         }
         Ok(txn.open_table(ENVELOPES)?.get(id.as_bytes())?.is_some())
+    }
+
+    /// How many envelopes of `group` this node kept as undecryptable, by reason.
+    pub fn undecryptable_counts(
+        &self,
+        group: &GroupId,
+    ) -> Result<BTreeMap<Undecryptable, u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(UNDECRYPTABLE)?;
+        let lo = undecryptable_key(group, &MessageId([0; 32]));
+        let hi = undecryptable_key(group, &MessageId([0xff; 32]));
+        let mut counts = BTreeMap::new();
+        for row in table.range::<&[u8; 64]>(&lo..=&hi)? {
+            let (_, value) = row?;
+            let reason = value
+                .value()
+                .get(8)
+                .copied()
+                .and_then(Undecryptable::from_code)
+                .ok_or_else(|| StoreError::Corrupt {
+                    table: "undecryptable",
+                    reason: "unknown reason code".into(),
+                })?;
+            *counts.entry(reason).or_insert(0) += 1;
+        }
+        Ok(counts)
     }
 
     /// The stored envelope with this id, if any.

@@ -165,7 +165,10 @@ pub struct NewInvite {
     pub approval: bool,
 }
 
-impl<P: OpenMlsProvider> GroupEngine<P> {
+impl<P: OpenMlsProvider> GroupEngine<P>
+where
+    P::StorageProvider: crate::fork::GroupRecords,
+{
     /// Creates a signed invite to `group` and shares it with the group: an encrypted
     /// [`Body::InviteCreated`] message, so every member stores the record and can honour the
     /// link. Effects: the record, the message's envelope and history row, its publication.
