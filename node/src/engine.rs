@@ -94,6 +94,27 @@ fn sync_backoff(failures: u32) -> Duration {
         .min(MAX_SYNC_BACKOFF)
 }
 
+/// The envelopes of `group` in a sync page, with what [`sort_fetched`] sorts by.
+fn collect(group: GroupId, envelopes: Vec<Vec<u8>>) -> Vec<(u64, bool, usize, Vec<u8>)> {
+    envelopes
+        .into_iter()
+        .filter_map(|data| {
+            let env = Envelope::decode(&data).ok()?;
+            (env.group() == group).then(|| (env.epoch(), env.kind() == PayloadKind::Commit, data))
+        })
+        .enumerate()
+        .map(|(i, (epoch, commit, data))| (epoch, commit, i, data))
+        .collect()
+}
+
+/// Fetched envelopes in the order to process them: by epoch; in each epoch the application
+/// messages (in the order they came, the responder's history order) before the commits
+/// that leave it.
+fn sort_fetched(mut fetched: Vec<(u64, bool, usize, Vec<u8>)>) -> Vec<Vec<u8>> {
+    fetched.sort_by_key(|(epoch, commit, arrival, _)| (*epoch, *commit, *arrival));
+    fetched.into_iter().map(|(_, _, _, data)| data).collect()
+}
+
 fn lookup_pause(lookups: u32) -> Duration {
     JOIN_LOOKUP_RETRY
         .saturating_mul(1 << lookups.saturating_sub(1).min(4))
@@ -138,9 +159,9 @@ const MAX_RATE_LIMITED_RETRIES: u32 = 4;
 const RATE_LIMITED_PAUSE: Duration = Duration::from_millis(140);
 /// Longest wait between sync attempts of a group whose syncs keep failing.
 const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(300);
-/// Commits of a sync run kept aside until the application messages of their epoch are in
-/// (see [`Actor::ingest`]); beyond it the oldest are applied at once.
-const MAX_BUFFERED_COMMITS: usize = 4096;
+/// Bytes of fetched envelopes a sync run collects before it processes them (see
+/// [`Actor::on_sync_page`]); a larger backlog is processed in parts of this size.
+const MAX_RUN_BYTES: usize = 32 * 1024 * 1024;
 /// Most received envelopes written in one store transaction.
 const MAX_GOSSIP_BATCH: usize = 256;
 const EVENT_BUFFER: usize = 1024;
@@ -1223,10 +1244,13 @@ struct Actor {
 struct SyncRun {
     /// When it started.
     started: Instant,
-    /// Fetched commits not applied yet, by (epoch, id): each is applied just before the
-    /// first application message of a later epoch, or when the run ends, so every epoch's
-    /// messages are decrypted before the commit that leaves it (see [`Actor::ingest`]).
-    commits: std::collections::BTreeMap<(u64, MessageId), Vec<u8>>,
+    /// Fetched envelopes not processed yet, with (epoch, is a commit, arrival) to sort them
+    /// by (see [`Actor::on_sync_page`]).
+    collected: Vec<(u64, bool, usize, Vec<u8>)>,
+    /// Their ids (a page may repeat what another member sent).
+    collected_ids: HashSet<MessageId>,
+    /// Their bytes.
+    collected_bytes: usize,
     /// Envelopes fetched and accepted so far.
     fetched: usize,
     /// A gap was signalled during the run: start another one when it ends.
@@ -1288,12 +1312,7 @@ impl Actor {
                         }
                     }
                 }
-                Input::SyncPage { group, envelopes } => {
-                    let fetched = self.ingest(group, envelopes);
-                    if let Some(run) = self.syncs.get_mut(&group) {
-                        run.fetched += fetched;
-                    }
-                }
+                Input::SyncPage { group, envelopes } => self.on_sync_page(group, envelopes),
                 Input::SyncDone { group, complete } => self.sync_done(group, complete),
                 Input::Flush => {
                     if self.last_flush.elapsed() >= WAKE_GAP {
@@ -1424,29 +1443,66 @@ impl Actor {
         }
     }
 
-    /// Processes envelopes fetched by history sync for `group`, like gossip but without
-    /// reporting verdicts: envelopes of other groups and ones already stored are skipped,
-    /// and everything is written in one transaction. Live envelopes held meanwhile are
-    /// processed when the run ends (`GroupEngine::handle_synced_envelope`). Returns how many
-    /// were accepted.
+    /// Collects a page of a sync run of `group`; the run processes what it collected when
+    /// it ends ([`Actor::sync_done`]), or now if it holds [`MAX_RUN_BYTES`].
     ///
-    /// Order: a member keeps the secrets of only a few past epochs (and only for a while),
-    /// so the messages of an epoch must be decrypted before the commits that follow it have
-    /// moved the group too far. The responder sends all commits first, then the application
-    /// messages in history order; commits are therefore kept aside in the run and each is
-    /// applied just before the first message of a later epoch (or when the run ends).
-    fn ingest(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) -> usize {
-        let mut effects = Vec::new();
-        let mut seen: HashSet<MessageId> = HashSet::new();
-        let mut accepted = 0;
+    /// Why collect: a member keeps the secrets of only a few past epochs (and only for a
+    /// while), so the messages of an epoch must be decrypted before the commits that follow
+    /// it move the group too far. The responder sends all commits first, then whole epochs
+    /// in history order, and the epochs this node holds part of only in a later pass; sorted
+    /// by epoch, each epoch's messages before the commit that leaves it, they are all
+    /// readable however many epochs this node missed.
+    fn on_sync_page(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) {
+        let Some(run) = self.syncs.get_mut(&group) else {
+            let fetched = self.ingest(group, sort_fetched(collect(group, envelopes)));
+            tracing::debug!(group = %group.short(), fetched, "processed a sync page outside a run");
+            return;
+        };
         for data in envelopes {
-            let id = MessageId::of(&data);
             let Ok(env) = Envelope::decode(&data) else {
                 continue;
             };
-            if env.group() != group || !seen.insert(id) {
+            let id = MessageId::of(&data);
+            if env.group() != group || !run.collected_ids.insert(id) {
                 continue;
             }
+            let arrival = run.collected.len();
+            run.collected_bytes += data.len();
+            run.collected.push((
+                env.epoch(),
+                env.kind() == PayloadKind::Commit,
+                arrival,
+                data,
+            ));
+        }
+        if run.collected_bytes >= MAX_RUN_BYTES {
+            self.process_collected(group);
+        }
+    }
+
+    /// Processes what the sync run of `group` collected so far, in epoch order.
+    fn process_collected(&mut self, group: GroupId) {
+        let Some(run) = self.syncs.get_mut(&group) else {
+            return;
+        };
+        let collected = std::mem::take(&mut run.collected);
+        run.collected_bytes = 0;
+        let fetched = self.ingest(group, sort_fetched(collected));
+        if let Some(run) = self.syncs.get_mut(&group) {
+            run.fetched += fetched;
+        }
+    }
+
+    /// Processes envelopes fetched by history sync for `group`, in the given order, like
+    /// gossip but without reporting verdicts: ones already stored are skipped, and
+    /// everything is written in one transaction. Live envelopes held meanwhile are processed
+    /// when the run ends (`GroupEngine::handle_synced_envelope`). Returns how many were
+    /// accepted.
+    fn ingest(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) -> usize {
+        let mut effects = Vec::new();
+        let mut accepted = 0;
+        for data in envelopes {
+            let id = MessageId::of(&data);
             match self.store.has_message(&id) {
                 Ok(false) => {}
                 Ok(true) => continue,
@@ -1455,53 +1511,13 @@ impl Actor {
                     continue;
                 }
             }
-            if env.kind() == PayloadKind::Commit
-                && let Some(run) = self.syncs.get_mut(&group)
-            {
-                run.commits.insert((env.epoch(), id), data);
-                let excess = if run.commits.len() > MAX_BUFFERED_COMMITS {
-                    run.commits.pop_first()
-                } else {
-                    None
-                };
-                if let Some(((_, id), data)) = excess {
-                    accepted += self.ingest_one(id, &data, &mut effects);
-                }
-                continue;
-            }
-            accepted += self.apply_buffered_commits(group, Some(env.epoch()), &mut effects);
             accepted += self.ingest_one(id, &data, &mut effects);
         }
         if let Err(e) = self.apply_with(effects, false) {
-            tracing::error!(error = %e, "cannot store synced messages");
+            tracing::error!(group = %group.short(), error = %e, "cannot store synced messages");
             return 0;
         }
         accepted
-    }
-
-    /// Applies the commits kept aside by the sync run of `group` that leave epochs before
-    /// `before` (all of them with `None`), in (epoch, id) order. Returns how many were
-    /// accepted.
-    fn apply_buffered_commits(
-        &mut self,
-        group: GroupId,
-        before: Option<u64>,
-        effects: &mut Vec<Effect>,
-    ) -> usize {
-        let mut accepted = 0;
-        loop {
-            let Some(run) = self.syncs.get_mut(&group) else {
-                return accepted;
-            };
-            let Some(entry) = run.commits.first_entry() else {
-                return accepted;
-            };
-            if before.is_some_and(|b| entry.key().0 >= b) {
-                return accepted;
-            }
-            let ((_, id), data) = entry.remove_entry();
-            accepted += self.ingest_one(id, &data, effects);
-        }
     }
 
     /// Processes one envelope fetched by sync; 1 if accepted.
@@ -1591,7 +1607,9 @@ impl Actor {
             group,
             SyncRun {
                 started: Instant::now(),
-                commits: std::collections::BTreeMap::new(),
+                collected: Vec::new(),
+                collected_ids: HashSet::new(),
+                collected_bytes: 0,
                 fetched: 0,
                 again: false,
             },
@@ -1617,16 +1635,10 @@ impl Actor {
     }
 
     fn sync_done(&mut self, group: GroupId, complete: bool) {
-        // The commits no application message needed first.
-        let mut effects = Vec::new();
-        let applied = self.apply_buffered_commits(group, None, &mut effects);
-        if let Err(e) = self.apply_with(effects, false) {
-            tracing::error!(error = %e, "cannot store synced commits");
-        }
-        let Some(mut run) = self.syncs.remove(&group) else {
+        self.process_collected(group);
+        let Some(run) = self.syncs.remove(&group) else {
             return;
         };
-        run.fetched += applied;
         if complete {
             self.unsynced.remove(&group);
             self.sync_failures.remove(&group);
