@@ -27,10 +27,11 @@
 //! transaction. A crash therefore never leaves MLS keys and history disagreeing: either both
 //! are on disk or neither is.
 
+mod health;
 mod mls;
 
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kith_protocol::codec::{self, MAX_DECODE_BYTES};
@@ -44,7 +45,10 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use health::{FailureReason, PROBE_BYTES, Recovery, StoreHealth};
 pub use mls::{KithProvider, MlsStorage};
+
+use health::DbSlot;
 
 /// openmls storage records: label + serde_json key → serde_json value.
 const MLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mls");
@@ -157,6 +161,17 @@ pub enum StoreError {
         len: usize,
         /// The limit.
         limit: usize,
+    },
+    /// The store cannot write: a write failed with an I/O error (full disk, read-only or
+    /// failing device) and writes are refused until [`Store::recover`] finds that they work
+    /// again. Reads fail with it only while the file could not be opened again. Nothing was
+    /// written.
+    #[error("cannot write to the store in {}: {reason}", dir.display())]
+    Failing {
+        /// Why the last write failed.
+        reason: FailureReason,
+        /// The data directory.
+        dir: PathBuf,
     },
     /// The file was written by a newer Kith with a schema this version does not understand.
     /// Upgrade Kith; the file was not modified.
@@ -302,7 +317,7 @@ impl Batch {
 /// same staged writes. The file is closed when the `Store` and every provider from it are
 /// dropped.
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     mls: MlsStorage,
 }
 
@@ -319,66 +334,147 @@ impl Store {
     /// [`StoreError::AlreadyOpen`] if another node holds it, and with
     /// [`StoreError::Database`] if the file is damaged (page checksums are verified on open).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let file = path.to_owned();
         // Verify page checksums on every open: a file damaged outside redb is then a typed
-        // error instead of a possible panic later. It reads the whole file once at startup.
-        let db = Database::builder()
-            .set_check_integrity_on_open(true)
-            .create(path)?;
-        let txn = db.begin_write()?;
-        {
-            let found = {
-                let meta = txn.open_table(META)?;
-                meta.get(META_SCHEMA_VERSION)?
-                    .map(|v| decode_u32(v.value()))
-                    .transpose()?
-            };
-            match found {
-                None => {}
-                Some(found) if found > SCHEMA_VERSION => {
-                    // Dropping `txn` aborts it: the file stays untouched.
-                    return Err(StoreError::SchemaTooNew {
-                        found,
-                        supported: SCHEMA_VERSION,
-                    });
-                }
-                Some(SCHEMA_VERSION) => {}
-                // Same transaction as the version bump below: all or nothing.
-                Some(1) => {
-                    migrate_v1(&txn)?;
-                    migrate_v2(&txn)?;
-                    migrate_v3(&txn)?;
-                }
-                Some(2) => {
-                    migrate_v2(&txn)?;
-                    migrate_v3(&txn)?;
-                }
-                Some(3) => migrate_v3(&txn)?,
-                Some(found) => {
-                    return Err(StoreError::Corrupt {
-                        table: "meta",
-                        reason: format!("unknown schema version {found}"),
-                    });
-                }
-            }
-            txn.open_table(MLS)?;
-            txn.open_table(GROUPS)?;
-            txn.open_table(HISTORY)?;
-            txn.open_table(MESSAGE_INDEX)?;
-            txn.open_table(ENVELOPES)?;
-            txn.open_table(ENVELOPES_BY_GROUP)?;
-            txn.open_table(INVITES)?;
-            txn.open_table(PEERS)?;
-            if found != Some(SCHEMA_VERSION) {
-                let mut meta = txn.open_table(META)?;
-                meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes().as_slice())?;
-            }
-        }
-        txn.commit()?;
-        let db = Arc::new(db);
+        // error instead of a possible panic later. It reads the whole file once at startup
+        // (and again when the store reopens it after an I/O error).
+        Store::open_with(
+            path,
+            Box::new(move || {
+                let db = Database::builder()
+                    .set_check_integrity_on_open(true)
+                    .create(&file)?;
+                prepare(db)
+            }),
+        )
+    }
+
+    /// Opens the store with `open`, which also reopens the file after an I/O error.
+    fn open_with(path: &Path, open: health::Opener) -> Result<Store, StoreError> {
+        let db = Arc::new(DbSlot::open(path, open)?);
         let mls = MlsStorage::new(Arc::clone(&db));
         Ok(Store { db, mls })
     }
 
+    /// Whether the store can write (see [`StoreHealth`]).
+    pub fn health(&self) -> StoreHealth {
+        self.db.health()
+    }
+
+    /// A handle reading this store's health from anywhere (the API's status).
+    pub fn health_view(&self) -> HealthView {
+        HealthView(Arc::clone(&self.db))
+    }
+
+    /// True unless a write failed and the store has not recovered yet.
+    pub fn is_writable(&self) -> bool {
+        self.health() == StoreHealth::Ok
+    }
+
+    /// Times the file was opened again after an I/O error. Whatever was loaded from the store
+    /// at an earlier generation (the engine's MLS groups) must be loaded again: the commits
+    /// without fsync before the error are gone.
+    pub fn generation(&self) -> u64 {
+        self.db.generation()
+    }
+
+    /// While failing: if an attempt is due, opens the file again if needed and probes with a
+    /// durable write; see [`Recovery`]. `force` (a local write asks) makes an attempt due
+    /// unless one ran a moment ago; otherwise attempts back off from 0.5 s to 4 s.
+    pub fn recover(&self, force: bool) -> Recovery {
+        self.db.recover(force)
+    }
+
+    /// The error writes are refused with, for a caller that refuses one itself.
+    pub fn refusal(&self) -> StoreError {
+        let reason = match self.health() {
+            StoreHealth::Failing { reason, .. } => reason,
+            StoreHealth::Ok => FailureReason::Io,
+        };
+        StoreError::Failing {
+            reason,
+            dir: self.db.dir().to_owned(),
+        }
+    }
+}
+
+/// Checks the schema of a freshly opened database, migrating older ones in place.
+fn prepare(db: Database) -> Result<Database, StoreError> {
+    let txn = db.begin_write()?;
+    {
+        let found = {
+            let meta = txn.open_table(META)?;
+            meta.get(META_SCHEMA_VERSION)?
+                .map(|v| decode_u32(v.value()))
+                .transpose()?
+        };
+        match found {
+            None => {}
+            Some(found) if found > SCHEMA_VERSION => {
+                // Dropping `txn` aborts it: the file stays untouched.
+                return Err(StoreError::SchemaTooNew {
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            Some(SCHEMA_VERSION) => {}
+            // Same transaction as the version bump below: all or nothing.
+            Some(1) => {
+                migrate_v1(&txn)?;
+                migrate_v2(&txn)?;
+                migrate_v3(&txn)?;
+            }
+            Some(2) => {
+                migrate_v2(&txn)?;
+                migrate_v3(&txn)?;
+            }
+            Some(3) => migrate_v3(&txn)?,
+            Some(found) => {
+                return Err(StoreError::Corrupt {
+                    table: "meta",
+                    reason: format!("unknown schema version {found}"),
+                });
+            }
+        }
+        txn.open_table(MLS)?;
+        txn.open_table(GROUPS)?;
+        txn.open_table(HISTORY)?;
+        txn.open_table(MESSAGE_INDEX)?;
+        txn.open_table(ENVELOPES)?;
+        txn.open_table(ENVELOPES_BY_GROUP)?;
+        txn.open_table(INVITES)?;
+        txn.open_table(PEERS)?;
+        if found != Some(SCHEMA_VERSION) {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes().as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(db)
+}
+
+/// A shared view of a [`Store`]'s health, readable without the store.
+#[derive(Debug, Clone)]
+pub struct HealthView(Arc<DbSlot>);
+
+impl HealthView {
+    /// The store's current health.
+    pub fn health(&self) -> StoreHealth {
+        self.0.health()
+    }
+
+    /// The data directory, for messages.
+    pub fn dir(&self) -> &Path {
+        self.0.dir()
+    }
+
+    /// Failed writes so far for `reason`.
+    pub fn failures(&self, reason: FailureReason) -> u64 {
+        self.0.failures(reason)
+    }
+}
+
+impl Store {
     /// An openmls provider over this store. Its writes are staged until [`Store::commit`];
     /// all providers from one store share the same staged writes.
     pub fn provider(&self) -> KithProvider {
@@ -403,7 +499,16 @@ impl Store {
     /// [`Store::flush`]. A crash before that loses the whole transaction (MLS state and
     /// records together), never part of it. The node uses this for received messages, whose
     /// loss is recoverable, and flushes within half a second.
+    ///
+    /// An I/O error (full disk, …) makes the store failing: this and later writes return
+    /// [`StoreError::Failing`] until [`Store::recover`] succeeds, and the file is opened
+    /// again, which loses the non-durable commits not yet flushed (see [`Store::generation`]).
     pub fn commit_with(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
+        let result = self.commit_inner(batch, durable);
+        self.db.observe(result)
+    }
+
+    fn commit_inner(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
         let mut staged = self.mls.lock_staged();
         if staged.is_empty() && batch.is_empty() {
             return Ok(());
@@ -504,10 +609,13 @@ impl Store {
 
     /// Makes every earlier non-durable commit durable (an empty fsynced transaction).
     pub fn flush(&self) -> Result<(), StoreError> {
-        let _staged = self.mls.lock_staged();
-        let txn = self.db.begin_write()?;
-        txn.commit()?;
-        Ok(())
+        let result = (|| -> Result<(), StoreError> {
+            let _staged = self.mls.lock_staged();
+            let txn = self.db.begin_write()?;
+            txn.commit()?;
+            Ok(())
+        })();
+        self.db.observe(result)
     }
 
     /// Drops all staged (uncommitted) MLS changes. Any `MlsGroup` held in memory may now be
@@ -655,6 +763,17 @@ impl Store {
         now_ms: u64,
         budget: usize,
     ) -> Result<Pruned, StoreError> {
+        let result = self.prune_inner(group, retention, now_ms, budget);
+        self.db.observe(result)
+    }
+
+    fn prune_inner(
+        &self,
+        group: &GroupId,
+        retention: Retention,
+        now_ms: u64,
+        budget: usize,
+    ) -> Result<Pruned, StoreError> {
         let cutoff = now_ms.saturating_sub(retention.max_age_ms);
         let (lo, hi) = group_range(group);
         // Plan in a read transaction; the rows are only read.
@@ -786,17 +905,20 @@ impl Store {
         if expired.is_empty() {
             return Ok(0);
         }
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::None)
-            .map_err(|e| StoreError::Database(redb::Error::from(e)))?;
-        {
-            let mut table = txn.open_table(INVITES)?;
-            for id in &expired {
-                table.remove(id.as_bytes())?;
+        let result = (|| -> Result<usize, StoreError> {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Database(redb::Error::from(e)))?;
+            {
+                let mut table = txn.open_table(INVITES)?;
+                for id in &expired {
+                    table.remove(id.as_bytes())?;
+                }
             }
-        }
-        txn.commit()?;
-        Ok(expired.len())
+            txn.commit()?;
+            Ok(expired.len())
+        })();
+        self.db.observe(result)
     }
 
     /// The address book: every known peer with its addresses (most recently learned first),
