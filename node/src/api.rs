@@ -32,12 +32,12 @@ use tokio::sync::{broadcast, watch};
 
 use crate::engine::{EngineError, EngineHandle};
 use crate::metrics::KithMetrics;
-use crate::store::FailureReason;
 use crate::model::{
     CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, EventsQuery, GroupInfo,
     GroupSummary, HistoryQuery, InviteInfo, InviteSummary, JoinBody, JoinRequestInfo, LAGGED_EVENT,
     MemberInfo, MessageInfo, NodeEvent, PeerList, SendBody, StatusInfo,
 };
+use crate::store::FailureReason;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 128 * 1024;

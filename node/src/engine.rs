@@ -1764,7 +1764,8 @@ impl Actor {
     }
 
     fn flush(&mut self) {
-        if self.unflushed {
+        // While the store fails, what was not flushed is gone with the reopened file.
+        if self.unflushed && self.store.is_writable() {
             match self.store.flush() {
                 Ok(()) => self.unflushed = false,
                 Err(e) => tracing::error!(error = %e, "cannot flush the store"),

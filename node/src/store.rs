@@ -41,7 +41,7 @@ use kith_protocol::invite::{InviteRecord, InviteUpdate};
 use kith_protocol::records::{GroupMeta, HistoryEntry, StoredEnvelope};
 use kith_protocol::sync::MAX_SENDER_BYTES;
 use kith_protocol::{Multiaddr, PeerId};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -1264,6 +1264,7 @@ mod tests {
     use kith_protocol::Keypair;
     use kith_protocol::envelope::PayloadKind;
     use kith_protocol::records::EntryKind;
+    use redb::ReadableDatabase;
     use tempfile::TempDir;
 
     fn open_temp() -> (TempDir, Store) {

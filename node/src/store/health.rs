@@ -244,9 +244,7 @@ impl DbSlot {
 
     /// The error a refused operation returns.
     fn refusal(&self) -> StoreError {
-        let reason = self
-            .lock_failing()
-            .map_or(FailureReason::Io, |f| f.reason);
+        let reason = self.lock_failing().map_or(FailureReason::Io, |f| f.reason);
         StoreError::Failing {
             reason,
             dir: self.dir.clone(),
@@ -419,8 +417,7 @@ impl DbSlot {
 fn probe(db: &Database) -> Result<(), StoreError> {
     let filler = vec![0u8; PROBE_BYTES];
     let txn = db.begin_write()?;
-    txn.open_table(META)?
-        .insert(PROBE_KEY, filler.as_slice())?;
+    txn.open_table(META)?.insert(PROBE_KEY, filler.as_slice())?;
     txn.commit()?;
     let txn = db.begin_write()?;
     txn.open_table(META)?.remove(PROBE_KEY)?;
@@ -626,8 +623,7 @@ mod tests {
             .expect_err("the disk is full");
         assert!(is_full(&err), "{err:?}");
         assert!(
-            err.to_string()
-                .starts_with("cannot write to the store in "),
+            err.to_string().starts_with("cannot write to the store in "),
             "{err}"
         );
         assert!(
@@ -687,7 +683,10 @@ mod tests {
         drop(staged);
         let txn = store.db.begin_read().expect("read");
         let table = txn.open_table(super::super::MLS).expect("mls table");
-        let value = table.get(b"mls-key".as_slice()).expect("get").map(|v| v.value().to_vec());
+        let value = table
+            .get(b"mls-key".as_slice())
+            .expect("get")
+            .map(|v| v.value().to_vec());
         assert_eq!(value.as_deref(), Some(b"newer state".as_slice()));
     }
 }
