@@ -1963,7 +1963,10 @@ impl Actor {
                     peers: vec![(peer, addrs)],
                     ..Batch::default()
                 };
-                if let Err(e) = self.commit_with(batch, false) {
+                // While the disk fails, the address book waits for the next identify.
+                if self.disk_ok()
+                    && let Err(e) = self.commit_with(batch, false)
+                {
                     tracing::warn!(error = %e, "cannot update the address book");
                 }
             }

@@ -335,18 +335,73 @@ impl Store {
     /// [`StoreError::Database`] if the file is damaged (page checksums are verified on open).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let file = path.to_owned();
+        Store::open_with(path, Box::new(move || Store::open_file(&file)))
+    }
+
+    /// Opens the database file and checks its schema: at start, and again after an I/O
+    /// error (see [`Store::generation`]).
+    fn open_file(path: &Path) -> Result<Database, StoreError> {
         // Verify page checksums on every open: a file damaged outside redb is then a typed
-        // error instead of a possible panic later. It reads the whole file once at startup
-        // (and again when the store reopens it after an I/O error).
-        Store::open_with(
-            path,
-            Box::new(move || {
-                let db = Database::builder()
-                    .set_check_integrity_on_open(true)
-                    .create(&file)?;
-                prepare(db)
-            }),
-        )
+        // error instead of a possible panic later. It reads the whole file once at startup.
+        let db = Database::builder()
+            .set_check_integrity_on_open(true)
+            .create(path)?;
+        Store::prepare(db)
+    }
+
+    /// Checks the schema of a freshly opened database, migrating older ones in place.
+    fn prepare(db: Database) -> Result<Database, StoreError> {
+        let txn = db.begin_write()?;
+        {
+            let found = {
+                let meta = txn.open_table(META)?;
+                meta.get(META_SCHEMA_VERSION)?
+                    .map(|v| decode_u32(v.value()))
+                    .transpose()?
+            };
+            match found {
+                None => {}
+                Some(found) if found > SCHEMA_VERSION => {
+                    // Dropping `txn` aborts it: the file stays untouched.
+                    return Err(StoreError::SchemaTooNew {
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                Some(SCHEMA_VERSION) => {}
+                // Same transaction as the version bump below: all or nothing.
+                Some(1) => {
+                    migrate_v1(&txn)?;
+                    migrate_v2(&txn)?;
+                    migrate_v3(&txn)?;
+                }
+                Some(2) => {
+                    migrate_v2(&txn)?;
+                    migrate_v3(&txn)?;
+                }
+                Some(3) => migrate_v3(&txn)?,
+                Some(found) => {
+                    return Err(StoreError::Corrupt {
+                        table: "meta",
+                        reason: format!("unknown schema version {found}"),
+                    });
+                }
+            }
+            txn.open_table(MLS)?;
+            txn.open_table(GROUPS)?;
+            txn.open_table(HISTORY)?;
+            txn.open_table(MESSAGE_INDEX)?;
+            txn.open_table(ENVELOPES)?;
+            txn.open_table(ENVELOPES_BY_GROUP)?;
+            txn.open_table(INVITES)?;
+            txn.open_table(PEERS)?;
+            if found != Some(SCHEMA_VERSION) {
+                let mut meta = txn.open_table(META)?;
+                meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes().as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(db)
     }
 
     /// Opens the store with `open`, which also reopens the file after an I/O error.
@@ -396,85 +451,7 @@ impl Store {
             dir: self.db.dir().to_owned(),
         }
     }
-}
 
-/// Checks the schema of a freshly opened database, migrating older ones in place.
-fn prepare(db: Database) -> Result<Database, StoreError> {
-    let txn = db.begin_write()?;
-    {
-        let found = {
-            let meta = txn.open_table(META)?;
-            meta.get(META_SCHEMA_VERSION)?
-                .map(|v| decode_u32(v.value()))
-                .transpose()?
-        };
-        match found {
-            None => {}
-            Some(found) if found > SCHEMA_VERSION => {
-                // Dropping `txn` aborts it: the file stays untouched.
-                return Err(StoreError::SchemaTooNew {
-                    found,
-                    supported: SCHEMA_VERSION,
-                });
-            }
-            Some(SCHEMA_VERSION) => {}
-            // Same transaction as the version bump below: all or nothing.
-            Some(1) => {
-                migrate_v1(&txn)?;
-                migrate_v2(&txn)?;
-                migrate_v3(&txn)?;
-            }
-            Some(2) => {
-                migrate_v2(&txn)?;
-                migrate_v3(&txn)?;
-            }
-            Some(3) => migrate_v3(&txn)?,
-            Some(found) => {
-                return Err(StoreError::Corrupt {
-                    table: "meta",
-                    reason: format!("unknown schema version {found}"),
-                });
-            }
-        }
-        txn.open_table(MLS)?;
-        txn.open_table(GROUPS)?;
-        txn.open_table(HISTORY)?;
-        txn.open_table(MESSAGE_INDEX)?;
-        txn.open_table(ENVELOPES)?;
-        txn.open_table(ENVELOPES_BY_GROUP)?;
-        txn.open_table(INVITES)?;
-        txn.open_table(PEERS)?;
-        if found != Some(SCHEMA_VERSION) {
-            let mut meta = txn.open_table(META)?;
-            meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes().as_slice())?;
-        }
-    }
-    txn.commit()?;
-    Ok(db)
-}
-
-/// A shared view of a [`Store`]'s health, readable without the store.
-#[derive(Debug, Clone)]
-pub struct HealthView(Arc<DbSlot>);
-
-impl HealthView {
-    /// The store's current health.
-    pub fn health(&self) -> StoreHealth {
-        self.0.health()
-    }
-
-    /// The data directory, for messages.
-    pub fn dir(&self) -> &Path {
-        self.0.dir()
-    }
-
-    /// Failed writes so far for `reason`.
-    pub fn failures(&self, reason: FailureReason) -> u64 {
-        self.0.failures(reason)
-    }
-}
-
-impl Store {
     /// An openmls provider over this store. Its writes are staged until [`Store::commit`];
     /// all providers from one store share the same staged writes.
     pub fn provider(&self) -> KithProvider {
@@ -895,6 +872,11 @@ impl Store {
     /// `budget` of them; returns how many. Run with the retention timer, so the table stays
     /// bounded by the invites of the recent past.
     pub fn prune_invites(&self, before: u64, budget: usize) -> Result<usize, StoreError> {
+        let result = self.prune_invites_inner(before, budget);
+        self.db.observe(result)
+    }
+
+    fn prune_invites_inner(&self, before: u64, budget: usize) -> Result<usize, StoreError> {
         let expired: Vec<InviteId> = self
             .invites()?
             .into_iter()
@@ -905,20 +887,17 @@ impl Store {
         if expired.is_empty() {
             return Ok(0);
         }
-        let result = (|| -> Result<usize, StoreError> {
-            let mut txn = self.db.begin_write()?;
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| StoreError::Database(redb::Error::from(e)))?;
-            {
-                let mut table = txn.open_table(INVITES)?;
-                for id in &expired {
-                    table.remove(id.as_bytes())?;
-                }
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Database(redb::Error::from(e)))?;
+        {
+            let mut table = txn.open_table(INVITES)?;
+            for id in &expired {
+                table.remove(id.as_bytes())?;
             }
-            txn.commit()?;
-            Ok(expired.len())
-        })();
-        self.db.observe(result)
+        }
+        txn.commit()?;
+        Ok(expired.len())
     }
 
     /// The address book: every known peer with its addresses (most recently learned first),
@@ -945,6 +924,27 @@ impl Store {
             out.push((peer, addrs));
         }
         Ok(out)
+    }
+}
+
+/// A shared view of a [`Store`]'s health, readable without the store.
+#[derive(Debug, Clone)]
+pub struct HealthView(Arc<DbSlot>);
+
+impl HealthView {
+    /// The store's current health.
+    pub fn health(&self) -> StoreHealth {
+        self.0.health()
+    }
+
+    /// The data directory, for messages.
+    pub fn dir(&self) -> &Path {
+        self.0.dir()
+    }
+
+    /// Failed writes so far for `reason`.
+    pub fn failures(&self, reason: FailureReason) -> u64 {
+        self.0.failures(reason)
     }
 }
 

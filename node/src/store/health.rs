@@ -437,7 +437,7 @@ mod tests {
     use redb::backends::FileBackend;
     use redb::{BackendError, StorageBackend};
 
-    use super::super::{Batch, Store, prepare};
+    use super::super::{Batch, Store};
     use super::*;
 
     /// A file whose writes fail with "no space left on device" while `full` is set, like a
@@ -522,7 +522,7 @@ mod tests {
                     file: FileBackend::new(file)?,
                     full: full.clone(),
                 };
-                prepare(
+                Store::prepare(
                     Database::builder()
                         .set_check_integrity_on_open(true)
                         .create_with_backend(backend)?,
