@@ -20,7 +20,7 @@ use crate::identity::{self, IdentityError};
 use crate::model::{
     CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, GroupInfo, GroupSummary,
     InviteInfo, InviteSummary, JoinBody, JoinRequestInfo, JoinStage, LAGGED_EVENT, MemberInfo,
-    MessageBody, MessageInfo, NodeEvent, PeerList, SendBody, StatusInfo,
+    MessageBody, MessageInfo, NodeEvent, PeerList, SendBody, StatusInfo, StorageStatus,
 };
 
 /// Largest response body the client reads (history is at most 1000 messages of 64 KiB).
@@ -1330,6 +1330,7 @@ fn print_status(s: &StatusInfo) -> Result<(), ClientError> {
         let label = if i == 0 { "listening:" } else { "" };
         lines.push(format!("{label:<10} {}", clean(addr)));
     }
+    lines.push(storage_line(&s.storage));
     lines.push(format!("groups:    {}", s.groups.len()));
     for g in &s.groups {
         let sync = if g.in_sync {
@@ -1371,6 +1372,22 @@ fn print_status(s: &StatusInfo) -> Result<(), ClientError> {
         ));
     }
     out(&lines.join("\n"))
+}
+
+/// The `storage:` line of `kith status`.
+fn storage_line(storage: &StorageStatus) -> String {
+    match storage {
+        StorageStatus::Ok => "storage:   ok".to_owned(),
+        StorageStatus::Failing {
+            since_ms, message, ..
+        } => {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let secs = now_ms.saturating_sub(*since_ms) / 1000;
+            format!("storage:   FAILING for {secs} s: {}", clean(message))
+        }
+    }
 }
 
 fn print_groups(groups: &[GroupSummary]) -> Result<(), ClientError> {

@@ -47,11 +47,13 @@ use crate::model::{
     JoinStage, MemberInfo, MessageBody, MessageInfo, NodeEvent, StatusInfo,
 };
 use crate::net::{MAX_BLOCKED_PEERS, NetError, NetEvent, NetHandle};
-use crate::store::{Batch, KithProvider, Retention, Store, StoreError};
+use crate::store::{Batch, HealthView, KithProvider, Retention, Store, StoreError};
 use crate::sync::{
     GAP_DEBOUNCE, MAX_PAGES_PER_RUN, MAX_PEERS_PER_RUN, MAX_SCAN_ENVELOPES, SYNC_DEBOUNCE,
     SYNC_INTERVAL, SyncLimiter,
 };
+
+mod disk;
 
 /// Default invite lifetime.
 pub const DEFAULT_INVITE_SECS: u64 = 24 * 3600;
@@ -199,6 +201,19 @@ pub enum EngineError {
     /// The node is shutting down (HTTP 503).
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// The node cannot write to its disk (HTTP 507 for a full disk, else 503): the request
+    /// changed nothing, and the node retries by itself (see `Store::recover`).
+    #[error(
+        "the node cannot write to its disk ({reason} in {}); {}, the node retries by itself",
+        dir.display(),
+        reason.advice()
+    )]
+    Storage {
+        /// Why the last write failed.
+        reason: crate::store::FailureReason,
+        /// The data directory.
+        dir: std::path::PathBuf,
+    },
     /// Anything else: a storage or MLS failure, logged by the node (HTTP 500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -234,7 +249,10 @@ impl From<GroupError> for EngineError {
 
 impl From<StoreError> for EngineError {
     fn from(e: StoreError) -> Self {
-        EngineError::Internal(format!("store: {e}"))
+        match e {
+            StoreError::Failing { reason, dir } => EngineError::Storage { reason, dir },
+            e => EngineError::Internal(format!("store: {e}")),
+        }
     }
 }
 
@@ -469,6 +487,8 @@ pub struct EngineHandle {
     network: String,
     peer_id: PeerId,
     metrics: Arc<KithMetrics>,
+    /// The store's health, read by [`EngineHandle::status`] without asking the actor.
+    health: HealthView,
 }
 
 impl EngineHandle {
@@ -501,6 +521,7 @@ impl EngineHandle {
             connected_peers: info.connected.len(),
             groups,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            storage: disk::storage_status(&self.health),
         })
     }
 
@@ -1108,6 +1129,7 @@ pub fn start(
         network,
         peer_id,
         metrics: metrics.clone(),
+        health: store.health_view(),
     };
     // Forward network events and timer ticks into the actor's single input queue.
     let fwd = tx.clone();
@@ -1123,6 +1145,7 @@ pub fn start(
     spawn_ticker(tx.clone(), SYNC_INTERVAL, || Input::SyncTick);
     spawn_ticker(tx.clone(), PRUNE_INTERVAL, || Input::Prune);
     let mut actor = Actor {
+        disk: disk::DiskWatch::new(&store),
         groups,
         store,
         net,
@@ -1189,6 +1212,8 @@ fn spawn_ticker(tx: mpsc::Sender<Input>, period: Duration, make: fn() -> Input) 
 }
 
 struct Actor {
+    /// What the actor knows of the store's health (see the `disk` module).
+    disk: disk::DiskWatch,
     groups: GroupEngine<KithProvider>,
     store: Store,
     net: NetHandle,
@@ -1280,6 +1305,7 @@ impl Actor {
                     None => break,
                 },
             };
+            self.watch_store();
             match input {
                 Input::Net(NetEvent::Gossip { id, source, data }) => {
                     // Group commit: take the gossip that queued up meanwhile, process it all,
@@ -1315,6 +1341,7 @@ impl Actor {
                 Input::SyncPage { group, envelopes } => self.on_sync_page(group, envelopes),
                 Input::SyncDone { group, complete } => self.sync_done(group, complete),
                 Input::Flush => {
+                    self.retry_store();
                     if self.last_flush.elapsed() >= WAKE_GAP {
                         tracing::info!(
                             gap_s = self.last_flush.elapsed().as_secs(),
@@ -1384,9 +1411,14 @@ impl Actor {
     fn on_gossip(&mut self, batch: Vec<(MessageId, PeerId, Vec<u8>)>) {
         let mut effects = Vec::new();
         let mut seen: HashSet<MessageId> = HashSet::new();
+        // While the disk cannot be written, nothing is processed (it could not be stored):
+        // other members hold these messages, and history sync fetches them once it can.
+        let writable = self.disk_ok();
         for (id, source, data) in batch {
             let verdict = if !seen.insert(id) {
                 Verdict::Ignore("duplicate".into())
+            } else if !writable {
+                Verdict::Ignore("local storage failure".into())
             } else {
                 match self.store.has_message(&id) {
                     Ok(true) => Verdict::Ignore("duplicate".into()),
@@ -1499,6 +1531,10 @@ impl Actor {
     /// when the run ends (`GroupEngine::handle_synced_envelope`). Returns how many were
     /// accepted.
     fn ingest(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) -> usize {
+        if !self.disk_ok() {
+            // Fetched again by the sync started when the store recovers.
+            return 0;
+        }
         let mut effects = Vec::new();
         let mut accepted = 0;
         for data in envelopes {
@@ -1542,6 +1578,10 @@ impl Actor {
     /// task that sends the pages back as [`Input::SyncPage`] and ends with
     /// [`Input::SyncDone`].
     fn start_sync(&mut self, group: GroupId, trigger: SyncTrigger) {
+        if !self.disk_ok() {
+            // What it would fetch could not be stored; every group syncs on recovery.
+            return;
+        }
         if let Some(run) = self.syncs.get_mut(&group) {
             if trigger == SyncTrigger::Gap {
                 run.again = true;
@@ -1819,6 +1859,10 @@ impl Actor {
 
     /// Commits a batch, timing it for `kith_store_commit_seconds`.
     fn commit_with(&mut self, batch: Batch, durable: bool) -> Result<(), StoreError> {
+        if !self.disk_ok() {
+            // Memory may be ahead of the file until the MLS state is reloaded from it.
+            return Err(self.store.refusal());
+        }
         let started = Instant::now();
         let result = self.store.commit_with(batch, durable);
         self.metrics.store_commit(started.elapsed());
@@ -1832,6 +1876,10 @@ impl Actor {
     /// Deletes history and envelopes beyond the retention policy, at most [`PRUNE_BUDGET`]
     /// history rows per run, in non-durable commits (made durable by the next flush).
     fn prune(&mut self) {
+        if !self.disk_ok() {
+            // The next prune tick after the store recovers catches up.
+            return;
+        }
         let groups = match self.store.groups() {
             Ok(g) => g,
             Err(e) => {
@@ -1874,6 +1922,9 @@ impl Actor {
 
     /// Drops past epochs' secrets older than [`PAST_EPOCH_TTL`] and stores the result.
     fn expire_past_epochs(&mut self) {
+        if !self.disk_ok() {
+            return;
+        }
         let result = self
             .groups
             .expire_past_epochs(PAST_EPOCH_TTL)
@@ -1886,7 +1937,8 @@ impl Actor {
     }
 
     fn flush(&mut self) {
-        if self.unflushed {
+        // While the store fails, what was not flushed is gone with the reopened file.
+        if self.unflushed && self.store.is_writable() {
             match self.store.flush() {
                 Ok(()) => self.unflushed = false,
                 Err(e) => tracing::error!(error = %e, "cannot flush the store"),
@@ -1903,9 +1955,14 @@ impl Actor {
     }
 
     fn rollback(&mut self) {
+        let generation = self.store.generation();
         self.store.discard_staged();
-        if let Err(e) = self.groups.reload_all() {
-            tracing::error!(error = %e, "cannot reload group state after a failed write");
+        match self.groups.reload_all() {
+            Ok(()) => self.disk.loaded(generation),
+            Err(e) => {
+                self.disk.reload_failed();
+                tracing::error!(error = %e, "cannot reload group state after a failed write");
+            }
         }
     }
 
@@ -2104,7 +2161,10 @@ impl Actor {
                     peers: vec![(peer, addrs)],
                     ..Batch::default()
                 };
-                if let Err(e) = self.commit_with(batch, false) {
+                // While the disk fails, the address book waits for the next identify.
+                if self.disk_ok()
+                    && let Err(e) = self.commit_with(batch, false)
+                {
                     tracing::warn!(error = %e, "cannot update the address book");
                 }
             }
@@ -2356,6 +2416,9 @@ impl Actor {
     }
 
     fn on_call(&mut self, call: Call) {
+        let Some(call) = self.refuse_unwritable(call) else {
+            return;
+        };
         match call {
             Call::Groups(r) => {
                 let list = self
@@ -2552,6 +2615,10 @@ impl Actor {
     /// Commits a self-update in every group where one is due (`[keys]` in `config.toml`; by
     /// default after 1000 own messages or 7 days). Runs on the rendezvous tick.
     fn self_updates(&mut self) {
+        if !self.disk_ok() {
+            // Due again at the next tick.
+            return;
+        }
         for id in self.groups.due_self_updates(now_ms(), self.update_policy) {
             let fx = self.groups.self_update(id, now_ms());
             match self.commit_local(id, fx) {
@@ -2909,6 +2976,34 @@ pub fn open_store(data_dir: &Path) -> Result<Store, StoreError> {
 #[cfg(test)]
 mod durability_tests {
     use super::*;
+
+    #[test]
+    fn failing_syncs_back_off_up_to_five_minutes() {
+        assert_eq!(sync_backoff(0), Duration::ZERO);
+        assert_eq!(sync_backoff(1), SYNC_DEBOUNCE);
+        assert_eq!(sync_backoff(2), SYNC_DEBOUNCE * 2);
+        assert_eq!(sync_backoff(4), SYNC_DEBOUNCE * 8);
+        assert_eq!(sync_backoff(7), MAX_SYNC_BACKOFF);
+        assert_eq!(sync_backoff(u32::MAX), MAX_SYNC_BACKOFF);
+    }
+
+    #[test]
+    fn fetched_envelopes_are_read_epoch_by_epoch_commits_last() {
+        let e = |epoch: u64, commit: bool, n: u8| (epoch, commit, n as usize, vec![n]);
+        // As a responder sends them: commits, whole epochs, then a partial older epoch.
+        let fetched = vec![
+            e(3, true, 0),
+            e(4, true, 1),
+            e(4, false, 2),
+            e(5, false, 3),
+            e(3, false, 4),
+            e(4, false, 5),
+        ];
+        assert_eq!(
+            sort_fetched(fetched),
+            vec![vec![4], vec![0], vec![2], vec![5], vec![1], vec![3]]
+        );
+    }
 
     #[test]
     fn batches_that_publish_are_recognised() {

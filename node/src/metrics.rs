@@ -35,6 +35,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::store::FailureReason;
+
 /// The `Content-Type` of `GET /metrics`: the OpenMetrics text format.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// The path the metrics are served on.
@@ -450,6 +452,8 @@ pub struct KithMetrics {
     join_requests: [Counter; JoinRequestResult::ALL.len()],
     invites_created: Counter,
     sync_bytes: FrameBytes,
+    store_write_failures: [Counter; FailureReason::ALL.len()],
+    store_failing: Gauge,
 }
 
 /// Registers a counter family with one child per label value and returns the children.
@@ -593,6 +597,18 @@ impl KithMetrics {
             request_received,
             response_sent,
         };
+        let store_write_failures = counters(
+            r,
+            "store_write_failures",
+            "Store writes that failed with an I/O error (recovery probes included), by reason",
+            FailureReason::ALL.map(|x| ReasonLabel { reason: x.as_str() }),
+        );
+        let store_failing = Gauge::default();
+        r.register(
+            "store_failing",
+            "1 while the node cannot write to its disk (local writes are refused), else 0",
+            store_failing.clone(),
+        );
         KithMetrics {
             messages_sent,
             messages_received,
@@ -611,6 +627,8 @@ impl KithMetrics {
             join_requests,
             invites_created,
             sync_bytes,
+            store_write_failures,
+            store_failing,
         }
     }
 
@@ -724,6 +742,16 @@ impl KithMetrics {
     /// Counts a created invite.
     pub fn invite_created(&self) {
         self.invites_created.inc();
+    }
+
+    /// Counts `n` store writes that failed with an I/O error.
+    pub fn store_write_failures(&self, reason: FailureReason, n: u64) {
+        self.store_write_failures[index_of(&FailureReason::ALL, reason)].inc_by(n);
+    }
+
+    /// Sets whether the node cannot write to its disk.
+    pub fn set_store_failing(&self, failing: bool) {
+        self.store_failing.set(i64::from(failing));
     }
 }
 

@@ -20,6 +20,29 @@ pub struct StatusInfo {
     pub groups: Vec<GroupSummary>,
     /// Version of the `kith` binary.
     pub version: String,
+    /// Whether the node can write to its disk (absent from older nodes: `ok`).
+    #[serde(default)]
+    pub storage: StorageStatus,
+}
+
+/// Whether the node can write to its disk, in [`StatusInfo::storage`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum StorageStatus {
+    /// Writes work.
+    #[default]
+    Ok,
+    /// A write failed (full disk, read-only or failing device): sends and other local writes
+    /// are refused, received messages wait with other members, and the node retries by
+    /// itself.
+    Failing {
+        /// When the first write failed (ms since the Unix epoch).
+        since_ms: u64,
+        /// Why: `disk_full`, `read_only` or `io_error`.
+        reason: String,
+        /// One line for a human: what happened and what to do.
+        message: String,
+    },
 }
 
 /// A group in a list.

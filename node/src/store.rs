@@ -27,11 +27,12 @@
 //! transaction. A crash therefore never leaves MLS keys and history disagreeing: either both
 //! are on disk or neither is.
 
+mod health;
 mod mls;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kith_protocol::codec::{self, MAX_DECODE_BYTES};
@@ -42,11 +43,14 @@ use kith_protocol::order::Undecryptable;
 use kith_protocol::records::{GroupMeta, HistoryEntry, StoredEnvelope};
 use kith_protocol::sync::MAX_SENDER_BYTES;
 use kith_protocol::{Multiaddr, PeerId};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use health::{FailureReason, PROBE_BYTES, Recovery, StoreHealth};
 pub use mls::{KithProvider, MlsStorage};
+
+use health::DbSlot;
 
 /// openmls storage records: label + serde_json key → serde_json value.
 const MLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mls");
@@ -170,6 +174,17 @@ pub enum StoreError {
         len: usize,
         /// The limit.
         limit: usize,
+    },
+    /// The store cannot write: a write failed with an I/O error (full disk, read-only or
+    /// failing device) and writes are refused until [`Store::recover`] finds that they work
+    /// again. Reads fail with it only while the file could not be opened again. Nothing was
+    /// written.
+    #[error("cannot write to the store in {}: {reason}", dir.display())]
+    Failing {
+        /// Why the last write failed.
+        reason: FailureReason,
+        /// The data directory.
+        dir: PathBuf,
     },
     /// The file was written by a newer Kith with a schema this version does not understand.
     /// Upgrade Kith; the file was not modified.
@@ -323,7 +338,7 @@ impl Batch {
 /// same staged writes. The file is closed when the `Store` and every provider from it are
 /// dropped.
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     mls: MlsStorage,
 }
 
@@ -340,11 +355,23 @@ impl Store {
     /// [`StoreError::AlreadyOpen`] if another node holds it, and with
     /// [`StoreError::Database`] if the file is damaged (page checksums are verified on open).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let file = path.to_owned();
+        Store::open_with(path, Box::new(move || Store::open_file(&file)))
+    }
+
+    /// Opens the database file and checks its schema: at start, and again after an I/O
+    /// error (see [`Store::generation`]).
+    fn open_file(path: &Path) -> Result<Database, StoreError> {
         // Verify page checksums on every open: a file damaged outside redb is then a typed
         // error instead of a possible panic later. It reads the whole file once at startup.
         let db = Database::builder()
             .set_check_integrity_on_open(true)
             .create(path)?;
+        Store::prepare(db)
+    }
+
+    /// Checks the schema of a freshly opened database, migrating older ones in place.
+    fn prepare(db: Database) -> Result<Database, StoreError> {
         let txn = db.begin_write()?;
         {
             let found = {
@@ -396,9 +423,55 @@ impl Store {
             }
         }
         txn.commit()?;
-        let db = Arc::new(db);
+        Ok(db)
+    }
+
+    /// Opens the store with `open`, which also reopens the file after an I/O error.
+    fn open_with(path: &Path, open: health::Opener) -> Result<Store, StoreError> {
+        let db = Arc::new(DbSlot::open(path, open)?);
         let mls = MlsStorage::new(Arc::clone(&db));
         Ok(Store { db, mls })
+    }
+
+    /// Whether the store can write (see [`StoreHealth`]).
+    pub fn health(&self) -> StoreHealth {
+        self.db.health()
+    }
+
+    /// A handle reading this store's health from anywhere (the API's status).
+    pub fn health_view(&self) -> HealthView {
+        HealthView(Arc::clone(&self.db))
+    }
+
+    /// True unless a write failed and the store has not recovered yet.
+    pub fn is_writable(&self) -> bool {
+        self.health() == StoreHealth::Ok
+    }
+
+    /// Times the file was opened again after an I/O error. Whatever was loaded from the store
+    /// at an earlier generation (the engine's MLS groups) must be loaded again: the commits
+    /// without fsync before the error are gone.
+    pub fn generation(&self) -> u64 {
+        self.db.generation()
+    }
+
+    /// While failing: if an attempt is due, opens the file again if needed and probes with a
+    /// durable write; see [`Recovery`]. `force` (a local write asks) makes an attempt due
+    /// unless one ran a moment ago; otherwise attempts back off from 0.5 s to 4 s.
+    pub fn recover(&self, force: bool) -> Recovery {
+        self.db.recover(force)
+    }
+
+    /// The error writes are refused with, for a caller that refuses one itself.
+    pub fn refusal(&self) -> StoreError {
+        let reason = match self.health() {
+            StoreHealth::Failing { reason, .. } => reason,
+            StoreHealth::Ok => FailureReason::Io,
+        };
+        StoreError::Failing {
+            reason,
+            dir: self.db.dir().to_owned(),
+        }
     }
 
     /// An openmls provider over this store. Its writes are staged until [`Store::commit`];
@@ -425,7 +498,16 @@ impl Store {
     /// [`Store::flush`]. A crash before that loses the whole transaction (MLS state and
     /// records together), never part of it. The node uses this for received messages, whose
     /// loss is recoverable, and flushes within half a second.
+    ///
+    /// An I/O error (full disk, …) makes the store failing: this and later writes return
+    /// [`StoreError::Failing`] until [`Store::recover`] succeeds, and the file is opened
+    /// again, which loses the non-durable commits not yet flushed (see [`Store::generation`]).
     pub fn commit_with(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
+        let result = self.commit_inner(batch, durable);
+        self.db.observe(result)
+    }
+
+    fn commit_inner(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
         let mut staged = self.mls.lock_staged();
         if staged.is_empty() && batch.is_empty() {
             return Ok(());
@@ -548,10 +630,13 @@ impl Store {
 
     /// Makes every earlier non-durable commit durable (an empty fsynced transaction).
     pub fn flush(&self) -> Result<(), StoreError> {
-        let _staged = self.mls.lock_staged();
-        let txn = self.db.begin_write()?;
-        txn.commit()?;
-        Ok(())
+        let result = (|| -> Result<(), StoreError> {
+            let _staged = self.mls.lock_staged();
+            let txn = self.db.begin_write()?;
+            txn.commit()?;
+            Ok(())
+        })();
+        self.db.observe(result)
     }
 
     /// Drops all staged (uncommitted) MLS changes. Any `MlsGroup` held in memory may now be
@@ -725,6 +810,17 @@ impl Store {
         now_ms: u64,
         budget: usize,
     ) -> Result<Pruned, StoreError> {
+        let result = self.prune_inner(group, retention, now_ms, budget);
+        self.db.observe(result)
+    }
+
+    fn prune_inner(
+        &self,
+        group: &GroupId,
+        retention: Retention,
+        now_ms: u64,
+        budget: usize,
+    ) -> Result<Pruned, StoreError> {
         let cutoff = now_ms.saturating_sub(retention.max_age_ms);
         let (lo, hi) = group_range(group);
         // Plan in a read transaction; the rows are only read.
@@ -846,6 +942,11 @@ impl Store {
     /// `budget` of them; returns how many. Run with the retention timer, so the table stays
     /// bounded by the invites of the recent past.
     pub fn prune_invites(&self, before: u64, budget: usize) -> Result<usize, StoreError> {
+        let result = self.prune_invites_inner(before, budget);
+        self.db.observe(result)
+    }
+
+    fn prune_invites_inner(&self, before: u64, budget: usize) -> Result<usize, StoreError> {
         let expired: Vec<InviteId> = self
             .invites()?
             .into_iter()
@@ -893,6 +994,27 @@ impl Store {
             out.push((peer, addrs));
         }
         Ok(out)
+    }
+}
+
+/// A shared view of a [`Store`]'s health, readable without the store.
+#[derive(Debug, Clone)]
+pub struct HealthView(Arc<DbSlot>);
+
+impl HealthView {
+    /// The store's current health.
+    pub fn health(&self) -> StoreHealth {
+        self.0.health()
+    }
+
+    /// The data directory, for messages.
+    pub fn dir(&self) -> &Path {
+        self.0.dir()
+    }
+
+    /// Failed writes so far for `reason`.
+    pub fn failures(&self, reason: FailureReason) -> u64 {
+        self.0.failures(reason)
     }
 }
 
@@ -1212,6 +1334,7 @@ mod tests {
     use kith_protocol::Keypair;
     use kith_protocol::envelope::PayloadKind;
     use kith_protocol::records::EntryKind;
+    use redb::ReadableDatabase;
     use tempfile::TempDir;
 
     fn open_temp() -> (TempDir, Store) {

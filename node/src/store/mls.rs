@@ -15,11 +15,11 @@ use kith_protocol::fork::{self, GroupRecords};
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::storage::{CURRENT_VERSION, StorageProvider, traits};
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{MLS, StoreError};
+use super::{DbSlot, MLS, StoreError};
 
 /// Staged openmls writes: storage key → new value, or `None` for a deletion.
 pub(super) type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
@@ -53,7 +53,7 @@ mod label {
 /// they belong to. Clones share the same database and staged writes.
 #[derive(Clone)]
 pub struct MlsStorage {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     staged: Arc<Mutex<Overlay>>,
     journal: Arc<Mutex<Journal>>,
 }
@@ -81,7 +81,7 @@ impl std::fmt::Debug for MlsStorage {
 }
 
 impl MlsStorage {
-    pub(super) fn new(db: Arc<Database>) -> Self {
+    pub(super) fn new(db: Arc<DbSlot>) -> Self {
         MlsStorage {
             db,
             staged: Arc::new(Mutex::new(Overlay::new())),
@@ -1400,7 +1400,7 @@ mod tests {
         drop((store, provider));
 
         {
-            let db = Database::create(db_path(&dir)).expect("raw open");
+            let db = redb::Database::create(db_path(&dir)).expect("raw open");
             let txn = db.begin_write().expect("begin");
             {
                 let mut table = txn.open_table(MLS).expect("mls");
