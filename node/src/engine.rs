@@ -151,6 +151,8 @@ const PRUNE_BUDGET: usize = 5000;
 /// member delays live messages by at most this. What is still missing then may no longer
 /// be decryptable when it arrives (it is counted as undecryptable).
 pub const CATCH_UP_HOLD_LIMIT: Duration = Duration::from_secs(30);
+/// Longest a sync run that keeps receiving pages may hold a group's live messages.
+const MAX_CATCH_UP_RUN: Duration = Duration::from_secs(300);
 /// A flush tick this much later than due means the machine slept (or the process was
 /// stopped): hold live messages and catch up, as after a start.
 const WAKE_GAP: Duration = Duration::from_secs(10);
@@ -1162,7 +1164,7 @@ pub fn start(
         last_sync: HashMap::new(),
         unsynced: HashSet::new(),
         sync_failures: HashMap::new(),
-        last_flush: Instant::now(),
+        last_flush_ms: now_ms(),
         warned_undecryptable: HashSet::new(),
         newcomers: HashMap::new(),
         gaps: HashMap::new(),
@@ -1242,8 +1244,9 @@ struct Actor {
     /// (see [`sync_backoff`]), so a group that cannot sync does not loop, and its requests
     /// do not use up the members' rate limits that other groups' syncs need.
     sync_failures: HashMap<GroupId, u32>,
-    /// When the last flush tick was handled (a long gap means the machine slept).
-    last_flush: Instant,
+    /// When the last flush tick was handled, wall-clock ms (a long gap means the machine
+    /// slept).
+    last_flush_ms: u64,
     /// Groups whose undecryptable envelopes were already logged at WARN in this run.
     warned_undecryptable: HashSet<GroupId>,
     /// Members that connected since the group's last sync run started, by group (at most
@@ -1276,6 +1279,8 @@ struct SyncRun {
     collected_ids: HashSet<MessageId>,
     /// Their bytes.
     collected_bytes: usize,
+    /// When the last page arrived (or the run started).
+    last_page: Instant,
     /// Envelopes fetched and accepted so far.
     fetched: usize,
     /// A gap was signalled during the run: start another one when it ends.
@@ -1342,9 +1347,12 @@ impl Actor {
                 Input::SyncDone { group, complete } => self.sync_done(group, complete),
                 Input::Flush => {
                     self.retry_store();
-                    if self.last_flush.elapsed() >= WAKE_GAP {
+                    // Wall-clock time: the monotonic clock stands still while the machine
+                    // sleeps.
+                    let gap_ms = now_ms().saturating_sub(self.last_flush_ms);
+                    if gap_ms >= WAKE_GAP.as_millis() as u64 {
                         tracing::info!(
-                            gap_s = self.last_flush.elapsed().as_secs(),
+                            gap_s = gap_ms / 1000,
                             "woke up after a pause; catching up before showing new messages"
                         );
                         self.groups.begin_catch_up_all(now_ms());
@@ -1355,7 +1363,7 @@ impl Actor {
                             }
                         }
                     }
-                    self.last_flush = Instant::now();
+                    self.last_flush_ms = now_ms();
                     self.release_stale_catch_ups();
                     // A run that failed is retried (debounced) rather than left for the
                     // next routine sync a minute later.
@@ -1490,6 +1498,7 @@ impl Actor {
             tracing::debug!(group = %group.short(), fetched, "processed a sync page outside a run");
             return;
         };
+        run.last_page = Instant::now();
         for data in envelopes {
             let Ok(env) = Envelope::decode(&data) else {
                 continue;
@@ -1650,6 +1659,7 @@ impl Actor {
                 collected: Vec::new(),
                 collected_ids: HashSet::new(),
                 collected_bytes: 0,
+                last_page: Instant::now(),
                 fetched: 0,
                 again: false,
             },
@@ -1723,10 +1733,21 @@ impl Actor {
     /// Ends the catch-ups that have held live envelopes for [`CATCH_UP_HOLD_LIMIT`]: no sync
     /// completed in time (no member reachable, or a slow one), so the held messages are
     /// processed now; a run still going on goes on.
+    ///
+    /// A run that is still receiving pages keeps its hold (up to [`MAX_CATCH_UP_RUN`]): its
+    /// pages are older than the held messages. When a hold ends during a run, what the run
+    /// fetched so far is read first.
     fn release_stale_catch_ups(&mut self) {
         let limit = CATCH_UP_HOLD_LIMIT.as_millis() as u64;
         for group in self.groups.stale_catch_ups(now_ms(), limit) {
+            if let Some(run) = self.syncs.get(&group)
+                && run.last_page.elapsed() < CATCH_UP_HOLD_LIMIT
+                && run.started.elapsed() < MAX_CATCH_UP_RUN
+            {
+                continue;
+            }
             tracing::info!(group = %group.short(), "history sync has not caught up in time; showing the messages held meanwhile");
+            self.process_collected(group);
             self.end_catch_up(group);
         }
     }

@@ -2427,17 +2427,25 @@ where
     fork::delete_checkpoint(storage, &group, cur).map_err(mls_err)
 }
 
+/// Holds an envelope until its epoch is reached or a catch-up ends (bounded by
+/// [`MAX_PENDING_PER_GROUP`] and [`MAX_PENDING_BYTES_PER_GROUP`]). When full, the newest is
+/// not kept: what is held is older and will be read first, and a sender's messages that
+/// did not fit come after them, so history sync (or the gap they leave in the sender's
+/// positions) brings them later, still in order. Dropping the oldest instead would let the
+/// newer ones move the sender's ratchet past them.
 fn hold_pending(g: &mut Group, epoch: u64, bytes: &[u8]) {
     if g.pending.iter().any(|p| p.bytes == bytes) {
         return;
     }
-    while !g.pending.is_empty()
-        && (g.pending.len() >= MAX_PENDING_PER_GROUP
-            || g.pending_bytes + bytes.len() > MAX_PENDING_BYTES_PER_GROUP)
+    if g.pending.len() >= MAX_PENDING_PER_GROUP
+        || g.pending_bytes + bytes.len() > MAX_PENDING_BYTES_PER_GROUP
     {
-        if let Some(old) = g.pending.pop_front() {
-            g.pending_bytes -= old.bytes.len();
-        }
+        tracing::debug!(
+            group = %g.meta.id.short(),
+            held = g.pending.len(),
+            "too many envelopes held; this one is left for history sync"
+        );
+        return;
     }
     g.pending_bytes += bytes.len();
     g.pending.push_back(Pending {
