@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod datadir;
 pub mod engine;
+pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod model;
