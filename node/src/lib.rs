@@ -8,6 +8,7 @@ pub mod datadir;
 pub mod engine;
 pub mod http;
 pub mod identity;
+pub mod join_trail;
 pub mod metrics;
 pub mod model;
 pub mod net;

@@ -204,20 +204,22 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
     }
 
     /// Tells the group (above all a member just added, who cannot read earlier messages) the
-    /// state of its invites still in use: an encrypted [`Body::InviteStates`] message with
-    /// the `records` that are complete, not revoked, not expired and not used up (at most
-    /// [`MAX_INVITE_STATES`], newest first). Nothing is sent if there are none.
+    /// state of its invites: an encrypted [`Body::InviteStates`] message with the `records`
+    /// that are complete and not expired, ended ones included so the new member can tell a
+    /// joiner why a link ended (at most [`MAX_INVITE_STATES`], live ones first, then newest
+    /// first). Nothing is sent if there are none.
     pub fn share_invite_states(
         &mut self,
         group: GroupId,
         records: &[InviteRecord],
         now_ms: u64,
     ) -> Result<Vec<Effect>, GroupError> {
+        let now = now_ms / 1000;
         let mut live: Vec<&InviteRecord> = records
             .iter()
-            .filter(|r| r.group == group && r.admits(now_ms / 1000).is_ok())
+            .filter(|r| r.group == group && r.is_announced(now))
             .collect();
-        live.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+        live.sort_by_key(|r| (!r.is_active(now), std::cmp::Reverse(r.created_at)));
         let states: Vec<InviteState> = live
             .into_iter()
             .take(MAX_INVITE_STATES)
