@@ -1186,6 +1186,9 @@ async fn join_command(
         .into());
     }
     let client = connect()?;
+    // The node's network is only known to the running node (`kith run --network` overrides
+    // config.toml): ask it, so a link of another network fails before "joining …".
+    invite.check(&client.status().await?.network, now_secs())?;
     let timeout = args.timeout.unwrap_or(DEFAULT_JOIN_TIMEOUT_SECS);
     let mut printer = None;
     if !args.json {
