@@ -17,7 +17,6 @@
 
 use std::path::{Path, PathBuf};
 
-use libp2p::PeerId;
 use libp2p::identity::Keypair;
 
 use crate::identity::{self, API_TOKEN_FILE, IdentityError, KEY_FILE};
@@ -84,10 +83,10 @@ pub enum DataDirError {
         key: PathBuf,
         /// The database file.
         db: PathBuf,
-        /// The key's PeerId.
-        key_peer: PeerId,
+        /// The key's PeerId (as text: the error only names it).
+        key_peer: String,
         /// The PeerId the database belongs to.
-        db_owner: PeerId,
+        db_owner: String,
     },
     /// There is no key, yet the directory was used.
     #[error(
@@ -101,8 +100,8 @@ pub enum DataDirError {
         key: PathBuf,
         /// The file that shows earlier use.
         evidence: PathBuf,
-        /// Whose the database is, if it says.
-        db_owner: Option<PeerId>,
+        /// Whose the database is (PeerId), if it says.
+        db_owner: Option<String>,
     },
     /// The database is missing or empty, yet the directory was used.
     #[error(
@@ -139,8 +138,9 @@ pub enum DataDirError {
     },
 }
 
-fn owned_by(owner: &Option<PeerId>) -> String {
+fn owned_by(owner: &Option<String>) -> String {
     owner
+        .as_ref()
         .map(|p| format!(", and kith.redb belongs to node {p}"))
         .unwrap_or_default()
 }
@@ -241,8 +241,8 @@ pub fn open(data_dir: &Path, recovery: Recovery) -> Result<Opened, DataDirError>
                 return Err(DataDirError::KeyMismatch {
                     key: key_path,
                     db: db_path,
-                    key_peer: peer,
-                    db_owner: owner,
+                    key_peer: peer.to_string(),
+                    db_owner: owner.to_string(),
                 });
             }
             // Both flags set the database aside; `--new-identity` also the key.
@@ -365,7 +365,7 @@ fn inspect_err(path: &Path, source: std::io::Error) -> DataDirError {
 }
 
 /// The database's recorded owner, for an error message; `None` if it cannot be read.
-fn owner_of(db: &Path) -> Option<PeerId> {
+fn owner_of(db: &Path) -> Option<String> {
     if lost_database(db).ok()?.is_some() {
         return None;
     }
@@ -373,6 +373,7 @@ fn owner_of(db: &Path) -> Option<PeerId> {
         .inspect_err(|e| tracing::debug!(error = %e, "cannot read the database's owner"))
         .ok()
         .flatten()
+        .map(|p| p.to_string())
 }
 
 /// Renames `path` to `<name>.old-<unix seconds>` (or `…-<n>` if taken), if it exists.
@@ -416,6 +417,7 @@ fn set_aside_if_present(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use libp2p::PeerId;
 
     fn start(dir: &Path, recovery: Recovery) -> Result<Opened, DataDirError> {
         open(dir, recovery)

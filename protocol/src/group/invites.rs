@@ -456,6 +456,55 @@ mod tests {
         );
     }
 
+    /// A new member is told of ended invites too (until they expire), so it can tell a
+    /// joiner why a link ended instead of "unknown invite".
+    #[test]
+    fn ended_invites_are_shared_with_a_new_member() {
+        let (mut s, g) = group_of(2, 4);
+        // The simulator's secrets follow its clock: one invite per millisecond.
+        let used = s.invite(0, g, 1).unwrap();
+        s.now_ms += 1;
+        let revoked = s.invite(0, g, 5).unwrap();
+        s.now_ms += 1;
+        let short = s.invite(0, g, 5).unwrap();
+        s.deliver_all();
+        let fx = s.engines[0]
+            .revoke_invite(g, revoked.id(), s.now_ms)
+            .unwrap();
+        s.apply(0, fx);
+        s.deliver_all();
+        // Member 2 joins with the one-use link: it is used up now.
+        s.join(2, 0, &used).unwrap();
+        s.deliver_all();
+        // `short` has expired by the time member 0 shares the states.
+        let mut records = s.invites[0].clone();
+        for r in &mut records {
+            if r.id == short.id() {
+                r.expires_at = s.now_ms / 1000;
+            }
+        }
+        let fx = s.engines[0]
+            .share_invite_states(g, &records, s.now_ms)
+            .unwrap();
+        s.apply(0, fx);
+        s.deliver_all();
+        let now = s.now_ms / 1000;
+        let r = record(&s, 2, used.id()).expect("the used-up invite is shared");
+        assert_eq!(r.admits(now), Err(JoinRejection::UsedUp));
+        let r = record(&s, 2, revoked.id()).expect("the revoked invite is shared");
+        assert_eq!(r.admits(now), Err(JoinRejection::Revoked));
+        assert!(
+            record(&s, 2, short.id()).is_none(),
+            "an expired invite is not shared"
+        );
+        // So member 2 refuses with the reason, like the inviter would.
+        let err = s.join(3, 2, &used).unwrap_err();
+        assert!(
+            matches!(err, GroupError::JoinRejected(JoinRejection::UsedUp)),
+            "{err:?}"
+        );
+    }
+
     #[test]
     fn approval_flag_is_shared() {
         let (mut s, g) = group_of(2, 2);
