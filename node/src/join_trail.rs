@@ -89,29 +89,35 @@ impl Trail {
     /// What was tried, as a clause: "tried the inviter at 2 addresses: cannot connect, and 3
     /// members found in the DHT: 2 cannot connect, 1 no answer in time".
     fn tried(&self) -> String {
-        let addrs = plural(self.inviter_addrs, "address", "addresses");
-        let inviter = match self.inviter {
-            Some(miss) => format!("the inviter at {addrs}: {miss}"),
-            None => format!("not yet the inviter at {addrs}"),
-        };
-        if self.members_tried == 0 {
-            let lookups = plural(self.lookups as usize, "lookup", "lookups");
-            return format!("tried {inviter}; the DHT named no other member after {lookups}");
+        let mut parts = Vec::new();
+        if let Some(miss) = self.inviter {
+            let addrs = plural(self.inviter_addrs, "address", "addresses");
+            parts.push(format!("the inviter at {addrs}: {miss}"));
         }
-        // In order of first appearance; at most a dozen kinds, so a list does.
-        let mut counts: Vec<(Miss, usize)> = Vec::new();
-        for m in &self.members {
-            match counts.iter_mut().find(|(k, _)| k == m) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((*m, 1)),
+        if self.members_tried > 0 {
+            // In order of first appearance; at most a dozen kinds, so a list does.
+            let mut counts: Vec<(Miss, usize)> = Vec::new();
+            for m in &self.members {
+                match counts.iter_mut().find(|(k, _)| k == m) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((*m, 1)),
+                }
             }
+            let why: Vec<String> = counts.iter().map(|(m, n)| format!("{n} {m}")).collect();
+            parts.push(format!(
+                "{} found in the DHT: {}",
+                plural(self.members_tried, "member", "members"),
+                why.join(", ")
+            ));
+            return format!("tried {}", parts.join(", and "));
         }
-        let why: Vec<String> = counts.iter().map(|(m, n)| format!("{n} {m}")).collect();
-        format!(
-            "tried {inviter}, and {} found in the DHT: {}",
-            plural(self.members_tried, "member", "members"),
-            why.join(", ")
-        )
+        let tried = if parts.is_empty() {
+            "no member yet".to_owned()
+        } else {
+            parts.join(", and ")
+        };
+        let lookups = plural(self.lookups as usize, "lookup", "lookups");
+        format!("tried {tried}; the DHT named no other member after {lookups}")
     }
 
     /// The line for a join that ran out of members to ask.
