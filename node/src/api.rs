@@ -12,7 +12,7 @@
 //! API is tested against a fake backend and the engine against its own tests.
 
 use std::convert::Infallible;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -262,12 +262,11 @@ pub async fn serve<B: ApiBackend>(
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = build_router(engine, &token, stop_rx.clone());
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .into_future();
+    // Connections whose request headers do not arrive within a few seconds are closed.
+    let server = crate::http::serve(listener, app, async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
     let mut stopped = stop_rx;
     tokio::select! {
         result = server => result,

@@ -150,6 +150,17 @@ pub struct RunArgs {
     /// one, written to metrics.addr in the data directory). Off by default.
     #[arg(long = "metrics", value_name = "IP:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Start over on purpose with this node key and an empty database, when the start check
+    /// finds kith.redb missing, empty or another key's (the old file is kept as
+    /// kith.redb.old-<time>). Changes nothing when key and database belong together.
+    #[arg(long, conflicts_with = "new_identity")]
+    pub fresh_database: bool,
+    /// Start over on purpose with a new node key and an empty database, when the start check
+    /// finds node.key missing, damaged or not the database's (old files are kept as
+    /// node.key.old-<time> and kith.redb.old-<time>). Changes nothing when key and database
+    /// belong together.
+    #[arg(long)]
+    pub new_identity: bool,
 }
 
 impl RunArgs {
@@ -162,6 +173,16 @@ impl RunArgs {
             no_mdns: self.no_mdns,
             api_listen: self.api_listen,
             metrics_listen: self.metrics_listen,
+        }
+    }
+
+    /// What the start check may set aside, from `--fresh-database` / `--new-identity`.
+    pub fn recovery(&self) -> crate::datadir::Recovery {
+        use crate::datadir::Recovery;
+        match (self.fresh_database, self.new_identity) {
+            (_, true) => Recovery::NewIdentity,
+            (true, false) => Recovery::FreshDatabase,
+            (false, false) => Recovery::Refuse,
         }
     }
 }
@@ -1165,6 +1186,9 @@ async fn join_command(
         .into());
     }
     let client = connect()?;
+    // The node's network is only known to the running node (`kith run --network` overrides
+    // config.toml): ask it, so a link of another network fails before "joining …".
+    invite.check(&client.status().await?.network, now_secs())?;
     let timeout = args.timeout.unwrap_or(DEFAULT_JOIN_TIMEOUT_SECS);
     let mut printer = None;
     if !args.json {

@@ -41,6 +41,7 @@ use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::admission::{FindError, HeldRequests, HeldState, request_id_text};
+use crate::join_trail::{Miss, Trail};
 use crate::metrics::{GroupGauges, IgnoreReason, JoinRequestResult, JoinResult, KithMetrics};
 use crate::model::{
     CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, InviteSummary, JoinRequestInfo,
@@ -194,8 +195,9 @@ pub enum EngineError {
     /// A member refused the join request (HTTP 409).
     #[error("join refused: {0}")]
     JoinRejected(JoinRejection),
-    /// No member of the group could be reached (HTTP 504).
-    #[error("could not reach a member of the group: {0}")]
+    /// No member of the group could be reached or add us: one line saying what was tried
+    /// and what to do (see [`crate::join_trail`]) (HTTP 504).
+    #[error("{0}")]
     Unreachable(String),
     /// The join did not finish within its time limit (HTTP 504).
     #[error("{0}")]
@@ -426,12 +428,6 @@ fn held_info(h: &crate::admission::Held) -> JoinRequestInfo {
     }
 }
 
-/// The last 8 characters of a PeerId (they all start alike), for messages.
-fn short_peer(peer: &PeerId) -> String {
-    let text = peer.to_string();
-    text[text.len().saturating_sub(8)..].to_owned()
-}
-
 /// How a join attempt with one member ended.
 enum Attempt {
     /// The member added us: complete the join with this answer.
@@ -439,7 +435,7 @@ enum Attempt {
     /// A refusal no other member would change (revoked, expired, used up, denied, …).
     Refused(JoinRejection),
     /// This member could not help; try the next one.
-    Next(String),
+    Next(Miss),
 }
 
 fn summary(v: &GroupView) -> GroupSummary {
@@ -623,7 +619,7 @@ impl EngineHandle {
         let mut lookup = Some(lookup_providers());
         let mut lookups = 1;
         let mut tried: HashSet<PeerId> = HashSet::new();
-        let mut failures: Vec<String> = Vec::new();
+        let mut trail = Trail::new(invite.addrs.len());
         let mut unknown: Option<JoinRejection> = None;
         // Connecting is harmless, so the inviter is dialled while the DHT is searched: a
         // dead or black-holed link address then costs nothing if a member answers there
@@ -661,9 +657,10 @@ impl EngineHandle {
                     match dialled {
                         Ok(Ok(Ok(()))) => candidates.push(inviter_entry.clone()),
                         Ok(Ok(Err(e))) => {
-                            failures.push(format!("inviter: cannot connect: {e}"));
+                            tracing::info!(group = %group.short(), peer = %invite.inviter, error = %e, "cannot connect to the inviter");
+                            trail.inviter = Some(Miss::CannotConnect);
                         }
-                        _ => failures.push("inviter: cannot connect: timed out".to_owned()),
+                        _ => trail.inviter = Some(Miss::ConnectTimedOut),
                     }
                 }
                 found = async { lookup.as_mut().expect("guarded").await },
@@ -683,7 +680,7 @@ impl EngineHandle {
                     );
                 }
                 () = tokio::time::sleep_until(deadline) => {
-                    return Err(self.timed_out(timeout, &failures));
+                    return Err(self.timed_out(timeout, &trail, lookups));
                 }
             }
         }
@@ -707,15 +704,12 @@ impl EngineHandle {
                         lookups += 1;
                         lookup_providers()
                     }
-                    None => {
-                        failures.push("no other member found in the DHT".to_owned());
-                        break;
-                    }
+                    None => break,
                 };
                 let found = match tokio::time::timeout_at(deadline, task).await {
                     Ok(Ok(Ok(peers))) => peers,
                     Ok(_) => Vec::new(),
-                    Err(_) => return Err(self.timed_out(timeout, &failures)),
+                    Err(_) => return Err(self.timed_out(timeout, &trail, lookups)),
                 };
                 tracing::debug!(group = %group.short(), found = found.len(), "members found in the DHT");
                 candidates.extend(
@@ -757,11 +751,11 @@ impl EngineHandle {
                     return Ok(info);
                 }
                 Attempt::Refused(r) => return Err(EngineError::JoinRejected(r)),
-                Attempt::Next(reason) => {
+                Attempt::Next(miss) => {
                     if tokio::time::Instant::now() >= deadline {
-                        return Err(self.timed_out(timeout, &failures));
+                        return Err(self.timed_out(timeout, &trail, lookups));
                     }
-                    if reason == JoinRejection::UnknownInvite.to_string() {
+                    if miss == Miss::Declined(JoinRejection::UnknownInvite) {
                         // The member who signed the link created the invite: if it does not
                         // know it, no one does.
                         if peer == invite.inviter {
@@ -773,10 +767,14 @@ impl EngineHandle {
                         group,
                         JoinStage::TryingNext {
                             peer: peer.to_string(),
-                            reason: reason.clone(),
+                            reason: miss.to_string(),
                         },
                     );
-                    failures.push(format!("{}: {reason}", short_peer(&peer)));
+                    if peer == invite.inviter {
+                        trail.inviter = Some(miss);
+                    } else {
+                        trail.member(miss);
+                    }
                 }
             }
         }
@@ -784,7 +782,8 @@ impl EngineHandle {
         if let Some(r) = unknown {
             return Err(EngineError::JoinRejected(r));
         }
-        Err(EngineError::Unreachable(failures.join("; ")))
+        trail.lookups = lookups;
+        Err(EngineError::Unreachable(trail.unreachable()))
     }
 
     /// Asks `members`, one after the other, to add this node again after its branch of
@@ -874,14 +873,10 @@ impl EngineHandle {
         }
     }
 
-    fn timed_out(&self, timeout: Duration, failures: &[String]) -> EngineError {
-        let mut text = format!("the join did not finish within {} s", timeout.as_secs());
-        if !failures.is_empty() {
-            text.push_str(" (");
-            text.push_str(&failures.join("; "));
-            text.push(')');
-        }
-        EngineError::TimedOut(text)
+    fn timed_out(&self, timeout: Duration, trail: &Trail, lookups: u32) -> EngineError {
+        let mut trail = trail.clone();
+        trail.lookups = lookups;
+        EngineError::TimedOut(trail.timed_out(timeout.as_secs()))
     }
 
     /// Asks one member: connect (bounded by [`JOIN_DIAL_TIMEOUT`]), send the request, and
@@ -908,8 +903,11 @@ impl EngineHandle {
         let dial_deadline = deadline.min(tokio::time::Instant::now() + JOIN_DIAL_TIMEOUT);
         match tokio::time::timeout_at(dial_deadline, self.net.connect(peer, addrs)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Attempt::Next(format!("cannot connect: {e}")),
-            Err(_) => return Attempt::Next("cannot connect: timed out".to_owned()),
+            Ok(Err(e)) => {
+                tracing::info!(group = %group.short(), %peer, via, error = %e, "cannot connect to a member");
+                return Attempt::Next(Miss::CannotConnect);
+            }
+            Err(_) => return Attempt::Next(Miss::ConnectTimedOut),
         }
         self.progress(
             group,
@@ -923,8 +921,11 @@ impl EngineHandle {
             let sent = self.net.join(peer, Vec::new(), request.clone());
             let response = match tokio::time::timeout_at(deadline, sent).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Attempt::Next(format!("request failed: {e}")),
-                Err(_) => return Attempt::Next("no answer in time".to_owned()),
+                Ok(Err(e)) => {
+                    tracing::info!(group = %group.short(), %peer, error = %e, "join request failed");
+                    return Attempt::Next(Miss::RequestFailed);
+                }
+                Err(_) => return Attempt::Next(Miss::NoAnswer),
             };
             match response {
                 JoinResponse::Accepted { .. } | JoinResponse::Admitted { .. } => {
@@ -935,7 +936,7 @@ impl EngineHandle {
                     | JoinRejection::NotMember
                     | JoinRejection::Internal
                     | JoinRejection::Busy),
-                ) => return Attempt::Next(r.to_string()),
+                ) => return Attempt::Next(Miss::Declined(r)),
                 JoinResponse::Rejected(r) => return Attempt::Refused(r),
                 JoinResponse::AwaitingApproval { request: id } => {
                     if !announced {
@@ -951,7 +952,7 @@ impl EngineHandle {
                     let wake = deadline.min(tokio::time::Instant::now() + APPROVAL_RETRY);
                     tokio::time::sleep_until(wake).await;
                     if tokio::time::Instant::now() >= deadline {
-                        return Attempt::Next("still waiting for approval".to_owned());
+                        return Attempt::Next(Miss::StillAwaitingApproval);
                     }
                 }
             }
@@ -2087,9 +2088,9 @@ impl Actor {
         }
     }
 
-    /// Announces this node in the DHT under the rendezvous key of every active invite of its
-    /// active groups (all of them again when `refresh`, else only new ones), and stops
-    /// announcing invites that were revoked, expired or used up.
+    /// Announces this node in the DHT under the rendezvous key of every unexpired invite of
+    /// its active groups, ended ones included (all of them again when `refresh`, else only
+    /// new ones), and stops announcing invites that expired.
     fn announce_invites(&mut self, refresh: bool) {
         let records = match self.store.invites() {
             Ok(r) => r,
@@ -2099,17 +2100,19 @@ impl Actor {
             }
         };
         let now = now_ms() / 1000;
+        // Ended (revoked, used-up) invites too, until they expire, so a joiner reaching any
+        // member hears the reason; live ones first when there are too many.
         let mut active: Vec<&InviteRecord> = records
             .iter()
             .filter(|r| {
-                r.is_active(now)
+                r.is_announced(now)
                     && self
                         .groups
                         .group(&r.group)
                         .is_some_and(|v| v.active && !v.leaving)
             })
             .collect();
-        active.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+        active.sort_by_key(|r| (!r.is_active(now), std::cmp::Reverse(r.created_at)));
         let network = self.groups.network().to_owned();
         let wanted: HashSet<[u8; 32]> = active
             .iter()

@@ -15,7 +15,7 @@
 //! gauges are created once and then cached by the engine.
 
 use std::fmt;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -803,10 +803,7 @@ pub async fn serve(
     registry: Arc<Registry>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(registry))
-        .with_graceful_shutdown(shutdown)
-        .into_future()
-        .await
+    crate::http::serve(listener, router(registry), shutdown).await
 }
 
 #[cfg(test)]

@@ -17,7 +17,10 @@
 //! - `peers`: `PeerId` bytes → list of multiaddr bytes (the address book).
 //! - `meta`: `schema_version` (u32 big-endian). Schema 1 keyed `history` by a local arrival
 //!   sequence (kept in `next_seq`); [`Store::open`] migrates it to schema 2, then 3 and 4, in
-//!   place.
+//!   place. `owner`: the PeerId bytes of the node key the database belongs to, written by
+//!   [`Store::open_owned`] at creation (or adopted on the first such open of a database
+//!   written before owners were recorded), so a swapped key is refused instead of starting
+//!   a node whose groups are dead.
 //!
 //! Kith records are encoded with [`kith_protocol::codec`]; openmls records with serde_json.
 //!
@@ -78,6 +81,8 @@ const UNDECRYPTABLE: TableDefinition<&[u8; 64], &[u8]> = TableDefinition::new("u
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const META_SCHEMA_VERSION: &str = "schema_version";
+/// The PeerId (bytes) of the node key this database belongs to.
+const META_OWNER: &str = "owner";
 /// Schema 1 only: the next local history sequence number.
 const META_NEXT_SEQ: &str = "next_seq";
 
@@ -194,6 +199,14 @@ pub enum StoreError {
         found: u32,
         /// The newest version this code understands.
         supported: u32,
+    },
+    /// The database belongs to another node key than the one it was opened with
+    /// ([`Store::open_owned`]). The file was not modified; the caller restores the right key
+    /// or sets the database aside.
+    #[error("the database belongs to node {owner}")]
+    OtherOwner {
+        /// The PeerId recorded in the database.
+        owner: PeerId,
     },
 }
 
@@ -355,23 +368,56 @@ impl Store {
     /// [`StoreError::AlreadyOpen`] if another node holds it, and with
     /// [`StoreError::Database`] if the file is damaged (page checksums are verified on open).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let file = path.to_owned();
-        Store::open_with(path, Box::new(move || Store::open_file(&file)))
+        Self::open_inner(path, None)
     }
 
-    /// Opens the database file and checks its schema: at start, and again after an I/O
-    /// error (see [`Store::generation`]).
-    fn open_file(path: &Path) -> Result<Database, StoreError> {
+    /// Opens the database at `path` as the database of node `owner`, like [`Store::open`]:
+    /// a new database records `owner`, one without an owner record (written before owners
+    /// were recorded) adopts it, and one recorded for another node fails with
+    /// [`StoreError::OtherOwner`], leaving the file untouched.
+    pub fn open_owned(path: &Path, owner: &PeerId) -> Result<Store, StoreError> {
+        Self::open_inner(path, Some(owner))
+    }
+
+    /// The owner recorded in the database at `path`, if any, without changing the file (for
+    /// error messages: it names the node whose key is wanted).
+    pub fn owner_of(path: &Path) -> Result<Option<PeerId>, StoreError> {
+        use redb::ReadableDatabase as _;
+        let db = Database::builder().open(path)?;
+        let txn = db.begin_read()?;
+        let meta = match txn.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        meta.get(META_OWNER)?
+            .map(|v| decode_owner(v.value()))
+            .transpose()
+    }
+
+    fn open_inner(path: &Path, owner: Option<&PeerId>) -> Result<Store, StoreError> {
+        let file = path.to_owned();
+        let owner = owner.copied();
+        Store::open_with(
+            path,
+            Box::new(move || Store::open_file(&file, owner.as_ref())),
+        )
+    }
+
+    /// Opens the database file and checks its schema (and owner): at start, and again after
+    /// an I/O error (see [`Store::generation`]).
+    fn open_file(path: &Path, owner: Option<&PeerId>) -> Result<Database, StoreError> {
         // Verify page checksums on every open: a file damaged outside redb is then a typed
         // error instead of a possible panic later. It reads the whole file once at startup.
         let db = Database::builder()
             .set_check_integrity_on_open(true)
             .create(path)?;
-        Store::prepare(db)
+        Store::prepare(db, owner)
     }
 
-    /// Checks the schema of a freshly opened database, migrating older ones in place.
-    fn prepare(db: Database) -> Result<Database, StoreError> {
+    /// Checks the schema of a freshly opened database, migrating older ones in place, and
+    /// records or checks its owner.
+    fn prepare(db: Database, owner: Option<&PeerId>) -> Result<Database, StoreError> {
         let txn = db.begin_write()?;
         {
             let found = {
@@ -407,6 +453,9 @@ impl Store {
                         reason: format!("unknown schema version {found}"),
                     });
                 }
+            }
+            if let Some(owner) = owner {
+                claim_owner(&txn, owner, found.is_some())?;
             }
             txn.open_table(MLS)?;
             txn.open_table(GROUPS)?;
@@ -1110,6 +1159,39 @@ fn group_range(group: &GroupId) -> ([u8; HISTORY_KEY_LEN], [u8; HISTORY_KEY_LEN]
 /// Schema 1 → 2: re-keys every `history` row from the arrival sequence to [`history_key`],
 /// points `message_index` at the new keys and drops `next_seq`. Runs inside the caller's
 /// transaction, which also writes the new schema version: all of it or nothing.
+/// Checks, inside the open transaction, that the database belongs to `owner`, recording
+/// `owner` if no owner is recorded yet (a new database, or one written before owners were
+/// recorded, which `existed`). A refusal aborts the transaction: the file stays untouched.
+fn claim_owner(
+    txn: &redb::WriteTransaction,
+    owner: &PeerId,
+    existed: bool,
+) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let recorded = meta
+        .get(META_OWNER)?
+        .map(|v| decode_owner(v.value()))
+        .transpose()?;
+    match recorded {
+        Some(recorded) if recorded == *owner => Ok(()),
+        Some(recorded) => Err(StoreError::OtherOwner { owner: recorded }),
+        None => {
+            meta.insert(META_OWNER, owner.to_bytes().as_slice())?;
+            if existed {
+                tracing::info!(%owner, "recorded the node key as the owner of an older database");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn decode_owner(bytes: &[u8]) -> Result<PeerId, StoreError> {
+    PeerId::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        table: "meta",
+        reason: format!("owner is not a PeerId: {e}"),
+    })
+}
+
 fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     const V1_HISTORY: TableDefinition<&[u8; V1_HISTORY_KEY_LEN], &[u8]> =
         TableDefinition::new("history");
@@ -2126,6 +2208,78 @@ mod tests {
         let txn = db.begin_write().expect("begin");
         f(&txn);
         txn.commit().expect("raw commit");
+    }
+
+    #[test]
+    fn the_owner_is_recorded_and_another_key_refused() {
+        let (dir, store) = open_temp();
+        drop(store);
+        let path = dir.path().join("kith.redb");
+        // Written by `Store::open` like an older node: no owner yet.
+        assert_eq!(Store::owner_of(&path).expect("read"), None);
+        // The first owned open adopts its key; the same key opens again.
+        let store = Store::open_owned(&path, &peer(1)).expect("adopt");
+        store
+            .commit(Batch {
+                groups: vec![GroupMeta {
+                    id: GroupId([1; 32]),
+                    name: "kept".into(),
+                    joined_at_ms: 0,
+                }],
+                ..Batch::default()
+            })
+            .expect("commit");
+        drop(store);
+        assert_eq!(Store::owner_of(&path).expect("read"), Some(peer(1)));
+        drop(Store::open_owned(&path, &peer(1)).expect("same key"));
+        // Another key is refused and the file is left as it was.
+        let err = Store::open_owned(&path, &peer(2)).expect_err("other key");
+        assert!(
+            matches!(err, StoreError::OtherOwner { owner } if owner == peer(1)),
+            "{err}"
+        );
+        assert_eq!(Store::owner_of(&path).expect("read"), Some(peer(1)));
+        let store = Store::open_owned(&path, &peer(1)).expect("still the owner's");
+        assert_eq!(store.groups().expect("groups").len(), 1);
+        drop(store);
+        // A new database records its owner at creation.
+        let fresh = dir.path().join("fresh.redb");
+        drop(Store::open_owned(&fresh, &peer(3)).expect("create"));
+        assert_eq!(Store::owner_of(&fresh).expect("read"), Some(peer(3)));
+    }
+
+    #[test]
+    fn a_schema_3_database_without_owner_is_migrated_and_adopted() {
+        let (dir, store) = open_temp();
+        store
+            .commit(Batch {
+                envelopes: spread_envelopes(),
+                ..Batch::default()
+            })
+            .expect("commit");
+        drop(store);
+        let path = dir.path().join("kith.redb");
+        raw_write(&path, |txn| {
+            assert!(txn.delete_table(ENVELOPES_BY_GROUP).expect("delete"));
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert(META_SCHEMA_VERSION, 3u32.to_be_bytes().as_slice())
+                .expect("version");
+            assert!(meta.get(META_OWNER).expect("get").is_none());
+        });
+        let store = Store::open_owned(&path, &peer(7)).expect("migrate and adopt");
+        assert_index_matches(&store);
+        drop(store);
+        assert_eq!(Store::owner_of(&path).expect("read"), Some(peer(7)));
+        // A damaged owner record is a typed error, not a new owner.
+        raw_write(&path, |txn| {
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert(META_OWNER, [1u8, 2, 3].as_slice())
+                .expect("insert");
+        });
+        assert!(matches!(
+            Store::open_owned(&path, &peer(7)),
+            Err(StoreError::Corrupt { table: "meta", .. })
+        ));
     }
 
     #[test]

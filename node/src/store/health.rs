@@ -526,6 +526,7 @@ mod tests {
                     Database::builder()
                         .set_check_integrity_on_open(true)
                         .create_with_backend(backend)?,
+                    None,
                 )
             })
         };
