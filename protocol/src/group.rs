@@ -1615,12 +1615,9 @@ where
         if ahead && source != Source::Held {
             // Nothing was decrypted: hold it and fetch what comes before.
             self.provider.storage().release(savepoint);
-            hold_pending(g, envelope.epoch(), bytes);
-            g.catching_up.get_or_insert(now_ms);
-            effects.push(Effect::Behind {
-                group: group_id,
-                missing: u64::from(MAX_FORWARD_DISTANCE),
-            });
+            effects.push(hold_behind(g, envelope.epoch(), bytes, now_ms, {
+                u64::from(MAX_FORWARD_DISTANCE)
+            }));
             return verdict;
         }
         let Some((sender, Some(seq))) = decrypted.filter(|_| verdict == Verdict::Accept) else {
@@ -1640,12 +1637,7 @@ where
                 Ok(mls) => {
                     effects.truncate(mark);
                     g.mls = mls;
-                    hold_pending(g, envelope.epoch(), bytes);
-                    g.catching_up.get_or_insert(now_ms);
-                    effects.push(Effect::Behind {
-                        group: group_id,
-                        missing,
-                    });
+                    effects.push(hold_behind(g, envelope.epoch(), bytes, now_ms, missing));
                     return Verdict::Ignore(format!(
                         "{missing} earlier messages of its sender are missing; held until they are fetched"
                     ));
@@ -2425,6 +2417,18 @@ where
     g.mls = load_mls(storage, &group)?;
     g.leaving = was_leaving;
     fork::delete_checkpoint(storage, &group, cur).map_err(mls_err)
+}
+
+/// Holds a live envelope that came before messages of its sender this node lacks, starts
+/// holding the group's other live envelopes too (a catch-up from `now_ms`), and returns the
+/// effect that asks the node to fetch the gap.
+fn hold_behind(g: &mut Group, epoch: u64, bytes: &[u8], now_ms: u64, missing: u64) -> Effect {
+    hold_pending(g, epoch, bytes);
+    g.catching_up.get_or_insert(now_ms);
+    Effect::Behind {
+        group: g.meta.id,
+        missing,
+    }
 }
 
 /// Holds an envelope until its epoch is reached or a catch-up ends (bounded by

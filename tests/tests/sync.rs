@@ -410,6 +410,22 @@ async fn configured_retention_prunes_history() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A and B in a group created by A; B has read A's text "first".
+async fn two_talking(
+    dirs: &[tempfile::TempDir],
+    name: &str,
+) -> anyhow::Result<(TestNode, TestNode, GroupInfo)> {
+    let a = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
+    let boot_a = a.bootstrap_peer().await?;
+    let b = TestNode::start(dirs[1].path(), loopback_config(vec![boot_a])).await?;
+    let (group, invite) = a.group_with_invite(name, 1).await?;
+    let mut b_events = b.node.engine.subscribe();
+    b.node.engine.join(invite.link.clone()).await?;
+    a.node.engine.send(group.id.clone(), "first".into()).await?;
+    wait_texts(&mut b_events, "B", &["first".to_owned()]).await?;
+    Ok((a, b, group))
+}
+
 /// Issue 10's loss: a member that comes back and gets a sender's newest messages live
 /// before history sync has brought the older ones must still end with every message. B is
 /// down while A sends 80 messages; A goes on sending 300 more while B restarts and catches
@@ -418,14 +434,7 @@ async fn configured_retention_prunes_history() -> anyhow::Result<()> {
 async fn restarted_member_gets_every_message_although_newer_ones_arrive_first() -> anyhow::Result<()>
 {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
-    let boot_a = a.bootstrap_peer().await?;
-    let b = TestNode::start(dirs[1].path(), loopback_config(vec![boot_a])).await?;
-    let (group, invite) = a.group_with_invite("restart", 1).await?;
-    let mut b_events = b.node.engine.subscribe();
-    b.node.engine.join(invite.link.clone()).await?;
-    a.node.engine.send(group.id.clone(), "first".into()).await?;
-    wait_texts(&mut b_events, "B", &["first".to_owned()]).await?;
+    let (a, b, group) = two_talking(&dirs, "restart").await?;
 
     let b = b.stop().await;
     let mut want: BTreeSet<String> = BTreeSet::from(["first".to_owned()]);
@@ -486,14 +495,7 @@ async fn restarted_member_gets_every_message_although_newer_ones_arrive_first() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn member_away_for_many_epochs_reads_the_messages_of_each() -> anyhow::Result<()> {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
-    let boot_a = a.bootstrap_peer().await?;
-    let b = TestNode::start(dirs[1].path(), loopback_config(vec![boot_a])).await?;
-    let (group, invite) = a.group_with_invite("epochs", 1).await?;
-    let mut b_events = b.node.engine.subscribe();
-    b.node.engine.join(invite.link.clone()).await?;
-    a.node.engine.send(group.id.clone(), "first".into()).await?;
-    wait_texts(&mut b_events, "B", &["first".to_owned()]).await?;
+    let (a, b, group) = two_talking(&dirs, "epochs").await?;
     let b = b.stop().await;
     let mut want: BTreeSet<String> = BTreeSet::from(["first".to_owned()]);
     let rounds = 8u64;
