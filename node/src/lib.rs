@@ -4,6 +4,7 @@ pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod crashpoint;
 pub mod engine;
 pub mod identity;
 pub mod metrics;

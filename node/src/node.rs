@@ -72,6 +72,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// `KITH_CRASH_AT` (crash tests only) is set to something unusable.
+    #[error(transparent)]
+    CrashPoint(#[from] crate::crashpoint::CrashPointError),
 }
 
 /// A node that is up.
@@ -104,6 +107,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         config,
         heartbeat,
     } = opts;
+    crate::crashpoint::arm_from_env()?;
     identity::create_data_dir(&data_dir)?;
     let (keypair, created) = identity::load_or_create_keypair(&data_dir)?;
     let peer_id = keypair.public().to_peer_id();
