@@ -41,7 +41,7 @@ use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::admission::{FindError, HeldRequests, HeldState, request_id_text};
-use crate::crashpoint;
+use crate::crashpoint::{self, Point};
 use crate::metrics::{GroupGauges, IgnoreReason, JoinRequestResult, JoinResult, KithMetrics};
 use crate::model::{
     CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, InviteSummary, JoinRequestInfo,
@@ -1324,7 +1324,7 @@ impl Actor {
             }
             let _ = self.net.validate_blocking(id, source, &verdict);
         }
-        crashpoint::reached(crashpoint::Point::Ingest);
+        crashpoint::reached(Point::Ingest);
         if let Err(e) = self.apply_with(effects, false) {
             tracing::error!(error = %e, "cannot store received messages; they are lost on this node");
             self.metrics.envelope_ignored(IgnoreReason::Storage);
@@ -1395,7 +1395,7 @@ impl Actor {
                 }
             }
         }
-        crashpoint::reached(crashpoint::Point::Sync);
+        crashpoint::reached(Point::Sync);
         if let Err(e) = self.apply_with(effects, false) {
             tracing::error!(error = %e, "cannot store synced messages");
             return 0;
@@ -1636,9 +1636,7 @@ impl Actor {
     /// and a commit others may already apply must never be lost here by a crash.
     fn apply_with(&mut self, effects: Vec<Effect>, durable: bool) -> Result<(), EngineError> {
         let durable = durable || publishes(&effects);
-        crashpoint::reached_when(crashpoint::Point::Commit, || {
-            crashpoint::merges_commit(&effects)
-        });
+        crashpoint::reached_when(Point::Commit, || crashpoint::merges_commit(&effects));
         let batch = Batch::from_effects(&effects);
         if (!batch.is_empty() || self.store.has_staged())
             && let Err(e) = self.commit_with(batch, durable)
@@ -1646,7 +1644,7 @@ impl Actor {
             self.rollback();
             return Err(e.into());
         }
-        crashpoint::reached_when(crashpoint::Point::Send, || publishes(&effects));
+        crashpoint::reached_when(Point::Send, || publishes(&effects));
         self.after_commit(effects);
         Ok(())
     }
@@ -1721,7 +1719,7 @@ impl Actor {
 
     fn flush(&mut self) {
         if self.unflushed {
-            crashpoint::reached(crashpoint::Point::Flush);
+            crashpoint::reached(Point::Flush);
             match self.store.flush() {
                 Ok(()) => self.unflushed = false,
                 Err(e) => tracing::error!(error = %e, "cannot flush the store"),
