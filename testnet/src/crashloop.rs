@@ -83,8 +83,8 @@ pub struct CrashLoopOptions {
     pub size: usize,
     /// Kills per round (each round ends with a convergence check).
     pub round_kills: usize,
-    /// Longest life of a node before it is killed (a node with a crash point gets twice
-    /// this to reach it).
+    /// Longest life of a node before it is killed from outside (a node with a crash point
+    /// gets three times this to reach it).
     pub max_up: Duration,
     /// Longest time a killed node stays down.
     pub max_down: Duration,
@@ -113,7 +113,7 @@ impl Default for CrashLoopOptions {
             max_up: Duration::from_secs(3),
             max_down: Duration::from_secs(5),
             converge_timeout: Duration::from_secs(60),
-            update_every: Some(Duration::from_secs(15)),
+            update_every: Some(Duration::from_secs(10)),
             out: None,
         }
     }
@@ -225,8 +225,10 @@ pub struct RoundResult {
 /// A message missing somewhere.
 #[derive(Debug, Clone, Serialize)]
 pub struct LostMessage {
-    /// Harness sequence number (in the text, `kt<seq> n<sender>`), if a tracked message.
+    /// Harness sequence number (in the text, `kt<seq> n<sender>`), if an acknowledged send.
     pub seq: Option<u64>,
+    /// The node that sent it, if an acknowledged send.
+    pub sender: Option<usize>,
     /// Message id.
     pub id: String,
     /// Nodes that lack it.
@@ -309,6 +311,7 @@ pub struct CrashLoopReport {
 #[derive(Debug, Clone)]
 struct Acked {
     seq: u64,
+    sender: usize,
     id: String,
 }
 
@@ -391,7 +394,11 @@ async fn traffic(book: SharedBook, group: String, rate: f64, size: usize, seed: 
             let mut b = book.lock();
             b.in_flight -= 1;
             match r {
-                Ok(Ok(m)) => b.acked.push(Acked { seq, id: m.id }),
+                Ok(Ok(m)) => b.acked.push(Acked {
+                    seq,
+                    sender,
+                    id: m.id,
+                }),
                 _ => b.unacked.push((seq, sender)),
             }
         });
@@ -454,11 +461,11 @@ fn pick_point(rng: &mut StdRng) -> Option<(Point, u64)> {
     }
     // Counts sized to how often each point is passed within a few seconds of life.
     let (point, most) = match rng.gen_range(0..5) {
-        0 => (Point::Ingest, 30),
-        1 => (Point::Sync, 3),
+        0 => (Point::Ingest, 20),
+        1 => (Point::Sync, 2),
         2 => (Point::Commit, 2),
-        3 => (Point::Send, 20),
-        _ => (Point::Flush, 6),
+        3 => (Point::Send, 15),
+        _ => (Point::Flush, 4),
     };
     Some((point, rng.gen_range(1..=most)))
 }
@@ -578,14 +585,14 @@ impl Looper {
                 self.failures_in_a_row = 0;
                 self.recorders[i] = Some(record(self.book.clone(), i, stream));
                 self.book.lock().clients[i] = Some(client);
-                let most = if armed.is_some() {
-                    self.opts.max_up * 2
+                // A node with a crash point lives until it reaches it, or at most three
+                // times the longest life (then it is killed from outside).
+                let life = if armed.is_some() {
+                    self.opts.max_up.as_millis() as u64 * 3
                 } else {
-                    self.opts.max_up
+                    self.rng
+                        .gen_range(MIN_UP.as_millis() as u64..=self.opts.max_up.as_millis() as u64)
                 };
-                let life = self
-                    .rng
-                    .gen_range(MIN_UP.as_millis() as u64..=most.as_millis() as u64);
                 self.life[i] = Life::Up {
                     armed,
                     since: started,
@@ -1067,6 +1074,7 @@ impl Looper {
                 if acked_lost_examples.len() < MAX_EXAMPLES {
                     acked_lost_examples.push(LostMessage {
                         seq: Some(a.seq),
+                        sender: Some(a.sender),
                         id: a.id.clone(),
                         missing_on,
                     });
@@ -1084,8 +1092,10 @@ impl Looper {
             shown_then_lost += lost.len();
             for id in lost {
                 if shown_then_lost_examples.len() < MAX_EXAMPLES {
+                    let a = b.acked.iter().find(|a| a.id == **id);
                     shown_then_lost_examples.push(LostMessage {
-                        seq: None,
+                        seq: a.map(|a| a.seq),
+                        sender: a.map(|a| a.sender),
                         id: id.clone(),
                         missing_on: vec![i],
                     });

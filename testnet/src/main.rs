@@ -61,7 +61,8 @@ struct CrashLoopArgs {
     /// Kills per round; each round ends with a convergence check.
     #[arg(long, default_value_t = 10, value_name = "N")]
     round_kills: usize,
-    /// Longest life of a node before it is killed, in milliseconds.
+    /// Longest life of a node before it is killed from outside, in milliseconds (3 times
+    /// this for a node with a crash point, to reach it).
     #[arg(long, default_value_t = 3000, value_name = "MS")]
     max_up_ms: u64,
     /// Longest time a killed node stays down, in milliseconds.
@@ -71,7 +72,7 @@ struct CrashLoopArgs {
     #[arg(long, default_value_t = 60.0, value_name = "SECS")]
     converge_timeout: f64,
     /// A random member commits a self-update this often, in seconds (0: never).
-    #[arg(long, default_value_t = 15.0, value_name = "SECS")]
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
     update_every: f64,
     /// Run directory [default: ./testnet-run/<UTC timestamp>].
     #[arg(long, value_name = "RUN_DIR")]
