@@ -167,6 +167,7 @@ fn pass(a: &Armed) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -1083,10 +1083,10 @@ impl Looper {
         }
         let mut shown_then_lost = 0;
         let mut shown_then_lost_examples = Vec::new();
-        for i in 0..n {
-            let mut lost: Vec<&String> = b.shown[i]
+        for (i, (shown, held)) in b.shown.iter().zip(&sets).enumerate() {
+            let mut lost: Vec<&String> = shown
                 .iter()
-                .filter(|id| !sets[i].contains(id.as_str()))
+                .filter(|id| !held.contains(id.as_str()))
                 .collect();
             lost.sort();
             shown_then_lost += lost.len();

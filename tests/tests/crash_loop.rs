@@ -13,6 +13,8 @@
 //! The tests of this file run one at a time (each starts real processes; on 2 cores they
 //! would slow each other down). Seeds come from `KITH_TEST_SEED` and are printed.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
