@@ -435,6 +435,36 @@ fn sender_aborted_between_store_and_publish_delivers_everywhere() {
 }
 
 #[test]
+fn a_malformed_crash_point_stops_the_start_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("node");
+    let out = std::process::Command::new(kith_tests::kith_bin().unwrap())
+        .arg("--data-dir")
+        .arg(&dir)
+        .args([
+            "run",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--no-mdns")
+        .env("KITH_CRASH_AT", "nowhere:3")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("error: KITH_CRASH_AT=\"nowhere:3\" is not POINT:N"),
+        "{stderr}"
+    );
+    assert!(!dir.exists(), "the data directory was created");
+}
+
+#[test]
 fn crash_loop_loses_nothing() {
     let _serial = serial();
     let seed = test_seed();
