@@ -262,6 +262,8 @@ pub struct CrashLoopReport {
     pub acked: usize,
     /// Sends that got no acknowledgement (the sender died or was down).
     pub unacked: usize,
+    /// Why sends got no acknowledgement, counted by class.
+    pub unacked_reasons: BTreeMap<String, usize>,
     /// Unacknowledged sends that every member holds.
     pub unacked_everywhere: usize,
     /// Unacknowledged sends that no member holds.
@@ -323,6 +325,8 @@ struct Book {
     acked: Vec<Acked>,
     /// Sequence numbers of sends that got no acknowledgement, with their sender.
     unacked: Vec<(u64, usize)>,
+    /// Why sends got no acknowledgement, counted.
+    unacked_why: BTreeMap<String, usize>,
     /// Per node: ids of messages its event stream showed.
     shown: Vec<HashSet<String>>,
     shown_events: usize,
@@ -348,6 +352,19 @@ fn tracked(text: &str) -> Option<(u64, usize)> {
     let (seq, rest) = rest.split_once(' ')?;
     let sender = rest.strip_prefix('n')?.split(' ').next()?;
     Some((seq.parse().ok()?, sender.parse().ok()?))
+}
+
+/// A short class of why a send failed, for the report.
+fn unacked_reason(e: &kith_node::cli::ClientError) -> String {
+    use kith_node::cli::ClientError;
+    match e {
+        ClientError::NotRunning => "node not running (connection refused)".to_owned(),
+        ClientError::Api { status, code, .. } => format!("API {status} {code}"),
+        ClientError::Http(_) | ClientError::Protocol(_) | ClientError::StreamEnded => {
+            "connection lost before the answer".to_owned()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Sends at `rate` from a random up node until stopped; pauses while `paused`.
@@ -399,7 +416,16 @@ async fn traffic(book: SharedBook, group: String, rate: f64, size: usize, seed: 
                     sender,
                     id: m.id,
                 }),
-                _ => b.unacked.push((seq, sender)),
+                Ok(Err(e)) => {
+                    b.unacked.push((seq, sender));
+                    *b.unacked_why.entry(unacked_reason(&e)).or_default() += 1;
+                }
+                Err(_) => {
+                    b.unacked.push((seq, sender));
+                    *b.unacked_why
+                        .entry("no answer in time".to_owned())
+                        .or_default() += 1;
+                }
             }
         });
     }
@@ -1222,6 +1248,7 @@ impl Looper {
             self_updates: self.self_updates,
             acked: b.acked.len(),
             unacked: b.unacked.len(),
+            unacked_reasons: b.unacked_why.clone(),
             unacked_everywhere: everywhere,
             unacked_nowhere: nowhere,
             unacked_partial: partial,
@@ -1272,6 +1299,7 @@ pub fn render(r: &CrashLoopReport) -> String {
          restart failures:   {}\n\
          self-updates:       {}\n\
          sends:              {} acknowledged, {} not ({} everywhere, {} nowhere, {} partial)\n\
+         not acknowledged:   {}\n\
          acked-lost:         {}\n\
          shown-then-lost:    {} (of {} events shown; {} skipped by lag)\n\
          histories equal:    {}\n\
@@ -1297,6 +1325,15 @@ pub fn render(r: &CrashLoopReport) -> String {
         r.unacked_everywhere,
         r.unacked_nowhere,
         r.unacked_partial,
+        if r.unacked_reasons.is_empty() {
+            "-".to_owned()
+        } else {
+            r.unacked_reasons
+                .iter()
+                .map(|(why, n)| format!("{n} {why}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
         r.acked_lost,
         r.shown_then_lost,
         r.shown_events,
