@@ -30,7 +30,7 @@
 //! The run passes when all of these are zero/equal, every round converged, no node died
 //! without being killed (a panic) and every restart worked.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -275,6 +275,9 @@ pub struct CrashLoopReport {
     /// Messages shown on a node's event stream and missing from its history at the end,
     /// counted per (message, node) (must be 0).
     pub shown_then_lost: usize,
+    /// (message, node) pairs whose id is missing but whose text the node holds under
+    /// another id: re-sent after a fork, so not counted as lost.
+    pub resent_under_new_id: usize,
     /// Message events recorded on the streams.
     pub shown_events: usize,
     /// Events the streams skipped (the harness fell behind): not checked.
@@ -328,7 +331,9 @@ struct Book {
     /// Why sends got no acknowledgement, counted.
     unacked_why: BTreeMap<String, usize>,
     /// Per node: ids of messages its event stream showed.
-    shown: Vec<HashSet<String>>,
+    /// Per node: ids of messages its event stream showed, with the harness key of their
+    /// text (`kt<seq> n<sender>`) when they are tracked sends.
+    shown: Vec<HashMap<String, Option<(u64, usize)>>>,
     shown_events: usize,
     lagged: u64,
     next_seq: u64,
@@ -437,9 +442,10 @@ fn record(book: SharedBook, i: usize, mut stream: kith_node::cli::EventStream) -
         loop {
             match stream.next().await {
                 Ok(Some(LiveEvent::Event(NodeEvent::Message(m)))) => {
+                    let key = text_of(&m).and_then(tracked);
                     let mut b = book.lock();
                     b.shown_events += 1;
-                    b.shown[i].insert(m.id);
+                    b.shown[i].insert(m.id, key);
                 }
                 Ok(Some(LiveEvent::Event(_))) => {}
                 Ok(Some(LiveEvent::Lagged(n))) => book.lock().lagged += n,
@@ -856,21 +862,26 @@ impl Looper {
                 .collect();
             return Err(format!("epochs differ: {}", shown.join(", ")));
         }
-        let required: Vec<String> = self
+        let required: Vec<(String, (u64, usize))> = self
             .book
             .lock()
             .acked
             .iter()
             .filter(|a| a.seq >= first_seq)
-            .map(|a| a.id.clone())
+            .map(|a| (a.id.clone(), (a.seq, a.sender)))
             .collect();
         let mut lists = Vec::new();
         for &i in &all {
             let history = self.tn.history(i).await.map_err(|e| e.to_string())?;
             let ids: HashSet<&str> = history.iter().map(|m| m.id.as_str()).collect();
+            let keys: HashSet<(u64, usize)> = history
+                .iter()
+                .filter_map(|m| text_of(m).and_then(tracked))
+                .collect();
+            // Held by id, or by text under a new id (re-sent after a fork).
             let missing = required
                 .iter()
-                .filter(|id| !ids.contains(id.as_str()))
+                .filter(|(id, key)| !ids.contains(id.as_str()) && !keys.contains(key))
                 .count();
             if missing > 0 {
                 return Err(format!(
@@ -954,7 +965,7 @@ pub async fn run(opts: CrashLoopOptions) -> Result<CrashLoopReport> {
     {
         let mut b = book.lock();
         b.clients = vec![None; n];
-        b.shown = vec![HashSet::new(); n];
+        b.shown = vec![HashMap::new(); n];
     }
     tn.progress.line(&format!(
         "crash loop: {} kills of {n} nodes at {} msg/s, seed {}",
@@ -1089,11 +1100,32 @@ impl Looper {
             .iter()
             .map(|h| h.iter().map(|m| m.id.as_str()).collect())
             .collect();
+        let held: Vec<HashSet<(u64, usize)>> = histories
+            .iter()
+            .map(|h| {
+                h.iter()
+                    .filter_map(|m| text_of(m).and_then(tracked))
+                    .collect()
+            })
+            .collect();
+        // A message whose id is gone but whose text is held under another id was re-sent
+        // (a member re-sends its messages of a branch that lost a fork): not lost.
+        let mut resent: HashSet<(String, usize)> = HashSet::new();
+        let mut has = |i: usize, id: &str, key: Option<(u64, usize)>| {
+            if sets[i].contains(id) {
+                true
+            } else if key.is_some_and(|k| held[i].contains(&k)) {
+                resent.insert((id.to_owned(), i));
+                true
+            } else {
+                false
+            }
+        };
         let mut acked_lost = 0;
         let mut acked_lost_examples = Vec::new();
         for a in &b.acked {
             let missing_on: Vec<usize> = (0..n)
-                .filter(|&i| !sets[i].contains(a.id.as_str()))
+                .filter(|&i| !has(i, &a.id, Some((a.seq, a.sender))))
                 .collect();
             if !missing_on.is_empty() {
                 acked_lost += 1;
@@ -1109,10 +1141,11 @@ impl Looper {
         }
         let mut shown_then_lost = 0;
         let mut shown_then_lost_examples = Vec::new();
-        for (i, (shown, held)) in b.shown.iter().zip(&sets).enumerate() {
+        for (i, shown) in b.shown.iter().enumerate() {
             let mut lost: Vec<&String> = shown
                 .iter()
-                .filter(|id| !held.contains(id.as_str()))
+                .filter(|(id, key)| !has(i, id, **key))
+                .map(|(id, _)| id)
                 .collect();
             lost.sort();
             shown_then_lost += lost.len();
@@ -1128,14 +1161,6 @@ impl Looper {
                 }
             }
         }
-        let held: Vec<HashSet<(u64, usize)>> = histories
-            .iter()
-            .map(|h| {
-                h.iter()
-                    .filter_map(|m| text_of(m).and_then(tracked))
-                    .collect()
-            })
-            .collect();
         let (mut everywhere, mut nowhere, mut partial) = (0, 0, 0);
         for u in &b.unacked {
             match held.iter().filter(|h| h.contains(u)).count() {
@@ -1254,6 +1279,7 @@ impl Looper {
             unacked_partial: partial,
             acked_lost,
             shown_then_lost,
+            resent_under_new_id: resent.len(),
             shown_events: b.shown_events,
             lagged_events: b.lagged,
             histories_equal: first_difference.is_none(),
@@ -1302,6 +1328,7 @@ pub fn render(r: &CrashLoopReport) -> String {
          not acknowledged:   {}\n\
          acked-lost:         {}\n\
          shown-then-lost:    {} (of {} events shown; {} skipped by lag)\n\
+         re-sent, new id:    {}\n\
          histories equal:    {}\n\
          time to converge:   {converge}; {} of {} rounds did not converge\n\
          result:             {}\n\
@@ -1338,6 +1365,7 @@ pub fn render(r: &CrashLoopReport) -> String {
         r.shown_then_lost,
         r.shown_events,
         r.lagged_events,
+        r.resent_under_new_id,
         match &r.first_difference {
             None => "yes".to_owned(),
             Some(d) => format!("NO: {d}"),
