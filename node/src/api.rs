@@ -12,7 +12,7 @@
 //! API is tested against a fake backend and the engine against its own tests.
 
 use std::convert::Infallible;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +37,7 @@ use crate::model::{
     GroupSummary, HistoryQuery, InviteInfo, InviteSummary, JoinBody, JoinRequestInfo, LAGGED_EVENT,
     MemberInfo, MessageInfo, NodeEvent, PeerList, SendBody, StatusInfo,
 };
+use crate::store::FailureReason;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 128 * 1024;
@@ -261,12 +262,11 @@ pub async fn serve<B: ApiBackend>(
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = build_router(engine, &token, stop_rx.clone());
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .into_future();
+    // Connections whose request headers do not arrive within a few seconds are closed.
+    let server = crate::http::serve(listener, app, async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
     let mut stopped = stop_rx;
     tokio::select! {
         result = server => result,
@@ -411,6 +411,12 @@ impl From<EngineError> for ApiError {
             EngineError::Unreachable(_) => (StatusCode::GATEWAY_TIMEOUT, "unreachable"),
             EngineError::TimedOut(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             EngineError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            EngineError::Storage { reason, .. } => match reason {
+                FailureReason::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
+                FailureReason::ReadOnly | FailureReason::Io => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "storage_failing")
+                }
+            },
             EngineError::Internal(_) => {
                 tracing::error!(error = %message, "API request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
@@ -809,6 +815,10 @@ pub(crate) mod fake {
             rollbacks: 0,
             deep_forks: 0,
             forks_detected: 0,
+            undecryptable: Default::default(),
+            missing: 0,
+            catching_up: false,
+            sync_failures: 0,
         }
     }
 
@@ -875,6 +885,7 @@ pub(crate) mod fake {
                 connected_peers: 0,
                 groups: vec![],
                 version: "0.1.0".to_owned(),
+                storage: Default::default(),
             })
         }
         async fn create_group(&self, name: String) -> Result<GroupInfo, EngineError> {
@@ -1245,6 +1256,24 @@ mod tests {
         let shutting: ApiError = EngineError::ShuttingDown.into();
         assert_eq!(shutting.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(shutting.code, "shutting_down");
+        let storage = |reason| -> ApiError {
+            EngineError::Storage {
+                reason,
+                dir: "/data/kith".into(),
+            }
+            .into()
+        };
+        let full = storage(FailureReason::NoSpace);
+        assert_eq!(full.status, StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(full.code, "disk_full");
+        assert_eq!(
+            full.message,
+            "the node cannot write to its disk (no space left on device in /data/kith); \
+             free some space, the node retries by itself"
+        );
+        let broken = storage(FailureReason::Io);
+        assert_eq!(broken.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(broken.code, "storage_failing");
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use crate::identity::{self, IdentityError};
 use crate::model::{
     CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, GroupInfo, GroupSummary,
     InviteInfo, InviteSummary, JoinBody, JoinRequestInfo, JoinStage, LAGGED_EVENT, MemberInfo,
-    MessageBody, MessageInfo, NodeEvent, PeerList, SendBody, StatusInfo,
+    MessageBody, MessageInfo, NodeEvent, PeerList, SendBody, StatusInfo, StorageStatus,
 };
 
 /// Largest response body the client reads (history is at most 1000 messages of 64 KiB).
@@ -150,6 +150,17 @@ pub struct RunArgs {
     /// one, written to metrics.addr in the data directory). Off by default.
     #[arg(long = "metrics", value_name = "IP:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Start over on purpose with this node key and an empty database, when the start check
+    /// finds kith.redb missing, empty or another key's (the old file is kept as
+    /// kith.redb.old-<time>). Changes nothing when key and database belong together.
+    #[arg(long, conflicts_with = "new_identity")]
+    pub fresh_database: bool,
+    /// Start over on purpose with a new node key and an empty database, when the start check
+    /// finds node.key missing, damaged or not the database's (old files are kept as
+    /// node.key.old-<time> and kith.redb.old-<time>). Changes nothing when key and database
+    /// belong together.
+    #[arg(long)]
+    pub new_identity: bool,
 }
 
 impl RunArgs {
@@ -162,6 +173,16 @@ impl RunArgs {
             no_mdns: self.no_mdns,
             api_listen: self.api_listen,
             metrics_listen: self.metrics_listen,
+        }
+    }
+
+    /// What the start check may set aside, from `--fresh-database` / `--new-identity`.
+    pub fn recovery(&self) -> crate::datadir::Recovery {
+        use crate::datadir::Recovery;
+        match (self.fresh_database, self.new_identity) {
+            (_, true) => Recovery::NewIdentity,
+            (true, false) => Recovery::FreshDatabase,
+            (false, false) => Recovery::Refuse,
         }
     }
 }
@@ -1165,6 +1186,9 @@ async fn join_command(
         .into());
     }
     let client = connect()?;
+    // The node's network is only known to the running node (`kith run --network` overrides
+    // config.toml): ask it, so a link of another network fails before "joining …".
+    invite.check(&client.status().await?.network, now_secs())?;
     let timeout = args.timeout.unwrap_or(DEFAULT_JOIN_TIMEOUT_SECS);
     let mut printer = None;
     if !args.json {
@@ -1330,6 +1354,7 @@ fn print_status(s: &StatusInfo) -> Result<(), ClientError> {
         let label = if i == 0 { "listening:" } else { "" };
         lines.push(format!("{label:<10} {}", clean(addr)));
     }
+    lines.push(storage_line(&s.storage));
     lines.push(format!("groups:    {}", s.groups.len()));
     for g in &s.groups {
         let sync = if g.in_sync {
@@ -1340,6 +1365,15 @@ fn print_status(s: &StatusInfo) -> Result<(), ClientError> {
             ", catching up".to_owned()
         };
         let mut forks = String::new();
+        if g.missing > 0 {
+            forks.push_str(&format!(", {} missing", g.missing));
+        }
+        if g.sync_failures > 0 {
+            forks.push_str(&format!(", {} failed syncs", g.sync_failures));
+        }
+        if g.undecryptable > 0 {
+            forks.push_str(&format!(", {} UNDECRYPTABLE", g.undecryptable));
+        }
         if g.forks_detected > 0 {
             forks.push_str(&format!(", {} forks seen", g.forks_detected));
         }
@@ -1362,6 +1396,22 @@ fn print_status(s: &StatusInfo) -> Result<(), ClientError> {
         ));
     }
     out(&lines.join("\n"))
+}
+
+/// The `storage:` line of `kith status`.
+fn storage_line(storage: &StorageStatus) -> String {
+    match storage {
+        StorageStatus::Ok => "storage:   ok".to_owned(),
+        StorageStatus::Failing {
+            since_ms, message, ..
+        } => {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let secs = now_ms.saturating_sub(*since_ms) / 1000;
+            format!("storage:   FAILING for {secs} s: {}", clean(message))
+        }
+    }
 }
 
 fn print_groups(groups: &[GroupSummary]) -> Result<(), ClientError> {
@@ -1392,6 +1442,7 @@ fn print_group(g: &GroupInfo) -> Result<(), ClientError> {
         format!("id:      {}", g.id),
         format!("epoch:   {}", g.epoch),
         format!("joined:  {} UTC", format_utc(g.joined_at_ms / 1000)),
+        format!("history: {}", delivery_line(g)),
         format!("members: {}", g.members.len()),
     ];
     for m in &g.members {
@@ -1399,6 +1450,44 @@ fn print_group(g: &GroupInfo) -> Result<(), ClientError> {
         lines.push(format!("  {}{me}", clean(&m.peer_id)));
     }
     out(&lines.join("\n"))
+}
+
+/// What `kith group show` says about the group's history on this node: complete, catching
+/// up, or messages that are missing or lost here.
+fn delivery_line(g: &GroupInfo) -> String {
+    let mut parts = Vec::new();
+    if g.catching_up {
+        parts.push("catching up (new messages are shown once older ones are in)".to_owned());
+    }
+    if g.missing > 0 {
+        parts.push(format!(
+            "{} messages known to be missing, being fetched",
+            g.missing
+        ));
+    }
+    if g.sync_failures > 0 {
+        parts.push(format!(
+            "the last {} history syncs failed (retrying with back-off)",
+            g.sync_failures
+        ));
+    }
+    let lost: u64 = g.undecryptable.values().sum();
+    if lost > 0 {
+        let reasons: Vec<String> = g
+            .undecryptable
+            .iter()
+            .map(|(r, n)| format!("{n} {}", clean(r)))
+            .collect();
+        parts.push(format!(
+            "{lost} messages cannot be decrypted on this node ({})",
+            reasons.join(", ")
+        ));
+    }
+    if parts.is_empty() {
+        "complete".to_owned()
+    } else {
+        parts.join("; ")
+    }
 }
 
 fn print_invite(invite: &InviteInfo, qr: bool) -> Result<(), ClientError> {

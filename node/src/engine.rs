@@ -42,17 +42,20 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::admission::{FindError, HeldRequests, HeldState, request_id_text};
 use crate::crashpoint::{self, Point};
+use crate::join_trail::{Miss, Trail};
 use crate::metrics::{GroupGauges, IgnoreReason, JoinRequestResult, JoinResult, KithMetrics};
 use crate::model::{
     CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, InviteSummary, JoinRequestInfo,
     JoinStage, MemberInfo, MessageBody, MessageInfo, NodeEvent, StatusInfo,
 };
 use crate::net::{MAX_BLOCKED_PEERS, NetError, NetEvent, NetHandle};
-use crate::store::{Batch, KithProvider, Retention, Store, StoreError};
+use crate::store::{Batch, HealthView, KithProvider, Retention, Store, StoreError};
 use crate::sync::{
     GAP_DEBOUNCE, MAX_PAGES_PER_RUN, MAX_PEERS_PER_RUN, MAX_SCAN_ENVELOPES, SYNC_DEBOUNCE,
     SYNC_INTERVAL, SyncLimiter,
 };
+
+mod disk;
 
 /// Default invite lifetime.
 pub const DEFAULT_INVITE_SECS: u64 = 24 * 3600;
@@ -84,6 +87,38 @@ const UNKNOWN_INVITE_LOOKUPS: u32 = 3;
 const MAX_JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(8);
 
 /// The pause after the `lookups`-th DHT lookup of a join found nobody.
+/// How long to wait before the next sync of a group whose last `failures` runs failed in a
+/// row: nothing extra while they succeed, then 5 s doubling up to [`MAX_SYNC_BACKOFF`].
+fn sync_backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    SYNC_DEBOUNCE
+        .saturating_mul(1 << failures.saturating_sub(1).min(8))
+        .min(MAX_SYNC_BACKOFF)
+}
+
+/// The envelopes of `group` in a sync page, with what [`sort_fetched`] sorts by.
+fn collect(group: GroupId, envelopes: Vec<Vec<u8>>) -> Vec<(u64, bool, usize, Vec<u8>)> {
+    envelopes
+        .into_iter()
+        .filter_map(|data| {
+            let env = Envelope::decode(&data).ok()?;
+            (env.group() == group).then(|| (env.epoch(), env.kind() == PayloadKind::Commit, data))
+        })
+        .enumerate()
+        .map(|(i, (epoch, commit, data))| (epoch, commit, i, data))
+        .collect()
+}
+
+/// Fetched envelopes in the order to process them: by epoch; in each epoch the application
+/// messages (in the order they came, the responder's history order) before the commits
+/// that leave it.
+fn sort_fetched(mut fetched: Vec<(u64, bool, usize, Vec<u8>)>) -> Vec<Vec<u8>> {
+    fetched.sort_by_key(|(epoch, commit, arrival, _)| (*epoch, *commit, *arrival));
+    fetched.into_iter().map(|(_, _, _, data)| data).collect()
+}
+
 fn lookup_pause(lookups: u32) -> Duration {
     JOIN_LOOKUP_RETRY
         .saturating_mul(1 << lookups.saturating_sub(1).min(4))
@@ -112,10 +147,27 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 /// Most history rows one prune run deletes (over all groups); when it runs out, another run
 /// is queued behind the inputs already waiting.
 const PRUNE_BUDGET: usize = 5000;
-/// Longest time live envelopes of a group are held while a sync run fetches older ones
-/// (checked every [`FLUSH_INTERVAL`]); after it, they are processed and the run goes on
-/// without holding, so a slow or unreachable member delays live messages by at most this.
-pub const CATCH_UP_HOLD_LIMIT: Duration = Duration::from_secs(5);
+/// Longest time live envelopes of a group are held while this node catches up (after a
+/// start, a wake-up, or a gap in a sender's messages; checked every [`FLUSH_INTERVAL`]):
+/// after it they are processed even if no sync has completed, so a slow or unreachable
+/// member delays live messages by at most this. What is still missing then may no longer
+/// be decryptable when it arrives (it is counted as undecryptable).
+pub const CATCH_UP_HOLD_LIMIT: Duration = Duration::from_secs(30);
+/// Longest a sync run that keeps receiving pages may hold a group's live messages.
+const MAX_CATCH_UP_RUN: Duration = Duration::from_secs(300);
+/// A flush tick this much later than due means the machine slept (or the process was
+/// stopped): hold live messages and catch up, as after a start.
+const WAKE_GAP: Duration = Duration::from_secs(10);
+/// Times one page request of a sync run is retried after `RateLimited`, waiting
+/// [`RATE_LIMITED_PAUSE`] times the attempt number (1.4 s in all at most).
+const MAX_RATE_LIMITED_RETRIES: u32 = 4;
+/// See [`MAX_RATE_LIMITED_RETRIES`].
+const RATE_LIMITED_PAUSE: Duration = Duration::from_millis(140);
+/// Longest wait between sync attempts of a group whose syncs keep failing.
+const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(300);
+/// Bytes of fetched envelopes a sync run collects before it processes them (see
+/// [`Actor::on_sync_page`]); a larger backlog is processed in parts of this size.
+const MAX_RUN_BYTES: usize = 32 * 1024 * 1024;
 /// Most received envelopes written in one store transaction.
 const MAX_GOSSIP_BATCH: usize = 256;
 const EVENT_BUFFER: usize = 1024;
@@ -144,8 +196,9 @@ pub enum EngineError {
     /// A member refused the join request (HTTP 409).
     #[error("join refused: {0}")]
     JoinRejected(JoinRejection),
-    /// No member of the group could be reached (HTTP 504).
-    #[error("could not reach a member of the group: {0}")]
+    /// No member of the group could be reached or add us: one line saying what was tried
+    /// and what to do (see [`crate::join_trail`]) (HTTP 504).
+    #[error("{0}")]
     Unreachable(String),
     /// The join did not finish within its time limit (HTTP 504).
     #[error("{0}")]
@@ -153,6 +206,19 @@ pub enum EngineError {
     /// The node is shutting down (HTTP 503).
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// The node cannot write to its disk (HTTP 507 for a full disk, else 503): the request
+    /// changed nothing, and the node retries by itself (see `Store::recover`).
+    #[error(
+        "the node cannot write to its disk ({reason} in {}); {}, the node retries by itself",
+        dir.display(),
+        reason.advice()
+    )]
+    Storage {
+        /// Why the last write failed.
+        reason: crate::store::FailureReason,
+        /// The data directory.
+        dir: std::path::PathBuf,
+    },
     /// Anything else: a storage or MLS failure, logged by the node (HTTP 500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -188,7 +254,10 @@ impl From<GroupError> for EngineError {
 
 impl From<StoreError> for EngineError {
     fn from(e: StoreError) -> Self {
-        EngineError::Internal(format!("store: {e}"))
+        match e {
+            StoreError::Failing { reason, dir } => EngineError::Storage { reason, dir },
+            e => EngineError::Internal(format!("store: {e}")),
+        }
     }
 }
 
@@ -312,6 +381,10 @@ fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
         rollbacks: v.rollbacks,
         deep_forks: v.deep_forks,
         forks_detected: v.forks_detected,
+        undecryptable: Default::default(),
+        missing: 0,
+        catching_up: false,
+        sync_failures: 0,
     }
 }
 
@@ -356,12 +429,6 @@ fn held_info(h: &crate::admission::Held) -> JoinRequestInfo {
     }
 }
 
-/// The last 8 characters of a PeerId (they all start alike), for messages.
-fn short_peer(peer: &PeerId) -> String {
-    let text = peer.to_string();
-    text[text.len().saturating_sub(8)..].to_owned()
-}
-
 /// How a join attempt with one member ended.
 enum Attempt {
     /// The member added us: complete the join with this answer.
@@ -369,7 +436,7 @@ enum Attempt {
     /// A refusal no other member would change (revoked, expired, used up, denied, …).
     Refused(JoinRejection),
     /// This member could not help; try the next one.
-    Next(String),
+    Next(Miss),
 }
 
 fn summary(v: &GroupView) -> GroupSummary {
@@ -381,6 +448,9 @@ fn summary(v: &GroupView) -> GroupSummary {
         in_sync: true,
         held: 0,
         epoch_auth: HEXLOWER.encode(&v.authenticator),
+        undecryptable: 0,
+        missing: 0,
+        sync_failures: 0,
         rollbacks: v.rollbacks,
         deep_forks: v.deep_forks,
         forks_detected: v.forks_detected,
@@ -416,6 +486,8 @@ pub struct EngineHandle {
     network: String,
     peer_id: PeerId,
     metrics: Arc<KithMetrics>,
+    /// The store's health, read by [`EngineHandle::status`] without asking the actor.
+    health: HealthView,
 }
 
 impl EngineHandle {
@@ -448,6 +520,7 @@ impl EngineHandle {
             connected_peers: info.connected.len(),
             groups,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            storage: disk::storage_status(&self.health),
         })
     }
 
@@ -547,7 +620,7 @@ impl EngineHandle {
         let mut lookup = Some(lookup_providers());
         let mut lookups = 1;
         let mut tried: HashSet<PeerId> = HashSet::new();
-        let mut failures: Vec<String> = Vec::new();
+        let mut trail = Trail::new(invite.addrs.len());
         let mut unknown: Option<JoinRejection> = None;
         // Connecting is harmless, so the inviter is dialled while the DHT is searched: a
         // dead or black-holed link address then costs nothing if a member answers there
@@ -585,9 +658,10 @@ impl EngineHandle {
                     match dialled {
                         Ok(Ok(Ok(()))) => candidates.push(inviter_entry.clone()),
                         Ok(Ok(Err(e))) => {
-                            failures.push(format!("inviter: cannot connect: {e}"));
+                            tracing::info!(group = %group.short(), peer = %invite.inviter, error = %e, "cannot connect to the inviter");
+                            trail.inviter = Some(Miss::CannotConnect);
                         }
-                        _ => failures.push("inviter: cannot connect: timed out".to_owned()),
+                        _ => trail.inviter = Some(Miss::ConnectTimedOut),
                     }
                 }
                 found = async { lookup.as_mut().expect("guarded").await },
@@ -607,7 +681,7 @@ impl EngineHandle {
                     );
                 }
                 () = tokio::time::sleep_until(deadline) => {
-                    return Err(self.timed_out(timeout, &failures));
+                    return Err(self.timed_out(timeout, &trail, lookups));
                 }
             }
         }
@@ -631,15 +705,12 @@ impl EngineHandle {
                         lookups += 1;
                         lookup_providers()
                     }
-                    None => {
-                        failures.push("no other member found in the DHT".to_owned());
-                        break;
-                    }
+                    None => break,
                 };
                 let found = match tokio::time::timeout_at(deadline, task).await {
                     Ok(Ok(Ok(peers))) => peers,
                     Ok(_) => Vec::new(),
-                    Err(_) => return Err(self.timed_out(timeout, &failures)),
+                    Err(_) => return Err(self.timed_out(timeout, &trail, lookups)),
                 };
                 tracing::debug!(group = %group.short(), found = found.len(), "members found in the DHT");
                 candidates.extend(
@@ -681,11 +752,11 @@ impl EngineHandle {
                     return Ok(info);
                 }
                 Attempt::Refused(r) => return Err(EngineError::JoinRejected(r)),
-                Attempt::Next(reason) => {
+                Attempt::Next(miss) => {
                     if tokio::time::Instant::now() >= deadline {
-                        return Err(self.timed_out(timeout, &failures));
+                        return Err(self.timed_out(timeout, &trail, lookups));
                     }
-                    if reason == JoinRejection::UnknownInvite.to_string() {
+                    if miss == Miss::Declined(JoinRejection::UnknownInvite) {
                         // The member who signed the link created the invite: if it does not
                         // know it, no one does.
                         if peer == invite.inviter {
@@ -697,10 +768,14 @@ impl EngineHandle {
                         group,
                         JoinStage::TryingNext {
                             peer: peer.to_string(),
-                            reason: reason.clone(),
+                            reason: miss.to_string(),
                         },
                     );
-                    failures.push(format!("{}: {reason}", short_peer(&peer)));
+                    if peer == invite.inviter {
+                        trail.inviter = Some(miss);
+                    } else {
+                        trail.member(miss);
+                    }
                 }
             }
         }
@@ -708,7 +783,8 @@ impl EngineHandle {
         if let Some(r) = unknown {
             return Err(EngineError::JoinRejected(r));
         }
-        Err(EngineError::Unreachable(failures.join("; ")))
+        trail.lookups = lookups;
+        Err(EngineError::Unreachable(trail.unreachable()))
     }
 
     /// Asks `members`, one after the other, to add this node again after its branch of
@@ -798,14 +874,10 @@ impl EngineHandle {
         }
     }
 
-    fn timed_out(&self, timeout: Duration, failures: &[String]) -> EngineError {
-        let mut text = format!("the join did not finish within {} s", timeout.as_secs());
-        if !failures.is_empty() {
-            text.push_str(" (");
-            text.push_str(&failures.join("; "));
-            text.push(')');
-        }
-        EngineError::TimedOut(text)
+    fn timed_out(&self, timeout: Duration, trail: &Trail, lookups: u32) -> EngineError {
+        let mut trail = trail.clone();
+        trail.lookups = lookups;
+        EngineError::TimedOut(trail.timed_out(timeout.as_secs()))
     }
 
     /// Asks one member: connect (bounded by [`JOIN_DIAL_TIMEOUT`]), send the request, and
@@ -832,8 +904,11 @@ impl EngineHandle {
         let dial_deadline = deadline.min(tokio::time::Instant::now() + JOIN_DIAL_TIMEOUT);
         match tokio::time::timeout_at(dial_deadline, self.net.connect(peer, addrs)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Attempt::Next(format!("cannot connect: {e}")),
-            Err(_) => return Attempt::Next("cannot connect: timed out".to_owned()),
+            Ok(Err(e)) => {
+                tracing::info!(group = %group.short(), %peer, via, error = %e, "cannot connect to a member");
+                return Attempt::Next(Miss::CannotConnect);
+            }
+            Err(_) => return Attempt::Next(Miss::ConnectTimedOut),
         }
         self.progress(
             group,
@@ -847,8 +922,11 @@ impl EngineHandle {
             let sent = self.net.join(peer, Vec::new(), request.clone());
             let response = match tokio::time::timeout_at(deadline, sent).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Attempt::Next(format!("request failed: {e}")),
-                Err(_) => return Attempt::Next("no answer in time".to_owned()),
+                Ok(Err(e)) => {
+                    tracing::info!(group = %group.short(), %peer, error = %e, "join request failed");
+                    return Attempt::Next(Miss::RequestFailed);
+                }
+                Err(_) => return Attempt::Next(Miss::NoAnswer),
             };
             match response {
                 JoinResponse::Accepted { .. } | JoinResponse::Admitted { .. } => {
@@ -859,7 +937,7 @@ impl EngineHandle {
                     | JoinRejection::NotMember
                     | JoinRejection::Internal
                     | JoinRejection::Busy),
-                ) => return Attempt::Next(r.to_string()),
+                ) => return Attempt::Next(Miss::Declined(r)),
                 JoinResponse::Rejected(r) => return Attempt::Refused(r),
                 JoinResponse::AwaitingApproval { request: id } => {
                     if !announced {
@@ -875,7 +953,7 @@ impl EngineHandle {
                     let wake = deadline.min(tokio::time::Instant::now() + APPROVAL_RETRY);
                     tokio::time::sleep_until(wake).await;
                     if tokio::time::Instant::now() >= deadline {
-                        return Attempt::Next("still waiting for approval".to_owned());
+                        return Attempt::Next(Miss::StillAwaitingApproval);
                     }
                 }
             }
@@ -1043,6 +1121,9 @@ pub fn start(
     for g in missing {
         tracing::error!(group = %g, "group listed but its MLS state is missing; skipping it");
     }
+    // Whatever happened while this node was down, live messages wait until a history sync
+    // has fetched what came before them (see `GroupEngine::begin_catch_up`).
+    groups.begin_catch_up_all(now_ms());
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let handle = EngineHandle {
@@ -1052,6 +1133,7 @@ pub fn start(
         network,
         peer_id,
         metrics: metrics.clone(),
+        health: store.health_view(),
     };
     // Forward network events and timer ticks into the actor's single input queue.
     let fwd = tx.clone();
@@ -1067,6 +1149,7 @@ pub fn start(
     spawn_ticker(tx.clone(), SYNC_INTERVAL, || Input::SyncTick);
     spawn_ticker(tx.clone(), PRUNE_INTERVAL, || Input::Prune);
     let mut actor = Actor {
+        disk: disk::DiskWatch::new(&store),
         groups,
         store,
         net,
@@ -1082,6 +1165,9 @@ pub fn start(
         syncs: HashMap::new(),
         last_sync: HashMap::new(),
         unsynced: HashSet::new(),
+        sync_failures: HashMap::new(),
+        last_flush_ms: now_ms(),
+        warned_undecryptable: HashSet::new(),
         newcomers: HashMap::new(),
         gaps: HashMap::new(),
         held: HeldRequests::new(),
@@ -1130,6 +1216,8 @@ fn spawn_ticker(tx: mpsc::Sender<Input>, period: Duration, make: fn() -> Input) 
 }
 
 struct Actor {
+    /// What the actor knows of the store's health (see the `disk` module).
+    disk: disk::DiskWatch,
     groups: GroupEngine<KithProvider>,
     store: Store,
     net: NetHandle,
@@ -1154,6 +1242,15 @@ struct Actor {
     last_sync: HashMap<GroupId, Instant>,
     /// Groups whose last sync run failed (no member sent everything).
     unsynced: HashSet<GroupId>,
+    /// Sync runs of each group that failed in a row; they space the next attempts out
+    /// (see [`sync_backoff`]), so a group that cannot sync does not loop, and its requests
+    /// do not use up the members' rate limits that other groups' syncs need.
+    sync_failures: HashMap<GroupId, u32>,
+    /// When the last flush tick was handled, wall-clock ms (a long gap means the machine
+    /// slept).
+    last_flush_ms: u64,
+    /// Groups whose undecryptable envelopes were already logged at WARN in this run.
+    warned_undecryptable: HashSet<GroupId>,
     /// Members that connected since the group's last sync run started, by group (at most
     /// [`MAX_PEERS_PER_RUN`] each, newest kept). After a partition heals they may hold a
     /// branch or messages no one reachable before had, so the next run asks each of them,
@@ -1177,9 +1274,15 @@ struct Actor {
 struct SyncRun {
     /// When it started.
     started: Instant,
-    /// Live envelopes of the group are held until the run ends or [`CATCH_UP_HOLD_LIMIT`]
-    /// passes (see `GroupEngine::begin_catch_up`).
-    holding: bool,
+    /// Fetched envelopes not processed yet, with (epoch, is a commit, arrival) to sort them
+    /// by (see [`Actor::on_sync_page`]).
+    collected: Vec<(u64, bool, usize, Vec<u8>)>,
+    /// Their ids (a page may repeat what another member sent).
+    collected_ids: HashSet<MessageId>,
+    /// Their bytes.
+    collected_bytes: usize,
+    /// When the last page arrived (or the run started).
+    last_page: Instant,
     /// Envelopes fetched and accepted so far.
     fetched: usize,
     /// A gap was signalled during the run: start another one when it ends.
@@ -1209,6 +1312,7 @@ impl Actor {
                     None => break,
                 },
             };
+            self.watch_store();
             match input {
                 Input::Net(NetEvent::Gossip { id, source, data }) => {
                     // Group commit: take the gossip that queued up meanwhile, process it all,
@@ -1241,20 +1345,45 @@ impl Actor {
                         }
                     }
                 }
-                Input::SyncPage { group, envelopes } => {
-                    let fetched = self.ingest(group, envelopes);
-                    if let Some(run) = self.syncs.get_mut(&group) {
-                        run.fetched += fetched;
-                    }
-                }
+                Input::SyncPage { group, envelopes } => self.on_sync_page(group, envelopes),
                 Input::SyncDone { group, complete } => self.sync_done(group, complete),
                 Input::Flush => {
-                    self.release_slow_catch_ups();
+                    self.retry_store();
+                    // Wall-clock time: the monotonic clock stands still while the machine
+                    // sleeps.
+                    let gap_ms = now_ms().saturating_sub(self.last_flush_ms);
+                    if gap_ms >= WAKE_GAP.as_millis() as u64 {
+                        tracing::info!(
+                            gap_s = gap_ms / 1000,
+                            "woke up after a pause; catching up before showing new messages"
+                        );
+                        self.groups.begin_catch_up_all(now_ms());
+                        for v in self.groups.groups() {
+                            if v.active {
+                                self.last_sync.remove(&v.meta.id);
+                                self.start_sync(v.meta.id, SyncTrigger::Gap);
+                            }
+                        }
+                    }
+                    self.last_flush_ms = now_ms();
+                    self.release_stale_catch_ups();
                     // A run that failed is retried (debounced) rather than left for the
                     // next routine sync a minute later.
                     let retry: Vec<GroupId> = self.unsynced.iter().copied().collect();
                     for g in retry {
                         self.start_sync(g, SyncTrigger::Routine);
+                    }
+                    // Groups holding live messages for a catch-up need a sync (the debounce,
+                    // and the back-off of failing groups, decide when).
+                    let holding: Vec<GroupId> = self
+                        .groups
+                        .groups()
+                        .iter()
+                        .map(|v| v.meta.id)
+                        .filter(|g| self.groups.is_catching_up(g) && !self.syncs.contains_key(g))
+                        .collect();
+                    for g in holding {
+                        self.start_sync(g, SyncTrigger::Gap);
                     }
                     // Members that connected while a run was going on or too soon after one.
                     let waiting: Vec<GroupId> = self.newcomers.keys().copied().collect();
@@ -1292,9 +1421,14 @@ impl Actor {
     fn on_gossip(&mut self, batch: Vec<(MessageId, PeerId, Vec<u8>)>) {
         let mut effects = Vec::new();
         let mut seen: HashSet<MessageId> = HashSet::new();
+        // While the disk cannot be written, nothing is processed (it could not be stored):
+        // other members hold these messages, and history sync fetches them once it can.
+        let writable = self.disk_ok();
         for (id, source, data) in batch {
             let verdict = if !seen.insert(id) {
                 Verdict::Ignore("duplicate".into())
+            } else if !writable {
+                Verdict::Ignore("local storage failure".into())
             } else {
                 match self.store.has_message(&id) {
                     Ok(true) => Verdict::Ignore("duplicate".into()),
@@ -1352,29 +1486,71 @@ impl Actor {
         }
     }
 
-    /// Processes envelopes fetched by history sync for `group`, like gossip but without
-    /// reporting verdicts: envelopes of other groups and ones already stored are skipped,
-    /// commits go first, and everything is written in one transaction. Live envelopes held
-    /// meanwhile are processed when the run ends (`GroupEngine::handle_synced_envelope`).
-    /// Returns how many were accepted.
-    fn ingest(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) -> usize {
-        let mut effects = Vec::new();
-        let mut seen: HashSet<MessageId> = HashSet::new();
-        let mut decoded: Vec<(bool, MessageId, Vec<u8>)> = Vec::with_capacity(envelopes.len());
+    /// Collects a page of a sync run of `group`; the run processes what it collected when
+    /// it ends ([`Actor::sync_done`]), or now if it holds [`MAX_RUN_BYTES`].
+    ///
+    /// Why collect: a member keeps the secrets of only a few past epochs (and only for a
+    /// while), so the messages of an epoch must be decrypted before the commits that follow
+    /// it move the group too far. The responder sends all commits first, then whole epochs
+    /// in history order, and the epochs this node holds part of only in a later pass; sorted
+    /// by epoch, each epoch's messages before the commit that leaves it, they are all
+    /// readable however many epochs this node missed.
+    fn on_sync_page(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) {
+        let Some(run) = self.syncs.get_mut(&group) else {
+            let fetched = self.ingest(group, sort_fetched(collect(group, envelopes)));
+            tracing::debug!(group = %group.short(), fetched, "processed a sync page outside a run");
+            return;
+        };
+        run.last_page = Instant::now();
         for data in envelopes {
-            let id = MessageId::of(&data);
             let Ok(env) = Envelope::decode(&data) else {
                 continue;
             };
-            if env.group() != group || !seen.insert(id) {
+            let id = MessageId::of(&data);
+            if env.group() != group || !run.collected_ids.insert(id) {
                 continue;
             }
-            decoded.push((env.kind() != PayloadKind::Commit, id, data));
+            let arrival = run.collected.len();
+            run.collected_bytes += data.len();
+            run.collected.push((
+                env.epoch(),
+                env.kind() == PayloadKind::Commit,
+                arrival,
+                data,
+            ));
         }
-        // Stable: commits first, each kind in the responder's order.
-        decoded.sort_by_key(|(not_commit, _, _)| *not_commit);
+        if run.collected_bytes >= MAX_RUN_BYTES {
+            self.process_collected(group);
+        }
+    }
+
+    /// Processes what the sync run of `group` collected so far, in epoch order.
+    fn process_collected(&mut self, group: GroupId) {
+        let Some(run) = self.syncs.get_mut(&group) else {
+            return;
+        };
+        let collected = std::mem::take(&mut run.collected);
+        run.collected_bytes = 0;
+        let fetched = self.ingest(group, sort_fetched(collected));
+        if let Some(run) = self.syncs.get_mut(&group) {
+            run.fetched += fetched;
+        }
+    }
+
+    /// Processes envelopes fetched by history sync for `group`, in the given order, like
+    /// gossip but without reporting verdicts: ones already stored are skipped, and
+    /// everything is written in one transaction. Live envelopes held meanwhile are processed
+    /// when the run ends (`GroupEngine::handle_synced_envelope`). Returns how many were
+    /// accepted.
+    fn ingest(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) -> usize {
+        if !self.disk_ok() {
+            // Fetched again by the sync started when the store recovers.
+            return 0;
+        }
+        let mut effects = Vec::new();
         let mut accepted = 0;
-        for (_, id, data) in decoded {
+        for data in envelopes {
+            let id = MessageId::of(&data);
             match self.store.has_message(&id) {
                 Ok(false) => {}
                 Ok(true) => continue,
@@ -1383,24 +1559,31 @@ impl Actor {
                     continue;
                 }
             }
-            let (verdict, fx) = self.groups.handle_synced_envelope(&data, now_ms());
-            effects.extend(fx);
-            match verdict {
-                Verdict::Accept => accepted += 1,
-                Verdict::Reject(why) => {
-                    tracing::debug!(msg = %id.short(), reason = %why, "rejected synced envelope")
-                }
-                Verdict::Ignore(why) => {
-                    tracing::debug!(msg = %id.short(), reason = %why, "ignored synced envelope")
-                }
-            }
+            accepted += self.ingest_one(id, &data, &mut effects);
         }
         crashpoint::reached(Point::Sync);
         if let Err(e) = self.apply_with(effects, false) {
-            tracing::error!(error = %e, "cannot store synced messages");
+            tracing::error!(group = %group.short(), error = %e, "cannot store synced messages");
             return 0;
         }
         accepted
+    }
+
+    /// Processes one envelope fetched by sync; 1 if accepted.
+    fn ingest_one(&mut self, id: MessageId, data: &[u8], effects: &mut Vec<Effect>) -> usize {
+        let (verdict, fx) = self.groups.handle_synced_envelope(data, now_ms());
+        effects.extend(fx);
+        match verdict {
+            Verdict::Accept => 1,
+            Verdict::Reject(why) => {
+                tracing::debug!(msg = %id.short(), reason = %why, "rejected synced envelope");
+                0
+            }
+            Verdict::Ignore(why) => {
+                tracing::debug!(msg = %id.short(), reason = %why, "ignored synced envelope");
+                0
+            }
+        }
     }
 
     /// Starts a sync run of `group` with its online members, unless one is running or the
@@ -1408,6 +1591,10 @@ impl Actor {
     /// task that sends the pages back as [`Input::SyncPage`] and ends with
     /// [`Input::SyncDone`].
     fn start_sync(&mut self, group: GroupId, trigger: SyncTrigger) {
+        if !self.disk_ok() {
+            // What it would fetch could not be stored; every group syncs on recovery.
+            return;
+        }
         if let Some(run) = self.syncs.get_mut(&group) {
             if trigger == SyncTrigger::Gap {
                 run.again = true;
@@ -1417,7 +1604,10 @@ impl Actor {
         let debounce = match trigger {
             SyncTrigger::Routine => SYNC_DEBOUNCE,
             SyncTrigger::Gap | SyncTrigger::Newcomer => GAP_DEBOUNCE,
-        };
+        }
+        .max(sync_backoff(
+            self.sync_failures.get(&group).copied().unwrap_or(0),
+        ));
         if self
             .last_sync
             .get(&group)
@@ -1470,12 +1660,15 @@ impl Actor {
             group,
             SyncRun {
                 started: Instant::now(),
-                holding: true,
+                collected: Vec::new(),
+                collected_ids: HashSet::new(),
+                collected_bytes: 0,
+                last_page: Instant::now(),
                 fetched: 0,
                 again: false,
             },
         );
-        self.groups.begin_catch_up(&group);
+        self.groups.begin_catch_up(&group, now_ms());
         self.last_sync.insert(group, Instant::now());
         let net = self.net.clone();
         let tx = self.tx.clone();
@@ -1496,20 +1689,27 @@ impl Actor {
     }
 
     fn sync_done(&mut self, group: GroupId, complete: bool) {
+        self.process_collected(group);
         let Some(run) = self.syncs.remove(&group) else {
             return;
         };
-        self.end_catch_up(group);
         if complete {
             self.unsynced.remove(&group);
+            self.sync_failures.remove(&group);
+            self.end_catch_up(group);
         } else {
+            // Live messages stay held (until a run completes or CATCH_UP_HOLD_LIMIT), and
+            // the next attempt waits longer each time.
             self.unsynced.insert(group);
+            let failures = self.sync_failures.entry(group).or_insert(0);
+            *failures = failures.saturating_add(1);
+            tracing::debug!(group = %group.short(), failures = *failures, retry_in_s = sync_backoff(*failures).as_secs(), "history sync incomplete; backing off");
             // Let the next future-epoch envelope signal the gap again.
             if let Some(g) = self.gaps.get_mut(&group) {
                 g.reset();
             }
         }
-        tracing::debug!(group = %group.short(), complete, fetched = run.fetched, "history sync ended");
+        tracing::debug!(group = %group.short(), complete, fetched = run.fetched, took_ms = run.started.elapsed().as_millis() as u64, "history sync ended");
         if run.fetched > 0 {
             tracing::info!(group = %group.short(), fetched = run.fetched, "fetched missed history");
             let _ = self.events.send(NodeEvent::HistorySynced {
@@ -1518,7 +1718,9 @@ impl Actor {
             });
         }
         if run.again {
-            self.last_sync.remove(&group);
+            if complete {
+                self.last_sync.remove(&group);
+            }
             self.start_sync(group, SyncTrigger::Gap);
         }
     }
@@ -1532,20 +1734,24 @@ impl Actor {
         }
     }
 
-    /// Stops holding live envelopes for sync runs that have held them for
-    /// [`CATCH_UP_HOLD_LIMIT`]; the runs go on.
-    fn release_slow_catch_ups(&mut self) {
-        let due: Vec<GroupId> = self
-            .syncs
-            .iter_mut()
-            .filter(|(_, r)| r.holding && r.started.elapsed() >= CATCH_UP_HOLD_LIMIT)
-            .map(|(g, r)| {
-                r.holding = false;
-                *g
-            })
-            .collect();
-        for group in due {
-            tracing::debug!(group = %group.short(), "history sync is slow; processing live messages meanwhile");
+    /// Ends the catch-ups that have held live envelopes for [`CATCH_UP_HOLD_LIMIT`]: no sync
+    /// completed in time (no member reachable, or a slow one), so the held messages are
+    /// processed now; a run still going on goes on.
+    ///
+    /// A run that is still receiving pages keeps its hold (up to [`MAX_CATCH_UP_RUN`]): its
+    /// pages are older than the held messages. When a hold ends during a run, what the run
+    /// fetched so far is read first.
+    fn release_stale_catch_ups(&mut self) {
+        let limit = CATCH_UP_HOLD_LIMIT.as_millis() as u64;
+        for group in self.groups.stale_catch_ups(now_ms(), limit) {
+            if let Some(run) = self.syncs.get(&group)
+                && run.last_page.elapsed() < CATCH_UP_HOLD_LIMIT
+                && run.started.elapsed() < MAX_CATCH_UP_RUN
+            {
+                continue;
+            }
+            tracing::info!(group = %group.short(), "history sync has not caught up in time; showing the messages held meanwhile");
+            self.process_collected(group);
             self.end_catch_up(group);
         }
     }
@@ -1634,7 +1840,8 @@ impl Actor {
     /// A batch that publishes anything is always durable, whatever the caller asked: a
     /// received message can make this node commit (e.g. a leave proposal it must commit),
     /// and a commit others may already apply must never be lost here by a crash.
-    fn apply_with(&mut self, effects: Vec<Effect>, durable: bool) -> Result<(), EngineError> {
+    fn apply_with(&mut self, mut effects: Vec<Effect>, durable: bool) -> Result<(), EngineError> {
+        self.drop_known_undecryptable(&mut effects);
         let durable = durable || publishes(&effects);
         crashpoint::reached_when(Point::Commit, || crashpoint::merges_commit(&effects));
         let batch = Batch::from_effects(&effects);
@@ -1649,8 +1856,40 @@ impl Actor {
         Ok(())
     }
 
+    /// Drops the [`Effect::Undecryptable`]s of envelopes this node already holds: a copy of a
+    /// message it read (say, one held live during a sync that fetched it too) is refused by
+    /// MLS like a lost one, but nothing is lost.
+    fn drop_known_undecryptable(&self, effects: &mut Vec<Effect>) {
+        if !effects
+            .iter()
+            .any(|e| matches!(e, Effect::Undecryptable { .. }))
+        {
+            return;
+        }
+        let mut known: HashSet<MessageId> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::SaveEnvelope(env) => Some(env.id),
+                _ => None,
+            })
+            .collect();
+        effects.retain(|e| match e {
+            Effect::Undecryptable { envelope, .. } => {
+                let held = known.contains(&envelope.id)
+                    || self.store.has_message(&envelope.id).unwrap_or(true);
+                known.insert(envelope.id);
+                !held
+            }
+            _ => true,
+        });
+    }
+
     /// Commits a batch, timing it for `kith_store_commit_seconds`.
     fn commit_with(&mut self, batch: Batch, durable: bool) -> Result<(), StoreError> {
+        if !self.disk_ok() {
+            // Memory may be ahead of the file until the MLS state is reloaded from it.
+            return Err(self.store.refusal());
+        }
         let started = Instant::now();
         let result = self.store.commit_with(batch, durable);
         self.metrics.store_commit(started.elapsed());
@@ -1664,6 +1903,10 @@ impl Actor {
     /// Deletes history and envelopes beyond the retention policy, at most [`PRUNE_BUDGET`]
     /// history rows per run, in non-durable commits (made durable by the next flush).
     fn prune(&mut self) {
+        if !self.disk_ok() {
+            // The next prune tick after the store recovers catches up.
+            return;
+        }
         let groups = match self.store.groups() {
             Ok(g) => g,
             Err(e) => {
@@ -1706,6 +1949,9 @@ impl Actor {
 
     /// Drops past epochs' secrets older than [`PAST_EPOCH_TTL`] and stores the result.
     fn expire_past_epochs(&mut self) {
+        if !self.disk_ok() {
+            return;
+        }
         let result = self
             .groups
             .expire_past_epochs(PAST_EPOCH_TTL)
@@ -1718,7 +1964,8 @@ impl Actor {
     }
 
     fn flush(&mut self) {
-        if self.unflushed {
+        // While the store fails, what was not flushed is gone with the reopened file.
+        if self.unflushed && self.store.is_writable() {
             crashpoint::reached(Point::Flush);
             match self.store.flush() {
                 Ok(()) => self.unflushed = false,
@@ -1736,15 +1983,21 @@ impl Actor {
     }
 
     fn rollback(&mut self) {
+        let generation = self.store.generation();
         self.store.discard_staged();
-        if let Err(e) = self.groups.reload_all() {
-            tracing::error!(error = %e, "cannot reload group state after a failed write");
+        match self.groups.reload_all() {
+            Ok(()) => self.disk.loaded(generation),
+            Err(e) => {
+                self.disk.reload_failed();
+                tracing::error!(error = %e, "cannot reload group state after a failed write");
+            }
         }
     }
 
     fn after_commit(&mut self, effects: Vec<Effect>) {
         let invites_changed = effects.iter().any(|e| matches!(e, Effect::Invite(_)));
         let mut rolled_back = Vec::new();
+        let mut behind = Vec::new();
         for e in effects {
             let sent = match e {
                 Effect::Publish { topic, data } => self.net.publish_blocking(topic, data),
@@ -1798,6 +2051,26 @@ impl Actor {
                         .spawn(async move { handle.rejoin(group, link, by).await });
                     Ok(())
                 }
+                Effect::Behind { group, missing } => {
+                    tracing::debug!(group = %group.short(), missing, "messages missing before a live one; fetching history first");
+                    behind.push(group);
+                    Ok(())
+                }
+                Effect::Undecryptable { envelope, reason } => {
+                    self.metrics.undecryptable(reason);
+                    if self.warned_undecryptable.insert(envelope.group) {
+                        tracing::warn!(
+                            group = %envelope.group.short(),
+                            msg = %envelope.id.short(),
+                            epoch = envelope.epoch,
+                            reason = reason.label(),
+                            "a message of this group cannot be decrypted: {reason}; it is lost on this node (counted in `kith group show`; further ones are logged at debug)"
+                        );
+                    } else {
+                        tracing::debug!(group = %envelope.group.short(), msg = %envelope.id.short(), reason = reason.label(), "undecryptable message");
+                    }
+                    Ok(())
+                }
                 Effect::SaveGroup(_)
                 | Effect::SaveEnvelope(_)
                 | Effect::Invite(_)
@@ -1815,11 +2088,15 @@ impl Actor {
         for group in rolled_back {
             self.start_sync(group, SyncTrigger::Gap);
         }
+        // A sender's messages are missing before live ones held now: fetch them.
+        for group in behind {
+            self.start_sync(group, SyncTrigger::Gap);
+        }
     }
 
-    /// Announces this node in the DHT under the rendezvous key of every active invite of its
-    /// active groups (all of them again when `refresh`, else only new ones), and stops
-    /// announcing invites that were revoked, expired or used up.
+    /// Announces this node in the DHT under the rendezvous key of every unexpired invite of
+    /// its active groups, ended ones included (all of them again when `refresh`, else only
+    /// new ones), and stops announcing invites that expired.
     fn announce_invites(&mut self, refresh: bool) {
         let records = match self.store.invites() {
             Ok(r) => r,
@@ -1829,17 +2106,19 @@ impl Actor {
             }
         };
         let now = now_ms() / 1000;
+        // Ended (revoked, used-up) invites too, until they expire, so a joiner reaching any
+        // member hears the reason; live ones first when there are too many.
         let mut active: Vec<&InviteRecord> = records
             .iter()
             .filter(|r| {
-                r.is_active(now)
+                r.is_announced(now)
                     && self
                         .groups
                         .group(&r.group)
                         .is_some_and(|v| v.active && !v.leaving)
             })
             .collect();
-        active.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+        active.sort_by_key(|r| (!r.is_active(now), std::cmp::Reverse(r.created_at)));
         let network = self.groups.network().to_owned();
         let wanted: HashSet<[u8; 32]> = active
             .iter()
@@ -1912,7 +2191,10 @@ impl Actor {
                     peers: vec![(peer, addrs)],
                     ..Batch::default()
                 };
-                if let Err(e) = self.commit_with(batch, false) {
+                // While the disk fails, the address book waits for the next identify.
+                if self.disk_ok()
+                    && let Err(e) = self.commit_with(batch, false)
+                {
                     tracing::warn!(error = %e, "cannot update the address book");
                 }
             }
@@ -2164,6 +2446,9 @@ impl Actor {
     }
 
     fn on_call(&mut self, call: Call) {
+        let Some(call) = self.refuse_unwritable(call) else {
+            return;
+        };
         match call {
             Call::Groups(r) => {
                 let list = self
@@ -2173,11 +2458,23 @@ impl Actor {
                     .map(|v| {
                         let id = v.meta.id;
                         let held = self.groups.pending_count(&id);
+                        let undecryptable = self
+                            .store
+                            .undecryptable_counts(&id)
+                            .map(|c| c.values().sum())
+                            .unwrap_or_else(|e| {
+                                tracing::warn!(error = %e, "cannot count undecryptable messages");
+                                0
+                            });
                         GroupSummary {
                             held,
                             in_sync: held == 0
                                 && !self.syncs.contains_key(&id)
-                                && !self.unsynced.contains(&id),
+                                && !self.unsynced.contains(&id)
+                                && !self.groups.is_catching_up(&id),
+                            undecryptable,
+                            missing: self.groups.missing_messages(&id),
+                            sync_failures: self.sync_failures.get(&id).copied().unwrap_or(0),
                             ..summary(v)
                         }
                     })
@@ -2185,10 +2482,22 @@ impl Actor {
                 let _ = r.send(Ok(list));
             }
             Call::Group(q, r) => {
-                let res = self
-                    .resolve(&q)
-                    .and_then(|id| self.view(&id))
-                    .map(|v| group_info(&v, self.me));
+                let res = self.resolve(&q).and_then(|id| {
+                    let v = self.view(&id)?;
+                    let undecryptable = self
+                        .store
+                        .undecryptable_counts(&id)?
+                        .into_iter()
+                        .map(|(reason, n)| (reason.label().to_owned(), n))
+                        .collect();
+                    Ok(GroupInfo {
+                        undecryptable,
+                        missing: self.groups.missing_messages(&id),
+                        catching_up: self.groups.is_catching_up(&id),
+                        sync_failures: self.sync_failures.get(&id).copied().unwrap_or(0),
+                        ..group_info(&v, self.me)
+                    })
+                });
                 let _ = r.send(res);
             }
             Call::CreateGroup(name, r) => {
@@ -2336,6 +2645,10 @@ impl Actor {
     /// Commits a self-update in every group where one is due (`[keys]` in `config.toml`; by
     /// default after 1000 own messages or 7 days). Runs on the rendezvous tick.
     fn self_updates(&mut self) {
+        if !self.disk_ok() {
+            // Due again at the next tick.
+            return;
+        }
         for id in self.groups.due_self_updates(now_ms(), self.update_policy) {
             let fx = self.groups.self_update(id, now_ms());
             match self.commit_local(id, fx) {
@@ -2643,11 +2956,22 @@ async fn sync_pass(
     request: impl Fn(Option<Cursor>) -> SyncRequest,
 ) -> PassEnd {
     let mut cursor = None;
+    let mut limited = 0u32;
     while *pages < MAX_PAGES_PER_RUN {
         *pages += 1;
-        let (envelopes, next, partial) = match net.sync(peer, request(cursor.take())).await {
+        let (envelopes, next, partial) = match net.sync(peer, request(cursor.clone())).await {
             Ok(SyncResponse::V1(page)) => (page.envelopes, page.next, Vec::new()),
             Ok(SyncResponse::V2(page)) => (page.envelopes, page.next, page.partial),
+            Ok(SyncResponse::Refused(SyncRefusal::RateLimited))
+                if limited < MAX_RATE_LIMITED_RETRIES =>
+            {
+                // The member serves several of our groups (and other members) from one
+                // budget: wait for it to refill rather than fail the run.
+                limited += 1;
+                tracing::debug!(%peer, group = %group.short(), limited, "sync rate-limited; waiting");
+                tokio::time::sleep(RATE_LIMITED_PAUSE * limited).await;
+                continue;
+            }
             Ok(SyncResponse::Refused(why)) => {
                 tracing::debug!(%peer, group = %group.short(), reason = %why, "sync refused");
                 if why == SyncRefusal::NotMember {
@@ -2665,6 +2989,7 @@ async fn sync_pass(
         if !envelopes.is_empty() && tx.send(Input::SyncPage { group, envelopes }).await.is_err() {
             return PassEnd::Stopped;
         }
+        limited = 0;
         match next {
             None => return PassEnd::Complete(partial),
             Some(n) => cursor = Some(n),
@@ -2681,6 +3006,34 @@ pub fn open_store(data_dir: &Path) -> Result<Store, StoreError> {
 #[cfg(test)]
 mod durability_tests {
     use super::*;
+
+    #[test]
+    fn failing_syncs_back_off_up_to_five_minutes() {
+        assert_eq!(sync_backoff(0), Duration::ZERO);
+        assert_eq!(sync_backoff(1), SYNC_DEBOUNCE);
+        assert_eq!(sync_backoff(2), SYNC_DEBOUNCE * 2);
+        assert_eq!(sync_backoff(4), SYNC_DEBOUNCE * 8);
+        assert_eq!(sync_backoff(7), MAX_SYNC_BACKOFF);
+        assert_eq!(sync_backoff(u32::MAX), MAX_SYNC_BACKOFF);
+    }
+
+    #[test]
+    fn fetched_envelopes_are_read_epoch_by_epoch_commits_last() {
+        let e = |epoch: u64, commit: bool, n: u8| (epoch, commit, n as usize, vec![n]);
+        // As a responder sends them: commits, whole epochs, then a partial older epoch.
+        let fetched = vec![
+            e(3, true, 0),
+            e(4, true, 1),
+            e(4, false, 2),
+            e(5, false, 3),
+            e(3, false, 4),
+            e(4, false, 5),
+        ];
+        assert_eq!(
+            sort_fetched(fetched),
+            vec![vec![4], vec![0], vec![2], vec![5], vec![1], vec![3]]
+        );
+    }
 
     #[test]
     fn batches_that_publish_are_recognised() {

@@ -50,13 +50,22 @@ pub enum IdentityError {
     /// There is no node key yet.
     #[error("no node key at {0}; run `kith init` first")]
     NoKey(PathBuf),
+    /// The key file is empty (0 bytes): it was truncated or never written.
+    #[error(
+        "{0} is empty (0 bytes) and holds no node key: restore node.key from your backup, \
+         or start over on purpose with a new identity: `kith run --new-identity`"
+    )]
+    EmptyKey(PathBuf),
     /// The key file does not hold a valid ed25519 key (damaged or not a Kith key).
-    #[error("{path} is not a valid node key: {reason}")]
+    #[error(
+        "{path} is damaged ({reason}): restore node.key from your backup, or start over on \
+         purpose with a new identity: `kith run --new-identity`"
+    )]
     BadKey {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        reason: String,
+        reason: BadKeyReason,
     },
     /// A secret file can be read by other users; it is refused until fixed.
     #[error(
@@ -93,6 +102,24 @@ pub enum IdentityError {
     /// The network id given to `init` is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+}
+
+/// Why a node key file holds no usable key (the decoder's own words go to the debug log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadKeyReason {
+    /// The bytes do not decode as a libp2p key.
+    Undecodable,
+    /// It is a key, but not ed25519 (Kith's only key type).
+    NotEd25519,
+}
+
+impl std::fmt::Display for BadKeyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BadKeyReason::Undecodable => "it does not decode as a node key",
+            BadKeyReason::NotEd25519 => "it is not an ed25519 key",
+        })
+    }
 }
 
 /// What [`init`] did.
@@ -147,14 +174,23 @@ pub fn load_keypair(data_dir: &Path) -> Result<Keypair, IdentityError> {
         }
         Err(e) => return Err(e),
     };
-    let key = Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::BadKey {
-        path: path.clone(),
-        reason: e.to_string(),
+    // An empty buffer "decodes" as a key of the default (RSA) type, and libp2p then says a
+    // cargo feature is missing: say what is really wrong instead.
+    if bytes.is_empty() {
+        return Err(IdentityError::EmptyKey(path));
+    }
+    let key = Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
+        tracing::debug!(path = %path.display(), error = %e, "node key does not decode");
+        IdentityError::BadKey {
+            path: path.clone(),
+            reason: BadKeyReason::Undecodable,
+        }
     })?;
     if key.clone().try_into_ed25519().is_err() {
+        tracing::debug!(path = %path.display(), key_type = ?key.key_type(), "node key is not ed25519");
         return Err(IdentityError::BadKey {
             path,
-            reason: format!("{:?} key, ed25519 required", key.key_type()),
+            reason: BadKeyReason::NotEd25519,
         });
     }
     Ok(key)
@@ -166,12 +202,11 @@ pub fn load_or_create_keypair(data_dir: &Path) -> Result<(Keypair, bool), Identi
     let path = data_dir.join(KEY_FILE);
     if !exists(&path)? {
         let key = Keypair::generate_ed25519();
-        let bytes = key
-            .to_protobuf_encoding()
-            .map_err(|e| IdentityError::BadKey {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let bytes = key.to_protobuf_encoding().map_err(|e| IdentityError::Io {
+            action: "encode a key for",
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
         if write_new_file(&path, &bytes, 0o600)? {
             return Ok((key, true));
         }
@@ -466,6 +501,34 @@ mod tests {
         // load_or_create does not replace a damaged key.
         assert!(load_or_create_keypair(dir.path()).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"this is not a key");
+    }
+
+    #[test]
+    fn empty_key_says_so_and_how_to_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(KEY_FILE);
+        write_exclusive(&path, b"", 0o600).unwrap();
+        let err = load_keypair(dir.path()).unwrap_err();
+        assert!(matches!(err, IdentityError::EmptyKey(_)), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("empty") && text.contains("node.key"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--new-identity") && text.contains("backup"),
+            "{text}"
+        );
+        assert!(!text.contains("rsa") && !text.contains("feature"), "{text}");
+        // Neither init nor a start replaces it.
+        assert!(init(dir.path(), None).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        // A key of another type is named as such, not as a missing cargo feature.
+        std::fs::remove_file(&path).unwrap();
+        write_exclusive(&path, &[0x08, 0x00, 0x12, 0x01, 0x00], 0o600).unwrap();
+        let err = load_keypair(dir.path()).unwrap_err();
+        assert!(matches!(err, IdentityError::BadKey { .. }), "{err}");
+        assert!(!err.to_string().contains("feature"), "{err}");
     }
 
     #[test]

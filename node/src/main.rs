@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use kith_node::cli::{Cli, Command, LogFormat};
 use kith_node::config::{Config, resolve_data_dir};
-use kith_node::{cli, identity, node};
+use kith_node::{cli, datadir, identity, node};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -64,6 +64,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Init(args) => {
             let data_dir = resolve_data_dir(cli.data_dir.as_deref())?;
+            datadir::check_init(&data_dir)?;
             let outcome = identity::init(&data_dir, args.network.as_deref())?;
             let note = if outcome.created {
                 format!("created a node key in {}", data_dir.display())
@@ -78,7 +79,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => {
             let data_dir = resolve_data_dir(cli.data_dir.as_deref())?;
             let config = Config::resolve(&data_dir, &args.overrides())?;
-            node::run(&data_dir, config).await?;
+            node::run(&data_dir, config, args.recovery()).await?;
             Ok(())
         }
         _ => cli::run_client(cli).await,

@@ -15,7 +15,7 @@
 //! gauges are created once and then cached by the engine.
 
 use std::fmt;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,12 +27,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use kith_protocol::group::Verdict;
 use kith_protocol::ids::GroupId;
+use kith_protocol::order::Undecryptable;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
+
+use crate::store::FailureReason;
 
 /// The `Content-Type` of `GET /metrics`: the OpenMetrics text format.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -101,19 +104,25 @@ pub enum IgnoreReason {
     Duplicate,
     /// This node could not read or write its store.
     Storage,
+    /// Held: earlier messages of its sender are missing, or a history sync is catching up.
+    Held,
+    /// It can never be decrypted here (counted by reason in `kith_undecryptable_total`).
+    Undecryptable,
     /// A reason this version does not know (e.g. an unsupported MLS content type).
     Other,
 }
 
 impl IgnoreReason {
     /// Every reason, in label order.
-    pub const ALL: [IgnoreReason; 7] = [
+    pub const ALL: [IgnoreReason; 9] = [
         IgnoreReason::NotMember,
         IgnoreReason::FutureEpoch,
         IgnoreReason::PastCommit,
         IgnoreReason::PastEpoch,
         IgnoreReason::Duplicate,
         IgnoreReason::Storage,
+        IgnoreReason::Held,
+        IgnoreReason::Undecryptable,
         IgnoreReason::Other,
     ];
 
@@ -126,6 +135,8 @@ impl IgnoreReason {
             IgnoreReason::PastEpoch => "past_epoch",
             IgnoreReason::Duplicate => "duplicate",
             IgnoreReason::Storage => "storage",
+            IgnoreReason::Held => "held",
+            IgnoreReason::Undecryptable => "undecryptable",
             IgnoreReason::Other => "other",
         }
     }
@@ -204,8 +215,13 @@ fn reject_reason(why: &str) -> RejectReason {
 }
 
 fn ignore_reason(why: &str) -> IgnoreReason {
-    const PREFIXES: [(&str, IgnoreReason); 6] = [
+    const PREFIXES: [(&str, IgnoreReason); 11] = [
         ("duplicate", IgnoreReason::Duplicate),
+        ("already read", IgnoreReason::Duplicate),
+        ("cannot be decrypted", IgnoreReason::Undecryptable),
+        ("sent before this node joined", IgnoreReason::PastEpoch),
+        ("held until history sync", IgnoreReason::Held),
+        ("too far ahead of its sender", IgnoreReason::Held),
         ("not a member of this group", IgnoreReason::NotMember),
         ("no longer a member of this group", IgnoreReason::NotMember),
         ("commit for past epoch", IgnoreReason::PastCommit),
@@ -221,6 +237,10 @@ fn ignore_reason(why: &str) -> IgnoreReason {
     // "epoch 7 is ahead of ours (5); held"
     if why.starts_with("epoch ") && why.contains(" is ahead of ours") {
         return IgnoreReason::FutureEpoch;
+    }
+    // "80 earlier messages of its sender are missing; held until they are fetched"
+    if why.contains(" earlier messages of its sender are missing") {
+        return IgnoreReason::Held;
     }
     IgnoreReason::Other
 }
@@ -418,6 +438,7 @@ pub struct KithMetrics {
     messages_sent: Counter,
     messages_received: Counter,
     rollbacks: Counter,
+    undecryptable: [Counter; Undecryptable::ALL.len()],
     deep_forks: Counter,
     forks_detected: Counter,
     rejected: [Counter; RejectReason::ALL.len()],
@@ -431,6 +452,8 @@ pub struct KithMetrics {
     join_requests: [Counter; JoinRequestResult::ALL.len()],
     invites_created: Counter,
     sync_bytes: FrameBytes,
+    store_write_failures: [Counter; FailureReason::ALL.len()],
+    store_failing: Gauge,
 }
 
 /// Registers a counter family with one child per label value and returns the children.
@@ -463,6 +486,12 @@ impl KithMetrics {
             "messages_received",
             "Text messages received from the network, decrypted and stored",
             messages_received.clone(),
+        );
+        let undecryptable = counters(
+            r,
+            "undecryptable",
+            "Messages of a group this node holds but can never decrypt, by reason",
+            Undecryptable::ALL.map(|x| ReasonLabel { reason: x.label() }),
         );
         let rollbacks = Counter::default();
         r.register(
@@ -568,10 +597,23 @@ impl KithMetrics {
             request_received,
             response_sent,
         };
+        let store_write_failures = counters(
+            r,
+            "store_write_failures",
+            "Store writes that failed with an I/O error (recovery probes included), by reason",
+            FailureReason::ALL.map(|x| ReasonLabel { reason: x.as_str() }),
+        );
+        let store_failing = Gauge::default();
+        r.register(
+            "store_failing",
+            "1 while the node cannot write to its disk (local writes are refused), else 0",
+            store_failing.clone(),
+        );
         KithMetrics {
             messages_sent,
             messages_received,
             rollbacks,
+            undecryptable,
             deep_forks,
             forks_detected,
             rejected,
@@ -585,6 +627,8 @@ impl KithMetrics {
             join_requests,
             invites_created,
             sync_bytes,
+            store_write_failures,
+            store_failing,
         }
     }
 
@@ -613,6 +657,11 @@ impl KithMetrics {
     /// Counts one lost deep fork.
     pub fn deep_fork(&self) {
         self.deep_forks.inc();
+    }
+
+    /// Counts one message that can never be decrypted here.
+    pub fn undecryptable(&self, reason: Undecryptable) {
+        self.undecryptable[index_of(&Undecryptable::ALL, reason)].inc();
     }
 
     /// Counts one rollback to a winning branch.
@@ -694,6 +743,16 @@ impl KithMetrics {
     pub fn invite_created(&self) {
         self.invites_created.inc();
     }
+
+    /// Counts `n` store writes that failed with an I/O error.
+    pub fn store_write_failures(&self, reason: FailureReason, n: u64) {
+        self.store_write_failures[index_of(&FailureReason::ALL, reason)].inc_by(n);
+    }
+
+    /// Sets whether the node cannot write to its disk.
+    pub fn set_store_failing(&self, failing: bool) {
+        self.store_failing.set(i64::from(failing));
+    }
 }
 
 fn index_of<T: PartialEq>(all: &[T], x: T) -> usize {
@@ -744,10 +803,7 @@ pub async fn serve(
     registry: Arc<Registry>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(registry))
-        .with_graceful_shutdown(shutdown)
-        .into_future()
-        .await
+    crate::http::serve(listener, router(registry), shutdown).await
 }
 
 #[cfg(test)]

@@ -20,6 +20,29 @@ pub struct StatusInfo {
     pub groups: Vec<GroupSummary>,
     /// Version of the `kith` binary.
     pub version: String,
+    /// Whether the node can write to its disk (absent from older nodes: `ok`).
+    #[serde(default)]
+    pub storage: StorageStatus,
+}
+
+/// Whether the node can write to its disk, in [`StatusInfo::storage`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum StorageStatus {
+    /// Writes work.
+    #[default]
+    Ok,
+    /// A write failed (full disk, read-only or failing device): sends and other local writes
+    /// are refused, received messages wait with other members, and the node retries by
+    /// itself.
+    Failing {
+        /// When the first write failed (ms since the Unix epoch).
+        since_ms: u64,
+        /// Why: `disk_full`, `read_only` or `io_error`.
+        reason: String,
+        /// One line for a human: what happened and what to do.
+        message: String,
+    },
 }
 
 /// A group in a list.
@@ -43,6 +66,16 @@ pub struct GroupSummary {
     /// See [`GroupInfo::epoch_auth`].
     #[serde(default)]
     pub epoch_auth: String,
+    /// Messages of the group this node holds but can never decrypt (all reasons; see
+    /// [`GroupInfo::undecryptable`]).
+    #[serde(default)]
+    pub undecryptable: u64,
+    /// See [`GroupInfo::missing`].
+    #[serde(default)]
+    pub missing: u64,
+    /// See [`GroupInfo::sync_failures`].
+    #[serde(default)]
+    pub sync_failures: u32,
     /// See [`GroupInfo::rollbacks`].
     #[serde(default)]
     pub rollbacks: u64,
@@ -87,6 +120,23 @@ pub struct GroupInfo {
     /// Times a member's history sync showed it on another branch (since it started).
     #[serde(default)]
     pub forks_detected: u64,
+    /// Messages of the group this node holds but can never decrypt, by reason
+    /// (`too_old`: newer messages of the same sender were read first and MLS had already
+    /// dropped its key; `epoch_gone`: the keys of its epoch were already deleted). Each is a
+    /// message lost on this node; the count persists across restarts.
+    #[serde(default)]
+    pub undecryptable: std::collections::BTreeMap<String, u64>,
+    /// Messages of other members this node knows it has not received yet (gaps in their
+    /// senders' message counters); a history sync is fetching them.
+    #[serde(default)]
+    pub missing: u64,
+    /// Whether live messages are held while this node catches up on history.
+    #[serde(default)]
+    pub catching_up: bool,
+    /// History syncs of the group that failed in a row (0: the last one completed or none
+    /// failed); the next attempt waits longer each time, up to 5 minutes.
+    #[serde(default)]
+    pub sync_failures: u32,
 }
 
 fn yes() -> bool {

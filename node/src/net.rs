@@ -48,6 +48,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::FrameBytes;
 
+mod listen;
+pub use listen::ListenFailure;
+
 /// Kademlia protocol name: a separate DHT from the public IPFS one.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/kad/1.0.0");
 /// Join request-response protocol name.
@@ -124,7 +127,7 @@ pub enum NetError {
         /// The address.
         addr: Multiaddr,
         /// Why.
-        reason: String,
+        reason: ListenFailure,
     },
     /// A join request failed in transport (unreachable, timeout, protocol error).
     #[error("request to {peer} failed: {reason}")]
@@ -842,12 +845,13 @@ fn build_swarm(
         }
     };
     for addr in &cfg.listen {
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| NetError::Listen {
+        swarm.listen_on(addr.clone()).map_err(|e| {
+            tracing::debug!(%addr, error = ?e, "listen_on failed");
+            NetError::Listen {
                 addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
+                reason: ListenFailure::of(addr, &e),
+            }
+        })?;
     }
     Ok((swarm, metrics))
 }

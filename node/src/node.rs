@@ -16,11 +16,11 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::config::NodeConfig;
+use crate::datadir::{self, DataDirError, Recovery};
 use crate::engine::{self, EngineError, EngineHandle, EngineTask};
 use crate::identity::{self, IdentityError};
 use crate::metrics::{self, KithMetrics};
 use crate::net::{self, NetConfig, NetError, NetHandle};
-use crate::store::StoreError;
 
 /// Gossipsub heartbeat used unless overridden.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(700);
@@ -42,14 +42,9 @@ pub enum StartError {
     /// The node key or API token could not be read or created.
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    /// The database could not be opened.
-    #[error("cannot open the database in {dir}: {source}")]
-    Store {
-        /// The data directory.
-        dir: PathBuf,
-        /// Why.
-        source: StoreError,
-    },
+    /// The node key and the database do not belong together, or cannot be opened.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
     /// The network could not start (e.g. a listen address is in use).
     #[error(transparent)]
     Net(#[from] NetError),
@@ -102,22 +97,29 @@ pub struct RunningNode {
 
 /// Starts a node. Must be called inside a multi-threaded tokio runtime.
 pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
+    start_with(opts, Recovery::Refuse).await
+}
+
+/// [`start`], with what the start check may set aside when the node key and the database do
+/// not belong together (`kith run --fresh-database` / `--new-identity`; see
+/// [`crate::datadir`]).
+pub async fn start_with(opts: NodeOptions, recovery: Recovery) -> Result<RunningNode, StartError> {
     let NodeOptions {
         data_dir,
         config,
         heartbeat,
     } = opts;
     crate::crashpoint::arm_from_env()?;
-    identity::create_data_dir(&data_dir)?;
-    let (keypair, created) = identity::load_or_create_keypair(&data_dir)?;
+    let datadir::Opened {
+        keypair,
+        created_key,
+        store,
+        ..
+    } = datadir::open(&data_dir, recovery)?;
     let peer_id = keypair.public().to_peer_id();
-    if created {
+    if created_key {
         tracing::info!(%peer_id, dir = %data_dir.display(), "created a new node key");
     }
-    let store = engine::open_store(&data_dir).map_err(|source| StartError::Store {
-        dir: data_dir.clone(),
-        source,
-    })?;
     let known_peers = store.peers().unwrap_or_else(|e| {
         tracing::warn!(error = %e, "cannot read the address book; starting without it");
         Vec::new()
@@ -275,12 +277,20 @@ pub async fn shutdown_signal() {
 }
 
 /// `kith run`: starts the node in the foreground and stops it cleanly on Ctrl-C or SIGTERM.
-pub async fn run(data_dir: &Path, config: NodeConfig) -> Result<(), StartError> {
-    let node = start(NodeOptions {
-        data_dir: data_dir.to_owned(),
-        config,
-        heartbeat: DEFAULT_HEARTBEAT,
-    })
+/// `recovery` is what the start check may set aside (see [`crate::datadir`]).
+pub async fn run(
+    data_dir: &Path,
+    config: NodeConfig,
+    recovery: Recovery,
+) -> Result<(), StartError> {
+    let node = start_with(
+        NodeOptions {
+            data_dir: data_dir.to_owned(),
+            config,
+            heartbeat: DEFAULT_HEARTBEAT,
+        },
+        recovery,
+    )
     .await?;
     println!("kith node {} is running", node.peer_id);
     println!(

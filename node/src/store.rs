@@ -17,7 +17,10 @@
 //! - `peers`: `PeerId` bytes → list of multiaddr bytes (the address book).
 //! - `meta`: `schema_version` (u32 big-endian). Schema 1 keyed `history` by a local arrival
 //!   sequence (kept in `next_seq`); [`Store::open`] migrates it to schema 2, then 3 and 4, in
-//!   place.
+//!   place. `owner`: the PeerId bytes of the node key the database belongs to, written by
+//!   [`Store::open_owned`] at creation (or adopted on the first such open of a database
+//!   written before owners were recorded), so a swapped key is refused instead of starting
+//!   a node whose groups are dead.
 //!
 //! Kith records are encoded with [`kith_protocol::codec`]; openmls records with serde_json.
 //!
@@ -27,24 +30,30 @@
 //! transaction. A crash therefore never leaves MLS keys and history disagreeing: either both
 //! are on disk or neither is.
 
+mod health;
 mod mls;
 
+use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kith_protocol::codec::{self, MAX_DECODE_BYTES};
 use kith_protocol::envelope::PayloadKind;
 use kith_protocol::ids::{GroupId, InviteId, MessageId};
 use kith_protocol::invite::{InviteRecord, InviteUpdate};
+use kith_protocol::order::Undecryptable;
 use kith_protocol::records::{GroupMeta, HistoryEntry, StoredEnvelope};
 use kith_protocol::sync::MAX_SENDER_BYTES;
 use kith_protocol::{Multiaddr, PeerId};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use health::{FailureReason, PROBE_BYTES, Recovery, StoreHealth};
 pub use mls::{KithProvider, MlsStorage};
+
+use health::DbSlot;
 
 /// openmls storage records: label + serde_json key → serde_json value.
 const MLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mls");
@@ -64,10 +73,16 @@ const ENVELOPES_BY_GROUP: TableDefinition<&[u8; ENVELOPE_INDEX_KEY_LEN], ()> =
 const INVITES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("invites");
 /// `PeerId` bytes → codec-encoded `Vec<Vec<u8>>` of multiaddr bytes.
 const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
+/// group id (32) ‖ envelope id (32) → epoch (u64 BE) ‖ reason code (u8) ‖ received_at_ms
+/// (u64 BE): envelopes of the group that this node can never decrypt
+/// ([`Undecryptable`]); the envelope itself is kept in `envelopes`.
+const UNDECRYPTABLE: TableDefinition<&[u8; 64], &[u8]> = TableDefinition::new("undecryptable");
 /// Store-wide values, see [`META_SCHEMA_VERSION`] and [`META_NEXT_SEQ`].
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const META_SCHEMA_VERSION: &str = "schema_version";
+/// The PeerId (bytes) of the node key this database belongs to.
+const META_OWNER: &str = "owner";
 /// Schema 1 only: the next local history sequence number.
 const META_NEXT_SEQ: &str = "next_seq";
 
@@ -87,6 +102,13 @@ const HISTORY_KEY_LEN: usize = 32 + 8 + 8 + MAX_SENDER_BYTES + 1 + 32;
 const ENVELOPE_INDEX_KEY_LEN: usize = 32 + 8 + 32;
 /// Schema 1 `history` key: group id ‖ u64 BE arrival sequence.
 const V1_HISTORY_KEY_LEN: usize = 40;
+
+fn undecryptable_key(group: &GroupId, id: &MessageId) -> [u8; 64] {
+    let mut k = [0u8; 64];
+    k[..32].copy_from_slice(group.as_bytes());
+    k[32..].copy_from_slice(id.as_bytes());
+    k
+}
 
 /// How much history a node keeps per group; see [`Store::prune`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +180,17 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
+    /// The store cannot write: a write failed with an I/O error (full disk, read-only or
+    /// failing device) and writes are refused until [`Store::recover`] finds that they work
+    /// again. Reads fail with it only while the file could not be opened again. Nothing was
+    /// written.
+    #[error("cannot write to the store in {}: {reason}", dir.display())]
+    Failing {
+        /// Why the last write failed.
+        reason: FailureReason,
+        /// The data directory.
+        dir: PathBuf,
+    },
     /// The file was written by a newer Kith with a schema this version does not understand.
     /// Upgrade Kith; the file was not modified.
     #[error("database schema version {found} is newer than the supported version {supported}")]
@@ -166,6 +199,14 @@ pub enum StoreError {
         found: u32,
         /// The newest version this code understands.
         supported: u32,
+    },
+    /// The database belongs to another node key than the one it was opened with
+    /// ([`Store::open_owned`]). The file was not modified; the caller restores the right key
+    /// or sets the database aside.
+    #[error("the database belongs to node {owner}")]
+    OtherOwner {
+        /// The PeerId recorded in the database.
+        owner: PeerId,
     },
 }
 
@@ -224,6 +265,10 @@ pub struct Batch {
     /// (envelope id, history id): the envelope carried that history entry, so
     /// [`Store::history_entry`] finds the entry by the envelope's id too.
     pub links: Vec<(MessageId, MessageId)>,
+    /// Envelopes this node can never decrypt: each is kept (like [`Batch::envelopes`]) and
+    /// counted in the `undecryptable` table, unless it is already stored (then it was a
+    /// copy of a message this node holds, not a loss).
+    pub undecryptable: Vec<(StoredEnvelope, Undecryptable)>,
 }
 
 /// See [`Batch::rollbacks`].
@@ -251,7 +296,10 @@ impl Batch {
                 Effect::SaveEnvelope(s) => batch.envelopes.push(s.clone()),
                 Effect::Record(h) => batch.history.push(h.clone()),
                 Effect::Invite(u) => batch.invites.push(u.clone()),
-                Effect::JoinLost { .. } | Effect::DeepForkLost { .. } => {}
+                Effect::Undecryptable { envelope, reason } => {
+                    batch.undecryptable.push((envelope.clone(), *reason))
+                }
+                Effect::JoinLost { .. } | Effect::DeepForkLost { .. } | Effect::Behind { .. } => {}
                 Effect::LinkEnvelope { envelope, history } => {
                     if envelope != history {
                         batch.links.push((*envelope, *history));
@@ -293,6 +341,7 @@ impl Batch {
             && self.peers.is_empty()
             && self.rollbacks.is_empty()
             && self.links.is_empty()
+            && self.undecryptable.is_empty()
     }
 }
 
@@ -302,7 +351,7 @@ impl Batch {
 /// same staged writes. The file is closed when the `Store` and every provider from it are
 /// dropped.
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     mls: MlsStorage,
 }
 
@@ -319,11 +368,56 @@ impl Store {
     /// [`StoreError::AlreadyOpen`] if another node holds it, and with
     /// [`StoreError::Database`] if the file is damaged (page checksums are verified on open).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Self::open_inner(path, None)
+    }
+
+    /// Opens the database at `path` as the database of node `owner`, like [`Store::open`]:
+    /// a new database records `owner`, one without an owner record (written before owners
+    /// were recorded) adopts it, and one recorded for another node fails with
+    /// [`StoreError::OtherOwner`], leaving the file untouched.
+    pub fn open_owned(path: &Path, owner: &PeerId) -> Result<Store, StoreError> {
+        Self::open_inner(path, Some(owner))
+    }
+
+    /// The owner recorded in the database at `path`, if any, without changing the file (for
+    /// error messages: it names the node whose key is wanted).
+    pub fn owner_of(path: &Path) -> Result<Option<PeerId>, StoreError> {
+        use redb::ReadableDatabase as _;
+        let db = Database::builder().open(path)?;
+        let txn = db.begin_read()?;
+        let meta = match txn.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        meta.get(META_OWNER)?
+            .map(|v| decode_owner(v.value()))
+            .transpose()
+    }
+
+    fn open_inner(path: &Path, owner: Option<&PeerId>) -> Result<Store, StoreError> {
+        let file = path.to_owned();
+        let owner = owner.copied();
+        Store::open_with(
+            path,
+            Box::new(move || Store::open_file(&file, owner.as_ref())),
+        )
+    }
+
+    /// Opens the database file and checks its schema (and owner): at start, and again after
+    /// an I/O error (see [`Store::generation`]).
+    fn open_file(path: &Path, owner: Option<&PeerId>) -> Result<Database, StoreError> {
         // Verify page checksums on every open: a file damaged outside redb is then a typed
         // error instead of a possible panic later. It reads the whole file once at startup.
         let db = Database::builder()
             .set_check_integrity_on_open(true)
             .create(path)?;
+        Store::prepare(db, owner)
+    }
+
+    /// Checks the schema of a freshly opened database, migrating older ones in place, and
+    /// records or checks its owner.
+    fn prepare(db: Database, owner: Option<&PeerId>) -> Result<Database, StoreError> {
         let txn = db.begin_write()?;
         {
             let found = {
@@ -360,6 +454,9 @@ impl Store {
                     });
                 }
             }
+            if let Some(owner) = owner {
+                claim_owner(&txn, owner, found.is_some())?;
+            }
             txn.open_table(MLS)?;
             txn.open_table(GROUPS)?;
             txn.open_table(HISTORY)?;
@@ -368,15 +465,62 @@ impl Store {
             txn.open_table(ENVELOPES_BY_GROUP)?;
             txn.open_table(INVITES)?;
             txn.open_table(PEERS)?;
+            txn.open_table(UNDECRYPTABLE)?;
             if found != Some(SCHEMA_VERSION) {
                 let mut meta = txn.open_table(META)?;
                 meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes().as_slice())?;
             }
         }
         txn.commit()?;
-        let db = Arc::new(db);
+        Ok(db)
+    }
+
+    /// Opens the store with `open`, which also reopens the file after an I/O error.
+    fn open_with(path: &Path, open: health::Opener) -> Result<Store, StoreError> {
+        let db = Arc::new(DbSlot::open(path, open)?);
         let mls = MlsStorage::new(Arc::clone(&db));
         Ok(Store { db, mls })
+    }
+
+    /// Whether the store can write (see [`StoreHealth`]).
+    pub fn health(&self) -> StoreHealth {
+        self.db.health()
+    }
+
+    /// A handle reading this store's health from anywhere (the API's status).
+    pub fn health_view(&self) -> HealthView {
+        HealthView(Arc::clone(&self.db))
+    }
+
+    /// True unless a write failed and the store has not recovered yet.
+    pub fn is_writable(&self) -> bool {
+        self.health() == StoreHealth::Ok
+    }
+
+    /// Times the file was opened again after an I/O error. Whatever was loaded from the store
+    /// at an earlier generation (the engine's MLS groups) must be loaded again: the commits
+    /// without fsync before the error are gone.
+    pub fn generation(&self) -> u64 {
+        self.db.generation()
+    }
+
+    /// While failing: if an attempt is due, opens the file again if needed and probes with a
+    /// durable write; see [`Recovery`]. `force` (a local write asks) makes an attempt due
+    /// unless one ran a moment ago; otherwise attempts back off from 0.5 s to 4 s.
+    pub fn recover(&self, force: bool) -> Recovery {
+        self.db.recover(force)
+    }
+
+    /// The error writes are refused with, for a caller that refuses one itself.
+    pub fn refusal(&self) -> StoreError {
+        let reason = match self.health() {
+            StoreHealth::Failing { reason, .. } => reason,
+            StoreHealth::Ok => FailureReason::Io,
+        };
+        StoreError::Failing {
+            reason,
+            dir: self.db.dir().to_owned(),
+        }
     }
 
     /// An openmls provider over this store. Its writes are staged until [`Store::commit`];
@@ -403,7 +547,16 @@ impl Store {
     /// [`Store::flush`]. A crash before that loses the whole transaction (MLS state and
     /// records together), never part of it. The node uses this for received messages, whose
     /// loss is recoverable, and flushes within half a second.
+    ///
+    /// An I/O error (full disk, …) makes the store failing: this and later writes return
+    /// [`StoreError::Failing`] until [`Store::recover`] succeeds, and the file is opened
+    /// again, which loses the non-durable commits not yet flushed (see [`Store::generation`]).
     pub fn commit_with(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
+        let result = self.commit_inner(batch, durable);
+        self.db.observe(result)
+    }
+
+    fn commit_inner(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
         let mut staged = self.mls.lock_staged();
         if staged.is_empty() && batch.is_empty() {
             return Ok(());
@@ -479,6 +632,28 @@ impl Store {
                 envelopes.insert(envelope.id.as_bytes(), bytes.as_slice())?;
                 by_group.insert(&envelope_index_key(envelope), ())?;
             }
+            if !batch.undecryptable.is_empty() {
+                let mut lost = txn.open_table(UNDECRYPTABLE)?;
+                let index = txn.open_table(MESSAGE_INDEX)?;
+                for (envelope, reason) in &batch.undecryptable {
+                    if envelopes.get(envelope.id.as_bytes())?.is_some()
+                        || index.get(envelope.id.as_bytes())?.is_some()
+                    {
+                        continue;
+                    }
+                    let bytes = encode_record("envelopes", envelope)?;
+                    envelopes.insert(envelope.id.as_bytes(), bytes.as_slice())?;
+                    by_group.insert(&envelope_index_key(envelope), ())?;
+                    let mut value = Vec::with_capacity(17);
+                    value.extend_from_slice(&envelope.epoch.to_be_bytes());
+                    value.push(reason.code());
+                    value.extend_from_slice(&envelope.received_at_ms.to_be_bytes());
+                    lost.insert(
+                        &undecryptable_key(&envelope.group, &envelope.id),
+                        value.as_slice(),
+                    )?;
+                }
+            }
 
             let mut invites = txn.open_table(INVITES)?;
             for update in &batch.invites {
@@ -504,10 +679,13 @@ impl Store {
 
     /// Makes every earlier non-durable commit durable (an empty fsynced transaction).
     pub fn flush(&self) -> Result<(), StoreError> {
-        let _staged = self.mls.lock_staged();
-        let txn = self.db.begin_write()?;
-        txn.commit()?;
-        Ok(())
+        let result = (|| -> Result<(), StoreError> {
+            let _staged = self.mls.lock_staged();
+            let txn = self.db.begin_write()?;
+            txn.commit()?;
+            Ok(())
+        })();
+        self.db.observe(result)
     }
 
     /// Drops all staged (uncommitted) MLS changes. Any `MlsGroup` held in memory may now be
@@ -563,6 +741,32 @@ impl Store {
             return Ok(true);
         }
         Ok(txn.open_table(ENVELOPES)?.get(id.as_bytes())?.is_some())
+    }
+
+    /// How many envelopes of `group` this node kept as undecryptable, by reason.
+    pub fn undecryptable_counts(
+        &self,
+        group: &GroupId,
+    ) -> Result<BTreeMap<Undecryptable, u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(UNDECRYPTABLE)?;
+        let lo = undecryptable_key(group, &MessageId([0; 32]));
+        let hi = undecryptable_key(group, &MessageId([0xff; 32]));
+        let mut counts = BTreeMap::new();
+        for row in table.range::<&[u8; 64]>(&lo..=&hi)? {
+            let (_, value) = row?;
+            let reason = value
+                .value()
+                .get(8)
+                .copied()
+                .and_then(Undecryptable::from_code)
+                .ok_or_else(|| StoreError::Corrupt {
+                    table: "undecryptable",
+                    reason: "unknown reason code".into(),
+                })?;
+            *counts.entry(reason).or_insert(0) += 1;
+        }
+        Ok(counts)
     }
 
     /// The stored envelope with this id, if any.
@@ -649,6 +853,17 @@ impl Store {
     /// (the commit into `T`): the commit chain from `T - 1` on stays servable by sync. If every
     /// row went, `T` is the newest deleted row's epoch.
     pub fn prune(
+        &self,
+        group: &GroupId,
+        retention: Retention,
+        now_ms: u64,
+        budget: usize,
+    ) -> Result<Pruned, StoreError> {
+        let result = self.prune_inner(group, retention, now_ms, budget);
+        self.db.observe(result)
+    }
+
+    fn prune_inner(
         &self,
         group: &GroupId,
         retention: Retention,
@@ -776,6 +991,11 @@ impl Store {
     /// `budget` of them; returns how many. Run with the retention timer, so the table stays
     /// bounded by the invites of the recent past.
     pub fn prune_invites(&self, before: u64, budget: usize) -> Result<usize, StoreError> {
+        let result = self.prune_invites_inner(before, budget);
+        self.db.observe(result)
+    }
+
+    fn prune_invites_inner(&self, before: u64, budget: usize) -> Result<usize, StoreError> {
         let expired: Vec<InviteId> = self
             .invites()?
             .into_iter()
@@ -823,6 +1043,27 @@ impl Store {
             out.push((peer, addrs));
         }
         Ok(out)
+    }
+}
+
+/// A shared view of a [`Store`]'s health, readable without the store.
+#[derive(Debug, Clone)]
+pub struct HealthView(Arc<DbSlot>);
+
+impl HealthView {
+    /// The store's current health.
+    pub fn health(&self) -> StoreHealth {
+        self.0.health()
+    }
+
+    /// The data directory, for messages.
+    pub fn dir(&self) -> &Path {
+        self.0.dir()
+    }
+
+    /// Failed writes so far for `reason`.
+    pub fn failures(&self, reason: FailureReason) -> u64 {
+        self.0.failures(reason)
     }
 }
 
@@ -918,6 +1159,39 @@ fn group_range(group: &GroupId) -> ([u8; HISTORY_KEY_LEN], [u8; HISTORY_KEY_LEN]
 /// Schema 1 → 2: re-keys every `history` row from the arrival sequence to [`history_key`],
 /// points `message_index` at the new keys and drops `next_seq`. Runs inside the caller's
 /// transaction, which also writes the new schema version: all of it or nothing.
+/// Checks, inside the open transaction, that the database belongs to `owner`, recording
+/// `owner` if no owner is recorded yet (a new database, or one written before owners were
+/// recorded, which `existed`). A refusal aborts the transaction: the file stays untouched.
+fn claim_owner(
+    txn: &redb::WriteTransaction,
+    owner: &PeerId,
+    existed: bool,
+) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let recorded = meta
+        .get(META_OWNER)?
+        .map(|v| decode_owner(v.value()))
+        .transpose()?;
+    match recorded {
+        Some(recorded) if recorded == *owner => Ok(()),
+        Some(recorded) => Err(StoreError::OtherOwner { owner: recorded }),
+        None => {
+            meta.insert(META_OWNER, owner.to_bytes().as_slice())?;
+            if existed {
+                tracing::info!(%owner, "recorded the node key as the owner of an older database");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn decode_owner(bytes: &[u8]) -> Result<PeerId, StoreError> {
+    PeerId::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        table: "meta",
+        reason: format!("owner is not a PeerId: {e}"),
+    })
+}
+
 fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     const V1_HISTORY: TableDefinition<&[u8; V1_HISTORY_KEY_LEN], &[u8]> =
         TableDefinition::new("history");
@@ -1142,6 +1416,7 @@ mod tests {
     use kith_protocol::Keypair;
     use kith_protocol::envelope::PayloadKind;
     use kith_protocol::records::EntryKind;
+    use redb::ReadableDatabase;
     use tempfile::TempDir;
 
     fn open_temp() -> (TempDir, Store) {
@@ -1933,6 +2208,78 @@ mod tests {
         let txn = db.begin_write().expect("begin");
         f(&txn);
         txn.commit().expect("raw commit");
+    }
+
+    #[test]
+    fn the_owner_is_recorded_and_another_key_refused() {
+        let (dir, store) = open_temp();
+        drop(store);
+        let path = dir.path().join("kith.redb");
+        // Written by `Store::open` like an older node: no owner yet.
+        assert_eq!(Store::owner_of(&path).expect("read"), None);
+        // The first owned open adopts its key; the same key opens again.
+        let store = Store::open_owned(&path, &peer(1)).expect("adopt");
+        store
+            .commit(Batch {
+                groups: vec![GroupMeta {
+                    id: GroupId([1; 32]),
+                    name: "kept".into(),
+                    joined_at_ms: 0,
+                }],
+                ..Batch::default()
+            })
+            .expect("commit");
+        drop(store);
+        assert_eq!(Store::owner_of(&path).expect("read"), Some(peer(1)));
+        drop(Store::open_owned(&path, &peer(1)).expect("same key"));
+        // Another key is refused and the file is left as it was.
+        let err = Store::open_owned(&path, &peer(2)).expect_err("other key");
+        assert!(
+            matches!(err, StoreError::OtherOwner { owner } if owner == peer(1)),
+            "{err}"
+        );
+        assert_eq!(Store::owner_of(&path).expect("read"), Some(peer(1)));
+        let store = Store::open_owned(&path, &peer(1)).expect("still the owner's");
+        assert_eq!(store.groups().expect("groups").len(), 1);
+        drop(store);
+        // A new database records its owner at creation.
+        let fresh = dir.path().join("fresh.redb");
+        drop(Store::open_owned(&fresh, &peer(3)).expect("create"));
+        assert_eq!(Store::owner_of(&fresh).expect("read"), Some(peer(3)));
+    }
+
+    #[test]
+    fn a_schema_3_database_without_owner_is_migrated_and_adopted() {
+        let (dir, store) = open_temp();
+        store
+            .commit(Batch {
+                envelopes: spread_envelopes(),
+                ..Batch::default()
+            })
+            .expect("commit");
+        drop(store);
+        let path = dir.path().join("kith.redb");
+        raw_write(&path, |txn| {
+            assert!(txn.delete_table(ENVELOPES_BY_GROUP).expect("delete"));
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert(META_SCHEMA_VERSION, 3u32.to_be_bytes().as_slice())
+                .expect("version");
+            assert!(meta.get(META_OWNER).expect("get").is_none());
+        });
+        let store = Store::open_owned(&path, &peer(7)).expect("migrate and adopt");
+        assert_index_matches(&store);
+        drop(store);
+        assert_eq!(Store::owner_of(&path).expect("read"), Some(peer(7)));
+        // A damaged owner record is a typed error, not a new owner.
+        raw_write(&path, |txn| {
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert(META_OWNER, [1u8, 2, 3].as_slice())
+                .expect("insert");
+        });
+        assert!(matches!(
+            Store::open_owned(&path, &peer(7)),
+            Err(StoreError::Corrupt { table: "meta", .. })
+        ));
     }
 
     #[test]

@@ -123,6 +123,26 @@ pub enum AppContent {
     /// Version 2: adds a stable message id, so a message re-sent after a concurrent commit
     /// lost (see docs/PROTOCOL.md, "Concurrent commits") is recognised as the same message.
     V2(AppContentV2),
+    /// Version 3: adds the sender's position (`seq`), so a receiver notices messages it
+    /// missed before its MLS ratchet moves past them (see docs/PROTOCOL.md, "No message
+    /// lost").
+    V3(AppContentV3),
+}
+
+/// Version 3 of [`AppContent`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppContentV3 {
+    /// The sender's count of application messages it encrypted in this group before this
+    /// one: consecutive messages of one sender differ by exactly 1. A receiver that sees a
+    /// jump knows how many of the sender's messages it has not seen (an upper bound on how
+    /// far the sender's MLS ratchet moved since).
+    pub seq: u64,
+    /// The stable id ([`AppContentV2::id`]), for messages that have one (texts).
+    pub id: Option<MessageId>,
+    /// Sender's clock at the first send, milliseconds since the Unix epoch (display only).
+    pub sent_at_ms: u64,
+    /// What was said.
+    pub body: Body,
 }
 
 /// Version 2 of [`AppContent`].
@@ -231,6 +251,7 @@ impl AppContent {
         match self {
             AppContent::V1(c) => c.sent_at_ms,
             AppContent::V2(c) => c.sent_at_ms,
+            AppContent::V3(c) => c.sent_at_ms,
         }
     }
 
@@ -239,6 +260,7 @@ impl AppContent {
         match self {
             AppContent::V1(c) => &c.body,
             AppContent::V2(c) => &c.body,
+            AppContent::V3(c) => &c.body,
         }
     }
 
@@ -247,7 +269,31 @@ impl AppContent {
         match self {
             AppContent::V1(_) => None,
             AppContent::V2(c) => Some(c.id),
+            AppContent::V3(c) => c.id,
         }
+    }
+
+    /// The sender's position ([`AppContentV3::seq`]; version 3 only).
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            AppContent::V3(c) => Some(c.seq),
+            _ => None,
+        }
+    }
+
+    /// The same content as version 3 at the sender's position `seq`.
+    pub fn at_seq(self, seq: u64) -> AppContent {
+        let (id, sent_at_ms, body) = match self {
+            AppContent::V1(c) => (None, c.sent_at_ms, c.body),
+            AppContent::V2(c) => (Some(c.id), c.sent_at_ms, c.body),
+            AppContent::V3(c) => (c.id, c.sent_at_ms, c.body),
+        };
+        AppContent::V3(AppContentV3 {
+            seq,
+            id,
+            sent_at_ms,
+            body,
+        })
     }
 
     /// Takes the body out.
@@ -255,6 +301,7 @@ impl AppContent {
         match self {
             AppContent::V1(c) => c.body,
             AppContent::V2(c) => c.body,
+            AppContent::V3(c) => c.body,
         }
     }
 }

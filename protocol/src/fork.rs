@@ -56,6 +56,19 @@ pub trait GroupRecords {
 
     /// The keys of all Kith records that start with `prefix`, in key order.
     fn kith_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, Self::Error>;
+
+    /// What [`GroupRecords::savepoint`] returns.
+    type Savepoint;
+
+    /// Marks the current state of every record, so [`GroupRecords::undo`] can return to it.
+    /// Savepoints nest; each one ends with exactly one `undo` or `release`.
+    fn savepoint(&self) -> Self::Savepoint;
+
+    /// Puts every record back as it was at `savepoint` (writes made since are forgotten).
+    fn undo(&self, savepoint: Self::Savepoint) -> Result<(), Self::Error>;
+
+    /// Keeps the writes made since `savepoint`.
+    fn release(&self, savepoint: Self::Savepoint);
 }
 
 /// Prefix of every Kith record key in the MLS store; no openmls record key starts with it.
@@ -74,6 +87,11 @@ pub enum ForkError {
 
 fn storage<E: std::fmt::Display>(e: E) -> ForkError {
     ForkError::Storage(e.to_string())
+}
+
+/// The key of a Kith record of `kind` for `group` in the MLS store.
+pub(crate) fn kith_key(kind: &[u8], group: &GroupId, rest: &[&[u8]]) -> Vec<u8> {
+    key(kind, group, rest)
 }
 
 fn key(kind: &[u8], group: &GroupId, rest: &[&[u8]]) -> Vec<u8> {
@@ -356,6 +374,21 @@ mod memory {
 
     impl GroupRecords for MemoryStorage {
         type Error = String;
+        type Savepoint = std::collections::HashMap<Vec<u8>, Vec<u8>>;
+
+        fn savepoint(&self) -> Self::Savepoint {
+            self.values
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        }
+
+        fn undo(&self, savepoint: Self::Savepoint) -> Result<(), String> {
+            *self.values.write().unwrap_or_else(PoisonError::into_inner) = savepoint;
+            Ok(())
+        }
+
+        fn release(&self, _savepoint: Self::Savepoint) {}
 
         fn group_records(&self, group: &GroupId) -> Result<Records, String> {
             let needle = openmls_group_needle(group);

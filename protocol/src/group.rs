@@ -37,6 +37,10 @@ use crate::envelope::{
 use crate::fork::{self, Applied, Branch, GroupRecords, Joined, OwnChange, REWIND_DEPTH, Sent};
 use crate::ids::{GroupId, InviteId, MessageId, TopicId};
 use crate::invite::{Invite, InviteError, InviteRecord, InviteUpdate};
+use crate::order::{
+    self, Check, DecryptFailure, MAX_FORWARD_DISTANCE, OUT_OF_ORDER_TOLERANCE, Tracks,
+    Undecryptable,
+};
 use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
 
 /// The one ciphersuite Kith uses: X25519, AES-128-GCM, SHA-256, Ed25519 (RFC 9420 §17.1).
@@ -57,10 +61,7 @@ pub const MAX_PENDING_BYTES_PER_GROUP: usize = 8 * 1024 * 1024;
 pub const MAX_ORPHANS_PER_GROUP: usize = 512;
 /// Bytes of such envelopes kept per group.
 pub const MAX_ORPHAN_BYTES_PER_GROUP: usize = 4 * 1024 * 1024;
-/// Messages from one sender may arrive this far out of order and still decrypt.
-const OUT_OF_ORDER_TOLERANCE: u32 = 64;
-/// A sender may skip this many of its own generations (lost messages) and still be read.
-const MAX_FORWARD_DISTANCE: u32 = 5000;
+
 /// Default [`UpdatePolicy::after_messages`]: own messages in a group before a self-update.
 pub const SELF_UPDATE_AFTER_MESSAGES: u64 = 1000;
 /// Default [`UpdatePolicy::after_ms`]: time since this node's last commit in a group before a
@@ -209,6 +210,23 @@ pub enum Effect {
         /// Members to ask (as this node knows them).
         members: Vec<PeerId>,
     },
+    /// This node is behind in `group`: it holds live messages that it could only read by
+    /// moving a sender's ratchet past messages it has not received. Fetch the group's
+    /// history now (a history sync); end it with [`GroupEngine::end_catch_up`].
+    Behind {
+        /// The group.
+        group: GroupId,
+        /// Messages of one sender known to be missing (a lower bound of what to fetch).
+        missing: u64,
+    },
+    /// An envelope of `envelope.group` that this node can never decrypt. Keep it (so history
+    /// sync does not fetch it again), count it and tell the user.
+    Undecryptable {
+        /// The envelope, as received.
+        envelope: StoredEnvelope,
+        /// Why it cannot be decrypted.
+        reason: Undecryptable,
+    },
     /// A group moved to a new epoch.
     EpochChanged {
         /// The group.
@@ -354,9 +372,11 @@ struct Group {
     /// The lowest epoch at which a rival beyond the rewind window was seen: a fork is
     /// judged where the branches split, not at a later epoch of the other branch.
     deep_rival: Option<u64>,
-    /// A history sync is fetching older envelopes: live ones are held until it ends (see
+    /// Since when (ms) live envelopes are held while history sync fetches older ones (see
     /// [`GroupEngine::begin_catch_up`]).
-    catching_up: bool,
+    catching_up: Option<u64>,
+    /// Which positions of each sender this node has seen (see [`crate::order`]).
+    tracks: Tracks,
     /// This node proposed its own removal (see [`GroupEngine::leave_group`]).
     leaving: bool,
     /// Own application messages since this node's last own commit.
@@ -392,7 +412,8 @@ impl Group {
             rejoining: false,
             lost: None,
             deep_rival: None,
-            catching_up: false,
+            catching_up: None,
+            tracks: Tracks::default(),
             leaving,
             sent_since_update: 0,
             last_update_ms: now_ms,
@@ -548,8 +569,12 @@ fn encrypt_app<P: OpenMlsProvider>(
     group: GroupId,
     g: &mut Group,
     content: &AppContent,
-) -> Result<(u64, Vec<u8>, MessageId), GroupError> {
-    let plain = codec::encode(content).map_err(mls_err)?;
+) -> Result<(u64, Vec<u8>, MessageId), GroupError>
+where
+    P::StorageProvider: GroupRecords,
+{
+    let seq = order::next_seq(provider.storage(), &group).map_err(mls_err)?;
+    let plain = codec::encode(&content.clone().at_seq(seq)).map_err(mls_err)?;
     let epoch = g.epoch();
     let out = g
         .mls
@@ -649,6 +674,12 @@ pub struct GroupEngine<P: OpenMlsProvider> {
     groups: BTreeMap<GroupId, Group>,
     /// Own messages sent since start, mixed into stable message ids.
     sent_seq: u64,
+    /// The sender and position of the application message [`GroupEngine::process_mls`]
+    /// decrypted last, for [`GroupEngine::process`] to check and note (see [`crate::order`]).
+    decrypted: Option<(PeerId, Option<u64>)>,
+    /// [`GroupEngine::process_mls`] found the message too far ahead of its sender's
+    /// messages held here ([`DecryptFailure::Ahead`]).
+    ahead: bool,
 }
 
 impl<P: OpenMlsProvider> GroupEngine<P>
@@ -663,6 +694,8 @@ where
             network: network.into(),
             groups: BTreeMap::new(),
             sent_seq: 0,
+            decrypted: None,
+            ahead: false,
         }
     }
 
@@ -1421,37 +1454,72 @@ where
         (verdict, effects)
     }
 
-    /// Starts holding live envelopes of `group` while history sync fetches older ones.
+    /// Starts holding live envelopes of `group` while history sync fetches older ones
+    /// (`now_ms` starts the hold's clock, see [`GroupEngine::stale_catch_ups`], unless it is
+    /// already holding).
     ///
     /// Why: MLS keeps the keys of skipped generations only for a bounded window per sender
-    /// (`OUT_OF_ORDER_TOLERANCE`). A node coming back that decrypted a live message first
+    /// ([`OUT_OF_ORDER_TOLERANCE`]). A node coming back that decrypted a live message first
     /// would move each sender's ratchet past the window, and the older messages sync then
     /// brings could no longer be decrypted. Holding live envelopes (bounded like future-epoch
-    /// ones) and processing them after the fetched ones keeps every sender's messages in
-    /// generation order.
-    pub fn begin_catch_up(&mut self, group: &GroupId) {
+    /// ones; what falls out is fetched again by sync) and processing them after the fetched
+    /// ones keeps every sender's messages in generation order.
+    pub fn begin_catch_up(&mut self, group: &GroupId, now_ms: u64) {
         if let Some(g) = self.groups.get_mut(group) {
-            g.catching_up = true;
+            g.catching_up.get_or_insert(now_ms);
+        }
+    }
+
+    /// Holds the live envelopes of every group until a history sync has caught up: after a
+    /// start, or after the machine slept, this node may have missed anything.
+    pub fn begin_catch_up_all(&mut self, now_ms: u64) {
+        for g in self.groups.values_mut() {
+            g.catching_up.get_or_insert(now_ms);
         }
     }
 
     /// Ends a catch-up of `group`: processes the envelopes held meanwhile (those whose
-    /// epoch has been reached, in arrival order) and returns their effects.
+    /// epoch has been reached, in arrival order) and returns their effects. Positions still
+    /// missing afterwards are not waited for any longer (no member reached had them).
     pub fn end_catch_up(&mut self, group: &GroupId, now_ms: u64) -> Vec<Effect> {
         let mut effects = Vec::new();
         if let Some(g) = self.groups.get_mut(group)
-            && g.catching_up
+            && g.catching_up.is_some()
         {
-            g.catching_up = false;
+            g.catching_up = None;
             self.drain_pending(*group, now_ms, &mut effects);
             self.settle(now_ms, &mut effects);
+            if let Some(g) = self.groups.get_mut(group) {
+                g.tracks.forgive();
+            }
         }
         effects
     }
 
     /// Whether `group` is catching up (see [`GroupEngine::begin_catch_up`]).
     pub fn is_catching_up(&self, group: &GroupId) -> bool {
-        self.groups.get(group).is_some_and(|g| g.catching_up)
+        self.groups
+            .get(group)
+            .is_some_and(|g| g.catching_up.is_some())
+    }
+
+    /// Groups that have held live envelopes for `limit_ms` or longer: the caller ends their
+    /// catch-up ([`GroupEngine::end_catch_up`]) so a sync that cannot finish does not keep
+    /// the group silent.
+    pub fn stale_catch_ups(&self, now_ms: u64, limit_ms: u64) -> Vec<GroupId> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| {
+                g.catching_up
+                    .is_some_and(|since| now_ms.saturating_sub(since) >= limit_ms)
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Positions of senders that this node knows it has not received, in `group`.
+    pub fn missing_messages(&self, group: &GroupId) -> u64 {
+        self.groups.get(group).map_or(0, |g| g.tracks.missing())
     }
 
     fn process(
@@ -1473,7 +1541,7 @@ where
             return Verdict::Ignore("this node's join lost a race; the group is read-only".into());
         }
         let epoch = g.epoch();
-        if source == Source::Live && g.catching_up {
+        if source == Source::Live && g.catching_up.is_some() {
             hold_pending(g, envelope.epoch(), bytes);
             return Verdict::Ignore("held until history sync has caught up".into());
         }
@@ -1504,12 +1572,95 @@ where
             self.consider_rival(group_id, &envelope, id, message, bytes, now_ms, effects)
         } else if !g.mls.is_active() {
             return Verdict::Ignore("no longer a member of this group".into());
+        } else if envelope.kind() == PayloadKind::Application {
+            self.process_application(
+                group_id, &envelope, id, message, bytes, now_ms, effects, source,
+            )
         } else {
             self.process_mls(group_id, &envelope, id, message, bytes, now_ms, effects)
         };
         if verdict == Verdict::Accept && !self.is_catching_up(&group_id) {
             self.drain_pending(group_id, now_ms, effects);
         }
+        verdict
+    }
+
+    /// Decrypts an application message, unless that would cost a message this node has
+    /// not received yet (see [`crate::order`]): a live message whose sender's position is
+    /// too far past the oldest one missing is undone (the storage returns to its savepoint
+    /// and the group is reloaded from it), held, and the node is told to fetch the gap.
+    #[allow(clippy::too_many_arguments)]
+    fn process_application(
+        &mut self,
+        group_id: GroupId,
+        envelope: &Envelope,
+        id: MessageId,
+        message: ProtocolMessage,
+        bytes: &[u8],
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+        source: Source,
+    ) -> Verdict {
+        let savepoint = self.provider.storage().savepoint();
+        let mark = effects.len();
+        self.decrypted = None;
+        self.ahead = false;
+        let verdict = self.process_mls(group_id, envelope, id, message, bytes, now_ms, effects);
+        let decrypted = self.decrypted.take();
+        let ahead = std::mem::take(&mut self.ahead);
+        let Some(g) = self.groups.get_mut(&group_id) else {
+            self.provider.storage().release(savepoint);
+            return verdict;
+        };
+        if ahead && source != Source::Held {
+            // Nothing was decrypted: hold it and fetch what comes before.
+            self.provider.storage().release(savepoint);
+            hold_pending(g, envelope.epoch(), bytes);
+            g.catching_up.get_or_insert(now_ms);
+            effects.push(Effect::Behind {
+                group: group_id,
+                missing: u64::from(MAX_FORWARD_DISTANCE),
+            });
+            return verdict;
+        }
+        let Some((sender, Some(seq))) = decrypted.filter(|_| verdict == Verdict::Accept) else {
+            self.provider.storage().release(savepoint);
+            return verdict;
+        };
+        if source == Source::Live
+            && let Check::Behind { missing } = g.tracks.check(&sender, seq)
+        {
+            let undone = self
+                .provider
+                .storage()
+                .undo(savepoint)
+                .map_err(mls_err)
+                .and_then(|()| load_mls(self.provider.storage(), &group_id));
+            match undone {
+                Ok(mls) => {
+                    effects.truncate(mark);
+                    g.mls = mls;
+                    hold_pending(g, envelope.epoch(), bytes);
+                    g.catching_up.get_or_insert(now_ms);
+                    effects.push(Effect::Behind {
+                        group: group_id,
+                        missing,
+                    });
+                    return Verdict::Ignore(format!(
+                        "{missing} earlier messages of its sender are missing; held until they are fetched"
+                    ));
+                }
+                Err(e) => {
+                    // Only a failing store gets here. The message stays accepted: better
+                    // to risk an older one than to drop this one.
+                    tracing::error!(group = %group_id.short(), error = %e, "cannot undo a decryption ahead of a gap");
+                    g.tracks.note(sender, seq);
+                    return verdict;
+                }
+            }
+        }
+        self.provider.storage().release(savepoint);
+        g.tracks.note(sender, seq);
         verdict
     }
 
@@ -1687,6 +1838,8 @@ where
         }
         let _ = fork::delete_checkpoint(storage, &group_id, cur);
         g.rollbacks += 1;
+        // Positions seen on the losing branch say nothing about the winning one.
+        g.tracks = Tracks::default();
         g.retry = true;
         tracing::info!(
             group = %group_id.short(),
@@ -1854,6 +2007,52 @@ where
         let current = g.epoch();
         let processed = match g.mls.process_message(&self.provider, message) {
             Ok(p) => p,
+            Err(e)
+                if envelope.kind() == PayloadKind::Application
+                    && envelope.epoch() < g.branch.since =>
+            {
+                // Sent before this node joined: it was never meant to read it.
+                return Verdict::Ignore(format!("sent before this node joined: {e}"));
+            }
+            Err(e) if envelope.kind() == PayloadKind::Application => {
+                match order::classify(&e, envelope.epoch(), current) {
+                    DecryptFailure::Lost(reason) => {
+                        if reason == Undecryptable::EpochGone {
+                            // A rollback to another branch could still make it readable.
+                            hold_orphan(g, envelope.epoch(), bytes);
+                        }
+                        effects.push(Effect::Undecryptable {
+                            envelope: StoredEnvelope {
+                                id,
+                                group: group_id,
+                                epoch: envelope.epoch(),
+                                kind: envelope.kind(),
+                                bytes: bytes.to_vec(),
+                                received_at_ms: now_ms,
+                            },
+                            reason,
+                        });
+                        return Verdict::Ignore(format!("cannot be decrypted: {reason}"));
+                    }
+                    DecryptFailure::Duplicate => {
+                        return Verdict::Ignore("already read".into());
+                    }
+                    DecryptFailure::Ahead => {
+                        self.ahead = true;
+                        return Verdict::Ignore(format!(
+                            "too far ahead of its sender's messages here: {e}"
+                        ));
+                    }
+                    DecryptFailure::Other => {
+                        hold_orphan(g, envelope.epoch(), bytes);
+                        return if envelope.epoch() < current {
+                            Verdict::Ignore(format!("cannot read message from past epoch: {e}"))
+                        } else {
+                            Verdict::Reject(format!("MLS processing failed: {e}"))
+                        };
+                    }
+                }
+            }
             Err(e) if envelope.epoch() < current => {
                 // It may have been sent on a branch this node has not switched to yet.
                 hold_orphan(g, envelope.epoch(), bytes);
@@ -1898,6 +2097,7 @@ where
                     Ok(c) => c,
                     Err(e) => return Verdict::Reject(format!("bad application content: {e}")),
                 };
+                self.decrypted = Some((sender, content.seq()));
                 let history_id = content
                     .stable_id()
                     .map_or(id, |s| text_history_id(&sender, &s));
@@ -2227,17 +2427,25 @@ where
     fork::delete_checkpoint(storage, &group, cur).map_err(mls_err)
 }
 
+/// Holds an envelope until its epoch is reached or a catch-up ends (bounded by
+/// [`MAX_PENDING_PER_GROUP`] and [`MAX_PENDING_BYTES_PER_GROUP`]). When full, the newest is
+/// not kept: what is held is older and will be read first, and a sender's messages that
+/// did not fit come after them, so history sync (or the gap they leave in the sender's
+/// positions) brings them later, still in order. Dropping the oldest instead would let the
+/// newer ones move the sender's ratchet past them.
 fn hold_pending(g: &mut Group, epoch: u64, bytes: &[u8]) {
     if g.pending.iter().any(|p| p.bytes == bytes) {
         return;
     }
-    while !g.pending.is_empty()
-        && (g.pending.len() >= MAX_PENDING_PER_GROUP
-            || g.pending_bytes + bytes.len() > MAX_PENDING_BYTES_PER_GROUP)
+    if g.pending.len() >= MAX_PENDING_PER_GROUP
+        || g.pending_bytes + bytes.len() > MAX_PENDING_BYTES_PER_GROUP
     {
-        if let Some(old) = g.pending.pop_front() {
-            g.pending_bytes -= old.bytes.len();
-        }
+        tracing::debug!(
+            group = %g.meta.id.short(),
+            held = g.pending.len(),
+            "too many envelopes held; this one is left for history sync"
+        );
+        return;
     }
     g.pending_bytes += bytes.len();
     g.pending.push_back(Pending {
@@ -2252,5 +2460,7 @@ pub use invites::{CommitNote, NewInvite};
 
 #[cfg(test)]
 mod fork_tests;
+#[cfg(test)]
+mod order_tests;
 #[cfg(test)]
 mod tests;

@@ -185,10 +185,17 @@ impl InviteRecord {
         Ok(())
     }
 
-    /// Whether the record can still admit someone at `now` (so members should announce it
-    /// in the DHT).
+    /// Whether the record can still admit someone at `now`.
     pub fn is_active(&self, now: u64) -> bool {
         self.admits(now).is_ok()
+    }
+
+    /// Whether members announce the invite in the DHT (and tell new members of it) at `now`:
+    /// it is complete and has not expired. An invite that ended early (revoked, used up) is
+    /// still announced until it expires, so a joiner who reaches any member hears why it
+    /// ended instead of finding no one.
+    pub fn is_announced(&self, now: u64) -> bool {
+        self.secret_hash.is_some() && now < self.expires_at
     }
 
     /// Uses left.

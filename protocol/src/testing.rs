@@ -10,11 +10,12 @@ use std::collections::VecDeque;
 use libp2p_identity::{Keypair, PeerId};
 use openmls_traits::OpenMlsProvider;
 
-use crate::envelope::JoinResponse;
+use crate::envelope::{JoinResponse, PayloadKind};
 use crate::group::{Effect, GroupEngine, GroupError, Identity, NewInvite, Verdict};
-use crate::ids::{GroupId, TopicId};
+use crate::ids::{GroupId, MessageId, TopicId};
 use crate::invite::{Invite, InviteRecord};
-use crate::records::{EntryKind, HistoryEntry};
+use crate::order::Undecryptable;
+use crate::records::{EntryKind, HistoryEntry, StoredEnvelope};
 
 /// Fixed time for tests: 2026-01-01T00:00:00Z in milliseconds.
 pub const T0_MS: u64 = 1_767_225_600_000;
@@ -44,6 +45,13 @@ pub struct Sim<'a, P: OpenMlsProvider> {
     pub verdicts: Vec<(usize, Verdict)>,
     /// Current time.
     pub now_ms: u64,
+    /// Each member's stored envelopes (what it would serve to a history sync), in the order
+    /// it stored them.
+    pub stored: Vec<Vec<StoredEnvelope>>,
+    /// Each member's [`Effect::Behind`] signals: (group, missing).
+    pub behind: Vec<Vec<(GroupId, u64)>>,
+    /// Each member's envelopes that it can never decrypt: (envelope id, why).
+    pub undecryptable: Vec<Vec<(MessageId, Undecryptable)>>,
     hook: Hook<'a, P>,
 }
 
@@ -70,6 +78,9 @@ where
             in_flight: VecDeque::new(),
             verdicts: Vec::new(),
             now_ms: T0_MS,
+            stored: vec![Vec::new(); n],
+            behind: vec![Vec::new(); n],
+            undecryptable: vec![Vec::new(); n],
             hook,
         }
     }
@@ -102,8 +113,17 @@ where
                     let old = current.map(|p| self.invites[i].remove(p));
                     self.invites[i].push(InviteRecord::merge(old, &u));
                 }
+                Effect::SaveEnvelope(env) => self.stored[i].push(env),
+                Effect::Behind { group, missing } => self.behind[i].push((group, missing)),
+                Effect::Undecryptable { envelope, reason } => {
+                    // A copy of a message it holds is refused the same way (the node checks
+                    // its store likewise).
+                    if !self.stored[i].iter().any(|e| e.id == envelope.id) {
+                        self.undecryptable[i].push((envelope.id, reason));
+                        self.stored[i].push(envelope);
+                    }
+                }
                 Effect::SaveGroup(_)
-                | Effect::SaveEnvelope(_)
                 | Effect::LinkEnvelope { .. }
                 | Effect::JoinLost { .. }
                 | Effect::DeepForkLost { .. }
@@ -222,6 +242,31 @@ where
         while !self.in_flight.is_empty() {
             self.deliver_at(0);
         }
+    }
+
+    /// A history sync of member `i` from member `from`: every envelope of `group` that
+    /// `from` stored and `i` did not, in epoch order with each epoch's application messages
+    /// before the commit that leaves it (the order the node processes a sync run in), then
+    /// the end of `i`'s catch-up. Returns how many envelopes were handed over.
+    pub fn sync_from(&mut self, i: usize, from: usize, group: GroupId) -> usize {
+        let held: std::collections::HashSet<MessageId> =
+            self.stored[i].iter().map(|e| e.id).collect();
+        let mut missing: Vec<StoredEnvelope> = self.stored[from]
+            .iter()
+            .filter(|e| e.group == group && !held.contains(&e.id))
+            .cloned()
+            .collect();
+        missing.sort_by_key(|e| (e.epoch, e.kind == PayloadKind::Commit));
+        let n = missing.len();
+        for env in missing {
+            self.now_ms += 1;
+            let (v, fx) = self.engines[i].handle_synced_envelope(&env.bytes, self.now_ms);
+            self.verdicts.push((i, v));
+            self.apply(i, fx);
+        }
+        let fx = self.engines[i].end_catch_up(&group, self.now_ms);
+        self.apply(i, fx);
+        n
     }
 
     /// The texts member `i` has in `group`, in its history order.

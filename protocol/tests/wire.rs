@@ -7,9 +7,9 @@
 use data_encoding::HEXLOWER;
 use kith_protocol::codec::{self, DecodeError, MAX_DECODE_BYTES};
 use kith_protocol::envelope::{
-    AppContent, AppContentV1, Body, Envelope, EnvelopeError, EnvelopeV1, JoinRejection,
-    JoinRequest, JoinRequestV1, JoinResponse, MAX_ENVELOPE_BYTES, MAX_JOIN_REQUEST_BYTES,
-    MAX_JOIN_RESPONSE_BYTES, MAX_TEXT_BYTES, PayloadKind, SharedInvite,
+    AppContent, AppContentV1, AppContentV3, Body, Envelope, EnvelopeError, EnvelopeV1,
+    JoinRejection, JoinRequest, JoinRequestV1, JoinResponse, MAX_ENVELOPE_BYTES,
+    MAX_JOIN_REQUEST_BYTES, MAX_JOIN_RESPONSE_BYTES, MAX_TEXT_BYTES, PayloadKind, SharedInvite,
 };
 use kith_protocol::group::CommitNote;
 use kith_protocol::ids::{
@@ -555,6 +555,42 @@ fn golden_app_content_bytes() {
     let bytes = codec::encode(&golden_app_content()).unwrap();
     // V1, sent_at_ms as u64 varint (fd + 8 bytes LE), Body::Text, len 6, "héllo".
     assert_eq!(hex(&bytes), "00fd0068e5cf8b010000000668c3a96c6c6f");
+}
+
+#[test]
+fn golden_app_content_v3_bytes() {
+    let with_id = AppContent::V3(AppContentV3 {
+        seq: 300,
+        id: Some(MessageId([0x44; 32])),
+        sent_at_ms: 1_700_000_000_000,
+        body: Body::Text("héllo".to_owned()),
+    });
+    // V3 = 02, seq 300 as u64 varint (fb + u16 LE), Some = 01 + 32-byte id, sent_at_ms,
+    // Body::Text, len 6, "héllo".
+    assert_eq!(
+        hex(&codec::encode(&with_id).unwrap()),
+        format!(
+            "02fb2c0101{}fd0068e5cf8b010000000668c3a96c6c6f",
+            rep("44", 32)
+        )
+    );
+    // Invite bodies have no stable id: None = 00. seq 5 is one byte.
+    let without = AppContent::V3(AppContentV3 {
+        seq: 5,
+        id: None,
+        sent_at_ms: 5,
+        body: Body::InviteRevoked(InviteId([0x77; 32])),
+    });
+    assert_eq!(
+        hex(&codec::encode(&without).unwrap()),
+        format!("02050005 02{}", rep("77", 32)).replace(' ', "")
+    );
+    // Older versions become V3 unchanged but for the position.
+    assert_eq!(golden_app_content().at_seq(7).seq(), Some(7));
+    assert_eq!(
+        AppContent::decode(&codec::encode(&with_id).unwrap()).unwrap(),
+        with_id
+    );
 }
 
 #[test]

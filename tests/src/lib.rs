@@ -115,6 +115,28 @@ impl TestNode {
         node.shutdown().await;
         TestNode::start(&dir, config).await
     }
+
+    /// Stops the node, keeping what it needs to start again on its data directory.
+    pub async fn stop(self) -> StoppedNode {
+        let TestNode { node, dir, config } = self;
+        node.shutdown().await;
+        StoppedNode { dir, config }
+    }
+}
+
+/// A node stopped by [`TestNode::stop`].
+pub struct StoppedNode {
+    /// Its data directory.
+    pub dir: PathBuf,
+    /// Its configuration.
+    pub config: NodeConfig,
+}
+
+impl StoppedNode {
+    /// Starts the node again.
+    pub async fn start(self) -> anyhow::Result<TestNode> {
+        TestNode::start(&self.dir, self.config).await
+    }
 }
 
 /// Starts one node per directory (all bootstrapping from the first) and puts them in one

@@ -484,3 +484,58 @@ async fn a_later_member_honours_an_invite_created_before_it_joined() -> anyhow::
     }
     Ok(())
 }
+
+/// A used-up and a revoked link, tried while the inviter is offline and another member is
+/// online, get their own reasons: members keep announcing an ended invite until it expires
+/// (and the member who added B told B of it), so the joiner finds B in the DHT and B answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ended_links_give_their_reason_while_the_inviter_is_offline() -> anyhow::Result<()> {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
+    let b = TestNode::start(
+        dirs[1].path(),
+        loopback_config(vec![a.bootstrap_peer().await?]),
+    )
+    .await?;
+    // B uses up a one-use link itself; A revokes another one.
+    let (group, used) = a.group_with_invite("club", 1).await?;
+    let g = group.id;
+    let revoked = invite(&a, &g, 5, None, false).await?;
+    b.node.engine.join(used.link.clone()).await?;
+    wait_invite(&b, &g, &used.id, "B to know its link is used up", |i| {
+        i.state == "used_up"
+    })
+    .await?;
+    a.node
+        .engine
+        .revoke_invite(g.clone(), revoked.id.clone())
+        .await?;
+    wait_invite(&b, &g, &revoked.id, "B to learn the revocation", |i| {
+        i.revoked
+    })
+    .await?;
+    a.node.shutdown().await;
+
+    let j = TestNode::start(
+        dirs[2].path(),
+        loopback_config(vec![b.bootstrap_peer().await?]),
+    )
+    .await?;
+    for (link, reason, words) in [
+        (&used.link, JoinRejection::UsedUp, "used up"),
+        (&revoked.link, JoinRejection::Revoked, "revoked"),
+    ] {
+        let err = j.node.engine.join(link.clone()).await.unwrap_err();
+        assert!(
+            matches!(&err, EngineError::JoinRejected(r) if *r == reason),
+            "{words}: {err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains(words), "{text}");
+        assert!(!text.contains("could not reach"), "{text}");
+    }
+    for n in [b, j] {
+        n.node.shutdown().await;
+    }
+    Ok(())
+}

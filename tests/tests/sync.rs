@@ -409,3 +409,110 @@ async fn configured_retention_prunes_history() -> anyhow::Result<()> {
     a.node.shutdown().await;
     Ok(())
 }
+
+/// Issue 10's loss: a member that comes back and gets a sender's newest messages live
+/// before history sync has brought the older ones must still end with every message. B is
+/// down while A sends 80 messages; A goes on sending 300 more while B restarts and catches
+/// up. B ends with all 380, in A's order, none undecryptable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_member_gets_every_message_although_newer_ones_arrive_first() -> anyhow::Result<()>
+{
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
+    let boot_a = a.bootstrap_peer().await?;
+    let b = TestNode::start(dirs[1].path(), loopback_config(vec![boot_a])).await?;
+    let (group, invite) = a.group_with_invite("restart", 1).await?;
+    let mut b_events = b.node.engine.subscribe();
+    b.node.engine.join(invite.link.clone()).await?;
+    a.node.engine.send(group.id.clone(), "first".into()).await?;
+    wait_texts(&mut b_events, "B", &["first".to_owned()]).await?;
+
+    let b = b.stop().await;
+    let mut want: BTreeSet<String> = BTreeSet::from(["first".to_owned()]);
+    for i in 0..80 {
+        let t = format!("while down {i}");
+        a.node.engine.send(group.id.clone(), t.clone()).await?;
+        want.insert(t);
+    }
+    // A keeps talking while B comes back.
+    let sender = {
+        let engine = a.node.engine.clone();
+        let id = group.id.clone();
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for i in 0..300 {
+                let t = format!("meanwhile {i}");
+                engine.send(id.clone(), t.clone()).await?;
+                sent.push(t);
+                if i % 20 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            anyhow::Ok(sent)
+        })
+    };
+    let b = b.start().await?;
+    want.extend(sender.await??);
+    wait_caught_up(&b, &group.id, &want, 0).await?;
+    let info = b.node.engine.group(group.id.clone()).await?;
+    assert!(
+        info.undecryptable.is_empty(),
+        "B could not decrypt: {:?}",
+        info.undecryptable
+    );
+    let in_order = |list: Vec<kith_node::model::MessageInfo>| -> Vec<String> {
+        list.into_iter()
+            .filter_map(|m| match m.body {
+                MessageBody::Text { text } => Some(text),
+                _ => None,
+            })
+            .collect()
+    };
+    let on_a = in_order(a.node.engine.history(group.id.clone(), 1000).await?);
+    let on_b = in_order(b.node.engine.history(group.id.clone(), 1000).await?);
+    let first_difference = on_a.iter().zip(&on_b).position(|(x, y)| x != y);
+    assert!(
+        on_a.len() == on_b.len() && first_difference.is_none(),
+        "B lists the texts in another order than A: {} vs {} texts, first difference at {first_difference:?}",
+        on_a.len(),
+        on_b.len()
+    );
+    Ok(())
+}
+
+/// A member that was away while the group went through more epochs than MLS keeps the
+/// secrets of (5 past epochs) gets the messages of every one of them: the sync run applies
+/// each commit only after the messages of the epoch it leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn member_away_for_many_epochs_reads_the_messages_of_each() -> anyhow::Result<()> {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
+    let boot_a = a.bootstrap_peer().await?;
+    let b = TestNode::start(dirs[1].path(), loopback_config(vec![boot_a])).await?;
+    let (group, invite) = a.group_with_invite("epochs", 1).await?;
+    let mut b_events = b.node.engine.subscribe();
+    b.node.engine.join(invite.link.clone()).await?;
+    a.node.engine.send(group.id.clone(), "first".into()).await?;
+    wait_texts(&mut b_events, "B", &["first".to_owned()]).await?;
+    let b = b.stop().await;
+    let mut want: BTreeSet<String> = BTreeSet::from(["first".to_owned()]);
+    let rounds = 8u64;
+    for round in 0..rounds {
+        for i in 0..10 {
+            let t = format!("epoch round {round} text {i}");
+            a.node.engine.send(group.id.clone(), t.clone()).await?;
+            want.insert(t);
+        }
+        a.node.engine.self_update(group.id.clone()).await?;
+    }
+    let epoch = a.node.engine.group(group.id.clone()).await?.epoch;
+    let b = b.start().await?;
+    wait_caught_up(&b, &group.id, &want, epoch).await?;
+    let info = b.node.engine.group(group.id.clone()).await?;
+    assert!(
+        info.undecryptable.is_empty(),
+        "B could not decrypt: {:?}",
+        info.undecryptable
+    );
+    Ok(())
+}

@@ -15,11 +15,11 @@ use kith_protocol::fork::{self, GroupRecords};
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::storage::{CURRENT_VERSION, StorageProvider, traits};
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{MLS, StoreError};
+use super::{DbSlot, MLS, StoreError};
 
 /// Staged openmls writes: storage key → new value, or `None` for a deletion.
 pub(super) type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
@@ -53,9 +53,24 @@ mod label {
 /// they belong to. Clones share the same database and staged writes.
 #[derive(Clone)]
 pub struct MlsStorage {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     staged: Arc<Mutex<Overlay>>,
+    journal: Arc<Mutex<Journal>>,
 }
+
+/// What the staged writes were before each change made under an open savepoint, so
+/// [`GroupRecords::undo`] can put them back (see `kith_protocol::order`). Empty when no
+/// savepoint is open.
+#[derive(Debug, Default)]
+struct Journal {
+    /// Open savepoints.
+    depth: usize,
+    /// (key, the staged entry it replaced: `None` if the key was not staged).
+    changes: Vec<(Vec<u8>, Option<Staged>)>,
+}
+
+/// One staged entry: a new value, or `None` for a deletion.
+type Staged = Option<Vec<u8>>;
 
 impl std::fmt::Debug for MlsStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,10 +81,11 @@ impl std::fmt::Debug for MlsStorage {
 }
 
 impl MlsStorage {
-    pub(super) fn new(db: Arc<Database>) -> Self {
+    pub(super) fn new(db: Arc<DbSlot>) -> Self {
         MlsStorage {
             db,
             staged: Arc::new(Mutex::new(Overlay::new())),
+            journal: Arc::new(Mutex::new(Journal::default())),
         }
     }
 
@@ -77,6 +93,23 @@ impl MlsStorage {
     /// updated (each change is a single insert), so a poisoned lock is still usable.
     pub(super) fn lock_staged(&self) -> MutexGuard<'_, Overlay> {
         self.staged.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stages `value` under `key` (`None`: a deletion), remembering the entry it replaces
+    /// while a savepoint is open. The caller holds the staged lock (taken before the
+    /// journal's, always in that order).
+    fn stage(&self, staged: &mut Overlay, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let mut journal = self.lock_journal();
+        if journal.depth > 0 {
+            let previous = staged.insert(key.clone(), value);
+            journal.changes.push((key, previous));
+        } else {
+            staged.insert(key, value);
+        }
     }
 
     /// The current bytes under `key`: staged value if any, else the committed one.
@@ -110,13 +143,13 @@ impl MlsStorage {
     ) -> Result<(), StoreError> {
         let key = storage_key(label, key)?;
         let value = encode_value(value)?;
-        self.lock_staged().insert(key, Some(value));
+        self.stage(&mut self.lock_staged(), key, Some(value));
         Ok(())
     }
 
     fn delete(&self, label: &str, key: &impl Serialize) -> Result<(), StoreError> {
         let key = storage_key(label, key)?;
-        self.lock_staged().insert(key, None);
+        self.stage(&mut self.lock_staged(), key, None);
         Ok(())
     }
 
@@ -143,7 +176,8 @@ impl MlsStorage {
             None => Vec::new(),
         };
         list.push(item);
-        staged.insert(key, Some(to_json(&list)?));
+        let value = to_json(&list)?;
+        self.stage(&mut staged, key, Some(value));
         Ok(())
     }
 
@@ -162,7 +196,8 @@ impl MlsStorage {
         };
         let mut list: Vec<serde_json::Value> = decode_value(&bytes)?;
         list.retain(|v| *v != item);
-        staged.insert(key, Some(to_json(&list)?));
+        let value = to_json(&list)?;
+        self.stage(&mut staged, key, Some(value));
         Ok(())
     }
 }
@@ -270,18 +305,56 @@ impl GroupRecords for MlsStorage {
         let current = self.group_records(group)?;
         let mut staged = self.lock_staged();
         for (k, _) in current {
-            staged.insert(k, None);
+            self.stage(&mut staged, k, None);
         }
         for (k, v) in records {
-            staged.insert(k.clone(), Some(v.clone()));
+            self.stage(&mut staged, k.clone(), Some(v.clone()));
         }
         Ok(())
     }
 
     fn put_kith(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
-        self.lock_staged()
-            .insert(key.to_vec(), value.map(<[u8]>::to_vec));
+        self.stage(
+            &mut self.lock_staged(),
+            key.to_vec(),
+            value.map(<[u8]>::to_vec),
+        );
         Ok(())
+    }
+
+    type Savepoint = usize;
+
+    fn savepoint(&self) -> usize {
+        let mut journal = self.lock_journal();
+        journal.depth += 1;
+        journal.changes.len()
+    }
+
+    fn undo(&self, savepoint: usize) -> Result<(), StoreError> {
+        let mut staged = self.lock_staged();
+        let mut journal = self.lock_journal();
+        while journal.changes.len() > savepoint {
+            let Some((key, previous)) = journal.changes.pop() else {
+                break;
+            };
+            match previous {
+                Some(value) => staged.insert(key, value),
+                None => staged.remove(&key),
+            };
+        }
+        journal.depth = journal.depth.saturating_sub(1);
+        if journal.depth == 0 {
+            journal.changes.clear();
+        }
+        Ok(())
+    }
+
+    fn release(&self, _savepoint: usize) {
+        let mut journal = self.lock_journal();
+        journal.depth = journal.depth.saturating_sub(1);
+        if journal.depth == 0 {
+            journal.changes.clear();
+        }
     }
 
     fn get_kith(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1327,7 +1400,7 @@ mod tests {
         drop((store, provider));
 
         {
-            let db = Database::create(db_path(&dir)).expect("raw open");
+            let db = redb::Database::create(db_path(&dir)).expect("raw open");
             let txn = db.begin_write().expect("begin");
             {
                 let mut table = txn.open_table(MLS).expect("mls");
@@ -1425,5 +1498,53 @@ mod value_encoding_tests {
             decode_value::<Sample>(&[MSGPACK_TAG, 0xc1]),
             Err(StoreError::Corrupt { table: "mls", .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod savepoint_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::super::{Batch, Store};
+    use super::*;
+
+    fn kith(n: u8) -> Vec<u8> {
+        let mut k = fork::KITH_PREFIX.to_vec();
+        k.push(n);
+        k
+    }
+
+    #[test]
+    fn undo_puts_back_staged_and_committed_records_and_release_keeps_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kith.redb")).unwrap();
+        let s = store.provider().storage().clone();
+        // Committed: a=1, c=3. Staged: a=2.
+        s.put_kith(&kith(b'a'), Some(b"1")).unwrap();
+        s.put_kith(&kith(b'c'), Some(b"3")).unwrap();
+        store.commit(Batch::default()).unwrap();
+        s.put_kith(&kith(b'a'), Some(b"2")).unwrap();
+
+        let outer = s.savepoint();
+        s.put_kith(&kith(b'a'), Some(b"x")).unwrap();
+        s.put_kith(&kith(b'b'), Some(b"y")).unwrap();
+        s.put_kith(&kith(b'c'), None).unwrap();
+        let inner = s.savepoint();
+        s.put_kith(&kith(b'b'), Some(b"z")).unwrap();
+        s.release(inner);
+        assert_eq!(s.get_kith(&kith(b'b')).unwrap().as_deref(), Some(&b"z"[..]));
+        s.undo(outer).unwrap();
+        assert_eq!(s.get_kith(&kith(b'a')).unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(s.get_kith(&kith(b'b')).unwrap(), None);
+        assert_eq!(s.get_kith(&kith(b'c')).unwrap().as_deref(), Some(&b"3"[..]));
+        // Nothing is journaled without a savepoint; a released one keeps its writes.
+        assert!(s.lock_journal().changes.is_empty());
+        let sp = s.savepoint();
+        s.put_kith(&kith(b'd'), Some(b"4")).unwrap();
+        s.release(sp);
+        assert!(s.lock_journal().changes.is_empty());
+        store.commit(Batch::default()).unwrap();
+        assert_eq!(s.get_kith(&kith(b'd')).unwrap().as_deref(), Some(&b"4"[..]));
+        assert_eq!(s.get_kith(&kith(b'a')).unwrap().as_deref(), Some(&b"2"[..]));
     }
 }

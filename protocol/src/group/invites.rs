@@ -165,7 +165,10 @@ pub struct NewInvite {
     pub approval: bool,
 }
 
-impl<P: OpenMlsProvider> GroupEngine<P> {
+impl<P: OpenMlsProvider> GroupEngine<P>
+where
+    P::StorageProvider: crate::fork::GroupRecords,
+{
     /// Creates a signed invite to `group` and shares it with the group: an encrypted
     /// [`Body::InviteCreated`] message, so every member stores the record and can honour the
     /// link. Effects: the record, the message's envelope and history row, its publication.
@@ -204,20 +207,22 @@ impl<P: OpenMlsProvider> GroupEngine<P> {
     }
 
     /// Tells the group (above all a member just added, who cannot read earlier messages) the
-    /// state of its invites still in use: an encrypted [`Body::InviteStates`] message with
-    /// the `records` that are complete, not revoked, not expired and not used up (at most
-    /// [`MAX_INVITE_STATES`], newest first). Nothing is sent if there are none.
+    /// state of its invites: an encrypted [`Body::InviteStates`] message with the `records`
+    /// that are complete and not expired, ended ones included so the new member can tell a
+    /// joiner why a link ended (at most [`MAX_INVITE_STATES`], live ones first, then newest
+    /// first). Nothing is sent if there are none.
     pub fn share_invite_states(
         &mut self,
         group: GroupId,
         records: &[InviteRecord],
         now_ms: u64,
     ) -> Result<Vec<Effect>, GroupError> {
+        let now = now_ms / 1000;
         let mut live: Vec<&InviteRecord> = records
             .iter()
-            .filter(|r| r.group == group && r.admits(now_ms / 1000).is_ok())
+            .filter(|r| r.group == group && r.is_announced(now))
             .collect();
-        live.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+        live.sort_by_key(|r| (!r.is_active(now), std::cmp::Reverse(r.created_at)));
         let states: Vec<InviteState> = live
             .into_iter()
             .take(MAX_INVITE_STATES)
@@ -450,6 +455,55 @@ mod tests {
         let err = s.join(3, 0, &inv).unwrap_err();
         assert!(
             matches!(err, GroupError::JoinRejected(JoinRejection::Revoked)),
+            "{err:?}"
+        );
+    }
+
+    /// A new member is told of ended invites too (until they expire), so it can tell a
+    /// joiner why a link ended instead of "unknown invite".
+    #[test]
+    fn ended_invites_are_shared_with_a_new_member() {
+        let (mut s, g) = group_of(2, 4);
+        // The simulator's secrets follow its clock: one invite per millisecond.
+        let used = s.invite(0, g, 1).unwrap();
+        s.now_ms += 1;
+        let revoked = s.invite(0, g, 5).unwrap();
+        s.now_ms += 1;
+        let short = s.invite(0, g, 5).unwrap();
+        s.deliver_all();
+        let fx = s.engines[0]
+            .revoke_invite(g, revoked.id(), s.now_ms)
+            .unwrap();
+        s.apply(0, fx);
+        s.deliver_all();
+        // Member 2 joins with the one-use link: it is used up now.
+        s.join(2, 0, &used).unwrap();
+        s.deliver_all();
+        // `short` has expired by the time member 0 shares the states.
+        let mut records = s.invites[0].clone();
+        for r in &mut records {
+            if r.id == short.id() {
+                r.expires_at = s.now_ms / 1000;
+            }
+        }
+        let fx = s.engines[0]
+            .share_invite_states(g, &records, s.now_ms)
+            .unwrap();
+        s.apply(0, fx);
+        s.deliver_all();
+        let now = s.now_ms / 1000;
+        let r = record(&s, 2, used.id()).expect("the used-up invite is shared");
+        assert_eq!(r.admits(now), Err(JoinRejection::UsedUp));
+        let r = record(&s, 2, revoked.id()).expect("the revoked invite is shared");
+        assert_eq!(r.admits(now), Err(JoinRejection::Revoked));
+        assert!(
+            record(&s, 2, short.id()).is_none(),
+            "an expired invite is not shared"
+        );
+        // So member 2 refuses with the reason, like the inviter would.
+        let err = s.join(3, 2, &used).unwrap_err();
+        assert!(
+            matches!(err, GroupError::JoinRejected(JoinRejection::UsedUp)),
             "{err:?}"
         );
     }

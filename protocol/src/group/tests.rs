@@ -411,10 +411,20 @@ fn expired_past_epochs_no_longer_decrypt_and_nothing_breaks() {
         .unwrap();
     let (v, fx) = s.engines[1].handle_envelope(&late, T0);
     assert!(
-        matches!(v, Verdict::Ignore(ref why) if why.starts_with("cannot read message from past epoch")),
+        matches!(v, Verdict::Ignore(ref why) if why.starts_with("cannot be decrypted")),
         "{v:?}"
     );
-    assert!(fx.is_empty());
+    // The loss is reported, with the envelope to keep.
+    assert!(
+        matches!(
+            fx.as_slice(),
+            [Effect::Undecryptable {
+                reason: Undecryptable::EpochGone,
+                ..
+            }]
+        ),
+        "{fx:?}"
+    );
     // The current epoch is unaffected.
     s.send(2, g, "current").unwrap();
     s.deliver_all();
