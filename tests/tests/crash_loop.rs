@@ -167,21 +167,34 @@ fn first_difference(a: &[String], b: &[String]) -> String {
     )
 }
 
-/// The receiver B is killed with SIGKILL and the sender A sends `missed` messages (and,
-/// with `new_epoch`, commits a self-update after them); then A sends `later` messages, and
-/// B starts again once the first of them were acknowledged, so it hears the rest live while
-/// it fetches what it missed. B must end with every message, and both must list the same
-/// messages in the same order.
-fn receiver_gets_every_message_back(missed: usize, new_epoch: bool, later: usize, limit: Duration) {
+/// The receiver B is killed with SIGKILL and the sender A sends `missed` messages, in
+/// `epochs + 1` parts with a self-update (a new epoch) after each but the last; then A
+/// sends `later` messages, and B starts again once the first of them were acknowledged, so
+/// it hears the rest live while it fetches what it missed. B must end with every message,
+/// and both must list the same messages in the same order.
+fn receiver_gets_every_message_back(missed: usize, epochs: usize, later: usize, limit: Duration) {
     let _serial = serial();
     let mut p = two_in_a_group(&[], &METRICS);
     let (da, db) = (p.a_dir(), p.b_dir());
     p.b.sigkill().unwrap();
     let started = Instant::now();
-    let down: Vec<String> = (0..missed).map(|i| format!("missed {i:05}")).collect();
-    let mut sent = send_all(&da, &p.group, down, 4, false, &AtomicUsize::new(0));
-    if new_epoch {
-        kith_ok(&da, &["group", "update", &p.group]).unwrap();
+    let mut sent = Vec::new();
+    let part = missed.div_ceil(epochs + 1);
+    for k in 0..=epochs {
+        let down: Vec<String> = (k * part..((k + 1) * part).min(missed))
+            .map(|i| format!("missed {i:05}"))
+            .collect();
+        sent.extend(send_all(
+            &da,
+            &p.group,
+            down,
+            4,
+            false,
+            &AtomicUsize::new(0),
+        ));
+        if k < epochs {
+            kith_ok(&da, &["group", "update", &p.group]).unwrap();
+        }
     }
     let acked_later = AtomicUsize::new(0);
     let boot = bootstrap_addr(&da).unwrap();
@@ -248,19 +261,25 @@ fn receiver_gets_every_message_back(missed: usize, new_epoch: bool, later: usize
 
 #[test]
 fn receiver_killed_gets_80_missed_back_among_300_later() {
-    receiver_gets_every_message_back(80, false, 300, Duration::from_secs(60));
+    receiver_gets_every_message_back(80, 0, 300, Duration::from_secs(60));
 }
 
 #[test]
 fn receiver_killed_gets_80_missed_back_across_a_new_epoch() {
-    receiver_gets_every_message_back(80, true, 300, Duration::from_secs(60));
+    receiver_gets_every_message_back(80, 1, 300, Duration::from_secs(60));
+}
+
+/// More epochs passed while B was down than a member keeps past epochs' secrets for.
+#[test]
+fn receiver_killed_gets_messages_of_four_epochs_back() {
+    receiver_gets_every_message_back(200, 4, 300, Duration::from_secs(60));
 }
 
 /// Issue 10's count: 80 messages and then 5,000 later ones, all sent while the receiver
 /// is down (A's 1000th message also makes it commit a self-update on the way).
 #[test]
 fn receiver_killed_gets_80_and_5000_later_messages_back() {
-    receiver_gets_every_message_back(5080, false, 300, Duration::from_secs(300));
+    receiver_gets_every_message_back(5080, 0, 300, Duration::from_secs(300));
 }
 
 /// The 5,000 later messages sent mostly while the receiver catches up. Slower than the
@@ -269,7 +288,7 @@ fn receiver_killed_gets_80_and_5000_later_messages_back() {
 #[test]
 #[ignore = "slow: 5,080 sends; run with --ignored"]
 fn receiver_killed_gets_80_missed_back_among_5000_later() {
-    receiver_gets_every_message_back(80, false, 5000, Duration::from_secs(300));
+    receiver_gets_every_message_back(80, 0, 5000, Duration::from_secs(300));
 }
 
 /// The texts of the `message` lines of a `kith watch --json`.
