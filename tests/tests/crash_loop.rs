@@ -3,12 +3,15 @@
 //! reaches every member, a message some member holds reaches all of them, and nothing a
 //! node showed is lost from its history.
 //!
-//! - `crash_loop_loses_nothing`: a short seeded run of `kith-testnet crash-loop` (the long
-//!   run is documented in testnet/README.md and docs/BENCHMARKS.md).
-//! - `receiver_killed_*`: the receiver is killed, the sender sends 80 (500; 5,000 behind
-//!   `--ignored`) messages, the receiver restarts and must end with every one, in the same
-//!   order as the sender.
-//! - `sender_killed_mid_send_*` and `sender_aborted_*`: the sender dies while sending.
+//! - `crash_loop_loses_nothing`: a short seeded run of `kith-testnet crash-loop` (20 kills,
+//!   SIGKILL and crash points, on both members; the long run is documented in
+//!   testnet/README.md and docs/BENCHMARKS.md).
+//! - `receiver_killed_*`: the receiver is killed, the sender sends 80 messages (across one
+//!   or four new epochs, or followed by 5,000 more) while it is down and keeps sending
+//!   while it comes back; the receiver must end with every one, in the sender's order.
+//!   With 5,000 later messages mostly sent during the catch-up the test is `--ignored`.
+//! - `sender_killed_mid_send_*` and `sender_aborted_*`: the sender dies while sending, from
+//!   outside and at the `send` crash point between the durable commit and the publish.
 //!
 //! The tests of this file run one at a time (each starts real processes; on 2 cores they
 //! would slow each other down). Seeds come from `KITH_TEST_SEED` and are printed.
@@ -495,21 +498,21 @@ fn crash_loop_loses_nothing() {
     let args: Vec<String> = [
         "crash-loop",
         "--kills",
-        "16",
+        "20",
         "--nodes",
         "2",
         "--round-kills",
-        "4",
+        "5",
         "--max-up-ms",
         "2000",
         "--max-down-ms",
         "4000",
         "--rate",
-        "20",
+        "40",
         "--update-every",
         "4",
         "--converge-timeout",
-        "60",
+        "30",
         "--json",
         "--quiet",
     ]
@@ -565,7 +568,7 @@ fn crash_loop_loses_nothing() {
             kept.display()
         );
     }
-    assert!(report["kills"].as_u64().unwrap() >= 16, "{report}");
+    assert!(report["kills"].as_u64().unwrap() >= 20, "{report}");
     assert!(report["acked"].as_u64().unwrap() > 0, "{report}");
     eprintln!(
         "crash loop: {} kills ({} SIGKILL, points {}), {} acked, converge {}",
