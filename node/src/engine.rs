@@ -41,6 +41,7 @@ use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::admission::{FindError, HeldRequests, HeldState, request_id_text};
+use crate::crashpoint::{self, Point};
 use crate::join_trail::{Miss, Trail};
 use crate::metrics::{GroupGauges, IgnoreReason, JoinRequestResult, JoinResult, KithMetrics};
 use crate::model::{
@@ -1457,6 +1458,7 @@ impl Actor {
             }
             let _ = self.net.validate_blocking(id, source, &verdict);
         }
+        crashpoint::reached(Point::Ingest);
         if let Err(e) = self.apply_with(effects, false) {
             tracing::error!(error = %e, "cannot store received messages; they are lost on this node");
             self.metrics.envelope_ignored(IgnoreReason::Storage);
@@ -1559,6 +1561,7 @@ impl Actor {
             }
             accepted += self.ingest_one(id, &data, &mut effects);
         }
+        crashpoint::reached(Point::Sync);
         if let Err(e) = self.apply_with(effects, false) {
             tracing::error!(group = %group.short(), error = %e, "cannot store synced messages");
             return 0;
@@ -1598,13 +1601,19 @@ impl Actor {
             }
             return;
         }
+        // A failing group backs off, except for a member that just connected: it may be
+        // the one that has what the others could not give (a partition healed).
+        let backoff = match trigger {
+            SyncTrigger::Newcomer => Duration::ZERO,
+            SyncTrigger::Routine | SyncTrigger::Gap => {
+                sync_backoff(self.sync_failures.get(&group).copied().unwrap_or(0))
+            }
+        };
         let debounce = match trigger {
             SyncTrigger::Routine => SYNC_DEBOUNCE,
             SyncTrigger::Gap | SyncTrigger::Newcomer => GAP_DEBOUNCE,
         }
-        .max(sync_backoff(
-            self.sync_failures.get(&group).copied().unwrap_or(0),
-        ));
+        .max(backoff);
         if self
             .last_sync
             .get(&group)
@@ -1840,6 +1849,7 @@ impl Actor {
     fn apply_with(&mut self, mut effects: Vec<Effect>, durable: bool) -> Result<(), EngineError> {
         self.drop_known_undecryptable(&mut effects);
         let durable = durable || publishes(&effects);
+        crashpoint::reached_when(Point::Commit, || crashpoint::merges_commit(&effects));
         let batch = Batch::from_effects(&effects);
         if (!batch.is_empty() || self.store.has_staged())
             && let Err(e) = self.commit_with(batch, durable)
@@ -1847,6 +1857,7 @@ impl Actor {
             self.rollback();
             return Err(e.into());
         }
+        crashpoint::reached_when(Point::Send, || publishes(&effects));
         self.after_commit(effects);
         Ok(())
     }
@@ -1961,6 +1972,7 @@ impl Actor {
     fn flush(&mut self) {
         // While the store fails, what was not flushed is gone with the reopened file.
         if self.unflushed && self.store.is_writable() {
+            crashpoint::reached(Point::Flush);
             match self.store.flush() {
                 Ok(()) => self.unflushed = false,
                 Err(e) => tracing::error!(error = %e, "cannot flush the store"),

@@ -4,6 +4,7 @@ pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod crashpoint;
 pub mod datadir;
 pub mod engine;
 pub mod http;

@@ -67,6 +67,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// `KITH_CRASH_AT` (crash tests only) is set to something unusable.
+    #[error(transparent)]
+    CrashPoint(#[from] crate::crashpoint::CrashPointError),
 }
 
 /// A node that is up.
@@ -106,6 +109,7 @@ pub async fn start_with(opts: NodeOptions, recovery: Recovery) -> Result<Running
         config,
         heartbeat,
     } = opts;
+    crate::crashpoint::arm_from_env()?;
     let datadir::Opened {
         keypair,
         created_key,

@@ -192,6 +192,8 @@ pub struct Node {
     pub bootstrap_addr: Option<String>,
     /// Whether it is in the group.
     pub member: bool,
+    /// Extra environment of its next `kith run` (e.g. `KITH_CRASH_AT` for crash tests).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     recorder: Option<JoinHandle<()>>,
 }
@@ -208,6 +210,7 @@ impl Node {
             metrics_addr: None,
             bootstrap_addr: None,
             member: false,
+            env: Vec::new(),
             child: None,
             recorder: None,
         }
@@ -528,6 +531,8 @@ impl Testnet {
             .env_remove("KITH_BOOTSTRAP")
             .env_remove("KITH_LISTEN")
             .env_remove("KITH_METRICS")
+            .env_remove(kith_node::crashpoint::ENV)
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)

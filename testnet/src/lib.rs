@@ -8,10 +8,13 @@
 //! - [`traffic`]: the seeded traffic generator.
 //! - [`bench`]: `kith-testnet bench` and its report; [`svg`] draws the latency charts.
 //! - [`scenario`]: `kith-testnet scenario FILE.toml`.
+//! - [`crashloop`]: `kith-testnet crash-loop`: SIGKILL and crash points in a loop, and the
+//!   count of lost messages.
 //! - [`joinbench`]: `kith-testnet join-bench`: time from `kith join` to the first message.
 //! - [`metrics`], [`procs`], [`stats`]: reading `/metrics`, `/proc` and summarising.
 
 pub mod bench;
+pub mod crashloop;
 pub mod error;
 pub mod joinbench;
 pub mod launcher;

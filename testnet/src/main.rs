@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kith_testnet::bench::{self, BenchOptions};
+use kith_testnet::crashloop::{self, CrashLoopOptions};
 use kith_testnet::joinbench::{self, JoinBenchOptions};
 use kith_testnet::launcher::{self, DEFAULT_NODE_LOG, DEFAULT_ROOT, Testnet, UpOptions};
 use kith_testnet::manifest::latest_run_dir;
@@ -36,6 +37,54 @@ enum Command {
     Scenario(ScenarioArgs),
     /// Time `kith join LINK` to the first decrypted message, inviter online and offline.
     JoinBench(JoinBenchArgs),
+    /// Kill nodes again and again (SIGKILL and crash points) while all send; count losses.
+    CrashLoop(CrashLoopArgs),
+}
+
+#[derive(Debug, Args)]
+struct CrashLoopArgs {
+    /// Kills to do (SIGKILL from outside and aborts at crash points together).
+    #[arg(long, default_value_t = 100)]
+    kills: usize,
+    /// Members of the group (at least 2).
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Seed of the plan and the traffic [default: $KITH_TESTNET_SEED, else random].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Messages per second, all senders together.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Bytes per message (16 to 65536).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Kills per round; each round ends with a convergence check.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    round_kills: usize,
+    /// Longest life of a node before it is killed from outside, in milliseconds (3 times
+    /// this for a node with a crash point, to reach it).
+    #[arg(long, default_value_t = 3000, value_name = "MS")]
+    max_up_ms: u64,
+    /// Longest time a killed node stays down, in milliseconds.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    max_down_ms: u64,
+    /// How long the members may take to converge after a round, in seconds.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    converge_timeout: f64,
+    /// A random member commits a self-update this often, in seconds (0: never).
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    update_every: f64,
+    /// Run directory [default: ./testnet-run/<UTC timestamp>].
+    #[arg(long, value_name = "RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// Where to write the JSON report [default: RUN_DIR/crash-report.json].
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Print the report as JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    node: NodeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -291,6 +340,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::CrashLoop(args) => crash_loop(args).await,
         Command::JoinBench(args) => {
             if !(10..=60_000).contains(&args.tick_ms) {
                 anyhow::bail!("--tick-ms must be 10 to 60000");
@@ -347,6 +397,52 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+    }
+}
+
+async fn crash_loop(args: CrashLoopArgs) -> anyhow::Result<ExitCode> {
+    let update = secs("--update-every", args.update_every)?;
+    let opts = CrashLoopOptions {
+        up: UpOptions {
+            nodes: args.nodes,
+            dir: args.run_dir,
+            kith: args.node.kith,
+            node_log: args.node.node_log,
+            quiet: args.node.quiet,
+            ..UpOptions::default()
+        },
+        kills: args.kills,
+        seed: resolve_seed(args.seed, None)?,
+        rate: args.rate,
+        size: args.size,
+        round_kills: args.round_kills,
+        max_up: Duration::from_millis(args.max_up_ms),
+        max_down: Duration::from_millis(args.max_down_ms),
+        converge_timeout: secs("--converge-timeout", args.converge_timeout)?,
+        update_every: (!update.is_zero()).then_some(update),
+        out: args.out,
+    };
+    opts.validate()?;
+    let report = tokio::select! {
+        r = crashloop::run(opts) => r?,
+        () = interrupted() => anyhow::bail!("interrupted; nodes were killed"),
+    };
+    if args.json {
+        out(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+    } else {
+        out(&crashloop::render(&report))?;
+    }
+    match &report.failure {
+        None => Ok(ExitCode::SUCCESS),
+        Some(f) => {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: {f} (seed {}; replay: {})",
+                report.seed,
+                report.replay
+            );
+            Ok(ExitCode::FAILURE)
         }
     }
 }

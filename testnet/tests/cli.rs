@@ -80,3 +80,22 @@ fn bad_options_and_missing_testnets_are_one_line_errors() {
     // Usage errors are clap's (exit code 2).
     assert_eq!(testnet(&["bench", "--nodes", "x"]).status.code(), Some(2));
 }
+
+#[test]
+fn crash_loop_options_are_checked_before_any_node_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+    for (args, word) in [
+        (&["--nodes", "1"][..], "--nodes"),
+        (&["--round-kills", "0"][..], "--round-kills"),
+        (&["--rate", "0"][..], "--rate"),
+        (&["--max-up-ms", "10"][..], "--max-up"),
+    ] {
+        let mut all = vec!["crash-loop", "--run-dir", r];
+        all.extend_from_slice(args);
+        let err = one_line_error(&testnet(&all));
+        assert!(err.contains(word), "{args:?}: {err}");
+    }
+    assert!(!run.exists(), "a run directory was created");
+}

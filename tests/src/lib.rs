@@ -378,6 +378,30 @@ pub fn kith_ok(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
 
 /// Starts `kith run` on loopback with port 0 and waits until its API answers.
 pub fn spawn_kith_run(dir: &Path, bootstrap: Option<&str>) -> anyhow::Result<KithProcess> {
+    spawn_kith_run_with(dir, bootstrap, &[], &[])
+}
+
+/// [`spawn_kith_run`] with extra `kith run` arguments and environment variables (e.g.
+/// `--metrics 127.0.0.1:0`, or `KITH_CRASH_AT`). The node's log is appended to
+/// `dir/node.log`, so it keeps the lines of earlier runs, and address files a killed run
+/// left behind are removed first.
+pub fn spawn_kith_run_with(
+    dir: &Path,
+    bootstrap: Option<&str>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<KithProcess> {
+    for stale in ["api.addr", "metrics.addr"] {
+        match std::fs::remove_file(dir.join(stale)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {stale}")),
+        }
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("node.log"))?;
     let mut cmd = Command::new(kith_bin()?);
     cmd.arg("--data-dir")
         .arg(dir)
@@ -393,10 +417,13 @@ pub fn spawn_kith_run(dir: &Path, bootstrap: Option<&str>) -> anyhow::Result<Kit
             "127.0.0.1:0",
             "--no-mdns",
         ])
+        .args(args)
         .env("RUST_LOG", "info,libp2p=warn")
+        .env_remove(kith_node::crashpoint::ENV)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(dir.join("node.log"))?));
+        .stderr(Stdio::from(log));
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
@@ -507,6 +534,12 @@ impl KithProcess {
         self.child.id()
     }
 
+    /// Kills the process with SIGKILL (a crash, as far as the node can tell) and reaps it.
+    pub fn sigkill(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.child.kill().context("sending SIGKILL")?;
+        Ok(self.child.wait()?)
+    }
+
     /// Sends SIGTERM (with the `kill` command) and waits up to [`WAIT`] for the process to
     /// exit; returns its exit status.
     pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
@@ -594,6 +627,23 @@ impl KithWatch {
         self.next_matching(WAIT, pred)
             .with_context(|| format!("waiting for kith watch to print {what}"))?
             .with_context(|| format!("kith watch did not print {what} within {WAIT:?}"))
+    }
+}
+
+impl KithWatch {
+    /// Every JSON line the watch printed that was not read yet, waiting up to `quiet` after
+    /// the last one for more (so lines still in the pipe are included).
+    pub fn drain(&self, quiet: Duration) -> anyhow::Result<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
+        loop {
+            match self.lines.recv_timeout(quiet) {
+                Ok(line) => out
+                    .push(serde_json::from_str(&line).with_context(|| {
+                        format!("kith watch printed a non-JSON line: {line:?}")
+                    })?),
+                Err(_) => return Ok(out),
+            }
+        }
     }
 }
 
@@ -708,4 +758,65 @@ pub fn pids_mentioning(needle: &str) -> Vec<u64> {
         })
         .filter(|pid| pid_alive(*pid))
         .collect()
+}
+
+/// `POST /v1/groups/{group}/messages` on the node in `dir` through its API: `Ok(id)` when
+/// the node acknowledged the message (201), else `Err` with what happened (an error answer,
+/// or no answer because the node died).
+pub fn api_send(dir: &Path, group: &str, text: &str) -> Result<String, String> {
+    let addr = api_addr(dir).map_err(|e| e.to_string())?;
+    let token = api_token(dir).map_err(|e| e.to_string())?;
+    let body = serde_json::json!({ "text": text }).to_string();
+    let auth = format!("Authorization: Bearer {token}");
+    match raw_http(
+        addr,
+        "POST",
+        &format!("/v1/groups/{group}/messages"),
+        &[&auth, "Content-Type: application/json"],
+        &body,
+    ) {
+        Ok((201, body)) => serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["id"].as_str().map(str::to_owned))
+            .ok_or_else(|| format!("201 without a message id: {body}")),
+        Ok((status, body)) => Err(format!("{status}: {body}")),
+        Err(e) => Err(format!("no answer: {e:#}")),
+    }
+}
+
+/// The whole history of group `group` (64 hex) of the node in `dir`, oldest first, read
+/// from its database: the API lists only the newest 1000 entries. The node must be stopped.
+pub fn full_history(dir: &Path, group: &str) -> anyhow::Result<Vec<kith_node::model::MessageInfo>> {
+    let id: kith_protocol::ids::GroupId = group.parse().context("group id")?;
+    let store = kith_node::engine::open_store(dir)?;
+    Ok(store
+        .history(&id, usize::MAX)?
+        .iter()
+        .map(kith_node::engine::message_info)
+        .collect())
+}
+
+/// The text of a history entry, if it is a text message.
+pub fn text_of(m: &kith_node::model::MessageInfo) -> Option<&str> {
+    match &m.body {
+        kith_node::model::MessageBody::Text { text } => Some(text),
+        _ => None,
+    }
+}
+
+/// The seed of a randomised test: `KITH_TEST_SEED` if set, else a random one; printed so a
+/// failure can be replayed with `KITH_TEST_SEED=<seed>`.
+pub fn test_seed() -> u64 {
+    let seed = match std::env::var("KITH_TEST_SEED") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("KITH_TEST_SEED={v:?} is not a whole number")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    };
+    eprintln!("seed {seed} (replay with KITH_TEST_SEED={seed})");
+    seed
 }
