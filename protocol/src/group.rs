@@ -1830,8 +1830,10 @@ where
         }
         let _ = fork::delete_checkpoint(storage, &group_id, cur);
         g.rollbacks += 1;
-        // Positions seen on the losing branch say nothing about the winning one.
+        // Positions seen on the losing branch say nothing about the winning one: hold live
+        // messages until the sync the rollback starts has brought the winning branch's.
         g.tracks = Tracks::default();
+        g.catching_up.get_or_insert(now_ms);
         g.retry = true;
         tracing::info!(
             group = %group_id.short(),
@@ -2359,18 +2361,17 @@ fn active_group(
 }
 
 /// Keeps an envelope that does not apply to this node's branch, in case a rollback makes it
-/// applicable (bounded; the oldest go first).
+/// applicable (bounded; when full, the newest is not kept).
 fn hold_orphan(g: &mut Group, epoch: u64, bytes: &[u8]) {
-    if g.orphans.iter().any(|p| p.bytes == bytes) || bytes.len() > MAX_ORPHAN_BYTES_PER_GROUP {
+    if g.orphans.iter().any(|p| p.bytes == bytes) {
         return;
     }
-    while g.orphans.len() >= MAX_ORPHANS_PER_GROUP
+    // When full, the newest is not kept (as in `hold_pending`): after a switch to its
+    // branch the kept ones are read first, and sync brings the rest after them.
+    if g.orphans.len() >= MAX_ORPHANS_PER_GROUP
         || g.orphan_bytes + bytes.len() > MAX_ORPHAN_BYTES_PER_GROUP
     {
-        match g.orphans.pop_front() {
-            Some(old) => g.orphan_bytes -= old.bytes.len(),
-            None => break,
-        }
+        return;
     }
     g.orphan_bytes += bytes.len();
     g.orphans.push_back(Pending {
