@@ -1830,10 +1830,8 @@ where
         }
         let _ = fork::delete_checkpoint(storage, &group_id, cur);
         g.rollbacks += 1;
-        // Positions seen on the losing branch say nothing about the winning one: hold live
-        // messages until the sync the rollback starts has brought the winning branch's.
+        // Positions seen on the losing branch say nothing about the winning one.
         g.tracks = Tracks::default();
-        g.catching_up.get_or_insert(now_ms);
         g.retry = true;
         tracing::info!(
             group = %group_id.short(),
