@@ -1702,7 +1702,7 @@ impl Actor {
         if complete {
             self.unsynced.remove(&group);
             self.sync_failures.remove(&group);
-            self.end_catch_up(group);
+            self.end_catch_up(group, true);
         } else {
             // Live messages stay held (until a run completes or CATCH_UP_HOLD_LIMIT), and
             // the next attempt waits longer each time.
@@ -1733,8 +1733,14 @@ impl Actor {
 
     /// Processes the live envelopes of `group` held during its sync run, after the fetched
     /// (older) ones.
-    fn end_catch_up(&mut self, group: GroupId) {
-        let effects = self.groups.end_catch_up(&group, now_ms());
+    /// With `in_time` false (the hold ran out of time) they are read whatever positions
+    /// are still missing.
+    fn end_catch_up(&mut self, group: GroupId, in_time: bool) {
+        let effects = if in_time {
+            self.groups.end_catch_up(&group, now_ms())
+        } else {
+            self.groups.end_catch_up_now(&group, now_ms())
+        };
         if let Err(e) = self.apply_with(effects, false) {
             tracing::error!(error = %e, "cannot store messages held during history sync");
         }
@@ -1758,7 +1764,7 @@ impl Actor {
             }
             tracing::info!(group = %group.short(), "history sync has not caught up in time; showing the messages held meanwhile");
             self.process_collected(group);
-            self.end_catch_up(group);
+            self.end_catch_up(group, false);
         }
     }
 

@@ -342,6 +342,10 @@ enum Source {
     Synced,
     /// Held earlier and now due: never held again.
     Held,
+    /// Held during a catch-up that ended with a complete sync: read with the position guard
+    /// on; a message that trips it goes back to the front of the hold (see
+    /// [`GroupEngine::end_catch_up`]).
+    Drained,
 }
 
 struct Group {
@@ -680,6 +684,8 @@ pub struct GroupEngine<P: OpenMlsProvider> {
     /// [`GroupEngine::process_mls`] found the message too far ahead of its sender's
     /// messages held here ([`DecryptFailure::Ahead`]).
     ahead: bool,
+    /// While a catch-up's held envelopes are drained: when that catch-up began.
+    drain_since: Option<u64>,
 }
 
 impl<P: OpenMlsProvider> GroupEngine<P>
@@ -696,6 +702,7 @@ where
             sent_seq: 0,
             decrypted: None,
             ahead: false,
+            drain_since: None,
         }
     }
 
@@ -1112,7 +1119,7 @@ where
                     }
                     g.retry = true;
                 }
-                self.drain_pending(group, now_ms, effects);
+                self.drain_pending(group, now_ms, effects, Source::Held);
                 self.settle(now_ms, effects);
             }
             _ => {}
@@ -1478,18 +1485,35 @@ where
         }
     }
 
-    /// Ends a catch-up of `group`: processes the envelopes held meanwhile (those whose
-    /// epoch has been reached, in arrival order) and returns their effects. Positions still
-    /// missing afterwards are not waited for any longer (no member reached had them).
+    /// Ends a catch-up of `group` after a complete history sync: processes the envelopes
+    /// held meanwhile (those whose epoch has been reached, in arrival order) and returns
+    /// their effects. They are read with the position guard on: one that would still move
+    /// its sender's ratchet too far past a missing message (gossip delivered it late, after
+    /// newer ones) goes back to the front of the hold, the catch-up goes on and
+    /// [`Effect::Behind`] asks for another sync. Otherwise positions still missing are not
+    /// waited for any longer (no member reached had them).
     pub fn end_catch_up(&mut self, group: &GroupId, now_ms: u64) -> Vec<Effect> {
+        self.finish_catch_up(group, now_ms, Source::Drained)
+    }
+
+    /// Ends a catch-up of `group` that ran out of time: processes everything held, in
+    /// arrival order, without the position guard.
+    pub fn end_catch_up_now(&mut self, group: &GroupId, now_ms: u64) -> Vec<Effect> {
+        self.finish_catch_up(group, now_ms, Source::Held)
+    }
+
+    fn finish_catch_up(&mut self, group: &GroupId, now_ms: u64, source: Source) -> Vec<Effect> {
         let mut effects = Vec::new();
         if let Some(g) = self.groups.get_mut(group)
-            && g.catching_up.is_some()
+            && let Some(since) = g.catching_up.take()
         {
-            g.catching_up = None;
-            self.drain_pending(*group, now_ms, &mut effects);
+            self.drain_since = Some(since);
+            self.drain_pending(*group, now_ms, &mut effects, source);
+            self.drain_since = None;
             self.settle(now_ms, &mut effects);
-            if let Some(g) = self.groups.get_mut(group) {
+            if let Some(g) = self.groups.get_mut(group)
+                && g.catching_up.is_none()
+            {
                 g.tracks.forgive();
             }
         }
@@ -1547,7 +1571,7 @@ where
         }
         if envelope.epoch() > epoch {
             // Held even by a node removed on its branch: the branch may lose.
-            if source != Source::Held {
+            if !matches!(source, Source::Held | Source::Drained) {
                 hold_pending(g, envelope.epoch(), bytes);
             }
             return Verdict::Ignore(format!(
@@ -1580,7 +1604,12 @@ where
             self.process_mls(group_id, &envelope, id, message, bytes, now_ms, effects)
         };
         if verdict == Verdict::Accept && !self.is_catching_up(&group_id) {
-            self.drain_pending(group_id, now_ms, effects);
+            let again = if source == Source::Drained {
+                Source::Drained
+            } else {
+                Source::Held
+            };
+            self.drain_pending(group_id, now_ms, effects, again);
         }
         verdict
     }
@@ -1612,7 +1641,7 @@ where
             self.provider.storage().release(savepoint);
             return verdict;
         };
-        if ahead && source != Source::Held {
+        if ahead && matches!(source, Source::Live | Source::Synced) {
             // Nothing was decrypted: hold it and fetch what comes before.
             self.provider.storage().release(savepoint);
             effects.push(hold_behind(g, envelope.epoch(), bytes, now_ms, {
@@ -1624,7 +1653,7 @@ where
             self.provider.storage().release(savepoint);
             return verdict;
         };
-        if source == Source::Live
+        if matches!(source, Source::Live | Source::Drained)
             && let Check::Behind { missing } = g.tracks.check(&sender, seq)
         {
             let undone = self
@@ -1637,7 +1666,22 @@ where
                 Ok(mls) => {
                     effects.truncate(mark);
                     g.mls = mls;
-                    effects.push(hold_behind(g, envelope.epoch(), bytes, now_ms, missing));
+                    if source == Source::Drained {
+                        // Back to where it was: the drain stops, the catch-up goes on
+                        // (with its first start, so its time limit still applies).
+                        g.pending_bytes += bytes.len();
+                        g.pending.push_front(Pending {
+                            epoch: envelope.epoch(),
+                            bytes: bytes.to_vec(),
+                        });
+                        g.catching_up = Some(self.drain_since.unwrap_or(now_ms));
+                        effects.push(Effect::Behind {
+                            group: group_id,
+                            missing,
+                        });
+                    } else {
+                        effects.push(hold_behind(g, envelope.epoch(), bytes, now_ms, missing));
+                    }
                     return Verdict::Ignore(format!(
                         "{missing} earlier messages of its sender are missing; held until they are fetched"
                     ));
@@ -2275,11 +2319,21 @@ where
     }
 
     /// Processes held envelopes whose epoch has been reached, oldest first.
-    fn drain_pending(&mut self, group_id: GroupId, now_ms: u64, effects: &mut Vec<Effect>) {
+    fn drain_pending(
+        &mut self,
+        group_id: GroupId,
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+        source: Source,
+    ) {
         loop {
             let Some(g) = self.groups.get_mut(&group_id) else {
                 return;
             };
+            if g.catching_up.is_some() {
+                // A drained message went back to the hold: the rest waits with it.
+                return;
+            }
             let epoch = g.epoch();
             let Some(pos) = g.pending.iter().position(|p| p.epoch <= epoch) else {
                 return;
@@ -2290,7 +2344,7 @@ where
             g.pending_bytes -= p.bytes.len();
             // `process` drains again after each accepted commit; nested calls stop once
             // nothing is ready, so the recursion depth is bounded by the number held.
-            let _ = self.process(&p.bytes, now_ms, effects, Source::Held);
+            let _ = self.process(&p.bytes, now_ms, effects, source);
         }
     }
 
