@@ -1547,19 +1547,30 @@ impl Actor {
             // Fetched again by the sync started when the store recovers.
             return 0;
         }
-        let mut effects = Vec::new();
-        let mut accepted = 0;
-        for data in envelopes {
-            let id = MessageId::of(&data);
-            match self.store.has_message(&id) {
-                Ok(false) => {}
-                Ok(true) => continue,
+        let new: Vec<Vec<u8>> = envelopes
+            .into_iter()
+            .filter(|data| match self.store.has_message(&MessageId::of(data)) {
+                Ok(held) => !held,
                 Err(e) => {
                     tracing::error!(error = %e, "store read failed");
-                    continue;
+                    false
+                }
+            })
+            .collect();
+        // Each sender's messages are read in position order, whatever order the answers
+        // brought them in (`GroupEngine::handle_synced_batch`).
+        let (verdicts, effects) = self.groups.handle_synced_batch(new, now_ms());
+        let mut accepted = 0;
+        for (id, verdict) in verdicts {
+            match verdict {
+                Verdict::Accept => accepted += 1,
+                Verdict::Reject(why) => {
+                    tracing::debug!(msg = %id.short(), reason = %why, "rejected synced envelope");
+                }
+                Verdict::Ignore(why) => {
+                    tracing::debug!(msg = %id.short(), reason = %why, "ignored synced envelope");
                 }
             }
-            accepted += self.ingest_one(id, &data, &mut effects);
         }
         crashpoint::reached(Point::Sync);
         if let Err(e) = self.apply_with(effects, false) {
@@ -1567,23 +1578,6 @@ impl Actor {
             return 0;
         }
         accepted
-    }
-
-    /// Processes one envelope fetched by sync; 1 if accepted.
-    fn ingest_one(&mut self, id: MessageId, data: &[u8], effects: &mut Vec<Effect>) -> usize {
-        let (verdict, fx) = self.groups.handle_synced_envelope(data, now_ms());
-        effects.extend(fx);
-        match verdict {
-            Verdict::Accept => 1,
-            Verdict::Reject(why) => {
-                tracing::debug!(msg = %id.short(), reason = %why, "rejected synced envelope");
-                0
-            }
-            Verdict::Ignore(why) => {
-                tracing::debug!(msg = %id.short(), reason = %why, "ignored synced envelope");
-                0
-            }
-        }
     }
 
     /// Starts a sync run of `group` with its online members, unless one is running or the

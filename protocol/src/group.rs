@@ -2513,6 +2513,7 @@ fn hold_pending(g: &mut Group, epoch: u64, bytes: &[u8]) {
 
 mod invites;
 mod rejoin;
+mod synced;
 pub use invites::{CommitNote, NewInvite};
 
 #[cfg(test)]
