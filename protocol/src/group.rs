@@ -130,17 +130,6 @@ fn mls_err(e: impl std::fmt::Display) -> GroupError {
     GroupError::Mls(e.to_string())
 }
 
-/// The gossip validation result for a received envelope.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Valid: processed, forward it.
-    Accept,
-    /// Invalid: garbage or forged; do not forward, penalise the source.
-    Reject(String),
-    /// Cannot judge (not our group, future epoch, duplicate): do not forward, no penalty.
-    Ignore(String),
-}
-
 /// What the caller must do after an engine call, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -1555,47 +1544,47 @@ where
     ) -> Verdict {
         let envelope = match Envelope::decode(bytes) {
             Ok(e) => e,
-            Err(e) => return Verdict::Reject(e.to_string()),
+            Err(e) => return Verdict::Reject(RejectReason::Envelope(e)),
         };
         let group_id = envelope.group();
         let Some(g) = self.groups.get_mut(&group_id) else {
-            return Verdict::Ignore("not a member of this group".into());
+            return Verdict::Ignore(IgnoreReason::NotMember);
         };
         if g.lost.is_some() {
-            return Verdict::Ignore("this node's join lost a race; the group is read-only".into());
+            return Verdict::Ignore(IgnoreReason::JoinLost);
         }
         let epoch = g.epoch();
         if source == Source::Live && g.catching_up.is_some() {
             hold_pending(g, envelope.epoch(), bytes);
-            return Verdict::Ignore("held until history sync has caught up".into());
+            return Verdict::Ignore(IgnoreReason::CatchingUp);
         }
         if envelope.epoch() > epoch {
             // Held even by a node removed on its branch: the branch may lose.
             if !matches!(source, Source::Held | Source::Drained) {
                 hold_pending(g, envelope.epoch(), bytes);
             }
-            return Verdict::Ignore(format!(
-                "epoch {} is ahead of ours ({epoch}); held",
-                envelope.epoch()
-            ));
+            return Verdict::Ignore(IgnoreReason::FutureEpoch {
+                epoch: envelope.epoch(),
+                ours: epoch,
+            });
         }
         let message = match MlsMessageIn::tls_deserialize_exact(envelope.mls())
             .ok()
             .and_then(|m| m.try_into_protocol_message().ok())
         {
             Some(m) => m,
-            None => return Verdict::Reject("not an MLS protocol message".into()),
+            None => return Verdict::Reject(RejectReason::NotMls),
         };
         if message.group_id().as_slice() != group_id.as_bytes()
             || message.epoch().as_u64() != envelope.epoch()
         {
-            return Verdict::Reject("envelope header does not match the MLS message".into());
+            return Verdict::Reject(RejectReason::HeaderMismatch);
         }
         let id = MessageId::of(bytes);
         let verdict = if envelope.kind() == PayloadKind::Commit && envelope.epoch() < epoch {
             self.consider_rival(group_id, &envelope, id, message, bytes, now_ms, effects)
         } else if !g.mls.is_active() {
-            return Verdict::Ignore("no longer a member of this group".into());
+            return Verdict::Ignore(IgnoreReason::Removed);
         } else if envelope.kind() == PayloadKind::Application {
             self.process_application(
                 group_id, &envelope, id, message, bytes, now_ms, effects, source,
@@ -1682,9 +1671,7 @@ where
                     } else {
                         effects.push(hold_behind(g, envelope.epoch(), bytes, now_ms, missing));
                     }
-                    return Verdict::Ignore(format!(
-                        "{missing} earlier messages of its sender are missing; held until they are fetched"
-                    ));
+                    return Verdict::Ignore(IgnoreReason::SenderGap { missing });
                 }
                 Err(e) => {
                     // Only a failing store gets here. The message stays accepted: better
@@ -1714,7 +1701,7 @@ where
         effects: &mut Vec<Effect>,
     ) -> Verdict {
         let Some(g) = self.groups.get_mut(&group_id) else {
-            return Verdict::Ignore("not a member of this group".into());
+            return Verdict::Ignore(IgnoreReason::NotMember);
         };
         let e = envelope.epoch();
         if let Some(j) = &g.branch.joined
@@ -1734,7 +1721,7 @@ where
                     by: j.by.as_deref().and_then(|b| PeerId::from_bytes(b).ok()),
                 });
             }
-            return Verdict::Ignore(format!("rival of the commit that added this node ({e})"));
+            return Verdict::Ignore(IgnoreReason::RivalOfJoin { epoch: e });
         }
         let ours = match g.branch.at(e) {
             Some(a) => a.commit,
@@ -1776,20 +1763,18 @@ where
                         });
                     }
                 }
-                return Verdict::Ignore(format!(
-                    "commit for epoch {e}, which this node can no longer roll back to"
-                ));
+                return Verdict::Ignore(IgnoreReason::BeyondRewind { epoch: e });
             }
         };
         if ours == id {
-            return Verdict::Ignore("commit already merged".into());
+            return Verdict::Ignore(IgnoreReason::AlreadyMerged);
         }
         if ours < id {
             hold_orphan(g, e, bytes);
-            return Verdict::Ignore(format!(
-                "loses to commit {} for epoch {e} (lowest id wins)",
-                ours.short()
-            ));
+            return Verdict::Ignore(IgnoreReason::LosingCommit {
+                epoch: e,
+                winner: ours,
+            });
         }
         self.switch_branch(group_id, envelope, id, message, bytes, now_ms, effects)
     }
@@ -1810,14 +1795,17 @@ where
     ) -> Verdict {
         let e = envelope.epoch();
         let Some(g) = self.groups.get_mut(&group_id) else {
-            return Verdict::Ignore("not a member of this group".into());
+            return Verdict::Ignore(IgnoreReason::NotMember);
         };
         let cur = g.epoch();
         let was_leaving = g.leaving;
         let tip_members: Vec<PeerId> = g.mls.members().filter_map(|m| member_peer(&m)).collect();
         let storage = self.provider.storage();
         if let Err(err) = checkpoint(&self.provider, group_id, cur) {
-            return Verdict::Ignore(format!("cannot checkpoint before a rollback: {err}"));
+            return Verdict::Ignore(IgnoreReason::Failed {
+                step: Step::CheckpointBeforeRollback,
+                detail: err.to_string(),
+            });
         }
         let restored = fork::restore_checkpoint(storage, &group_id, e)
             .map_err(mls_err)
@@ -1834,7 +1822,10 @@ where
             }
             Err(err) => {
                 let _ = put_back(&self.provider, group_id, g, cur, was_leaving);
-                return Verdict::Ignore(format!("cannot roll back to epoch {e}: {err}"));
+                return Verdict::Ignore(IgnoreReason::Failed {
+                    step: Step::RollBack { epoch: e },
+                    detail: err.to_string(),
+                });
             }
         }
         let lost: Vec<Applied> = g
@@ -1864,9 +1855,7 @@ where
                 tracing::error!(group = %group_id.short(), "cannot restore the branch: {err}");
             }
             hold_orphan(g, e, bytes);
-            return Verdict::Ignore(format!(
-                "rival commit for epoch {e} does not apply to this branch"
-            ));
+            return Verdict::Ignore(IgnoreReason::OtherBranch { epoch: e });
         }
         let storage = self.provider.storage();
         for a in lost.iter().filter(|a| a.epoch > e) {
@@ -2038,7 +2027,7 @@ where
         effects: &mut Vec<Effect>,
     ) -> Verdict {
         let Some(g) = self.groups.get_mut(&group_id) else {
-            return Verdict::Ignore("not a member of this group".into());
+            return Verdict::Ignore(IgnoreReason::NotMember);
         };
         let current = g.epoch();
         let processed = match g.mls.process_message(&self.provider, message) {
@@ -2048,7 +2037,7 @@ where
                     && envelope.epoch() < g.branch.since =>
             {
                 // Sent before this node joined: it was never meant to read it.
-                return Verdict::Ignore(format!("sent before this node joined: {e}"));
+                return Verdict::Ignore(IgnoreReason::BeforeJoin(e.to_string()));
             }
             Err(e) if envelope.kind() == PayloadKind::Application => {
                 match order::classify(&e, envelope.epoch(), current) {
@@ -2068,23 +2057,21 @@ where
                             },
                             reason,
                         });
-                        return Verdict::Ignore(format!("cannot be decrypted: {reason}"));
+                        return Verdict::Ignore(IgnoreReason::Undecryptable(reason));
                     }
                     DecryptFailure::Duplicate => {
-                        return Verdict::Ignore("already read".into());
+                        return Verdict::Ignore(IgnoreReason::AlreadyRead);
                     }
                     DecryptFailure::Ahead => {
                         self.ahead = true;
-                        return Verdict::Ignore(format!(
-                            "too far ahead of its sender's messages here: {e}"
-                        ));
+                        return Verdict::Ignore(IgnoreReason::TooFarAhead(e.to_string()));
                     }
                     DecryptFailure::Other => {
                         hold_orphan(g, envelope.epoch(), bytes);
                         return if envelope.epoch() < current {
-                            Verdict::Ignore(format!("cannot read message from past epoch: {e}"))
+                            Verdict::Ignore(IgnoreReason::PastEpoch(e.to_string()))
                         } else {
-                            Verdict::Reject(format!("MLS processing failed: {e}"))
+                            Verdict::Reject(RejectReason::Mls(e.to_string()))
                         };
                     }
                 }
@@ -2092,12 +2079,12 @@ where
             Err(e) if envelope.epoch() < current => {
                 // It may have been sent on a branch this node has not switched to yet.
                 hold_orphan(g, envelope.epoch(), bytes);
-                return Verdict::Ignore(format!("cannot read message from past epoch: {e}"));
+                return Verdict::Ignore(IgnoreReason::PastEpoch(e.to_string()));
             }
             Err(e) => {
                 // It may belong to a branch that wins later.
                 hold_orphan(g, envelope.epoch(), bytes);
-                return Verdict::Reject(format!("MLS processing failed: {e}"));
+                return Verdict::Reject(RejectReason::Mls(e.to_string()));
             }
         };
         let sender_leaf = match processed.sender() {
@@ -2125,13 +2112,11 @@ where
                 // A member removed since (a message from a past epoch) no longer speaks for the
                 // group: its leaf is gone or belongs to someone else now.
                 let Some(sender) = named_sender.filter(|n| sender == Some(*n)) else {
-                    return Verdict::Reject(
-                        "application message from a sender who is not a current member".into(),
-                    );
+                    return Verdict::Reject(RejectReason::FormerMember);
                 };
                 let content = match AppContent::decode(&app.into_bytes()) {
                     Ok(c) => c,
-                    Err(e) => return Verdict::Reject(format!("bad application content: {e}")),
+                    Err(e) => return Verdict::Reject(RejectReason::Content(e)),
                 };
                 self.decrypted = Some((sender, content.seq()));
                 let history_id = content
@@ -2176,20 +2161,20 @@ where
                     match bound_peer(leaf.credential(), leaf.signature_key().as_slice()) {
                         Some(p) => added.push(p),
                         None => {
-                            return Verdict::Reject(
-                                "commit adds a member whose credential is not bound to its key"
-                                    .into(),
-                            );
+                            return Verdict::Reject(RejectReason::UnboundMember);
                         }
                     }
                 }
                 let removed = removed_peers(&g.mls, &staged);
                 let self_removed = staged.self_removed();
                 if let Err(e) = checkpoint(&self.provider, group_id, current) {
-                    return Verdict::Ignore(format!("cannot checkpoint before merging: {e}"));
+                    return Verdict::Ignore(IgnoreReason::Failed {
+                        step: Step::CheckpointBeforeMerge,
+                        detail: e.to_string(),
+                    });
                 }
                 if let Err(e) = g.mls.merge_staged_commit(&self.provider, *staged) {
-                    return Verdict::Reject(format!("cannot merge commit: {e}"));
+                    return Verdict::Reject(RejectReason::Merge(e.to_string()));
                 }
                 if let Err(e) = note_applied(
                     &self.provider,
@@ -2202,7 +2187,10 @@ where
                         invite: invites::note_invite(&aad),
                     },
                 ) {
-                    return Verdict::Ignore(format!("cannot record the commit: {e}"));
+                    return Verdict::Ignore(IgnoreReason::Failed {
+                        step: Step::RecordCommit,
+                        detail: e.to_string(),
+                    });
                 }
                 let sender = sender.unwrap_or(self.me.peer);
                 effects.push(Effect::SaveEnvelope(stored));
@@ -2244,9 +2232,7 @@ where
                     match self.leave_group(group_id, now_ms) {
                         Ok(fx) => effects.extend(fx),
                         Err(e) => {
-                            return Verdict::Reject(format!(
-                                "cannot re-propose leaving after a commit: {e}"
-                            ));
+                            return Verdict::Reject(RejectReason::Reproposal(e.to_string()));
                         }
                     }
                 }
@@ -2256,13 +2242,16 @@ where
                 // Kith only ever proposes a member's own removal (leaving); any other
                 // proposal would be committed by the next commit of an honest member.
                 if self_remover(proposal.proposal(), proposal.sender()).is_none() {
-                    return Verdict::Reject("only self-removal proposals are accepted".into());
+                    return Verdict::Reject(RejectReason::NotSelfRemoval);
                 }
                 if let Err(e) = g
                     .mls
                     .store_pending_proposal(self.provider.storage(), *proposal)
                 {
-                    return Verdict::Ignore(format!("cannot store proposal: {e}"));
+                    return Verdict::Ignore(IgnoreReason::Failed {
+                        step: Step::StoreProposal,
+                        detail: e.to_string(),
+                    });
                 }
                 effects.push(Effect::SaveEnvelope(stored));
                 if g.leaving || !g.mls.is_active() {
@@ -2284,7 +2273,10 @@ where
                 if lowest == Some(g.mls.own_leaf_index()) {
                     let old_epoch = g.epoch();
                     if let Err(e) = checkpoint(&self.provider, group_id, old_epoch) {
-                        return Verdict::Ignore(format!("cannot commit the removal: {e}"));
+                        return Verdict::Ignore(IgnoreReason::Failed {
+                            step: Step::CommitRemoval,
+                            detail: e.to_string(),
+                        });
                     }
                     let commit = match g
                         .mls
@@ -2293,7 +2285,10 @@ where
                         Ok((commit, _, _)) => commit,
                         Err(e) => {
                             let _ = g.mls.clear_pending_commit(self.provider.storage());
-                            return Verdict::Ignore(format!("cannot commit the removal: {e}"));
+                            return Verdict::Ignore(IgnoreReason::Failed {
+                                step: Step::CommitRemoval,
+                                detail: e.to_string(),
+                            });
                         }
                     };
                     match merge_own_commit(
@@ -2308,13 +2303,16 @@ where
                     ) {
                         Ok(fx) => effects.extend(fx),
                         Err(e) => {
-                            return Verdict::Ignore(format!("cannot commit the removal: {e}"));
+                            return Verdict::Ignore(IgnoreReason::Failed {
+                                step: Step::CommitRemoval,
+                                detail: e.to_string(),
+                            });
                         }
                     }
                 }
                 Verdict::Accept
             }
-            _ => Verdict::Ignore("unsupported MLS content".into()),
+            _ => Verdict::Ignore(IgnoreReason::Unsupported),
         }
     }
 
@@ -2513,7 +2511,9 @@ fn hold_pending(g: &mut Group, epoch: u64, bytes: &[u8]) {
 
 mod invites;
 mod rejoin;
+mod verdict;
 pub use invites::{CommitNote, NewInvite};
+pub use verdict::{IgnoreReason, RejectReason, Step, Verdict};
 
 #[cfg(test)]
 mod fork_tests;

@@ -14,8 +14,8 @@ use openmls_traits::OpenMlsProvider;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CIPHERSUITE, Effect, GroupEngine, GroupError, Verdict, active_group, bound_peer, encrypt_app,
-    member_peer,
+    CIPHERSUITE, Effect, GroupEngine, GroupError, RejectReason, Verdict, active_group, bound_peer,
+    encrypt_app, member_peer,
 };
 use crate::codec;
 use crate::envelope::{
@@ -105,7 +105,7 @@ pub(super) fn invite_message_effects(
             EntryKind::InviteRevoked(id),
             InviteUpdate::Revoked { group, id },
         ),
-        Body::Text(_) => return Err(Verdict::Reject("not an invite message".into())),
+        Body::Text(_) => return Err(Verdict::Reject(RejectReason::NotInvite)),
     };
     let entry = HistoryEntry {
         group,
