@@ -5,6 +5,9 @@
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
 use super::*;
+use crate::envelope::{Envelope, JoinRequest, JoinResponse, PayloadKind};
+use crate::invite::InviteRecord;
+use crate::records::EntryKind;
 use crate::testing::{Sim, member_key, three_member_run};
 
 fn sim(n: usize) -> Sim<'static, OpenMlsRustCrypto> {
