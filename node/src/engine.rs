@@ -24,8 +24,8 @@ use kith_protocol::envelope::{
     Envelope, JoinRejection, JoinRequest, JoinResponse, PayloadKind, RejoinRequestV1,
 };
 use kith_protocol::group::{
-    Effect, GroupEngine, GroupError, GroupView, Identity, NewInvite, PAST_EPOCH_TTL, UpdatePolicy,
-    Verdict,
+    Effect, GroupEngine, GroupError, GroupView, Identity, IgnoreReason, NewInvite, PAST_EPOCH_TTL,
+    UpdatePolicy, Verdict,
 };
 use kith_protocol::ids::{GroupId, InviteId, MessageId, invite_rendezvous_key};
 use kith_protocol::invite::{Invite, InviteRecord, secret_hash};
@@ -43,7 +43,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::admission::{FindError, HeldRequests, HeldState, request_id_text};
 use crate::crashpoint::{self, Point};
 use crate::join_trail::{Miss, Trail};
-use crate::metrics::{GroupGauges, IgnoreReason, JoinRequestResult, JoinResult, KithMetrics};
+use crate::metrics::{GroupGauges, JoinRequestResult, JoinResult, KithMetrics};
 use crate::model::{
     CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, InviteSummary, JoinRequestInfo,
     JoinStage, MemberInfo, MessageBody, MessageInfo, NodeEvent, StatusInfo,
@@ -1426,12 +1426,12 @@ impl Actor {
         let writable = self.disk_ok();
         for (id, source, data) in batch {
             let verdict = if !seen.insert(id) {
-                Verdict::Ignore("duplicate".into())
+                Verdict::Ignore(IgnoreReason::Duplicate)
             } else if !writable {
-                Verdict::Ignore("local storage failure".into())
+                Verdict::Ignore(IgnoreReason::Storage)
             } else {
                 match self.store.has_message(&id) {
-                    Ok(true) => Verdict::Ignore("duplicate".into()),
+                    Ok(true) => Verdict::Ignore(IgnoreReason::Duplicate),
                     Ok(false) => {
                         let (verdict, fx) = self.groups.handle_envelope(&data, now_ms());
                         effects.extend(fx);
@@ -1442,7 +1442,7 @@ impl Actor {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "store read failed");
-                        Verdict::Ignore("local storage failure".into())
+                        Verdict::Ignore(IgnoreReason::Storage)
                     }
                 }
             };
@@ -1461,7 +1461,7 @@ impl Actor {
         crashpoint::reached(Point::Ingest);
         if let Err(e) = self.apply_with(effects, false) {
             tracing::error!(error = %e, "cannot store received messages; they are lost on this node");
-            self.metrics.envelope_ignored(IgnoreReason::Storage);
+            self.metrics.envelope_ignored(&IgnoreReason::Storage);
         }
     }
 

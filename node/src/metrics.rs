@@ -25,7 +25,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use kith_protocol::group::Verdict;
+use kith_protocol::group::{IgnoreReason, RejectReason, Verdict};
 use kith_protocol::ids::GroupId;
 use kith_protocol::order::Undecryptable;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -41,106 +41,6 @@ use crate::store::FailureReason;
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// The path the metrics are served on.
 pub const METRICS_PATH: &str = "/metrics";
-
-/// Why a gossip envelope was rejected (label `reason` of `kith_envelopes_rejected_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RejectReason {
-    /// The bytes are not an envelope, or the envelope does not carry an MLS protocol message.
-    Decode,
-    /// MLS refused the message (failed to decrypt or verify, or the commit cannot be merged).
-    Mls,
-    /// The envelope's group or epoch disagrees with the MLS message inside.
-    Header,
-    /// The decrypted application content is malformed.
-    Content,
-    /// A credential not bound to its key: an application message's sender, or a member a
-    /// commit adds.
-    UnboundSender,
-    /// An application message whose sender is not (any more) a member holding that leaf
-    /// with a bound credential: typically a removed node still posting with its old state.
-    FormerMember,
-    /// A reason this version does not know.
-    Other,
-}
-
-impl RejectReason {
-    /// Every reason, in label order.
-    pub const ALL: [RejectReason; 7] = [
-        RejectReason::Decode,
-        RejectReason::Mls,
-        RejectReason::Header,
-        RejectReason::Content,
-        RejectReason::UnboundSender,
-        RejectReason::FormerMember,
-        RejectReason::Other,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::Decode => "decode",
-            RejectReason::Mls => "mls",
-            RejectReason::Header => "header",
-            RejectReason::Content => "content",
-            RejectReason::UnboundSender => "unbound_sender",
-            RejectReason::FormerMember => "former_member",
-            RejectReason::Other => "other",
-        }
-    }
-}
-
-/// Why a gossip envelope was ignored (label `reason` of `kith_envelopes_ignored_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum IgnoreReason {
-    /// For a group this node is not (or no longer) a member of.
-    NotMember,
-    /// From an epoch ahead of ours; held until the commits in between arrive.
-    FutureEpoch,
-    /// A commit for an epoch already past.
-    PastCommit,
-    /// A message from a past epoch whose keys are gone.
-    PastEpoch,
-    /// Already stored: a copy that came back after gossipsub's duplicate cache forgot it.
-    Duplicate,
-    /// This node could not read or write its store.
-    Storage,
-    /// Held: earlier messages of its sender are missing, or a history sync is catching up.
-    Held,
-    /// It can never be decrypted here (counted by reason in `kith_undecryptable_total`).
-    Undecryptable,
-    /// A reason this version does not know (e.g. an unsupported MLS content type).
-    Other,
-}
-
-impl IgnoreReason {
-    /// Every reason, in label order.
-    pub const ALL: [IgnoreReason; 9] = [
-        IgnoreReason::NotMember,
-        IgnoreReason::FutureEpoch,
-        IgnoreReason::PastCommit,
-        IgnoreReason::PastEpoch,
-        IgnoreReason::Duplicate,
-        IgnoreReason::Storage,
-        IgnoreReason::Held,
-        IgnoreReason::Undecryptable,
-        IgnoreReason::Other,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IgnoreReason::NotMember => "not_member",
-            IgnoreReason::FutureEpoch => "future_epoch",
-            IgnoreReason::PastCommit => "past_commit",
-            IgnoreReason::PastEpoch => "past_epoch",
-            IgnoreReason::Duplicate => "duplicate",
-            IgnoreReason::Storage => "storage",
-            IgnoreReason::Held => "held",
-            IgnoreReason::Undecryptable => "undecryptable",
-            IgnoreReason::Other => "other",
-        }
-    }
-}
 
 /// Why an MLS message could not be decrypted (label `reason` of
 /// `kith_decrypt_failures_total`).
@@ -165,95 +65,11 @@ impl DecryptFailure {
     }
 }
 
-/// The outcome of validating one gossip envelope, as counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Accepted and processed.
-    Accepted,
-    /// Rejected as invalid (not forwarded).
-    Rejected(RejectReason),
-    /// Ignored (no penalty).
-    Ignored(IgnoreReason),
-}
-
-/// Sorts a verdict of `kith_protocol::group::GroupEngine::handle_envelope` (or of the engine,
-/// which adds "local storage failure") into a bounded label by the start of its reason text.
-/// Unknown texts count as `other`, so a reworded reason can never add a label value.
-pub fn classify(verdict: &Verdict) -> Outcome {
-    match verdict {
-        Verdict::Accept => Outcome::Accepted,
-        Verdict::Reject(why) => Outcome::Rejected(reject_reason(why)),
-        Verdict::Ignore(why) => Outcome::Ignored(ignore_reason(why)),
-    }
-}
-
-fn reject_reason(why: &str) -> RejectReason {
-    const PREFIXES: [(&str, RejectReason); 9] = [
-        ("bad envelope", RejectReason::Decode),
-        ("not an MLS protocol message", RejectReason::Decode),
-        ("envelope header does not match", RejectReason::Header),
-        ("MLS processing failed", RejectReason::Mls),
-        ("cannot merge commit", RejectReason::Mls),
-        ("bad application content", RejectReason::Content),
-        (
-            "application message from an unbound sender",
-            RejectReason::UnboundSender,
-        ),
-        (
-            "commit adds a member whose credential is not bound",
-            RejectReason::UnboundSender,
-        ),
-        (
-            "application message from a sender who is not a current member",
-            RejectReason::FormerMember,
-        ),
-    ];
-    PREFIXES
-        .iter()
-        .find(|(p, _)| why.starts_with(p))
-        .map_or(RejectReason::Other, |(_, r)| *r)
-}
-
-fn ignore_reason(why: &str) -> IgnoreReason {
-    const PREFIXES: [(&str, IgnoreReason); 11] = [
-        ("duplicate", IgnoreReason::Duplicate),
-        ("already read", IgnoreReason::Duplicate),
-        ("cannot be decrypted", IgnoreReason::Undecryptable),
-        ("sent before this node joined", IgnoreReason::PastEpoch),
-        ("held until history sync", IgnoreReason::Held),
-        ("too far ahead of its sender", IgnoreReason::Held),
-        ("not a member of this group", IgnoreReason::NotMember),
-        ("no longer a member of this group", IgnoreReason::NotMember),
-        ("commit for past epoch", IgnoreReason::PastCommit),
-        (
-            "cannot read message from past epoch",
-            IgnoreReason::PastEpoch,
-        ),
-        ("local storage failure", IgnoreReason::Storage),
-    ];
-    if let Some((_, r)) = PREFIXES.iter().find(|(p, _)| why.starts_with(p)) {
-        return *r;
-    }
-    // "epoch 7 is ahead of ours (5); held"
-    if why.starts_with("epoch ") && why.contains(" is ahead of ours") {
-        return IgnoreReason::FutureEpoch;
-    }
-    // "80 earlier messages of its sender are missing; held until they are fetched"
-    if why.contains(" earlier messages of its sender are missing") {
-        return IgnoreReason::Held;
-    }
-    IgnoreReason::Other
-}
-
 /// Whether a verdict means an MLS message could not be decrypted, and why.
 pub fn decrypt_failure(verdict: &Verdict) -> Option<DecryptFailure> {
     match verdict {
-        Verdict::Reject(why) if why.starts_with("MLS processing failed") => {
-            Some(DecryptFailure::Invalid)
-        }
-        Verdict::Ignore(why) if why.starts_with("cannot read message from past epoch") => {
-            Some(DecryptFailure::PastEpoch)
-        }
+        Verdict::Reject(RejectReason::Mls(_)) => Some(DecryptFailure::Invalid),
+        Verdict::Ignore(IgnoreReason::PastEpoch(_)) => Some(DecryptFailure::PastEpoch),
         _ => None,
     }
 }
@@ -441,8 +257,8 @@ pub struct KithMetrics {
     undecryptable: [Counter; Undecryptable::ALL.len()],
     deep_forks: Counter,
     forks_detected: Counter,
-    rejected: [Counter; RejectReason::ALL.len()],
-    ignored: [Counter; IgnoreReason::ALL.len()],
+    rejected: [Counter; RejectReason::LABELS.len()],
+    ignored: [Counter; IgnoreReason::LABELS.len()],
     decrypt_failures: [Counter; DecryptFailure::ALL.len()],
     group_epoch: Family<GroupLabel, Gauge>,
     group_members: Family<GroupLabel, Gauge>,
@@ -515,13 +331,13 @@ impl KithMetrics {
             r,
             "envelopes_rejected",
             "Gossip envelopes rejected as invalid, by reason",
-            RejectReason::ALL.map(|x| ReasonLabel { reason: x.as_str() }),
+            RejectReason::LABELS.map(|reason| ReasonLabel { reason }),
         );
         let ignored = counters(
             r,
             "envelopes_ignored",
             "Gossip envelopes ignored (not judged), by reason",
-            IgnoreReason::ALL.map(|x| ReasonLabel { reason: x.as_str() }),
+            IgnoreReason::LABELS.map(|reason| ReasonLabel { reason }),
         );
         let decrypt_failures = counters(
             r,
@@ -669,12 +485,12 @@ impl KithMetrics {
         self.rollbacks.inc();
     }
 
-    /// Counts one validated gossip envelope by its verdict.
+    /// Counts one validated gossip envelope by its verdict, under its reason's label.
     pub fn envelope(&self, verdict: &Verdict) {
-        match classify(verdict) {
-            Outcome::Accepted => {}
-            Outcome::Rejected(r) => self.envelope_rejected(r),
-            Outcome::Ignored(r) => self.envelope_ignored(r),
+        match verdict {
+            Verdict::Accept => {}
+            Verdict::Reject(r) => self.envelope_rejected(r),
+            Verdict::Ignore(r) => self.envelope_ignored(r),
         }
         if let Some(f) = decrypt_failure(verdict) {
             self.decrypt_failures[index_of(&DecryptFailure::ALL, f)].inc();
@@ -682,13 +498,13 @@ impl KithMetrics {
     }
 
     /// Counts a rejected envelope.
-    pub fn envelope_rejected(&self, reason: RejectReason) {
-        self.rejected[index_of(&RejectReason::ALL, reason)].inc();
+    pub fn envelope_rejected(&self, reason: &RejectReason) {
+        self.rejected[label_index(&RejectReason::LABELS, reason.label())].inc();
     }
 
     /// Counts an ignored envelope.
-    pub fn envelope_ignored(&self, reason: IgnoreReason) {
-        self.ignored[index_of(&IgnoreReason::ALL, reason)].inc();
+    pub fn envelope_ignored(&self, reason: &IgnoreReason) {
+        self.ignored[label_index(&IgnoreReason::LABELS, reason.label())].inc();
     }
 
     /// The gauges of a group, labelled with its short id. Takes the family's lock: callers
@@ -759,6 +575,15 @@ fn index_of<T: PartialEq>(all: &[T], x: T) -> usize {
     all.iter().position(|a| *a == x).unwrap_or(0)
 }
 
+/// The position of `label` in `labels`. A reason's label is always listed (kith_protocol's
+/// tests check it); were one not, it would count under the last label, `other`.
+fn label_index(labels: &[&'static str], label: &str) -> usize {
+    labels
+        .iter()
+        .position(|l| *l == label)
+        .unwrap_or(labels.len().saturating_sub(1))
+}
+
 /// An `Arc`'d metric, registrable as itself (the registry takes ownership of a handle).
 #[derive(Debug)]
 struct ArcMetric<M>(Arc<M>);
@@ -814,67 +639,75 @@ mod tests {
     use tower::ServiceExt;
 
     #[test]
-    fn verdicts_are_classified_by_their_reason() {
-        let reject = |s: &str| classify(&Verdict::Reject(s.to_owned()));
-        let ignore = |s: &str| classify(&Verdict::Ignore(s.to_owned()));
-        // The texts are the ones kith_protocol::group produces.
-        for (why, r) in [
-            ("bad envelope: malformed input: x", RejectReason::Decode),
-            ("not an MLS protocol message", RejectReason::Decode),
-            (
-                "envelope header does not match the MLS message",
-                RejectReason::Header,
-            ),
-            ("MLS processing failed: decryption", RejectReason::Mls),
-            ("cannot merge commit: x", RejectReason::Mls),
-            ("bad application content: x", RejectReason::Content),
-            (
-                "application message from an unbound sender",
-                RejectReason::UnboundSender,
-            ),
-            (
-                "commit adds a member whose credential is not bound to its key",
-                RejectReason::UnboundSender,
-            ),
-            (
-                "application message from a sender who is not a current member",
-                RejectReason::FormerMember,
-            ),
-            ("something new", RejectReason::Other),
+    fn verdicts_are_counted_under_their_reason_label() {
+        use kith_protocol::codec::DecodeError;
+        use kith_protocol::envelope::EnvelopeError;
+        use kith_protocol::group::Step;
+        let mut registry = Registry::default();
+        let m = KithMetrics::register(&mut registry);
+        let decode = DecodeError::Malformed("x".into());
+        for r in [
+            RejectReason::Envelope(EnvelopeError::Decode(decode.clone())),
+            RejectReason::NotMls,
+            RejectReason::HeaderMismatch,
+            RejectReason::Mls("decryption".into()),
+            RejectReason::Merge("x".into()),
+            RejectReason::Content(decode),
+            RejectReason::UnboundMember,
+            RejectReason::FormerMember,
+            RejectReason::NotSelfRemoval,
         ] {
-            assert_eq!(reject(why), Outcome::Rejected(r), "{why}");
+            m.envelope(&Verdict::Reject(r));
         }
-        for (why, r) in [
-            ("not a member of this group", IgnoreReason::NotMember),
-            ("no longer a member of this group", IgnoreReason::NotMember),
-            (
-                "epoch 7 is ahead of ours (5); held",
-                IgnoreReason::FutureEpoch,
-            ),
-            ("commit for past epoch 3", IgnoreReason::PastCommit),
-            (
-                "cannot read message from past epoch: gone",
-                IgnoreReason::PastEpoch,
-            ),
-            ("local storage failure", IgnoreReason::Storage),
-            ("unsupported MLS content", IgnoreReason::Other),
-            ("cannot store proposal: x", IgnoreReason::Other),
+        for r in [
+            IgnoreReason::NotMember,
+            IgnoreReason::Removed,
+            IgnoreReason::FutureEpoch { epoch: 7, ours: 5 },
+            IgnoreReason::BeyondRewind { epoch: 3 },
+            IgnoreReason::PastEpoch("gone".into()),
+            IgnoreReason::Storage,
+            IgnoreReason::Unsupported,
+            IgnoreReason::Failed {
+                step: Step::StoreProposal,
+                detail: "x".into(),
+            },
         ] {
-            assert_eq!(ignore(why), Outcome::Ignored(r), "{why}");
+            m.envelope(&Verdict::Ignore(r));
         }
-        assert_eq!(classify(&Verdict::Accept), Outcome::Accepted);
+        m.envelope(&Verdict::Accept);
+        let text = encode(&registry).unwrap();
+        for line in [
+            "kith_envelopes_rejected_total{reason=\"decode\"} 2",
+            "kith_envelopes_rejected_total{reason=\"header\"} 1",
+            "kith_envelopes_rejected_total{reason=\"mls\"} 2",
+            "kith_envelopes_rejected_total{reason=\"content\"} 1",
+            "kith_envelopes_rejected_total{reason=\"unbound_sender\"} 1",
+            "kith_envelopes_rejected_total{reason=\"former_member\"} 1",
+            "kith_envelopes_rejected_total{reason=\"other\"} 1",
+            "kith_envelopes_ignored_total{reason=\"not_member\"} 2",
+            "kith_envelopes_ignored_total{reason=\"future_epoch\"} 1",
+            "kith_envelopes_ignored_total{reason=\"past_commit\"} 1",
+            "kith_envelopes_ignored_total{reason=\"past_epoch\"} 1",
+            "kith_envelopes_ignored_total{reason=\"storage\"} 1",
+            "kith_envelopes_ignored_total{reason=\"other\"} 2",
+            "kith_decrypt_failures_total{reason=\"invalid\"} 1",
+            "kith_decrypt_failures_total{reason=\"past_epoch\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
         assert_eq!(
-            decrypt_failure(&Verdict::Reject("MLS processing failed: x".into())),
+            decrypt_failure(&Verdict::Reject(RejectReason::Mls("x".into()))),
             Some(DecryptFailure::Invalid)
         );
         assert_eq!(
-            decrypt_failure(&Verdict::Ignore(
-                "cannot read message from past epoch".into()
-            )),
+            decrypt_failure(&Verdict::Ignore(IgnoreReason::PastEpoch("x".into()))),
             Some(DecryptFailure::PastEpoch)
         );
         assert_eq!(
-            decrypt_failure(&Verdict::Reject("bad envelope: x".into())),
+            decrypt_failure(&Verdict::Ignore(IgnoreReason::BeforeJoin("x".into()))),
             None
         );
     }
@@ -903,10 +736,11 @@ mod tests {
         let m = KithMetrics::register(&mut registry);
         let _libp2p = libp2p::metrics::Metrics::new(&mut registry);
         m.message_sent();
-        m.envelope(&Verdict::Reject("bad envelope: x".into()));
-        m.envelope(&Verdict::Ignore(
-            "epoch 2 is ahead of ours (1); held".into(),
-        ));
+        m.envelope(&Verdict::Reject(RejectReason::NotMls));
+        m.envelope(&Verdict::Ignore(IgnoreReason::FutureEpoch {
+            epoch: 2,
+            ours: 1,
+        }));
         m.group_gauges(&GroupId([0xab; 32])).set(4, 3);
         m.api_request(&axum::http::Method::GET, "/v1/groups/{group}", 200);
         m.join(JoinResult::Joined);

@@ -11,6 +11,8 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 
 use super::*;
 use crate::envelope::{JoinRequest, JoinResponse};
+use crate::fork::REWIND_DEPTH;
+use crate::records::EntryKind;
 use crate::testing::Sim;
 
 /// xorshift64*: a tiny deterministic generator, enough to shuffle deliveries.

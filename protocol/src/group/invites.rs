@@ -4,7 +4,7 @@
 //! invite it used in its authenticated data ([`CommitNote`]), so every member counts the use
 //! when it merges that commit.
 //!
-//! Kept apart from `group.rs` so the commit-processing code there stays small: it calls
+//! Kept apart from `apply.rs` so the message-processing code there stays small: it calls
 //! [`invite_message_effects`] for invite messages and [`used_invite`] after merging a commit.
 
 use libp2p_identity::PeerId;
@@ -13,10 +13,10 @@ use openmls::prelude::{KeyPackage, KeyPackageIn, ProtocolVersion, tls_codec::Des
 use openmls_traits::OpenMlsProvider;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    CIPHERSUITE, Effect, GroupEngine, GroupError, Verdict, active_group, bound_peer, encrypt_app,
-    member_peer,
-};
+use super::local::encrypt_app;
+use super::members::member_peer;
+use super::state::active_group;
+use super::{CIPHERSUITE, Effect, GroupEngine, GroupError, RejectReason, Verdict, bound_peer};
 use crate::codec;
 use crate::envelope::{
     AppContent, AppContentV1, Body, InviteState, JoinRejection, JoinRequest, MAX_INVITE_STATES,
@@ -105,7 +105,7 @@ pub(super) fn invite_message_effects(
             EntryKind::InviteRevoked(id),
             InviteUpdate::Revoked { group, id },
         ),
-        Body::Text(_) => return Err(Verdict::Reject("not an invite message".into())),
+        Body::Text(_) => return Err(Verdict::Reject(RejectReason::NotInvite)),
     };
     let entry = HistoryEntry {
         group,
@@ -309,7 +309,7 @@ where
         let Some(g) = self.groups.get(&req.group) else {
             return Err(JoinRejection::NotMember);
         };
-        if !g.mls.is_active() || g.leaving {
+        if !g.mls.is_active() || g.lifecycle.leaving() {
             return Err(JoinRejection::NotMember);
         }
         let hash = secret_hash(&req.secret);

@@ -6,6 +6,8 @@
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
 use super::*;
+use crate::envelope::{Envelope, PayloadKind};
+use crate::order::OUT_OF_ORDER_TOLERANCE;
 use crate::testing::Sim;
 
 fn sim(n: usize) -> Sim<'static, OpenMlsRustCrypto> {

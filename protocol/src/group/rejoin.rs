@@ -10,7 +10,10 @@
 use libp2p_identity::PeerId;
 use openmls_traits::OpenMlsProvider;
 
-use super::{Effect, GroupEngine, GroupError, WelcomeSource, member_peer};
+use super::join::WelcomeSource;
+use super::members::member_peer;
+use super::state::Lifecycle;
+use super::{Effect, GroupEngine, GroupError};
 use crate::envelope::{JoinRejection, JoinRequest, JoinResponse, RejoinRequestV1};
 use crate::fork::GroupRecords;
 use crate::ids::{GroupId, MessageId};
@@ -31,7 +34,7 @@ where
             .groups
             .get(&group)
             .ok_or(GroupError::UnknownGroup(group))?;
-        if !g.rejoining {
+        if !g.lifecycle.rejoining() {
             return Err(GroupError::AlreadyMember(group));
         }
         let key_package = self.fresh_key_package()?;
@@ -60,7 +63,7 @@ where
         let Some(g) = self.groups.get(&req.group) else {
             return refuse(JoinRejection::NotMember);
         };
-        if !g.mls.is_active() || g.leaving || g.rejoining || g.lost.is_some() {
+        if !g.mls.is_active() || g.lifecycle != Lifecycle::Member {
             return refuse(JoinRejection::NotMember);
         }
         if g.branch.commit_at(req.epoch) != Some(req.commit) {
@@ -121,7 +124,7 @@ where
     /// next rival commit or sync shows the fork.
     pub fn rejoin_failed(&mut self, group: &GroupId) {
         if let Some(g) = self.groups.get_mut(group) {
-            g.rejoining = false;
+            g.lifecycle.stop_rejoining();
         }
     }
 }

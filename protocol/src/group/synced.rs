@@ -21,12 +21,12 @@ use openmls::prelude::{
 };
 use openmls_traits::OpenMlsProvider;
 
-use super::{GroupEngine, Source, Verdict, load_mls};
+use super::branch::load_mls;
+use super::state::Source;
+use super::{Effect, GroupEngine, Verdict};
 use crate::envelope::{AppContent, Envelope, PayloadKind};
 use crate::fork::GroupRecords;
 use crate::ids::{GroupId, MessageId};
-
-use super::Effect;
 
 /// How many times the look goes over the messages it could not read yet, in the batch's
 /// order: a round reads on a ratchet that its own earlier messages moved, so a message far
@@ -55,7 +55,10 @@ where
         while let Some(first) = rest.next() {
             let mut run = vec![first];
             if let Some(key) = app_run_key(&run[0]) {
-                while rest.peek().is_some_and(|next| app_run_key(next) == Some(key)) {
+                while rest
+                    .peek()
+                    .is_some_and(|next| app_run_key(next) == Some(key))
+                {
                     run.extend(rest.next());
                 }
                 if run.len() > 1 {
@@ -75,10 +78,9 @@ where
     /// position order. Messages whose position cannot be learnt (not readable now, sent
     /// before positions existed, garbage) keep their place.
     fn in_position_order(&mut self, group: GroupId, epoch: u64, run: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-        let readable = self
-            .groups
-            .get(&group)
-            .is_some_and(|g| g.lost.is_none() && g.mls.is_active() && epoch <= g.epoch());
+        let readable = self.groups.get(&group).is_some_and(|g| {
+            g.lifecycle.lost().is_none() && g.mls.is_active() && epoch <= g.epoch()
+        });
         if !readable {
             return run;
         }
@@ -105,7 +107,10 @@ where
         // of the group per message; answers in history order never get here).
         for i in 0..run.len() {
             if positions[i].is_none() {
-                positions[i] = self.look(group, std::iter::once(run[i].as_slice())).pop().flatten();
+                positions[i] = self
+                    .look(group, std::iter::once(run[i].as_slice()))
+                    .pop()
+                    .flatten();
             }
         }
         reorder(run, &positions)
@@ -211,6 +216,9 @@ mod tests {
         let out = reorder(run, &positions);
         // a's places 0, 3, 5 get positions 3, 5, 9 (items 3, 5, 0); b's places 1, 4 get
         // items 4, 1; the unknown item 2 stays.
-        assert_eq!(out, vec![vec![3], vec![4], vec![2], vec![5], vec![1], vec![0]]);
+        assert_eq!(
+            out,
+            vec![vec![3], vec![4], vec![2], vec![5], vec![1], vec![0]]
+        );
     }
 }

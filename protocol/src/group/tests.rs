@@ -5,6 +5,9 @@
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
 use super::*;
+use crate::envelope::{Envelope, JoinRequest, JoinResponse, PayloadKind};
+use crate::invite::InviteRecord;
+use crate::records::EntryKind;
 use crate::testing::{Sim, member_key, three_member_run};
 
 fn sim(n: usize) -> Sim<'static, OpenMlsRustCrypto> {
@@ -26,7 +29,7 @@ fn three_members_exchange_messages() {
             Verdict::Accept => {}
             Verdict::Ignore(why) => {
                 assert!(
-                    why.contains("can no longer roll back to"),
+                    matches!(why, IgnoreReason::BeyondRewind { .. }),
                     "member {j}: {why}"
                 )
             }
@@ -411,7 +414,7 @@ fn expired_past_epochs_no_longer_decrypt_and_nothing_breaks() {
         .unwrap();
     let (v, fx) = s.engines[1].handle_envelope(&late, T0);
     assert!(
-        matches!(v, Verdict::Ignore(ref why) if why.starts_with("cannot be decrypted")),
+        matches!(v, Verdict::Ignore(IgnoreReason::Undecryptable(_))),
         "{v:?}"
     );
     // The loss is reported, with the envelope to keep.
@@ -486,7 +489,7 @@ fn removed_member_reads_nothing_after_and_is_not_heard() {
     for j in 0..3 {
         let (v, fx) = s.engines[j].handle_envelope(stale, T0);
         assert!(
-            matches!(v, Verdict::Reject(ref why) if why.contains("not a current member")),
+            matches!(v, Verdict::Reject(RejectReason::FormerMember)),
             "member {j}: {v:?}"
         );
         assert!(fx.is_empty(), "member {j} stores nothing: {fx:?}");
