@@ -119,6 +119,24 @@ fn sort_fetched(mut fetched: Vec<(u64, bool, usize, Vec<u8>)>) -> Vec<Vec<u8>> {
     fetched.into_iter().map(|(_, _, _, data)| data).collect()
 }
 
+/// What an incomplete sync run may read (see [`Actor::sync_done`]): drops from `collected`
+/// every envelope of the first epoch that has an envelope in `ranged` (answers to range
+/// requests) and of all later epochs. Returns that epoch and how many were dropped, `None`
+/// if no range answer was collected.
+fn keep_before_first_ranged(
+    collected: &mut Vec<(u64, bool, usize, Vec<u8>)>,
+    ranged: &HashSet<MessageId>,
+) -> Option<(u64, usize)> {
+    let first = collected
+        .iter()
+        .filter(|(_, _, _, data)| ranged.contains(&MessageId::of(data)))
+        .map(|(epoch, _, _, _)| *epoch)
+        .min()?;
+    let before = collected.len();
+    collected.retain(|(epoch, _, _, _)| *epoch < first);
+    Some((first, before - collected.len()))
+}
+
 fn lookup_pause(lookups: u32) -> Duration {
     JOIN_LOOKUP_RETRY
         .saturating_mul(1 << lookups.saturating_sub(1).min(4))
@@ -296,10 +314,12 @@ enum Input {
     Tick,
     /// Sync every active group with an online member.
     SyncTick,
-    /// A page of envelopes fetched by a sync run of `group`.
+    /// A page of envelopes fetched by a sync run of `group`; `ranged` if it answers a
+    /// range request (a slice of an epoch's id space, see [`Actor::sync_done`]).
     SyncPage {
         group: GroupId,
         envelopes: Vec<Vec<u8>>,
+        ranged: bool,
     },
     /// A sync run of `group` ended; `complete` if a member sent everything it had.
     SyncDone {
@@ -1281,6 +1301,8 @@ struct SyncRun {
     collected_ids: HashSet<MessageId>,
     /// Their bytes.
     collected_bytes: usize,
+    /// The ids of those that answered range requests.
+    ranged: HashSet<MessageId>,
     /// When the last page arrived (or the run started).
     last_page: Instant,
     /// Envelopes fetched and accepted so far.
@@ -1345,7 +1367,11 @@ impl Actor {
                         }
                     }
                 }
-                Input::SyncPage { group, envelopes } => self.on_sync_page(group, envelopes),
+                Input::SyncPage {
+                    group,
+                    envelopes,
+                    ranged,
+                } => self.on_sync_page(group, envelopes, ranged),
                 Input::SyncDone { group, complete } => self.sync_done(group, complete),
                 Input::Flush => {
                     self.retry_store();
@@ -1495,7 +1521,7 @@ impl Actor {
     /// in history order, and the epochs this node holds part of only in a later pass; sorted
     /// by epoch, each epoch's messages before the commit that leaves it, they are all
     /// readable however many epochs this node missed.
-    fn on_sync_page(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>) {
+    fn on_sync_page(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>, ranged: bool) {
         let Some(run) = self.syncs.get_mut(&group) else {
             let fetched = self.ingest(group, sort_fetched(collect(group, envelopes)));
             tracing::debug!(group = %group.short(), fetched, "processed a sync page outside a run");
@@ -1511,6 +1537,9 @@ impl Actor {
                 continue;
             }
             let arrival = run.collected.len();
+            if ranged {
+                run.ranged.insert(id);
+            }
             run.collected_bytes += data.len();
             run.collected.push((
                 env.epoch(),
@@ -1663,6 +1692,7 @@ impl Actor {
                 collected: Vec::new(),
                 collected_ids: HashSet::new(),
                 collected_bytes: 0,
+                ranged: HashSet::new(),
                 last_page: Instant::now(),
                 fetched: 0,
                 again: false,
@@ -1689,6 +1719,19 @@ impl Actor {
     }
 
     fn sync_done(&mut self, group: GroupId, complete: bool) {
+        if !complete && let Some(run) = self.syncs.get_mut(&group) {
+            // Each range request answers a slice of an epoch's id space, all positions
+            // long: with some slices missing, reading the others would move each sender's
+            // ratchet past the missing slices' messages, and reading the commits after
+            // that epoch would let its secrets expire before they come. So an incomplete
+            // run reads only the epochs before the first one it got a range answer for;
+            // the rest is fetched again by the next run.
+            let ranged = std::mem::take(&mut run.ranged);
+            if let Some((first, dropped)) = keep_before_first_ranged(&mut run.collected, &ranged) {
+                run.collected_bytes = run.collected.iter().map(|(_, _, _, d)| d.len()).sum();
+                tracing::debug!(group = %group.short(), dropped, from_epoch = first, "incomplete sync run: epochs from its first range answer are left for the next run");
+            }
+        }
         self.process_collected(group);
         let Some(run) = self.syncs.remove(&group) else {
             return;
@@ -2965,7 +3008,15 @@ async fn sync_pass(
     let mut limited = 0u32;
     while *pages < MAX_PAGES_PER_RUN {
         *pages += 1;
-        let (envelopes, next, partial) = match net.sync(peer, request(cursor.clone())).await {
+        let req = request(cursor.clone());
+        let ranged = matches!(
+            &req,
+            SyncRequest::V2(SyncRequestV2 {
+                want: Want::Ranges(_),
+                ..
+            })
+        );
+        let (envelopes, next, partial) = match net.sync(peer, req).await {
             Ok(SyncResponse::V1(page)) => (page.envelopes, page.next, Vec::new()),
             Ok(SyncResponse::V2(page)) => (page.envelopes, page.next, page.partial),
             Ok(SyncResponse::Refused(SyncRefusal::RateLimited))
@@ -2992,7 +3043,13 @@ async fn sync_pass(
                 return PassEnd::Unanswered;
             }
         };
-        if !envelopes.is_empty() && tx.send(Input::SyncPage { group, envelopes }).await.is_err() {
+        let empty = envelopes.is_empty();
+        let page = Input::SyncPage {
+            group,
+            envelopes,
+            ranged,
+        };
+        if !empty && tx.send(page).await.is_err() {
             return PassEnd::Stopped;
         }
         limited = 0;
@@ -3012,6 +3069,30 @@ pub fn open_store(data_dir: &Path) -> Result<Store, StoreError> {
 #[cfg(test)]
 mod durability_tests {
     use super::*;
+
+    #[test]
+    fn an_incomplete_run_reads_only_the_epochs_before_its_first_range_answer() {
+        let item = |epoch: u64, commit: bool, n: u8| (epoch, commit, n as usize, vec![n; 8]);
+        let mut collected = vec![
+            item(3, false, 1),
+            item(3, true, 2),
+            item(4, false, 3),
+            item(4, true, 4),
+            item(5, false, 5),
+        ];
+        let none = HashSet::new();
+        let mut untouched = collected.clone();
+        assert_eq!(keep_before_first_ranged(&mut untouched, &none), None);
+        assert_eq!(untouched, collected);
+        // A range answer in epoch 4: epoch 3 is read; epoch 4 (its messages and the commit
+        // leaving it) and 5 wait for the next run.
+        let ranged: HashSet<MessageId> = [MessageId::of(&[3; 8])].into_iter().collect();
+        assert_eq!(
+            keep_before_first_ranged(&mut collected, &ranged),
+            Some((4, 3))
+        );
+        assert_eq!(collected, vec![item(3, false, 1), item(3, true, 2)]);
+    }
 
     #[test]
     fn failing_syncs_back_off_up_to_five_minutes() {
