@@ -280,9 +280,10 @@ pub async fn serve<B: ApiBackend>(
     }
 }
 
-/// The API's routes over `engine`, requiring `token`. Event streams of this router only end
-/// when the engine stops; [`serve`] also ends them at shutdown.
-pub fn router<B: ApiBackend>(engine: B, token: String) -> Router {
+/// The API's routes over `engine`, requiring `token`, for tests that call it without a
+/// socket. Event streams of this router only end when the engine stops.
+#[cfg(test)]
+fn router<B: ApiBackend>(engine: B, token: String) -> Router {
     // The sender is dropped at once: a stop signal that can never fire.
     let (_, stop_rx) = watch::channel(false);
     build_router(engine, &token, stop_rx)

@@ -11,24 +11,40 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use libp2p::PeerId;
-use reqwest::Url;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
-use crate::config::{ConfigOverrides, resolve_data_dir};
-use crate::identity::{self, IdentityError};
-use crate::model::{
-    CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, GroupInfo, GroupSummary,
-    InviteInfo, InviteSummary, JoinBody, JoinRequestInfo, JoinStage, LAGGED_EVENT, MemberInfo,
-    MessageBody, MessageInfo, NodeEvent, PeerList, SendBody, StatusInfo, StorageStatus,
+use kith_client::model::{
+    CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, JoinStage, MessageBody, MessageInfo,
+    NodeEvent, StatusInfo, StorageStatus,
 };
+use kith_client::text::{clean, clean_multiline, format_utc, short_peer};
+use kith_client::{Client, ClientError, LiveEvent};
+use kith_protocol::invite::InviteError;
 
-/// Largest response body the client reads (history is at most 1000 messages of 64 KiB).
-const MAX_RESPONSE_BYTES: usize = 128 * 1024 * 1024;
-/// Largest single server-sent event the client buffers.
-const MAX_EVENT_BYTES: usize = 1024 * 1024;
-/// How long to wait for a TCP connection to the local node.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::config::{ConfigError, ConfigOverrides, resolve_data_dir};
+
+/// Why a client subcommand failed. Displayed as the one-line error the user sees.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The node could not be reached, or it refused the request.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The data directory cannot be found (no `--data-dir` and no platform data directory).
+    #[error(transparent)]
+    DataDir(#[from] ConfigError),
+    /// The invite link was refused before contacting the node.
+    #[error(transparent)]
+    Invite(#[from] InviteError),
+    /// The command line asks for something a client command cannot do.
+    #[error("{0}")]
+    Local(String),
+    /// The node's database cannot be read (`history --offline`; the node must be stopped).
+    #[error("cannot read the node's database: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// Writing the output failed (e.g. the reading end of a pipe closed).
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
+}
 
 /// Kith: a peer-to-peer group messenger with no server anywhere.
 #[derive(Debug, Parser)]
@@ -355,6 +371,11 @@ pub struct HistoryArgs {
     /// Print the API's JSON answer instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Read the history from the data directory of a stopped node instead of asking a
+    /// running one: every entry it holds durably (all of them unless `--limit`). GROUP is
+    /// then the full group id or the exact name.
+    #[arg(long)]
+    pub offline: bool,
 }
 
 /// `kith watch`.
@@ -425,499 +446,22 @@ pub fn parse_peer_id(text: &str) -> Result<PeerId, String> {
         .map_err(|_| format!("'{}' is not a peer id (12D3KooW…)", clean(text)))
 }
 
-/// Why a client command failed. Displayed as the one-line error the user sees.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The node's API is not reachable: no `api.addr`/`api.token`, or connection refused.
-    #[error("the node is not running (start it with `kith run`)")]
-    NotRunning,
-    /// The node answered with an error.
-    #[error("{message}")]
-    Api {
-        /// HTTP status.
-        status: u16,
-        /// The [`ErrorBody`] code, e.g. `not_found`.
-        code: String,
-        /// The [`ErrorBody`] message.
-        message: String,
-    },
-    /// `--api` is not a usable URL.
-    #[error("invalid --api URL '{url}': {reason}")]
-    BadApiUrl {
-        /// What was given.
-        url: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The data directory or its API files cannot be used.
-    #[error("{0}")]
-    Local(String),
-    /// The invite link was refused before contacting the node.
-    #[error(transparent)]
-    Invite(#[from] kith_protocol::invite::InviteError),
-    /// The HTTP exchange failed after connecting.
-    #[error("talking to the node failed: {0}")]
-    Http(String),
-    /// The node's answer could not be understood.
-    #[error("unexpected answer from the node: {0}")]
-    Protocol(String),
-    /// The node ended the live event stream (it is shutting down).
-    #[error("the node closed the event stream (did it stop?)")]
-    StreamEnded,
-    /// Writing the output failed (e.g. the reading end of a pipe closed).
-    #[error("cannot write output: {0}")]
-    Output(#[from] std::io::Error),
-}
-
-impl ClientError {
-    fn from_reqwest(err: reqwest::Error) -> Self {
-        if err.is_connect() {
-            return ClientError::NotRunning;
-        }
-        let mut text = err.to_string();
-        let mut source = std::error::Error::source(&err);
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
-        }
-        ClientError::Http(text)
-    }
-}
-
-/// A client of one node's local API.
-#[derive(Debug, Clone)]
-pub struct Client {
-    http: reqwest::Client,
-    base: Url,
-    token: String,
-}
-
-impl Client {
-    /// A client of the API at `base` (e.g. `http://127.0.0.1:7342/`) using `token`.
-    pub fn new(base: &str, token: String) -> Result<Client, ClientError> {
-        let bad = |reason: String| ClientError::BadApiUrl {
-            url: base.to_owned(),
-            reason,
-        };
-        let base = Url::parse(base).map_err(|e| bad(e.to_string()))?;
-        if base.scheme() != "http" {
-            return Err(bad("only http:// is supported".to_owned()));
-        }
-        if base.cannot_be_a_base() || base.host().is_none() {
-            return Err(bad("not an http://host:port URL".to_owned()));
-        }
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| ClientError::Local(format!("cannot set up the HTTP client: {e}")))?;
-        Ok(Client { http, base, token })
-    }
-
-    /// A client of the node owning `data_dir` (resolved as for `--data-dir`): the URL is
-    /// `api` if given, else read from `api.addr`; the token is read from `api.token`.
-    pub fn from_data_dir(
-        data_dir: Option<&Path>,
-        api: Option<&str>,
-    ) -> Result<Client, ClientError> {
-        let data_dir = resolve_data_dir(data_dir).map_err(|e| ClientError::Local(e.to_string()))?;
-        let base = match api {
-            Some(api) => api.to_owned(),
-            None => match identity::read_api_addr(&data_dir) {
-                Ok(Some(addr)) => format!("http://{addr}/"),
-                Ok(None) => return Err(ClientError::NotRunning),
-                Err(e) => return Err(ClientError::Local(e.to_string())),
-            },
-        };
-        let token = match identity::read_api_token(&data_dir) {
-            Ok(token) => token,
-            Err(IdentityError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return Err(ClientError::NotRunning);
-            }
-            Err(e) => return Err(ClientError::Local(e.to_string())),
-        };
-        Client::new(&base, token)
-    }
-
-    fn url(&self, segments: &[&str]) -> Result<Url, ClientError> {
-        let mut url = self.base.clone();
-        url.path_segments_mut()
-            .map_err(|()| ClientError::BadApiUrl {
-                url: self.base.to_string(),
-                reason: "not a base URL".to_owned(),
-            })?
-            .pop_if_empty()
-            .extend(segments);
-        Ok(url)
-    }
-
-    async fn call<T: DeserializeOwned>(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<T, ClientError> {
-        let response = request
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(ClientError::from_reqwest)?;
-        let status = response.status();
-        let body = read_body(response).await?;
-        if !status.is_success() {
-            return Err(api_error(status, &body));
-        }
-        serde_json::from_slice(&body)
-            .map_err(|e| ClientError::Protocol(format!("cannot decode the answer: {e}")))
-    }
-
-    async fn get<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<T, ClientError> {
-        let url = self.url(segments)?;
-        self.call(self.http.get(url)).await
-    }
-
-    async fn post<B: Serialize, T: DeserializeOwned>(
-        &self,
-        segments: &[&str],
-        body: &B,
-    ) -> Result<T, ClientError> {
-        let url = self.url(segments)?;
-        self.call(self.http.post(url).json(body)).await
-    }
-
-    /// `GET /v1/status`.
-    pub async fn status(&self) -> Result<StatusInfo, ClientError> {
-        self.get(&["v1", "status"]).await
-    }
-
-    /// `GET /v1/groups`.
-    pub async fn groups(&self) -> Result<Vec<GroupSummary>, ClientError> {
-        self.get(&["v1", "groups"]).await
-    }
-
-    async fn put<B: Serialize, T: DeserializeOwned>(
-        &self,
-        segments: &[&str],
-        body: &B,
-    ) -> Result<T, ClientError> {
-        let url = self.url(segments)?;
-        self.call(self.http.put(url).json(body)).await
-    }
-
-    /// `GET /v1/net/peers`: the connected peers.
-    pub async fn peers(&self) -> Result<PeerList, ClientError> {
-        self.get(&["v1", "net", "peers"]).await
-    }
-
-    /// `GET /v1/net/blocked`: the blocked peers.
-    pub async fn blocked(&self) -> Result<PeerList, ClientError> {
-        self.get(&["v1", "net", "blocked"]).await
-    }
-
-    /// `PUT /v1/net/blocked`: replaces the block list with `peers`; returns the new list.
-    pub async fn set_blocked(&self, peers: &[String]) -> Result<PeerList, ClientError> {
-        let body = PeerList {
-            peers: peers.to_vec(),
-        };
-        self.put(&["v1", "net", "blocked"], &body).await
-    }
-
-    /// `POST /v1/groups`.
-    pub async fn create_group(&self, name: &str) -> Result<GroupInfo, ClientError> {
-        let body = CreateGroupRequest {
-            name: name.to_owned(),
-        };
-        self.post(&["v1", "groups"], &body).await
-    }
-
-    /// `GET /v1/groups/{group}`.
-    pub async fn group(&self, group: &str) -> Result<GroupInfo, ClientError> {
-        self.get(&["v1", "groups", group]).await
-    }
-
-    /// `GET /v1/groups/{group}/members`.
-    pub async fn members(&self, group: &str) -> Result<Vec<MemberInfo>, ClientError> {
-        self.get(&["v1", "groups", group, "members"]).await
-    }
-
-    /// `DELETE /v1/groups/{group}/members/{peer}`.
-    pub async fn remove_member(&self, group: &str, peer: &str) -> Result<GroupInfo, ClientError> {
-        let url = self.url(&["v1", "groups", group, "members", peer])?;
-        self.call(self.http.delete(url)).await
-    }
-
-    /// `POST /v1/groups/{group}/leave`.
-    pub async fn leave_group(&self, group: &str) -> Result<GroupInfo, ClientError> {
-        let url = self.url(&["v1", "groups", group, "leave"])?;
-        self.call(self.http.post(url)).await
-    }
-
-    /// `POST /v1/groups/{group}/update`.
-    pub async fn self_update(&self, group: &str) -> Result<GroupInfo, ClientError> {
-        let url = self.url(&["v1", "groups", group, "update"])?;
-        self.call(self.http.post(url)).await
-    }
-
-    /// `POST /v1/groups/{group}/invites`.
-    pub async fn create_invite(
-        &self,
-        group: &str,
-        req: &CreateInviteRequest,
-    ) -> Result<InviteInfo, ClientError> {
-        self.post(&["v1", "groups", group, "invites"], req).await
-    }
-
-    /// `POST /v1/join`.
-    pub async fn join(
-        &self,
-        link: &str,
-        timeout_secs: Option<u64>,
-    ) -> Result<GroupInfo, ClientError> {
-        let body = JoinBody {
-            link: link.to_owned(),
-            timeout_secs,
-        };
-        self.post(&["v1", "join"], &body).await
-    }
-
-    /// `GET /v1/groups/{group}/invites`.
-    pub async fn invites(&self, group: &str) -> Result<Vec<InviteSummary>, ClientError> {
-        self.get(&["v1", "groups", group, "invites"]).await
-    }
-
-    /// `DELETE /v1/groups/{group}/invites/{invite}`.
-    pub async fn revoke_invite(
-        &self,
-        group: &str,
-        invite: &str,
-    ) -> Result<InviteSummary, ClientError> {
-        let url = self.url(&["v1", "groups", group, "invites", invite])?;
-        self.call(self.http.delete(url)).await
-    }
-
-    /// `GET /v1/groups/{group}/join-requests`.
-    pub async fn join_requests(&self, group: &str) -> Result<Vec<JoinRequestInfo>, ClientError> {
-        self.get(&["v1", "groups", group, "join-requests"]).await
-    }
-
-    /// `POST /v1/groups/{group}/join-requests/{request}/approve` (or `/deny`).
-    pub async fn decide_join(
-        &self,
-        group: &str,
-        request: &str,
-        approve: bool,
-    ) -> Result<JoinRequestInfo, ClientError> {
-        let verb = if approve { "approve" } else { "deny" };
-        let url = self.url(&["v1", "groups", group, "join-requests", request, verb])?;
-        self.call(self.http.post(url)).await
-    }
-
-    /// `POST /v1/groups/{group}/messages`.
-    pub async fn send(&self, group: &str, text: &str) -> Result<MessageInfo, ClientError> {
-        let body = SendBody {
-            text: text.to_owned(),
-        };
-        self.post(&["v1", "groups", group, "messages"], &body).await
-    }
-
-    /// `GET /v1/groups/{group}/messages?limit=N`.
-    pub async fn history(
-        &self,
-        group: &str,
-        limit: Option<u64>,
-    ) -> Result<Vec<MessageInfo>, ClientError> {
-        let mut url = self.url(&["v1", "groups", group, "messages"])?;
-        if let Some(limit) = limit {
-            url.query_pairs_mut()
-                .append_pair("limit", &limit.to_string());
-        }
-        self.call(self.http.get(url)).await
-    }
-
-    /// `GET /v1/events?group=…`: the live event stream, of one group or all.
-    pub async fn events(&self, group: Option<&str>) -> Result<EventStream, ClientError> {
-        let mut url = self.url(&["v1", "events"])?;
-        if let Some(group) = group {
-            url.query_pairs_mut().append_pair("group", group);
-        }
-        let response = self
-            .http
-            .get(url)
-            .bearer_auth(&self.token)
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .send()
-            .await
-            .map_err(ClientError::from_reqwest)?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = read_body(response).await?;
-            return Err(api_error(status, &body));
-        }
-        Ok(EventStream {
-            response,
-            parser: SseParser::default(),
-        })
-    }
-}
-
-/// Reads a response body of at most [`MAX_RESPONSE_BYTES`].
-async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, ClientError> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(ClientError::from_reqwest)? {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(ClientError::Protocol("answer is too large".to_owned()));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-/// The error of a non-2xx answer: the [`ErrorBody`] if there is one.
-fn api_error(status: reqwest::StatusCode, body: &[u8]) -> ClientError {
-    match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(e) => ClientError::Api {
-            status: status.as_u16(),
-            code: e.code,
-            message: e.error,
-        },
-        Err(_) => ClientError::Api {
-            status: status.as_u16(),
-            code: format!("http_{}", status.as_u16()),
-            message: format!("the node answered HTTP {status}"),
-        },
-    }
-}
-
-/// One item of the live event stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LiveEvent {
-    /// An event from the node.
-    Event(NodeEvent),
-    /// This client fell behind and missed this many events; the stream goes on.
-    Lagged(u64),
-}
-
-/// The live event stream of `GET /v1/events`, parsed from server-sent events.
-pub struct EventStream {
-    response: reqwest::Response,
-    parser: SseParser,
-}
-
-impl EventStream {
-    /// The next event; `None` when the node closed the stream.
-    pub async fn next(&mut self) -> Result<Option<LiveEvent>, ClientError> {
-        loop {
-            if let Some(event) = self.parser.next_buffered()? {
-                return Ok(Some(event));
-            }
-            match self
-                .response
-                .chunk()
-                .await
-                .map_err(ClientError::from_reqwest)?
-            {
-                Some(chunk) => self.parser.buf.extend_from_slice(&chunk),
-                None => return Ok(None),
-            }
-        }
-    }
-}
-
-/// A server-sent-events parser (the subset axum emits: `event`, `data`, comments).
-#[derive(Debug, Default)]
-struct SseParser {
-    /// Received bytes not yet split into lines.
-    buf: Vec<u8>,
-    /// The current event's name.
-    event: String,
-    /// The current event's data lines.
-    data: String,
-}
-
-impl SseParser {
-    /// The next complete event in the buffer, if any.
-    fn next_buffered(&mut self) -> Result<Option<LiveEvent>, ClientError> {
-        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-            let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
-            line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            if let Some(event) = self.line(&String::from_utf8_lossy(&line))? {
-                return Ok(Some(event));
-            }
-        }
-        if self.buf.len() > MAX_EVENT_BYTES {
-            return Err(ClientError::Protocol("event is too large".to_owned()));
-        }
-        Ok(None)
-    }
-
-    /// Handles one line; a blank line completes an event.
-    fn line(&mut self, line: &str) -> Result<Option<LiveEvent>, ClientError> {
-        if line.is_empty() {
-            return self.dispatch();
-        }
-        if line.starts_with(':') {
-            return Ok(None); // A comment, e.g. a keep-alive.
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-            None => (line, ""),
-        };
-        match field {
-            "event" => value.clone_into(&mut self.event),
-            "data" => {
-                if !self.data.is_empty() {
-                    self.data.push('\n');
-                }
-                self.data.push_str(value);
-                if self.data.len() > MAX_EVENT_BYTES {
-                    return Err(ClientError::Protocol("event is too large".to_owned()));
-                }
-            }
-            _ => {}
-        }
-        Ok(None)
-    }
-
-    fn dispatch(&mut self) -> Result<Option<LiveEvent>, ClientError> {
-        let event = std::mem::take(&mut self.event);
-        let data = std::mem::take(&mut self.data);
-        if data.is_empty() {
-            return Ok(None);
-        }
-        let bad = |e: serde_json::Error| ClientError::Protocol(format!("bad '{event}' event: {e}"));
-        match event.as_str() {
-            LAGGED_EVENT => {
-                let lagged: EventsLagged = serde_json::from_str(&data).map_err(bad)?;
-                Ok(Some(LiveEvent::Lagged(lagged.missed)))
-            }
-            "message" | "group_joined" | "epoch_changed" | "history_synced" | "join_progress"
-            | "join_request_held" => Ok(Some(LiveEvent::Event(
-                serde_json::from_str(&data).map_err(bad)?,
-            ))),
-            _ => {
-                tracing::debug!(event, "ignoring an unknown event kind");
-                Ok(None)
-            }
-        }
-    }
-}
-
 /// Runs a client subcommand (everything but `init` and `run`) against the running node.
 pub async fn run_client(cli: Cli) -> anyhow::Result<()> {
     match client_command(cli).await {
         // `kith history | head` closes the pipe early; that is not an error.
-        Err(ClientError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         result => Ok(result?),
     }
 }
 
-async fn client_command(cli: Cli) -> Result<(), ClientError> {
-    let connect = || Client::from_data_dir(cli.data_dir.as_deref(), cli.api.as_deref());
+async fn client_command(cli: Cli) -> Result<(), CliError> {
+    let connect = || -> Result<Client, CliError> {
+        let data_dir = resolve_data_dir(cli.data_dir.as_deref())?;
+        Ok(Client::from_data_dir(&data_dir, cli.api.as_deref())?)
+    };
     match &cli.command {
-        Command::Init(_) | Command::Run(_) => Err(ClientError::Local(
+        Command::Init(_) | Command::Run(_) => Err(CliError::Local(
             "`init` and `run` are not client commands".to_owned(),
         )),
         Command::Status(args) => {
@@ -1050,6 +594,20 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
             }
             Ok(())
         }
+        Command::History(args) if args.offline => {
+            let data_dir = resolve_data_dir(cli.data_dir.as_deref())?;
+            let messages = offline_history(&data_dir, &args.group, args.limit)?;
+            if args.json {
+                return print_json(&messages);
+            }
+            let me = crate::identity::load_keypair(&data_dir)
+                .ok()
+                .map(|k| k.public().to_peer_id().to_string());
+            for m in &messages {
+                out(&format_message(m, me.as_deref()))?;
+            }
+            Ok(())
+        }
         Command::History(args) => {
             let client = connect()?;
             let group = client.group(&args.group).await?;
@@ -1093,13 +651,13 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
                     }
                 }
             }
-            Err(ClientError::StreamEnded)
+            Err(ClientError::StreamEnded.into())
         }
         Command::Net(cmd) => net_command(&connect()?, cmd).await,
     }
 }
 
-async fn invite_command(client: &Client, args: &InviteArgs) -> Result<(), ClientError> {
+async fn invite_command(client: &Client, args: &InviteArgs) -> Result<(), CliError> {
     match &args.action {
         Some(InviteCommand::List { group, json }) => {
             let list = client.invites(group).await?;
@@ -1156,7 +714,7 @@ async fn invite_command(client: &Client, args: &InviteArgs) -> Result<(), Client
             let group = args
                 .group
                 .as_deref()
-                .ok_or_else(|| ClientError::Local("no group given".to_owned()))?;
+                .ok_or_else(|| CliError::Local("no group given".to_owned()))?;
             let req = CreateInviteRequest {
                 expires_in_secs: args.expires,
                 max_uses: args.uses,
@@ -1171,12 +729,36 @@ async fn invite_command(client: &Client, args: &InviteArgs) -> Result<(), Client
     }
 }
 
+/// `kith history --offline`: the last `limit` (default all) history entries of `group`
+/// (full id or exact name) from the database in `data_dir`, which no running node holds.
+fn offline_history(
+    data_dir: &Path,
+    group: &str,
+    limit: Option<u64>,
+) -> Result<Vec<MessageInfo>, CliError> {
+    let store = crate::engine::open_store(data_dir)?;
+    let groups = store.groups()?;
+    let Some(meta) = groups
+        .iter()
+        .find(|g| g.id.to_string() == group || g.name == group)
+    else {
+        return Err(CliError::Local(format!(
+            "the database in {} has no group '{}'",
+            data_dir.display(),
+            clean(group)
+        )));
+    };
+    let limit = limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let entries = store.history(&meta.id, limit)?;
+    Ok(entries.iter().map(crate::engine::message_info).collect())
+}
+
 /// `kith join`: checks the link, then asks the node to join while printing each stage the
 /// node reports on its event stream (to stderr), and ends with the group or the reason.
 async fn join_command(
-    connect: impl Fn() -> Result<Client, ClientError>,
+    connect: impl Fn() -> Result<Client, CliError>,
     args: &JoinArgs,
-) -> Result<(), ClientError> {
+) -> Result<(), CliError> {
     // Refuse a damaged, forged or expired link before bothering the node.
     let invite = kith_protocol::invite::Invite::parse(&args.link)?;
     if now_secs() >= invite.expires_at {
@@ -1298,7 +880,7 @@ pub fn describe_stage(stage: &JoinStage) -> String {
     }
 }
 
-async fn net_command(client: &Client, cmd: &NetCommand) -> Result<(), ClientError> {
+async fn net_command(client: &Client, cmd: &NetCommand) -> Result<(), CliError> {
     let (list, json) = match cmd {
         NetCommand::Peers(args) => (client.peers().await?, args.json),
         NetCommand::Blocked(args) => (client.blocked().await?, args.json),
@@ -1322,7 +904,7 @@ async fn net_command(client: &Client, cmd: &NetCommand) -> Result<(), ClientErro
 }
 
 /// Writes one line to stdout.
-fn out(line: &str) -> Result<(), ClientError> {
+fn out(line: &str) -> Result<(), CliError> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")?;
     stdout.flush()?;
@@ -1334,13 +916,13 @@ fn eprintln_quiet(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-fn print_json<T: Serialize>(value: &T) -> Result<(), ClientError> {
+fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
     let text =
         serde_json::to_string_pretty(value).map_err(|e| ClientError::Protocol(e.to_string()))?;
     out(&text)
 }
 
-fn print_status(s: &StatusInfo) -> Result<(), ClientError> {
+fn print_status(s: &StatusInfo) -> Result<(), CliError> {
     let mut lines = vec![
         format!("peer id:   {}", s.peer_id),
         format!("network:   {}", clean(&s.network)),
@@ -1414,7 +996,7 @@ fn storage_line(storage: &StorageStatus) -> String {
     }
 }
 
-fn print_groups(groups: &[GroupSummary]) -> Result<(), ClientError> {
+fn print_groups(groups: &[GroupSummary]) -> Result<(), CliError> {
     if groups.is_empty() {
         return out(
             "no groups yet (create one with `kith group create NAME` or join with `kith join LINK`)",
@@ -1436,7 +1018,7 @@ fn print_groups(groups: &[GroupSummary]) -> Result<(), ClientError> {
     out(&lines.join("\n"))
 }
 
-fn print_group(g: &GroupInfo) -> Result<(), ClientError> {
+fn print_group(g: &GroupInfo) -> Result<(), CliError> {
     let mut lines = vec![
         format!("name:    {}", clean(&g.name)),
         format!("id:      {}", g.id),
@@ -1490,7 +1072,7 @@ fn delivery_line(g: &GroupInfo) -> String {
     }
 }
 
-fn print_invite(invite: &InviteInfo, qr: bool) -> Result<(), ClientError> {
+fn print_invite(invite: &InviteInfo, qr: bool) -> Result<(), CliError> {
     let uses = if invite.max_uses == 1 {
         "1 join".to_owned()
     } else {
@@ -1590,64 +1172,9 @@ pub fn format_message(m: &MessageInfo, me: Option<&str>) -> String {
     }
 }
 
-/// A short form of a PeerId for display: its last 8 characters (every ed25519 PeerId
-/// starts with the same `12D3KooW`).
-pub fn short_peer(peer: &str) -> String {
-    let peer = clean(peer);
-    let chars: Vec<char> = peer.chars().collect();
-    chars[chars.len().saturating_sub(8)..].iter().collect()
-}
-
 /// A short form of a group id: its first 8 hex characters, enough to name it in commands.
 fn short_id(id: &str) -> String {
     clean(id).chars().take(8).collect()
-}
-
-/// Makes text from the network safe to print on one terminal line: control characters and
-/// bidirectional overrides (which could rewrite the terminal or disguise text) are replaced.
-pub fn clean(text: &str) -> String {
-    clean_multiline(text).replace('\n', "\u{FFFD}")
-}
-
-/// As [`clean`], but keeps newlines.
-fn clean_multiline(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            let bidi = matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
-            if (c.is_control() && c != '\n') || bidi {
-                '\u{FFFD}'
-            } else {
-                c
-            }
-        })
-        .collect()
-}
-
-/// `YYYY-MM-DD HH:MM:SS` in UTC for seconds since the Unix epoch.
-pub fn format_utc(secs: u64) -> String {
-    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days.saturating_add(719_468);
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m as u32, d as u32)
 }
 
 fn now_secs() -> u64 {
@@ -1778,24 +1305,6 @@ mod tests {
     }
 
     #[test]
-    fn utc_formatting() {
-        assert_eq!(format_utc(0), "1970-01-01 00:00:00");
-        assert_eq!(format_utc(1_700_000_000), "2023-11-14 22:13:20");
-        assert_eq!(format_utc(951_825_600), "2000-02-29 12:00:00");
-        // Absurd values do not panic.
-        let _ = format_utc(u64::MAX);
-    }
-
-    #[test]
-    fn hostile_text_is_neutralised() {
-        assert_eq!(clean("a\x1b[2Jb"), "a\u{FFFD}[2Jb");
-        assert_eq!(clean("x\u{202E}y"), "x\u{FFFD}y");
-        assert_eq!(clean("one\ntwo"), "one\u{FFFD}two");
-        assert_eq!(short_peer("12D3KooWabcdefgh12345678"), "12345678");
-        assert_eq!(short_peer("abc"), "abc");
-    }
-
-    #[test]
     fn messages_format_for_humans() {
         let m = MessageInfo {
             id: "00".repeat(32),
@@ -1835,42 +1344,6 @@ mod tests {
         assert!(qr.contains('\u{2580}') || qr.contains('\u{2584}'));
     }
 
-    #[test]
-    fn client_rejects_bad_api_urls() {
-        assert!(matches!(
-            Client::new("not a url", String::new()),
-            Err(ClientError::BadApiUrl { .. })
-        ));
-        assert!(matches!(
-            Client::new("https://127.0.0.1:1/", String::new()),
-            Err(ClientError::BadApiUrl { .. })
-        ));
-        assert!(Client::new("http://127.0.0.1:1", String::new()).is_ok());
-    }
-
-    #[test]
-    fn missing_node_files_mean_not_running() {
-        let dir = tempfile::tempdir().unwrap();
-        let err = Client::from_data_dir(Some(dir.path()), None).unwrap_err();
-        assert!(matches!(err, ClientError::NotRunning), "{err}");
-        assert_eq!(
-            err.to_string(),
-            "the node is not running (start it with `kith run`)"
-        );
-    }
-
-    #[tokio::test]
-    async fn refused_connection_means_not_running() {
-        // Bind then drop a listener to get a port nobody listens on.
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let client = Client::new(&format!("http://127.0.0.1:{port}"), "t".repeat(64)).unwrap();
-        let err = client.status().await.unwrap_err();
-        assert!(matches!(err, ClientError::NotRunning), "{err}");
-    }
-
     #[tokio::test]
     async fn damaged_link_fails_before_contacting_the_node() {
         let dir = tempfile::tempdir().unwrap();
@@ -1884,7 +1357,7 @@ mod tests {
         .unwrap();
         // The data dir has no node at all: a "not running" error would mean we tried.
         let err = client_command(cli).await.unwrap_err();
-        assert!(matches!(err, ClientError::Invite(_)), "{err}");
+        assert!(matches!(err, CliError::Invite(_)), "{err}");
         assert!(!err.to_string().contains('\n'));
     }
 
@@ -1988,21 +1461,5 @@ mod tests {
                 GROUP_ID, "here"
             ))))
         );
-    }
-
-    #[test]
-    fn sse_lines_parse() {
-        // Exercise the line parser without a connection.
-        let mut parser = SseParser::default();
-        assert_eq!(parser.line(": keep-alive").unwrap(), None);
-        assert_eq!(parser.line("event: lagged").unwrap(), None);
-        assert_eq!(parser.line("data: {\"missed\":4}").unwrap(), None);
-        assert_eq!(parser.line("").unwrap(), Some(LiveEvent::Lagged(4)));
-        assert_eq!(parser.line("event: future_kind").unwrap(), None);
-        assert_eq!(parser.line("data: {}").unwrap(), None);
-        assert_eq!(parser.line("").unwrap(), None);
-        assert_eq!(parser.line("event: message").unwrap(), None);
-        assert_eq!(parser.line("data: {broken").unwrap(), None);
-        assert!(parser.line("").is_err());
     }
 }

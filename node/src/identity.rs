@@ -23,16 +23,12 @@ use crate::config::{CONFIG_FILE, Config, ConfigError, validate_network};
 
 /// File name of the node key inside the data directory.
 pub const KEY_FILE: &str = "node.key";
-/// File name of the API bearer token inside the data directory.
-pub const API_TOKEN_FILE: &str = "api.token";
-/// File name of the running node's API address inside the data directory.
-pub const API_ADDR_FILE: &str = "api.addr";
+pub use kith_client::files::{API_ADDR_FILE, API_TOKEN_FILE};
+use kith_client::files::{API_TOKEN_BYTES, FileError};
 /// File name of the running node's metrics address inside the data directory.
 pub const METRICS_ADDR_FILE: &str = "metrics.addr";
 /// Largest accepted key, token or address file; anything bigger is not one of ours.
 const MAX_SMALL_FILE_BYTES: u64 = 4096;
-/// Length of the API token in bytes (before hex encoding).
-const API_TOKEN_BYTES: usize = 32;
 
 /// Why a node file could not be created or loaded. Each variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -88,17 +84,10 @@ pub enum IdentityError {
         /// Its size in bytes.
         size: u64,
     },
-    /// The API token file does not hold a token.
-    #[error("{0} does not hold a valid API token (expected 64 hex characters)")]
-    BadToken(PathBuf),
-    /// An address file (`api.addr`, `metrics.addr`) does not hold a socket address.
-    #[error("{path} does not hold a socket address: '{value}'")]
-    BadApiAddr {
-        /// The file.
-        path: PathBuf,
-        /// What it holds (truncated).
-        value: String,
-    },
+    /// A file the node writes for its clients (`api.token`, `api.addr`, `metrics.addr`)
+    /// cannot be read back or does not hold what it should.
+    #[error(transparent)]
+    ClientFile(#[from] FileError),
     /// The network id given to `init` is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -230,17 +219,13 @@ pub fn load_or_create_api_token(data_dir: &Path) -> Result<String, IdentityError
     read_api_token(data_dir)
 }
 
-/// Reads the API token (for the CLI client). Fails if there is none or it is malformed.
+/// Reads the API token back. Fails if there is none or it is malformed.
 pub fn read_api_token(data_dir: &Path) -> Result<String, IdentityError> {
-    let path = data_dir.join(API_TOKEN_FILE);
-    let bytes = read_secret_file(&path)?;
-    let token = std::str::from_utf8(&bytes)
-        .map(str::trim)
-        .map_err(|_| IdentityError::BadToken(path.clone()))?;
-    if token.len() != API_TOKEN_BYTES * 2 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(IdentityError::BadToken(path));
-    }
-    Ok(token.to_ascii_lowercase())
+    kith_client::files::read_api_token(data_dir)?.ok_or_else(|| IdentityError::Io {
+        action: "read",
+        path: data_dir.join(API_TOKEN_FILE),
+        source: std::io::ErrorKind::NotFound.into(),
+    })
 }
 
 /// Records the address the node's API is bound to in `<data_dir>/api.addr` (replacing an
@@ -257,7 +242,9 @@ pub fn write_metrics_addr(data_dir: &Path, addr: SocketAddr) -> Result<(), Ident
 
 /// Reads `<data_dir>/metrics.addr`; `None` if the file does not exist.
 pub fn read_metrics_addr(data_dir: &Path) -> Result<Option<SocketAddr>, IdentityError> {
-    read_addr_file(data_dir.join(METRICS_ADDR_FILE))
+    Ok(kith_client::files::read_addr_file(
+        &data_dir.join(METRICS_ADDR_FILE),
+    )?)
 }
 
 /// Removes `<data_dir>/metrics.addr` (at node shutdown); a missing file is fine.
@@ -277,29 +264,6 @@ fn write_addr_file(path: &Path, addr: SocketAddr) -> Result<(), IdentityError> {
             source: e,
         }
     })
-}
-
-/// Reads `<data_dir>/api.addr`; `None` if the file does not exist (no node has run).
-pub fn read_api_addr(data_dir: &Path) -> Result<Option<SocketAddr>, IdentityError> {
-    read_addr_file(data_dir.join(API_ADDR_FILE))
-}
-
-fn read_addr_file(path: PathBuf) -> Result<Option<SocketAddr>, IdentityError> {
-    let bytes = match read_bounded(&path) {
-        Ok(bytes) => bytes,
-        Err(IdentityError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(None);
-        }
-        Err(e) => return Err(e),
-    };
-    let text = String::from_utf8_lossy(&bytes);
-    text.trim()
-        .parse()
-        .map(Some)
-        .map_err(|_| IdentityError::BadApiAddr {
-            path,
-            value: text.trim().chars().take(64).collect(),
-        })
 }
 
 /// Removes `<data_dir>/api.addr` (at node shutdown); a missing file is fine.
@@ -333,11 +297,6 @@ fn exists(path: &Path) -> Result<bool, IdentityError> {
 }
 
 /// Reads a small file, refusing anything that is not a regular file or is too big.
-fn read_bounded(path: &Path) -> Result<Vec<u8>, IdentityError> {
-    let file = File::open(path).map_err(io_err("read", path))?;
-    read_open_file(path, file, false)
-}
-
 /// Reads a small secret file, refusing it if group or others have any access to it.
 fn read_secret_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
     let file = File::open(path).map_err(io_err("read", path))?;
@@ -562,7 +521,7 @@ mod tests {
         write_exclusive(&dir.path().join(API_TOKEN_FILE), b"short\n", 0o600).unwrap();
         assert!(matches!(
             read_api_token(dir.path()),
-            Err(IdentityError::BadToken(_))
+            Err(IdentityError::ClientFile(FileError::BadToken(_)))
         ));
         assert!(load_or_create_api_token(dir.path()).is_err());
     }
@@ -570,28 +529,34 @@ mod tests {
     #[test]
     fn api_addr_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read_api_addr(dir.path()).unwrap(), None);
+        assert_eq!(kith_client::files::read_api_addr(dir.path()).unwrap(), None);
         let addr: SocketAddr = "127.0.0.1:45678".parse().unwrap();
         write_api_addr(dir.path(), addr).unwrap();
-        assert_eq!(read_api_addr(dir.path()).unwrap(), Some(addr));
+        assert_eq!(
+            kith_client::files::read_api_addr(dir.path()).unwrap(),
+            Some(addr)
+        );
         let addr2: SocketAddr = "[::1]:1".parse().unwrap();
         write_api_addr(dir.path(), addr2).unwrap();
-        assert_eq!(read_api_addr(dir.path()).unwrap(), Some(addr2));
+        assert_eq!(
+            kith_client::files::read_api_addr(dir.path()).unwrap(),
+            Some(addr2)
+        );
         remove_api_addr(dir.path()).unwrap();
         remove_api_addr(dir.path()).unwrap();
-        assert_eq!(read_api_addr(dir.path()).unwrap(), None);
+        assert_eq!(kith_client::files::read_api_addr(dir.path()).unwrap(), None);
         // The metrics address lives beside it, independently.
         write_metrics_addr(dir.path(), addr).unwrap();
         assert_eq!(read_metrics_addr(dir.path()).unwrap(), Some(addr));
-        assert_eq!(read_api_addr(dir.path()).unwrap(), None);
+        assert_eq!(kith_client::files::read_api_addr(dir.path()).unwrap(), None);
         remove_metrics_addr(dir.path()).unwrap();
         remove_metrics_addr(dir.path()).unwrap();
         assert_eq!(read_metrics_addr(dir.path()).unwrap(), None);
 
         std::fs::write(dir.path().join(API_ADDR_FILE), "nonsense").unwrap();
         assert!(matches!(
-            read_api_addr(dir.path()),
-            Err(IdentityError::BadApiAddr { .. })
+            kith_client::files::read_api_addr(dir.path()),
+            Err(FileError::BadApiAddr { .. })
         ));
     }
 }

@@ -1,18 +1,18 @@
 //! The Kith node: IO around the sans-IO `kith-protocol` core.
 
-pub mod admission;
-pub mod api;
+pub(crate) mod admission;
+pub(crate) mod api;
 pub mod cli;
 pub mod config;
 pub mod crashpoint;
 pub mod datadir;
 pub mod engine;
-pub mod http;
+pub(crate) mod http;
 pub mod identity;
-pub mod join_trail;
+pub(crate) mod join_trail;
 pub mod metrics;
-pub mod model;
-pub mod net;
+pub(crate) use kith_client::model;
+pub(crate) mod net;
 pub mod node;
 pub mod store;
-pub mod sync;
+pub(crate) mod sync;

@@ -95,13 +95,9 @@ impl SyncLimiter {
     }
 
     /// Peers tracked.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.peers.len()
-    }
-
-    /// True if no peer is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
     }
 }
 

@@ -623,7 +623,7 @@ pub fn render(r: &BenchReport) -> String {
         out.push_str(&format!(
             "{:>4}  {:<8}  {:>9}  {:>8}  {:>7}  {:>8}  {:>10}\n",
             n.index,
-            kith_node::cli::short_peer(&n.peer_id),
+            kith_client::text::short_peer(&n.peer_id),
             format!("{}/{}", n.delivered, n.expected),
             opt(n.cpu_secs, 2),
             opt(n.peak_rss_mib, 1),

@@ -5,7 +5,7 @@
 //! kills are done. Every node that is up sends seeded traffic through its API (each node is
 //! sender and receiver). Each node lives a seeded random time and is then killed with
 //! SIGKILL from outside, unless it was started with a crash point armed
-//! (`KITH_CRASH_AT=POINT:N`, see `kith_node::crashpoint`: inside ingest, sync, commit, send
+//! (`KITH_CRASH_AT=POINT:N`, see `kith_client::crashpoint`: inside ingest, sync, commit, send
 //! or flush), in which case it usually aborts there by itself first. A dead node stays down
 //! a seeded random time (the others keep sending, so it misses messages) and is started
 //! again, with or without a crash point. At most all but one node are down at once.
@@ -35,9 +35,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use kith_node::cli::{Client, LiveEvent};
-use kith_node::crashpoint::{self, Point};
-use kith_node::model::{MessageBody, MessageInfo, NodeEvent};
+use kith_client::crashpoint::{self, Point};
+use kith_client::model::{MessageBody, MessageInfo, NodeEvent};
+use kith_client::{Client, LiveEvent};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -63,7 +63,7 @@ const MIN_UP: Duration = Duration::from_millis(100);
 const ARM_CHANCE: f64 = 0.5;
 /// Restarts in a row that may fail before the run gives up.
 const MAX_RESTART_FAILURES: u32 = 5;
-/// The line a node prints when a crash point aborts it (see `kith_node::crashpoint`).
+/// The line a node prints when a crash point aborts it (see `kith_client::crashpoint`).
 const CRASH_LINE: &str = "kith: crash point ";
 /// How many examples of each loss the report lists.
 const MAX_EXAMPLES: usize = 20;
@@ -360,8 +360,8 @@ fn tracked(text: &str) -> Option<(u64, usize)> {
 }
 
 /// A short class of why a send failed, for the report.
-fn unacked_reason(e: &kith_node::cli::ClientError) -> String {
-    use kith_node::cli::ClientError;
+fn unacked_reason(e: &kith_client::ClientError) -> String {
+    use kith_client::ClientError;
     match e {
         ClientError::NotRunning => "node not running (connection refused)".to_owned(),
         ClientError::Api { status, code, .. } => format!("API {status} {code}"),
@@ -437,7 +437,7 @@ async fn traffic(book: SharedBook, group: String, rate: f64, size: usize, seed: 
 }
 
 /// Records every message event of node `i`'s stream into the book.
-fn record(book: SharedBook, i: usize, mut stream: kith_node::cli::EventStream) -> JoinHandle<()> {
+fn record(book: SharedBook, i: usize, mut stream: kith_client::EventStream) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             match stream.next().await {
@@ -469,7 +469,7 @@ fn last_log_line(dir: &Path) -> String {
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("");
-    kith_node::cli::clean(&line.chars().take(300).collect::<String>())
+    kith_client::text::clean(&line.chars().take(300).collect::<String>())
 }
 
 /// A node as the loop sees it.
@@ -932,24 +932,30 @@ fn text_of(m: &MessageInfo) -> Option<&str> {
 }
 
 /// Reads node `dir`'s whole history of `group` from its database (the node must be
-/// stopped).
-pub fn read_history(dir: &Path, group: &str) -> Result<Vec<MessageInfo>> {
+/// stopped), through `kith history --offline`, so the testnet need not link the node's store.
+pub fn read_history(kith: &Path, dir: &Path, group: &str) -> Result<Vec<MessageInfo>> {
     let bad = |message: String| TestnetError::Node {
         node: usize::MAX,
         message: format!("{}: {message}", dir.display()),
     };
-    let store = kith_node::engine::open_store(dir).map_err(|e| bad(e.to_string()))?;
-    let groups = store.groups().map_err(|e| bad(e.to_string()))?;
-    let Some(meta) = groups.iter().find(|g| g.id.to_string() == group) else {
-        return Err(bad(format!("the database has no group {group}")));
-    };
-    let entries = store
-        .history(&meta.id, usize::MAX)
-        .map_err(|e| bad(e.to_string()))?;
-    Ok(entries
-        .iter()
-        .map(kith_node::engine::message_info)
-        .collect())
+    let output = std::process::Command::new(kith)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["history", group, "--offline", "--json"])
+        .env_remove(crashpoint::ENV)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| TestnetError::io(format!("running {}", kith.display()), e))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(bad(format!(
+            "`kith history --offline` failed ({}): {}",
+            output.status,
+            kith_client::text::clean(&stderr.trim().chars().take(300).collect::<String>())
+        )));
+    }
+    serde_json::from_slice(&output.stdout)
+        .map_err(|e| bad(format!("cannot decode `kith history --offline`: {e}")))
 }
 
 /// Runs the crash loop (see the module docs), stops every node and writes the report.
@@ -1087,7 +1093,7 @@ impl Looper {
         let mut failure: Option<String> = None;
         let mut histories: Vec<Vec<MessageInfo>> = Vec::with_capacity(n);
         for node in &self.tn.nodes {
-            match read_history(&node.dir, &self.group) {
+            match read_history(&self.tn.kith, &node.dir, &self.group) {
                 Ok(h) => histories.push(h),
                 Err(e) => {
                     failure

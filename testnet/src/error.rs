@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use kith_node::cli::ClientError;
+use kith_client::ClientError;
 
 /// Why a testnet operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -14,8 +14,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kith_node::cli::LiveEvent;
-use kith_node::model::{CreateInviteRequest, MessageBody, NodeEvent};
+use kith_client::LiveEvent;
+use kith_client::model::{CreateInviteRequest, MessageBody, NodeEvent};
 use serde::Serialize;
 
 use crate::error::{Result, TestnetError};

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kith_node::cli::{Client, ClientError, LiveEvent};
-use kith_node::model::{CreateInviteRequest, MessageInfo, NodeEvent};
+use kith_client::model::{CreateInviteRequest, MessageInfo, NodeEvent};
+use kith_client::{Client, ClientError, LiveEvent};
 use tokio::process::Child;
 use tokio::task::JoinHandle;
 
@@ -118,7 +118,7 @@ pub async fn kith_supports_metrics(kith: &Path) -> bool {
 
 /// The current UTC time as `YYYYmmdd-HHMMSS` (sorts by time).
 pub fn timestamp() -> String {
-    kith_node::cli::format_utc(now_ms() / 1000)
+    kith_client::text::format_utc(now_ms() / 1000)
         .replace(['-', ':'], "")
         .replace(' ', "-")
 }
@@ -416,7 +416,7 @@ impl Testnet {
             node.member = mn.member;
             let pid = mn.pid.filter(|p| procs::is_kith_node(*p, &mn.dir));
             if pid.is_some() {
-                let client = Client::from_data_dir(Some(&mn.dir), None)
+                let client = Client::from_data_dir(&mn.dir, None)
                     .map_err(|e| TestnetError::api(mn.index, "connecting", e))?;
                 node.client = Some(client);
                 node.pid = pid;
@@ -531,7 +531,7 @@ impl Testnet {
             .env_remove("KITH_BOOTSTRAP")
             .env_remove("KITH_LISTEN")
             .env_remove("KITH_METRICS")
-            .env_remove(kith_node::crashpoint::ENV)
+            .env_remove(kith_client::crashpoint::ENV)
             .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
             .stdout(log)
@@ -1375,7 +1375,7 @@ fn last_log_line(dir: &Path) -> String {
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("(empty log)");
-    kith_node::cli::clean(&line.chars().take(300).collect::<String>())
+    kith_client::text::clean(&line.chars().take(300).collect::<String>())
 }
 
 /// Polls node `i` until its API answers with a loopback TCP listen address (and its metrics
@@ -1424,7 +1424,7 @@ async fn probe_node(dir: &Path, metrics: bool) -> Option<NodeUp> {
     } else {
         None
     };
-    let client = Client::from_data_dir(Some(dir), None).ok()?;
+    let client = Client::from_data_dir(dir, None).ok()?;
     let status = tokio::time::timeout(Duration::from_secs(2), client.status())
         .await
         .ok()?
@@ -1585,7 +1585,7 @@ pub async fn status(run_dir: &Path) -> Result<(Manifest, Vec<StatusRow>)> {
             error: None,
         };
         if alive {
-            match Client::from_data_dir(Some(&n.dir), None) {
+            match Client::from_data_dir(&n.dir, None) {
                 Ok(client) => {
                     match tokio::time::timeout(Duration::from_secs(5), client.status()).await {
                         Ok(Ok(s)) => {
@@ -1627,14 +1627,14 @@ pub fn status_table(rows: &[StatusRow]) -> String {
                 r.index,
                 r.pid.map_or_else(dash, |p| p.to_string()),
                 if r.alive { "yes" } else { "no" },
-                kith_node::cli::short_peer(&r.peer_id),
+                kith_client::text::short_peer(&r.peer_id),
                 r.connected_peers.map_or_else(dash, |v| v.to_string()),
                 r.groups.map_or_else(dash, |v| v.to_string()),
                 r.epoch.map_or_else(dash, |v| v.to_string()),
                 r.members.map_or_else(dash, |v| v.to_string()),
                 r.error
                     .as_deref()
-                    .map(|e| format!("  ({})", kith_node::cli::clean(e)))
+                    .map(|e| format!("  ({})", kith_client::text::clean(e)))
                     .unwrap_or_default()
             ),
         );

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 
-use kith_node::model::{MessageBody, MessageInfo};
+use kith_client::model::{MessageBody, MessageInfo};
 
 /// Texts starting with this are readiness probes, not traffic: they are not counted.
 pub const PROBE_PREFIX: &str = "kith-testnet probe ";

@@ -10,8 +10,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use kith_client::model::NodeEvent;
 use kith_node::config::{BootstrapPeer, NodeConfig};
-use kith_node::model::NodeEvent;
 use kith_node::node::{self, NodeOptions, RunningNode};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::broadcast;
@@ -92,14 +92,17 @@ impl TestNode {
         &self,
         name: &str,
         uses: u32,
-    ) -> anyhow::Result<(kith_node::model::GroupInfo, kith_node::model::InviteInfo)> {
+    ) -> anyhow::Result<(
+        kith_client::model::GroupInfo,
+        kith_client::model::InviteInfo,
+    )> {
         let group = self.node.engine.create_group(name.into()).await?;
         let invite = self
             .node
             .engine
             .create_invite(
                 group.id.clone(),
-                kith_node::model::CreateInviteRequest {
+                kith_client::model::CreateInviteRequest {
                     expires_in_secs: None,
                     max_uses: Some(uses),
                     approval: false,
@@ -145,7 +148,7 @@ impl StoppedNode {
 pub async fn group_of(
     dirs: &[tempfile::TempDir],
     name: &str,
-) -> anyhow::Result<(Vec<TestNode>, kith_node::model::GroupInfo)> {
+) -> anyhow::Result<(Vec<TestNode>, kith_client::model::GroupInfo)> {
     let first = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
     let boot = first.bootstrap_peer().await?;
     let mut nodes = vec![first];
@@ -193,7 +196,7 @@ pub async fn text_counts(
 ) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
     let mut counts = std::collections::BTreeMap::new();
     for m in node.node.engine.history(group.to_owned(), 1000).await? {
-        if let kith_node::model::MessageBody::Text { text } = m.body {
+        if let kith_client::model::MessageBody::Text { text } = m.body {
             *counts.entry(text).or_default() += 1;
         }
     }
@@ -280,7 +283,7 @@ pub async fn wait_texts(
         while !missing.is_empty() {
             match rx.recv().await {
                 Ok(NodeEvent::Message(m)) => {
-                    if let kith_node::model::MessageBody::Text { text } = &m.body {
+                    if let kith_client::model::MessageBody::Text { text } = &m.body {
                         missing.remove(text.as_str());
                     }
                 }
@@ -298,7 +301,7 @@ pub async fn wait_texts(
 
 /// Whether `ev` is the text message `text`.
 pub fn is_text(ev: &NodeEvent, text: &str) -> bool {
-    matches!(ev, NodeEvent::Message(m) if matches!(&m.body, kith_node::model::MessageBody::Text { text: t } if t == text))
+    matches!(ev, NodeEvent::Message(m) if matches!(&m.body, kith_client::model::MessageBody::Text { text: t } if t == text))
 }
 
 /// Path of the `kith` binary built alongside the tests (`target/<profile>/kith`), building it
@@ -786,7 +789,10 @@ pub fn api_send(dir: &Path, group: &str, text: &str) -> Result<String, String> {
 
 /// The whole history of group `group` (64 hex) of the node in `dir`, oldest first, read
 /// from its database: the API lists only the newest 1000 entries. The node must be stopped.
-pub fn full_history(dir: &Path, group: &str) -> anyhow::Result<Vec<kith_node::model::MessageInfo>> {
+pub fn full_history(
+    dir: &Path,
+    group: &str,
+) -> anyhow::Result<Vec<kith_client::model::MessageInfo>> {
     let id: kith_protocol::ids::GroupId = group.parse().context("group id")?;
     let store = kith_node::engine::open_store(dir)?;
     Ok(store
@@ -797,9 +803,9 @@ pub fn full_history(dir: &Path, group: &str) -> anyhow::Result<Vec<kith_node::mo
 }
 
 /// The text of a history entry, if it is a text message.
-pub fn text_of(m: &kith_node::model::MessageInfo) -> Option<&str> {
+pub fn text_of(m: &kith_client::model::MessageInfo) -> Option<&str> {
     match &m.body {
-        kith_node::model::MessageBody::Text { text } => Some(text),
+        kith_client::model::MessageBody::Text { text } => Some(text),
         _ => None,
     }
 }

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use kith_node::model::{CreateInviteRequest, MessageBody};
+use kith_client::model::{CreateInviteRequest, MessageBody};
 use kith_protocol::envelope::{Envelope, PayloadKind};
 use kith_protocol::ids::GroupId;
 use kith_tests::{TestNode, loopback_config, wait_texts};

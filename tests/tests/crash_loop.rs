@@ -149,7 +149,7 @@ fn received_total(dir: &Path) -> anyhow::Result<Option<f64>> {
 }
 
 /// The ids of the text messages of a whole history, in its order.
-fn text_ids(h: &[kith_node::model::MessageInfo]) -> Vec<String> {
+fn text_ids(h: &[kith_client::model::MessageInfo]) -> Vec<String> {
     h.iter()
         .filter(|m| text_of(m).is_some())
         .map(|m| m.id.clone())

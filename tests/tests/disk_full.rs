@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
+use kith_client::model::{CreateInviteRequest, MessageBody, MessageInfo, NodeEvent, StorageStatus};
 use kith_node::engine::EngineError;
-use kith_node::model::{CreateInviteRequest, MessageBody, MessageInfo, NodeEvent, StorageStatus};
 use kith_node::store::FailureReason;
 use kith_tests::{
     TestNode, WAIT, kith, loopback_config, metric, wait_event, wait_texts, with_metrics,

@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
+use kith_client::model::{CreateInviteRequest, InviteInfo, InviteSummary, JoinStage, NodeEvent};
 use kith_node::engine::EngineError;
-use kith_node::model::{CreateInviteRequest, InviteInfo, InviteSummary, JoinStage, NodeEvent};
 use kith_protocol::envelope::JoinRejection;
 use kith_protocol::invite::{Invite, InviteParams};
 use kith_tests::{TestNode, WAIT, loopback_config, wait_event, wait_texts};

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use kith_node::model::{MessageBody, NodeEvent};
+use kith_client::model::{MessageBody, NodeEvent};
 use kith_protocol::ids::GroupId;
 use kith_tests::{
     NETWORK, TestNode, is_text, loopback_config, metric, text_counts, wait_connected, wait_event,

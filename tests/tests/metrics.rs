@@ -6,9 +6,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use kith_client::model::CreateInviteRequest;
 use kith_node::config::NodeConfig;
 use kith_node::metrics::CONTENT_TYPE;
-use kith_node::model::CreateInviteRequest;
 use kith_protocol::envelope::{Envelope, PayloadKind};
 use kith_protocol::ids::GroupId;
 use kith_tests::{TestNode, WAIT, loopback_config, wait_texts};

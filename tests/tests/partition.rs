@@ -5,14 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use kith_node::model::NodeEvent;
+use kith_client::model::NodeEvent;
 use kith_tests::{TestNode, is_text, loopback_config, wait_connected, wait_event, wait_texts};
 
-fn texts(history: &[kith_node::model::MessageInfo]) -> Vec<String> {
+fn texts(history: &[kith_client::model::MessageInfo]) -> Vec<String> {
     history
         .iter()
         .filter_map(|m| match &m.body {
-            kith_node::model::MessageBody::Text { text } => Some(text.clone()),
+            kith_client::model::MessageBody::Text { text } => Some(text.clone()),
             _ => None,
         })
         .collect()

@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use kith_node::model::GroupInfo;
+use kith_client::model::GroupInfo;
 use kith_tests::{TestNode, WAIT, group_of, text_counts, wait_connected};
 use libp2p::PeerId;
 

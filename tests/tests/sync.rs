@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kith_node::model::{GroupInfo, MessageBody, NodeEvent};
+use kith_client::model::{GroupInfo, MessageBody, NodeEvent};
 use kith_protocol::envelope::{Envelope, PayloadKind};
 use kith_protocol::ids::{GroupId, MessageId};
 use kith_protocol::records::StoredEnvelope;
@@ -469,7 +469,7 @@ async fn restarted_member_gets_every_message_although_newer_ones_arrive_first() 
         "B could not decrypt: {:?}",
         info.undecryptable
     );
-    let in_order = |list: Vec<kith_node::model::MessageInfo>| -> Vec<String> {
+    let in_order = |list: Vec<kith_client::model::MessageInfo>| -> Vec<String> {
         list.into_iter()
             .filter_map(|m| match m.body {
                 MessageBody::Text { text } => Some(text),

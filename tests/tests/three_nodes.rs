@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use kith_node::model::{CreateInviteRequest, MessageBody, NodeEvent};
+use kith_client::model::{CreateInviteRequest, MessageBody, NodeEvent};
 use kith_tests::{TestNode, is_text, loopback_config, wait_event, wait_texts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

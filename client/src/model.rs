@@ -1,7 +1,8 @@
 //! The local API's data model: JSON bodies of requests, responses and live events.
 //!
-//! Shared by the API server (`api`) and the CLI client (`cli`), so both sides agree by
-//! construction. Ids are lowercase hex strings; times are milliseconds since the Unix epoch.
+//! Shared by the node's API server (`kith_node::api`) and [`crate::Client`], so both sides
+//! agree by construction. Ids are lowercase hex strings; times are milliseconds since the
+//! Unix epoch.
 
 use serde::{Deserialize, Serialize};
 
@@ -480,4 +481,106 @@ pub const LAGGED_EVENT: &str = "lagged";
 pub struct EventsLagged {
     /// How many events this subscriber missed.
     pub missed: u64,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The JSON of a status answer and of a live event, field by field as docs/API.md
+    /// documents them: moving the model out of the node must not change a byte of it.
+    #[test]
+    fn wire_json_is_the_documented_shape() {
+        let status = StatusInfo {
+            peer_id: "12D3KooWBB4XFKs24mUqit5MLWhAhY6xs23BMLb5fZYKDu7Wiy3k".into(),
+            network: "kith".into(),
+            listen_addrs: vec!["/ip4/127.0.0.1/tcp/43901".into()],
+            connected_peers: 3,
+            groups: vec![GroupSummary {
+                id: "c9".repeat(32),
+                name: "book club".into(),
+                epoch: 2,
+                member_count: 3,
+                in_sync: true,
+                held: 0,
+                epoch_auth: "00112233aabbccdd".into(),
+                undecryptable: 1,
+                missing: 2,
+                sync_failures: 0,
+                rollbacks: 4,
+                deep_forks: 0,
+                forks_detected: 5,
+            }],
+            version: "0.1.0".into(),
+            storage: StorageStatus::Failing {
+                since_ms: 1_795_353_513_174,
+                reason: "disk_full".into(),
+                message: "no space".into(),
+            },
+        };
+        let want = json!({
+            "peer_id": "12D3KooWBB4XFKs24mUqit5MLWhAhY6xs23BMLb5fZYKDu7Wiy3k",
+            "network": "kith",
+            "listen_addrs": ["/ip4/127.0.0.1/tcp/43901"],
+            "connected_peers": 3,
+            "groups": [{
+                "id": "c9".repeat(32), "name": "book club", "epoch": 2, "member_count": 3,
+                "in_sync": true, "held": 0, "epoch_auth": "00112233aabbccdd",
+                "undecryptable": 1, "missing": 2, "sync_failures": 0, "rollbacks": 4,
+                "deep_forks": 0, "forks_detected": 5
+            }],
+            "version": "0.1.0",
+            "storage": {
+                "state": "failing", "since_ms": 1_795_353_513_174_u64,
+                "reason": "disk_full", "message": "no space"
+            }
+        });
+        assert_eq!(serde_json::to_value(&status).unwrap(), want);
+        assert_eq!(serde_json::from_value::<StatusInfo>(want).unwrap(), status);
+
+        let event = NodeEvent::JoinProgress {
+            group: "ab".repeat(32),
+            stage: JoinStage::Contacting {
+                peer: "12D3KooWpeer".into(),
+                via: "dht".into(),
+            },
+        };
+        let want = json!({
+            "type": "join_progress",
+            "group": "ab".repeat(32),
+            "stage": {"kind": "contacting", "peer": "12D3KooWpeer", "via": "dht"}
+        });
+        assert_eq!(serde_json::to_value(&event).unwrap(), want);
+        assert_eq!(event.kind(), "join_progress");
+
+        let message = NodeEvent::Message(MessageInfo {
+            id: "01".repeat(32),
+            group: "ab".repeat(32),
+            epoch: 1,
+            sender: "12D3KooWpeer".into(),
+            sent_at_ms: 10,
+            received_at_ms: 11,
+            body: MessageBody::Text { text: "hi".into() },
+        });
+        let want = json!({
+            "type": "message", "id": "01".repeat(32), "group": "ab".repeat(32), "epoch": 1,
+            "sender": "12D3KooWpeer", "sent_at_ms": 10, "received_at_ms": 11,
+            "body": {"type": "text", "text": "hi"}
+        });
+        assert_eq!(serde_json::to_value(&message).unwrap(), want);
+    }
+
+    /// Fields added after the first version read as their documented defaults from older
+    /// nodes.
+    #[test]
+    fn older_answers_still_parse() {
+        let old = json!({
+            "id": "c9".repeat(32), "name": "book club", "epoch": 2, "member_count": 3
+        });
+        let g: GroupSummary = serde_json::from_value(old).unwrap();
+        assert!(g.in_sync);
+        assert_eq!((g.held, g.undecryptable), (0, 0));
+    }
 }
