@@ -8,12 +8,13 @@
 //! that commit publishes, subscribes and tells API clients. If the commit fails it discards
 //! the staged writes and reloads MLS state from disk, so memory never runs ahead of disk.
 //!
-//! History sync: the actor answers sync requests from members and starts sync runs (when a
-//! member connects, every [`SYNC_INTERVAL`], and when a gap is seen). A run's requests are
-//! awaited in a tokio task that sends the pages back as inputs, so the actor never waits on
-//! the network; fetched envelopes go through the same path as gossip.
+//! History sync: the actor answers sync requests from members, and drives the requester's
+//! side, [`kith_protocol::sync::scheduler::SyncScheduler`], which decides when to sync which
+//! group with whom (see [`Actor::sync_input`]). Each request the scheduler asks for is
+//! awaited in a tokio task that sends the answer back as an input, so the actor never waits
+//! on the network; fetched envelopes go through the same path as gossip.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -30,9 +31,9 @@ use kith_protocol::group::{
 use kith_protocol::ids::{GroupId, InviteId, MessageId, invite_rendezvous_key};
 use kith_protocol::invite::{Invite, InviteRecord, secret_hash};
 use kith_protocol::records::{EntryKind, HistoryEntry};
+use kith_protocol::sync::scheduler::{self as sched, SyncScheduler};
 use kith_protocol::sync::{
-    Cursor, Gaps, Holdings, MAX_PAGE_BYTES, Summary, SyncItem, SyncRefusal, SyncRequest,
-    SyncRequestV1, SyncRequestV2, SyncResponse, Want, respond,
+    Holdings, Summary, SyncItem, SyncRefusal, SyncRequest, SyncResponse, respond,
 };
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -50,10 +51,7 @@ use crate::model::{
 };
 use crate::net::{MAX_BLOCKED_PEERS, NetError, NetEvent, NetHandle};
 use crate::store::{Batch, HealthView, KithProvider, Retention, Store, StoreError};
-use crate::sync::{
-    GAP_DEBOUNCE, MAX_PAGES_PER_RUN, MAX_PEERS_PER_RUN, MAX_SCAN_ENVELOPES, SYNC_DEBOUNCE,
-    SYNC_INTERVAL, SyncLimiter,
-};
+use crate::sync::{MAX_SCAN_ENVELOPES, SYNC_INTERVAL, SyncLimiter};
 
 mod disk;
 
@@ -87,56 +85,6 @@ const UNKNOWN_INVITE_LOOKUPS: u32 = 3;
 const MAX_JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(8);
 
 /// The pause after the `lookups`-th DHT lookup of a join found nobody.
-/// How long to wait before the next sync of a group whose last `failures` runs failed in a
-/// row: nothing extra while they succeed, then 5 s doubling up to [`MAX_SYNC_BACKOFF`].
-fn sync_backoff(failures: u32) -> Duration {
-    if failures == 0 {
-        return Duration::ZERO;
-    }
-    SYNC_DEBOUNCE
-        .saturating_mul(1 << failures.saturating_sub(1).min(8))
-        .min(MAX_SYNC_BACKOFF)
-}
-
-/// The envelopes of `group` in a sync page, with what [`sort_fetched`] sorts by.
-fn collect(group: GroupId, envelopes: Vec<Vec<u8>>) -> Vec<(u64, bool, usize, Vec<u8>)> {
-    envelopes
-        .into_iter()
-        .filter_map(|data| {
-            let env = Envelope::decode(&data).ok()?;
-            (env.group() == group).then(|| (env.epoch(), env.kind() == PayloadKind::Commit, data))
-        })
-        .enumerate()
-        .map(|(i, (epoch, commit, data))| (epoch, commit, i, data))
-        .collect()
-}
-
-/// Fetched envelopes in the order to process them: by epoch; in each epoch the application
-/// messages (in the order they came, the responder's history order) before the commits
-/// that leave it.
-fn sort_fetched(mut fetched: Vec<(u64, bool, usize, Vec<u8>)>) -> Vec<Vec<u8>> {
-    fetched.sort_by_key(|(epoch, commit, arrival, _)| (*epoch, *commit, *arrival));
-    fetched.into_iter().map(|(_, _, _, data)| data).collect()
-}
-
-/// What an incomplete sync run may read (see [`Actor::sync_done`]): drops from `collected`
-/// every envelope of the first epoch that has an envelope in `ranged` (answers to range
-/// requests) and of all later epochs. Returns that epoch and how many were dropped, `None`
-/// if no range answer was collected.
-fn keep_before_first_ranged(
-    collected: &mut Vec<(u64, bool, usize, Vec<u8>)>,
-    ranged: &HashSet<MessageId>,
-) -> Option<(u64, usize)> {
-    let first = collected
-        .iter()
-        .filter(|(_, _, _, data)| ranged.contains(&MessageId::of(data)))
-        .map(|(epoch, _, _, _)| *epoch)
-        .min()?;
-    let before = collected.len();
-    collected.retain(|(epoch, _, _, _)| *epoch < first);
-    Some((first, before - collected.len()))
-}
-
 fn lookup_pause(lookups: u32) -> Duration {
     JOIN_LOOKUP_RETRY
         .saturating_mul(1 << lookups.saturating_sub(1).min(4))
@@ -166,26 +114,12 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 /// is queued behind the inputs already waiting.
 const PRUNE_BUDGET: usize = 5000;
 /// Longest time live envelopes of a group are held while this node catches up (after a
-/// start, a wake-up, or a gap in a sender's messages; checked every [`FLUSH_INTERVAL`]):
-/// after it they are processed even if no sync has completed, so a slow or unreachable
-/// member delays live messages by at most this. What is still missing then may no longer
-/// be decryptable when it arrives (it is counted as undecryptable).
-pub const CATCH_UP_HOLD_LIMIT: Duration = Duration::from_secs(30);
-/// Longest a sync run that keeps receiving pages may hold a group's live messages.
-const MAX_CATCH_UP_RUN: Duration = Duration::from_secs(300);
+/// start, a wake-up, or a gap in a sender's messages; checked every [`FLUSH_INTERVAL`]).
+/// The sync scheduler decides it; see [`sched::CATCH_UP_HOLD_LIMIT`].
+pub use kith_protocol::sync::scheduler::CATCH_UP_HOLD_LIMIT;
 /// A flush tick this much later than due means the machine slept (or the process was
 /// stopped): hold live messages and catch up, as after a start.
 const WAKE_GAP: Duration = Duration::from_secs(10);
-/// Times one page request of a sync run is retried after `RateLimited`, waiting
-/// [`RATE_LIMITED_PAUSE`] times the attempt number (1.4 s in all at most).
-const MAX_RATE_LIMITED_RETRIES: u32 = 4;
-/// See [`MAX_RATE_LIMITED_RETRIES`].
-const RATE_LIMITED_PAUSE: Duration = Duration::from_millis(140);
-/// Longest wait between sync attempts of a group whose syncs keep failing.
-const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(300);
-/// Bytes of fetched envelopes a sync run collects before it processes them (see
-/// [`Actor::on_sync_page`]); a larger backlog is processed in parts of this size.
-const MAX_RUN_BYTES: usize = 32 * 1024 * 1024;
 /// Most received envelopes written in one store transaction.
 const MAX_GOSSIP_BATCH: usize = 256;
 const EVENT_BUFFER: usize = 1024;
@@ -314,22 +248,15 @@ enum Input {
     Tick,
     /// Sync every active group with an online member.
     SyncTick,
-    /// A page of envelopes fetched by a sync run of `group`; `ranged` if it answers a
-    /// range request (a slice of an epoch's id space, see [`Actor::sync_done`]).
-    SyncPage {
-        group: GroupId,
-        envelopes: Vec<Vec<u8>>,
-        ranged: bool,
+    /// The answer to a sync request the scheduler asked for.
+    SyncReply {
+        id: sched::RequestId,
+        result: Result<SyncResponse, NetError>,
     },
-    /// A sync run of `group` ended; `complete` if a member sent everything it had.
-    SyncDone {
-        group: GroupId,
-        complete: bool,
-    },
+    /// A timer the sync scheduler asked for.
+    SyncTimer,
     /// Sync `group` now (a follow-up after joining).
     SyncGroup(GroupId),
-    /// A member of `group` refused our sync request: it does not count us as a member.
-    NotAMember(GroupId),
     /// Make non-durable commits durable.
     Flush,
     /// Apply history retention.
@@ -1182,14 +1109,13 @@ pub fn start(
         tx: tx.clone(),
         runtime: tokio::runtime::Handle::current(),
         limiter: SyncLimiter::new(),
-        syncs: HashMap::new(),
-        last_sync: HashMap::new(),
-        unsynced: HashSet::new(),
-        sync_failures: HashMap::new(),
+        sync: SyncScheduler::new(rand::rngs::OsRng.next_u64()),
+        clock: Instant::now(),
+        sync_queue: VecDeque::new(),
+        sync_busy: false,
+        fetched: HashMap::new(),
         last_flush_ms: now_ms(),
         warned_undecryptable: HashSet::new(),
-        newcomers: HashMap::new(),
-        gaps: HashMap::new(),
         held: HeldRequests::new(),
         provided_invites: HashSet::new(),
         retention,
@@ -1256,28 +1182,22 @@ struct Actor {
     runtime: tokio::runtime::Handle,
     /// Per-peer rate limit of inbound sync requests.
     limiter: SyncLimiter,
-    /// Sync runs in progress, by group.
-    syncs: HashMap<GroupId, SyncRun>,
-    /// When each group's last sync run started.
-    last_sync: HashMap<GroupId, Instant>,
-    /// Groups whose last sync run failed (no member sent everything).
-    unsynced: HashSet<GroupId>,
-    /// Sync runs of each group that failed in a row; they space the next attempts out
-    /// (see [`sync_backoff`]), so a group that cannot sync does not loop, and its requests
-    /// do not use up the members' rate limits that other groups' syncs need.
-    sync_failures: HashMap<GroupId, u32>,
+    /// The requester's side of history sync: when to sync which group with whom.
+    sync: SyncScheduler,
+    /// The origin of the scheduler's clock.
+    clock: Instant,
+    /// Scheduler inputs that arose while its outputs were performed (see
+    /// [`Actor::sync_input`]).
+    sync_queue: VecDeque<sched::Input>,
+    /// Whether [`Actor::sync_input`] is performing outputs.
+    sync_busy: bool,
+    /// Envelopes accepted by the sync run of each group so far.
+    fetched: HashMap<GroupId, usize>,
     /// When the last flush tick was handled, wall-clock ms (a long gap means the machine
     /// slept).
     last_flush_ms: u64,
     /// Groups whose undecryptable envelopes were already logged at WARN in this run.
     warned_undecryptable: HashSet<GroupId>,
-    /// Members that connected since the group's last sync run started, by group (at most
-    /// [`MAX_PEERS_PER_RUN`] each, newest kept). After a partition heals they may hold a
-    /// branch or messages no one reachable before had, so the next run asks each of them,
-    /// not just the first member that answers.
-    newcomers: HashMap<GroupId, Vec<PeerId>>,
-    /// Gap detectors, by group.
-    gaps: HashMap<GroupId, Gaps>,
     /// Join requests held for approval on this node.
     held: HeldRequests,
     /// Invite rendezvous keys this node announces in the DHT.
@@ -1288,39 +1208,6 @@ struct Actor {
     update_policy: UpdatePolicy,
     /// A handle to this actor, for work it starts in the background (joining again).
     handle: EngineHandle,
-}
-
-/// A sync run in progress.
-struct SyncRun {
-    /// When it started.
-    started: Instant,
-    /// Fetched envelopes not processed yet, with (epoch, is a commit, arrival) to sort them
-    /// by (see [`Actor::on_sync_page`]).
-    collected: Vec<(u64, bool, usize, Vec<u8>)>,
-    /// Their ids (a page may repeat what another member sent).
-    collected_ids: HashSet<MessageId>,
-    /// Their bytes.
-    collected_bytes: usize,
-    /// The ids of those that answered range requests.
-    ranged: HashSet<MessageId>,
-    /// When the last page arrived (or the run started).
-    last_page: Instant,
-    /// Envelopes fetched and accepted so far.
-    fetched: usize,
-    /// A gap was signalled during the run: start another one when it ends.
-    again: bool,
-}
-
-/// Why a sync of a group is started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SyncTrigger {
-    /// A member connected, or the periodic timer.
-    Routine,
-    /// An envelope for a future epoch arrived, or this node rolled back to another branch
-    /// (whose messages it has yet to fetch).
-    Gap,
-    /// A member connected (see `Actor::newcomers`).
-    Newcomer,
 }
 
 impl Actor {
@@ -1361,18 +1248,27 @@ impl Actor {
                     self.rendezvous();
                 }
                 Input::SyncTick => {
-                    for v in self.groups.groups() {
-                        if v.active {
-                            self.start_sync(v.meta.id, SyncTrigger::Routine);
-                        }
-                    }
+                    let groups = self.active_groups();
+                    self.sync_input(sched::Input::SyncAll { groups });
                 }
-                Input::SyncPage {
-                    group,
-                    envelopes,
-                    ranged,
-                } => self.on_sync_page(group, envelopes, ranged),
-                Input::SyncDone { group, complete } => self.sync_done(group, complete),
+                Input::SyncReply { id, result } => {
+                    let input = match result {
+                        Ok(response) => sched::Input::Response { id, response },
+                        Err(NetError::Stopped) => sched::Input::RequestFailed {
+                            id,
+                            failure: sched::RequestFailure::Stopped,
+                        },
+                        Err(e) => {
+                            tracing::debug!(error = %e, "sync request failed");
+                            sched::Input::RequestFailed {
+                                id,
+                                failure: sched::RequestFailure::Unanswered,
+                            }
+                        }
+                    };
+                    self.sync_input(input);
+                }
+                Input::SyncTimer => self.sync_input(sched::Input::Timer),
                 Input::Flush => {
                     self.retry_store();
                     // Wall-clock time: the monotonic clock stands still while the machine
@@ -1384,38 +1280,23 @@ impl Actor {
                             "woke up after a pause; catching up before showing new messages"
                         );
                         self.groups.begin_catch_up_all(now_ms());
-                        for v in self.groups.groups() {
-                            if v.active {
-                                self.last_sync.remove(&v.meta.id);
-                                self.start_sync(v.meta.id, SyncTrigger::Gap);
-                            }
-                        }
+                        let groups = self.active_groups();
+                        self.sync_input(sched::Input::Woke { groups });
                     }
                     self.last_flush_ms = now_ms();
-                    self.release_stale_catch_ups();
-                    // A run that failed is retried (debounced) rather than left for the
-                    // next routine sync a minute later.
-                    let retry: Vec<GroupId> = self.unsynced.iter().copied().collect();
-                    for g in retry {
-                        self.start_sync(g, SyncTrigger::Routine);
-                    }
-                    // Groups holding live messages for a catch-up need a sync (the debounce,
-                    // and the back-off of failing groups, decide when).
+                    // Stale holds end, failed runs are retried, holding groups and members
+                    // that connected meanwhile get a run (the scheduler decides which).
                     let holding: Vec<GroupId> = self
                         .groups
                         .groups()
                         .iter()
                         .map(|v| v.meta.id)
-                        .filter(|g| self.groups.is_catching_up(g) && !self.syncs.contains_key(g))
+                        .filter(|g| self.groups.is_catching_up(g))
                         .collect();
-                    for g in holding {
-                        self.start_sync(g, SyncTrigger::Gap);
-                    }
-                    // Members that connected while a run was going on or too soon after one.
-                    let waiting: Vec<GroupId> = self.newcomers.keys().copied().collect();
-                    for g in waiting {
-                        self.start_sync(g, SyncTrigger::Newcomer);
-                    }
+                    let stale = self
+                        .groups
+                        .stale_catch_ups(now_ms(), CATCH_UP_HOLD_LIMIT.as_millis() as u64);
+                    self.sync_input(sched::Input::Tick { holding, stale });
                     self.flushes += 1;
                     if self.flushes.is_multiple_of(EXPIRE_EVERY_FLUSHES) {
                         self.expire_past_epochs();
@@ -1423,13 +1304,10 @@ impl Actor {
                     self.flush();
                 }
                 Input::Prune => self.prune(),
-                Input::SyncGroup(group) => self.start_sync(group, SyncTrigger::Gap),
-                Input::NotAMember(group) => {
-                    // If we joined recently, the commit that added us may have lost.
-                    if let Some(fx) = self.groups.member_says_not_in(&group) {
-                        self.after_commit(vec![fx]);
-                    }
-                }
+                Input::SyncGroup(group) => self.sync_input(sched::Input::Sync {
+                    group,
+                    trigger: sched::Trigger::Gap,
+                }),
                 Input::Shutdown => {
                     self.flush();
                     break;
@@ -1491,79 +1369,21 @@ impl Actor {
         }
     }
 
-    /// If `data` is an envelope of a group this node is behind in, feeds the group's gap
-    /// detector and starts a sync when it signals.
+    /// If `data` is an envelope of a group this node is behind in, tells the sync scheduler
+    /// (its gap detector starts a sync when it signals).
     fn observe_gap(&mut self, data: &[u8]) {
         let Ok(env) = Envelope::decode(data) else {
             return;
         };
         let group = env.group();
-        let Some(current) = self.groups.group_epoch(&group) else {
+        let Some(current_epoch) = self.groups.group_epoch(&group) else {
             return;
         };
-        let signal = self
-            .gaps
-            .entry(group)
-            .or_default()
-            .observe(env.epoch(), current);
-        if let Some(missing) = signal {
-            tracing::debug!(group = %group.short(), first = missing.first, last = missing.last, "missing commits; syncing");
-            self.start_sync(group, SyncTrigger::Gap);
-        }
-    }
-
-    /// Collects a page of a sync run of `group`; the run processes what it collected when
-    /// it ends ([`Actor::sync_done`]), or now if it holds [`MAX_RUN_BYTES`].
-    ///
-    /// Why collect: a member keeps the secrets of only a few past epochs (and only for a
-    /// while), so the messages of an epoch must be decrypted before the commits that follow
-    /// it move the group too far. The responder sends all commits first, then whole epochs
-    /// in history order, and the epochs this node holds part of only in a later pass; sorted
-    /// by epoch, each epoch's messages before the commit that leaves it, they are all
-    /// readable however many epochs this node missed.
-    fn on_sync_page(&mut self, group: GroupId, envelopes: Vec<Vec<u8>>, ranged: bool) {
-        let Some(run) = self.syncs.get_mut(&group) else {
-            let fetched = self.ingest(group, sort_fetched(collect(group, envelopes)));
-            tracing::debug!(group = %group.short(), fetched, "processed a sync page outside a run");
-            return;
-        };
-        run.last_page = Instant::now();
-        for data in envelopes {
-            let Ok(env) = Envelope::decode(&data) else {
-                continue;
-            };
-            let id = MessageId::of(&data);
-            if env.group() != group || !run.collected_ids.insert(id) {
-                continue;
-            }
-            let arrival = run.collected.len();
-            if ranged {
-                run.ranged.insert(id);
-            }
-            run.collected_bytes += data.len();
-            run.collected.push((
-                env.epoch(),
-                env.kind() == PayloadKind::Commit,
-                arrival,
-                data,
-            ));
-        }
-        if run.collected_bytes >= MAX_RUN_BYTES {
-            self.process_collected(group);
-        }
-    }
-
-    /// Processes what the sync run of `group` collected so far, in epoch order.
-    fn process_collected(&mut self, group: GroupId) {
-        let Some(run) = self.syncs.get_mut(&group) else {
-            return;
-        };
-        let collected = std::mem::take(&mut run.collected);
-        run.collected_bytes = 0;
-        let fetched = self.ingest(group, sort_fetched(collected));
-        if let Some(run) = self.syncs.get_mut(&group) {
-            run.fetched += fetched;
-        }
+        self.sync_input(sched::Input::FutureEpoch {
+            group,
+            seen_epoch: env.epoch(),
+            current_epoch,
+        });
     }
 
     /// Processes envelopes fetched by history sync for `group`, in the given order, like
@@ -1609,166 +1429,92 @@ impl Actor {
         accepted
     }
 
-    /// Starts a sync run of `group` with its online members, unless one is running or the
-    /// last one started too recently. The summary is built here; the requests run in a tokio
-    /// task that sends the pages back as [`Input::SyncPage`] and ends with
-    /// [`Input::SyncDone`].
-    fn start_sync(&mut self, group: GroupId, trigger: SyncTrigger) {
-        if !self.disk_ok() {
-            // What it would fetch could not be stored; every group syncs on recovery.
-            return;
-        }
-        if let Some(run) = self.syncs.get_mut(&group) {
-            if trigger == SyncTrigger::Gap {
-                run.again = true;
-            }
-            return;
-        }
-        // A failing group backs off, except for a member that just connected: it may be
-        // the one that has what the others could not give (a partition healed).
-        let backoff = match trigger {
-            SyncTrigger::Newcomer => Duration::ZERO,
-            SyncTrigger::Routine | SyncTrigger::Gap => {
-                sync_backoff(self.sync_failures.get(&group).copied().unwrap_or(0))
-            }
-        };
-        let debounce = match trigger {
-            SyncTrigger::Routine => SYNC_DEBOUNCE,
-            SyncTrigger::Gap | SyncTrigger::Newcomer => GAP_DEBOUNCE,
-        }
-        .max(backoff);
-        if self
-            .last_sync
-            .get(&group)
-            .is_some_and(|t| t.elapsed() < debounce)
-        {
-            if trigger == SyncTrigger::Gap
-                && let Some(g) = self.gaps.get_mut(&group)
-            {
-                // Too soon: let the next envelope from the future signal again.
-                g.reset();
-            }
-            return;
-        }
-        let newcomers = self.newcomers.remove(&group).unwrap_or_default();
-        let Some(view) = self.groups.group(&group).filter(|v| v.active) else {
-            return;
-        };
-        let Ok(info) = self.net.info_blocking() else {
-            return;
-        };
-        let connected: HashSet<PeerId> = info.connected.into_iter().collect();
-        let usable = |p: &PeerId| {
-            *p != self.me && connected.contains(p) && view.members.iter().any(|(_, m)| m == p)
-        };
-        let newcomers: Vec<PeerId> = newcomers.into_iter().filter(|p| usable(p)).collect();
-        let mut peers: Vec<PeerId> = view
-            .members
+    /// The active groups.
+    fn active_groups(&self) -> Vec<GroupId> {
+        self.groups
+            .groups()
             .iter()
-            .map(|(_, p)| *p)
-            .filter(|p| usable(p) && !newcomers.contains(p))
-            .collect();
-        if peers.is_empty() && newcomers.is_empty() {
+            .filter(|v| v.active)
+            .map(|v| v.meta.id)
+            .collect()
+    }
+
+    /// Feeds `input` to the sync scheduler and performs its outputs. Inputs that arise while
+    /// outputs are performed (reading fetched envelopes can reveal another gap) are queued
+    /// and fed after the current outputs, so the scheduler sees them in order.
+    fn sync_input(&mut self, input: sched::Input) {
+        self.sync_queue.push_back(input);
+        if self.sync_busy {
             return;
         }
-        // Spread the load over the members.
-        if !peers.is_empty() {
-            let start = (rand::rngs::OsRng.next_u32() as usize) % peers.len();
-            peers.rotate_left(start);
-        }
-        peers.truncate(MAX_PEERS_PER_RUN.saturating_sub(newcomers.len()).max(1));
-        let (holdings, summary) = match self.sync_summary(&group) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot summarise stored envelopes");
-                return;
+        self.sync_busy = true;
+        while let Some(input) = self.sync_queue.pop_front() {
+            let now = self.clock.elapsed().as_millis() as sched::Millis;
+            let mut ctx = SyncContext {
+                writable: self.disk_ok(),
+                groups: &self.groups,
+                store: &self.store,
+                net: &self.net,
+                me: self.me,
+            };
+            let outputs = self.sync.handle(now, input, &mut ctx);
+            for output in outputs {
+                self.perform_sync(now, output);
             }
-        };
-        tracing::debug!(group = %group.short(), ?trigger, newcomers = newcomers.len(), peers = peers.len(), epochs = summary.epochs.len(), "starting history sync");
-        self.syncs.insert(
-            group,
-            SyncRun {
-                started: Instant::now(),
-                collected: Vec::new(),
-                collected_ids: HashSet::new(),
-                collected_bytes: 0,
-                ranged: HashSet::new(),
-                last_page: Instant::now(),
-                fetched: 0,
-                again: false,
-            },
-        );
-        self.groups.begin_catch_up(&group, now_ms());
-        self.last_sync.insert(group, Instant::now());
-        let net = self.net.clone();
-        let tx = self.tx.clone();
-        self.runtime.spawn(async move {
-            let complete = run_sync(&net, &tx, group, &holdings, summary, newcomers, peers).await;
-            let _ = tx.send(Input::SyncDone { group, complete }).await;
-        });
+        }
+        self.sync_busy = false;
     }
 
-    /// What this node holds of `group`, and its summary with the floor at the epoch it
-    /// joined at.
-    fn sync_summary(&self, group: &GroupId) -> Result<(Holdings, Summary), StoreError> {
-        let envelopes = self.store.envelopes_of_group(group, MAX_SCAN_ENVELOPES)?;
-        let floor = self.store.first_history_epoch(group)?.unwrap_or(0);
-        let holdings = Holdings::new(envelopes.iter());
-        let summary = holdings.summary().with_floor(floor);
-        Ok((holdings, summary))
-    }
-
-    fn sync_done(&mut self, group: GroupId, complete: bool) {
-        if !complete && let Some(run) = self.syncs.get_mut(&group) {
-            // Each range request answers a slice of an epoch's id space, all positions
-            // long: with some slices missing, reading the others would move each sender's
-            // ratchet past the missing slices' messages, and reading the commits after
-            // that epoch would let its secrets expire before they come. So an incomplete
-            // run reads only the epochs before the first one it got a range answer for;
-            // the rest is fetched again by the next run.
-            let ranged = std::mem::take(&mut run.ranged);
-            if let Some((first, dropped)) = keep_before_first_ranged(&mut run.collected, &ranged) {
-                run.collected_bytes = run.collected.iter().map(|(_, _, _, d)| d.len()).sum();
-                tracing::debug!(group = %group.short(), dropped, from_epoch = first, "incomplete sync run: epochs from its first range answer are left for the next run");
+    /// Performs one output of the sync scheduler.
+    fn perform_sync(&mut self, now: sched::Millis, output: sched::Output) {
+        match output {
+            sched::Output::Request { peer, id, request } => {
+                let net = self.net.clone();
+                let tx = self.tx.clone();
+                self.runtime.spawn(async move {
+                    let result = net.sync(peer, *request).await;
+                    let _ = tx.send(Input::SyncReply { id, result }).await;
+                });
             }
-        }
-        self.process_collected(group);
-        let Some(run) = self.syncs.remove(&group) else {
-            return;
-        };
-        if complete {
-            self.unsynced.remove(&group);
-            self.sync_failures.remove(&group);
-            self.end_catch_up(group, true);
-        } else {
-            // Live messages stay held (until a run completes or CATCH_UP_HOLD_LIMIT), and
-            // the next attempt waits longer each time.
-            self.unsynced.insert(group);
-            let failures = self.sync_failures.entry(group).or_insert(0);
-            *failures = failures.saturating_add(1);
-            tracing::debug!(group = %group.short(), failures = *failures, retry_in_s = sync_backoff(*failures).as_secs(), "history sync incomplete; backing off");
-            // Let the next future-epoch envelope signal the gap again.
-            if let Some(g) = self.gaps.get_mut(&group) {
-                g.reset();
+            sched::Output::ScheduleTimer { at } => {
+                let tx = self.tx.clone();
+                let wait = Duration::from_millis(at.saturating_sub(now));
+                self.runtime.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = tx.send(Input::SyncTimer).await;
+                });
             }
-        }
-        tracing::debug!(group = %group.short(), complete, fetched = run.fetched, took_ms = run.started.elapsed().as_millis() as u64, "history sync ended");
-        if run.fetched > 0 {
-            tracing::info!(group = %group.short(), fetched = run.fetched, "fetched missed history");
-            let _ = self.events.send(NodeEvent::HistorySynced {
-                group: group.to_string(),
-                fetched: run.fetched,
-            });
-        }
-        if run.again {
-            if complete {
-                self.last_sync.remove(&group);
+            sched::Output::BeginHold { group } => self.groups.begin_catch_up(&group, now_ms()),
+            sched::Output::Ingest { group, envelopes } => {
+                let accepted = self.ingest(group, envelopes);
+                *self.fetched.entry(group).or_default() += accepted;
             }
-            self.start_sync(group, SyncTrigger::Gap);
+            sched::Output::EndHold { group, in_time } => self.end_catch_up(group, in_time),
+            sched::Output::RunEnded {
+                group,
+                complete,
+                started,
+            } => {
+                let fetched = self.fetched.remove(&group).unwrap_or(0);
+                tracing::debug!(group = %group.short(), complete, fetched, took_ms = now.saturating_sub(started), "history sync ended");
+                if fetched > 0 {
+                    tracing::info!(group = %group.short(), fetched, "fetched missed history");
+                    let _ = self.events.send(NodeEvent::HistorySynced {
+                        group: group.to_string(),
+                        fetched,
+                    });
+                }
+            }
+            sched::Output::NotAMember { group } => {
+                // If we joined recently, the commit that added us may have lost.
+                if let Some(fx) = self.groups.member_says_not_in(&group) {
+                    self.after_commit(vec![fx]);
+                }
+            }
         }
     }
 
-    /// Processes the live envelopes of `group` held during its sync run, after the fetched
+    /// Processes the live envelopes of `group` held during its catch-up, after the fetched
     /// (older) ones.
     /// With `in_time` false (the hold ran out of time) they are read whatever positions
     /// are still missing.
@@ -1780,28 +1526,6 @@ impl Actor {
         };
         if let Err(e) = self.apply_with(effects, false) {
             tracing::error!(error = %e, "cannot store messages held during history sync");
-        }
-    }
-
-    /// Ends the catch-ups that have held live envelopes for [`CATCH_UP_HOLD_LIMIT`]: no sync
-    /// completed in time (no member reachable, or a slow one), so the held messages are
-    /// processed now; a run still going on goes on.
-    ///
-    /// A run that is still receiving pages keeps its hold (up to [`MAX_CATCH_UP_RUN`]): its
-    /// pages are older than the held messages. When a hold ends during a run, what the run
-    /// fetched so far is read first.
-    fn release_stale_catch_ups(&mut self) {
-        let limit = CATCH_UP_HOLD_LIMIT.as_millis() as u64;
-        for group in self.groups.stale_catch_ups(now_ms(), limit) {
-            if let Some(run) = self.syncs.get(&group)
-                && run.last_page.elapsed() < CATCH_UP_HOLD_LIMIT
-                && run.started.elapsed() < MAX_CATCH_UP_RUN
-            {
-                continue;
-            }
-            tracing::info!(group = %group.short(), "history sync has not caught up in time; showing the messages held meanwhile");
-            self.process_collected(group);
-            self.end_catch_up(group, false);
         }
     }
 
@@ -1840,11 +1564,7 @@ impl Actor {
         if let Some(epoch) = self.groups.detect_fork(&group, held) {
             tracing::warn!(%peer, group = %group.short(), epoch, "fork detected: this member holds another commit for the epoch");
             self.metrics.fork_detected();
-            let list = self.newcomers.entry(group).or_default();
-            if !list.contains(&peer) {
-                list.push(peer);
-            }
-            self.start_sync(group, SyncTrigger::Newcomer);
+            self.sync_input(sched::Input::ForkSeen { group, peer });
         }
         let envelopes = match self.store.envelopes_of_group(&group, MAX_SCAN_ENVELOPES) {
             Ok(e) => e,
@@ -2134,12 +1854,12 @@ impl Actor {
         }
         // The winning branch's messages sent so far are on other members only: fetch them
         // now rather than at the next routine sync.
-        for group in rolled_back {
-            self.start_sync(group, SyncTrigger::Gap);
-        }
         // A sender's messages are missing before live ones held now: fetch them.
-        for group in behind {
-            self.start_sync(group, SyncTrigger::Gap);
+        for group in rolled_back.into_iter().chain(behind) {
+            self.sync_input(sched::Input::Sync {
+                group,
+                trigger: sched::Trigger::Gap,
+            });
         }
     }
 
@@ -2225,14 +1945,8 @@ impl Actor {
                     .filter(|v| v.active && v.members.iter().any(|(_, p)| *p == peer))
                     .map(|v| v.meta.id)
                     .collect();
-                for g in groups {
-                    let list = self.newcomers.entry(g).or_default();
-                    list.retain(|p| *p != peer);
-                    if list.len() >= MAX_PEERS_PER_RUN {
-                        list.remove(0);
-                    }
-                    list.push(peer);
-                    self.start_sync(g, SyncTrigger::Newcomer);
+                if !groups.is_empty() {
+                    self.sync_input(sched::Input::PeerConnected { peer, groups });
                 }
             }
             NetEvent::PeerIdentified { peer, addrs } => {
@@ -2518,12 +2232,12 @@ impl Actor {
                         GroupSummary {
                             held,
                             in_sync: held == 0
-                                && !self.syncs.contains_key(&id)
-                                && !self.unsynced.contains(&id)
+                                && !self.sync.is_running(&id)
+                                && !self.sync.is_unsynced(&id)
                                 && !self.groups.is_catching_up(&id),
                             undecryptable,
                             missing: self.groups.missing_messages(&id),
-                            sync_failures: self.sync_failures.get(&id).copied().unwrap_or(0),
+                            sync_failures: self.sync.failures(&id),
                             ..summary(v)
                         }
                     })
@@ -2543,7 +2257,7 @@ impl Actor {
                         undecryptable,
                         missing: self.groups.missing_messages(&id),
                         catching_up: self.groups.is_catching_up(&id),
-                        sync_failures: self.sync_failures.get(&id).copied().unwrap_or(0),
+                        sync_failures: self.sync.failures(&id),
                         ..group_info(&v, self.me)
                     })
                 });
@@ -2607,7 +2321,10 @@ impl Actor {
                     }
                 };
                 if res.is_ok() {
-                    self.start_sync(group, SyncTrigger::Gap);
+                    self.sync_input(sched::Input::Sync {
+                        group,
+                        trigger: sched::Trigger::Gap,
+                    });
                     self.follow_up_syncs(group);
                 }
                 let _ = r.send(res);
@@ -2840,7 +2557,10 @@ impl Actor {
         let _ = self.net.provide_blocking(key);
         let _ = self.net.find_providers_blocking(key);
         // Fetch what was sent in the new epoch before our subscription reached the mesh.
-        self.start_sync(id, SyncTrigger::Routine);
+        self.sync_input(sched::Input::Sync {
+            group: id,
+            trigger: sched::Trigger::Routine,
+        });
         // And again shortly after: a concurrent commit that beat the one adding us may have
         // been published before we subscribed; history sync brings it, and we join again.
         self.follow_up_syncs(id);
@@ -2877,188 +2597,52 @@ impl Actor {
     }
 }
 
-/// One sync run of `group`: asks every member in `newcomers` (members that connected since
-/// the last run: after a partition heals each may hold a branch or messages that nobody
-/// reached before had), then, unless one of them sent everything, the members in `others`
-/// in turn until one does. Pages go to the engine as [`Input::SyncPage`]. Returns whether a
-/// member sent a complete answer.
-///
-/// With each member: a version-2 summary pass, then one range pass per
-/// [`Holdings::refinement`] request for the partial epochs it reported. A member that fails
-/// the first version-2 request (a node that predates version 2 cannot decode it) is asked
-/// again with version 1.
-async fn run_sync(
-    net: &NetHandle,
-    tx: &mpsc::Sender<Input>,
-    group: GroupId,
-    holdings: &Holdings,
-    summary: Summary,
-    newcomers: Vec<PeerId>,
-    others: Vec<PeerId>,
-) -> bool {
-    let mut complete = false;
-    for peer in newcomers {
-        match sync_with(net, tx, group, holdings, &summary, peer).await {
-            Some(done) => complete |= done,
-            None => return false,
-        }
-    }
-    for peer in others {
-        if complete {
-            break;
-        }
-        match sync_with(net, tx, group, holdings, &summary, peer).await {
-            Some(done) => complete = done,
-            None => return false,
-        }
-    }
-    complete
+/// What the sync scheduler asks the actor when it starts a run.
+struct SyncContext<'a> {
+    writable: bool,
+    groups: &'a GroupEngine<KithProvider>,
+    store: &'a Store,
+    net: &'a NetHandle,
+    me: PeerId,
 }
 
-/// Fetches everything `peer` has for `summary` (see [`run_sync`]). `Some(true)` if it sent
-/// a complete answer, `Some(false)` if it refused or failed, `None` if the node stops.
-async fn sync_with(
-    net: &NetHandle,
-    tx: &mpsc::Sender<Input>,
-    group: GroupId,
-    holdings: &Holdings,
-    summary: &Summary,
-    peer: PeerId,
-) -> Option<bool> {
-    let mut pages = 0usize;
-    let main = sync_pass(net, tx, group, peer, &mut pages, |cursor| {
-        SyncRequest::V2(SyncRequestV2 {
-            group,
-            want: Want::Summary(summary.clone()),
-            cursor,
-            max_bytes: MAX_PAGE_BYTES,
-            proof: Vec::new(),
-        })
-    })
-    .await;
-    let partial = match main {
-        PassEnd::Complete(partial) => partial,
-        PassEnd::Stopped => return None,
-        PassEnd::Unanswered if pages == 1 => {
-            // The first version-2 request failed in transport: perhaps a node that speaks
-            // only version 1 (it cannot decode the request and drops the stream).
-            let v1 = sync_pass(net, tx, group, peer, &mut pages, |cursor| {
-                SyncRequest::V1(SyncRequestV1 {
-                    group,
-                    summary: summary.clone(),
-                    cursor,
-                    max_bytes: MAX_PAGE_BYTES,
-                    proof: Vec::new(),
-                })
-            })
-            .await;
-            return match v1 {
-                PassEnd::Complete(_) => Some(true),
-                PassEnd::Stopped => None,
-                PassEnd::Failed | PassEnd::Unanswered => Some(false),
-            };
-        }
-        PassEnd::Failed | PassEnd::Unanswered => return Some(false),
-    };
-    for ranges in holdings.refinement(&partial) {
-        tracing::debug!(%peer, group = %group.short(), ranges = ranges.len(), "asking for the rest of partial epochs");
-        let end = sync_pass(net, tx, group, peer, &mut pages, |cursor| {
-            SyncRequest::V2(SyncRequestV2 {
-                group,
-                want: Want::Ranges(ranges.clone()),
-                cursor,
-                max_bytes: MAX_PAGE_BYTES,
-                proof: Vec::new(),
-            })
-        })
-        .await;
-        match end {
-            PassEnd::Complete(_) => {}
-            PassEnd::Stopped => return None,
-            PassEnd::Failed | PassEnd::Unanswered => return Some(false),
-        }
+impl sched::Context for SyncContext<'_> {
+    fn writable(&mut self) -> bool {
+        self.writable
     }
-    Some(true)
-}
 
-/// How one pass of a sync run ended.
-enum PassEnd {
-    /// The last page arrived, with its partial epochs (version 2) or none.
-    Complete(Vec<u64>),
-    /// Refused, or out of pages: try another peer.
-    Failed,
-    /// A request failed in transport (unreachable, timeout, undecodable): try another peer.
-    Unanswered,
-    /// The network or the actor stopped.
-    Stopped,
-}
+    fn candidates(&mut self, group: &GroupId) -> Option<Vec<PeerId>> {
+        let view = self.groups.group(group).filter(|v| v.active)?;
+        let connected: HashSet<PeerId> = self
+            .net
+            .info_blocking()
+            .ok()?
+            .connected
+            .into_iter()
+            .collect();
+        Some(
+            view.members
+                .iter()
+                .map(|(_, p)| *p)
+                .filter(|p| *p != self.me && connected.contains(p))
+                .collect(),
+        )
+    }
 
-/// Fetches the pages of one pass from `peer` (requests made by `request` from the cursor),
-/// forwarding their envelopes to the actor. `pages` counts the requests made of this peer
-/// over the whole run, bounded by [`MAX_PAGES_PER_RUN`].
-async fn sync_pass(
-    net: &NetHandle,
-    tx: &mpsc::Sender<Input>,
-    group: GroupId,
-    peer: PeerId,
-    pages: &mut usize,
-    request: impl Fn(Option<Cursor>) -> SyncRequest,
-) -> PassEnd {
-    let mut cursor = None;
-    let mut limited = 0u32;
-    while *pages < MAX_PAGES_PER_RUN {
-        *pages += 1;
-        let req = request(cursor.clone());
-        let ranged = matches!(
-            &req,
-            SyncRequest::V2(SyncRequestV2 {
-                want: Want::Ranges(_),
-                ..
-            })
-        );
-        let (envelopes, next, partial) = match net.sync(peer, req).await {
-            Ok(SyncResponse::V1(page)) => (page.envelopes, page.next, Vec::new()),
-            Ok(SyncResponse::V2(page)) => (page.envelopes, page.next, page.partial),
-            Ok(SyncResponse::Refused(SyncRefusal::RateLimited))
-                if limited < MAX_RATE_LIMITED_RETRIES =>
-            {
-                // The member serves several of our groups (and other members) from one
-                // budget: wait for it to refill rather than fail the run.
-                limited += 1;
-                tracing::debug!(%peer, group = %group.short(), limited, "sync rate-limited; waiting");
-                tokio::time::sleep(RATE_LIMITED_PAUSE * limited).await;
-                continue;
-            }
-            Ok(SyncResponse::Refused(why)) => {
-                tracing::debug!(%peer, group = %group.short(), reason = %why, "sync refused");
-                if why == SyncRefusal::NotMember {
-                    // A joiner whose Add commit lost asks again (see Input::NotAMember).
-                    let _ = tx.send(Input::NotAMember(group)).await;
-                }
-                return PassEnd::Failed;
-            }
-            Err(NetError::Stopped) => return PassEnd::Stopped,
-            Err(e) => {
-                tracing::debug!(%peer, group = %group.short(), error = %e, "sync request failed");
-                return PassEnd::Unanswered;
-            }
+    /// What this node holds of `group`, and its summary with the floor at the epoch it
+    /// joined at.
+    fn holdings(&mut self, group: &GroupId) -> Option<(Holdings, Summary)> {
+        let read = || -> Result<(Holdings, Summary), StoreError> {
+            let envelopes = self.store.envelopes_of_group(group, MAX_SCAN_ENVELOPES)?;
+            let floor = self.store.first_history_epoch(group)?.unwrap_or(0);
+            let holdings = Holdings::new(envelopes.iter());
+            let summary = holdings.summary().with_floor(floor);
+            Ok((holdings, summary))
         };
-        let empty = envelopes.is_empty();
-        let page = Input::SyncPage {
-            group,
-            envelopes,
-            ranged,
-        };
-        if !empty && tx.send(page).await.is_err() {
-            return PassEnd::Stopped;
-        }
-        limited = 0;
-        match next {
-            None => return PassEnd::Complete(partial),
-            Some(n) => cursor = Some(n),
-        }
+        read()
+            .inspect_err(|e| tracing::error!(error = %e, "cannot summarise stored envelopes"))
+            .ok()
     }
-    PassEnd::Failed
 }
 
 /// Opens the node's store in `data_dir`.
@@ -3069,58 +2653,6 @@ pub fn open_store(data_dir: &Path) -> Result<Store, StoreError> {
 #[cfg(test)]
 mod durability_tests {
     use super::*;
-
-    #[test]
-    fn an_incomplete_run_reads_only_the_epochs_before_its_first_range_answer() {
-        let item = |epoch: u64, commit: bool, n: u8| (epoch, commit, n as usize, vec![n; 8]);
-        let mut collected = vec![
-            item(3, false, 1),
-            item(3, true, 2),
-            item(4, false, 3),
-            item(4, true, 4),
-            item(5, false, 5),
-        ];
-        let none = HashSet::new();
-        let mut untouched = collected.clone();
-        assert_eq!(keep_before_first_ranged(&mut untouched, &none), None);
-        assert_eq!(untouched, collected);
-        // A range answer in epoch 4: epoch 3 is read; epoch 4 (its messages and the commit
-        // leaving it) and 5 wait for the next run.
-        let ranged: HashSet<MessageId> = [MessageId::of(&[3; 8])].into_iter().collect();
-        assert_eq!(
-            keep_before_first_ranged(&mut collected, &ranged),
-            Some((4, 3))
-        );
-        assert_eq!(collected, vec![item(3, false, 1), item(3, true, 2)]);
-    }
-
-    #[test]
-    fn failing_syncs_back_off_up_to_five_minutes() {
-        assert_eq!(sync_backoff(0), Duration::ZERO);
-        assert_eq!(sync_backoff(1), SYNC_DEBOUNCE);
-        assert_eq!(sync_backoff(2), SYNC_DEBOUNCE * 2);
-        assert_eq!(sync_backoff(4), SYNC_DEBOUNCE * 8);
-        assert_eq!(sync_backoff(7), MAX_SYNC_BACKOFF);
-        assert_eq!(sync_backoff(u32::MAX), MAX_SYNC_BACKOFF);
-    }
-
-    #[test]
-    fn fetched_envelopes_are_read_epoch_by_epoch_commits_last() {
-        let e = |epoch: u64, commit: bool, n: u8| (epoch, commit, n as usize, vec![n]);
-        // As a responder sends them: commits, whole epochs, then a partial older epoch.
-        let fetched = vec![
-            e(3, true, 0),
-            e(4, true, 1),
-            e(4, false, 2),
-            e(5, false, 3),
-            e(3, false, 4),
-            e(4, false, 5),
-        ];
-        assert_eq!(
-            sort_fetched(fetched),
-            vec![vec![4], vec![0], vec![2], vec![5], vec![1], vec![3]]
-        );
-    }
 
     #[test]
     fn batches_that_publish_are_recognised() {

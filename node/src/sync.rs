@@ -1,10 +1,11 @@
-//! History sync on the node side: the per-peer rate limit of the responder and the tuning
-//! constants. The wire types and the planning logic are in `kith_protocol::sync`; the
-//! request-response protocol is in [`crate::net`]; the engine actor answers requests and runs
-//! the requester (see [`crate::engine`]).
+//! History sync on the node side: the per-peer rate limit of the responder. The wire types
+//! and the planning logic are in `kith_protocol::sync`, the requester's decisions (and their
+//! constants, re-exported here) in `kith_protocol::sync::scheduler`; the request-response
+//! protocol is in [`crate::net`]; the engine actor answers requests and drives the requester
+//! (see [`crate::engine`]).
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use libp2p::PeerId;
 
@@ -18,18 +19,9 @@ pub const BYTES_PER_SEC: f64 = 4.0 * 1024.0 * 1024.0;
 pub const BYTE_BURST: f64 = 8.0 * 1024.0 * 1024.0;
 /// Peers whose buckets are remembered; beyond this the least recently seen one is forgotten.
 pub const MAX_LIMITED_PEERS: usize = 1024;
-/// How often every active group is synced with an online member.
-pub const SYNC_INTERVAL: Duration = Duration::from_secs(60);
-/// A group is not synced again (on a new connection or the timer) sooner than this.
-pub const SYNC_DEBOUNCE: Duration = Duration::from_secs(5);
-/// A gap signal does not start a sync of the group sooner than this after the last one.
-pub const GAP_DEBOUNCE: Duration = Duration::from_secs(1);
-/// Most pages one sync run fetches from one peer.
-pub const MAX_PAGES_PER_RUN: usize = 256;
+pub use kith_protocol::sync::scheduler::SYNC_INTERVAL;
 /// Most stored envelopes of one group read to summarise or answer a sync.
 pub const MAX_SCAN_ENVELOPES: usize = 200_000;
-/// Peers one sync run tries, at most, before giving up until the next trigger.
-pub const MAX_PEERS_PER_RUN: usize = 4;
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -103,6 +95,8 @@ impl SyncLimiter {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

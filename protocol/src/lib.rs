@@ -19,6 +19,8 @@ pub mod ids;
 pub mod invite;
 pub mod order;
 pub mod records;
+#[cfg(test)]
+mod sim;
 pub mod sync;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;

@@ -33,6 +33,8 @@ use crate::envelope::{MAX_ENVELOPE_BYTES, PayloadKind};
 use crate::ids::{GroupId, MessageId};
 use crate::records::StoredEnvelope;
 
+pub mod scheduler;
+
 /// Most epochs a [`Summary`] lists individually; older epochs fall under its floor.
 pub const MAX_SUMMARY_EPOCHS: usize = 1024;
 /// Largest membership proof in a request.

@@ -12,7 +12,7 @@
 
 use kith_protocol::ids::GroupId;
 
-use super::{Actor, Call, EngineError, SyncTrigger};
+use super::{Actor, Call, EngineError};
 use crate::model::StorageStatus;
 use crate::store::{FailureReason, HealthView, Store, StoreHealth};
 
@@ -186,11 +186,7 @@ impl Actor {
             groups = groups.len(),
             "the store writes again; syncing every group"
         );
-        for group in groups {
-            // Not in sync until a run completes; retried on the flush tick until then.
-            self.unsynced.insert(group);
-            self.last_sync.remove(&group);
-            self.start_sync(group, SyncTrigger::Gap);
-        }
+        // Not in sync until a run completes; retried on the flush tick until then.
+        self.sync_input(kith_protocol::sync::scheduler::Input::Recovered { groups });
     }
 }

@@ -1,0 +1,231 @@
+//! Simulator runs: many seeds in CI, the large scenarios, and the replay of one seed.
+//!
+//! A failing seed prints the command that replays it:
+//! `KITH_SIM_SEED=<seed> cargo test -p kith-protocol sim::tests::replay -- --nocapture`.
+//! `KITH_SIM_SEEDS=<n>` changes how many seeds [`seeds`] runs (default [`CI_SEEDS`]).
+
+use std::time::Instant;
+
+use super::*;
+
+/// Seeds the CI test runs.
+const CI_SEEDS: u64 = 150;
+
+/// The scenario a seed runs: the seed picks the kind and everything random in it.
+fn scenario(seed: u64) -> (&'static str, Config) {
+    let all = |n: usize| (0..n).collect::<Vec<_>>();
+    match seed % 4 {
+        0 => (
+            "chaos: loss, duplicates, crashes, a partition, commits",
+            Config {
+                members: 4,
+                strangers: 1,
+                messages: 40,
+                senders: all(4),
+                send_every_ms: (50, 600),
+                commits: 2,
+                drop: 0.05,
+                duplicate: 0.05,
+                rate_limited: 0.05,
+                crashable: all(4),
+                crashes: 2,
+                down_ms: (500, 20_000),
+                partitions: 1,
+                partition_ms: (1_000, 40_000),
+                ..Config::default()
+            },
+        ),
+        1 => (
+            "offline: one member down while 120 messages and a commit pass",
+            Config {
+                members: 3,
+                messages: 120,
+                senders: vec![0, 1],
+                send_every_ms: (20, 80),
+                commits: 1,
+                drop: 0.02,
+                outages: vec![(2, 100, 9_000)],
+                ..Config::default()
+            },
+        ),
+        2 => (
+            "partitions: five members, all sending, two splits",
+            Config {
+                members: 5,
+                messages: 50,
+                senders: all(5),
+                send_every_ms: (50, 500),
+                commits: 2,
+                drop: 0.03,
+                rate_limited: 0.1,
+                partitions: 2,
+                partition_ms: (2_000, 30_000),
+                ..Config::default()
+            },
+        ),
+        _ => (
+            "gossip loss: a fifth of deliveries lost, a tenth doubled",
+            Config {
+                members: 3,
+                messages: 80,
+                senders: vec![0, 1],
+                send_every_ms: (10, 200),
+                drop: 0.2,
+                duplicate: 0.1,
+                crashable: vec![1, 2],
+                crashes: 1,
+                ..Config::default()
+            },
+        ),
+    }
+}
+
+fn replay_line(seed: u64) -> String {
+    format!("KITH_SIM_SEED={seed} cargo test -p kith-protocol sim::tests::replay -- --nocapture")
+}
+
+/// Runs `cfg` from `seed`; the violations, if any.
+fn run(cfg: Config, seed: u64) -> (World, Vec<String>) {
+    let mut w = World::new(cfg, seed);
+    w.run();
+    let bad = w.check();
+    (w, bad)
+}
+
+#[test]
+fn seeds() {
+    let count = std::env::var("KITH_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(CI_SEEDS);
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let mut sent = 0;
+    let mut virtual_ms = 0;
+    for seed in 0..count {
+        let (name, cfg) = scenario(seed);
+        let (w, bad) = run(cfg, seed);
+        sent += w.sent();
+        virtual_ms += w.stats.virtual_ms;
+        if !bad.is_empty() {
+            failed.push(format!(
+                "seed {seed} ({name}): {}\n  replay: {}",
+                bad.join("; "),
+                replay_line(seed)
+            ));
+        }
+    }
+    println!(
+        "simulator: {count} seeds, {sent} messages, {} simulated hours in {:.1} s; {} failed",
+        virtual_ms / 3_600_000,
+        started.elapsed().as_secs_f64(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// Replays `KITH_SIM_SEED` with its statistics (does nothing without it).
+#[test]
+fn replay() {
+    let Some(seed) = std::env::var("KITH_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    else {
+        return;
+    };
+    let (name, cfg) = scenario(seed);
+    println!("seed {seed}: {name}\n{cfg:?}");
+    let (w, bad) = run(cfg, seed);
+    println!("{:?}", w.stats);
+    for b in &bad {
+        println!("violation: {b}");
+    }
+    assert!(bad.is_empty(), "seed {seed} failed");
+}
+
+fn big(name: &str, cfg: Config, seed: u64) {
+    let started = Instant::now();
+    let (w, bad) = run(cfg, seed);
+    println!(
+        "simulator, {name}: {} messages, {} simulated minutes in {:.1} s, {:?}",
+        w.sent(),
+        w.stats.virtual_ms / 60_000,
+        started.elapsed().as_secs_f64(),
+        w.stats
+    );
+    assert!(bad.is_empty(), "{name} (seed {seed}): {}", bad.join("; "));
+}
+
+#[test]
+fn five_thousand_messages_from_one_sender_while_a_member_is_down() {
+    big(
+        "5000 messages, member 2 down for the first 30 s",
+        Config {
+            members: 3,
+            messages: 5_000,
+            senders: vec![0],
+            send_every_ms: (1, 20),
+            outages: vec![(2, 10, 30_000)],
+            ..Config::default()
+        },
+        1,
+    );
+}
+
+#[test]
+fn five_thousand_messages_from_one_sender_while_a_member_is_cut_off() {
+    big(
+        "5000 messages, member 2 cut off for the first 30 s",
+        Config {
+            members: 3,
+            messages: 5_000,
+            senders: vec![0],
+            send_every_ms: (1, 20),
+            cuts: vec![(vec![2], 10, 30_000)],
+            ..Config::default()
+        },
+        2,
+    );
+}
+
+#[test]
+fn many_senders_with_crashes_and_commits() {
+    big(
+        "10 members all sending, crashes, commits",
+        Config {
+            members: 10,
+            strangers: 1,
+            messages: 600,
+            senders: (0..10).collect(),
+            send_every_ms: (5, 100),
+            commits: 3,
+            drop: 0.05,
+            duplicate: 0.02,
+            rate_limited: 0.05,
+            crashable: (1..10).collect(),
+            crashes: 4,
+            partitions: 1,
+            ..Config::default()
+        },
+        3,
+    );
+}
+
+#[test]
+fn thirty_members_for_two_simulated_hours() {
+    big(
+        "30 members, 2 hours",
+        Config {
+            members: 30,
+            messages: 120,
+            senders: (0..30).collect(),
+            send_every_ms: (10_000, 110_000),
+            drop: 0.05,
+            crashable: vec![5, 6, 7],
+            crashes: 3,
+            down_ms: (60_000, 600_000),
+            ..Config::default()
+        },
+        4,
+    );
+}
