@@ -730,7 +730,8 @@ async fn invite_command(client: &Client, args: &InviteArgs) -> Result<(), CliErr
 }
 
 /// `kith history --offline`: the last `limit` (default all) history entries of `group`
-/// (full id or exact name) from the database in `data_dir`, which no running node holds.
+/// (full id, unique id prefix or exact name, as online) from the database in `data_dir`,
+/// which no running node holds.
 fn offline_history(
     data_dir: &Path,
     group: &str,
@@ -738,10 +739,20 @@ fn offline_history(
 ) -> Result<Vec<MessageInfo>, CliError> {
     let store = crate::engine::open_store(data_dir)?;
     let groups = store.groups()?;
-    let Some(meta) = groups
-        .iter()
-        .find(|g| g.id.to_string() == group || g.name == group)
-    else {
+    let id = crate::engine::resolve_group(group, groups.iter().map(|g| (g.id, g.name.as_str())))
+        .map_err(|e| match e {
+            crate::engine::EngineError::AmbiguousGroup(_) => CliError::Local(format!(
+                "'{}' matches several groups in {}; use the full id",
+                clean(group),
+                data_dir.display()
+            )),
+            _ => CliError::Local(format!(
+                "the database in {} has no group '{}'",
+                data_dir.display(),
+                clean(group)
+            )),
+        })?;
+    let Some(meta) = groups.iter().find(|g| g.id == id) else {
         return Err(CliError::Local(format!(
             "the database in {} has no group '{}'",
             data_dir.display(),

@@ -308,6 +308,9 @@ pub struct NodeConfig {
     pub retention: Retention,
     /// When to refresh this node's own key in each group.
     pub update_policy: UpdatePolicy,
+    /// How long past epochs' secrets are kept after this node left them: always
+    /// [`kith_protocol::group::PAST_EPOCH_TTL`] from a config file; tests shorten it.
+    pub past_epoch_ttl: std::time::Duration,
 }
 
 impl Config {
@@ -450,6 +453,7 @@ impl Config {
             metrics_listen: self.metrics_listen,
             retention,
             update_policy,
+            past_epoch_ttl: kith_protocol::group::PAST_EPOCH_TTL,
         })
     }
 

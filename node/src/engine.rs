@@ -25,8 +25,8 @@ use kith_protocol::envelope::{
     Envelope, JoinRejection, JoinRequest, JoinResponse, PayloadKind, RejoinRequestV1,
 };
 use kith_protocol::group::{
-    Effect, GroupEngine, GroupError, GroupView, Identity, IgnoreReason, NewInvite, PAST_EPOCH_TTL,
-    UpdatePolicy, Verdict,
+    Effect, GroupEngine, GroupError, GroupView, Identity, IgnoreReason, NewInvite, UpdatePolicy,
+    Verdict,
 };
 use kith_protocol::ids::{GroupId, InviteId, MessageId, invite_rendezvous_key};
 use kith_protocol::invite::{Invite, InviteRecord, secret_hash};
@@ -103,8 +103,6 @@ pub const MAX_HISTORY: usize = 1000;
 /// the announcement fresh (provider records live for hours) at a fifth of the churn.
 pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(300);
 const INPUT_QUEUE: usize = 4096;
-/// Past-epoch expiry runs every this many flush ticks (10 s).
-const EXPIRE_EVERY_FLUSHES: u64 = 20;
 /// Received messages are made durable at least this often.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 /// How often history retention (`[retention]` in `config.toml`; by default 365 days and
@@ -1043,6 +1041,38 @@ pub struct EngineSettings {
     pub retention: Retention,
     /// When to refresh this node's own key in each group.
     pub update_policy: UpdatePolicy,
+    /// How long past epochs' secrets are kept after this node left them
+    /// ([`kith_protocol::group::PAST_EPOCH_TTL`]; tests shorten it).
+    pub past_epoch_ttl: Duration,
+}
+
+/// The one group among `groups` (id, name) that `query` names: its full id, a unique id
+/// prefix of at least 4 hex digits, or its exact name.
+pub(crate) fn resolve_group<'a>(
+    query: &str,
+    groups: impl Iterator<Item = (GroupId, &'a str)>,
+) -> Result<GroupId, EngineError> {
+    let query = query.trim();
+    let groups: Vec<(GroupId, &str)> = groups.collect();
+    if let Ok(id) = query.parse::<GroupId>() {
+        return if groups.iter().any(|(g, _)| *g == id) {
+            Ok(id)
+        } else {
+            Err(EngineError::GroupNotFound(query.to_owned()))
+        };
+    }
+    let lower = query.to_ascii_lowercase();
+    let is_prefix = lower.len() >= 4 && lower.chars().all(|c| c.is_ascii_hexdigit());
+    let matches: Vec<GroupId> = groups
+        .iter()
+        .filter(|(id, name)| *name == query || (is_prefix && id.to_string().starts_with(&lower)))
+        .map(|(id, _)| *id)
+        .collect();
+    match matches.as_slice() {
+        [] => Err(EngineError::GroupNotFound(query.to_owned())),
+        [one] => Ok(*one),
+        _ => Err(EngineError::AmbiguousGroup(query.to_owned())),
+    }
 }
 
 /// Opens the group state from `store`, subscribes to every group, and starts the actor thread
@@ -1060,6 +1090,7 @@ pub fn start(
         network,
         retention,
         update_policy,
+        past_epoch_ttl,
     } = settings;
     let identity = Identity::new(keypair)?;
     let peer_id = identity.peer_id();
@@ -1105,7 +1136,6 @@ pub fn start(
         metrics,
         gauges: HashMap::new(),
         unflushed: false,
-        flushes: 0,
         tx: tx.clone(),
         runtime: tokio::runtime::Handle::current(),
         limiter: SyncLimiter::new(),
@@ -1120,6 +1150,7 @@ pub fn start(
         provided_invites: HashSet::new(),
         retention,
         update_policy,
+        past_epoch_ttl,
         handle: handle.clone(),
     };
     let thread = std::thread::Builder::new()
@@ -1174,8 +1205,6 @@ struct Actor {
     gauges: HashMap<GroupId, GroupGauges>,
     /// Whether a non-durable commit awaits the next flush.
     unflushed: bool,
-    /// Flush ticks so far (past-epoch expiry runs every [`EXPIRE_EVERY_FLUSHES`]).
-    flushes: u64,
     /// The actor's own input queue, for sync tasks to send their pages back.
     tx: mpsc::Sender<Input>,
     /// The runtime sync tasks run on (the actor thread is not a runtime thread).
@@ -1206,6 +1235,8 @@ struct Actor {
     retention: Retention,
     /// When to refresh this node's own key in each group (`[keys]` in `config.toml`).
     update_policy: UpdatePolicy,
+    /// How long past epochs' secrets are kept after this node left them.
+    past_epoch_ttl: Duration,
     /// A handle to this actor, for work it starts in the background (joining again).
     handle: EngineHandle,
 }
@@ -1297,10 +1328,8 @@ impl Actor {
                         .groups
                         .stale_catch_ups(now_ms(), CATCH_UP_HOLD_LIMIT.as_millis() as u64);
                     self.sync_input(sched::Input::Tick { holding, stale });
-                    self.flushes += 1;
-                    if self.flushes.is_multiple_of(EXPIRE_EVERY_FLUSHES) {
-                        self.expire_past_epochs();
-                    }
+                    self.expire_past_epochs();
+                    self.resend_tick();
                     self.flush();
                 }
                 Input::Prune => self.prune(),
@@ -1611,6 +1640,7 @@ impl Actor {
     /// and a commit others may already apply must never be lost here by a crash.
     fn apply_with(&mut self, mut effects: Vec<Effect>, durable: bool) -> Result<(), EngineError> {
         self.drop_known_undecryptable(&mut effects);
+        self.want_resend(&effects)?;
         let durable = durable || publishes(&effects);
         crashpoint::reached_when(Point::Commit, || crashpoint::merges_commit(&effects));
         let batch = Batch::from_effects(&effects);
@@ -1651,6 +1681,41 @@ impl Actor {
             }
             _ => true,
         });
+    }
+
+    /// Asks, in the same commit, for the texts of the envelopes this node truly cannot
+    /// decrypt: their senders send them again (see `GroupEngine::resend_tick`).
+    fn want_resend(&mut self, effects: &[Effect]) -> Result<(), EngineError> {
+        let mut lost: HashMap<GroupId, Vec<MessageId>> = HashMap::new();
+        for e in effects {
+            if let Effect::Undecryptable { envelope, .. } = e {
+                lost.entry(envelope.group).or_default().push(envelope.id);
+            }
+        }
+        for (group, ids) in lost {
+            if let Err(e) = self.groups.want_resend(group, &ids) {
+                self.rollback();
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what the re-send tick has due: requests for texts this node cannot decrypt,
+    /// and the texts members asked it for.
+    fn resend_tick(&mut self) {
+        if !self.disk_ok() {
+            return;
+        }
+        let result = self
+            .groups
+            .resend_tick(now_ms())
+            .map_err(EngineError::from)
+            .and_then(|fx| self.apply_with(fx, false));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot send re-send requests or answers");
+            self.rollback();
+        }
     }
 
     /// Commits a batch, timing it for `kith_store_commit_seconds`.
@@ -1716,16 +1781,24 @@ impl Actor {
         }
     }
 
-    /// Drops past epochs' secrets older than [`PAST_EPOCH_TTL`] and stores the result.
+    /// Drops the secrets of past epochs this node left `past_epoch_ttl` ago and stores the
+    /// result (on every flush tick; nothing is written while nothing is due).
     fn expire_past_epochs(&mut self) {
         if !self.disk_ok() {
             return;
         }
         let result = self
             .groups
-            .expire_past_epochs(PAST_EPOCH_TTL)
+            .expire_past_epochs(now_ms(), self.past_epoch_ttl)
             .map_err(EngineError::from)
-            .and_then(|()| self.apply_with(Vec::new(), false));
+            .and_then(|done| {
+                self.metrics.past_epochs_expired(done.epochs);
+                if done.staged {
+                    self.apply_with(Vec::new(), false)
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot expire past epochs");
             self.rollback();
@@ -1833,11 +1906,16 @@ impl Actor {
                             msg = %envelope.id.short(),
                             epoch = envelope.epoch,
                             reason = reason.label(),
-                            "a message of this group cannot be decrypted: {reason}; it is lost on this node (counted in `kith group show`; further ones are logged at debug)"
+                            "a message of this group cannot be decrypted: {reason}; asking the group for it again (until its sender answers it counts as lost in `kith group show`; further ones are logged at debug)"
                         );
                     } else {
                         tracing::debug!(group = %envelope.group.short(), msg = %envelope.id.short(), reason = reason.label(), "undecryptable message");
                     }
+                    Ok(())
+                }
+                Effect::Recovered { group, envelope } => {
+                    self.metrics.recovered();
+                    tracing::debug!(group = %group.short(), msg = %envelope.short(), "a message that could not be decrypted arrived again from its sender");
                     Ok(())
                 }
                 Effect::SaveGroup(_)
@@ -2176,30 +2254,11 @@ impl Actor {
     }
 
     fn resolve(&self, query: &str) -> Result<GroupId, EngineError> {
-        let query = query.trim();
-        if let Ok(id) = query.parse::<GroupId>() {
-            return if self.groups.group(&id).is_some() {
-                Ok(id)
-            } else {
-                Err(EngineError::GroupNotFound(query.to_owned()))
-            };
-        }
-        let lower = query.to_ascii_lowercase();
-        let is_prefix = lower.len() >= 4 && lower.chars().all(|c| c.is_ascii_hexdigit());
-        let matches: Vec<GroupId> = self
-            .groups
-            .groups()
-            .iter()
-            .filter(|v| {
-                v.meta.name == query || (is_prefix && v.meta.id.to_string().starts_with(&lower))
-            })
-            .map(|v| v.meta.id)
-            .collect();
-        match matches.as_slice() {
-            [] => Err(EngineError::GroupNotFound(query.to_owned())),
-            [one] => Ok(*one),
-            _ => Err(EngineError::AmbiguousGroup(query.to_owned())),
-        }
+        let views = self.groups.groups();
+        resolve_group(
+            query,
+            views.iter().map(|v| (v.meta.id, v.meta.name.as_str())),
+        )
     }
 
     fn view(&self, id: &GroupId) -> Result<GroupView, EngineError> {
@@ -2669,5 +2728,39 @@ mod durability_tests {
             Effect::Unsubscribe(topic)
         ]));
         assert!(!publishes(&[]));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod resolve_tests {
+    use super::*;
+
+    #[test]
+    fn a_group_is_named_by_id_unique_prefix_or_exact_name() {
+        let a = GroupId([0xab; 32]);
+        let b = GroupId([0xac; 32]);
+        let groups = [(a, "book club"), (b, "family")];
+        let find = |q: &str| resolve_group(q, groups.iter().copied());
+        assert_eq!(find(&a.to_string()).unwrap(), a);
+        assert_eq!(find("abab").unwrap(), a);
+        assert_eq!(find("ACAC").unwrap(), b);
+        assert_eq!(find(" family ").unwrap(), b);
+        assert!(
+            matches!(find("abc"), Err(EngineError::GroupNotFound(_))),
+            "too short"
+        );
+        assert!(matches!(find("book"), Err(EngineError::GroupNotFound(_))));
+        assert!(matches!(
+            find(&GroupId([1; 32]).to_string()),
+            Err(EngineError::GroupNotFound(_))
+        ));
+        let mut near = [0xab; 32];
+        near[5] = 0;
+        let twins = [(a, "x"), (GroupId(near), "y")];
+        assert!(matches!(
+            resolve_group("abab", twins.iter().copied()),
+            Err(EngineError::AmbiguousGroup(_))
+        ));
     }
 }

@@ -255,6 +255,8 @@ pub struct KithMetrics {
     messages_received: Counter,
     rollbacks: Counter,
     undecryptable: [Counter; Undecryptable::ALL.len()],
+    recovered: Counter,
+    past_epochs_expired: Counter,
     deep_forks: Counter,
     forks_detected: Counter,
     rejected: [Counter; RejectReason::LABELS.len()],
@@ -308,6 +310,18 @@ impl KithMetrics {
             "undecryptable",
             "Messages of a group this node holds but can never decrypt, by reason",
             Undecryptable::ALL.map(|x| ReasonLabel { reason: x.label() }),
+        );
+        let recovered = Counter::default();
+        r.register(
+            "undecryptable_recovered",
+            "Messages this node could not decrypt whose sender sent them again on its request",
+            recovered.clone(),
+        );
+        let past_epochs_expired = Counter::default();
+        r.register(
+            "past_epochs_expired",
+            "Past epochs whose secrets this node deleted, a bounded time after it left them",
+            past_epochs_expired.clone(),
         );
         let rollbacks = Counter::default();
         r.register(
@@ -430,6 +444,8 @@ impl KithMetrics {
             messages_received,
             rollbacks,
             undecryptable,
+            recovered,
+            past_epochs_expired,
             deep_forks,
             forks_detected,
             rejected,
@@ -478,6 +494,18 @@ impl KithMetrics {
     /// Counts one message that can never be decrypted here.
     pub fn undecryptable(&self, reason: Undecryptable) {
         self.undecryptable[index_of(&Undecryptable::ALL, reason)].inc();
+    }
+
+    /// Counts one undecryptable message that came back, re-sent by its sender on request.
+    pub fn recovered(&self) {
+        self.recovered.inc();
+    }
+
+    /// Counts past epochs whose secrets were deleted.
+    pub fn past_epochs_expired(&self, n: u64) {
+        if n > 0 {
+            self.past_epochs_expired.inc_by(n);
+        }
     }
 
     /// Counts one rollback to a winning branch.

@@ -156,6 +156,7 @@ pub async fn start_with(opts: NodeOptions, recovery: Recovery) -> Result<Running
             network: config.network.clone(),
             retention: config.retention,
             update_policy: config.update_policy,
+            past_epoch_ttl: config.past_epoch_ttl,
         },
         net.clone(),
         net_events,

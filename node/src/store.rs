@@ -269,6 +269,9 @@ pub struct Batch {
     /// counted in the `undecryptable` table, unless it is already stored (then it was a
     /// copy of a message this node holds, not a loss).
     pub undecryptable: Vec<(StoredEnvelope, Undecryptable)>,
+    /// Undecryptable envelopes whose text arrived again, re-sent by its sender on request:
+    /// no longer counted as lost (the envelope stays, so sync does not fetch it again).
+    pub recovered: Vec<(GroupId, MessageId)>,
 }
 
 /// See [`Batch::rollbacks`].
@@ -299,6 +302,7 @@ impl Batch {
                 Effect::Undecryptable { envelope, reason } => {
                     batch.undecryptable.push((envelope.clone(), *reason))
                 }
+                Effect::Recovered { group, envelope } => batch.recovered.push((*group, *envelope)),
                 Effect::JoinLost { .. } | Effect::DeepForkLost { .. } | Effect::Behind { .. } => {}
                 Effect::LinkEnvelope { envelope, history } => {
                     if envelope != history {
@@ -342,6 +346,7 @@ impl Batch {
             && self.rollbacks.is_empty()
             && self.links.is_empty()
             && self.undecryptable.is_empty()
+            && self.recovered.is_empty()
     }
 }
 
@@ -652,6 +657,12 @@ impl Store {
                         &undecryptable_key(&envelope.group, &envelope.id),
                         value.as_slice(),
                     )?;
+                }
+            }
+            if !batch.recovered.is_empty() {
+                let mut lost = txn.open_table(UNDECRYPTABLE)?;
+                for (group, id) in &batch.recovered {
+                    lost.remove(&undecryptable_key(group, id))?;
                 }
             }
 

@@ -179,10 +179,32 @@ pub enum Body {
     /// new member cannot read messages from before it joined, so this is how it learns the
     /// invites created earlier. At most [`MAX_INVITE_STATES`] entries.
     InviteStates(Vec<InviteState>),
+    /// The sender could not decrypt these application envelopes (their epoch's keys were
+    /// already deleted, or their generation fell out of its window) and asks whoever sent
+    /// them to send them again. At most [`MAX_RESEND_REQUEST_IDS`] envelope ids. No history
+    /// row (see docs/PROTOCOL.md, "No message lost", re-send on request).
+    ResendRequest(Vec<MessageId>),
+    /// A text sent again at a member's [`Body::ResendRequest`]: under the same stable id,
+    /// placed in history at the epoch it was first sent in.
+    Resent(Resent),
 }
 
 /// Most entries in one [`Body::InviteStates`].
 pub const MAX_INVITE_STATES: usize = 256;
+/// Most envelope ids in one [`Body::ResendRequest`].
+pub const MAX_RESEND_REQUEST_IDS: usize = 256;
+
+/// See [`Body::Resent`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resent {
+    /// The epoch the text was first encrypted in (its place in history). Receivers refuse
+    /// one later than the epoch of the envelope that carries it.
+    pub epoch: u64,
+    /// The envelope id of that first copy (the one a member asked for).
+    pub envelope: MessageId,
+    /// The text, as first sent.
+    pub text: String,
+}
 
 /// One invite in [`Body::InviteStates`]: what [`SharedInvite`] says, plus who created it and
 /// when, how many joins it has admitted, and whether it was revoked.
@@ -223,10 +245,18 @@ impl AppContent {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let content: AppContent = codec::decode(bytes, MAX_TEXT_BYTES + 128)?;
         match content.body() {
-            Body::Text(t) if t.len() > MAX_TEXT_BYTES => Err(DecodeError::TooLarge {
-                len: t.len(),
-                limit: MAX_TEXT_BYTES,
-            }),
+            Body::Text(t) | Body::Resent(Resent { text: t, .. }) if t.len() > MAX_TEXT_BYTES => {
+                Err(DecodeError::TooLarge {
+                    len: t.len(),
+                    limit: MAX_TEXT_BYTES,
+                })
+            }
+            Body::ResendRequest(ids) if ids.is_empty() || ids.len() > MAX_RESEND_REQUEST_IDS => {
+                Err(DecodeError::Malformed(format!(
+                    "a re-send request names {} envelopes (1 to {MAX_RESEND_REQUEST_IDS})",
+                    ids.len()
+                )))
+            }
             Body::InviteCreated(i) if i.max_uses == 0 || i.max_uses > MAX_INVITE_USES => Err(
                 DecodeError::Malformed(format!("invite allows {} uses", i.max_uses)),
             ),

@@ -315,23 +315,99 @@ pub fn sent_after<S: GroupRecords>(
     Ok(out)
 }
 
-/// Forgets kept messages of `group` from epochs before `epoch` (they can no longer be rolled
-/// back) and, beyond [`MAX_RESEND`], the oldest ones.
-pub fn trim_sent<S: GroupRecords>(s: &S, group: &GroupId, epoch: u64) -> Result<(), ForkError> {
+/// Forgets the oldest kept messages of `group` beyond [`MAX_RESEND`] (oldest epochs first),
+/// and the envelope index entries ([`index_sent`]) of epochs no kept message is from. They
+/// are kept past the rewind window: a member that could not decrypt one may ask for it
+/// again (see `group::resend`).
+pub fn trim_sent<S: GroupRecords>(s: &S, group: &GroupId) -> Result<(), ForkError> {
     let prefix = sent_prefix(group);
     let keys = s.kith_keys(&prefix).map_err(storage)?;
     let excess = keys.len().saturating_sub(MAX_RESEND);
-    for (i, k) in keys.iter().enumerate() {
-        let old = k
-            .get(prefix.len()..prefix.len() + 8)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_be_bytes)
-            .is_none_or(|e| e < epoch);
-        if old || i < excess {
-            s.put_kith(k, None).map_err(storage)?;
+    if excess == 0 {
+        return Ok(());
+    }
+    for k in &keys[..excess] {
+        s.put_kith(k, None).map_err(storage)?;
+    }
+    let oldest_kept = keys
+        .get(excess)
+        .and_then(|k| k.get(prefix.len()..prefix.len() + 8))
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(u64::MAX, u64::from_be_bytes);
+    let index = sent_index_prefix(group);
+    for k in s.kith_keys(&index).map_err(storage)? {
+        let epoch = s
+            .get_kith(&k)
+            .map_err(storage)?
+            .and_then(|v| v.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()))
+            .map(u64::from_be_bytes);
+        if epoch.is_none_or(|e| e < oldest_kept) {
+            s.put_kith(&k, None).map_err(storage)?;
         }
     }
     Ok(())
+}
+
+fn sent_index_prefix(group: &GroupId) -> Vec<u8> {
+    key(b"sent-envelope", group, &[])
+}
+
+/// Notes that the envelope `envelope` carried the kept message `sent` (its first send or a
+/// re-send), so a request naming the envelope finds the message.
+pub fn index_sent<S: GroupRecords>(
+    s: &S,
+    group: &GroupId,
+    envelope: &MessageId,
+    sent: &Sent,
+) -> Result<(), ForkError> {
+    let mut v = sent.epoch.to_be_bytes().to_vec();
+    v.extend_from_slice(sent.id.as_bytes());
+    let k = key(b"sent-envelope", group, &[envelope.as_bytes()]);
+    s.put_kith(&k, Some(&v)).map_err(storage)
+}
+
+/// Whether `envelope` carried one of this node's kept messages (as far as the index knows).
+pub fn is_indexed<S: GroupRecords>(
+    s: &S,
+    group: &GroupId,
+    envelope: &MessageId,
+) -> Result<bool, ForkError> {
+    let k = key(b"sent-envelope", group, &[envelope.as_bytes()]);
+    Ok(s.get_kith(&k).map_err(storage)?.is_some())
+}
+
+/// The kept message the envelope `envelope` carried, if it is still kept.
+pub fn sent_by_envelope<S: GroupRecords>(
+    s: &S,
+    group: &GroupId,
+    envelope: &MessageId,
+) -> Result<Option<Sent>, ForkError> {
+    let k = key(b"sent-envelope", group, &[envelope.as_bytes()]);
+    let Some(v) = s.get_kith(&k).map_err(storage)? else {
+        return Ok(None);
+    };
+    let epoch = v
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes);
+    let id = v.get(8..).and_then(MessageId::from_slice);
+    let found = match (epoch, id) {
+        (Some(epoch), Some(id)) => {
+            match s.get_kith(&sent_key(group, epoch, &id)).map_err(storage)? {
+                Some(bytes) => Some(
+                    codec::decode::<Sent>(&bytes, MAX_RECORD_BYTES)
+                        .map_err(|e| ForkError::Corrupt(e.to_string()))?,
+                ),
+                None => None,
+            }
+        }
+        _ => None,
+    };
+    if found.is_none() {
+        // The message was trimmed: the entry is of no use any more.
+        s.put_kith(&k, None).map_err(storage)?;
+    }
+    Ok(found)
 }
 
 /// Deletes a kept message (it was re-sent, or it is superseded).

@@ -41,8 +41,8 @@ use state::Group;
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// How many past epochs' secrets are kept so late application messages still decrypt.
 pub const MAX_PAST_EPOCHS: usize = 5;
-/// Past epochs' secrets are dropped this long after the epoch ended (see
-/// [`GroupEngine::expire_past_epochs`]). openmls rewrites every retained epoch's secrets on
+/// Past epochs' secrets are dropped this long after this node left the epoch (see
+/// [`GroupEngine::expire_past_epochs`]), not after the epoch began. openmls rewrites every retained epoch's secrets on
 /// each message, so stale epochs cost on every message; this keeps the window for late
 /// messages while making steady-state messages cheap.
 pub const PAST_EPOCH_TTL: std::time::Duration = std::time::Duration::from_secs(30);
@@ -210,6 +210,15 @@ pub enum Effect {
         /// Why it cannot be decrypted.
         reason: Undecryptable,
     },
+    /// A text this node could not decrypt (the envelope `envelope`, reported as
+    /// [`Effect::Undecryptable`] earlier) arrived again from its sender, re-sent on this
+    /// node's request: count it as recovered.
+    Recovered {
+        /// The group.
+        group: GroupId,
+        /// The envelope that could not be decrypted.
+        envelope: MessageId,
+    },
     /// A group moved to a new epoch.
     EpochChanged {
         /// The group.
@@ -237,6 +246,9 @@ pub struct GroupEngine<P: OpenMlsProvider> {
     ahead: bool,
     /// While a catch-up's held envelopes are drained: when that catch-up began.
     drain_since: Option<u64>,
+    /// When this node left each group's past epochs (see [`GroupEngine::expire_past_epochs`]),
+    /// as last read from or written to storage.
+    epoch_ends: BTreeMap<GroupId, expiry::EpochEnds>,
 }
 
 impl<P: OpenMlsProvider> GroupEngine<P>
@@ -254,6 +266,7 @@ where
             decrypted: None,
             ahead: false,
             drain_since: None,
+            epoch_ends: BTreeMap::new(),
         }
     }
 
@@ -306,6 +319,7 @@ where
     /// Re-reads every loaded group's MLS state from storage, after the caller discarded
     /// staged writes that failed to commit. Pending envelopes are kept.
     pub fn reload_all(&mut self) -> Result<(), GroupError> {
+        self.epoch_ends.clear();
         let ids: Vec<GroupId> = self.groups.keys().copied().collect();
         for id in ids {
             let mls_id = openmls::group::GroupId::from_slice(id.as_bytes());
@@ -344,24 +358,6 @@ where
             .map(|g| g.mls.epoch_authenticator().as_slice().to_vec())
     }
 
-    /// Drops past epochs' secrets that ended more than `older_than` ago, in every group.
-    /// Call it periodically; the caller persists the resulting storage writes.
-    pub fn expire_past_epochs(
-        &mut self,
-        older_than: std::time::Duration,
-    ) -> Result<(), GroupError> {
-        for g in self.groups.values_mut() {
-            g.mls
-                .delete_past_epoch_secrets(
-                    &self.provider,
-                    openmls::prelude::PastEpochDeletion::older_than_duration(older_than)
-                        .max_past_epochs(MAX_PAST_EPOCHS),
-                )
-                .map_err(mls_err)?;
-        }
-        Ok(())
-    }
-
     /// The current epoch of `group`, if this node has it (cheaper than [`GroupEngine::group`]).
     pub fn group_epoch(&self, group: &GroupId) -> Option<u64> {
         self.groups.get(group).map(|g| g.epoch())
@@ -376,19 +372,23 @@ where
 mod apply;
 mod branch;
 mod catch_up;
+mod expiry;
 mod invites;
 mod join;
 mod local;
 mod members;
 mod receive;
 mod rejoin;
+mod resend;
 mod state;
 mod synced;
 mod verdict;
 
+pub use expiry::Expired;
 pub use invites::{CommitNote, NewInvite};
 pub use local::{removal_id, text_history_id};
 pub use members::{Identity, bound_peer};
+pub use resend::{ASK_AGAIN_MS, MAX_OWED, MAX_WANTED};
 pub use state::{GroupView, authenticator_digest};
 pub use verdict::{IgnoreReason, RejectReason, Step, Verdict};
 
@@ -396,5 +396,7 @@ pub use verdict::{IgnoreReason, RejectReason, Step, Verdict};
 mod fork_tests;
 #[cfg(test)]
 mod order_tests;
+#[cfg(test)]
+mod resend_tests;
 #[cfg(test)]
 mod tests;

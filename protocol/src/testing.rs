@@ -120,10 +120,15 @@ where
                     // its store likewise).
                     if !self.stored[i].iter().any(|e| e.id == envelope.id) {
                         self.undecryptable[i].push((envelope.id, reason));
+                        // Asked for again at the member's next tick, as the node does.
+                        self.engines[i]
+                            .want_resend(envelope.group, &[envelope.id])
+                            .expect("note a re-send request");
                         self.stored[i].push(envelope);
                     }
                 }
                 Effect::SaveGroup(_)
+                | Effect::Recovered { .. }
                 | Effect::LinkEnvelope { .. }
                 | Effect::JoinLost { .. }
                 | Effect::DeepForkLost { .. }
@@ -219,6 +224,18 @@ where
         let fx = self.engines[i].self_update(group, self.now_ms)?;
         self.apply(i, fx);
         Ok(())
+    }
+
+    /// Member `i`'s tick, as the node's flush tick runs it: past-epoch expiry, then its
+    /// re-send requests and answers (queued).
+    pub fn tick(&mut self, i: usize) {
+        self.engines[i]
+            .expire_past_epochs(self.now_ms, crate::group::PAST_EPOCH_TTL)
+            .expect("past-epoch expiry");
+        let fx = self.engines[i]
+            .resend_tick(self.now_ms)
+            .expect("re-send tick");
+        self.apply(i, fx);
     }
 
     /// Delivers one in-flight envelope (at `index` in the queue) to every other subscriber.

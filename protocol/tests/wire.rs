@@ -9,7 +9,8 @@ use kith_protocol::codec::{self, DecodeError, MAX_DECODE_BYTES};
 use kith_protocol::envelope::{
     AppContent, AppContentV1, AppContentV3, Body, Envelope, EnvelopeError, EnvelopeV1,
     JoinRejection, JoinRequest, JoinRequestV1, JoinResponse, MAX_ENVELOPE_BYTES,
-    MAX_JOIN_REQUEST_BYTES, MAX_JOIN_RESPONSE_BYTES, MAX_TEXT_BYTES, PayloadKind, SharedInvite,
+    MAX_JOIN_REQUEST_BYTES, MAX_JOIN_RESPONSE_BYTES, MAX_RESEND_REQUEST_IDS, MAX_TEXT_BYTES,
+    PayloadKind, Resent, SharedInvite,
 };
 use kith_protocol::group::CommitNote;
 use kith_protocol::ids::{
@@ -590,6 +591,65 @@ fn golden_app_content_v3_bytes() {
     assert_eq!(
         AppContent::decode(&codec::encode(&with_id).unwrap()).unwrap(),
         with_id
+    );
+}
+
+#[test]
+fn golden_resend_bodies_bytes() {
+    let request = AppContent::V3(AppContentV3 {
+        seq: 7,
+        id: None,
+        sent_at_ms: 5,
+        body: Body::ResendRequest(vec![MessageId([0x11; 32])]),
+    });
+    // Body::ResendRequest = 04, one id (length 01), 32 bytes.
+    assert_eq!(
+        hex(&codec::encode(&request).unwrap()),
+        format!("0207000504 01{}", rep("11", 32)).replace(' ', "")
+    );
+    let resent = AppContent::V3(AppContentV3 {
+        seq: 8,
+        id: Some(MessageId([0x44; 32])),
+        sent_at_ms: 5,
+        body: Body::Resent(Resent {
+            epoch: 3,
+            envelope: MessageId([0x22; 32]),
+            text: "hi".to_owned(),
+        }),
+    });
+    // Body::Resent = 05: the first epoch, the first envelope's id, the text.
+    assert_eq!(
+        hex(&codec::encode(&resent).unwrap()),
+        format!("020801{}05 05 03{}026869", rep("44", 32), rep("22", 32)).replace(' ', "")
+    );
+    for c in [request, resent] {
+        assert_eq!(AppContent::decode(&codec::encode(&c).unwrap()).unwrap(), c);
+    }
+    // Out of bounds: no id, too many ids, a text over the limit.
+    let bad = |body: Body| {
+        AppContent::decode(
+            &codec::encode(&AppContent::V1(AppContentV1 {
+                sent_at_ms: 1,
+                body,
+            }))
+            .unwrap(),
+        )
+    };
+    assert!(bad(Body::ResendRequest(Vec::new())).is_err());
+    assert!(
+        bad(Body::ResendRequest(vec![
+            MessageId([1; 32]);
+            MAX_RESEND_REQUEST_IDS + 1
+        ]))
+        .is_err()
+    );
+    assert!(
+        bad(Body::Resent(Resent {
+            epoch: 0,
+            envelope: MessageId([0; 32]),
+            text: "x".repeat(MAX_TEXT_BYTES + 1),
+        }))
+        .is_err()
     );
 }
 

@@ -37,6 +37,7 @@ pub fn loopback_config(bootstrap: Vec<BootstrapPeer>) -> NodeConfig {
         metrics_listen: None,
         retention: Default::default(),
         update_policy: Default::default(),
+        past_epoch_ttl: kith_protocol::group::PAST_EPOCH_TTL,
     }
 }
 

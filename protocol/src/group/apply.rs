@@ -13,7 +13,7 @@ use super::local::{merge_own_commit, removal_id, text_history_id};
 use super::members::{bound_peer, member_peer, removed_peers, self_remover};
 use super::receive::Incoming;
 use super::state::hold_orphan;
-use super::{Effect, GroupEngine, IgnoreReason, RejectReason, Step, Verdict, invites};
+use super::{Effect, GroupEngine, IgnoreReason, RejectReason, Step, Verdict, invites, resend};
 use crate::envelope::{AppContent, Body, PayloadKind};
 use crate::fork::{Applied, GroupRecords, OwnChange};
 use crate::order::{self, DecryptFailure, Undecryptable};
@@ -138,8 +138,54 @@ where
                     .stable_id()
                     .map_or(id, |s| text_history_id(&sender, &s));
                 let sent_at_ms = content.sent_at_ms();
-                let text = match content.into_body() {
-                    Body::Text(text) => text,
+                let stable = content.stable_id();
+                let (text, at_epoch) = match content.into_body() {
+                    Body::Text(text) => (text, envelope.epoch()),
+                    Body::ResendRequest(ids) => {
+                        // A member asks for envelopes it cannot decrypt; those that carried
+                        // this node's texts are sent again at the next tick.
+                        if sender != self.me.peer
+                            && let Err(e) =
+                                resend::note_asked(self.provider.storage(), &group_id, &ids)
+                        {
+                            return Verdict::Ignore(IgnoreReason::Failed {
+                                step: Step::RecordResend,
+                                detail: e.to_string(),
+                            });
+                        }
+                        effects.push(Effect::SaveEnvelope(stored));
+                        return Verdict::Accept;
+                    }
+                    Body::Resent(r) => {
+                        // A text sent again: it goes where it was first said, and only a
+                        // member of that epoch may be placed there.
+                        if stable.is_none() || r.epoch > envelope.epoch() {
+                            return Verdict::Reject(RejectReason::BadResend);
+                        }
+                        if r.epoch < g.branch.since {
+                            return Verdict::Ignore(IgnoreReason::BeforeJoin(
+                                "a text sent again from before this node joined".into(),
+                            ));
+                        }
+                        match resend::received_again(
+                            self.provider.storage(),
+                            &group_id,
+                            &r.envelope,
+                        ) {
+                            Ok(true) => effects.push(Effect::Recovered {
+                                group: group_id,
+                                envelope: r.envelope,
+                            }),
+                            Ok(false) => {}
+                            Err(e) => {
+                                return Verdict::Ignore(IgnoreReason::Failed {
+                                    step: Step::RecordResend,
+                                    detail: e.to_string(),
+                                });
+                            }
+                        }
+                        (r.text, r.epoch)
+                    }
                     other => {
                         return match invites::invite_message_effects(
                             group_id, sender, stored, sent_at_ms, now_ms, other,
@@ -160,7 +206,7 @@ where
                 effects.push(Effect::Record(HistoryEntry {
                     group: group_id,
                     id: history_id,
-                    epoch: envelope.epoch(),
+                    epoch: at_epoch,
                     sender,
                     sent_at_ms,
                     received_at_ms: now_ms,
@@ -190,6 +236,15 @@ where
                 }
                 if let Err(e) = g.mls.merge_staged_commit(&self.provider, *staged) {
                     return Verdict::Reject(RejectReason::Merge(e.to_string()));
+                }
+                if !added.is_empty()
+                    && let Err(e) =
+                        resend::note_added(self.provider.storage(), &group_id, g.epoch())
+                {
+                    return Verdict::Ignore(IgnoreReason::Failed {
+                        step: Step::RecordCommit,
+                        detail: e.to_string(),
+                    });
                 }
                 if let Err(e) = note_applied(
                     &self.provider,

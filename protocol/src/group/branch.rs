@@ -29,8 +29,9 @@ where
     fork::save_checkpoint(provider.storage(), &group, epoch).map_err(mls_err)
 }
 
-/// Records a merged commit in the group's branch, drops the checkpoints and kept messages
-/// that fell out of the rewind window, and persists the branch.
+/// Records a merged commit in the group's branch, drops the checkpoints that fell out of
+/// the rewind window and the kept messages beyond [`fork::MAX_RESEND`], and persists the
+/// branch.
 pub(super) fn note_applied<P: OpenMlsProvider>(
     provider: &P,
     group: GroupId,
@@ -49,6 +50,7 @@ where
     {
         g.branch.joined = None;
     }
+    let own_add = matches!(applied.own, Some(OwnChange::Add { .. }));
     g.branch.applied.push(applied);
     while g.branch.applied.len() > REWIND_DEPTH {
         let old = g.branch.applied.remove(0);
@@ -57,10 +59,11 @@ where
     }
     let excess = g.branch.older.len().saturating_sub(fork::MAX_OLDER);
     g.branch.older.drain(..excess);
-    if let Some(oldest) = g.branch.oldest() {
-        // Messages of the oldest epoch still reachable stay readable after any rollback.
-        fork::trim_sent(storage, &group, oldest + 1).map_err(mls_err)?;
+    if own_add {
+        // Members from this epoch on must not read what was said before it.
+        super::resend::note_added(storage, &group, g.epoch())?;
     }
+    fork::trim_sent(storage, &group).map_err(mls_err)?;
     fork::save_branch(storage, &group, &g.branch).map_err(mls_err)
 }
 

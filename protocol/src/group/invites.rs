@@ -105,7 +105,9 @@ pub(super) fn invite_message_effects(
             EntryKind::InviteRevoked(id),
             InviteUpdate::Revoked { group, id },
         ),
-        Body::Text(_) => return Err(Verdict::Reject(RejectReason::NotInvite)),
+        Body::Text(_) | Body::ResendRequest(_) | Body::Resent(_) => {
+            return Err(Verdict::Reject(RejectReason::NotInvite));
+        }
     };
     let entry = HistoryEntry {
         group,

@@ -228,7 +228,8 @@ where
     }
 
     /// Encrypts `text` under the stable id `stable` in the current epoch and keeps it for
-    /// re-sending until its epoch can no longer be rolled back.
+    /// re-sending (after a rollback, or when a member asks for it), at most
+    /// [`fork::MAX_RESEND`] per group.
     pub(super) fn send_content(
         &mut self,
         group: GroupId,
@@ -244,17 +245,14 @@ where
             body: Body::Text(text.to_owned()),
         });
         let (epoch, data, id) = encrypt_app(&self.provider, &self.me.signer, group, g, &content)?;
-        fork::save_sent(
-            self.provider.storage(),
-            &group,
-            &Sent {
-                epoch,
-                id: stable,
-                sent_at_ms,
-                text: text.to_owned(),
-            },
-        )
-        .map_err(mls_err)?;
+        let sent = Sent {
+            epoch,
+            id: stable,
+            sent_at_ms,
+            text: text.to_owned(),
+        };
+        fork::save_sent(self.provider.storage(), &group, &sent).map_err(mls_err)?;
+        fork::index_sent(self.provider.storage(), &group, &id, &sent).map_err(mls_err)?;
         let entry = HistoryEntry {
             group,
             id: text_history_id(&self.me.peer, &stable),

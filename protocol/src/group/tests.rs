@@ -396,22 +396,45 @@ fn late_message_setup() -> (Sim<'static, OpenMlsRustCrypto>, GroupId, Vec<u8>) {
 
 #[test]
 fn late_message_from_the_previous_epoch_still_decrypts() {
-    let (mut s, g, late) = late_message_setup();
+    let (mut s, _g, late) = late_message_setup();
     let (v, _) = s.engines[1].handle_envelope(&late, T0);
     assert_eq!(v, Verdict::Accept);
-    // A fresh expiry window keeps the epoch that just ended.
-    let (mut s2, g2, late2) = late_message_setup();
-    s2.engines[1].expire_past_epochs(PAST_EPOCH_TTL).unwrap();
-    assert_eq!(s2.engines[1].handle_envelope(&late2, T0).0, Verdict::Accept);
-    let _ = (g, g2, &mut s);
+    // The window counts from when this node left the epoch (noticed at the first expiry
+    // call after the commit), however long the epoch itself lasted.
+    let (mut s2, _g2, late2) = late_message_setup();
+    let ttl = PAST_EPOCH_TTL.as_millis() as u64;
+    assert!(
+        s2.engines[1]
+            .expire_past_epochs(T0, PAST_EPOCH_TTL)
+            .unwrap()
+            .staged
+    );
+    assert!(
+        !s2.engines[1]
+            .expire_past_epochs(T0 + ttl - 1, PAST_EPOCH_TTL)
+            .unwrap()
+            .staged
+    );
+    assert_eq!(
+        s2.engines[1].handle_envelope(&late2, T0 + ttl - 1).0,
+        Verdict::Accept
+    );
 }
 
 #[test]
 fn expired_past_epochs_no_longer_decrypt_and_nothing_breaks() {
     let (mut s, g, late) = late_message_setup();
-    s.engines[1]
-        .expire_past_epochs(std::time::Duration::ZERO)
-        .unwrap();
+    let ttl = PAST_EPOCH_TTL.as_millis() as u64;
+    s.engines[1].expire_past_epochs(T0, PAST_EPOCH_TTL).unwrap();
+    // A restart in between: the end time is read back from storage.
+    s.engines[1].reload_all().unwrap();
+    assert_eq!(
+        s.engines[1]
+            .expire_past_epochs(T0 + ttl, PAST_EPOCH_TTL)
+            .unwrap()
+            .epochs,
+        1
+    );
     let (v, fx) = s.engines[1].handle_envelope(&late, T0);
     assert!(
         matches!(v, Verdict::Ignore(IgnoreReason::Undecryptable(_))),

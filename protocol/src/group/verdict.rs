@@ -58,6 +58,10 @@ pub enum RejectReason {
     /// A commit dropped this node's own removal proposal and proposing it again failed.
     #[error("cannot re-propose leaving after a commit: {0}")]
     Reproposal(String),
+    /// A text sent again ([`crate::envelope::Body::Resent`]) without a stable id, or placed
+    /// at an epoch later than the one it was sent in.
+    #[error("malformed re-sent text")]
+    BadResend,
 }
 
 impl RejectReason {
@@ -78,7 +82,7 @@ impl RejectReason {
             RejectReason::Envelope(_) | RejectReason::NotMls => "decode",
             RejectReason::Mls(_) | RejectReason::Merge(_) => "mls",
             RejectReason::HeaderMismatch => "header",
-            RejectReason::Content(_) => "content",
+            RejectReason::Content(_) | RejectReason::BadResend => "content",
             RejectReason::UnboundMember => "unbound_sender",
             RejectReason::FormerMember => "former_member",
             RejectReason::NotSelfRemoval
@@ -249,6 +253,9 @@ pub enum Step {
     /// Committing a member's proposal to leave.
     #[error("commit the removal")]
     CommitRemoval,
+    /// Noting a member's request for a re-send, or that a wanted text arrived again.
+    #[error("record the re-send")]
+    RecordResend,
 }
 
 #[cfg(test)]
@@ -271,6 +278,7 @@ mod tests {
             RejectReason::NotSelfRemoval,
             RejectReason::NotInvite,
             RejectReason::Reproposal("x".into()),
+            RejectReason::BadResend,
         ];
         let step = Step::RollBack { epoch: 3 };
         let ignores = vec![
@@ -313,7 +321,8 @@ mod tests {
                 | RejectReason::UnboundMember
                 | RejectReason::NotSelfRemoval
                 | RejectReason::NotInvite
-                | RejectReason::Reproposal(_) => {}
+                | RejectReason::Reproposal(_)
+                | RejectReason::BadResend => {}
             }
         }
         for r in &ignores {
@@ -346,7 +355,7 @@ mod tests {
     #[test]
     fn every_reason_has_a_listed_label_and_every_label_a_reason() {
         let (rejects, ignores) = every_reason();
-        assert_eq!(rejects.len(), 11, "list every RejectReason once");
+        assert_eq!(rejects.len(), 12, "list every RejectReason once");
         assert_eq!(ignores.len(), 20, "list every IgnoreReason once");
         for r in &rejects {
             assert!(RejectReason::LABELS.contains(&r.label()), "{r:?}");

@@ -24,7 +24,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use libp2p_identity::PeerId;
 
 use crate::group::{Identity, NewInvite, PAST_EPOCH_TTL};
-use crate::ids::{GroupId, TopicId};
+use crate::ids::{GroupId, MessageId, TopicId};
+use crate::records::EntryKind;
 use crate::sync::scheduler::{self as sched, RequestFailure, SYNC_INTERVAL};
 use crate::sync::{SyncRefusal, SyncRequest, SyncResponse};
 use crate::testing::{T0_MS, member_key};
@@ -37,8 +38,6 @@ use node::{Action, Core, Durable};
 
 /// The flush tick of the node (`node::engine::FLUSH_INTERVAL`).
 const FLUSH_MS: u64 = 500;
-/// Past-epoch expiry runs every this many flush ticks, as in the node.
-const EXPIRE_EVERY_FLUSHES: u64 = 20;
 /// How long a request across a partition waits before it fails.
 const PARTITION_TIMEOUT_MS: u64 = 10_000;
 /// How long a request to a crashed node takes to fail (the connection closes).
@@ -174,7 +173,6 @@ enum Event {
     Flush {
         node: usize,
         life: u64,
-        count: u64,
     },
     SyncAll {
         node: usize,
@@ -238,6 +236,18 @@ pub struct Stats {
     pub virtual_ms: u64,
 }
 
+impl World {
+    /// Undecryptable envelopes whose text came back, re-sent on request, over all members
+    /// (what the run exercised of [`crate::group::GroupEngine::resend_tick`]).
+    pub fn recovered(&self) -> usize {
+        self.slots
+            .iter()
+            .filter_map(|s| s.core.as_ref())
+            .map(|c| c.store.recovered.len())
+            .sum()
+    }
+}
+
 /// The simulated world.
 pub struct World {
     cfg: Config,
@@ -299,14 +309,7 @@ impl World {
         };
         for i in 0..n {
             let first = w.rng.below(FLUSH_MS);
-            w.at(
-                first,
-                Event::Flush {
-                    node: i,
-                    life: 0,
-                    count: 0,
-                },
-            );
+            w.at(first, Event::Flush { node: i, life: 0 });
             let sync = w.rng.below(SYNC_INTERVAL.as_millis() as u64);
             w.at(sync, Event::SyncAll { node: i, life: 0 });
         }
@@ -553,19 +556,12 @@ impl World {
                     self.sync_input(node, sched::Input::Timer);
                 }
             }
-            Event::Flush { node, life, count } => {
+            Event::Flush { node, life } => {
                 if !self.up(node) || self.slots[node].life != life {
                     return;
                 }
-                self.flush(node, count);
-                self.at(
-                    FLUSH_MS,
-                    Event::Flush {
-                        node,
-                        life,
-                        count: count + 1,
-                    },
-                );
+                self.flush(node);
+                self.at(FLUSH_MS, Event::Flush { node, life });
             }
             Event::SyncAll { node, life } => {
                 if !self.up(node) || self.slots[node].life != life {
@@ -627,8 +623,9 @@ impl World {
             .unwrap_or_default()
     }
 
-    /// The node's flush tick: the scheduler's tick, past-epoch expiry, and the flush.
-    fn flush(&mut self, i: usize, count: u64) {
+    /// The node's flush tick: the scheduler's tick, past-epoch expiry, re-sends, and the
+    /// flush.
+    fn flush(&mut self, i: usize) {
         let now_ms = self.now_ms();
         let core = self.core(i);
         let holding: Vec<GroupId> = core
@@ -641,12 +638,19 @@ impl World {
         let limit = sched::CATCH_UP_HOLD_LIMIT.as_millis() as u64;
         let stale = core.engine.stale_catch_ups(now_ms, limit);
         self.sync_input(i, sched::Input::Tick { holding, stale });
-        if (count + 1).is_multiple_of(EXPIRE_EVERY_FLUSHES) {
-            // openmls measures the age of past epochs on the wall clock, so in virtual
-            // time only the count bound applies.
-            if let Err(e) = self.core(i).engine.expire_past_epochs(PAST_EPOCH_TTL) {
-                panic!("past-epoch expiry failed: {e}");
-            }
+        // Past epochs age in virtual time, on every tick as in the node.
+        if let Err(e) = self
+            .core(i)
+            .engine
+            .expire_past_epochs(now_ms, PAST_EPOCH_TTL)
+        {
+            panic!("past-epoch expiry failed: {e}");
+        }
+        // Requests for what it cannot decrypt, and the texts members asked it for.
+        match self.core(i).engine.resend_tick(now_ms) {
+            Ok(fx) if !fx.is_empty() => self.commit_effects(i, fx, true),
+            Ok(_) => {}
+            Err(e) => panic!("re-send tick failed: {e}"),
         }
         if self.core(i).take_dirty() && self.slots[i].crashable {
             self.slots[i].durable = self.core(i).durable();
@@ -692,14 +696,7 @@ impl World {
         self.slots[i].core = Some(core);
         let life = self.slots[i].life;
         let first = self.rng.below(FLUSH_MS);
-        self.at(
-            first,
-            Event::Flush {
-                node: i,
-                life,
-                count: 0,
-            },
-        );
+        self.at(first, Event::Flush { node: i, life });
         self.at(
             SYNC_INTERVAL.as_millis() as u64,
             Event::SyncAll { node: i, life },
@@ -937,6 +934,29 @@ impl World {
             bad.push(format!(
                 "members end in different epochs or branches: {auth:?}"
             ));
+        }
+        // Every member places each text where its sender did (the canonical order is by
+        // epoch, then send time): a text sent again on request goes back to its epoch.
+        let mut placed: BTreeMap<MessageId, (u64, u64, usize)> = BTreeMap::new();
+        for i in 0..self.cfg.members {
+            let Some(core) = self.slots[i].core.as_ref() else {
+                continue;
+            };
+            for h in core.store.history.values().filter(|h| h.group == g) {
+                if !matches!(h.kind, EntryKind::Text(_)) {
+                    continue;
+                }
+                match placed.get(&h.id) {
+                    Some((e, at, j)) if (*e, *at) != (h.epoch, h.sent_at_ms) => bad.push(format!(
+                        "members {j} and {i} place a text at epochs {e} and {}",
+                        h.epoch
+                    )),
+                    Some(_) => {}
+                    None => {
+                        placed.insert(h.id, (h.epoch, h.sent_at_ms, i));
+                    }
+                }
+            }
         }
         for i in self.cfg.members..self.slots.len() {
             let Some(core) = self.slots[i].core.as_ref() else {

@@ -36,6 +36,8 @@ pub(super) struct Store {
     pub metas: BTreeMap<GroupId, GroupMeta>,
     pub invites: BTreeMap<InviteId, InviteRecord>,
     pub undecryptable: BTreeMap<MessageId, Undecryptable>,
+    /// Undecryptable envelopes whose text arrived again, re-sent on request.
+    pub recovered: BTreeSet<MessageId>,
 }
 
 impl Store {
@@ -66,6 +68,9 @@ impl Store {
                     self.envelopes
                         .entry(envelope.id)
                         .or_insert_with(|| envelope.clone());
+                }
+                Effect::Recovered { envelope, .. } => {
+                    self.recovered.insert(*envelope);
                 }
                 Effect::RolledBack {
                     group,
@@ -265,6 +270,18 @@ impl Core {
             }
             _ => true,
         });
+        // What is truly lost here is asked for again, in the same commit.
+        let mut lost: BTreeMap<GroupId, Vec<MessageId>> = BTreeMap::new();
+        for e in &effects {
+            if let Effect::Undecryptable { envelope, .. } = e {
+                lost.entry(envelope.group).or_default().push(envelope.id);
+            }
+        }
+        for (group, ids) in lost {
+            if let Err(e) = self.engine.want_resend(group, &ids) {
+                panic!("cannot note a re-send request: {e}");
+            }
+        }
         let durable = durable || effects.iter().any(|e| matches!(e, Effect::Publish { .. }));
         self.store.commit(&effects);
         self.dirty = true;

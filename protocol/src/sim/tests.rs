@@ -102,11 +102,13 @@ fn seeds() {
     let mut failed = Vec::new();
     let mut sent = 0;
     let mut virtual_ms = 0;
+    let mut recovered = 0;
     for seed in 0..count {
         let (name, cfg) = scenario(seed);
         let (w, bad) = run(cfg, seed);
         sent += w.sent();
         virtual_ms += w.stats.virtual_ms;
+        recovered += w.recovered();
         if !bad.is_empty() {
             failed.push(format!(
                 "seed {seed} ({name}): {}\n  replay: {}",
@@ -116,7 +118,7 @@ fn seeds() {
         }
     }
     println!(
-        "simulator: {count} seeds, {sent} messages, {} simulated hours in {:.1} s; {} failed",
+        "simulator: {count} seeds, {sent} messages, {} simulated hours in {:.1} s; {recovered} undecryptable texts re-sent on request; {} failed",
         virtual_ms / 3_600_000,
         started.elapsed().as_secs_f64(),
         failed.len()

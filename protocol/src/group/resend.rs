@@ -1,0 +1,322 @@
+//! Re-send on request: a member that cannot decrypt a text (its epoch's keys are deleted,
+//! or its generation fell out of the window) asks the group for it by envelope id, and its
+//! sender encrypts it again in the current epoch under the same stable id.
+//!
+//! Both sides keep their part in small Kith records, written in the transaction that
+//! learnt of it, so a crash between asking and answering loses nothing:
+//! - the asker's *wanted* list: envelope ids, how often they were asked for, when next;
+//! - the sender's *owed* list: envelope ids of its own texts that a member asked for;
+//! - the sender's index from an envelope id to the kept copy of its text
+//!   ([`fork::index_sent`]);
+//! - the sender's *last add*: the first epoch of the newest member it saw added. A text is
+//!   only sent again if nobody joined after its epoch: a member must not read what was
+//!   said before it joined.
+
+use openmls_traits::OpenMlsProvider;
+
+use super::local::encrypt_app;
+use super::state::active_group;
+use super::{Effect, GroupEngine, GroupError, mls_err};
+use crate::envelope::{
+    AppContent, AppContentV1, AppContentV2, Body, MAX_RESEND_REQUEST_IDS, PayloadKind, Resent,
+};
+use crate::fork::{self, GroupRecords};
+use crate::ids::{GroupId, MessageId};
+use crate::records::StoredEnvelope;
+
+/// Envelope ids a member keeps asking for, per group; beyond it the oldest are dropped.
+pub const MAX_WANTED: usize = 1024;
+/// Envelope ids a sender keeps to answer, per group.
+pub const MAX_OWED: usize = 1024;
+/// When the asker asks again for an envelope nobody sent again yet, after its first
+/// request: 1 min, 10 min, 1 h; then it gives up (the envelope stays counted as
+/// undecryptable).
+pub const ASK_AGAIN_MS: [u64; 3] = [60_000, 600_000, 3_600_000];
+
+fn wanted_key(group: &GroupId) -> Vec<u8> {
+    fork::kith_key(b"resend-wanted", group, &[])
+}
+
+fn owed_key(group: &GroupId) -> Vec<u8> {
+    fork::kith_key(b"resend-owed", group, &[])
+}
+
+fn last_add_key(group: &GroupId) -> Vec<u8> {
+    fork::kith_key(b"last-add", group, &[])
+}
+
+/// One envelope the asker wants: how many requests named it, and when to ask next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Wanted {
+    envelope: MessageId,
+    asked: u32,
+    next_ms: u64,
+}
+
+fn decode_wanted(bytes: &[u8]) -> Vec<Wanted> {
+    bytes
+        .chunks_exact(44)
+        .filter_map(|c| {
+            Some(Wanted {
+                envelope: MessageId::from_slice(&c[..32])?,
+                asked: u32::from_be_bytes(c[32..36].try_into().ok()?),
+                next_ms: u64::from_be_bytes(c[36..44].try_into().ok()?),
+            })
+        })
+        .collect()
+}
+
+fn encode_wanted(list: &[Wanted]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(list.len() * 44);
+    for w in list {
+        out.extend_from_slice(w.envelope.as_bytes());
+        out.extend_from_slice(&w.asked.to_be_bytes());
+        out.extend_from_slice(&w.next_ms.to_be_bytes());
+    }
+    out
+}
+
+fn decode_ids(bytes: &[u8]) -> Vec<MessageId> {
+    bytes
+        .chunks_exact(32)
+        .filter_map(MessageId::from_slice)
+        .collect()
+}
+
+fn encode_ids(ids: &[MessageId]) -> Vec<u8> {
+    ids.iter().flat_map(|i| *i.as_bytes()).collect()
+}
+
+fn read<S: GroupRecords>(s: &S, key: &[u8]) -> Result<Vec<u8>, GroupError> {
+    Ok(s.get_kith(key).map_err(mls_err)?.unwrap_or_default())
+}
+
+fn write<S: GroupRecords>(s: &S, key: &[u8], bytes: Vec<u8>) -> Result<(), GroupError> {
+    let value = if bytes.is_empty() { None } else { Some(bytes) };
+    s.put_kith(key, value.as_deref()).map_err(mls_err)
+}
+
+/// Notes that members were added to `group` and are members from `epoch` on.
+pub(super) fn note_added<S: GroupRecords>(
+    s: &S,
+    group: &GroupId,
+    epoch: u64,
+) -> Result<(), GroupError> {
+    if last_added(s, group)? < epoch {
+        s.put_kith(&last_add_key(group), Some(&epoch.to_be_bytes()))
+            .map_err(mls_err)?;
+    }
+    Ok(())
+}
+
+fn last_added<S: GroupRecords>(s: &S, group: &GroupId) -> Result<u64, GroupError> {
+    Ok(s.get_kith(&last_add_key(group))
+        .map_err(mls_err)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
+/// A member asked for the envelopes `ids`: keeps those that carried this node's own texts,
+/// to send again at the next [`GroupEngine::resend_tick`].
+pub(super) fn note_asked<S: GroupRecords>(
+    s: &S,
+    group: &GroupId,
+    ids: &[MessageId],
+) -> Result<usize, GroupError> {
+    let mut owed = decode_ids(&read(s, &owed_key(group))?);
+    let before = owed.len();
+    for id in ids {
+        if !owed.contains(id) && fork::is_indexed(s, group, id).map_err(mls_err)? {
+            owed.push(*id);
+        }
+    }
+    let added = owed.len() - before;
+    if added > 0 {
+        let excess = owed.len().saturating_sub(MAX_OWED);
+        owed.drain(..excess);
+        write(s, &owed_key(group), encode_ids(&owed))?;
+    }
+    Ok(added)
+}
+
+/// A text this node wanted arrived again: it need not ask for `envelope` any more.
+/// Returns whether it had asked.
+pub(super) fn received_again<S: GroupRecords>(
+    s: &S,
+    group: &GroupId,
+    envelope: &MessageId,
+) -> Result<bool, GroupError> {
+    let mut wanted = decode_wanted(&read(s, &wanted_key(group))?);
+    let before = wanted.len();
+    wanted.retain(|w| w.envelope != *envelope);
+    if wanted.len() == before {
+        return Ok(false);
+    }
+    write(s, &wanted_key(group), encode_wanted(&wanted))?;
+    Ok(true)
+}
+
+impl<P: OpenMlsProvider> GroupEngine<P>
+where
+    P::StorageProvider: GroupRecords,
+{
+    /// This node cannot decrypt the application envelopes `ids` of `group` (the caller has
+    /// ruled out that it holds them): ask their sender to send them again, at the next
+    /// [`GroupEngine::resend_tick`]. The writes are staged with the caller's.
+    pub fn want_resend(&mut self, group: GroupId, ids: &[MessageId]) -> Result<(), GroupError> {
+        if ids.is_empty() || !self.groups.contains_key(&group) {
+            return Ok(());
+        }
+        let s = self.provider.storage();
+        let mut wanted = decode_wanted(&read(s, &wanted_key(&group))?);
+        for id in ids {
+            if !wanted.iter().any(|w| w.envelope == *id) {
+                wanted.push(Wanted {
+                    envelope: *id,
+                    asked: 0,
+                    next_ms: 0,
+                });
+            }
+        }
+        let excess = wanted.len().saturating_sub(MAX_WANTED);
+        wanted.drain(..excess);
+        write(s, &wanted_key(&group), encode_wanted(&wanted))
+    }
+
+    /// How many envelopes this node still asks for in `group`.
+    pub fn wanted_count(&self, group: &GroupId) -> usize {
+        self.provider
+            .storage()
+            .get_kith(&wanted_key(group))
+            .ok()
+            .flatten()
+            .map_or(0, |v| v.len() / 44)
+    }
+
+    /// Sends what is due, in every group this node can send in and that is not catching
+    /// up: its requests for envelopes it could not decrypt (at most
+    /// [`MAX_RESEND_REQUEST_IDS`] per group and tick), and the texts members asked it for.
+    /// Call it on every tick; cheap when nothing is due.
+    pub fn resend_tick(&mut self, now_ms: u64) -> Result<Vec<Effect>, GroupError> {
+        let mut effects = Vec::new();
+        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        for group in ids {
+            if self.is_catching_up(&group) || active_group(&mut self.groups, group).is_err() {
+                continue;
+            }
+            self.ask(group, now_ms, &mut effects)?;
+            self.answer(group, now_ms, &mut effects)?;
+        }
+        Ok(effects)
+    }
+
+    fn ask(
+        &mut self,
+        group: GroupId,
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), GroupError> {
+        let s = self.provider.storage();
+        let mut wanted = decode_wanted(&read(s, &wanted_key(&group))?);
+        let due: Vec<MessageId> = wanted
+            .iter()
+            .filter(|w| w.next_ms <= now_ms)
+            .map(|w| w.envelope)
+            .take(MAX_RESEND_REQUEST_IDS)
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        for w in wanted.iter_mut().filter(|w| due.contains(&w.envelope)) {
+            match ASK_AGAIN_MS.get(w.asked as usize) {
+                Some(after) => w.next_ms = now_ms.saturating_add(*after),
+                None => w.next_ms = u64::MAX,
+            }
+            w.asked += 1;
+        }
+        wanted.retain(|w| w.next_ms != u64::MAX);
+        write(s, &wanted_key(&group), encode_wanted(&wanted))?;
+        tracing::info!(group = %group.short(), envelopes = due.len(), "asking the group to send again what this node cannot decrypt");
+        let content = AppContent::V1(AppContentV1 {
+            sent_at_ms: now_ms,
+            body: Body::ResendRequest(due),
+        });
+        self.publish_app(group, &content, now_ms, effects)?;
+        Ok(())
+    }
+
+    fn answer(
+        &mut self,
+        group: GroupId,
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), GroupError> {
+        let s = self.provider.storage();
+        let owed = decode_ids(&read(s, &owed_key(&group))?);
+        if owed.is_empty() {
+            return Ok(());
+        }
+        write(s, &owed_key(&group), Vec::new())?;
+        let added = last_added(s, &group)?;
+        let mut refused = 0usize;
+        let mut sent = 0usize;
+        for envelope in owed {
+            let Some(copy) = fork::sent_by_envelope(self.provider.storage(), &group, &envelope)
+                .map_err(mls_err)?
+            else {
+                continue;
+            };
+            if added > copy.epoch {
+                // Someone joined after it was said: they must not read it.
+                refused += 1;
+                continue;
+            }
+            let content = AppContent::V2(AppContentV2 {
+                id: copy.id,
+                sent_at_ms: copy.sent_at_ms,
+                body: Body::Resent(Resent {
+                    epoch: copy.epoch,
+                    envelope,
+                    text: copy.text.clone(),
+                }),
+            });
+            let (id, _) = self.publish_app(group, &content, now_ms, effects)?;
+            fork::index_sent(self.provider.storage(), &group, &id, &copy).map_err(mls_err)?;
+            effects.push(Effect::LinkEnvelope {
+                envelope: id,
+                history: super::text_history_id(&self.me.peer, &copy.id),
+            });
+            sent += 1;
+        }
+        if sent > 0 || refused > 0 {
+            tracing::info!(group = %group.short(), sent, refused, "sent texts again that members asked for (refused: members joined since)");
+        }
+        Ok(())
+    }
+
+    /// Encrypts `content` in `group`'s current epoch; pushes the effects that store and
+    /// publish it. Returns its envelope id and epoch.
+    fn publish_app(
+        &mut self,
+        group: GroupId,
+        content: &AppContent,
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(MessageId, u64), GroupError> {
+        let g = active_group(&mut self.groups, group)?;
+        let (epoch, data, id) = encrypt_app(&self.provider, &self.me.signer, group, g, content)?;
+        effects.push(Effect::SaveEnvelope(StoredEnvelope {
+            id,
+            group,
+            epoch,
+            kind: PayloadKind::Application,
+            bytes: data.clone(),
+            received_at_ms: now_ms,
+        }));
+        effects.push(Effect::Publish {
+            topic: g.topic,
+            data,
+        });
+        Ok((id, epoch))
+    }
+}

@@ -1,0 +1,195 @@
+//! Re-send on request: texts a member can no longer decrypt come back from their sender.
+
+#![allow(clippy::unwrap_used)]
+
+use openmls_rust_crypto::OpenMlsRustCrypto;
+
+use super::*;
+use crate::codec;
+use crate::envelope::{AppContent, Body};
+use crate::records::EntryKind;
+use crate::testing::Sim;
+
+type S = Sim<'static, OpenMlsRustCrypto>;
+
+fn sim(n: usize) -> S {
+    Sim::new(
+        (0..n).map(|_| OpenMlsRustCrypto::default()).collect(),
+        "test-net",
+        Box::new(|_, _, _| {}),
+    )
+}
+
+/// Member 0 creates a group and admits members 1..n; all delivered.
+fn group_of(n: usize) -> (S, GroupId) {
+    let mut s = sim(n);
+    let g = s.create_group(0, "resend").unwrap();
+    let inv = s.invite(0, g, n as u32).unwrap();
+    for j in 1..n {
+        s.join(j, 0, &inv).unwrap();
+        s.deliver_all();
+    }
+    (s, g)
+}
+
+/// Takes every envelope in flight out of the queue.
+fn take_in_flight(s: &mut S) -> Vec<(usize, TopicId, Vec<u8>)> {
+    s.in_flight.drain(..).collect()
+}
+
+/// Every member's tick, then the clock moves on by `ms`.
+fn tick_all(s: &mut S, ms: u64) {
+    for i in 0..s.engines.len() {
+        s.tick(i);
+    }
+    s.now_ms += ms;
+}
+
+fn ttl() -> u64 {
+    PAST_EPOCH_TTL.as_millis() as u64
+}
+
+/// The texts member `i` holds in `g` as (history id, epoch, text).
+fn placed(s: &S, i: usize, g: GroupId) -> Vec<(MessageId, u64, String)> {
+    s.history[i]
+        .iter()
+        .filter(|h| h.group == g)
+        .filter_map(|h| match &h.kind {
+            EntryKind::Text(t) => Some((h.id, h.epoch, t.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Member 1's texts are late: by the time they arrive, the others left their epoch more
+/// than [`PAST_EPOCH_TTL`] ago and deleted its keys. They ask; member 1 sends them again;
+/// every member ends with each text once, in the epoch it was said in.
+#[test]
+fn texts_whose_epoch_keys_are_gone_come_back_on_request_in_their_place() {
+    let (mut s, g) = group_of(3);
+    s.send(0, g, "before").unwrap();
+    s.deliver_all();
+    let epoch = s.engines[1].group(&g).unwrap().epoch;
+    for t in ["late 1", "late 2", "late 3"] {
+        s.send(1, g, t).unwrap();
+    }
+    let late = take_in_flight(&mut s);
+    // Member 2 commits; everyone moves on (member 1 too: it is only its texts that lag).
+    s.self_update(2, g).unwrap();
+    s.deliver_all();
+    assert_eq!(s.engines[0].group(&g).unwrap().epoch, epoch + 1);
+    tick_all(&mut s, ttl());
+    tick_all(&mut s, 0);
+    for (from, topic, data) in late {
+        s.in_flight.push_back((from, topic, data));
+    }
+    s.deliver_all();
+    for i in [0, 2] {
+        assert_eq!(s.undecryptable[i].len(), 3, "member {i} cannot read them");
+        assert_eq!(s.engines[i].wanted_count(&g), 3, "member {i} asks for them");
+    }
+    // Members 0 and 2 ask (one request each), member 1 answers both with one copy each.
+    tick_all(&mut s, 1);
+    assert_eq!(s.in_flight.len(), 2, "one request per asking member");
+    s.deliver_all();
+    tick_all(&mut s, 1);
+    assert_eq!(s.in_flight.len(), 3, "each text once, however many asked");
+    s.deliver_all();
+    let ours = placed(&s, 1, g);
+    for i in [0, 2] {
+        assert_eq!(
+            placed(&s, i, g),
+            ours,
+            "member {i} holds what member 1 said, where"
+        );
+        assert_eq!(
+            s.engines[i].wanted_count(&g),
+            0,
+            "member {i} got all it asked for"
+        );
+    }
+    assert!(ours.iter().any(|(_, e, t)| *e == epoch && t == "late 3"));
+    // Nothing further is asked or sent.
+    tick_all(&mut s, ASK_AGAIN_MS[0]);
+    assert!(s.in_flight.is_empty());
+}
+
+/// A text said before a member joined is not sent again: the new member would read it.
+/// The member that lost it keeps it counted as undecryptable instead.
+#[test]
+fn a_text_is_not_sent_again_once_someone_joined_after_it() {
+    let mut s = sim(3);
+    let g = s.create_group(0, "late join").unwrap();
+    let inv = s.invite(0, g, 2).unwrap();
+    s.join(1, 0, &inv).unwrap();
+    s.deliver_all();
+    s.send(1, g, "before member 2").unwrap();
+    let late = take_in_flight(&mut s);
+    s.join(2, 0, &inv).unwrap();
+    s.deliver_all();
+    tick_all(&mut s, ttl());
+    tick_all(&mut s, 0);
+    for env in late {
+        s.in_flight.push_back(env);
+    }
+    s.deliver_all();
+    assert_eq!(s.undecryptable[0].len(), 1);
+    tick_all(&mut s, 1); // member 0 asks
+    assert_eq!(s.in_flight.len(), 1);
+    s.deliver_all();
+    tick_all(&mut s, 1); // member 1 refuses
+    assert!(s.in_flight.is_empty(), "nothing sent again");
+    for i in [0, 2] {
+        assert!(
+            !s.texts(i, g).contains(&"before member 2".to_owned()),
+            "member {i}"
+        );
+    }
+}
+
+/// A request nobody answers is repeated on the back-off schedule and then given up.
+#[test]
+fn requests_back_off_and_stop() {
+    let (mut s, g) = group_of(2);
+    s.send(1, g, "late").unwrap();
+    let late = take_in_flight(&mut s);
+    s.self_update(0, g).unwrap();
+    s.deliver_all();
+    tick_all(&mut s, ttl());
+    tick_all(&mut s, 0);
+    for env in late {
+        s.in_flight.push_back(env);
+    }
+    s.deliver_all();
+    let mut asked_at = Vec::new();
+    let start = s.now_ms;
+    // Member 1 is away: its requests are dropped, never answered.
+    for _ in 0..(ASK_AGAIN_MS.iter().sum::<u64>() / 30_000 + 4) {
+        s.tick(0);
+        if !s.in_flight.is_empty() {
+            asked_at.push(s.now_ms - start);
+            s.in_flight.clear();
+        }
+        s.now_ms += 30_000;
+    }
+    assert_eq!(asked_at.len(), 1 + ASK_AGAIN_MS.len(), "{asked_at:?}");
+    assert_eq!(s.engines[0].wanted_count(&g), 0, "given up");
+    for (w, after) in asked_at.windows(2).zip(ASK_AGAIN_MS) {
+        assert!(w[1] - w[0] >= after, "{asked_at:?}");
+    }
+}
+
+/// The two new bodies are bounded and checked on decoding.
+#[test]
+fn resend_bodies_are_bounded() {
+    let request = |n: usize| {
+        codec::encode(&AppContent::V1(crate::envelope::AppContentV1 {
+            sent_at_ms: 1,
+            body: Body::ResendRequest(vec![MessageId([1; 32]); n]),
+        }))
+        .unwrap()
+    };
+    assert!(AppContent::decode(&request(1)).is_ok());
+    assert!(AppContent::decode(&request(0)).is_err());
+    assert!(AppContent::decode(&request(crate::envelope::MAX_RESEND_REQUEST_IDS + 1)).is_err());
+}
