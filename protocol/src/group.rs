@@ -249,6 +249,9 @@ pub struct GroupEngine<P: OpenMlsProvider> {
     /// When this node left each group's past epochs (see [`GroupEngine::expire_past_epochs`]),
     /// as last read from or written to storage.
     epoch_ends: BTreeMap<GroupId, expiry::EpochEnds>,
+    /// Groups whose re-send records may hold something (see [`GroupEngine::resend_tick`]):
+    /// every group after a load, and any that learns of something to ask or answer.
+    resend_pending: std::collections::BTreeSet<GroupId>,
 }
 
 impl<P: OpenMlsProvider> GroupEngine<P>
@@ -267,6 +270,7 @@ where
             ahead: false,
             drain_since: None,
             epoch_ends: BTreeMap::new(),
+            resend_pending: std::collections::BTreeSet::new(),
         }
     }
 
@@ -313,6 +317,7 @@ where
                 None => missing.push(meta.id),
             }
         }
+        self.resend_pending.extend(self.groups.keys().copied());
         Ok((effects, missing))
     }
 
@@ -320,6 +325,7 @@ where
     /// staged writes that failed to commit. Pending envelopes are kept.
     pub fn reload_all(&mut self) -> Result<(), GroupError> {
         self.epoch_ends.clear();
+        self.resend_pending.extend(self.groups.keys().copied());
         let ids: Vec<GroupId> = self.groups.keys().copied().collect();
         for id in ids {
             let mls_id = openmls::group::GroupId::from_slice(id.as_bytes());

@@ -144,14 +144,19 @@ where
                     Body::ResendRequest(ids) => {
                         // A member asks for envelopes it cannot decrypt; those that carried
                         // this node's texts are sent again at the next tick.
-                        if sender != self.me.peer
-                            && let Err(e) =
-                                resend::note_asked(self.provider.storage(), &group_id, &ids)
-                        {
-                            return Verdict::Ignore(IgnoreReason::Failed {
-                                step: Step::RecordResend,
-                                detail: e.to_string(),
-                            });
+                        if sender != self.me.peer {
+                            match resend::note_asked(self.provider.storage(), &group_id, &ids) {
+                                Ok(0) => {}
+                                Ok(_) => {
+                                    self.resend_pending.insert(group_id);
+                                }
+                                Err(e) => {
+                                    return Verdict::Ignore(IgnoreReason::Failed {
+                                        step: Step::RecordResend,
+                                        detail: e.to_string(),
+                                    });
+                                }
+                            }
                         }
                         effects.push(Effect::SaveEnvelope(stored));
                         return Verdict::Accept;

@@ -180,7 +180,9 @@ where
         }
         let excess = wanted.len().saturating_sub(MAX_WANTED);
         wanted.drain(..excess);
-        write(s, &wanted_key(&group), encode_wanted(&wanted))
+        write(s, &wanted_key(&group), encode_wanted(&wanted))?;
+        self.resend_pending.insert(group);
+        Ok(())
     }
 
     /// How many envelopes this node still asks for in `group`.
@@ -199,23 +201,31 @@ where
     /// Call it on every tick; cheap when nothing is due.
     pub fn resend_tick(&mut self, now_ms: u64) -> Result<Vec<Effect>, GroupError> {
         let mut effects = Vec::new();
-        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        let ids: Vec<GroupId> = self.resend_pending.iter().copied().collect();
         for group in ids {
+            if !self.groups.contains_key(&group) {
+                self.resend_pending.remove(&group);
+                continue;
+            }
             if self.is_catching_up(&group) || active_group(&mut self.groups, group).is_err() {
                 continue;
             }
-            self.ask(group, now_ms, &mut effects)?;
+            let waiting = self.ask(group, now_ms, &mut effects)?;
             self.answer(group, now_ms, &mut effects)?;
+            if !waiting {
+                self.resend_pending.remove(&group);
+            }
         }
         Ok(effects)
     }
 
+    /// Sends the group's due requests; returns whether envelopes are still wanted.
     fn ask(
         &mut self,
         group: GroupId,
         now_ms: u64,
         effects: &mut Vec<Effect>,
-    ) -> Result<(), GroupError> {
+    ) -> Result<bool, GroupError> {
         let s = self.provider.storage();
         let mut wanted = decode_wanted(&read(s, &wanted_key(&group))?);
         let due: Vec<MessageId> = wanted
@@ -225,7 +235,7 @@ where
             .take(MAX_RESEND_REQUEST_IDS)
             .collect();
         if due.is_empty() {
-            return Ok(());
+            return Ok(!wanted.is_empty());
         }
         for w in wanted.iter_mut().filter(|w| due.contains(&w.envelope)) {
             match ASK_AGAIN_MS.get(w.asked as usize) {
@@ -242,7 +252,7 @@ where
             body: Body::ResendRequest(due),
         });
         self.publish_app(group, &content, now_ms, effects)?;
-        Ok(())
+        Ok(!wanted.is_empty())
     }
 
     fn answer(
