@@ -1,0 +1,147 @@
+//! What the API shows: history entries, groups, invites and held join requests as the
+//! JSON model's types.
+
+use super::*;
+
+/// Converts a history entry to its API form.
+pub fn message_info(h: &HistoryEntry) -> MessageInfo {
+    let peers = |v: &[PeerId]| v.iter().map(|p| p.to_string()).collect();
+    MessageInfo {
+        id: h.id.to_string(),
+        group: h.group.to_string(),
+        epoch: h.epoch,
+        sender: h.sender.to_string(),
+        sent_at_ms: h.sent_at_ms,
+        received_at_ms: h.received_at_ms,
+        body: match &h.kind {
+            EntryKind::Text(t) => MessageBody::Text { text: t.clone() },
+            EntryKind::GroupCreated { name } => MessageBody::GroupCreated { name: name.clone() },
+            EntryKind::MembersAdded(v) => MessageBody::MembersAdded { members: peers(v) },
+            EntryKind::MembersRemoved(v) => MessageBody::MembersRemoved { members: peers(v) },
+            EntryKind::InviteCreated {
+                id,
+                max_uses,
+                expires_at,
+                approval,
+            } => MessageBody::InviteCreated {
+                invite: id.to_string(),
+                max_uses: *max_uses,
+                expires_at: *expires_at,
+                approval: *approval,
+            },
+            EntryKind::InviteRevoked(id) => MessageBody::InviteRevoked {
+                invite: id.to_string(),
+            },
+            EntryKind::Joined(me) => MessageBody::MembersAdded {
+                members: peers(std::slice::from_ref(me)),
+            },
+        },
+    }
+}
+
+pub(super) fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
+    GroupInfo {
+        id: v.meta.id.to_string(),
+        name: v.meta.name.clone(),
+        epoch: v.epoch,
+        members: v
+            .members
+            .iter()
+            .map(|(leaf, p)| MemberInfo {
+                peer_id: p.to_string(),
+                leaf_index: *leaf,
+                is_self: *p == me,
+            })
+            .collect(),
+        joined_at_ms: v.meta.joined_at_ms,
+        active: v.active,
+        leaving: v.leaving,
+        epoch_auth: HEXLOWER.encode(&v.authenticator),
+        rollbacks: v.rollbacks,
+        deep_forks: v.deep_forks,
+        forks_detected: v.forks_detected,
+        undecryptable: Default::default(),
+        missing: 0,
+        catching_up: false,
+        sync_failures: 0,
+    }
+}
+
+/// The API form of an invite record at `now` (Unix seconds).
+pub(super) fn invite_summary(r: &InviteRecord, now: u64) -> InviteSummary {
+    use kith_protocol::envelope::JoinRejection as R;
+    let state = match r.admits(now) {
+        Ok(()) => "active",
+        Err(R::Revoked) => "revoked",
+        Err(R::Expired) => "expired",
+        Err(R::UsedUp) => "used_up",
+        Err(_) => "unknown",
+    };
+    InviteSummary {
+        id: r.id.to_string(),
+        group: r.group.to_string(),
+        creator: r.creator.map(|p| p.to_string()).unwrap_or_default(),
+        max_uses: r.max_uses,
+        uses: r.uses,
+        uses_left: r.uses_left(),
+        expires_at: r.expires_at,
+        created_at: r.created_at,
+        approval: r.approval,
+        revoked: r.revoked,
+        state: state.to_owned(),
+    }
+}
+
+pub(super) fn held_info(h: &crate::admission::Held) -> JoinRequestInfo {
+    JoinRequestInfo {
+        id: request_id_text(h.id),
+        group: h.group.to_string(),
+        peer: h.peer.to_string(),
+        invite: h.invite.to_string(),
+        received_at_ms: h.received_at_ms,
+        state: match h.state {
+            HeldState::Waiting => "waiting",
+            HeldState::Approved(_) => "approved",
+            HeldState::Denied => "denied",
+        }
+        .to_owned(),
+    }
+}
+
+pub(super) fn summary(v: &GroupView) -> GroupSummary {
+    GroupSummary {
+        id: v.meta.id.to_string(),
+        name: v.meta.name.clone(),
+        epoch: v.epoch,
+        member_count: v.members.len(),
+        in_sync: true,
+        held: 0,
+        epoch_auth: HEXLOWER.encode(&v.authenticator),
+        undecryptable: 0,
+        missing: 0,
+        sync_failures: 0,
+        rollbacks: v.rollbacks,
+        deep_forks: v.deep_forks,
+        forks_detected: v.forks_detected,
+    }
+}
+
+/// Orders addresses for an invite: routable ones before loopback, and never unspecified.
+pub(super) fn invite_addrs(mut addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
+    let loopback = |a: &Multiaddr| {
+        a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_loopback(),
+            Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    };
+    addrs.retain(|a| {
+        !a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_unspecified(),
+            Protocol::Ip6(ip) => ip.is_unspecified(),
+            _ => false,
+        })
+    });
+    addrs.sort_by_key(loopback);
+    addrs
+}
