@@ -544,7 +544,7 @@ impl Store {
     /// the stored peer whose id follows it in key order (a pseudo-random victim, since peer ids
     /// are hashes), so the book stays bounded yet keeps learning.
     pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        self.commit_with(batch, true)
+        self.commit_with(batch, true).map(drop)
     }
 
     /// Like [`Store::commit`], but with `durable == false` the transaction is not fsynced: it
@@ -556,15 +556,20 @@ impl Store {
     /// An I/O error (full disk, …) makes the store failing: this and later writes return
     /// [`StoreError::Failing`] until [`Store::recover`] succeeds, and the file is opened
     /// again, which loses the non-durable commits not yet flushed (see [`Store::generation`]).
-    pub fn commit_with(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
+    ///
+    /// Returns the ids of the history entries that were stored already, at the same place
+    /// (a copy of a text this node had, such as one sent again on another member's request):
+    /// the caller does not announce them again.
+    pub fn commit_with(&self, batch: Batch, durable: bool) -> Result<Vec<MessageId>, StoreError> {
         let result = self.commit_inner(batch, durable);
         self.db.observe(result)
     }
 
-    fn commit_inner(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
+    fn commit_inner(&self, batch: Batch, durable: bool) -> Result<Vec<MessageId>, StoreError> {
         let mut staged = self.mls.lock_staged();
+        let mut already = Vec::new();
         if staged.is_empty() && batch.is_empty() {
-            return Ok(());
+            return Ok(already);
         }
         let mut txn = self.db.begin_write()?;
         if !durable {
@@ -603,6 +608,7 @@ impl Store {
                     if let Some(old) = old {
                         if old == key {
                             tracing::debug!(id = %entry.id.short(), "history entry already stored");
+                            already.push(entry.id);
                             continue;
                         }
                         // The same message again in another epoch (re-sent after its branch
@@ -685,7 +691,7 @@ impl Store {
         }
         txn.commit()?;
         staged.clear();
-        Ok(())
+        Ok(already)
     }
 
     /// Makes every earlier non-durable commit durable (an empty fsynced transaction).
@@ -1489,6 +1495,37 @@ mod tests {
         check::<Store>();
         check::<KithProvider>();
         check::<MlsStorage>();
+    }
+
+    #[test]
+    fn a_copy_of_a_stored_entry_is_reported_and_a_moved_one_is_not() {
+        let (_dir, store) = open_temp();
+        let first = Batch {
+            history: vec![entry(1, 1, "a")],
+            ..Batch::default()
+        };
+        assert!(store.commit_with(first, true).expect("commit").is_empty());
+        // The same entry again (a text sent again on request): stored already.
+        let again = Batch {
+            history: vec![entry(1, 1, "a"), entry(1, 2, "b")],
+            ..Batch::default()
+        };
+        assert_eq!(
+            store.commit_with(again, true).expect("commit"),
+            vec![MessageId([1; 32])]
+        );
+        // In another epoch (re-sent after its branch lost) it moves: not a copy.
+        let mut moved = entry(1, 1, "a");
+        moved.epoch = 2;
+        let batch = Batch {
+            history: vec![moved],
+            ..Batch::default()
+        };
+        assert!(store.commit_with(batch, true).expect("commit").is_empty());
+        assert_eq!(
+            texts(&store.history(&GroupId([1; 32]), 10).expect("history")),
+            ["b", "a"]
+        );
     }
 
     #[test]

@@ -29,11 +29,19 @@ impl Actor {
         let durable = durable || publishes(&effects);
         crashpoint::reached_when(Point::Commit, || crashpoint::merges_commit(&effects));
         let batch = Batch::from_effects(&effects);
-        if (!batch.is_empty() || self.store.has_staged())
-            && let Err(e) = self.commit_with(batch, durable)
-        {
-            self.rollback();
-            return Err(e.into());
+        if !batch.is_empty() || self.store.has_staged() {
+            match self.commit_with(batch, durable) {
+                // A text this node held already (sent again on another member's request)
+                // is not announced a second time.
+                Ok(already) if !already.is_empty() => {
+                    effects.retain(|e| !matches!(e, Effect::Record(h) if already.contains(&h.id)))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.rollback();
+                    return Err(e.into());
+                }
+            }
         }
         crashpoint::reached_when(Point::Send, || publishes(&effects));
         self.after_commit(effects);
@@ -104,7 +112,11 @@ impl Actor {
     }
 
     /// Commits a batch, timing it for `kith_store_commit_seconds`.
-    pub(super) fn commit_with(&mut self, batch: Batch, durable: bool) -> Result<(), StoreError> {
+    pub(super) fn commit_with(
+        &mut self,
+        batch: Batch,
+        durable: bool,
+    ) -> Result<Vec<MessageId>, StoreError> {
         if !self.disk_ok() {
             // Memory may be ahead of the file until the MLS state is reloaded from it.
             return Err(self.store.refusal());
