@@ -299,7 +299,7 @@ where
             sent += 1;
         }
         if sent > 0 || refused > 0 {
-            tracing::info!(group = %group.short(), sent, refused, "sent texts again that members asked for (refused: members joined since)");
+            tracing::info!(group = %group.short(), sent, refused_after_join = refused, "sent texts again that members asked for (not those written before a member joined)");
         }
         Ok(())
     }
