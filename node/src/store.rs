@@ -366,6 +366,28 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Makes the database file readable and writable by its owner only: it holds every group's
+/// keys and history. A failure is logged, not fatal (the directory is private already).
+fn owner_only(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        match std::fs::metadata(path) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                if let Err(e) =
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot make the database private to its owner");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the database's permissions")
+            }
+        }
+    }
+}
+
 impl Store {
     /// Opens the database at `path`, creating the file and its tables if missing.
     ///
@@ -417,6 +439,7 @@ impl Store {
         let db = Database::builder()
             .set_check_integrity_on_open(true)
             .create(path)?;
+        owner_only(path);
         Store::prepare(db, owner)
     }
 
@@ -1486,6 +1509,21 @@ mod tests {
                 other => format!("{other:?}"),
             })
             .collect()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_database_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (dir, store) = open_temp();
+        let path = dir.path().join("kith.redb");
+        let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode();
+        assert_eq!(mode(&path) & 0o777, 0o600);
+        drop(store);
+        // An older file made readable by others is tightened on the next open.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let _store = Store::open(&path).expect("reopen");
+        assert_eq!(mode(&path) & 0o777, 0o600);
     }
 
     #[test]
