@@ -79,17 +79,9 @@ impl Actor {
     /// Asks, in the same commit, for the texts of the envelopes this node truly cannot
     /// decrypt: their senders send them again (see `GroupEngine::resend_tick`).
     pub(super) fn want_resend(&mut self, effects: &[Effect]) -> Result<(), EngineError> {
-        let mut lost: HashMap<GroupId, Vec<MessageId>> = HashMap::new();
-        for e in effects {
-            if let Effect::Undecryptable { envelope, .. } = e {
-                lost.entry(envelope.group).or_default().push(envelope.id);
-            }
-        }
-        for (group, ids) in lost {
-            if let Err(e) = self.groups.want_resend(group, &ids) {
-                self.rollback();
-                return Err(e.into());
-            }
+        if let Err(e) = self.groups.want_resend_for(effects) {
+            self.rollback();
+            return Err(e.into());
         }
         Ok(())
     }

@@ -185,6 +185,22 @@ where
         Ok(())
     }
 
+    /// [`GroupEngine::want_resend`] for every [`Effect::Undecryptable`] in `effects`, which
+    /// the caller has already cleared of envelopes it holds (a copy of a message it read is
+    /// refused like a lost one).
+    pub fn want_resend_for(&mut self, effects: &[Effect]) -> Result<(), GroupError> {
+        let mut lost: std::collections::BTreeMap<GroupId, Vec<MessageId>> = Default::default();
+        for e in effects {
+            if let Effect::Undecryptable { envelope, .. } = e {
+                lost.entry(envelope.group).or_default().push(envelope.id);
+            }
+        }
+        for (group, ids) in lost {
+            self.want_resend(group, &ids)?;
+        }
+        Ok(())
+    }
+
     /// How many envelopes this node still asks for in `group`.
     pub fn wanted_count(&self, group: &GroupId) -> usize {
         self.provider

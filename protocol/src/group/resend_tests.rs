@@ -10,27 +10,9 @@ use crate::envelope::{AppContent, Body};
 use crate::records::EntryKind;
 use crate::testing::Sim;
 
+use super::tests::{group_of, sim};
+
 type S = Sim<'static, OpenMlsRustCrypto>;
-
-fn sim(n: usize) -> S {
-    Sim::new(
-        (0..n).map(|_| OpenMlsRustCrypto::default()).collect(),
-        "test-net",
-        Box::new(|_, _, _| {}),
-    )
-}
-
-/// Member 0 creates a group and admits members 1..n; all delivered.
-fn group_of(n: usize) -> (S, GroupId) {
-    let mut s = sim(n);
-    let g = s.create_group(0, "resend").unwrap();
-    let inv = s.invite(0, g, n as u32).unwrap();
-    for j in 1..n {
-        s.join(j, 0, &inv).unwrap();
-        s.deliver_all();
-    }
-    (s, g)
-}
 
 /// Takes every envelope in flight out of the queue.
 fn take_in_flight(s: &mut S) -> Vec<(usize, TopicId, Vec<u8>)> {
@@ -47,6 +29,15 @@ fn tick_all(s: &mut S, ms: u64) {
 
 fn ttl() -> u64 {
     PAST_EPOCH_TTL.as_millis() as u64
+}
+
+/// Lets the past-epoch window pass on every member (their ticks delete the epochs they
+/// left), then delivers `late`.
+fn deliver_after_the_window(s: &mut S, late: Vec<(usize, TopicId, Vec<u8>)>) {
+    tick_all(s, ttl());
+    tick_all(s, 0);
+    s.in_flight.extend(late);
+    s.deliver_all();
 }
 
 /// The texts member `i` holds in `g` as (history id, epoch, text).
@@ -78,12 +69,7 @@ fn texts_whose_epoch_keys_are_gone_come_back_on_request_in_their_place() {
     s.self_update(2, g).unwrap();
     s.deliver_all();
     assert_eq!(s.engines[0].group(&g).unwrap().epoch, epoch + 1);
-    tick_all(&mut s, ttl());
-    tick_all(&mut s, 0);
-    for (from, topic, data) in late {
-        s.in_flight.push_back((from, topic, data));
-    }
-    s.deliver_all();
+    deliver_after_the_window(&mut s, late);
     for i in [0, 2] {
         assert_eq!(s.undecryptable[i].len(), 3, "member {i} cannot read them");
         assert_eq!(s.engines[i].wanted_count(&g), 3, "member {i} asks for them");
@@ -127,12 +113,7 @@ fn a_text_is_not_sent_again_once_someone_joined_after_it() {
     let late = take_in_flight(&mut s);
     s.join(2, 0, &inv).unwrap();
     s.deliver_all();
-    tick_all(&mut s, ttl());
-    tick_all(&mut s, 0);
-    for env in late {
-        s.in_flight.push_back(env);
-    }
-    s.deliver_all();
+    deliver_after_the_window(&mut s, late);
     assert_eq!(s.undecryptable[0].len(), 1);
     tick_all(&mut s, 1); // member 0 asks
     assert_eq!(s.in_flight.len(), 1);
@@ -155,12 +136,7 @@ fn requests_back_off_and_stop() {
     let late = take_in_flight(&mut s);
     s.self_update(0, g).unwrap();
     s.deliver_all();
-    tick_all(&mut s, ttl());
-    tick_all(&mut s, 0);
-    for env in late {
-        s.in_flight.push_back(env);
-    }
-    s.deliver_all();
+    deliver_after_the_window(&mut s, late);
     let mut asked_at = Vec::new();
     let start = s.now_ms;
     // Member 1 is away: its requests are dropped, never answered.

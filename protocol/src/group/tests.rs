@@ -10,7 +10,7 @@ use crate::invite::InviteRecord;
 use crate::records::EntryKind;
 use crate::testing::{Sim, member_key, three_member_run};
 
-fn sim(n: usize) -> Sim<'static, OpenMlsRustCrypto> {
+pub(super) fn sim(n: usize) -> Sim<'static, OpenMlsRustCrypto> {
     Sim::new(
         (0..n).map(|_| OpenMlsRustCrypto::default()).collect(),
         "test-net",
@@ -458,7 +458,7 @@ fn expired_past_epochs_no_longer_decrypt_and_nothing_breaks() {
 }
 
 /// Member 0 creates a group and admits members 1..n through invites; all delivered.
-fn group_of(n: usize) -> (Sim<'static, OpenMlsRustCrypto>, GroupId) {
+pub(super) fn group_of(n: usize) -> (Sim<'static, OpenMlsRustCrypto>, GroupId) {
     let mut s = sim(n);
     let g = s.create_group(0, "members").unwrap();
     let inv = s.invite(0, g, n as u32).unwrap();

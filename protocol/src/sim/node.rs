@@ -271,16 +271,8 @@ impl Core {
             _ => true,
         });
         // What is truly lost here is asked for again, in the same commit.
-        let mut lost: BTreeMap<GroupId, Vec<MessageId>> = BTreeMap::new();
-        for e in &effects {
-            if let Effect::Undecryptable { envelope, .. } = e {
-                lost.entry(envelope.group).or_default().push(envelope.id);
-            }
-        }
-        for (group, ids) in lost {
-            if let Err(e) = self.engine.want_resend(group, &ids) {
-                panic!("cannot note a re-send request: {e}");
-            }
+        if let Err(e) = self.engine.want_resend_for(&effects) {
+            panic!("cannot note a re-send request: {e}");
         }
         let durable = durable || effects.iter().any(|e| matches!(e, Effect::Publish { .. }));
         self.store.commit(&effects);
