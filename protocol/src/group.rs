@@ -230,6 +230,35 @@ pub enum Effect {
     },
 }
 
+/// Drops the [`Effect::Undecryptable`]s of envelopes the caller already holds (`held`), or
+/// that the same batch stores or reports twice: a copy of a message the node read (say, one
+/// held live during a sync that fetched it too) is refused by MLS like a lost one, but
+/// nothing is lost. What remains is truly lost here: store it, count it, and ask for it
+/// again ([`GroupEngine::want_resend_for`]).
+pub fn drop_held_undecryptable(effects: &mut Vec<Effect>, held: impl Fn(&MessageId) -> bool) {
+    if !effects
+        .iter()
+        .any(|e| matches!(e, Effect::Undecryptable { .. }))
+    {
+        return;
+    }
+    let mut known: std::collections::BTreeSet<MessageId> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::SaveEnvelope(env) => Some(env.id),
+            _ => None,
+        })
+        .collect();
+    effects.retain(|e| match e {
+        Effect::Undecryptable { envelope, .. } => {
+            let copy = known.contains(&envelope.id) || held(&envelope.id);
+            known.insert(envelope.id);
+            !copy
+        }
+        _ => true,
+    });
+}
+
 /// The group engine of one node.
 pub struct GroupEngine<P: OpenMlsProvider> {
     provider: P,

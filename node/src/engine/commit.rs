@@ -48,31 +48,11 @@ impl Actor {
         Ok(())
     }
 
-    /// Drops the [`Effect::Undecryptable`]s of envelopes this node already holds: a copy of a
-    /// message it read (say, one held live during a sync that fetched it too) is refused by
-    /// MLS like a lost one, but nothing is lost.
+    /// Drops the [`Effect::Undecryptable`]s of envelopes this node already holds
+    /// ([`kith_protocol::group::drop_held_undecryptable`]); a store read error counts as held.
     pub(super) fn drop_known_undecryptable(&self, effects: &mut Vec<Effect>) {
-        if !effects
-            .iter()
-            .any(|e| matches!(e, Effect::Undecryptable { .. }))
-        {
-            return;
-        }
-        let mut known: HashSet<MessageId> = effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::SaveEnvelope(env) => Some(env.id),
-                _ => None,
-            })
-            .collect();
-        effects.retain(|e| match e {
-            Effect::Undecryptable { envelope, .. } => {
-                let held = known.contains(&envelope.id)
-                    || self.store.has_message(&envelope.id).unwrap_or(true);
-                known.insert(envelope.id);
-                !held
-            }
-            _ => true,
+        kith_protocol::group::drop_held_undecryptable(effects, |id| {
+            self.store.has_message(id).unwrap_or(true)
         });
     }
 

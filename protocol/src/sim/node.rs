@@ -255,21 +255,8 @@ impl Core {
         out: &mut Vec<Action>,
     ) -> bool {
         // A copy of a message this node holds is refused like a lost one; nothing is lost.
-        let mut known: BTreeSet<MessageId> = effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::SaveEnvelope(env) => Some(env.id),
-                _ => None,
-            })
-            .collect();
-        effects.retain(|e| match e {
-            Effect::Undecryptable { envelope, .. } => {
-                let held = known.contains(&envelope.id) || self.store.has(&envelope.id);
-                known.insert(envelope.id);
-                !held
-            }
-            _ => true,
-        });
+        let store = &self.store;
+        crate::group::drop_held_undecryptable(&mut effects, |id| store.has(id));
         // What is truly lost here is asked for again, in the same commit.
         if let Err(e) = self.engine.want_resend_for(&effects) {
             panic!("cannot note a re-send request: {e}");
