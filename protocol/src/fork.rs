@@ -418,7 +418,9 @@ pub fn delete_sent<S: GroupRecords>(s: &S, group: &GroupId, sent: &Sent) -> Resu
 
 /// Deletes everything this module keeps for `group` (the group was deleted or rejoined).
 pub fn forget_group<S: GroupRecords>(s: &S, group: &GroupId) -> Result<(), ForkError> {
-    for kind in [&b"cp"[..], b"log", b"sent"] {
+    // Kept texts go too: after a new Welcome the group may hold members this node never saw
+    // added, so no text from before may be sent again (see `group::resend`).
+    for kind in [&b"cp"[..], b"log", b"sent", b"sent-envelope"] {
         for k in s.kith_keys(&key(kind, group, &[])).map_err(storage)? {
             s.put_kith(&k, None).map_err(storage)?;
         }

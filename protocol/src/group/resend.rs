@@ -10,7 +10,8 @@
 //!   ([`fork::index_sent`]);
 //! - the sender's *last add*: the first epoch of the newest member it saw added. A text is
 //!   only sent again if nobody joined after its epoch: a member must not read what was
-//!   said before it joined.
+//!   said before it joined. A node that joins again (a new Welcome) forgets its kept texts
+//!   ([`fork::forget_group`]): it may not have seen who was added meanwhile.
 
 use openmls_traits::OpenMlsProvider;
 
