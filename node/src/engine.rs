@@ -28,8 +28,11 @@ use kith_protocol::group::{
     Effect, GroupEngine, GroupError, GroupView, Identity, IgnoreReason, NewInvite, UpdatePolicy,
     Verdict,
 };
-use kith_protocol::ids::{GroupId, InviteId, MessageId, invite_rendezvous_key};
-use kith_protocol::invite::{Invite, InviteRecord, secret_hash};
+use kith_protocol::ids::{GroupId, MessageId, invite_rendezvous_key};
+use kith_protocol::invite::{Invite, InviteRecord};
+use kith_protocol::join::admission::{
+    Admission, FindError, HeldRequests, HeldState, request_id_text,
+};
 use kith_protocol::records::{EntryKind, HistoryEntry};
 use kith_protocol::sync::scheduler::{self as sched, SyncScheduler};
 use kith_protocol::sync::{
@@ -41,9 +44,7 @@ use libp2p::{Multiaddr, PeerId};
 use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::admission::{FindError, HeldRequests, HeldState, request_id_text};
 use crate::crashpoint::{self, Point};
-use crate::join_trail::{Miss, Trail};
 use crate::metrics::{GroupGauges, JoinRequestResult, JoinResult, KithMetrics};
 use crate::model::{
     CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, InviteSummary, JoinRequestInfo,
@@ -75,33 +76,9 @@ pub const MAX_INVITE_USES: u32 = kith_protocol::envelope::MAX_INVITE_USES;
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest join time limit a caller may set.
 pub const MAX_JOIN_TIMEOUT: Duration = Duration::from_secs(3600);
-/// How long the joiner waits for a connection to one member before trying the next.
-const JOIN_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a joiner whose request awaits approval sends it again.
-pub const APPROVAL_RETRY: Duration = Duration::from_secs(2);
-/// Pause after the first DHT lookup that found nobody; it doubles for each further one, up
-/// to [`MAX_JOIN_LOOKUP_RETRY`], until the join's time limit.
-const JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(1);
 /// After joining, the group is synced again after these pauses, so a concurrent commit that
 /// beat the one adding us is noticed quickly (see [`Effect::JoinLost`]).
 const JOIN_FOLLOW_UP_SYNCS: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(8)];
-/// Rounds of asking every member to add this node again after a deep fork.
-const REJOIN_ROUNDS: u32 = 5;
-/// Pause between those rounds.
-const REJOIN_RETRY: Duration = Duration::from_secs(2);
-/// DHT lookups a join makes at most after a member said it does not know the invite.
-const UNKNOWN_INVITE_LOOKUPS: u32 = 3;
-/// Longest pause between two DHT lookups of one join.
-const MAX_JOIN_LOOKUP_RETRY: Duration = Duration::from_secs(8);
-
-/// The pause after the `lookups`-th DHT lookup of a join found nobody.
-fn lookup_pause(lookups: u32) -> Duration {
-    JOIN_LOOKUP_RETRY
-        .saturating_mul(1 << lookups.saturating_sub(1).min(4))
-        .min(MAX_JOIN_LOOKUP_RETRY)
-}
-/// Members found through the DHT that a joiner tries, at most.
-const MAX_JOIN_CANDIDATES: usize = 8;
 /// Invites one node announces in the DHT at most (the newest active ones).
 const MAX_PROVIDED_INVITES: usize = 256;
 /// Invite records are deleted this long after they expired (with the retention timer).

@@ -1,6 +1,5 @@
 //! The Kith node: IO around the sans-IO `kith-protocol` core.
 
-pub(crate) mod admission;
 pub(crate) mod api;
 pub mod cli;
 pub mod config;
@@ -9,7 +8,6 @@ pub mod datadir;
 pub mod engine;
 pub(crate) mod http;
 pub mod identity;
-pub(crate) mod join_trail;
 pub mod metrics;
 pub(crate) use kith_client::model;
 pub(crate) mod net;

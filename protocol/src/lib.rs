@@ -8,6 +8,7 @@
 //! - [`invite`]: signed invite tickets (`kith1…` links).
 //! - [`fork`]: checkpoints and branches for the concurrent-commit rule.
 //! - [`group`]: the MLS group engine, a state machine generic over the openmls provider.
+//! - [`join`]: the joiner's and the admitting member's sides of a join, as state machines.
 //! - [`order`]: sender positions, gap tracking and undecryptable reasons (no message lost).
 //! - [`sync`]: history sync between members (summaries, paginated responses, gap detection).
 
@@ -17,6 +18,7 @@ pub mod fork;
 pub mod group;
 pub mod ids;
 pub mod invite;
+pub mod join;
 pub mod order;
 pub mod records;
 #[cfg(test)]

@@ -1,6 +1,10 @@
-//! The joiner's side of joining and rejoining, run as async tasks on the handle: find
-//! members through the DHT, ask them in turn, follow a held request, and report each stage
-//! (`JoinStage`) as it goes.
+//! The joiner's side of joining and rejoining, run as async tasks on the handle. What to do
+//! next is decided by the sans-IO state machines of `kith_protocol::join` ([`JoinClient`],
+//! [`RejoinClient`]); this drives them: it dials, looks up, sends and times as they ask, and
+//! reports each stage (`JoinStage`) as it goes.
+
+use kith_protocol::join::client::{self as join, JoinClient, JoinPlan};
+use kith_protocol::join::rejoin::{self, RejoinClient};
 
 use super::*;
 
@@ -30,7 +34,9 @@ impl EngineHandle {
     }
 
     /// Joins by `link` within `timeout`; `prefer` is a member to ask before anyone else (the
-    /// member who added us, when joining again after a lost race).
+    /// member who added us, when joining again after a lost race). The decisions are
+    /// [`JoinClient`]'s; this performs its dials, lookups and requests as tasks and feeds
+    /// their results back, with the time since the join started.
     pub(super) async fn join_inner(
         &self,
         link: String,
@@ -47,196 +53,107 @@ impl EngineHandle {
                 MAX_JOIN_TIMEOUT.as_secs() / 60
             )));
         }
-        let deadline = tokio::time::Instant::now() + timeout;
         let group = invite.group;
-        self.progress(
-            group,
-            JoinStage::FindingMembers {
-                timeout_secs: timeout.as_secs(),
-            },
-        );
         let request = self
             .call(|r| Call::PrepareJoin(Box::new(invite.clone()), r))
             .await?;
-        // Look the invite up in the DHT while the inviter is tried.
-        let lookup_providers = || {
-            let net = self.net.clone();
-            let key = invite.rendezvous_key();
-            tokio::spawn(async move { net.get_providers(key).await })
-        };
-        let mut lookup = Some(lookup_providers());
-        let mut lookups = 1;
-        let mut tried: HashSet<PeerId> = HashSet::new();
-        let mut trail = Trail::new(invite.addrs.len());
-        let mut unknown: Option<JoinRejection> = None;
-        // Connecting is harmless, so the inviter is dialled while the DHT is searched: a
-        // dead or black-holed link address then costs nothing if a member answers there
-        // first. The request itself goes to one member at a time (two members could
-        // otherwise both add us).
-        self.progress(
+        let plan = JoinPlan {
             group,
-            JoinStage::Contacting {
-                peer: invite.inviter.to_string(),
-                via: "link".to_owned(),
-            },
-        );
-        let mut inviter_dial = {
-            let net = self.net.clone();
-            let (peer, addrs) = (invite.inviter, invite.addrs.clone());
-            let limit = deadline.min(tokio::time::Instant::now() + JOIN_DIAL_TIMEOUT);
-            Some(tokio::spawn(async move {
-                tokio::time::timeout_at(limit, net.connect(peer, addrs)).await
-            }))
+            me: self.peer_id,
+            inviter: invite.inviter,
+            inviter_addrs: invite.addrs.clone(),
+            prefer,
+            timeout_ms: timeout.as_millis() as u64,
         };
-        let mut candidates: Vec<(PeerId, Vec<Multiaddr>, &'static str)> = prefer
-            .filter(|p| *p != self.peer_id)
-            .map(|p| (p, Vec::new(), "member"))
-            .into_iter()
-            .collect();
-        let inviter_entry = (invite.inviter, invite.addrs.clone(), "link");
-        while candidates.is_empty() && (inviter_dial.is_some() || lookup.is_some()) {
-            tokio::select! {
-                // The inviter first when both are ready.
-                biased;
-                dialled = async { inviter_dial.as_mut().expect("guarded").await },
-                    if inviter_dial.is_some() =>
-                {
-                    inviter_dial = None;
-                    match dialled {
-                        Ok(Ok(Ok(()))) => candidates.push(inviter_entry.clone()),
-                        Ok(Ok(Err(e))) => {
-                            tracing::info!(group = %group.short(), peer = %invite.inviter, error = %e, "cannot connect to the inviter");
-                            trail.inviter = Some(Miss::CannotConnect);
-                        }
-                        _ => trail.inviter = Some(Miss::ConnectTimedOut),
-                    }
-                }
-                found = async { lookup.as_mut().expect("guarded").await },
-                    if lookup.is_some() =>
-                {
-                    lookup = None;
-                    let found = match found {
-                        Ok(Ok(peers)) => peers,
-                        _ => Vec::new(),
-                    };
-                    candidates.extend(
-                        found
-                            .into_iter()
-                            .filter(|p| *p != self.peer_id && *p != invite.inviter)
-                            .take(MAX_JOIN_CANDIDATES)
-                            .map(|p| (p, Vec::new(), "dht")),
-                    );
-                }
-                () = tokio::time::sleep_until(deadline) => {
-                    return Err(self.timed_out(timeout, &trail, lookups));
-                }
-            }
-        }
-        if let Some(dial) = inviter_dial.take() {
-            // Members answered in the DHT first; the inviter stays a fallback.
-            dial.abort();
-            candidates.push(inviter_entry);
-        }
+        let clock = Clock::new();
+        let (mut client, mut outs) = JoinClient::start(plan, clock.now());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // Dropped with the join: whatever is still in flight is aborted.
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut timer = clock.at(timeout.as_millis() as u64);
         loop {
-            if candidates.is_empty() {
-                let task = match lookup.take() {
-                    Some(task) => task,
-                    // A node that just started may not have DHT peers yet, and a member may
-                    // be announcing right now: look again, less often, until the time limit.
-                    // Once a member said it does not know the invite, a few more looks
-                    // suffice: that is most likely the answer.
-                    None if tokio::time::Instant::now() + lookup_pause(lookups) < deadline
-                        && (unknown.is_none() || lookups < UNKNOWN_INVITE_LOOKUPS) =>
-                    {
-                        tokio::time::sleep(lookup_pause(lookups)).await;
-                        lookups += 1;
-                        lookup_providers()
+            for out in std::mem::take(&mut outs) {
+                match out {
+                    join::Output::Progress(stage) => self.progress(group, join_stage(stage)),
+                    join::Output::Dial { op, peer, addrs } => {
+                        let (net, tx) = (self.net.clone(), tx.clone());
+                        tasks.spawn(async move {
+                            let connected = match net.connect(peer, addrs).await {
+                                Ok(()) => true,
+                                Err(e) => {
+                                    tracing::info!(group = %group.short(), %peer, error = %e, "cannot connect to a member");
+                                    false
+                                }
+                            };
+                            let _ = tx.send(join::Input::Dialled { op, connected });
+                        });
                     }
-                    None => break,
-                };
-                let found = match tokio::time::timeout_at(deadline, task).await {
-                    Ok(Ok(Ok(peers))) => peers,
-                    Ok(_) => Vec::new(),
-                    Err(_) => return Err(self.timed_out(timeout, &trail, lookups)),
-                };
-                tracing::debug!(group = %group.short(), found = found.len(), "members found in the DHT");
-                candidates.extend(
-                    found
-                        .into_iter()
-                        .filter(|p| *p != self.peer_id && !tried.contains(p))
-                        .take(MAX_JOIN_CANDIDATES)
-                        .map(|p| (p, Vec::new(), "dht")),
-                );
-                if candidates.is_empty() {
-                    continue;
+                    join::Output::Lookup { op } => {
+                        let (net, tx, key) =
+                            (self.net.clone(), tx.clone(), invite.rendezvous_key());
+                        tasks.spawn(async move {
+                            let peers = net.get_providers(key).await.unwrap_or_default();
+                            tracing::debug!(group = %group.short(), found = peers.len(), "members found in the DHT");
+                            let _ = tx.send(join::Input::Found { op, peers });
+                        });
+                    }
+                    join::Output::Request { op, peer } => {
+                        tracing::info!(group = %group.short(), %peer, "sending join request");
+                        let (net, tx, request) = (self.net.clone(), tx.clone(), request.clone());
+                        tasks.spawn(async move {
+                            let input = match net.join(peer, Vec::new(), request).await {
+                                Ok(response) => join::Input::Answered { op, response },
+                                Err(e) => {
+                                    tracing::info!(group = %group.short(), %peer, error = %e, "join request failed");
+                                    join::Input::RequestFailed { op }
+                                }
+                            };
+                            let _ = tx.send(input);
+                        });
+                    }
+                    join::Output::ScheduleTimer { at } => timer = clock.at(at),
+                    join::Output::Done(outcome) => return self.end_join(invite, outcome).await,
                 }
             }
-            let (peer, addrs, via) = candidates.remove(0);
-            if !tried.insert(peer) {
-                continue;
-            }
-            match self
-                .attempt(group, peer, addrs, via, &request, deadline)
-                .await
-            {
-                Attempt::Accepted(response) => {
-                    self.progress(
-                        group,
-                        JoinStage::Added {
-                            peer: peer.to_string(),
-                        },
-                    );
-                    let info = self
-                        .call(|r| Call::CompleteJoin(Box::new(invite), response, r))
-                        .await?;
-                    self.progress(
-                        group,
-                        JoinStage::Ready {
-                            epoch: info.epoch,
-                            member_count: info.members.len(),
-                        },
-                    );
-                    return Ok(info);
-                }
-                Attempt::Refused(r) => return Err(EngineError::JoinRejected(r)),
-                Attempt::Next(miss) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(self.timed_out(timeout, &trail, lookups));
-                    }
-                    if miss == Miss::Declined(JoinRejection::UnknownInvite) {
-                        // The member who signed the link created the invite: if it does not
-                        // know it, no one does.
-                        if peer == invite.inviter {
-                            return Err(EngineError::JoinRejected(JoinRejection::UnknownInvite));
-                        }
-                        unknown = Some(JoinRejection::UnknownInvite);
-                    }
-                    self.progress(
-                        group,
-                        JoinStage::TryingNext {
-                            peer: peer.to_string(),
-                            reason: miss.to_string(),
-                        },
-                    );
-                    if peer == invite.inviter {
-                        trail.inviter = Some(miss);
-                    } else {
-                        trail.member(miss);
-                    }
-                }
-            }
+            let input = tokio::select! {
+                Some(input) = rx.recv() => input,
+                () = tokio::time::sleep_until(timer) => join::Input::Timer,
+            };
+            outs = client.handle(clock.now(), input);
         }
-        // Every member we reached said it does not know the invite: that is the answer.
-        if let Some(r) = unknown {
-            return Err(EngineError::JoinRejected(r));
-        }
-        trail.lookups = lookups;
-        Err(EngineError::Unreachable(trail.unreachable()))
     }
 
-    /// Asks `members`, one after the other, to add this node again after its branch of
-    /// `group` lost a fork at `epoch` deeper than it can roll back; the one whose branch
-    /// holds `commit` there does. If none can (yet), the next sign of the fork tries again.
+    /// Completes a join that a member answered, or turns its end into the error to show.
+    async fn end_join(
+        &self,
+        invite: Invite,
+        outcome: join::Outcome,
+    ) -> Result<GroupInfo, EngineError> {
+        let group = invite.group;
+        match outcome {
+            join::Outcome::Joined { response, .. } => {
+                let info = self
+                    .call(|r| Call::CompleteJoin(Box::new(invite), response, r))
+                    .await?;
+                self.progress(
+                    group,
+                    JoinStage::Ready {
+                        epoch: info.epoch,
+                        member_count: info.members.len(),
+                    },
+                );
+                Ok(info)
+            }
+            join::Outcome::Refused(r) => Err(EngineError::JoinRejected(r)),
+            join::Outcome::Unreachable(line) => Err(EngineError::Unreachable(line)),
+            join::Outcome::TimedOut(line) => Err(EngineError::TimedOut(line)),
+        }
+    }
+
+    /// Asks `members` to add this node again after its branch of `group` lost a fork at
+    /// `epoch` deeper than it can roll back; the one whose branch holds `commit` there does.
+    /// The order and the rounds are [`RejoinClient`]'s. If none can (yet), the next sign of
+    /// the fork tries again.
     pub(super) async fn rejoin_member(
         &self,
         group: GroupId,
@@ -245,56 +162,74 @@ impl EngineHandle {
         members: Vec<PeerId>,
     ) {
         tracing::warn!(group = %group.short(), epoch, "this node's branch lost a deep fork; asking to be added again");
-        // Every member of the losing branch asks in the same order, so the first member of
-        // the winning branch re-adds them one after the other instead of two members
-        // re-adding at once (which would be a new race).
-        let mut members = members;
-        members.sort();
-        // A member of the winning branch may be busy re-adding another node, or not yet
-        // connected after a partition heals: try a few rounds before waiting for the next
-        // sign of the fork.
-        for round in 0..REJOIN_ROUNDS {
-            if round > 0 {
-                tokio::time::sleep(REJOIN_RETRY).await;
-            }
-            for peer in members.iter().copied() {
-                let request = match self
-                    .call(|r| Call::PrepareRejoin(group, epoch, commit, r))
-                    .await
-                {
-                    Ok(request) => request,
-                    Err(e) => {
-                        tracing::warn!(group = %group.short(), error = %e, "cannot prepare a rejoin");
-                        break;
+        let clock = Clock::new();
+        let (mut client, mut outs) = RejoinClient::start(members, clock.now());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut timer = clock.at(rejoin::ASK_TIMEOUT_MS);
+        loop {
+            for out in std::mem::take(&mut outs) {
+                match out {
+                    rejoin::Output::Ask { op, peer } => {
+                        let request = match self
+                            .call(|r| Call::PrepareRejoin(group, epoch, commit, r))
+                            .await
+                        {
+                            Ok(request) => request,
+                            Err(e) => {
+                                tracing::warn!(group = %group.short(), error = %e, "cannot prepare a rejoin");
+                                let _ = tx.send(rejoin::Input::CannotPrepare { op });
+                                continue;
+                            }
+                        };
+                        let (net, tx) = (self.net.clone(), tx.clone());
+                        tasks.spawn(async move {
+                            let asked = async {
+                                net.connect(peer, Vec::new()).await.ok()?;
+                                net.join(peer, Vec::new(), request).await.ok()
+                            };
+                            let input = match asked.await {
+                                Some(response) => {
+                                    if let JoinResponse::Rejected(why) = &response {
+                                        tracing::debug!(group = %group.short(), %peer, reason = %why, "rejoin refused");
+                                    }
+                                    rejoin::Input::Answered { op, response }
+                                }
+                                None => rejoin::Input::Failed { op },
+                            };
+                            let _ = tx.send(input);
+                        });
                     }
-                };
-                let asked = async {
-                    self.net.connect(peer, Vec::new()).await.ok()?;
-                    self.net.join(peer, Vec::new(), request).await.ok()
-                };
-                let Ok(Some(response)) = tokio::time::timeout(JOIN_DIAL_TIMEOUT, asked).await
-                else {
-                    continue;
-                };
-                if let JoinResponse::Rejected(why) = &response {
-                    tracing::debug!(group = %group.short(), %peer, reason = %why, "rejoin refused");
-                    continue;
-                }
-                match self
-                    .call(|r| Call::CompleteRejoin(group, peer, response, r))
-                    .await
-                {
-                    Ok(info) => {
-                        tracing::info!(group = %group.short(), %peer, epoch = info.epoch, "added again on the winning branch");
+                    rejoin::Output::Use { op, peer, response } => {
+                        let ok = match self
+                            .call(|r| Call::CompleteRejoin(group, peer, response, r))
+                            .await
+                        {
+                            Ok(info) => {
+                                tracing::info!(group = %group.short(), %peer, epoch = info.epoch, "added again on the winning branch");
+                                true
+                            }
+                            Err(e) => {
+                                tracing::warn!(group = %group.short(), %peer, error = %e, "cannot use the rejoin answer");
+                                false
+                            }
+                        };
+                        let _ = tx.send(rejoin::Input::Used { op, ok });
+                    }
+                    rejoin::Output::ScheduleTimer { at } => timer = clock.at(at),
+                    rejoin::Output::Done(true) => return,
+                    rejoin::Output::Done(false) => {
+                        let _ = self.call(|r| Call::RejoinFailed(group, r)).await;
                         return;
                     }
-                    Err(e) => {
-                        tracing::warn!(group = %group.short(), %peer, error = %e, "cannot use the rejoin answer")
-                    }
                 }
             }
+            let input = tokio::select! {
+                Some(input) = rx.recv() => input,
+                () = tokio::time::sleep_until(timer) => rejoin::Input::Timer,
+            };
+            outs = client.handle(clock.now(), input);
         }
-        let _ = self.call(|r| Call::RejoinFailed(group, r)).await;
     }
 
     /// Joins `group` again with `link` after the commit that added this node lost to a
@@ -320,100 +255,46 @@ impl EngineHandle {
             self.progress(group, JoinStage::Lost { reason });
         }
     }
+}
 
-    pub(super) fn timed_out(&self, timeout: Duration, trail: &Trail, lookups: u32) -> EngineError {
-        let mut trail = trail.clone();
-        trail.lookups = lookups;
-        EngineError::TimedOut(trail.timed_out(timeout.as_secs()))
+/// The time since a join started, in the milliseconds its state machine counts.
+struct Clock(tokio::time::Instant);
+
+impl Clock {
+    fn new() -> Clock {
+        Clock(tokio::time::Instant::now())
     }
 
-    /// Asks one member: connect (bounded by [`JOIN_DIAL_TIMEOUT`]), send the request, and
-    /// while the member holds it for approval, send it again every [`APPROVAL_RETRY`].
-    pub(super) async fn attempt(
-        &self,
-        group: GroupId,
-        peer: PeerId,
-        addrs: Vec<Multiaddr>,
-        via: &'static str,
-        request: &JoinRequest,
-        deadline: tokio::time::Instant,
-    ) -> Attempt {
-        if via != "link" {
-            // The inviter was announced when its dial started.
-            self.progress(
-                group,
-                JoinStage::Contacting {
-                    peer: peer.to_string(),
-                    via: via.to_owned(),
-                },
-            );
-        }
-        let dial_deadline = deadline.min(tokio::time::Instant::now() + JOIN_DIAL_TIMEOUT);
-        match tokio::time::timeout_at(dial_deadline, self.net.connect(peer, addrs)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::info!(group = %group.short(), %peer, via, error = %e, "cannot connect to a member");
-                return Attempt::Next(Miss::CannotConnect);
-            }
-            Err(_) => return Attempt::Next(Miss::ConnectTimedOut),
-        }
-        self.progress(
-            group,
-            JoinStage::RequestSent {
-                peer: peer.to_string(),
-            },
-        );
-        tracing::info!(group = %group.short(), %peer, via, "sending join request");
-        let mut announced = false;
-        loop {
-            let sent = self.net.join(peer, Vec::new(), request.clone());
-            let response = match tokio::time::timeout_at(deadline, sent).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    tracing::info!(group = %group.short(), %peer, error = %e, "join request failed");
-                    return Attempt::Next(Miss::RequestFailed);
-                }
-                Err(_) => return Attempt::Next(Miss::NoAnswer),
-            };
-            match response {
-                JoinResponse::Accepted { .. } | JoinResponse::Admitted { .. } => {
-                    return Attempt::Accepted(response);
-                }
-                JoinResponse::Rejected(
-                    r @ (JoinRejection::UnknownInvite
-                    | JoinRejection::NotMember
-                    | JoinRejection::Internal
-                    | JoinRejection::Busy),
-                ) => return Attempt::Next(Miss::Declined(r)),
-                JoinResponse::Rejected(r) => return Attempt::Refused(r),
-                JoinResponse::AwaitingApproval { request: id } => {
-                    if !announced {
-                        announced = true;
-                        self.progress(
-                            group,
-                            JoinStage::AwaitingApproval {
-                                peer: peer.to_string(),
-                                request: request_id_text(id),
-                            },
-                        );
-                    }
-                    let wake = deadline.min(tokio::time::Instant::now() + APPROVAL_RETRY);
-                    tokio::time::sleep_until(wake).await;
-                    if tokio::time::Instant::now() >= deadline {
-                        return Attempt::Next(Miss::StillAwaitingApproval);
-                    }
-                }
-            }
-        }
+    fn now(&self) -> join::Millis {
+        self.0.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, at: join::Millis) -> tokio::time::Instant {
+        self.0 + Duration::from_millis(at)
     }
 }
 
-/// How a join attempt with one member ended.
-pub(super) enum Attempt {
-    /// The member added us: complete the join with this answer.
-    Accepted(JoinResponse),
-    /// A refusal no other member would change (revoked, expired, used up, denied, …).
-    Refused(JoinRejection),
-    /// This member could not help; try the next one.
-    Next(Miss),
+/// The progress event for a stage of the join.
+fn join_stage(stage: join::Stage) -> JoinStage {
+    match stage {
+        join::Stage::FindingMembers { timeout_secs } => JoinStage::FindingMembers { timeout_secs },
+        join::Stage::Contacting { peer, via } => JoinStage::Contacting {
+            peer: peer.to_string(),
+            via: via.as_str().to_owned(),
+        },
+        join::Stage::RequestSent { peer } => JoinStage::RequestSent {
+            peer: peer.to_string(),
+        },
+        join::Stage::AwaitingApproval { peer, request } => JoinStage::AwaitingApproval {
+            peer: peer.to_string(),
+            request: request_id_text(request),
+        },
+        join::Stage::TryingNext { peer, miss } => JoinStage::TryingNext {
+            peer: peer.to_string(),
+            reason: miss.to_string(),
+        },
+        join::Stage::Added { peer } => JoinStage::Added {
+            peer: peer.to_string(),
+        },
+    }
 }

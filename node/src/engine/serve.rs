@@ -105,59 +105,44 @@ impl Actor {
         }
     }
 
-    /// Answers a join request. A retry of a request held for approval gets its current
-    /// answer; a new request is screened, then held (approval invites) or admitted.
+    /// Answers a join request as [`kith_protocol::join::admission::decide`] says: a retry
+    /// of a held request gets its current answer; a new one is screened, then held (approval
+    /// invites) or admitted.
     pub(super) fn on_join_request(&mut self, peer: PeerId, request: JoinRequest) -> JoinResponse {
         let now = now_ms();
-        self.held.expire(now);
-        let held_id = crate::admission::request_id(&peer, &request);
-        if let Some(h) = self.held.retry(held_id, now) {
-            return match &h.state {
-                HeldState::Waiting => JoinResponse::AwaitingApproval { request: held_id },
-                HeldState::Approved(response) => response.clone(),
-                HeldState::Denied => JoinResponse::Rejected(JoinRejection::Denied),
-            };
-        }
-        let r = match &request {
-            JoinRequest::V1(r) => r,
-            JoinRequest::Rejoin(_) => {
-                let JoinRequest::Rejoin(r) = request else {
-                    return JoinResponse::Rejected(JoinRejection::Internal);
-                };
-                return self.on_rejoin_request(peer, r);
-            }
+        let group = match &request {
+            JoinRequest::V1(r) => r.group,
+            JoinRequest::Rejoin(r) => r.group,
         };
-        let invite = InviteId::of(&secret_hash(&r.secret));
-        let group = r.group;
-        let record = match self.store.invite(&invite) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read invites");
-                return JoinResponse::Rejected(JoinRejection::Internal);
+        let store = &self.store;
+        let decided = kith_protocol::join::admission::decide(
+            &self.groups,
+            &mut self.held,
+            peer,
+            request,
+            |invite| store.invite(invite),
+            now,
+        );
+        match decided {
+            Admission::Answer(response) => response,
+            Admission::Refuse(why) => {
+                tracing::info!(%peer, group = %group.short(), reason = %why, "refused join request");
+                self.metrics.join_request(JoinRequestResult::Refused);
+                JoinResponse::Rejected(why)
             }
-        };
-        if let Err(why) = self
-            .groups
-            .screen_join_request(peer, &request, record.as_ref(), now)
-        {
-            tracing::info!(%peer, group = %group.short(), reason = %why, "refused join request");
-            self.metrics.join_request(JoinRequestResult::Refused);
-            return JoinResponse::Rejected(why);
-        }
-        if record.as_ref().is_some_and(|r| r.approval) {
-            return match self.held.hold(peer, group, invite, request, now) {
-                Ok(h) => {
-                    tracing::info!(%peer, group = %group.short(), request = %request_id_text(h.id), "join request awaits approval");
+            Admission::Rejoin(r) => self.on_rejoin_request(peer, r),
+            Admission::Held(id) => {
+                tracing::info!(%peer, group = %group.short(), request = %request_id_text(id), "join request awaits approval");
+                if let Some(h) = self.held.get(id) {
                     let _ = self.events.send(NodeEvent::JoinRequestHeld(held_info(h)));
-                    JoinResponse::AwaitingApproval { request: h.id }
                 }
-                Err(e) => {
-                    tracing::warn!(%peer, group = %group.short(), error = %e, "cannot hold join request");
-                    JoinResponse::Rejected(JoinRejection::Busy)
-                }
-            };
+                JoinResponse::AwaitingApproval { request: id }
+            }
+            Admission::Admit(admit) => {
+                let (request, record) = *admit;
+                self.admit(peer, request, record)
+            }
         }
-        self.admit(peer, request, record)
     }
 
     /// Persists the key package a join or rejoin request carries (its private keys must be

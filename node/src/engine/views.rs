@@ -92,7 +92,7 @@ pub(super) fn invite_summary(r: &InviteRecord, now: u64) -> InviteSummary {
     }
 }
 
-pub(super) fn held_info(h: &crate::admission::Held) -> JoinRequestInfo {
+pub(super) fn held_info(h: &kith_protocol::join::admission::Held) -> JoinRequestInfo {
     JoinRequestInfo {
         id: request_id_text(h.id),
         group: h.group.to_string(),

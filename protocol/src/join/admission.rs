@@ -1,4 +1,5 @@
-//! Join requests held for approval on this node (invites created with `--approve`).
+//! A member's side of a join request: what to do with it ([`decide`]), and the requests
+//! held for approval on this node (invites created with `--approve`).
 //!
 //! A joiner whose invite needs approval gets `AwaitingApproval` and sends the same request
 //! again every few seconds. The member keeps the request here, in memory and bounded, until a
@@ -9,9 +10,14 @@
 
 use std::collections::BTreeMap;
 
-use kith_protocol::envelope::{JoinRequest, JoinResponse};
-use kith_protocol::ids::{GroupId, InviteId, hash_parts};
-use libp2p::PeerId;
+use libp2p_identity::PeerId;
+use openmls_traits::OpenMlsProvider;
+
+use crate::envelope::{JoinRejection, JoinRequest, JoinResponse, RejoinRequestV1};
+use crate::fork::GroupRecords;
+use crate::group::GroupEngine;
+use crate::ids::{GroupId, InviteId, hash_parts};
+use crate::invite::{InviteRecord, secret_hash};
 
 /// Most requests held on one node.
 pub const MAX_HELD: usize = 64;
@@ -191,6 +197,11 @@ impl HeldRequests {
         Ok(first)
     }
 
+    /// The held request `id`.
+    pub fn get(&self, id: u64) -> Option<&Held> {
+        self.held.get(&id)
+    }
+
     /// Records a decision on request `id`.
     pub fn decide(&mut self, id: u64, state: HeldState, now_ms: u64) {
         if let Some(h) = self.held.get_mut(&id) {
@@ -200,15 +211,86 @@ impl HeldRequests {
     }
 }
 
+/// What a member does with a join request (see [`decide`]).
+#[derive(Debug)]
+pub enum Admission {
+    /// Answer at once: a retry of a held request gets its current answer.
+    Answer(JoinResponse),
+    /// Refuse (screened out, or the invite could not be read).
+    Refuse(JoinRejection),
+    /// A member whose branch lost a deep fork asks to be added again:
+    /// `GroupEngine::handle_rejoin_request`.
+    Rejoin(RejoinRequestV1),
+    /// Newly held for approval (the request [`HeldRequests::get`] finds): tell the user and
+    /// answer `AwaitingApproval`.
+    Held(u64),
+    /// Add the joiner now: `GroupEngine::handle_join_request` with this invite record.
+    Admit(Box<(JoinRequest, Option<InviteRecord>)>),
+}
+
+/// Decides what to do with `request` from `peer` (transport-authenticated) at `now_ms`: a
+/// retry of a held request gets its current answer; a new request is screened against the
+/// invite `read_invite` returns for its secret (an error refuses it as `Internal`), then held
+/// (the invite needs approval) or admitted.
+pub fn decide<P, E>(
+    engine: &GroupEngine<P>,
+    held: &mut HeldRequests,
+    peer: PeerId,
+    request: JoinRequest,
+    read_invite: impl FnOnce(&InviteId) -> Result<Option<InviteRecord>, E>,
+    now_ms: u64,
+) -> Admission
+where
+    P: OpenMlsProvider,
+    P::StorageProvider: GroupRecords,
+    E: std::fmt::Display,
+{
+    held.expire(now_ms);
+    let held_id = request_id(&peer, &request);
+    if let Some(h) = held.retry(held_id, now_ms) {
+        return Admission::Answer(match &h.state {
+            HeldState::Waiting => JoinResponse::AwaitingApproval { request: held_id },
+            HeldState::Approved(response) => response.clone(),
+            HeldState::Denied => JoinResponse::Rejected(JoinRejection::Denied),
+        });
+    }
+    let r = match request {
+        JoinRequest::Rejoin(r) => return Admission::Rejoin(r),
+        JoinRequest::V1(ref r) => r,
+    };
+    let invite = InviteId::of(&secret_hash(&r.secret));
+    let group = r.group;
+    let record = match read_invite(&invite) {
+        Ok(record) => record,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read invites");
+            return Admission::Refuse(JoinRejection::Internal);
+        }
+    };
+    if let Err(why) = engine.screen_join_request(peer, &request, record.as_ref(), now_ms) {
+        return Admission::Refuse(why);
+    }
+    if record.as_ref().is_some_and(|r| r.approval) {
+        return match held.hold(peer, group, invite, request, now_ms) {
+            Ok(h) => Admission::Held(h.id),
+            Err(e) => {
+                tracing::warn!(%peer, group = %group.short(), error = %e, "cannot hold join request");
+                Admission::Refuse(JoinRejection::Busy)
+            }
+        };
+    }
+    Admission::Admit(Box::new((request, record)))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use kith_protocol::envelope::JoinRequestV1;
+    use crate::envelope::JoinRequestV1;
 
     use super::*;
 
     fn peer(n: u8) -> PeerId {
-        crate::api::fake::peer(n)
+        crate::testing::member_key(n).public().to_peer_id()
     }
 
     fn request(n: u8) -> JoinRequest {

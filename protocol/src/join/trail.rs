@@ -6,7 +6,7 @@
 //! member of the group (tried the inviter at 2 addresses: cannot connect; the DHT named no
 //! other member after 3 lookups); is a member online?".
 
-use kith_protocol::envelope::JoinRejection;
+use crate::envelope::JoinRejection;
 
 /// Why one member could not help a join; the join goes on with the next member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
