@@ -700,6 +700,14 @@ impl<'a> SyncItem<'a> {
             envelope,
         }
     }
+
+    /// An application envelope that made no history row (the invite states a member sends
+    /// after adding someone, a re-send request): placed by when `responder` received it, so
+    /// its pages still walk in one stable order. Without it, a new member who subscribed
+    /// after such a message was published could never fetch it.
+    pub fn unrecorded(envelope: &'a StoredEnvelope, responder: &PeerId) -> Self {
+        Self::application(envelope, envelope.received_at_ms, responder)
+    }
 }
 
 /// One page planned by [`plan_response`], [`plan_summary_page`] or [`plan_ranges_page`].

@@ -266,7 +266,8 @@ impl Actor {
                 PayloadKind::Commit => items.push(SyncItem::commit(env)),
                 PayloadKind::Application => match self.store.history_entry(&env.id) {
                     Ok(Some(h)) => items.push(SyncItem::application(env, h.sent_at_ms, &h.sender)),
-                    Ok(None) => {}
+                    // Invite states after an Add: a new member fetches them here.
+                    Ok(None) => items.push(SyncItem::unrecorded(env, &self.me)),
                     Err(e) => {
                         // Skipping it would send a page that claims to be complete but is not.
                         tracing::error!(%peer, group = %group.short(), error = %e, "cannot read a history entry to answer a sync request; refused as unavailable");

@@ -292,9 +292,10 @@ where
 
     /// Checks a join request from `from` (transport-authenticated) against `record` (the
     /// stored invite whose id matches the request's secret, if any) without changing
-    /// anything. In order: network, this node's membership, the invite (known, not revoked,
-    /// not expired, not used up), the key package (valid, Kith's ciphersuite, bound to
-    /// `from`), and that `from` is not a member already. Returns the validated key package.
+    /// anything. In order: network, this node's membership, the invite's secret, that `from`
+    /// is not a member already, the invite's state (not revoked, not expired, not used up),
+    /// and the key package (valid, Kith's ciphersuite, bound to `from`). Returns the
+    /// validated key package.
     pub fn screen_join_request(
         &self,
         from: PeerId,
@@ -322,12 +323,14 @@ where
         if record.secret_hash.is_some_and(|h| h != hash) {
             return Err(JoinRejection::UnknownInvite);
         }
-        record.admits(now_ms / 1000)?;
-        let kp = self.checked_key_package(from, &req.key_package)?;
+        // Before the invite's own state: a joiner whose Add stands asks again when a member
+        // that is behind says it is not in the group, and must hear that its join stands,
+        // not that the invite is used up (by its own join).
         if g.mls.members().any(|m| member_peer(&m) == Some(from)) {
             return Err(JoinRejection::AlreadyMember);
         }
-        Ok(kp)
+        record.admits(now_ms / 1000)?;
+        self.checked_key_package(from, &req.key_package)
     }
 
     /// Decodes and validates a joiner's key package: our ciphersuite, and a credential bound

@@ -23,17 +23,21 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use libp2p_identity::PeerId;
 
+use crate::envelope::{JoinRejection, JoinRequest};
 use crate::group::{Identity, NewInvite, PAST_EPOCH_TTL};
 use crate::ids::{GroupId, MessageId, TopicId};
+use crate::invite::Invite;
 use crate::records::EntryKind;
 use crate::sync::scheduler::{self as sched, RequestFailure, SYNC_INTERVAL};
 use crate::sync::{SyncRefusal, SyncRequest, SyncResponse};
 use crate::testing::{T0_MS, member_key};
 
+mod joins;
 mod node;
 #[cfg(test)]
 mod tests;
 
+use joins::{ClientInput, ClientOp, JoinEnd};
 use node::{Action, Core, Durable};
 
 /// The flush tick of the node (`node::engine::FLUSH_INTERVAL`).
@@ -85,6 +89,13 @@ impl Rng {
 pub struct Config {
     /// Members of the group (node 0 creates it and adds the others).
     pub members: usize,
+    /// Nodes that join by invite link during the faults (after the members).
+    pub joiners: usize,
+    /// Uses of the invite the joiners share.
+    pub invite_uses: u32,
+    /// Pause between two joiners' starts, ms; `None`: each starts at a random time during
+    /// the faults (so joins race).
+    pub join_every_ms: Option<(u64, u64)>,
     /// Nodes outside the group that receive all gossip anyway.
     pub strangers: usize,
     /// Texts sent during the faults.
@@ -125,6 +136,9 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             members: 3,
+            joiners: 0,
+            invite_uses: 1,
+            join_every_ms: None,
             strangers: 0,
             messages: 20,
             senders: vec![0],
@@ -196,6 +210,36 @@ enum Event {
     },
     Heal,
     EndFaults,
+    /// A joiner starts (or tries again) to join.
+    JoinStart {
+        node: usize,
+        life: u64,
+    },
+    /// A join or rejoin request reaches member `to`.
+    JoinRequest {
+        to: usize,
+        from: usize,
+        life: u64,
+        op: ClientOp,
+        request: Box<JoinRequest>,
+    },
+    /// A result for one of the node's join clients.
+    ClientInput {
+        node: usize,
+        life: u64,
+        input: ClientInput,
+    },
+    /// A join client's timer.
+    ClientTimer {
+        node: usize,
+        life: u64,
+    },
+    /// Sync a group just joined again (the node's follow-up syncs).
+    FollowUp {
+        node: usize,
+        life: u64,
+        group: GroupId,
+    },
 }
 
 /// A message some member sent, and who should read it.
@@ -234,6 +278,18 @@ pub struct Stats {
     pub sent: u64,
     /// Virtual time at the end, ms.
     pub virtual_ms: u64,
+    /// Joins started (first tries and tries again).
+    pub join_attempts: u64,
+    /// Joins that found nobody or timed out, and were tried again.
+    pub join_retries: u64,
+    /// Members added by a member (joins and rejoins).
+    pub admitted: u64,
+    /// Joins whose Add lost a race.
+    pub join_lost: u64,
+    /// Deep forks lost by a member.
+    pub deep_forks: u64,
+    /// Members added again after a deep fork.
+    pub rejoined: u64,
 }
 
 impl World {
@@ -262,6 +318,10 @@ pub struct World {
     faults: bool,
     group: GroupId,
     sent: Vec<Sent>,
+    /// The invite the joiners use.
+    invite: Option<Invite>,
+    /// How each joiner's join ended.
+    ends: BTreeMap<usize, JoinEnd>,
     /// Statistics.
     pub stats: Stats,
 }
@@ -270,7 +330,7 @@ impl World {
     /// Sets up `cfg` from `seed`: member 0 creates the group and adds every other member
     /// (no faults yet), then the faults are scheduled.
     pub fn new(cfg: Config, seed: u64) -> World {
-        let n = cfg.members + cfg.strangers;
+        let n = cfg.members + cfg.joiners + cfg.strangers;
         let mut rng = Rng::new(seed);
         let slots = (0..n)
             .map(|i| {
@@ -305,6 +365,8 @@ impl World {
             faults: false,
             group,
             sent: Vec::new(),
+            invite: None,
+            ends: BTreeMap::new(),
             stats: Stats::default(),
         };
         for i in 0..n {
@@ -349,24 +411,7 @@ impl World {
             .create_group(g, "sim", now_ms)
             .expect("create group");
         self.commit_effects(0, fx, true);
-        let secret = crate::ids::hash_parts(&[b"sim-secret", &self.seed.to_be_bytes()]);
-        let max_uses = self.cfg.members.max(1) as u32;
-        let (invite, fx) = self
-            .core(0)
-            .engine
-            .create_invite(
-                g,
-                NewInvite {
-                    addrs: Vec::new(),
-                    secret,
-                    expires_at: now_ms / 1000 + 365 * 24 * 3600,
-                    max_uses,
-                    approval: false,
-                },
-                now_ms,
-            )
-            .expect("create invite");
-        self.commit_effects(0, fx, true);
+        let invite = self.create_invite(b"sim-secret", self.cfg.members.max(1) as u32);
         for j in 1..self.cfg.members {
             let now_ms = self.now_ms();
             let request = self
@@ -391,7 +436,35 @@ impl World {
             // Let the commit reach every member before the next one.
             self.run_until(self.now + 1_000);
         }
+        if self.cfg.joiners > 0 {
+            // The joiners' link, from member 0: the others learn it through the group.
+            self.invite = Some(self.create_invite(b"sim-joiners", self.cfg.invite_uses));
+        }
         self.run_until(self.now + 5_000);
+    }
+
+    /// Member 0 creates an invite of `max_uses` for a year.
+    fn create_invite(&mut self, label: &[u8], max_uses: u32) -> Invite {
+        let now_ms = self.now_ms();
+        let secret = crate::ids::hash_parts(&[label, &self.seed.to_be_bytes()]);
+        let group = self.group;
+        let (invite, fx) = self
+            .core(0)
+            .engine
+            .create_invite(
+                group,
+                NewInvite {
+                    addrs: Vec::new(),
+                    secret,
+                    expires_at: now_ms / 1000 + 365 * 24 * 3600,
+                    max_uses,
+                    approval: false,
+                },
+                now_ms,
+            )
+            .expect("create invite");
+        self.commit_effects(0, fx, true);
+        invite
     }
 
     fn core(&mut self, i: usize) -> &mut Core {
@@ -408,6 +481,18 @@ impl World {
             self.at(t, Event::Send { node, k });
         }
         let span = t.max(1);
+        let mut next_join = 0;
+        for k in 0..self.cfg.joiners {
+            let when = match self.cfg.join_every_ms {
+                Some(pause) => {
+                    next_join += self.rng.range(pause);
+                    next_join
+                }
+                None => self.rng.below(span),
+            };
+            let node = self.cfg.members + k;
+            self.at(when, Event::JoinStart { node, life: 0 });
+        }
         for _ in 0..self.cfg.commits {
             let when = self.rng.below(span);
             self.at(when, Event::Commit { node: 0 });
@@ -598,6 +683,28 @@ impl World {
                 }
             }
             Event::Heal => self.heal(),
+            Event::JoinStart { node, life } => {
+                if self.up(node) && self.slots[node].life == life {
+                    self.start_join(node, None, false);
+                }
+            }
+            Event::JoinRequest {
+                to,
+                from,
+                life,
+                op,
+                request,
+            } => self.on_join_request(to, from, life, op, *request),
+            Event::ClientInput { node, life, input } => {
+                self.on_client_input(node, life, Some(input))
+            }
+            Event::ClientTimer { node, life } => self.on_client_input(node, life, None),
+            Event::FollowUp { node, life, group } => {
+                if self.up(node) && self.slots[node].life == life {
+                    let trigger = sched::Trigger::Gap;
+                    self.sync_input(node, sched::Input::Sync { group, trigger });
+                }
+            }
             Event::EndFaults => {
                 self.faults = false;
                 self.heal();
@@ -834,6 +941,7 @@ impl World {
                 }
             }
         }
+        self.after_effects(i);
     }
 
     fn publish(&mut self, from: usize, topic: TopicId, data: Vec<u8>) {
@@ -841,7 +949,7 @@ impl World {
             if j == from || !self.connected(from, j) {
                 continue;
             }
-            let stranger = j >= self.cfg.members;
+            let stranger = j >= self.cfg.members + self.cfg.joiners;
             if !stranger
                 && !self.slots[j]
                     .core
@@ -880,12 +988,44 @@ impl World {
     pub fn check(&self) -> Vec<String> {
         let mut bad = Vec::new();
         let g = self.group;
+        // The group as member 0 ends with it: who is in.
+        let in_group: BTreeSet<PeerId> = self.slots[0]
+            .core
+            .as_ref()
+            .and_then(|c| c.engine.group(&g))
+            .map(|v| v.members.iter().map(|(_, p)| *p).collect())
+            .unwrap_or_default();
+        let joiners = self.cfg.members..self.cfg.members + self.cfg.joiners;
+        for i in joiners.clone() {
+            let active = self.slots[i]
+                .core
+                .as_ref()
+                .and_then(|c| c.engine.group(&g))
+                .is_some_and(|v| v.active);
+            let listed = in_group.contains(&self.slots[i].peer);
+            match self.ends.get(&i) {
+                None => bad.push(format!("joiner {i} never finished joining")),
+                Some(JoinEnd::Joined) if !(active && listed) => bad.push(format!(
+                    "joiner {i} joined, but is {} and {} in member 0's group",
+                    if active { "active" } else { "not active" },
+                    if listed { "listed" } else { "not listed" },
+                )),
+                Some(JoinEnd::Refused(r) | JoinEnd::Lost(r)) if active || listed => bad.push(
+                    format!("joiner {i} was refused ({r}) but is still a member"),
+                ),
+                _ => {}
+            }
+        }
         let mut auth: BTreeMap<(u64, [u8; 8]), Vec<usize>> = BTreeMap::new();
-        for i in 0..self.cfg.members {
+        for i in (0..self.cfg.members).chain(joiners.clone()) {
+            let member = i < self.cfg.members || in_group.contains(&self.slots[i].peer);
             let Some(core) = self.slots[i].core.as_ref() else {
-                bad.push(format!("member {i} is down at the end"));
+                bad.push(format!("node {i} is down at the end"));
                 continue;
             };
+            if !member {
+                continue;
+            }
             match core.engine.group(&g) {
                 Some(v) if v.active => auth.entry((v.epoch, v.authenticator)).or_default().push(i),
                 _ => bad.push(format!("member {i} is no longer an active member")),
@@ -921,12 +1061,8 @@ impl World {
                     core.engine.missing_messages(&g),
                 ));
             }
-            for t in texts.keys() {
-                if !self.sent.iter().any(|s| s.text == *t) {
-                    bad.push(format!("member {i} holds a text nobody sent: '{t}'"));
-                }
-            }
-            if core.notes.deep_forks > 0 || core.notes.join_lost > 0 {
+            if self.cfg.joiners == 0 && (core.notes.deep_forks > 0 || core.notes.join_lost > 0) {
+                // One committer and no joins: there is no race to lose.
                 bad.push(format!("member {i} lost a deep fork or its join"));
             }
         }
@@ -935,6 +1071,30 @@ impl World {
                 "members end in different epochs or branches: {auth:?}"
             ));
         }
+        // Nobody reads what was not sent to it: every text a node holds was sent while it
+        // was a member in the sender's view, and somebody sent it. A member of the agreed
+        // group may also read what its sender wrote on a branch that lost to the Add of
+        // that member, sent again on the winning branch (PROTOCOL.md, "Concurrent commits").
+        for (i, slot) in self.slots.iter().enumerate() {
+            let Some(core) = slot.core.as_ref() else {
+                continue;
+            };
+            for t in core.texts(&g).keys() {
+                match self.sent.iter().find(|s| s.text == *t) {
+                    None => bad.push(format!("node {i} holds a text nobody sent: '{t}'")),
+                    Some(s)
+                        if !s.members.contains(&slot.peer) && !in_group.contains(&slot.peer) =>
+                    {
+                        bad.push(format!("node {i} reads '{t}', sent while it was no member"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if i >= self.cfg.members + self.cfg.joiners && core.engine.group(&g).is_some() {
+                bad.push(format!("stranger {i} holds the group"));
+            }
+        }
+        bad.extend(self.check_invite(&in_group));
         // Every member places each text where its sender did (the canonical order is by
         // epoch, then send time): a text sent again on request goes back to its epoch.
         let mut placed: BTreeMap<MessageId, (u64, u64, usize)> = BTreeMap::new();
@@ -958,12 +1118,56 @@ impl World {
                 }
             }
         }
-        for i in self.cfg.members..self.slots.len() {
+        bad
+    }
+
+    /// The joiners' invite: its uses are never exceeded, and every member counts exactly the
+    /// joins that stand (a use of an Add that lost a race is given back).
+    fn check_invite(&self, in_group: &BTreeSet<PeerId>) -> Vec<String> {
+        let mut bad = Vec::new();
+        let Some(invite) = &self.invite else {
+            return bad;
+        };
+        let joiners = self.cfg.members..self.cfg.members + self.cfg.joiners;
+        let joined = joiners
+            .clone()
+            .filter(|&i| in_group.contains(&self.slots[i].peer))
+            .count() as u32;
+        if joined > self.cfg.invite_uses {
+            bad.push(format!(
+                "{joined} joined with an invite of {} uses",
+                self.cfg.invite_uses
+            ));
+        }
+        for i in (0..self.cfg.members).chain(joiners) {
+            if i >= self.cfg.members && !in_group.contains(&self.slots[i].peer) {
+                continue;
+            }
             let Some(core) = self.slots[i].core.as_ref() else {
                 continue;
             };
-            if !core.texts(&g).is_empty() || core.engine.group(&g).is_some() {
-                bad.push(format!("stranger {i} read the group"));
+            match core.store.invites.get(&invite.id()) {
+                Some(r) if r.uses > r.max_uses => bad.push(format!(
+                    "member {i} counts {} uses of {}",
+                    r.uses, r.max_uses
+                )),
+                Some(r) if r.uses != joined => bad.push(format!(
+                    "member {i} counts {} uses of the invite, but {joined} joined with it",
+                    r.uses
+                )),
+                Some(_) => {}
+                None => bad.push(format!("member {i} does not know the joiners' invite")),
+            }
+        }
+        // A joiner turned away for want of uses only when they were all used.
+        for (i, end) in &self.ends {
+            if matches!(end, JoinEnd::Refused(JoinRejection::UsedUp))
+                && joined < self.cfg.invite_uses
+            {
+                bad.push(format!(
+                    "joiner {i} was told the invite is used up, but only {joined} of {} uses stand",
+                    self.cfg.invite_uses
+                ));
             }
         }
         bad

@@ -14,10 +14,13 @@ use libp2p_identity::PeerId;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider;
 
-use crate::envelope::{Envelope, PayloadKind};
+use crate::envelope::{Envelope, JoinRequest, PayloadKind};
 use crate::group::{Effect, GroupEngine, Identity, Verdict};
 use crate::ids::{GroupId, InviteId, MessageId, TopicId};
-use crate::invite::InviteRecord;
+use crate::invite::{Invite, InviteRecord};
+use crate::join::admission::HeldRequests;
+use crate::join::client::JoinClient;
+use crate::join::rejoin::RejoinClient;
 use crate::order::Undecryptable;
 use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
 use crate::sync::scheduler::{self as sched, SyncScheduler};
@@ -133,6 +136,23 @@ pub(super) struct Notes {
     pub failed_runs: u64,
 }
 
+/// A join in progress (lost with a crash, like the node's join task).
+pub(super) struct JoinRun {
+    pub client: JoinClient,
+    pub invite: Invite,
+    pub request: JoinRequest,
+    /// Joining again after the Add lost a race.
+    pub again: bool,
+}
+
+/// Asking to be added again after a deep fork (lost with a crash).
+pub(super) struct RejoinRun {
+    pub client: RejoinClient,
+    pub group: GroupId,
+    pub epoch: u64,
+    pub commit: MessageId,
+}
+
 /// A simulated node while it runs.
 pub(super) struct Core {
     pub engine: Engine,
@@ -140,6 +160,12 @@ pub(super) struct Core {
     pub store: Store,
     pub subscribed: BTreeSet<TopicId>,
     pub notes: Notes,
+    /// Join requests held for approval (none in the simulated invites; the same path).
+    pub held: HeldRequests,
+    pub join: Option<JoinRun>,
+    pub rejoin: Option<RejoinRun>,
+    /// `JoinLost` and `DeepForkLost` effects for the world's join clients.
+    pub lost: Vec<Effect>,
     /// Whether anything was committed since the last durable point.
     dirty: bool,
     /// Inputs for the scheduler that arose while its outputs were performed.
@@ -226,6 +252,10 @@ impl Core {
             store: durable.store.clone(),
             subscribed,
             notes: Notes::default(),
+            held: HeldRequests::new(),
+            join: None,
+            rejoin: None,
+            lost: Vec::new(),
             dirty: false,
             queue: Vec::new(),
         }
@@ -279,8 +309,14 @@ impl Core {
                         trigger: sched::Trigger::Gap,
                     })
                 }
-                Effect::DeepForkLost { .. } => self.notes.deep_forks += 1,
-                Effect::JoinLost { .. } => self.notes.join_lost += 1,
+                Effect::DeepForkLost { .. } => {
+                    self.notes.deep_forks += 1;
+                    self.lost.push(e);
+                }
+                Effect::JoinLost { .. } => {
+                    self.notes.join_lost += 1;
+                    self.lost.push(e);
+                }
                 _ => {}
             }
         }
@@ -335,13 +371,15 @@ impl Core {
             self.queue.push(sched::Input::ForkSeen { group, peer });
         }
         let mut items = Vec::new();
+        let me = self.engine.peer_id();
         for env in self.store.envelopes.values().filter(|e| e.group == group) {
             match env.kind {
                 PayloadKind::Commit => items.push(SyncItem::commit(env)),
                 PayloadKind::Application => {
                     let hid = self.store.links.get(&env.id).unwrap_or(&env.id);
-                    if let Some(h) = self.store.history.get(hid) {
-                        items.push(SyncItem::application(env, h.sent_at_ms, &h.sender));
+                    match self.store.history.get(hid) {
+                        Some(h) => items.push(SyncItem::application(env, h.sent_at_ms, &h.sender)),
+                        None => items.push(SyncItem::unrecorded(env, &me)),
                     }
                 }
                 PayloadKind::Proposal => {}

@@ -103,12 +103,16 @@ fn seeds() {
     let mut sent = 0;
     let mut virtual_ms = 0;
     let mut recovered = 0;
+    let (mut admitted, mut join_lost, mut deep_forks) = (0, 0, 0);
     for seed in 0..count {
         let (name, cfg) = scenario(seed);
         let (w, bad) = run(cfg, seed);
         sent += w.sent();
         virtual_ms += w.stats.virtual_ms;
         recovered += w.recovered();
+        admitted += w.stats.admitted;
+        join_lost += w.stats.join_lost;
+        deep_forks += w.stats.deep_forks;
         if !bad.is_empty() {
             failed.push(format!(
                 "seed {seed} ({name}): {}\n  replay: {}",
@@ -118,7 +122,7 @@ fn seeds() {
         }
     }
     println!(
-        "simulator: {count} seeds, {sent} messages, {} simulated hours in {:.1} s; {recovered} undecryptable texts re-sent on request; {} failed",
+        "simulator: {count} seeds, {sent} messages, {} simulated hours in {:.1} s; {recovered} undecryptable texts re-sent on request; {admitted} members added by invite or again, {join_lost} joins that lost a race, {deep_forks} deep forks; {} failed",
         virtual_ms / 3_600_000,
         started.elapsed().as_secs_f64(),
         failed.len()
@@ -143,6 +147,114 @@ fn replay() {
         println!("violation: {b}");
     }
     assert!(bad.is_empty(), "seed {seed} failed");
+}
+
+/// Runs `seeds` seeds of `cfg`, prints the count and time, and fails on any violation.
+fn join_seeds(name: &str, cfg: fn() -> Config, default_seeds: u64) {
+    let seeds = std::env::var("KITH_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_seeds);
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let (mut admitted, mut refused, mut lost) = (0, 0, 0);
+    for seed in 0..seeds {
+        let (w, bad) = run(cfg(), seed);
+        admitted += w.stats.admitted;
+        lost += w.stats.join_lost;
+        refused += w
+            .ends
+            .values()
+            .filter(|e| !matches!(e, JoinEnd::Joined))
+            .count();
+        if !bad.is_empty() {
+            failed.push(format!("seed {seed}: {}", bad.join("; ")));
+        }
+    }
+    println!(
+        "{name}: {seeds} seeds in {:.1} s; {admitted} members added, {refused} joiners turned away, {lost} joins that lost a race or were doubted; {} failed",
+        started.elapsed().as_secs_f64(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// Joins by invite in CI: three joiners one after another share an invite of two uses, with
+/// reordering, duplicated gossip, and members sending throughout. Checks, besides the
+/// delivery properties: the invite's uses are never exceeded, every member counts exactly
+/// the joins that stand, a joiner hears "used up" only when the uses are all taken, a
+/// joiner that was added is a member everywhere, one that was turned away is nowhere.
+#[test]
+fn joins_in_turn_with_reordering() {
+    join_seeds("joins in turn", joins_in_turn, 30);
+}
+
+/// The same joins with 5 % gossip loss and a short partition. Not in CI: about 60 % of seeds
+/// lose one to three texts as `epoch_gone`. A text whose live copy was lost reaches a member
+/// by history sync after its epoch's keys are gone there; the receiver asks for a re-send,
+/// and the sender refuses because a member joined after the text's epoch (the privacy rule
+/// of `group::resend`). See docs/ARCHITECTURE.md ("Simulator") and the closing note of
+/// 2026-12-02. `cargo test -p kith-protocol sim::tests::joins_with_loss -- --ignored`.
+#[test]
+#[ignore = "open: texts lost as epoch_gone when a join follows a lost message"]
+fn joins_with_loss() {
+    join_seeds("joins with loss", joins_with_loss_cfg, 40);
+}
+
+/// Four joiners racing for an invite of three uses, with member 0 committing meanwhile,
+/// loss, a partition and member crashes. Not in CI: besides the losses above, some seeds
+/// end with every member counting one use more than the joins that stood.
+/// `cargo test -p kith-protocol sim::tests::joins_that_race -- --ignored`.
+#[test]
+#[ignore = "open: see the doc comment"]
+fn joins_that_race() {
+    join_seeds("racing joins", racing_joins, 40);
+}
+
+/// Three joiners one after another, two uses of one invite.
+fn joins_in_turn() -> Config {
+    Config {
+        members: 3,
+        joiners: 3,
+        invite_uses: 2,
+        join_every_ms: Some((15_000, 25_000)),
+        strangers: 1,
+        messages: 80,
+        senders: (0..3).collect(),
+        send_every_ms: (100, 900),
+        duplicate: 0.05,
+        ..Config::default()
+    }
+}
+
+fn joins_with_loss_cfg() -> Config {
+    Config {
+        drop: 0.05,
+        partitions: 1,
+        partition_ms: (1_000, 10_000),
+        ..joins_in_turn()
+    }
+}
+
+fn racing_joins() -> Config {
+    Config {
+        members: 3,
+        joiners: 4,
+        invite_uses: 3,
+        strangers: 1,
+        messages: 60,
+        senders: (0..3).collect(),
+        send_every_ms: (100, 800),
+        commits: 2,
+        drop: 0.05,
+        duplicate: 0.05,
+        crashable: vec![1, 2],
+        crashes: 1,
+        down_ms: (500, 15_000),
+        partitions: 1,
+        partition_ms: (1_000, 30_000),
+        ..Config::default()
+    }
 }
 
 fn big(name: &str, cfg: Config, seed: u64) {
