@@ -187,6 +187,9 @@ pub enum Body {
     /// A text sent again at a member's [`Body::ResendRequest`]: under the same stable id,
     /// placed in history at the epoch it was first sent in.
     Resent(Resent),
+    /// [`Body::Resent`] whose text only members of its first epoch can read: sent when a
+    /// member joined after that epoch (see [`SealedResent`]).
+    SealedResent(SealedResent),
 }
 
 /// Most entries in one [`Body::InviteStates`].
@@ -205,6 +208,25 @@ pub struct Resent {
     /// The text, as first sent.
     pub text: String,
 }
+
+/// See [`Body::SealedResent`]. The text is sealed with ChaCha20-Poly1305 under the epoch's
+/// re-send key, which every member derives from the MLS exporter secret while it is in that
+/// epoch (label [`RESEND_KEY_LABEL`], context the group id and the epoch, 32 bytes), with
+/// the first envelope's id and the epoch as associated data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedResent {
+    /// The epoch the text was first encrypted in.
+    pub epoch: u64,
+    /// The envelope id of that first copy.
+    pub envelope: MessageId,
+    /// A fresh nonce.
+    pub nonce: [u8; 12],
+    /// The sealed UTF-8 text (at most [`MAX_TEXT_BYTES`] plus the 16-byte tag).
+    pub sealed: Vec<u8>,
+}
+
+/// The MLS exporter label of the per-epoch re-send key ([`SealedResent`]).
+pub const RESEND_KEY_LABEL: &str = "kith resend key v1";
 
 /// One invite in [`Body::InviteStates`]: what [`SharedInvite`] says, plus who created it and
 /// when, how many joins it has admitted, and whether it was revoked.
@@ -243,12 +265,18 @@ pub struct SharedInvite {
 impl AppContent {
     /// Decodes and checks the content of an application message.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let content: AppContent = codec::decode(bytes, MAX_TEXT_BYTES + 128)?;
+        let content: AppContent = codec::decode(bytes, MAX_TEXT_BYTES + 256)?;
         match content.body() {
             Body::Text(t) | Body::Resent(Resent { text: t, .. }) if t.len() > MAX_TEXT_BYTES => {
                 Err(DecodeError::TooLarge {
                     len: t.len(),
                     limit: MAX_TEXT_BYTES,
+                })
+            }
+            Body::SealedResent(s) if s.sealed.len() > MAX_TEXT_BYTES + 16 => {
+                Err(DecodeError::TooLarge {
+                    len: s.sealed.len(),
+                    limit: MAX_TEXT_BYTES + 16,
                 })
             }
             Body::ResendRequest(ids) if ids.is_empty() || ids.len() > MAX_RESEND_REQUEST_IDS => {

@@ -10,7 +10,7 @@ use kith_protocol::envelope::{
     AppContent, AppContentV1, AppContentV3, Body, Envelope, EnvelopeError, EnvelopeV1,
     JoinRejection, JoinRequest, JoinRequestV1, JoinResponse, MAX_ENVELOPE_BYTES,
     MAX_JOIN_REQUEST_BYTES, MAX_JOIN_RESPONSE_BYTES, MAX_RESEND_REQUEST_IDS, MAX_TEXT_BYTES,
-    PayloadKind, Resent, SharedInvite,
+    PayloadKind, Resent, SealedResent, SharedInvite,
 };
 use kith_protocol::group::CommitNote;
 use kith_protocol::ids::{
@@ -622,7 +622,31 @@ fn golden_resend_bodies_bytes() {
         hex(&codec::encode(&resent).unwrap()),
         format!("020801{}05 05 03{}026869", rep("44", 32), rep("22", 32)).replace(' ', "")
     );
-    for c in [request, resent] {
+    let sealed = AppContent::V3(AppContentV3 {
+        seq: 9,
+        id: Some(MessageId([0x44; 32])),
+        sent_at_ms: 5,
+        body: Body::SealedResent(SealedResent {
+            epoch: 3,
+            envelope: MessageId([0x22; 32]),
+            nonce: [0x55; 12],
+            sealed: vec![0xAA; 18],
+        }),
+    });
+    // Body::SealedResent = 06: the first epoch, the first envelope's id, a 12-byte nonce (no
+    // length), the sealed text with its length.
+    assert_eq!(
+        hex(&codec::encode(&sealed).unwrap()),
+        format!(
+            "020901{}05 06 03{}{} 12{}",
+            rep("44", 32),
+            rep("22", 32),
+            rep("55", 12),
+            rep("aa", 18)
+        )
+        .replace(' ', "")
+    );
+    for c in [request, resent, sealed] {
         assert_eq!(AppContent::decode(&codec::encode(&c).unwrap()).unwrap(), c);
     }
     // Out of bounds: no id, too many ids, a text over the limit.

@@ -14,7 +14,7 @@ use super::members::{bound_peer, member_peer, removed_peers, self_remover};
 use super::receive::Incoming;
 use super::state::hold_orphan;
 use super::{Effect, GroupEngine, IgnoreReason, RejectReason, Step, Verdict, invites, resend};
-use crate::envelope::{AppContent, Body, PayloadKind};
+use crate::envelope::{AppContent, Body, PayloadKind, Resent};
 use crate::fork::{Applied, GroupRecords, OwnChange};
 use crate::order::{self, DecryptFailure, Undecryptable};
 use crate::records::{EntryKind, HistoryEntry, StoredEnvelope};
@@ -139,7 +139,33 @@ where
                     .map_or(id, |s| text_history_id(&sender, &s));
                 let sent_at_ms = content.sent_at_ms();
                 let stable = content.stable_id();
-                let (text, at_epoch) = match content.into_body() {
+                // A sealed re-send opens with this node's key of the text's epoch, which only
+                // its members hold; then it is read like a re-send in the clear.
+                let body = match content.into_body() {
+                    Body::SealedResent(sealed) => {
+                        match resend::open_sealed(&self.provider, &group_id, &sealed) {
+                            Ok(Some(text)) => Body::Resent(Resent {
+                                epoch: sealed.epoch,
+                                envelope: sealed.envelope,
+                                text,
+                            }),
+                            Ok(None) => {
+                                return Verdict::Ignore(IgnoreReason::BeforeJoin(
+                                    "a text sent again, sealed for an epoch this node was not in"
+                                        .into(),
+                                ));
+                            }
+                            Err(e) => {
+                                return Verdict::Ignore(IgnoreReason::Failed {
+                                    step: Step::RecordResend,
+                                    detail: e.to_string(),
+                                });
+                            }
+                        }
+                    }
+                    body => body,
+                };
+                let (text, at_epoch) = match body {
                     Body::Text(text) => (text, envelope.epoch()),
                     Body::ResendRequest(ids) => {
                         // A member asks for envelopes it cannot decrypt; those that carried

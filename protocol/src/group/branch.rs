@@ -63,6 +63,8 @@ where
         // Members from this epoch on must not read what was said before it.
         super::resend::note_added(storage, &group, g.epoch())?;
     }
+    // The new epoch's re-send key, while its secrets are at hand.
+    super::resend::note_epoch_key(provider, &group, &g.mls)?;
     fork::trim_sent(storage, &group).map_err(mls_err)?;
     fork::save_branch(storage, &group, &g.branch).map_err(mls_err)
 }

@@ -395,6 +395,7 @@ where
             older: Vec::new(),
         };
         fork::save_branch(self.provider.storage(), &id, &branch).map_err(mls_err)?;
+        super::resend::note_epoch_key(&self.provider, &id, &mls)?;
         let group = Group::new(mls, meta.clone(), topic, Some(now_ms), branch);
         let epoch = group.epoch();
         let member_count = group.member_count();

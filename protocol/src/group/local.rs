@@ -190,6 +190,7 @@ where
                 name: name.to_owned(),
             },
         };
+        super::resend::note_epoch_key(&self.provider, &id, &mls)?;
         self.groups.insert(
             id,
             Group::new(mls, meta.clone(), topic, Some(now_ms), Branch::default()),

@@ -9,17 +9,29 @@
 //! - the sender's index from an envelope id to the kept copy of its text
 //!   ([`fork::index_sent`]);
 //! - the sender's *last add*: the first epoch of the newest member it saw added. A text is
-//!   only sent again if nobody joined after its epoch: a member must not read what was
-//!   said before it joined. A node that joins again (a new Welcome) forgets its kept texts
-//!   ([`fork::forget_group`]): it may not have seen who was added meanwhile.
+//!   sent again in the clear (inside the group's current epoch) only if nobody joined after
+//!   its epoch: a member must not read what was said before it joined. Otherwise it is sent
+//!   sealed ([`Body::SealedResent`]) under its epoch's *re-send key*, which only members of
+//!   that epoch hold; without that key it is not sent. A node that joins again (a new
+//!   Welcome) forgets its kept texts ([`fork::forget_group`]): it may not have seen who was
+//!   added meanwhile.
+//! - every member's re-send keys: 32 bytes per epoch it was in, derived from the MLS
+//!   exporter secret when it entered the epoch ([`note_epoch_key`]), kept for the newest
+//!   [`RESEND_KEY_EPOCHS`] epochs. They outlive the epoch's own secrets, which go 30 s after
+//!   the epoch ended: a member that lost a text's epoch can still read the sealed copy.
 
+use openmls::prelude::MlsGroup;
 use openmls_traits::OpenMlsProvider;
+use openmls_traits::crypto::OpenMlsCrypto;
+use openmls_traits::random::OpenMlsRand;
+use openmls_traits::types::AeadType;
 
 use super::local::encrypt_app;
 use super::state::active_group;
 use super::{Effect, GroupEngine, GroupError, mls_err};
 use crate::envelope::{
-    AppContent, AppContentV1, AppContentV2, Body, MAX_RESEND_REQUEST_IDS, PayloadKind, Resent,
+    AppContent, AppContentV1, AppContentV2, Body, MAX_RESEND_REQUEST_IDS, PayloadKind,
+    RESEND_KEY_LABEL, Resent, SealedResent,
 };
 use crate::fork::{self, GroupRecords};
 use crate::ids::{GroupId, MessageId};
@@ -44,6 +56,97 @@ fn owed_key(group: &GroupId) -> Vec<u8> {
 
 fn last_add_key(group: &GroupId) -> Vec<u8> {
     fork::kith_key(b"last-add", group, &[])
+}
+
+/// Epochs whose re-send keys a member keeps (the newest; 32 bytes each).
+pub const RESEND_KEY_EPOCHS: u64 = 256;
+
+fn epoch_key_key(group: &GroupId, epoch: u64) -> Vec<u8> {
+    fork::kith_key(b"resend-key", group, &[&epoch.to_be_bytes()])
+}
+
+/// The context of the re-send key of `group`'s `epoch`.
+fn epoch_key_context(group: &GroupId, epoch: u64) -> Vec<u8> {
+    let mut c = group.as_bytes().to_vec();
+    c.extend_from_slice(&epoch.to_be_bytes());
+    c
+}
+
+/// The associated data of a sealed text: the first envelope's id and its epoch.
+fn sealed_aad(envelope: &MessageId, epoch: u64) -> Vec<u8> {
+    let mut aad = envelope.as_bytes().to_vec();
+    aad.extend_from_slice(&epoch.to_be_bytes());
+    aad
+}
+
+/// Derives and keeps the re-send key of the epoch `mls` is in now (call it whenever the
+/// group enters an epoch: created, joined, a commit merged); drops the key
+/// [`RESEND_KEY_EPOCHS`] epochs older. Staged with the caller's writes.
+pub(super) fn note_epoch_key<P: OpenMlsProvider>(
+    provider: &P,
+    group: &GroupId,
+    mls: &MlsGroup,
+) -> Result<(), GroupError>
+where
+    P::StorageProvider: GroupRecords,
+{
+    if !mls.is_active() {
+        // Removed by this commit: no epoch of its own to keep a key for.
+        return Ok(());
+    }
+    let epoch = mls.epoch().as_u64();
+    let key = mls
+        .export_secret(
+            provider.crypto(),
+            RESEND_KEY_LABEL,
+            &epoch_key_context(group, epoch),
+            32,
+        )
+        .map_err(mls_err)?;
+    let s = provider.storage();
+    s.put_kith(&epoch_key_key(group, epoch), Some(&key))
+        .map_err(mls_err)?;
+    if let Some(old) = epoch.checked_sub(RESEND_KEY_EPOCHS) {
+        s.put_kith(&epoch_key_key(group, old), None)
+            .map_err(mls_err)?;
+    }
+    Ok(())
+}
+
+fn epoch_key<S: GroupRecords>(
+    s: &S,
+    group: &GroupId,
+    epoch: u64,
+) -> Result<Option<Vec<u8>>, GroupError> {
+    Ok(s.get_kith(&epoch_key_key(group, epoch))
+        .map_err(mls_err)?
+        .filter(|k| k.len() == 32))
+}
+
+/// Opens a sealed text of `group` with this node's re-send key of its epoch: `None` if
+/// this node has no key for that epoch (it was not in it, or not on this branch of it, or
+/// the key is gone) or the seal does not open.
+pub(super) fn open_sealed<P: OpenMlsProvider>(
+    provider: &P,
+    group: &GroupId,
+    sealed: &SealedResent,
+) -> Result<Option<String>, GroupError>
+where
+    P::StorageProvider: GroupRecords,
+{
+    let Some(key) = epoch_key(provider.storage(), group, sealed.epoch)? else {
+        return Ok(None);
+    };
+    let Ok(plain) = provider.crypto().aead_decrypt(
+        AeadType::ChaCha20Poly1305,
+        &key,
+        &sealed.sealed,
+        &sealed.nonce,
+        &sealed_aad(&sealed.envelope, sealed.epoch),
+    ) else {
+        return Ok(None);
+    };
+    Ok(String::from_utf8(plain).ok())
 }
 
 /// One envelope the asker wants: how many requests named it, and when to ask next.
@@ -202,6 +305,15 @@ where
         Ok(())
     }
 
+    /// Drops this node's re-send key of `group`'s `epoch` (tests only).
+    #[cfg(test)]
+    pub(crate) fn forget_epoch_key_for_tests(&mut self, group: &GroupId, epoch: u64) {
+        let _ = self
+            .provider
+            .storage()
+            .put_kith(&epoch_key_key(group, epoch), None);
+    }
+
     /// How many envelopes this node still asks for in `group`.
     pub fn wanted_count(&self, group: &GroupId) -> usize {
         self.provider
@@ -287,25 +399,50 @@ where
         let added = last_added(s, &group)?;
         let mut refused = 0usize;
         let mut sent = 0usize;
+        let mut sealed = 0usize;
         for envelope in owed {
             let Some(copy) = fork::sent_by_envelope(self.provider.storage(), &group, &envelope)
                 .map_err(mls_err)?
             else {
                 continue;
             };
-            if added > copy.epoch {
-                // Someone joined after it was said: they must not read it.
-                refused += 1;
-                continue;
-            }
-            let content = AppContent::V2(AppContentV2 {
-                id: copy.id,
-                sent_at_ms: copy.sent_at_ms,
-                body: Body::Resent(Resent {
+            let body = if added > copy.epoch {
+                // Someone joined after it was said: they must not read it. Sealed under the
+                // epoch's re-send key, only members of that epoch can.
+                let Some(key) = epoch_key(self.provider.storage(), &group, copy.epoch)? else {
+                    refused += 1;
+                    continue;
+                };
+                let nonce: [u8; 12] = self.provider.rand().random_array().map_err(mls_err)?;
+                let sealed_text = self
+                    .provider
+                    .crypto()
+                    .aead_encrypt(
+                        AeadType::ChaCha20Poly1305,
+                        &key,
+                        copy.text.as_bytes(),
+                        &nonce,
+                        &sealed_aad(&envelope, copy.epoch),
+                    )
+                    .map_err(mls_err)?;
+                sealed += 1;
+                Body::SealedResent(SealedResent {
+                    epoch: copy.epoch,
+                    envelope,
+                    nonce,
+                    sealed: sealed_text,
+                })
+            } else {
+                Body::Resent(Resent {
                     epoch: copy.epoch,
                     envelope,
                     text: copy.text.clone(),
-                }),
+                })
+            };
+            let content = AppContent::V2(AppContentV2 {
+                id: copy.id,
+                sent_at_ms: copy.sent_at_ms,
+                body,
             });
             let (id, _) = self.publish_app(group, &content, now_ms, effects)?;
             fork::index_sent(self.provider.storage(), &group, &id, &copy).map_err(mls_err)?;
@@ -316,7 +453,7 @@ where
             sent += 1;
         }
         if sent > 0 || refused > 0 {
-            tracing::info!(group = %group.short(), sent, refused_after_join = refused, "sent texts again that members asked for (not those written before a member joined)");
+            tracing::info!(group = %group.short(), sent, sealed, refused_after_join = refused, "sent texts again that members asked for (sealed for their epoch's members where someone joined since; none whose epoch key is gone)");
         }
         Ok(())
     }
