@@ -25,8 +25,8 @@ use kith_protocol::envelope::{
     Envelope, JoinRejection, JoinRequest, JoinResponse, PayloadKind, RejoinRequestV1,
 };
 use kith_protocol::group::{
-    Effect, GroupEngine, GroupError, GroupView, Identity, IgnoreReason, NewInvite, UpdatePolicy,
-    Verdict,
+    Effect, GroupEngine, GroupError, GroupView, Identity, IgnoreReason, LostJoin, NewInvite,
+    UpdatePolicy, Verdict,
 };
 use kith_protocol::ids::{GroupId, MessageId, invite_rendezvous_key};
 use kith_protocol::invite::{Invite, InviteRecord};
@@ -218,7 +218,7 @@ enum Call {
     /// No member could add this node again after a deep fork.
     RejoinFailed(GroupId, Reply<()>),
     /// Joining again after a lost race ended: `None` = still a member, else the refusal.
-    JoinOutcome(GroupId, Option<String>, Reply<()>),
+    JoinOutcome(GroupId, Option<LostJoin>, Reply<()>),
     Send(String, String, Reply<MessageInfo>),
     History(String, usize, Reply<Vec<MessageInfo>>),
     RemoveMember(String, PeerId, Reply<GroupInfo>),

@@ -424,7 +424,7 @@ pub use invites::{CommitNote, NewInvite};
 pub use local::{removal_id, text_history_id};
 pub use members::{Identity, bound_peer};
 pub use resend::{ASK_AGAIN_MS, MAX_OWED, MAX_WANTED};
-pub use state::{GroupView, authenticator_digest};
+pub use state::{GroupView, LostJoin, authenticator_digest};
 pub use verdict::{IgnoreReason, RejectReason, Step, Verdict};
 
 #[cfg(test)]

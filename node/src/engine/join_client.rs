@@ -244,7 +244,10 @@ impl EngineHandle {
                 return;
             }
             Err(EngineError::JoinRejected(JoinRejection::AlreadyMember)) => None,
-            Err(e) => Some(e.to_string()),
+            Err(EngineError::JoinRejected(r)) => Some(LostJoin::Refused(r)),
+            Err(EngineError::Unreachable(line)) => Some(LostJoin::Unreachable(line)),
+            Err(EngineError::TimedOut(line)) => Some(LostJoin::TimedOut(line)),
+            Err(e) => Some(LostJoin::Failed(e.to_string())),
         };
         let _ = self
             .call(|r| Call::JoinOutcome(group, outcome.clone(), r))
@@ -252,7 +255,12 @@ impl EngineHandle {
         // Announced once the group is marked read-only, so a client that sees it sees that.
         if let Some(reason) = outcome {
             tracing::warn!(group = %group.short(), %reason, "could not join again after a lost race");
-            self.progress(group, JoinStage::Lost { reason });
+            self.progress(
+                group,
+                JoinStage::Lost {
+                    reason: reason.to_string(),
+                },
+            );
         }
     }
 }

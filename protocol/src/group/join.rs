@@ -13,7 +13,9 @@ use openmls_traits::OpenMlsProvider;
 use super::branch::{checkpoint, note_applied};
 use super::members::bound_peer;
 use super::state::{Group, Source, hold_orphan, hold_pending};
-use super::{CIPHERSUITE, Effect, GroupEngine, GroupError, MAX_PAST_EPOCHS, invites, mls_err};
+use super::{
+    CIPHERSUITE, Effect, GroupEngine, GroupError, LostJoin, MAX_PAST_EPOCHS, invites, mls_err,
+};
 use crate::envelope::{
     Envelope, JoinRejection, JoinRequest, JoinRequestV1, JoinResponse, MAX_GROUP_NAME_BYTES,
     PayloadKind,
@@ -232,17 +234,17 @@ where
     }
 
     /// Joining again after a lost race was refused (`reason`): the group stays, read-only.
-    pub fn join_lost(&mut self, group: &GroupId, reason: String) {
+    pub fn join_lost(&mut self, group: &GroupId, reason: LostJoin) {
         if let Some(g) = self.groups.get_mut(group) {
             g.lifecycle.lose(reason);
         }
     }
 
     /// Why joining again after a lost race was refused, if it was.
-    pub fn lost_reason(&self, group: &GroupId) -> Option<String> {
+    pub fn lost_reason(&self, group: &GroupId) -> Option<LostJoin> {
         self.groups
             .get(group)
-            .and_then(|g| g.lifecycle.lost().map(str::to_owned))
+            .and_then(|g| g.lifecycle.lost().cloned())
     }
 
     /// Completes a join with the member's answer. On success this node is a member.

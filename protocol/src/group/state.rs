@@ -12,6 +12,7 @@ use super::{
     Effect, GroupError, MAX_ORPHAN_BYTES_PER_GROUP, MAX_ORPHANS_PER_GROUP,
     MAX_PENDING_BYTES_PER_GROUP, MAX_PENDING_PER_GROUP,
 };
+use crate::envelope::JoinRejection;
 use crate::fork::{Applied, Branch, Sent};
 use crate::ids::{GroupId, TopicId};
 use crate::order::Tracks;
@@ -97,7 +98,7 @@ pub(super) enum Lifecycle {
     /// Joining again after a lost race was refused for `reason`: read-only.
     Lost {
         /// Why joining again was refused.
-        reason: String,
+        reason: LostJoin,
         /// It had proposed its own removal.
         leaving: bool,
     },
@@ -136,7 +137,7 @@ impl Lifecycle {
     }
 
     /// Why joining again was refused, if it was.
-    pub(super) fn lost(&self) -> Option<&str> {
+    pub(super) fn lost(&self) -> Option<&LostJoin> {
         match self {
             Lifecycle::Lost { reason, .. } => Some(reason),
             _ => None,
@@ -166,12 +167,29 @@ impl Lifecycle {
     }
 
     /// Joining again was refused for `reason`.
-    pub(super) fn lose(&mut self, reason: String) {
+    pub(super) fn lose(&mut self, reason: LostJoin) {
         *self = Lifecycle::Lost {
             reason,
             leaving: self.leaving(),
         };
     }
+}
+
+/// Why joining again after a lost race did not work (the group is read-only then).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LostJoin {
+    /// A member refused, for a reason no other member would change.
+    #[error("join refused: {0}")]
+    Refused(JoinRejection),
+    /// No member could be reached (the line says what was tried).
+    #[error("{0}")]
+    Unreachable(String),
+    /// The time limit passed (the line says what was tried).
+    #[error("{0}")]
+    TimedOut(String),
+    /// Something else failed on this node.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// One group as the engine holds it.

@@ -11,7 +11,7 @@ use libp2p_identity::PeerId;
 use super::node::{JoinRun, RejoinRun};
 use super::{CLOSED_MS, Event, PARTITION_TIMEOUT_MS, World};
 use crate::envelope::{JoinRejection, JoinRequest, JoinResponse};
-use crate::group::Effect;
+use crate::group::{Effect, LostJoin};
 use crate::ids::{GroupId, MessageId};
 use crate::join::admission::{self, Admission};
 use crate::join::client::{self, JoinClient, JoinPlan, Outcome};
@@ -348,7 +348,7 @@ impl World {
                 self.ends.insert(i, JoinEnd::Joined);
             }
             Outcome::Refused(r) if run.again => {
-                self.core(i).engine.join_lost(&group, r.to_string());
+                self.core(i).engine.join_lost(&group, LostJoin::Refused(r));
                 self.ends.insert(i, JoinEnd::Lost(r));
             }
             Outcome::Refused(r) => {
@@ -357,7 +357,9 @@ impl World {
             Outcome::Unreachable(line) | Outcome::TimedOut(line) if run.again => {
                 // As the node: joining again after a lost race that reaches nobody in time
                 // leaves the group read-only.
-                self.core(i).engine.join_lost(&group, line);
+                self.core(i)
+                    .engine
+                    .join_lost(&group, LostJoin::Unreachable(line));
                 self.ends.insert(i, JoinEnd::Lost(JoinRejection::Internal));
             }
             Outcome::Unreachable(_) | Outcome::TimedOut(_) => {
