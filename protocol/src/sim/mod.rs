@@ -17,26 +17,29 @@
 //! After the faults stop, every partition heals, every crashed node restarts, and the world
 //! runs on for a while; then [`World::check`] asserts the properties: every message reached,
 //! exactly once, every member that was a member when it was sent; all members end in one
-//! epoch with one epoch authenticator; nodes outside the group read nothing.
+//! epoch with one epoch authenticator; nodes outside the group read nothing; joins by
+//! invite keep the invite's bounds (`check`, with joiners driven in `joins`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use libp2p_identity::PeerId;
 
-use crate::envelope::{JoinRejection, JoinRequest};
+use crate::envelope::JoinRequest;
 use crate::group::{Identity, NewInvite, PAST_EPOCH_TTL};
-use crate::ids::{GroupId, MessageId, TopicId};
+use crate::ids::{GroupId, TopicId};
 use crate::invite::Invite;
-use crate::records::EntryKind;
 use crate::sync::scheduler::{self as sched, RequestFailure, SYNC_INTERVAL};
 use crate::sync::{SyncRefusal, SyncRequest, SyncResponse};
 use crate::testing::{T0_MS, member_key};
 
+mod check;
+mod config;
 mod joins;
 mod node;
 #[cfg(test)]
 mod tests;
 
+pub use config::{Config, Rng, Stats};
 use joins::{ClientInput, ClientOp, JoinEnd};
 use node::{Action, Core, Durable};
 
@@ -48,117 +51,6 @@ const PARTITION_TIMEOUT_MS: u64 = 10_000;
 const CLOSED_MS: u64 = 50;
 /// Network name of the simulated nodes.
 const NETWORK: &str = "sim-net";
-
-/// splitmix64: small, fast, and the same on every platform.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from `seed`.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x5EED_0FC0_FFEE)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (0 if `n` is 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next_u64() % n }
-    }
-
-    /// Uniform in `lo..=hi`.
-    pub fn range(&mut self, (lo, hi): (u64, u64)) -> u64 {
-        lo + self.below(hi.saturating_sub(lo) + 1)
-    }
-
-    /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
-}
-
-/// What one run simulates.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Members of the group (node 0 creates it and adds the others).
-    pub members: usize,
-    /// Nodes that join by invite link during the faults (after the members).
-    pub joiners: usize,
-    /// Uses of the invite the joiners share.
-    pub invite_uses: u32,
-    /// Pause between two joiners' starts, ms; `None`: each starts at a random time during
-    /// the faults (so joins race).
-    pub join_every_ms: Option<(u64, u64)>,
-    /// Nodes outside the group that receive all gossip anyway.
-    pub strangers: usize,
-    /// Texts sent during the faults.
-    pub messages: usize,
-    /// Which members send them (chosen at random for each).
-    pub senders: Vec<usize>,
-    /// Pause between two sends, ms.
-    pub send_every_ms: (u64, u64),
-    /// Commits (key updates) by member 0 during the faults.
-    pub commits: usize,
-    /// Gossip latency, ms.
-    pub latency_ms: (u64, u64),
-    /// Probability that one gossip delivery is lost.
-    pub drop: f64,
-    /// Probability that one gossip delivery arrives twice.
-    pub duplicate: f64,
-    /// Probability that a sync request is refused as rate-limited.
-    pub rate_limited: f64,
-    /// Members that may crash.
-    pub crashable: Vec<usize>,
-    /// Crashes during the faults.
-    pub crashes: usize,
-    /// How long a crashed node stays down, ms.
-    pub down_ms: (u64, u64),
-    /// Partitions during the faults.
-    pub partitions: usize,
-    /// How long a partition lasts, ms.
-    pub partition_ms: (u64, u64),
-    /// Fixed crash windows: (member, down at, up at), ms after the faults start.
-    pub outages: Vec<(usize, u64, u64)>,
-    /// Fixed partitions: (members cut off, from, to), ms after the faults start.
-    pub cuts: Vec<(Vec<usize>, u64, u64)>,
-    /// How long the world runs on after the faults stop, ms.
-    pub settle_ms: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            members: 3,
-            joiners: 0,
-            invite_uses: 1,
-            join_every_ms: None,
-            strangers: 0,
-            messages: 20,
-            senders: vec![0],
-            send_every_ms: (50, 500),
-            commits: 0,
-            latency_ms: (5, 150),
-            drop: 0.0,
-            duplicate: 0.0,
-            rate_limited: 0.0,
-            crashable: Vec::new(),
-            crashes: 0,
-            down_ms: (1_000, 30_000),
-            partitions: 0,
-            partition_ms: (1_000, 60_000),
-            outages: Vec::new(),
-            cuts: Vec::new(),
-            settle_ms: 10 * 60_000,
-        }
-    }
-}
 
 /// Something scheduled at a virtual time.
 #[derive(Debug)]
@@ -259,37 +151,6 @@ struct Slot {
     life: u64,
     crashable: bool,
     peer: PeerId,
-}
-
-/// What happened in a run, for the test output.
-#[derive(Debug, Default, Clone)]
-pub struct Stats {
-    /// Events handled.
-    pub events: u64,
-    /// Gossip deliveries made / lost.
-    pub gossip: u64,
-    /// Gossip deliveries lost.
-    pub dropped: u64,
-    /// Sync requests answered.
-    pub requests: u64,
-    /// Crashes.
-    pub crashes: u64,
-    /// Texts sent.
-    pub sent: u64,
-    /// Virtual time at the end, ms.
-    pub virtual_ms: u64,
-    /// Joins started (first tries and tries again).
-    pub join_attempts: u64,
-    /// Joins that found nobody or timed out, and were tried again.
-    pub join_retries: u64,
-    /// Members added by a member (joins and rejoins).
-    pub admitted: u64,
-    /// Joins whose Add lost a race.
-    pub join_lost: u64,
-    /// Deep forks lost by a member.
-    pub deep_forks: u64,
-    /// Members added again after a deep fork.
-    pub rejoined: u64,
 }
 
 impl World {
@@ -982,195 +843,6 @@ impl World {
                 );
             }
         }
-    }
-
-    /// The properties; one line per violation.
-    pub fn check(&self) -> Vec<String> {
-        let mut bad = Vec::new();
-        let g = self.group;
-        // The group as member 0 ends with it: who is in.
-        let in_group: BTreeSet<PeerId> = self.slots[0]
-            .core
-            .as_ref()
-            .and_then(|c| c.engine.group(&g))
-            .map(|v| v.members.iter().map(|(_, p)| *p).collect())
-            .unwrap_or_default();
-        let joiners = self.cfg.members..self.cfg.members + self.cfg.joiners;
-        for i in joiners.clone() {
-            let active = self.slots[i]
-                .core
-                .as_ref()
-                .and_then(|c| c.engine.group(&g))
-                .is_some_and(|v| v.active);
-            let listed = in_group.contains(&self.slots[i].peer);
-            match self.ends.get(&i) {
-                None => bad.push(format!("joiner {i} never finished joining")),
-                Some(JoinEnd::Joined) if !(active && listed) => bad.push(format!(
-                    "joiner {i} joined, but is {} and {} in member 0's group",
-                    if active { "active" } else { "not active" },
-                    if listed { "listed" } else { "not listed" },
-                )),
-                Some(JoinEnd::Refused(r) | JoinEnd::Lost(r)) if active || listed => bad.push(
-                    format!("joiner {i} was refused ({r}) but is still a member"),
-                ),
-                _ => {}
-            }
-        }
-        let mut auth: BTreeMap<(u64, [u8; 8]), Vec<usize>> = BTreeMap::new();
-        for i in (0..self.cfg.members).chain(joiners.clone()) {
-            let member = i < self.cfg.members || in_group.contains(&self.slots[i].peer);
-            let Some(core) = self.slots[i].core.as_ref() else {
-                bad.push(format!("node {i} is down at the end"));
-                continue;
-            };
-            if !member {
-                continue;
-            }
-            match core.engine.group(&g) {
-                Some(v) if v.active => auth.entry((v.epoch, v.authenticator)).or_default().push(i),
-                _ => bad.push(format!("member {i} is no longer an active member")),
-            }
-            let texts = core.texts(&g);
-            let mut missing = Vec::new();
-            for s in &self.sent {
-                if !s.members.contains(&self.slots[i].peer) {
-                    continue;
-                }
-                match texts.get(&s.text).copied().unwrap_or(0) {
-                    0 => missing.push(s.text.clone()),
-                    1 => {}
-                    n => bad.push(format!("member {i} holds '{}' {n} times", s.text)),
-                }
-            }
-            if !missing.is_empty() {
-                let senders: BTreeSet<usize> = self
-                    .sent
-                    .iter()
-                    .filter(|s| missing.contains(&s.text))
-                    .map(|s| s.sender)
-                    .collect();
-                bad.push(format!(
-                    "member {i} lacks {} of {} messages (from members {senders:?}; first: '{}'); undecryptable: {}, hold timeouts: {}, runs: {} ({} failed), missing positions: {}",
-                    missing.len(),
-                    self.sent.len(),
-                    missing[0],
-                    core.store.undecryptable.len(),
-                    core.notes.hold_timeouts,
-                    core.notes.runs,
-                    core.notes.failed_runs,
-                    core.engine.missing_messages(&g),
-                ));
-            }
-            if self.cfg.joiners == 0 && (core.notes.deep_forks > 0 || core.notes.join_lost > 0) {
-                // One committer and no joins: there is no race to lose.
-                bad.push(format!("member {i} lost a deep fork or its join"));
-            }
-        }
-        if auth.len() > 1 {
-            bad.push(format!(
-                "members end in different epochs or branches: {auth:?}"
-            ));
-        }
-        // Nobody reads what was not sent to it: every text a node holds was sent while it
-        // was a member in the sender's view, and somebody sent it. A member of the agreed
-        // group may also read what its sender wrote on a branch that lost to the Add of
-        // that member, sent again on the winning branch (PROTOCOL.md, "Concurrent commits").
-        for (i, slot) in self.slots.iter().enumerate() {
-            let Some(core) = slot.core.as_ref() else {
-                continue;
-            };
-            for t in core.texts(&g).keys() {
-                match self.sent.iter().find(|s| s.text == *t) {
-                    None => bad.push(format!("node {i} holds a text nobody sent: '{t}'")),
-                    Some(s)
-                        if !s.members.contains(&slot.peer) && !in_group.contains(&slot.peer) =>
-                    {
-                        bad.push(format!("node {i} reads '{t}', sent while it was no member"))
-                    }
-                    Some(_) => {}
-                }
-            }
-            if i >= self.cfg.members + self.cfg.joiners && core.engine.group(&g).is_some() {
-                bad.push(format!("stranger {i} holds the group"));
-            }
-        }
-        bad.extend(self.check_invite(&in_group));
-        // Every member places each text where its sender did (the canonical order is by
-        // epoch, then send time): a text sent again on request goes back to its epoch.
-        let mut placed: BTreeMap<MessageId, (u64, u64, usize)> = BTreeMap::new();
-        for i in 0..self.cfg.members {
-            let Some(core) = self.slots[i].core.as_ref() else {
-                continue;
-            };
-            for h in core.store.history.values().filter(|h| h.group == g) {
-                if !matches!(h.kind, EntryKind::Text(_)) {
-                    continue;
-                }
-                match placed.get(&h.id) {
-                    Some((e, at, j)) if (*e, *at) != (h.epoch, h.sent_at_ms) => bad.push(format!(
-                        "members {j} and {i} place a text at epochs {e} and {}",
-                        h.epoch
-                    )),
-                    Some(_) => {}
-                    None => {
-                        placed.insert(h.id, (h.epoch, h.sent_at_ms, i));
-                    }
-                }
-            }
-        }
-        bad
-    }
-
-    /// The joiners' invite: its uses are never exceeded, and every member counts exactly the
-    /// joins that stand (a use of an Add that lost a race is given back).
-    fn check_invite(&self, in_group: &BTreeSet<PeerId>) -> Vec<String> {
-        let mut bad = Vec::new();
-        let Some(invite) = &self.invite else {
-            return bad;
-        };
-        let joiners = self.cfg.members..self.cfg.members + self.cfg.joiners;
-        let joined = joiners
-            .clone()
-            .filter(|&i| in_group.contains(&self.slots[i].peer))
-            .count() as u32;
-        if joined > self.cfg.invite_uses {
-            bad.push(format!(
-                "{joined} joined with an invite of {} uses",
-                self.cfg.invite_uses
-            ));
-        }
-        for i in (0..self.cfg.members).chain(joiners) {
-            if i >= self.cfg.members && !in_group.contains(&self.slots[i].peer) {
-                continue;
-            }
-            let Some(core) = self.slots[i].core.as_ref() else {
-                continue;
-            };
-            match core.store.invites.get(&invite.id()) {
-                Some(r) if r.uses > r.max_uses => bad.push(format!(
-                    "member {i} counts {} uses of {}",
-                    r.uses, r.max_uses
-                )),
-                Some(r) if r.uses != joined => bad.push(format!(
-                    "member {i} counts {} uses of the invite, but {joined} joined with it",
-                    r.uses
-                )),
-                Some(_) => {}
-                None => bad.push(format!("member {i} does not know the joiners' invite")),
-            }
-        }
-        // A joiner turned away for want of uses only when they were all used.
-        for (i, end) in &self.ends {
-            if matches!(end, JoinEnd::Refused(JoinRejection::UsedUp))
-                && joined < self.cfg.invite_uses
-            {
-                bad.push(format!(
-                    "joiner {i} was told the invite is used up, but only {joined} of {} uses stand",
-                    self.cfg.invite_uses
-                ));
-            }
-        }
-        bad
     }
 
     /// Texts sent.
