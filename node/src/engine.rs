@@ -107,7 +107,8 @@ pub use kith_protocol::sync::scheduler::CATCH_UP_HOLD_LIMIT;
 const WAKE_GAP: Duration = Duration::from_secs(10);
 /// Most received envelopes written in one store transaction.
 const MAX_GOSSIP_BATCH: usize = 256;
-const EVENT_BUFFER: usize = 1024;
+/// Live events kept for each API subscriber; one that falls further behind loses the oldest.
+pub(crate) const EVENT_BUFFER: usize = 1024;
 
 /// Why an engine operation failed. Each variant maps to one HTTP status in the API.
 #[derive(Debug, thiserror::Error)]
