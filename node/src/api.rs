@@ -8,8 +8,9 @@
 //! make partitions in tests). Requests are counted in `kith_api_requests_total` by matched
 //! route, not raw path.
 //!
-//! The handlers are written against [`ApiBackend`], implemented by the engine's handle; the
-//! tests run them against a real node on loopback.
+//! A handler parses the request and runs one engine operation through
+//! [`EngineHandle::run`] (an `engine::Actor` method) or calls the handle's async method
+//! (status, joining, the block list); its tests run against a real node on loopback.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -48,215 +49,11 @@ pub const MAX_HISTORY_LIMIT: usize = 1000;
 /// How long [`serve`] waits for open connections after shutdown before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// What the API needs from the node: [`EngineHandle`]. Each method is one API operation and
-/// fails with an [`EngineError`].
-pub trait ApiBackend: Clone + Send + Sync + 'static {
-    /// `GET /v1/status`.
-    fn status(&self) -> impl Future<Output = Result<StatusInfo, EngineError>> + Send;
-    /// `POST /v1/groups`.
-    fn create_group(
-        &self,
-        name: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// `GET /v1/groups`.
-    fn groups(&self) -> impl Future<Output = Result<Vec<GroupSummary>, EngineError>> + Send;
-    /// `GET /v1/groups/{group}`; `group` is an id, unique id prefix or exact name.
-    fn group(&self, group: String) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// `POST /v1/groups/{group}/invites`.
-    fn create_invite(
-        &self,
-        group: String,
-        req: CreateInviteRequest,
-    ) -> impl Future<Output = Result<InviteInfo, EngineError>> + Send;
-    /// `GET /v1/groups/{group}/invites`.
-    fn invites(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<Vec<InviteSummary>, EngineError>> + Send;
-    /// `DELETE /v1/groups/{group}/invites/{invite}`: revokes it for the whole group.
-    fn revoke_invite(
-        &self,
-        group: String,
-        invite: String,
-    ) -> impl Future<Output = Result<InviteSummary, EngineError>> + Send;
-    /// `GET /v1/groups/{group}/join-requests`.
-    fn join_requests(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<Vec<JoinRequestInfo>, EngineError>> + Send;
-    /// `POST /v1/groups/{group}/join-requests/{request}/approve` (or `/deny`).
-    fn decide_join(
-        &self,
-        group: String,
-        request: String,
-        approve: bool,
-    ) -> impl Future<Output = Result<JoinRequestInfo, EngineError>> + Send;
-    /// `POST /v1/join`; `timeout` limits the whole join.
-    fn join(
-        &self,
-        link: String,
-        timeout: Option<Duration>,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// `POST /v1/groups/{group}/messages`.
-    fn send(
-        &self,
-        group: String,
-        text: String,
-    ) -> impl Future<Output = Result<MessageInfo, EngineError>> + Send;
-    /// `GET /v1/groups/{group}/messages`.
-    fn history(
-        &self,
-        group: String,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<MessageInfo>, EngineError>> + Send;
-    /// `DELETE /v1/groups/{group}/members/{peer}`: commits the member's removal.
-    fn remove_member(
-        &self,
-        group: String,
-        peer: PeerId,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// `POST /v1/groups/{group}/leave`: proposes this node's removal.
-    fn leave_group(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// `POST /v1/groups/{group}/update`: commits a fresh leaf key for this node.
-    fn self_update(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// A receiver of live events for `GET /v1/events`.
-    fn subscribe(&self) -> broadcast::Receiver<NodeEvent>;
-    /// `GET /v1/net/peers`: the connected peers.
-    fn connected_peers(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send;
-    /// `GET /v1/net/blocked`: the blocked peers.
-    fn blocked(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send;
-    /// `PUT /v1/net/blocked`: replaces the block list, returns the new one.
-    fn set_blocked(
-        &self,
-        peers: Vec<PeerId>,
-    ) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send;
-    /// Where to count API requests; `None` (the default) counts nothing.
-    fn metrics(&self) -> Option<Arc<KithMetrics>> {
-        None
-    }
-}
-
-impl ApiBackend for EngineHandle {
-    fn status(&self) -> impl Future<Output = Result<StatusInfo, EngineError>> + Send {
-        EngineHandle::status(self)
-    }
-    fn create_group(
-        &self,
-        name: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::create_group(self, name)
-    }
-    fn groups(&self) -> impl Future<Output = Result<Vec<GroupSummary>, EngineError>> + Send {
-        EngineHandle::groups(self)
-    }
-    fn group(&self, group: String) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::group(self, group)
-    }
-    fn create_invite(
-        &self,
-        group: String,
-        req: CreateInviteRequest,
-    ) -> impl Future<Output = Result<InviteInfo, EngineError>> + Send {
-        EngineHandle::create_invite(self, group, req)
-    }
-    fn invites(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<Vec<InviteSummary>, EngineError>> + Send {
-        EngineHandle::invites(self, group)
-    }
-    fn revoke_invite(
-        &self,
-        group: String,
-        invite: String,
-    ) -> impl Future<Output = Result<InviteSummary, EngineError>> + Send {
-        EngineHandle::revoke_invite(self, group, invite)
-    }
-    fn join_requests(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<Vec<JoinRequestInfo>, EngineError>> + Send {
-        EngineHandle::join_requests(self, group)
-    }
-    fn decide_join(
-        &self,
-        group: String,
-        request: String,
-        approve: bool,
-    ) -> impl Future<Output = Result<JoinRequestInfo, EngineError>> + Send {
-        EngineHandle::decide_join(self, group, request, approve)
-    }
-    fn join(
-        &self,
-        link: String,
-        timeout: Option<Duration>,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::join_with_timeout(self, link, timeout)
-    }
-    fn send(
-        &self,
-        group: String,
-        text: String,
-    ) -> impl Future<Output = Result<MessageInfo, EngineError>> + Send {
-        EngineHandle::send(self, group, text)
-    }
-    fn history(
-        &self,
-        group: String,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<MessageInfo>, EngineError>> + Send {
-        EngineHandle::history(self, group, limit)
-    }
-    fn remove_member(
-        &self,
-        group: String,
-        peer: PeerId,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::remove_member(self, group, peer)
-    }
-    fn leave_group(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::leave_group(self, group)
-    }
-    fn self_update(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::self_update(self, group)
-    }
-    fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
-        EngineHandle::subscribe(self)
-    }
-    fn connected_peers(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send {
-        EngineHandle::connected_peers(self)
-    }
-    fn blocked(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send {
-        EngineHandle::blocked(self)
-    }
-    fn set_blocked(
-        &self,
-        peers: Vec<PeerId>,
-    ) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send {
-        EngineHandle::set_blocked(self, peers)
-    }
-    fn metrics(&self) -> Option<Arc<KithMetrics>> {
-        Some(EngineHandle::metrics(self).clone())
-    }
-}
-
 /// Serves the API on `listener` until `shutdown` completes. At shutdown, event streams are
 /// ended and open connections get [`SHUTDOWN_GRACE`] to finish.
-pub async fn serve<B: ApiBackend>(
+pub async fn serve(
     listener: tokio::net::TcpListener,
-    engine: B,
+    engine: EngineHandle,
     token: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -283,7 +80,7 @@ pub async fn serve<B: ApiBackend>(
 /// The API's routes over `engine`, requiring `token`, for tests that call it without a
 /// socket. Event streams of this router only end when the engine stops.
 #[cfg(test)]
-fn router<B: ApiBackend>(engine: B, token: String) -> Router {
+fn router(engine: EngineHandle, token: String) -> Router {
     // The sender is dropped at once: a stop signal that can never fire.
     let (_, stop_rx) = watch::channel(false);
     build_router(engine, &token, stop_rx)
@@ -291,60 +88,51 @@ fn router<B: ApiBackend>(engine: B, token: String) -> Router {
 
 /// Shared state of the handlers.
 #[derive(Clone)]
-struct ApiState<B> {
-    backend: B,
+struct ApiState {
+    engine: EngineHandle,
     stop: watch::Receiver<bool>,
 }
 
-fn build_router<B: ApiBackend>(backend: B, token: &str, stop: watch::Receiver<bool>) -> Router {
+fn build_router(engine: EngineHandle, token: &str, stop: watch::Receiver<bool>) -> Router {
     let token_digest: Arc<[u8; 32]> = Arc::new(Sha256::digest(token.as_bytes()).into());
-    let metrics = backend.metrics();
+    let metrics = engine.metrics().clone();
     let router = Router::new()
-        .route("/v1/status", get(status::<B>))
-        .route("/v1/groups", get(list_groups::<B>).post(create_group::<B>))
-        .route("/v1/groups/{group}", get(show_group::<B>))
+        .route("/v1/status", get(status))
+        .route("/v1/groups", get(list_groups).post(create_group))
+        .route("/v1/groups/{group}", get(show_group))
         .route(
             "/v1/groups/{group}/invites",
-            get(list_invites::<B>).post(create_invite::<B>),
+            get(list_invites).post(create_invite),
         )
-        .route(
-            "/v1/groups/{group}/invites/{invite}",
-            delete(revoke_invite::<B>),
-        )
-        .route("/v1/groups/{group}/join-requests", get(join_requests::<B>))
+        .route("/v1/groups/{group}/invites/{invite}", delete(revoke_invite))
+        .route("/v1/groups/{group}/join-requests", get(join_requests))
         .route(
             "/v1/groups/{group}/join-requests/{request}/approve",
-            post(approve_join::<B>),
+            post(approve_join),
         )
         .route(
             "/v1/groups/{group}/join-requests/{request}/deny",
-            post(deny_join::<B>),
+            post(deny_join),
         )
-        .route("/v1/groups/{group}/members", get(members::<B>))
-        .route(
-            "/v1/groups/{group}/members/{peer}",
-            delete(remove_member::<B>),
-        )
-        .route("/v1/groups/{group}/leave", post(leave_group::<B>))
-        .route("/v1/groups/{group}/update", post(self_update::<B>))
+        .route("/v1/groups/{group}/members", get(members))
+        .route("/v1/groups/{group}/members/{peer}", delete(remove_member))
+        .route("/v1/groups/{group}/leave", post(leave_group))
+        .route("/v1/groups/{group}/update", post(self_update))
         .route(
             "/v1/groups/{group}/messages",
-            get(history::<B>).post(send_message::<B>),
+            get(history).post(send_message),
         )
-        .route("/v1/join", post(join::<B>))
-        .route("/v1/events", get(events::<B>))
-        .route("/v1/net/peers", get(connected_peers::<B>))
-        .route("/v1/net/blocked", get(blocked::<B>).put(set_blocked::<B>))
+        .route("/v1/join", post(join))
+        .route("/v1/events", get(events))
+        .route("/v1/net/peers", get(connected_peers))
+        .route("/v1/net/blocked", get(blocked).put(set_blocked))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(ApiState { backend, stop })
+        .with_state(ApiState { engine, stop })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(token_digest, require_token));
-    match metrics {
-        // Outermost, so refused requests (401) are counted too.
-        Some(metrics) => router.layer(middleware::from_fn_with_state(metrics, count_request)),
-        None => router,
-    }
+    // Outermost, so refused requests (401) are counted too.
+    router.layer(middleware::from_fn_with_state(metrics, count_request))
 }
 
 /// Counts a request by method, matched route (`unmatched` for unknown paths; the raw path
@@ -520,40 +308,44 @@ async fn method_not_allowed() -> ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-async fn status<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<StatusInfo> {
-    Ok(Json(s.backend.status().await?))
+async fn status(State(s): State<ApiState>) -> ApiResult<StatusInfo> {
+    Ok(Json(s.engine.status().await?))
 }
 
-async fn list_groups<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<Vec<GroupSummary>> {
-    Ok(Json(s.backend.groups().await?))
+async fn list_groups(State(s): State<ApiState>) -> ApiResult<Vec<GroupSummary>> {
+    Ok(Json(s.engine.run(|e| Ok(e.list_groups())).await?))
 }
 
-async fn create_group<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn create_group(
+    State(s): State<ApiState>,
     body: Result<Json<CreateGroupRequest>, JsonRejection>,
 ) -> ApiResult<GroupInfo> {
     let Json(body) = body?;
-    Ok(Json(s.backend.create_group(body.name).await?))
+    Ok(Json(
+        s.engine.run(move |e| e.create_group(&body.name)).await?,
+    ))
 }
 
-async fn show_group<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn show_group(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> ApiResult<GroupInfo> {
     let Path(group) = group?;
-    Ok(Json(s.backend.group(group).await?))
+    Ok(Json(s.engine.run(move |e| e.show_group(&group)).await?))
 }
 
-async fn members<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn members(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Vec<MemberInfo>> {
     let Path(group) = group?;
-    Ok(Json(s.backend.group(group).await?.members))
+    Ok(Json(
+        s.engine.run(move |e| e.show_group(&group)).await?.members,
+    ))
 }
 
-async fn remove_member<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn remove_member(
+    State(s): State<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<GroupInfo> {
     let Path((group, peer)) = path?;
@@ -564,101 +356,117 @@ async fn remove_member<B: ApiBackend>(
             format!("'{peer}' is not a peer id"),
         )
     })?;
-    Ok(Json(s.backend.remove_member(group, peer).await?))
+    Ok(Json(
+        s.engine.run(move |e| e.remove_member(&group, peer)).await?,
+    ))
 }
 
-async fn leave_group<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn leave_group(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<GroupInfo>), ApiError> {
     let Path(group) = group?;
     // Accepted, not done: another member commits the removal.
     Ok((
         StatusCode::ACCEPTED,
-        Json(s.backend.leave_group(group).await?),
+        Json(s.engine.run(move |e| e.leave_group(&group)).await?),
     ))
 }
 
-async fn self_update<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn self_update(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> ApiResult<GroupInfo> {
     let Path(group) = group?;
-    Ok(Json(s.backend.self_update(group).await?))
+    Ok(Json(s.engine.run(move |e| e.self_update(&group)).await?))
 }
 
-async fn create_invite<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn create_invite(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
     body: Result<Json<CreateInviteRequest>, JsonRejection>,
 ) -> ApiResult<InviteInfo> {
     let Path(group) = group?;
     let Json(body) = body?;
-    Ok(Json(s.backend.create_invite(group, body).await?))
+    Ok(Json(
+        s.engine.run(move |e| e.create_invite(&group, body)).await?,
+    ))
 }
 
-async fn list_invites<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn list_invites(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Vec<InviteSummary>> {
     let Path(group) = group?;
-    Ok(Json(s.backend.invites(group).await?))
+    Ok(Json(s.engine.run(move |e| e.list_invites(&group)).await?))
 }
 
-async fn revoke_invite<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn revoke_invite(
+    State(s): State<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<InviteSummary> {
     let Path((group, invite)) = path?;
-    Ok(Json(s.backend.revoke_invite(group, invite).await?))
+    Ok(Json(
+        s.engine
+            .run(move |e| e.revoke_invite(&group, &invite))
+            .await?,
+    ))
 }
 
-async fn join_requests<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn join_requests(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Vec<JoinRequestInfo>> {
     let Path(group) = group?;
-    Ok(Json(s.backend.join_requests(group).await?))
+    Ok(Json(s.engine.run(move |e| e.join_requests(&group)).await?))
 }
 
-async fn approve_join<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn approve_join(
+    State(s): State<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<JoinRequestInfo> {
     let Path((group, request)) = path?;
-    Ok(Json(s.backend.decide_join(group, request, true).await?))
+    Ok(Json(
+        s.engine
+            .run(move |e| e.decide_join(&group, &request, true))
+            .await?,
+    ))
 }
 
-async fn deny_join<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn deny_join(
+    State(s): State<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<JoinRequestInfo> {
     let Path((group, request)) = path?;
-    Ok(Json(s.backend.decide_join(group, request, false).await?))
+    Ok(Json(
+        s.engine
+            .run(move |e| e.decide_join(&group, &request, false))
+            .await?,
+    ))
 }
 
-async fn join<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn join(
+    State(s): State<ApiState>,
     body: Result<Json<JoinBody>, JsonRejection>,
 ) -> ApiResult<GroupInfo> {
     let Json(body) = body?;
     let timeout = body.timeout_secs.map(Duration::from_secs);
-    Ok(Json(s.backend.join(body.link, timeout).await?))
+    Ok(Json(s.engine.join_with_timeout(body.link, timeout).await?))
 }
 
-async fn send_message<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn send_message(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
     body: Result<Json<SendBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<MessageInfo>), ApiError> {
     let Path(group) = group?;
     let Json(body) = body?;
-    let message = s.backend.send(group, body.text).await?;
+    let message = s.engine.run(move |e| e.send(&group, &body.text)).await?;
     Ok((StatusCode::CREATED, Json(message)))
 }
 
-async fn history<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn history(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
     query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> ApiResult<Vec<MessageInfo>> {
@@ -668,7 +476,7 @@ async fn history<B: ApiBackend>(
         .limit
         .unwrap_or(DEFAULT_HISTORY_LIMIT)
         .min(MAX_HISTORY_LIMIT);
-    Ok(Json(s.backend.history(group, limit).await?))
+    Ok(Json(s.engine.run(move |e| e.history(&group, limit)).await?))
 }
 
 fn peer_list(peers: Vec<PeerId>) -> PeerList {
@@ -677,16 +485,16 @@ fn peer_list(peers: Vec<PeerId>) -> PeerList {
     }
 }
 
-async fn connected_peers<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<PeerList> {
-    Ok(Json(peer_list(s.backend.connected_peers().await?)))
+async fn connected_peers(State(s): State<ApiState>) -> ApiResult<PeerList> {
+    Ok(Json(peer_list(s.engine.connected_peers().await?)))
 }
 
-async fn blocked<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<PeerList> {
-    Ok(Json(peer_list(s.backend.blocked().await?)))
+async fn blocked(State(s): State<ApiState>) -> ApiResult<PeerList> {
+    Ok(Json(peer_list(s.engine.blocked().await?)))
 }
 
-async fn set_blocked<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn set_blocked(
+    State(s): State<ApiState>,
     body: Result<Json<PeerList>, JsonRejection>,
 ) -> ApiResult<PeerList> {
     let Json(body) = body?;
@@ -700,18 +508,18 @@ async fn set_blocked<B: ApiBackend>(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(peer_list(s.backend.set_blocked(peers).await?)))
+    Ok(Json(peer_list(s.engine.set_blocked(peers).await?)))
 }
 
-async fn events<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn events(
+    State(s): State<ApiState>,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + Send>, ApiError> {
     let Query(query) = query?;
     // Subscribe first, so nothing is missed while the group is looked up.
-    let receiver = s.backend.subscribe();
+    let receiver = s.engine.subscribe();
     let filter = match query.group {
-        Some(group) => Some(s.backend.group(group).await?.id),
+        Some(group) => Some(s.engine.run(move |e| e.show_group(&group)).await?.id),
         None => None,
     };
     let mut stop = s.stop;
@@ -823,7 +631,10 @@ mod tests {
     /// Sends `text` to `group` on `node` as the API would.
     async fn send(node: &TestNode, group: &str, text: &str) -> MessageInfo {
         let (group, text) = (group.to_owned(), text.to_owned());
-        node.engine().send(group, text).await.unwrap()
+        node.engine()
+            .run(move |e| e.send(&group, &text))
+            .await
+            .unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -991,9 +802,10 @@ mod tests {
         let inviter = TestNode::start().await;
         let group = inviter.create_group("friends").await;
         let invite = inviter.invite(&group).await;
+        let (g, id) = (group.id.clone(), invite.id.clone());
         inviter
             .engine()
-            .revoke_invite(group.id.clone(), invite.id.clone())
+            .run(move |e| e.revoke_invite(&g, &id))
             .await
             .unwrap();
         let join = |link: &str, timeout_secs: Option<u64>| {
@@ -1233,9 +1045,16 @@ mod tests {
         let (node, app) = app().await;
         // The creation row and 1000 texts: more than both the default and the largest limit.
         let group = node.create_group("friends").await;
-        for i in 0..1000 {
-            send(&node, &group.id, &format!("m{i}")).await;
-        }
+        let g = group.id.clone();
+        node.engine()
+            .run(move |e| {
+                for i in 0..1000 {
+                    e.send(&g, &format!("m{i}"))?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
         let (_, json) = call(&app, request("GET", "/v1/groups/friends/messages", None)).await;
         let entries = json.as_array().unwrap();
         assert_eq!(entries.len(), 100);
@@ -1326,9 +1145,16 @@ mod tests {
             .unwrap();
         // Three more texts than the engine's event buffer holds, while nobody reads.
         let n = EVENT_BUFFER + 3;
-        for i in 0..n {
-            send(&node, &group.id, &format!("m{i}")).await;
-        }
+        let g = group.id.clone();
+        node.engine()
+            .run(move |e| {
+                for i in 0..n {
+                    e.send(&g, &format!("m{i}"))?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
         let text = read_events(response.into_body(), 3).await;
         let mut frames = text.split("\n\n");
         assert_eq!(

@@ -100,18 +100,20 @@ impl TestNode {
 
     /// Creates group `name`.
     pub(crate) async fn create_group(&self, name: &str) -> GroupInfo {
+        let name = name.to_owned();
         self.node
             .engine
-            .create_group(name.to_owned())
+            .run(move |e| e.create_group(&name))
             .await
             .expect("the group is created")
     }
 
     /// Creates an invite to `group` allowing one join.
     pub(crate) async fn invite(&self, group: &GroupInfo) -> InviteInfo {
+        let id = group.id.clone();
         self.node
             .engine
-            .create_invite(group.id.clone(), CreateInviteRequest::default())
+            .run(move |e| e.create_invite(&id, CreateInviteRequest::default()))
             .await
             .expect("the invite is created")
     }
