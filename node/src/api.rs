@@ -8,8 +8,9 @@
 //! make partitions in tests). Requests are counted in `kith_api_requests_total` by matched
 //! route, not raw path.
 //!
-//! The handlers are written against [`ApiBackend`] rather than the engine directly, so the
-//! API is tested against a fake backend and the engine against its own tests.
+//! A handler parses the request and runs one engine operation through
+//! [`EngineHandle::run`] (an `engine::Actor` method) or calls the handle's async method
+//! (status, joining, the block list); its tests run against a real node on loopback.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -48,215 +49,11 @@ pub const MAX_HISTORY_LIMIT: usize = 1000;
 /// How long [`serve`] waits for open connections after shutdown before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// What the API needs from the node. [`EngineHandle`] is the real implementation; tests use
-/// a fake. Each method is one API operation and fails with an [`EngineError`].
-pub trait ApiBackend: Clone + Send + Sync + 'static {
-    /// `GET /v1/status`.
-    fn status(&self) -> impl Future<Output = Result<StatusInfo, EngineError>> + Send;
-    /// `POST /v1/groups`.
-    fn create_group(
-        &self,
-        name: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// `GET /v1/groups`.
-    fn groups(&self) -> impl Future<Output = Result<Vec<GroupSummary>, EngineError>> + Send;
-    /// `GET /v1/groups/{group}`; `group` is an id, unique id prefix or exact name.
-    fn group(&self, group: String) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// `POST /v1/groups/{group}/invites`.
-    fn create_invite(
-        &self,
-        group: String,
-        req: CreateInviteRequest,
-    ) -> impl Future<Output = Result<InviteInfo, EngineError>> + Send;
-    /// `GET /v1/groups/{group}/invites`.
-    fn invites(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<Vec<InviteSummary>, EngineError>> + Send;
-    /// `DELETE /v1/groups/{group}/invites/{invite}`: revokes it for the whole group.
-    fn revoke_invite(
-        &self,
-        group: String,
-        invite: String,
-    ) -> impl Future<Output = Result<InviteSummary, EngineError>> + Send;
-    /// `GET /v1/groups/{group}/join-requests`.
-    fn join_requests(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<Vec<JoinRequestInfo>, EngineError>> + Send;
-    /// `POST /v1/groups/{group}/join-requests/{request}/approve` (or `/deny`).
-    fn decide_join(
-        &self,
-        group: String,
-        request: String,
-        approve: bool,
-    ) -> impl Future<Output = Result<JoinRequestInfo, EngineError>> + Send;
-    /// `POST /v1/join`; `timeout` limits the whole join.
-    fn join(
-        &self,
-        link: String,
-        timeout: Option<Duration>,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// `POST /v1/groups/{group}/messages`.
-    fn send(
-        &self,
-        group: String,
-        text: String,
-    ) -> impl Future<Output = Result<MessageInfo, EngineError>> + Send;
-    /// `GET /v1/groups/{group}/messages`.
-    fn history(
-        &self,
-        group: String,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<MessageInfo>, EngineError>> + Send;
-    /// `DELETE /v1/groups/{group}/members/{peer}`: commits the member's removal.
-    fn remove_member(
-        &self,
-        group: String,
-        peer: PeerId,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// `POST /v1/groups/{group}/leave`: proposes this node's removal.
-    fn leave_group(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// `POST /v1/groups/{group}/update`: commits a fresh leaf key for this node.
-    fn self_update(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send;
-    /// A receiver of live events for `GET /v1/events`.
-    fn subscribe(&self) -> broadcast::Receiver<NodeEvent>;
-    /// `GET /v1/net/peers`: the connected peers.
-    fn connected_peers(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send;
-    /// `GET /v1/net/blocked`: the blocked peers.
-    fn blocked(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send;
-    /// `PUT /v1/net/blocked`: replaces the block list, returns the new one.
-    fn set_blocked(
-        &self,
-        peers: Vec<PeerId>,
-    ) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send;
-    /// Where to count API requests; `None` (the default) counts nothing.
-    fn metrics(&self) -> Option<Arc<KithMetrics>> {
-        None
-    }
-}
-
-impl ApiBackend for EngineHandle {
-    fn status(&self) -> impl Future<Output = Result<StatusInfo, EngineError>> + Send {
-        EngineHandle::status(self)
-    }
-    fn create_group(
-        &self,
-        name: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::create_group(self, name)
-    }
-    fn groups(&self) -> impl Future<Output = Result<Vec<GroupSummary>, EngineError>> + Send {
-        EngineHandle::groups(self)
-    }
-    fn group(&self, group: String) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::group(self, group)
-    }
-    fn create_invite(
-        &self,
-        group: String,
-        req: CreateInviteRequest,
-    ) -> impl Future<Output = Result<InviteInfo, EngineError>> + Send {
-        EngineHandle::create_invite(self, group, req)
-    }
-    fn invites(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<Vec<InviteSummary>, EngineError>> + Send {
-        EngineHandle::invites(self, group)
-    }
-    fn revoke_invite(
-        &self,
-        group: String,
-        invite: String,
-    ) -> impl Future<Output = Result<InviteSummary, EngineError>> + Send {
-        EngineHandle::revoke_invite(self, group, invite)
-    }
-    fn join_requests(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<Vec<JoinRequestInfo>, EngineError>> + Send {
-        EngineHandle::join_requests(self, group)
-    }
-    fn decide_join(
-        &self,
-        group: String,
-        request: String,
-        approve: bool,
-    ) -> impl Future<Output = Result<JoinRequestInfo, EngineError>> + Send {
-        EngineHandle::decide_join(self, group, request, approve)
-    }
-    fn join(
-        &self,
-        link: String,
-        timeout: Option<Duration>,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::join_with_timeout(self, link, timeout)
-    }
-    fn send(
-        &self,
-        group: String,
-        text: String,
-    ) -> impl Future<Output = Result<MessageInfo, EngineError>> + Send {
-        EngineHandle::send(self, group, text)
-    }
-    fn history(
-        &self,
-        group: String,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<MessageInfo>, EngineError>> + Send {
-        EngineHandle::history(self, group, limit)
-    }
-    fn remove_member(
-        &self,
-        group: String,
-        peer: PeerId,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::remove_member(self, group, peer)
-    }
-    fn leave_group(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::leave_group(self, group)
-    }
-    fn self_update(
-        &self,
-        group: String,
-    ) -> impl Future<Output = Result<GroupInfo, EngineError>> + Send {
-        EngineHandle::self_update(self, group)
-    }
-    fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
-        EngineHandle::subscribe(self)
-    }
-    fn connected_peers(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send {
-        EngineHandle::connected_peers(self)
-    }
-    fn blocked(&self) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send {
-        EngineHandle::blocked(self)
-    }
-    fn set_blocked(
-        &self,
-        peers: Vec<PeerId>,
-    ) -> impl Future<Output = Result<Vec<PeerId>, EngineError>> + Send {
-        EngineHandle::set_blocked(self, peers)
-    }
-    fn metrics(&self) -> Option<Arc<KithMetrics>> {
-        Some(EngineHandle::metrics(self).clone())
-    }
-}
-
 /// Serves the API on `listener` until `shutdown` completes. At shutdown, event streams are
 /// ended and open connections get [`SHUTDOWN_GRACE`] to finish.
-pub async fn serve<B: ApiBackend>(
+pub async fn serve(
     listener: tokio::net::TcpListener,
-    engine: B,
+    engine: EngineHandle,
     token: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -283,7 +80,7 @@ pub async fn serve<B: ApiBackend>(
 /// The API's routes over `engine`, requiring `token`, for tests that call it without a
 /// socket. Event streams of this router only end when the engine stops.
 #[cfg(test)]
-fn router<B: ApiBackend>(engine: B, token: String) -> Router {
+fn router(engine: EngineHandle, token: String) -> Router {
     // The sender is dropped at once: a stop signal that can never fire.
     let (_, stop_rx) = watch::channel(false);
     build_router(engine, &token, stop_rx)
@@ -291,60 +88,51 @@ fn router<B: ApiBackend>(engine: B, token: String) -> Router {
 
 /// Shared state of the handlers.
 #[derive(Clone)]
-struct ApiState<B> {
-    backend: B,
+struct ApiState {
+    engine: EngineHandle,
     stop: watch::Receiver<bool>,
 }
 
-fn build_router<B: ApiBackend>(backend: B, token: &str, stop: watch::Receiver<bool>) -> Router {
+fn build_router(engine: EngineHandle, token: &str, stop: watch::Receiver<bool>) -> Router {
     let token_digest: Arc<[u8; 32]> = Arc::new(Sha256::digest(token.as_bytes()).into());
-    let metrics = backend.metrics();
+    let metrics = engine.metrics().clone();
     let router = Router::new()
-        .route("/v1/status", get(status::<B>))
-        .route("/v1/groups", get(list_groups::<B>).post(create_group::<B>))
-        .route("/v1/groups/{group}", get(show_group::<B>))
+        .route("/v1/status", get(status))
+        .route("/v1/groups", get(list_groups).post(create_group))
+        .route("/v1/groups/{group}", get(show_group))
         .route(
             "/v1/groups/{group}/invites",
-            get(list_invites::<B>).post(create_invite::<B>),
+            get(list_invites).post(create_invite),
         )
-        .route(
-            "/v1/groups/{group}/invites/{invite}",
-            delete(revoke_invite::<B>),
-        )
-        .route("/v1/groups/{group}/join-requests", get(join_requests::<B>))
+        .route("/v1/groups/{group}/invites/{invite}", delete(revoke_invite))
+        .route("/v1/groups/{group}/join-requests", get(join_requests))
         .route(
             "/v1/groups/{group}/join-requests/{request}/approve",
-            post(approve_join::<B>),
+            post(approve_join),
         )
         .route(
             "/v1/groups/{group}/join-requests/{request}/deny",
-            post(deny_join::<B>),
+            post(deny_join),
         )
-        .route("/v1/groups/{group}/members", get(members::<B>))
-        .route(
-            "/v1/groups/{group}/members/{peer}",
-            delete(remove_member::<B>),
-        )
-        .route("/v1/groups/{group}/leave", post(leave_group::<B>))
-        .route("/v1/groups/{group}/update", post(self_update::<B>))
+        .route("/v1/groups/{group}/members", get(members))
+        .route("/v1/groups/{group}/members/{peer}", delete(remove_member))
+        .route("/v1/groups/{group}/leave", post(leave_group))
+        .route("/v1/groups/{group}/update", post(self_update))
         .route(
             "/v1/groups/{group}/messages",
-            get(history::<B>).post(send_message::<B>),
+            get(history).post(send_message),
         )
-        .route("/v1/join", post(join::<B>))
-        .route("/v1/events", get(events::<B>))
-        .route("/v1/net/peers", get(connected_peers::<B>))
-        .route("/v1/net/blocked", get(blocked::<B>).put(set_blocked::<B>))
+        .route("/v1/join", post(join))
+        .route("/v1/events", get(events))
+        .route("/v1/net/peers", get(connected_peers))
+        .route("/v1/net/blocked", get(blocked).put(set_blocked))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(ApiState { backend, stop })
+        .with_state(ApiState { engine, stop })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(token_digest, require_token));
-    match metrics {
-        // Outermost, so refused requests (401) are counted too.
-        Some(metrics) => router.layer(middleware::from_fn_with_state(metrics, count_request)),
-        None => router,
-    }
+    // Outermost, so refused requests (401) are counted too.
+    router.layer(middleware::from_fn_with_state(metrics, count_request))
 }
 
 /// Counts a request by method, matched route (`unmatched` for unknown paths; the raw path
@@ -520,40 +308,44 @@ async fn method_not_allowed() -> ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-async fn status<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<StatusInfo> {
-    Ok(Json(s.backend.status().await?))
+async fn status(State(s): State<ApiState>) -> ApiResult<StatusInfo> {
+    Ok(Json(s.engine.status().await?))
 }
 
-async fn list_groups<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<Vec<GroupSummary>> {
-    Ok(Json(s.backend.groups().await?))
+async fn list_groups(State(s): State<ApiState>) -> ApiResult<Vec<GroupSummary>> {
+    Ok(Json(s.engine.run(|e| Ok(e.list_groups())).await?))
 }
 
-async fn create_group<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn create_group(
+    State(s): State<ApiState>,
     body: Result<Json<CreateGroupRequest>, JsonRejection>,
 ) -> ApiResult<GroupInfo> {
     let Json(body) = body?;
-    Ok(Json(s.backend.create_group(body.name).await?))
+    Ok(Json(
+        s.engine.run(move |e| e.create_group(&body.name)).await?,
+    ))
 }
 
-async fn show_group<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn show_group(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> ApiResult<GroupInfo> {
     let Path(group) = group?;
-    Ok(Json(s.backend.group(group).await?))
+    Ok(Json(s.engine.run(move |e| e.show_group(&group)).await?))
 }
 
-async fn members<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn members(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Vec<MemberInfo>> {
     let Path(group) = group?;
-    Ok(Json(s.backend.group(group).await?.members))
+    Ok(Json(
+        s.engine.run(move |e| e.show_group(&group)).await?.members,
+    ))
 }
 
-async fn remove_member<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn remove_member(
+    State(s): State<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<GroupInfo> {
     let Path((group, peer)) = path?;
@@ -564,101 +356,117 @@ async fn remove_member<B: ApiBackend>(
             format!("'{peer}' is not a peer id"),
         )
     })?;
-    Ok(Json(s.backend.remove_member(group, peer).await?))
+    Ok(Json(
+        s.engine.run(move |e| e.remove_member(&group, peer)).await?,
+    ))
 }
 
-async fn leave_group<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn leave_group(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<GroupInfo>), ApiError> {
     let Path(group) = group?;
     // Accepted, not done: another member commits the removal.
     Ok((
         StatusCode::ACCEPTED,
-        Json(s.backend.leave_group(group).await?),
+        Json(s.engine.run(move |e| e.leave_group(&group)).await?),
     ))
 }
 
-async fn self_update<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn self_update(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> ApiResult<GroupInfo> {
     let Path(group) = group?;
-    Ok(Json(s.backend.self_update(group).await?))
+    Ok(Json(s.engine.run(move |e| e.self_update(&group)).await?))
 }
 
-async fn create_invite<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn create_invite(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
     body: Result<Json<CreateInviteRequest>, JsonRejection>,
 ) -> ApiResult<InviteInfo> {
     let Path(group) = group?;
     let Json(body) = body?;
-    Ok(Json(s.backend.create_invite(group, body).await?))
+    Ok(Json(
+        s.engine.run(move |e| e.create_invite(&group, body)).await?,
+    ))
 }
 
-async fn list_invites<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn list_invites(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Vec<InviteSummary>> {
     let Path(group) = group?;
-    Ok(Json(s.backend.invites(group).await?))
+    Ok(Json(s.engine.run(move |e| e.list_invites(&group)).await?))
 }
 
-async fn revoke_invite<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn revoke_invite(
+    State(s): State<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<InviteSummary> {
     let Path((group, invite)) = path?;
-    Ok(Json(s.backend.revoke_invite(group, invite).await?))
+    Ok(Json(
+        s.engine
+            .run(move |e| e.revoke_invite(&group, &invite))
+            .await?,
+    ))
 }
 
-async fn join_requests<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn join_requests(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Vec<JoinRequestInfo>> {
     let Path(group) = group?;
-    Ok(Json(s.backend.join_requests(group).await?))
+    Ok(Json(s.engine.run(move |e| e.join_requests(&group)).await?))
 }
 
-async fn approve_join<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn approve_join(
+    State(s): State<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<JoinRequestInfo> {
     let Path((group, request)) = path?;
-    Ok(Json(s.backend.decide_join(group, request, true).await?))
+    Ok(Json(
+        s.engine
+            .run(move |e| e.decide_join(&group, &request, true))
+            .await?,
+    ))
 }
 
-async fn deny_join<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn deny_join(
+    State(s): State<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<JoinRequestInfo> {
     let Path((group, request)) = path?;
-    Ok(Json(s.backend.decide_join(group, request, false).await?))
+    Ok(Json(
+        s.engine
+            .run(move |e| e.decide_join(&group, &request, false))
+            .await?,
+    ))
 }
 
-async fn join<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn join(
+    State(s): State<ApiState>,
     body: Result<Json<JoinBody>, JsonRejection>,
 ) -> ApiResult<GroupInfo> {
     let Json(body) = body?;
     let timeout = body.timeout_secs.map(Duration::from_secs);
-    Ok(Json(s.backend.join(body.link, timeout).await?))
+    Ok(Json(s.engine.join_with_timeout(body.link, timeout).await?))
 }
 
-async fn send_message<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn send_message(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
     body: Result<Json<SendBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<MessageInfo>), ApiError> {
     let Path(group) = group?;
     let Json(body) = body?;
-    let message = s.backend.send(group, body.text).await?;
+    let message = s.engine.run(move |e| e.send(&group, &body.text)).await?;
     Ok((StatusCode::CREATED, Json(message)))
 }
 
-async fn history<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn history(
+    State(s): State<ApiState>,
     group: Result<Path<String>, PathRejection>,
     query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> ApiResult<Vec<MessageInfo>> {
@@ -668,7 +476,7 @@ async fn history<B: ApiBackend>(
         .limit
         .unwrap_or(DEFAULT_HISTORY_LIMIT)
         .min(MAX_HISTORY_LIMIT);
-    Ok(Json(s.backend.history(group, limit).await?))
+    Ok(Json(s.engine.run(move |e| e.history(&group, limit)).await?))
 }
 
 fn peer_list(peers: Vec<PeerId>) -> PeerList {
@@ -677,16 +485,16 @@ fn peer_list(peers: Vec<PeerId>) -> PeerList {
     }
 }
 
-async fn connected_peers<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<PeerList> {
-    Ok(Json(peer_list(s.backend.connected_peers().await?)))
+async fn connected_peers(State(s): State<ApiState>) -> ApiResult<PeerList> {
+    Ok(Json(peer_list(s.engine.connected_peers().await?)))
 }
 
-async fn blocked<B: ApiBackend>(State(s): State<ApiState<B>>) -> ApiResult<PeerList> {
-    Ok(Json(peer_list(s.backend.blocked().await?)))
+async fn blocked(State(s): State<ApiState>) -> ApiResult<PeerList> {
+    Ok(Json(peer_list(s.engine.blocked().await?)))
 }
 
-async fn set_blocked<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn set_blocked(
+    State(s): State<ApiState>,
     body: Result<Json<PeerList>, JsonRejection>,
 ) -> ApiResult<PeerList> {
     let Json(body) = body?;
@@ -700,18 +508,18 @@ async fn set_blocked<B: ApiBackend>(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(peer_list(s.backend.set_blocked(peers).await?)))
+    Ok(Json(peer_list(s.engine.set_blocked(peers).await?)))
 }
 
-async fn events<B: ApiBackend>(
-    State(s): State<ApiState<B>>,
+async fn events(
+    State(s): State<ApiState>,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + Send>, ApiError> {
     let Query(query) = query?;
     // Subscribe first, so nothing is missed while the group is looked up.
-    let receiver = s.backend.subscribe();
+    let receiver = s.engine.subscribe();
     let filter = match query.group {
-        Some(group) => Some(s.backend.group(group).await?.id),
+        Some(group) => Some(s.engine.run(move |e| e.show_group(&group)).await?.id),
         None => None,
     };
     let mut stop = s.stop;
@@ -762,293 +570,24 @@ fn event_stream(
     })
 }
 
-/// A fake [`ApiBackend`] for tests of the API and its client.
-#[cfg(test)]
-pub(crate) mod fake {
-    use super::*;
-    use crate::model::{MemberInfo, MessageBody};
-
-    pub(crate) const TOKEN: &str =
-        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-    pub(crate) const GROUP_ID: &str =
-        "aa00000000000000000000000000000000000000000000000000000000000000";
-
-    /// A backend with one group, named "friends", and canned answers.
-    #[derive(Clone)]
-    pub(crate) struct Fake {
-        pub(crate) events: broadcast::Sender<NodeEvent>,
-        pub(crate) blocked: Arc<std::sync::Mutex<Vec<PeerId>>>,
-        pub(crate) metrics: Option<Arc<KithMetrics>>,
-    }
-
-    impl Fake {
-        pub(crate) fn new(capacity: usize) -> Self {
-            Fake {
-                events: broadcast::channel(capacity).0,
-                blocked: Arc::default(),
-                metrics: None,
-            }
-        }
-    }
-
-    /// A fixed, valid PeerId: that of the ed25519 key whose secret is 32 bytes of `n`.
-    pub(crate) fn peer(n: u8) -> PeerId {
-        libp2p::identity::Keypair::ed25519_from_bytes([n; 32])
-            .expect("32 bytes are an ed25519 secret key")
-            .public()
-            .to_peer_id()
-    }
-
-    fn group_info() -> GroupInfo {
-        GroupInfo {
-            id: GROUP_ID.to_owned(),
-            name: "friends".to_owned(),
-            epoch: 1,
-            members: vec![MemberInfo {
-                peer_id: "12D3KooWself".to_owned(),
-                leaf_index: 0,
-                is_self: true,
-            }],
-            joined_at_ms: 1,
-            active: true,
-            leaving: false,
-            epoch_auth: String::new(),
-            rollbacks: 0,
-            deep_forks: 0,
-            forks_detected: 0,
-            undecryptable: Default::default(),
-            missing: 0,
-            catching_up: false,
-            sync_failures: 0,
-        }
-    }
-
-    pub(crate) fn message(group: &str, text: &str) -> MessageInfo {
-        MessageInfo {
-            id: "bb".repeat(32),
-            group: group.to_owned(),
-            epoch: 1,
-            sender: "12D3KooWself".to_owned(),
-            sent_at_ms: 1_700_000_000_000,
-            received_at_ms: 1_700_000_000_000,
-            body: MessageBody::Text {
-                text: text.to_owned(),
-            },
-        }
-    }
-
-    pub(crate) const INVITE_ID: &str =
-        "1234000000000000000000000000000000000000000000000000000000000000";
-    pub(crate) const REQUEST_ID: &str = "abcd000000000001";
-
-    fn invite_summary(group: &str, revoked: bool) -> InviteSummary {
-        InviteSummary {
-            id: INVITE_ID.to_owned(),
-            group: group.to_owned(),
-            creator: "12D3KooWself".to_owned(),
-            max_uses: 3,
-            uses: 1,
-            uses_left: 2,
-            expires_at: 1_900_000_000,
-            created_at: 1_700_000_000,
-            approval: false,
-            revoked,
-            state: if revoked { "revoked" } else { "active" }.to_owned(),
-        }
-    }
-
-    fn join_request(group: &str, state: &str) -> JoinRequestInfo {
-        JoinRequestInfo {
-            id: REQUEST_ID.to_owned(),
-            group: group.to_owned(),
-            peer: peer(5).to_string(),
-            invite: INVITE_ID.to_owned(),
-            received_at_ms: 1_700_000_000_000,
-            state: state.to_owned(),
-        }
-    }
-
-    fn find(group: &str) -> Result<GroupInfo, EngineError> {
-        match group {
-            "friends" | GROUP_ID => Ok(group_info()),
-            "a" => Err(EngineError::AmbiguousGroup(group.to_owned())),
-            "boom" => Err(EngineError::Internal("disk on fire".to_owned())),
-            _ => Err(EngineError::GroupNotFound(group.to_owned())),
-        }
-    }
-
-    impl ApiBackend for Fake {
-        async fn status(&self) -> Result<StatusInfo, EngineError> {
-            Ok(StatusInfo {
-                peer_id: "12D3KooWself".to_owned(),
-                network: "kith".to_owned(),
-                listen_addrs: vec![],
-                connected_peers: 0,
-                groups: vec![],
-                version: "0.1.0".to_owned(),
-                storage: Default::default(),
-            })
-        }
-        async fn create_group(&self, name: String) -> Result<GroupInfo, EngineError> {
-            if name.is_empty() {
-                return Err(EngineError::BadRequest("empty name".to_owned()));
-            }
-            Ok(GroupInfo {
-                name,
-                ..group_info()
-            })
-        }
-        async fn groups(&self) -> Result<Vec<GroupSummary>, EngineError> {
-            Ok(vec![])
-        }
-        async fn group(&self, group: String) -> Result<GroupInfo, EngineError> {
-            find(&group)
-        }
-        async fn create_invite(
-            &self,
-            group: String,
-            req: CreateInviteRequest,
-        ) -> Result<InviteInfo, EngineError> {
-            let g = find(&group)?;
-            Ok(InviteInfo {
-                link: "kith1abc".to_owned(),
-                url: "kith://join#kith1abc".to_owned(),
-                group: g.id,
-                expires_at: req.expires_in_secs.unwrap_or(86_400),
-                max_uses: req.max_uses.unwrap_or(1),
-                id: INVITE_ID.to_owned(),
-                approval: req.approval,
-            })
-        }
-        async fn invites(&self, group: String) -> Result<Vec<InviteSummary>, EngineError> {
-            let g = find(&group)?;
-            Ok(vec![invite_summary(&g.id, false)])
-        }
-        async fn revoke_invite(
-            &self,
-            group: String,
-            invite: String,
-        ) -> Result<InviteSummary, EngineError> {
-            let g = find(&group)?;
-            if !INVITE_ID.starts_with(&invite) || invite.len() < 4 {
-                return Err(EngineError::NotFound(format!(
-                    "no invite matches '{invite}'"
-                )));
-            }
-            Ok(invite_summary(&g.id, true))
-        }
-        async fn join_requests(&self, group: String) -> Result<Vec<JoinRequestInfo>, EngineError> {
-            let g = find(&group)?;
-            Ok(vec![join_request(&g.id, "waiting")])
-        }
-        async fn decide_join(
-            &self,
-            group: String,
-            request: String,
-            approve: bool,
-        ) -> Result<JoinRequestInfo, EngineError> {
-            let g = find(&group)?;
-            if !REQUEST_ID.starts_with(&request) || request.len() < 4 {
-                return Err(EngineError::NotFound(format!(
-                    "no join request matches '{request}'"
-                )));
-            }
-            Ok(join_request(
-                &g.id,
-                if approve { "approved" } else { "denied" },
-            ))
-        }
-        async fn join(
-            &self,
-            link: String,
-            _timeout: Option<Duration>,
-        ) -> Result<GroupInfo, EngineError> {
-            match link.as_str() {
-                "rejected" => Err(EngineError::JoinRejected(
-                    kith_protocol::envelope::JoinRejection::UsedUp,
-                )),
-                "far" => Err(EngineError::Unreachable("nobody online".to_owned())),
-                _ => Err(EngineError::Invite(
-                    kith_protocol::invite::InviteError::NotALink,
-                )),
-            }
-        }
-        async fn send(&self, group: String, text: String) -> Result<MessageInfo, EngineError> {
-            let g = find(&group)?;
-            Ok(message(&g.id, &text))
-        }
-        async fn history(
-            &self,
-            group: String,
-            limit: usize,
-        ) -> Result<Vec<MessageInfo>, EngineError> {
-            let g = find(&group)?;
-            // The limit is echoed as the number of entries, so tests can see it.
-            Ok((0..limit.min(3))
-                .map(|i| message(&g.id, &format!("{i} of {limit}")))
-                .collect())
-        }
-        async fn remove_member(
-            &self,
-            group: String,
-            peer: PeerId,
-        ) -> Result<GroupInfo, EngineError> {
-            let g = find(&group)?;
-            if peer.to_string() == "12D3KooWself"
-                || !g.members.iter().any(|m| m.peer_id == peer.to_string())
-            {
-                return Err(EngineError::MemberNotFound(peer.to_string()));
-            }
-            Ok(g)
-        }
-        async fn leave_group(&self, group: String) -> Result<GroupInfo, EngineError> {
-            Ok(GroupInfo {
-                leaving: true,
-                ..find(&group)?
-            })
-        }
-        async fn self_update(&self, group: String) -> Result<GroupInfo, EngineError> {
-            let g = find(&group)?;
-            Ok(GroupInfo {
-                epoch: g.epoch + 1,
-                ..g
-            })
-        }
-        fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
-            self.events.subscribe()
-        }
-        async fn connected_peers(&self) -> Result<Vec<PeerId>, EngineError> {
-            Ok(vec![peer(1)])
-        }
-        async fn blocked(&self) -> Result<Vec<PeerId>, EngineError> {
-            Ok(self.blocked.lock().expect("not poisoned").clone())
-        }
-        async fn set_blocked(&self, mut peers: Vec<PeerId>) -> Result<Vec<PeerId>, EngineError> {
-            peers.sort();
-            peers.dedup();
-            self.blocked
-                .lock()
-                .expect("not poisoned")
-                .clone_from(&peers);
-            Ok(peers)
-        }
-        fn metrics(&self) -> Option<Arc<KithMetrics>> {
-            self.metrics.clone()
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::fake::{Fake, GROUP_ID, TOKEN, message};
     use super::*;
+    use crate::engine::EVENT_BUFFER;
     use crate::model::MessageBody;
+    use crate::testing::{TOKEN, TestNode, peer, two_in_a_group};
     use axum::body::Body;
     use tower::ServiceExt;
 
-    fn app() -> Router {
-        router(Fake::new(16), TOKEN.to_owned())
+    /// A real node, and the API's routes over its engine requiring [`TOKEN`].
+    async fn app() -> (TestNode, Router) {
+        app_of(TestNode::start().await)
+    }
+
+    fn app_of(node: TestNode) -> (TestNode, Router) {
+        let app = router(node.engine(), TOKEN.to_owned());
+        (node, app)
     }
 
     fn request(method: &str, uri: &str, body: Option<&str>) -> axum::http::Request<Body> {
@@ -1065,8 +604,8 @@ mod tests {
         .unwrap()
     }
 
-    async fn call(app: Router, req: axum::http::Request<Body>) -> (StatusCode, serde_json::Value) {
-        let response = app.oneshot(req).await.unwrap();
+    async fn call(app: &Router, req: axum::http::Request<Body>) -> (StatusCode, serde_json::Value) {
+        let response = app.clone().oneshot(req).await.unwrap();
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
@@ -1076,31 +615,48 @@ mod tests {
         (status, json)
     }
 
-    async fn expect_error(req: axum::http::Request<Body>, status: StatusCode, code: &str) {
-        let (got, json) = call(app(), req).await;
+    async fn expect_error(
+        app: &Router,
+        req: axum::http::Request<Body>,
+        status: StatusCode,
+        code: &str,
+    ) {
+        let (got, json) = call(app, req).await;
         assert_eq!(got, status, "{json}");
         let body: ErrorBody = serde_json::from_value(json).unwrap();
         assert_eq!(body.code, code);
         assert!(!body.error.is_empty());
     }
 
-    #[tokio::test]
+    /// Sends `text` to `group` on `node` as the API would.
+    async fn send(node: &TestNode, group: &str, text: &str) -> MessageInfo {
+        let (group, text) = (group.to_owned(), text.to_owned());
+        node.engine()
+            .run(move |e| e.send(&group, &text))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn missing_token_is_401() {
+        let (node, app) = app().await;
         let req = axum::http::Request::get("/v1/status")
             .body(Body::empty())
             .unwrap();
-        let response = app().oneshot(req).await.unwrap();
+        let response = app.clone().oneshot(req).await.unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
         let req = axum::http::Request::get("/v1/status")
             .body(Body::empty())
             .unwrap();
-        let (_, json) = call(app(), req).await;
+        let (_, json) = call(&app, req).await;
         assert_eq!(json["code"], "unauthorized");
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn wrong_token_is_401() {
+        let (node, app) = app().await;
         for value in [
             "Bearer nope".to_owned(),
             format!("Bearer {TOKEN}x"),
@@ -1111,35 +667,42 @@ mod tests {
                 .header(header::AUTHORIZATION, value)
                 .body(Body::empty())
                 .unwrap();
-            let (status, json) = call(app(), req).await;
+            let (status, json) = call(&app, req).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED);
             assert_eq!(json["code"], "unauthorized");
         }
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn unknown_route_needs_token_too() {
+        let (node, app) = app().await;
         let req = axum::http::Request::get("/v1/nope")
             .body(Body::empty())
             .unwrap();
-        let (status, _) = call(app(), req).await;
+        let (status, _) = call(&app, req).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn right_token_any_scheme_case_is_accepted() {
+        let (node, app) = app().await;
         let req = axum::http::Request::get("/v1/status")
             .header(header::AUTHORIZATION, format!("bearer {TOKEN}"))
             .body(Body::empty())
             .unwrap();
-        let (status, json) = call(app(), req).await;
+        let (status, json) = call(&app, req).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(json["peer_id"], "12D3KooWself");
+        assert_eq!(json["peer_id"], node.node.peer_id.to_string());
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn malformed_json_is_400_error_body() {
+        let (node, app) = app().await;
         expect_error(
+            &app,
             request("POST", "/v1/groups", Some("{not json")),
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -1147,73 +710,108 @@ mod tests {
         .await;
         // Valid JSON of the wrong shape, too.
         expect_error(
+            &app,
             request("POST", "/v1/groups", Some("{\"nom\": \"x\"}")),
             StatusCode::BAD_REQUEST,
             "bad_request",
         )
         .await;
         expect_error(
+            &app,
             request("POST", "/v1/join", Some("[]")),
             StatusCode::BAD_REQUEST,
             "bad_request",
         )
         .await;
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn missing_content_type_is_415_error_body() {
+        let (node, app) = app().await;
         let req = axum::http::Request::post("/v1/groups")
             .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
             .body(Body::from("{\"name\":\"x\"}"))
             .unwrap();
         expect_error(
+            &app,
             req,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
         )
         .await;
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn oversized_body_is_413_error_body() {
+        let (node, app) = app().await;
+        node.create_group("friends").await;
         let text = "x".repeat(MAX_BODY_BYTES + 1);
         let body = serde_json::to_string(&SendBody { text }).unwrap();
         expect_error(
+            &app,
             request("POST", "/v1/groups/friends/messages", Some(&body)),
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
         )
         .await;
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn unknown_route_is_404_error_body() {
+        let (node, app) = app().await;
         expect_error(
+            &app,
             request("GET", "/v1/nope", None),
             StatusCode::NOT_FOUND,
             "not_found",
         )
         .await;
         expect_error(
+            &app,
             request("GET", "/", None),
             StatusCode::NOT_FOUND,
             "not_found",
         )
         .await;
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn wrong_method_is_405_error_body() {
+        let (node, app) = app().await;
         expect_error(
+            &app,
             request("DELETE", "/v1/status", None),
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
         )
         .await;
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn engine_errors_map_to_statuses() {
+        let (node, app) = app().await;
+        // Two groups of one name: the name alone is ambiguous.
+        node.create_group("a").await;
+        node.create_group("a").await;
+        // An inviter whose invite is revoked: a member refuses the join.
+        let inviter = TestNode::start().await;
+        let group = inviter.create_group("friends").await;
+        let invite = inviter.invite(&group).await;
+        let (g, id) = (group.id.clone(), invite.id.clone());
+        inviter
+            .engine()
+            .run(move |e| e.revoke_invite(&g, &id))
+            .await
+            .unwrap();
+        let join = |link: &str, timeout_secs: Option<u64>| {
+            let body = serde_json::json!({ "link": link, "timeout_secs": timeout_secs });
+            request("POST", "/v1/join", Some(&body.to_string()))
+        };
         let cases = [
             (
                 request("GET", "/v1/groups/zzz", None),
@@ -1226,11 +824,6 @@ mod tests {
                 "bad_request",
             ),
             (
-                request("GET", "/v1/groups/boom", None),
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-            ),
-            (
                 request("POST", "/v1/groups", Some("{\"name\":\"\"}")),
                 StatusCode::BAD_REQUEST,
                 "bad_request",
@@ -1241,19 +834,29 @@ mod tests {
                 "bad_invite",
             ),
             (
-                request("POST", "/v1/join", Some("{\"link\":\"rejected\"}")),
+                join(&invite.link, None),
                 StatusCode::CONFLICT,
                 "join_rejected",
             ),
-            (
-                request("POST", "/v1/join", Some("{\"link\":\"far\"}")),
-                StatusCode::GATEWAY_TIMEOUT,
-                "unreachable",
-            ),
         ];
         for (req, status, code) in cases {
-            expect_error(req, status, code).await;
+            expect_error(&app, req, status, code).await;
         }
+        // With the inviter gone nobody can be reached: the join ends before its time limit
+        // (the next DHT lookup would come after it).
+        inviter.stop().await;
+        expect_error(
+            &app,
+            join(&invite.link, Some(3)),
+            StatusCode::GATEWAY_TIMEOUT,
+            "unreachable",
+        )
+        .await;
+        node.stop().await;
+        // What a running node cannot be made to fail with on purpose, through the mapping.
+        let internal: ApiError = EngineError::Internal("disk on fire".to_owned()).into();
+        assert_eq!(internal.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(internal.code, "internal");
         let shutting: ApiError = EngineError::ShuttingDown.into();
         assert_eq!(shutting.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(shutting.code, "shutting_down");
@@ -1277,10 +880,12 @@ mod tests {
         assert_eq!(broken.code, "storage_failing");
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn endpoints_answer_json() {
+        let (node, app) = app().await;
+        node.create_group("friends").await;
         let (status, json) = call(
-            app(),
+            &app,
             request("POST", "/v1/groups", Some("{\"name\":\"book club\"}")),
         )
         .await;
@@ -1288,7 +893,7 @@ mod tests {
         assert_eq!(json["name"], "book club");
 
         let (status, json) = call(
-            app(),
+            &app,
             request(
                 "POST",
                 "/v1/groups/friends/messages",
@@ -1301,70 +906,77 @@ mod tests {
         assert_eq!(m.body, MessageBody::Text { text: "hi".into() });
 
         let (status, json) = call(
-            app(),
+            &app,
             request("POST", "/v1/groups/friends/invites", Some("{}")),
         )
         .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(json["max_uses"], 1);
 
-        // Percent-encoded names reach the backend decoded.
-        let (status, _) = call(app(), request("GET", "/v1/groups/fri%65nds", None)).await;
+        // Percent-encoded names reach the engine decoded.
+        let (status, _) = call(&app, request("GET", "/v1/groups/fri%65nds", None)).await;
         assert_eq!(status, StatusCode::OK);
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn net_endpoints_list_and_replace_peers() {
-        use super::fake::peer;
-        let (status, json) = call(app(), request("GET", "/v1/net/peers", None)).await;
+        let (node, app) = app().await;
+        let other = TestNode::start().await;
+        node.connect(&other).await;
+        let (status, json) = call(&app, request("GET", "/v1/net/peers", None)).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(json, serde_json::json!({ "peers": [peer(1).to_string()] }));
+        assert_eq!(
+            json,
+            serde_json::json!({ "peers": [other.node.peer_id.to_string()] })
+        );
 
-        let fake = Fake::new(16);
-        let app = router(fake.clone(), TOKEN.to_owned());
         let body = serde_json::json!({ "peers": [peer(2).to_string()] }).to_string();
-        let (status, json) =
-            call(app.clone(), request("PUT", "/v1/net/blocked", Some(&body))).await;
+        let (status, json) = call(&app, request("PUT", "/v1/net/blocked", Some(&body))).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(json["peers"][0], peer(2).to_string());
-        let (_, json) = call(app.clone(), request("GET", "/v1/net/blocked", None)).await;
+        let (_, json) = call(&app, request("GET", "/v1/net/blocked", None)).await;
         assert_eq!(json["peers"][0], peer(2).to_string());
 
         // One bad id refuses the whole request and changes nothing.
         let body = serde_json::json!({ "peers": [peer(3).to_string(), "12D3KooWbad"] }).to_string();
-        let (status, json) =
-            call(app.clone(), request("PUT", "/v1/net/blocked", Some(&body))).await;
+        let (status, json) = call(&app, request("PUT", "/v1/net/blocked", Some(&body))).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(json["code"], "bad_request");
         assert!(json["error"].as_str().unwrap().contains("12D3KooWbad"));
-        assert_eq!(*fake.blocked.lock().unwrap(), vec![peer(2)]);
+        assert_eq!(node.engine().blocked().await.unwrap(), vec![peer(2)]);
         expect_error(
+            &app,
             request("PUT", "/v1/net/blocked", Some("{\"peers\": \"x\"}")),
             StatusCode::BAD_REQUEST,
             "bad_request",
         )
         .await;
         expect_error(
+            &app,
             request("POST", "/v1/net/blocked", Some("{\"peers\": []}")),
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
         )
         .await;
+        other.stop().await;
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn membership_routes() {
-        let (status, json) = call(app(), request("GET", "/v1/groups/friends/members", None)).await;
+        // Leaving needs another member to commit it.
+        let (a, b, _) = two_in_a_group("friends").await;
+        let (a, app) = app_of(a);
+        let (status, json) = call(&app, request("GET", "/v1/groups/friends/members", None)).await;
         assert_eq!(status, StatusCode::OK, "{json}");
         assert_eq!(json[0]["is_self"], true);
         assert!(json[0]["leaf_index"].is_u64());
-        let (status, json) = call(app(), request("POST", "/v1/groups/friends/leave", None)).await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
-        assert_eq!(json["leaving"], true);
-        let (status, json) = call(app(), request("POST", "/v1/groups/friends/update", None)).await;
+        let (status, json) = call(&app, request("POST", "/v1/groups/friends/update", None)).await;
         assert_eq!(status, StatusCode::OK, "{json}");
-        let other = super::fake::peer(2);
+        let other = peer(2);
         expect_error(
+            &app,
             request(
                 "DELETE",
                 &format!("/v1/groups/friends/members/{other}"),
@@ -1375,38 +987,44 @@ mod tests {
         )
         .await;
         expect_error(
+            &app,
             request("DELETE", "/v1/groups/friends/members/not-a-peer", None),
             StatusCode::BAD_REQUEST,
             "bad_request",
         )
         .await;
         expect_error(
+            &app,
             request("POST", "/v1/groups/nope/leave", None),
             StatusCode::NOT_FOUND,
             "not_found",
         )
         .await;
+        // Last: a member that is leaving cannot update or remove.
+        let (status, json) = call(&app, request("POST", "/v1/groups/friends/leave", None)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        assert_eq!(json["leaving"], true);
+        b.stop().await;
+        a.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn requests_are_counted_by_matched_route() {
-        let mut registry = prometheus_client::registry::Registry::default();
-        let mut fake = Fake::new(16);
-        fake.metrics = Some(Arc::new(KithMetrics::register(&mut registry)));
-        let app = router(fake, TOKEN.to_owned());
+        let (node, app) = app().await;
+        node.create_group("friends").await;
         for uri in [
             "/v1/groups/friends",
             "/v1/groups/fri%65nds",
             "/v1/groups/zzz",
         ] {
-            let _ = call(app.clone(), request("GET", uri, None)).await;
+            let _ = call(&app, request("GET", uri, None)).await;
         }
-        let _ = call(app.clone(), request("GET", "/v1/no/such/path", None)).await;
+        let _ = call(&app, request("GET", "/v1/no/such/path", None)).await;
         let unauthenticated = axum::http::Request::get("/v1/status")
             .body(Body::empty())
             .unwrap();
-        let _ = call(app.clone(), unauthenticated).await;
-        let text = crate::metrics::encode(&registry).unwrap();
+        let _ = call(&app, unauthenticated).await;
+        let text = node.scrape_metrics().await;
         for line in [
             "kith_api_requests_total{method=\"GET\",endpoint=\"/v1/groups/{group}\",status=\"200\"} 2",
             "kith_api_requests_total{method=\"GET\",endpoint=\"/v1/groups/{group}\",status=\"404\"} 1",
@@ -1419,24 +1037,41 @@ mod tests {
             );
         }
         assert!(!text.contains("zzz") && !text.contains("such"), "{text}");
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn history_limit_defaults_clamps_and_validates() {
-        let (_, json) = call(app(), request("GET", "/v1/groups/friends/messages", None)).await;
-        assert_eq!(json[0]["body"]["text"], "0 of 100");
+        let (node, app) = app().await;
+        // The creation row and 1000 texts: more than both the default and the largest limit.
+        let group = node.create_group("friends").await;
+        let g = group.id.clone();
+        node.engine()
+            .run(move |e| {
+                for i in 0..1000 {
+                    e.send(&g, &format!("m{i}"))?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let (_, json) = call(&app, request("GET", "/v1/groups/friends/messages", None)).await;
+        let entries = json.as_array().unwrap();
+        assert_eq!(entries.len(), 100);
         let (_, json) = call(
-            app(),
+            &app,
             request("GET", "/v1/groups/friends/messages?limit=5000", None),
         )
         .await;
-        assert_eq!(json[0]["body"]["text"], "0 of 1000");
+        assert_eq!(json.as_array().unwrap().len(), 1000);
         expect_error(
+            &app,
             request("GET", "/v1/groups/friends/messages?limit=many", None),
             StatusCode::BAD_REQUEST,
             "bad_request",
         )
         .await;
+        node.stop().await;
     }
 
     /// Reads SSE frames from a body until `want` complete events (blank-line terminated)
@@ -1455,11 +1090,13 @@ mod tests {
         text
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn events_stream_filters_by_group() {
-        let fake = Fake::new(16);
-        let app = router(fake.clone(), TOKEN.to_owned());
+        let (node, app) = app().await;
+        let friends = node.create_group("friends").await;
+        let other = node.create_group("other").await;
         let response = app
+            .clone()
             .oneshot(request("GET", "/v1/events?group=friends", None))
             .await
             .unwrap();
@@ -1468,13 +1105,8 @@ mod tests {
             response.headers()[header::CONTENT_TYPE],
             "text/event-stream"
         );
-        let other = "cc".repeat(32);
-        fake.events
-            .send(NodeEvent::Message(message(&other, "not for us")))
-            .unwrap();
-        fake.events
-            .send(NodeEvent::Message(message(GROUP_ID, "hello")))
-            .unwrap();
+        send(&node, &other.id, "not for us").await;
+        let hello = send(&node, &friends.id, "hello").await;
         let text = read_events(response.into_body(), 1).await;
         assert!(text.starts_with("event: message\ndata: {"), "{text}");
         assert!(
@@ -1483,49 +1115,64 @@ mod tests {
         );
         let data = text.lines().nth(1).unwrap().strip_prefix("data: ").unwrap();
         let event: NodeEvent = serde_json::from_str(data).unwrap();
-        assert_eq!(event, NodeEvent::Message(message(GROUP_ID, "hello")));
+        assert_eq!(event, NodeEvent::Message(hello));
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn events_for_unknown_group_is_404() {
+        let (node, app) = app().await;
         expect_error(
+            &app,
             request("GET", "/v1/events?group=zzz", None),
             StatusCode::NOT_FOUND,
             "not_found",
         )
         .await;
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn lagging_subscriber_gets_lagged_and_continues() {
-        let fake = Fake::new(2);
-        let app = router(fake.clone(), TOKEN.to_owned());
+        // No self-update in between: every event is a text.
+        let node = TestNode::start_with(|c| c.update_policy.after_messages = u64::MAX).await;
+        let (node, app) = app_of(node);
+        let group = node.create_group("friends").await;
         let response = app
+            .clone()
             .oneshot(request("GET", "/v1/events", None))
             .await
             .unwrap();
-        for i in 0..5 {
-            fake.events
-                .send(NodeEvent::Message(message(GROUP_ID, &format!("m{i}"))))
-                .unwrap();
-        }
+        // Three more texts than the engine's event buffer holds, while nobody reads.
+        let n = EVENT_BUFFER + 3;
+        let g = group.id.clone();
+        node.engine()
+            .run(move |e| {
+                for i in 0..n {
+                    e.send(&g, &format!("m{i}"))?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
         let text = read_events(response.into_body(), 3).await;
         let mut frames = text.split("\n\n");
         assert_eq!(
             frames.next().unwrap(),
             "event: lagged\ndata: {\"missed\":3}"
         );
-        assert!(frames.next().unwrap().contains("m3"));
-        assert!(frames.next().unwrap().contains("m4"));
+        assert!(frames.next().unwrap().contains("\"m3\""));
+        assert!(frames.next().unwrap().contains("\"m4\""));
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn serve_ends_event_streams_at_shutdown() {
+        let node = TestNode::start().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let fake = Fake::new(16);
-        let server = tokio::spawn(serve(listener, fake.clone(), TOKEN.to_owned(), async {
+        let server = tokio::spawn(serve(listener, node.engine(), TOKEN.to_owned(), async {
             let _ = stop_rx.await;
         }));
 
@@ -1554,5 +1201,6 @@ mod tests {
             .expect("serve did not stop")
             .unwrap()
             .unwrap();
+        node.stop().await;
     }
 }

@@ -1199,6 +1199,7 @@ fn now_secs() -> u64 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::testing::TestNode;
 
     #[test]
     fn cli_definition_is_consistent() {
@@ -1295,7 +1296,7 @@ mod tests {
 
     #[test]
     fn net_block_takes_peer_ids() {
-        let peer = crate::api::fake::peer(7);
+        let peer = crate::testing::peer(7);
         let cli = Cli::try_parse_from(["kith", "net", "block", &peer.to_string()]).unwrap();
         let Command::Net(NetCommand::Block { peers, json }) = cli.command else {
             panic!("not net block");
@@ -1372,31 +1373,18 @@ mod tests {
         assert!(!err.to_string().contains('\n'));
     }
 
-    /// Starts the API over the fake backend on a real socket; returns the client and the
-    /// fake (to push events). The server stops when the test's runtime ends.
-    async fn fake_node(token: &str) -> (Client, crate::api::fake::Fake) {
-        use crate::api::fake::{Fake, TOKEN};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let fake = Fake::new(16);
-        tokio::spawn(crate::api::serve(
-            listener,
-            fake.clone(),
-            TOKEN.to_owned(),
-            std::future::pending(),
-        ));
-        let client = Client::new(&format!("http://{addr}"), token.to_owned()).unwrap();
-        (client, fake)
-    }
-
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn client_talks_to_the_api() {
-        use crate::api::fake::{GROUP_ID, TOKEN};
-        let (client, _) = fake_node(TOKEN).await;
-        assert_eq!(client.status().await.unwrap().peer_id, "12D3KooWself");
+        let node = TestNode::start().await;
+        let client = node.client();
+        assert_eq!(
+            client.status().await.unwrap().peer_id,
+            node.node.peer_id.to_string()
+        );
         // A name with a space and a slash is one path segment.
         let group = client.create_group("book club / 2").await.unwrap();
         assert_eq!(group.name, "book club / 2");
+        let friends = client.create_group("friends").await.unwrap();
         let m = client.send("friends", "hello").await.unwrap();
         assert_eq!(
             m.body,
@@ -1404,7 +1392,9 @@ mod tests {
                 text: "hello".into()
             }
         );
-        let h = client.history(GROUP_ID, Some(2)).await.unwrap();
+        // Three entries (the creation and two texts); the limit keeps the newest two.
+        client.send("friends", "again").await.unwrap();
+        let h = client.history(&friends.id, Some(2)).await.unwrap();
         assert_eq!(h.len(), 2);
         let err = client.group("nobody").await.unwrap_err();
         match &err {
@@ -1414,12 +1404,16 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(err.to_string(), "no group matches 'nobody'");
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn client_reads_and_replaces_the_block_list() {
-        use crate::api::fake::{TOKEN, peer};
-        let (client, fake) = fake_node(TOKEN).await;
+        use crate::testing::peer;
+        let node = TestNode::start().await;
+        let other = TestNode::start().await;
+        node.connect(&other).await;
+        let client = node.client();
         assert_eq!(client.blocked().await.unwrap().peers, Vec::<String>::new());
         let (a, b) = (peer(1).to_string(), peer(2).to_string());
         let list = client
@@ -1430,8 +1424,11 @@ mod tests {
         want.sort_by_key(|p| p.parse::<PeerId>().unwrap());
         assert_eq!(list.peers, want);
         assert_eq!(client.blocked().await.unwrap().peers, want);
-        assert_eq!(fake.blocked.lock().unwrap().len(), 2);
-        assert_eq!(client.peers().await.unwrap().peers, vec![a]);
+        assert_eq!(node.engine().blocked().await.unwrap().len(), 2);
+        assert_eq!(
+            client.peers().await.unwrap().peers,
+            vec![other.node.peer_id.to_string()]
+        );
         let err = client.set_blocked(&["nope".to_owned()]).await.unwrap_err();
         assert!(
             matches!(&err, ClientError::Api { status: 400, code, .. } if code == "bad_request"),
@@ -1439,38 +1436,36 @@ mod tests {
         );
         assert!(err.to_string().contains("invalid peer id 'nope'"), "{err}");
         assert_eq!(client.set_blocked(&[]).await.unwrap().peers.len(), 0);
+        other.stop().await;
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn client_reports_a_wrong_token() {
-        let (client, _) = fake_node(&"f".repeat(64)).await;
+        let node = TestNode::start().await;
+        let client = node.client_with(&"f".repeat(64));
         let err = client.status().await.unwrap_err();
         assert!(
             matches!(&err, ClientError::Api { status: 401, code, .. } if code == "unauthorized"),
             "{err:?}"
         );
+        node.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn client_follows_events() {
-        use crate::api::fake::{GROUP_ID, TOKEN, message};
-        let (client, fake) = fake_node(TOKEN).await;
+        let node = TestNode::start().await;
+        let friends = node.create_group("friends").await;
+        let elsewhere = node.create_group("elsewhere").await;
+        let client = node.client();
         let mut events = client.events(Some("friends")).await.unwrap();
-        fake.events
-            .send(NodeEvent::Message(message(&"cc".repeat(32), "elsewhere")))
-            .unwrap();
-        fake.events
-            .send(NodeEvent::Message(message(GROUP_ID, "here")))
-            .unwrap();
+        client.send(&elsewhere.id, "elsewhere").await.unwrap();
+        let here = client.send(&friends.id, "here").await.unwrap();
         let event = tokio::time::timeout(Duration::from_secs(5), events.next())
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(
-            event,
-            Some(LiveEvent::Event(NodeEvent::Message(message(
-                GROUP_ID, "here"
-            ))))
-        );
+        assert_eq!(event, Some(LiveEvent::Event(NodeEvent::Message(here))));
+        node.stop().await;
     }
 }

@@ -60,6 +60,7 @@ mod handle;
 mod ingest;
 mod join_client;
 mod local;
+mod queries;
 mod serve;
 mod views;
 
@@ -107,7 +108,8 @@ pub use kith_protocol::sync::scheduler::CATCH_UP_HOLD_LIMIT;
 const WAKE_GAP: Duration = Duration::from_secs(10);
 /// Most received envelopes written in one store transaction.
 const MAX_GOSSIP_BATCH: usize = 256;
-const EVENT_BUFFER: usize = 1024;
+/// Live events kept for each API subscriber; one that falls further behind loses the oldest.
+pub(crate) const EVENT_BUFFER: usize = 1024;
 
 /// Why an engine operation failed. Each variant maps to one HTTP status in the API.
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +136,7 @@ pub enum EngineError {
     #[error("join refused: {0}")]
     JoinRejected(JoinRejection),
     /// No member of the group could be reached or add us: one line saying what was tried
-    /// and what to do (see [`crate::join_trail`]) (HTTP 504).
+    /// and what to do (see [`kith_protocol::join::trail`]) (HTTP 504).
     #[error("{0}")]
     Unreachable(String),
     /// The join did not finish within its time limit (HTTP 504).
@@ -200,15 +202,14 @@ impl From<StoreError> for EngineError {
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
+/// An operation for the actor thread: it runs on the [`Actor`] and sends its own reply (see
+/// [`EngineHandle::run`]).
+type Job = Box<dyn FnOnce(&mut Actor) + Send>;
+
+/// A request from the handle to the actor.
 enum Call {
-    Groups(Reply<Vec<GroupSummary>>),
-    Group(String, Reply<GroupInfo>),
-    CreateGroup(String, Reply<GroupInfo>),
-    CreateInvite(String, CreateInviteRequest, Reply<InviteInfo>),
-    ListInvites(String, Reply<Vec<InviteSummary>>),
-    RevokeInvite(String, String, Reply<InviteSummary>),
-    JoinRequests(String, Reply<Vec<JoinRequestInfo>>),
-    DecideJoin(String, String, bool, Reply<JoinRequestInfo>),
+    /// An operation, e.g. one of the API's (see [`EngineHandle::run`]).
+    Run(Job),
     PrepareJoin(Box<Invite>, Reply<JoinRequest>),
     CompleteJoin(Box<Invite>, JoinResponse, Reply<GroupInfo>),
     /// A rejoin request after a deep fork (see [`EngineHandle::rejoin_member`]).
@@ -219,11 +220,6 @@ enum Call {
     RejoinFailed(GroupId, Reply<()>),
     /// Joining again after a lost race ended: `None` = still a member, else the refusal.
     JoinOutcome(GroupId, Option<LostJoin>, Reply<()>),
-    Send(String, String, Reply<MessageInfo>),
-    History(String, usize, Reply<Vec<MessageInfo>>),
-    RemoveMember(String, PeerId, Reply<GroupInfo>),
-    LeaveGroup(String, Reply<GroupInfo>),
-    SelfUpdate(String, Reply<GroupInfo>),
 }
 
 /// What the actor consumes.
@@ -256,7 +252,9 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Cloneable handle to the engine actor; every method is one request with one reply.
+/// Cloneable handle to the engine actor: [`EngineHandle::run`] runs an operation on the
+/// actor thread and returns its result; joining, status and the network's block list are
+/// async methods here (they wait on the network).
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Input>,
@@ -407,6 +405,7 @@ pub fn start(
         update_policy,
         past_epoch_ttl,
         handle: handle.clone(),
+        check_self_updates: false,
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -447,7 +446,11 @@ fn spawn_ticker(tx: mpsc::Sender<Input>, period: Duration, make: fn() -> Input) 
     });
 }
 
-struct Actor {
+/// The engine actor: owns the group engine and the store, on the `kith-engine` thread. Its
+/// public methods are the node's operations (create a group, send a text, list invites, …),
+/// one method each; [`EngineHandle::run`] runs one on this thread between other inputs, so an
+/// operation sees and changes the state with nothing else running.
+pub struct Actor {
     /// What the actor knows of the store's health (see the `disk` module).
     disk: disk::DiskWatch,
     groups: GroupEngine<KithProvider>,
@@ -494,6 +497,9 @@ struct Actor {
     past_epoch_ttl: Duration,
     /// A handle to this actor, for work it starts in the background (joining again).
     handle: EngineHandle,
+    /// A text was sent: once its sender has the answer, see whether a self-update is due
+    /// (`[keys] update_after_messages`).
+    check_self_updates: bool,
 }
 
 impl Actor {

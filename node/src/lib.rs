@@ -14,3 +14,5 @@ pub(crate) mod net;
 pub mod node;
 pub mod store;
 pub(crate) mod sync;
+#[cfg(test)]
+pub(crate) mod testing;

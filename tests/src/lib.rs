@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kith_client::model::NodeEvent;
 use kith_node::config::{BootstrapPeer, NodeConfig};
+use kith_node::engine::{Actor, EngineError, EngineHandle};
 use kith_node::node::{self, NodeOptions, RunningNode};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::broadcast;
@@ -38,6 +39,29 @@ pub fn loopback_config(bootstrap: Vec<BootstrapPeer>) -> NodeConfig {
         retention: Default::default(),
         update_policy: Default::default(),
         past_epoch_ttl: kith_protocol::group::PAST_EPOCH_TTL,
+    }
+}
+
+/// Runs an engine operation on one group from a test. The operation runs on the engine's
+/// thread ([`EngineHandle::run`]), so it cannot borrow from the test; this gives it its own
+/// copy of the group query: `node.engine.in_group(&g, |e, g| e.send(g, "hi"))`.
+pub trait InGroup {
+    /// Runs `op` with `group` (a group id, unique id prefix or exact name).
+    fn in_group<T: Send + 'static>(
+        &self,
+        group: &str,
+        op: impl FnOnce(&mut Actor, &str) -> Result<T, EngineError> + Send + 'static,
+    ) -> impl Future<Output = Result<T, EngineError>> + Send;
+}
+
+impl InGroup for EngineHandle {
+    fn in_group<T: Send + 'static>(
+        &self,
+        group: &str,
+        op: impl FnOnce(&mut Actor, &str) -> Result<T, EngineError> + Send + 'static,
+    ) -> impl Future<Output = Result<T, EngineError>> + Send {
+        let group = group.to_owned();
+        self.run(move |e| op(e, &group))
     }
 }
 
@@ -97,18 +121,21 @@ impl TestNode {
         kith_client::model::GroupInfo,
         kith_client::model::InviteInfo,
     )> {
-        let group = self.node.engine.create_group(name.into()).await?;
+        let name = name.to_owned();
+        let group = self.node.engine.run(move |e| e.create_group(&name)).await?;
         let invite = self
             .node
             .engine
-            .create_invite(
-                group.id.clone(),
-                kith_client::model::CreateInviteRequest {
-                    expires_in_secs: None,
-                    max_uses: Some(uses),
-                    approval: false,
-                },
-            )
+            .in_group(&group.id, move |e, g| {
+                e.create_invite(
+                    g,
+                    kith_client::model::CreateInviteRequest {
+                        expires_in_secs: None,
+                        max_uses: Some(uses),
+                        approval: false,
+                    },
+                )
+            })
             .await?;
         Ok((group, invite))
     }
@@ -196,7 +223,12 @@ pub async fn text_counts(
     group: &str,
 ) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
     let mut counts = std::collections::BTreeMap::new();
-    for m in node.node.engine.history(group.to_owned(), 1000).await? {
+    for m in node
+        .node
+        .engine
+        .in_group(group, |e, g| e.history(g, 1000))
+        .await?
+    {
         if let kith_client::model::MessageBody::Text { text } = m.body {
             *counts.entry(text).or_default() += 1;
         }

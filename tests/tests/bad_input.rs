@@ -7,27 +7,36 @@
 use kith_client::model::{CreateInviteRequest, MessageBody};
 use kith_protocol::envelope::{Envelope, PayloadKind};
 use kith_protocol::ids::GroupId;
-use kith_tests::{TestNode, loopback_config, wait_texts};
+use kith_tests::{InGroup, TestNode, loopback_config, wait_texts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_on_the_topic_is_dropped_and_nothing_is_lost() -> anyhow::Result<()> {
     let (da, db) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let a = TestNode::start(da.path(), loopback_config(vec![])).await?;
     let b = TestNode::start(db.path(), loopback_config(vec![a.bootstrap_peer().await?])).await?;
-    let g = a.node.engine.create_group("g".into()).await?;
+    let g = a.node.engine.run(|e| e.create_group("g")).await?;
     let inv = a
         .node
         .engine
-        .create_invite(g.id.clone(), CreateInviteRequest::default())
+        .in_group(&g.id, |e, g| {
+            e.create_invite(g, CreateInviteRequest::default())
+        })
         .await?;
     b.node.engine.join(inv.link).await?;
     let mut b_events = b.node.engine.subscribe();
-    a.node.engine.send(g.id.clone(), "before".into()).await?;
+    a.node
+        .engine
+        .in_group(&g.id, |e, g| e.send(g, "before"))
+        .await?;
     wait_texts(&mut b_events, "B", &["before".to_string()]).await?;
 
     let gid: GroupId = g.id.parse()?;
     let topic = gid.topic(kith_tests::NETWORK);
-    let real = b.node.engine.history(g.id.clone(), 10).await?;
+    let real = b
+        .node
+        .engine
+        .in_group(&g.id, |e, g| e.history(g, 10))
+        .await?;
     // A valid envelope to mutate: B's own last message as stored is not reachable here, so
     // build shapes by hand.
     let header_only = Envelope::new(gid, 1, PayloadKind::Application, vec![0u8; 64])
@@ -56,9 +65,16 @@ async fn garbage_on_the_topic_is_dropped_and_nothing_is_lost() -> anyhow::Result
         a.node.net.publish(topic, junk).await?;
     }
     // A genuine message after the junk still arrives, and nothing from the junk was stored.
-    a.node.engine.send(g.id.clone(), "after".into()).await?;
+    a.node
+        .engine
+        .in_group(&g.id, |e, g| e.send(g, "after"))
+        .await?;
     wait_texts(&mut b_events, "B", &["after".to_string()]).await?;
-    let history = b.node.engine.history(g.id.clone(), 100).await?;
+    let history = b
+        .node
+        .engine
+        .in_group(&g.id, |e, g| e.history(g, 100))
+        .await?;
     let texts: Vec<_> = history
         .iter()
         .filter_map(|m| match &m.body {
@@ -76,7 +92,7 @@ async fn garbage_on_the_topic_is_dropped_and_nothing_is_lost() -> anyhow::Result
     let mut a_events = a.node.engine.subscribe();
     b.node
         .engine
-        .send(g.id.clone(), "still here".into())
+        .in_group(&g.id, |e, g| e.send(g, "still here"))
         .await?;
     wait_texts(&mut a_events, "A", &["still here".to_string()]).await?;
     a.node.shutdown().await;

@@ -17,7 +17,7 @@ use kith_client::model::{CreateInviteRequest, MessageBody, MessageInfo, NodeEven
 use kith_node::engine::EngineError;
 use kith_node::store::FailureReason;
 use kith_tests::{
-    TestNode, WAIT, kith, loopback_config, metric, wait_event, wait_texts, with_metrics,
+    InGroup, TestNode, WAIT, kith, loopback_config, metric, wait_event, wait_texts, with_metrics,
 };
 
 /// Size of the tmpfs holding A's data directory.
@@ -179,18 +179,20 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     let a = TestNode::start(a_dir.path(), with_metrics(loopback_config(vec![]))).await?;
     let boot = a.bootstrap_peer().await?;
     let b = TestNode::start(b_dir.path(), loopback_config(vec![boot])).await?;
-    let group = a.node.engine.create_group("disk".into()).await?;
+    let group = a.node.engine.run(|e| e.create_group("disk")).await?;
     let invite = a
         .node
         .engine
-        .create_invite(
-            group.id.clone(),
-            CreateInviteRequest {
-                expires_in_secs: None,
-                max_uses: Some(1),
-                approval: false,
-            },
-        )
+        .in_group(&group.id, move |e, g| {
+            e.create_invite(
+                g,
+                CreateInviteRequest {
+                    expires_in_secs: None,
+                    max_uses: Some(1),
+                    approval: false,
+                },
+            )
+        })
         .await?;
     let mut a_events = a.node.engine.subscribe();
     let mut b_events = b.node.engine.subscribe();
@@ -204,15 +206,31 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     // Before: B's texts reach A, then A's own (durable, so everything before is on disk).
     let from_b: Vec<String> = (0..BEFORE).map(|i| format!("b before {i}")).collect();
     for t in &from_b {
-        b.node.engine.send(g.clone(), t.clone()).await?;
+        b.node
+            .engine
+            .in_group(&g, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
     }
     wait_texts(&mut a_events, "A", &from_b).await?;
     let from_a: Vec<String> = (0..BEFORE).map(|i| format!("a before {i}")).collect();
     for t in &from_a {
-        a.node.engine.send(g.clone(), t.clone()).await?;
+        a.node
+            .engine
+            .in_group(&g, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
     }
     wait_texts(&mut b_events, "B", &from_a).await?;
-    let before = a.node.engine.history(g.clone(), 1000).await?;
+    let before = a
+        .node
+        .engine
+        .in_group(&g, |e, g| e.history(g, 1000))
+        .await?;
     assert_eq!(
         before
             .iter()
@@ -228,7 +246,13 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     let filler = fill(tmpfs.path())?;
     let unnoticed: Vec<String> = (0..UNNOTICED).map(|i| format!("b unnoticed {i}")).collect();
     for t in &unnoticed {
-        b.node.engine.send(g.clone(), t.clone()).await?;
+        b.node
+            .engine
+            .in_group(&g, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
     }
     wait_texts(&mut a_events, "A", &unnoticed).await?;
     wait_storage(&a, "A's flush to fail", |s| {
@@ -246,7 +270,7 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
         let e = a
             .node
             .engine
-            .send(g.clone(), format!("a refused {i}"))
+            .in_group(&g, move |e, g| e.send(g, &format!("a refused {i}")))
             .await
             .expect_err("a send on a full disk");
         assert!(is_disk_full(&e), "{e}");
@@ -256,21 +280,23 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     let e = a
         .node
         .engine
-        .create_group("nope".into())
+        .run(|e| e.create_group("nope"))
         .await
         .expect_err("a new group on a full disk");
     assert!(is_disk_full(&e), "{e}");
     let e = a
         .node
         .engine
-        .create_invite(
-            g.clone(),
-            CreateInviteRequest {
-                expires_in_secs: None,
-                max_uses: Some(1),
-                approval: false,
-            },
-        )
+        .in_group(&g, move |e, g| {
+            e.create_invite(
+                g,
+                CreateInviteRequest {
+                    expires_in_secs: None,
+                    max_uses: Some(1),
+                    approval: false,
+                },
+            )
+        })
         .await
         .expect_err("an invite on a full disk");
     assert!(is_disk_full(&e), "{e}");
@@ -287,7 +313,11 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     assert_eq!(message, &expected);
     assert_eq!(metric(&a, "kith_store_failing").await?, 1.0);
     assert!(metric(&a, "kith_store_write_failures_total{reason=\"disk_full\"}").await? >= 1.0);
-    let during = a.node.engine.history(g.clone(), 1000).await?;
+    let during = a
+        .node
+        .engine
+        .in_group(&g, |e, g| e.history(g, 1000))
+        .await?;
     for m in &before {
         assert!(during.contains(m), "lost while the disk is full: {m:?}");
     }
@@ -312,7 +342,13 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     let ignored = metric(&a, "kith_envelopes_ignored_total{reason=\"storage\"}").await?;
     let sent_during: Vec<String> = (0..DURING).map(|i| format!("b during {i}")).collect();
     for t in &sent_during {
-        b.node.engine.send(g.clone(), t.clone()).await?;
+        b.node
+            .engine
+            .in_group(&g, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
     }
     let deadline = tokio::time::Instant::now() + WAIT;
     while metric(&a, "kith_envelopes_ignored_total{reason=\"storage\"}").await?
@@ -324,7 +360,12 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let counts = texts(&a.node.engine.history(g.clone(), 1000).await?);
+    let counts = texts(
+        &a.node
+            .engine
+            .in_group(&g, |e, g| e.history(g, 1000))
+            .await?,
+    );
     assert!(
         sent_during.iter().all(|t| !counts.contains_key(t)),
         "{counts:?}"
@@ -337,7 +378,15 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     let sent_after: Vec<String> = (0..AFTER).map(|i| format!("a after {i}")).collect();
     let mut ok = 0;
     for t in &sent_after {
-        if a.node.engine.send(g.clone(), t.clone()).await.is_ok() {
+        if a.node
+            .engine
+            .in_group(&g, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await
+            .is_ok()
+        {
             ok += 1;
         }
     }
@@ -348,7 +397,11 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     // doubled; what A had before is all there, in the same order.
     let deadline = tokio::time::Instant::now() + SYNC_WAIT;
     let after = loop {
-        let after = a.node.engine.history(g.clone(), 1000).await?;
+        let after = a
+            .node
+            .engine
+            .in_group(&g, |e, g| e.history(g, 1000))
+            .await?;
         let counts = texts(&after);
         if sent_during
             .iter()

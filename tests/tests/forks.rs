@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use kith_tests::{TestNode, WAIT, group_of, text_counts};
+use kith_tests::{InGroup, TestNode, WAIT, group_of, text_counts};
 
 /// Rounds of racing commits (`KITH_FORK_ROUNDS` overrides).
 fn rounds() -> usize {
@@ -24,7 +24,11 @@ async fn converged(nodes: &[TestNode], group: &str, epoch: u64) -> anyhow::Resul
     loop {
         let mut seen = Vec::new();
         for n in nodes {
-            let g = n.node.engine.group(group.to_owned()).await?;
+            let g = n
+                .node
+                .engine
+                .in_group(group, |e, g| e.show_group(g))
+                .await?;
             seen.push((g.epoch, g.epoch_auth));
         }
         if seen[0].0 >= epoch && seen.iter().all(|s| *s == seen[0]) {
@@ -48,9 +52,12 @@ async fn two_members_commit_at_once_fifty_times() -> anyhow::Result<()> {
         let (a, b, c) = (round % 5, (round + 1) % 5, (round + 2) % 5);
         let text = format!("round {round}");
         let (ra, rb, rc) = tokio::join!(
-            nodes[a].node.engine.self_update(g.clone()),
-            nodes[b].node.engine.self_update(g.clone()),
-            nodes[c].node.engine.send(g.clone(), text.clone()),
+            nodes[a].node.engine.in_group(&g, |e, g| e.self_update(g)),
+            nodes[b].node.engine.in_group(&g, |e, g| e.self_update(g)),
+            nodes[c].node.engine.in_group(&g, {
+                let text = text.clone();
+                move |e, g| e.send(g, &text)
+            }),
         );
         ra?;
         rb?;
@@ -81,7 +88,12 @@ async fn two_members_commit_at_once_fifty_times() -> anyhow::Result<()> {
     }
     let mut rollbacks = 0;
     for n in &nodes {
-        rollbacks += n.node.engine.group(g.clone()).await?.rollbacks;
+        rollbacks += n
+            .node
+            .engine
+            .in_group(&g, |e, g| e.show_group(g))
+            .await?
+            .rollbacks;
     }
     eprintln!("{} rounds, {rollbacks} rollbacks in total", rounds());
     assert!(
@@ -135,8 +147,8 @@ async fn a_fork_deeper_than_the_rewind_depth_heals_by_rejoining() -> anyhow::Res
     for round in 0..18 {
         let (a, b) = (left[round % 2], right[round % 2]);
         let (ra, rb) = tokio::join!(
-            nodes[a].node.engine.self_update(g.clone()),
-            nodes[b].node.engine.self_update(g.clone()),
+            nodes[a].node.engine.in_group(&g, |e, g| e.self_update(g)),
+            nodes[b].node.engine.in_group(&g, |e, g| e.self_update(g)),
         );
         ra?;
         rb?;
@@ -149,7 +161,7 @@ async fn a_fork_deeper_than_the_rewind_depth_heals_by_rejoining() -> anyhow::Res
     let (_, auth) = converged(&nodes, &g, 0).await?;
     let mut deep = 0;
     for n in &nodes {
-        let info = n.node.engine.group(g.clone()).await?;
+        let info = n.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
         assert_eq!(info.members.len(), 4, "{info:?}");
         assert!(info.active);
         deep += info.deep_forks;
@@ -160,7 +172,7 @@ async fn a_fork_deeper_than_the_rewind_depth_heals_by_rejoining() -> anyhow::Res
     nodes[2]
         .node
         .engine
-        .send(g.clone(), "together again".into())
+        .in_group(&g, |e, g| e.send(g, "together again"))
         .await?;
     for (i, ev) in events.iter_mut().enumerate() {
         if i != 2 {

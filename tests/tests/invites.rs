@@ -11,7 +11,7 @@ use kith_client::model::{CreateInviteRequest, InviteInfo, InviteSummary, JoinSta
 use kith_node::engine::EngineError;
 use kith_protocol::envelope::JoinRejection;
 use kith_protocol::invite::{Invite, InviteParams};
-use kith_tests::{TestNode, WAIT, loopback_config, wait_event, wait_texts};
+use kith_tests::{InGroup, TestNode, WAIT, loopback_config, wait_event, wait_texts};
 
 /// Creates an invite on `node` for `group`.
 async fn invite(
@@ -24,14 +24,16 @@ async fn invite(
     Ok(node
         .node
         .engine
-        .create_invite(
-            group.to_owned(),
-            CreateInviteRequest {
-                expires_in_secs: secs,
-                max_uses: Some(uses),
-                approval,
-            },
-        )
+        .in_group(group, move |e, g| {
+            e.create_invite(
+                g,
+                CreateInviteRequest {
+                    expires_in_secs: secs,
+                    max_uses: Some(uses),
+                    approval,
+                },
+            )
+        })
         .await?)
 }
 
@@ -45,7 +47,11 @@ async fn wait_invite(
 ) -> anyhow::Result<InviteSummary> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let list = node.node.engine.invites(group.to_owned()).await?;
+        let list = node
+            .node
+            .engine
+            .in_group(group, |e, g| e.list_invites(g))
+            .await?;
         if let Some(i) = list.iter().find(|i| i.id == id && pred(i)) {
             return Ok(i.clone());
         }
@@ -102,7 +108,10 @@ async fn another_member_admits_while_the_inviter_is_stopped() -> anyhow::Result<
     // B counted the use, and the new member reads the group.
     wait_invite(&b, &g, &inv.id, "B to count the use", |i| i.uses == 1).await?;
     let mut j_events = j.node.engine.subscribe();
-    b.node.engine.send(g.clone(), "welcome".into()).await?;
+    b.node
+        .engine
+        .in_group(&g, |e, g| e.send(g, "welcome"))
+        .await?;
     wait_texts(&mut j_events, "J", &["welcome".to_owned()]).await?;
     j.node.shutdown().await;
     b.node.shutdown().await;
@@ -125,7 +134,10 @@ async fn revoked_and_expired_links_are_refused_with_their_reasons() -> anyhow::R
     let revoked = b
         .node
         .engine
-        .revoke_invite(g.clone(), inv.id[..8].to_owned())
+        .in_group(&g, {
+            let invite = inv.id[..8].to_owned();
+            move |e, g| e.revoke_invite(g, &invite)
+        })
         .await?;
     assert!(revoked.revoked);
     assert_eq!(revoked.state, "revoked");
@@ -234,7 +246,7 @@ async fn a_tampered_link_is_refused_before_any_traffic() -> anyhow::Result<()> {
     let err = j.node.engine.join(tampered).await.unwrap_err();
     assert!(matches!(err, EngineError::Invite(_)), "{err}");
     assert!(j.node.engine.connected_peers().await?.is_empty());
-    assert!(j.node.engine.groups().await?.is_empty());
+    assert!(j.node.engine.run(|e| Ok(e.list_groups())).await?.is_empty());
     a.node.shutdown().await;
     j.node.shutdown().await;
     Ok(())
@@ -279,7 +291,11 @@ async fn approval_mode_holds_requests_until_a_member_decides() -> anyhow::Result
     } else {
         &a
     };
-    let listed = holder.node.engine.join_requests(g.clone()).await?;
+    let listed = holder
+        .node
+        .engine
+        .in_group(&g, |e, g| e.join_requests(g))
+        .await?;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].id, request);
     assert_eq!(listed[0].peer, j.node.peer_id.to_string());
@@ -288,13 +304,19 @@ async fn approval_mode_holds_requests_until_a_member_decides() -> anyhow::Result
     let approved = holder
         .node
         .engine
-        .decide_join(g.clone(), request[..6].to_owned(), true)
+        .in_group(&g, {
+            let request = request[..6].to_owned();
+            move |e, g| e.decide_join(g, &request, true)
+        })
         .await?;
     assert_eq!(approved.state, "approved");
     let joined = tokio::time::timeout(WAIT, joining).await???;
     assert_eq!(joined.id, g);
     let mut j_events = j.node.engine.subscribe();
-    a.node.engine.send(g.clone(), "approved!".into()).await?;
+    a.node
+        .engine
+        .in_group(&g, |e, g| e.send(g, "approved!"))
+        .await?;
     wait_texts(&mut j_events, "J", &["approved!".to_owned()]).await?;
 
     // K asks too and is denied: a clear refusal, nothing added.
@@ -324,7 +346,11 @@ async fn approval_mode_holds_requests_until_a_member_decides() -> anyhow::Result
     } else {
         &a
     };
-    let waiting = holder.node.engine.join_requests(g.clone()).await?;
+    let waiting = holder
+        .node
+        .engine
+        .in_group(&g, |e, g| e.join_requests(g))
+        .await?;
     let k_request = waiting
         .iter()
         .find(|r| r.peer == k.node.peer_id.to_string())
@@ -332,14 +358,25 @@ async fn approval_mode_holds_requests_until_a_member_decides() -> anyhow::Result
     holder
         .node
         .engine
-        .decide_join(g.clone(), k_request.id.clone(), false)
+        .in_group(&g, {
+            let request = k_request.id.clone();
+            move |e, g| e.decide_join(g, &request, false)
+        })
         .await?;
     let err = tokio::time::timeout(WAIT, asking).await??.unwrap_err();
     assert!(
         matches!(err, EngineError::JoinRejected(JoinRejection::Denied)),
         "{err}"
     );
-    assert_eq!(a.node.engine.group(g.clone()).await?.members.len(), 3);
+    assert_eq!(
+        a.node
+            .engine
+            .in_group(&g, |e, g| e.show_group(g))
+            .await?
+            .members
+            .len(),
+        3
+    );
     for n in [a, b, j, k] {
         n.node.shutdown().await;
     }
@@ -398,8 +435,8 @@ async fn race_to_join(uses: u32) -> anyhow::Result<()> {
     // Wait until A and B agree, then count who is in.
     let deadline = tokio::time::Instant::now() + WAIT;
     let members = loop {
-        let ga = a.node.engine.group(g.clone()).await?;
-        let gb = b.node.engine.group(g.clone()).await?;
+        let ga = a.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
+        let gb = b.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
         if ga.epoch == gb.epoch
             && ga.epoch_auth == gb.epoch_auth
             && ga.members.len() == 2 + uses as usize
@@ -419,8 +456,8 @@ async fn race_to_join(uses: u32) -> anyhow::Result<()> {
             // The winner's own view converges too.
             let deadline = tokio::time::Instant::now() + WAIT;
             loop {
-                let gj = j.node.engine.group(g.clone()).await?;
-                let ga = a.node.engine.group(g.clone()).await?;
+                let gj = j.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
+                let ga = a.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
                 if gj.active && gj.epoch_auth == ga.epoch_auth {
                     break;
                 }
@@ -441,7 +478,13 @@ async fn race_to_join(uses: u32) -> anyhow::Result<()> {
                         if reason.contains("used up"))
                 })
                 .await?;
-                assert!(!j.node.engine.group(g.clone()).await?.active);
+                assert!(
+                    !j.node
+                        .engine
+                        .in_group(&g, |e, g| e.show_group(g))
+                        .await?
+                        .active
+                );
             }
         }
     }
@@ -508,7 +551,10 @@ async fn ended_links_give_their_reason_while_the_inviter_is_offline() -> anyhow:
     .await?;
     a.node
         .engine
-        .revoke_invite(g.clone(), revoked.id.clone())
+        .in_group(&g, {
+            let invite = revoked.id.clone();
+            move |e, g| e.revoke_invite(g, &invite)
+        })
         .await?;
     wait_invite(&b, &g, &revoked.id, "B to learn the revocation", |i| {
         i.revoked

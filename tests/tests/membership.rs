@@ -11,8 +11,8 @@ use std::time::Duration;
 use kith_client::model::{MessageBody, NodeEvent};
 use kith_protocol::ids::GroupId;
 use kith_tests::{
-    NETWORK, TestNode, is_text, loopback_config, metric, text_counts, wait_connected, wait_event,
-    wait_texts, with_metrics,
+    InGroup, NETWORK, TestNode, is_text, loopback_config, metric, text_counts, wait_connected,
+    wait_event, wait_texts, with_metrics,
 };
 
 fn epoch_is(e: &NodeEvent, want: u64, members: usize) -> bool {
@@ -38,16 +38,25 @@ async fn removed_node_hears_nothing_and_the_others_keep_talking() -> anyhow::Res
 
     // A self-update moves everyone to epoch 3.
     let mut c_events = c.node.engine.subscribe();
-    let updated = a.node.engine.self_update(g.clone()).await?;
+    let updated = a.node.engine.in_group(&g, |e, g| e.self_update(g)).await?;
     assert_eq!(updated.epoch, 3);
     wait_event(&mut b_events, "B at epoch 3", |e| epoch_is(e, 3, 3)).await?;
     wait_event(&mut c_events, "C at epoch 3", |e| epoch_is(e, 3, 3)).await?;
 
     // A removes C.
     let c_peer = c.node.engine.peer_id();
-    let members = a.node.engine.group(g.clone()).await?.members;
+    let members = a
+        .node
+        .engine
+        .in_group(&g, |e, g| e.show_group(g))
+        .await?
+        .members;
     assert!(members.iter().any(|m| m.peer_id == c_peer.to_string()));
-    let after = a.node.engine.remove_member(g.clone(), c_peer).await?;
+    let after = a
+        .node
+        .engine
+        .in_group(&g, move |e, g| e.remove_member(g, c_peer))
+        .await?;
     assert_eq!(after.epoch, 4);
     assert_eq!(after.members.len(), 2);
     wait_event(&mut b_events, "B at epoch 4", |e| epoch_is(e, 4, 2)).await?;
@@ -55,12 +64,12 @@ async fn removed_node_hears_nothing_and_the_others_keep_talking() -> anyhow::Res
         matches!(e, NodeEvent::Message(m) if matches!(&m.body, MessageBody::MembersRemoved { members } if members.contains(&c_peer.to_string())))
     })
     .await?;
-    let c_view = c.node.engine.group(g.clone()).await?;
+    let c_view = c.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
     assert!(!c_view.active, "C is no longer a member");
     assert!(
         c.node
             .engine
-            .send(g.clone(), "let me in".into())
+            .in_group(&g, |e, g| e.send(g, "let me in"))
             .await
             .is_err()
     );
@@ -68,11 +77,11 @@ async fn removed_node_hears_nothing_and_the_others_keep_talking() -> anyhow::Res
     // A and B keep talking; C receives none of it.
     a.node
         .engine
-        .send(g.clone(), "without C (a)".into())
+        .in_group(&g, |e, g| e.send(g, "without C (a)"))
         .await?;
     b.node
         .engine
-        .send(g.clone(), "without C (b)".into())
+        .in_group(&g, |e, g| e.send(g, "without C (b)"))
         .await?;
     wait_texts(&mut b_events, "B", &["without C (a)".to_owned()]).await?;
     wait_texts(&mut a_events, "A", &["without C (b)".to_owned()]).await?;
@@ -80,7 +89,7 @@ async fn removed_node_hears_nothing_and_the_others_keep_talking() -> anyhow::Res
     let c_texts: Vec<String> = c
         .node
         .engine
-        .history(g.clone(), 100)
+        .in_group(&g, |e, g| e.history(g, 100))
         .await?
         .into_iter()
         .filter_map(|m| match m.body {
@@ -110,22 +119,28 @@ async fn removed_node_hears_nothing_and_the_others_keep_talking() -> anyhow::Res
             "nothing reached C on the topic"
         );
         let text = format!("C listens again {}", sent.len());
-        a.node.engine.send(g.clone(), text.clone()).await?;
+        a.node
+            .engine
+            .in_group(&g, {
+                let text = text.clone();
+                move |e, g| e.send(g, &text)
+            })
+            .await?;
         sent.push(text);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let counts = text_counts(&c, &g).await?;
     assert!(counts.is_empty(), "C read {counts:?} after re-subscribing");
-    let c_view = c.node.engine.group(g.clone()).await?;
+    let c_view = c.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
     assert!(!c_view.active && c_view.epoch == 4, "{c_view:?}");
 
     // B leaves: A (the lowest remaining leaf) commits it.
-    let leaving = b.node.engine.leave_group(g.clone()).await?;
+    let leaving = b.node.engine.in_group(&g, |e, g| e.leave_group(g)).await?;
     assert!(leaving.leaving);
     assert!(
         b.node
             .engine
-            .send(g.clone(), "one more".into())
+            .in_group(&g, |e, g| e.send(g, "one more"))
             .await
             .is_err()
     );
@@ -137,7 +152,7 @@ async fn removed_node_hears_nothing_and_the_others_keep_talking() -> anyhow::Res
         matches!(e, NodeEvent::EpochChanged { epoch: 5, .. })
     })
     .await?;
-    let b_view = b.node.engine.group(g.clone()).await?;
+    let b_view = b.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
     assert!(!b_view.active && !b_view.leaving, "{b_view:?}");
 
     for n in [a, b, c] {
@@ -175,7 +190,10 @@ async fn a_member_removed_while_away_reads_nothing_new_and_its_posts_are_rejecte
     })
     .await?;
     let mut c_events = c.node.engine.subscribe();
-    a.node.engine.send(g.clone(), "before".into()).await?;
+    a.node
+        .engine
+        .in_group(&g, |e, g| e.send(g, "before"))
+        .await?;
     wait_texts(&mut c_events, "C", &["before".to_owned()]).await?;
 
     // Cut C off (both sides block), then A removes it and A and B talk without it.
@@ -185,28 +203,38 @@ async fn a_member_removed_while_away_reads_nothing_new_and_its_posts_are_rejecte
     wait_connected(&c, "C to lose A and B", |p| p.is_empty()).await?;
     wait_connected(&a, "A to lose C", |p| !p.contains(&pc)).await?;
     wait_connected(&b, "B to lose C", |p| !p.contains(&pc)).await?;
-    let after = a.node.engine.remove_member(g.clone(), pc).await?;
+    let after = a
+        .node
+        .engine
+        .in_group(&g, move |e, g| e.remove_member(g, pc))
+        .await?;
     assert_eq!((after.epoch, after.members.len()), (3, 2));
     wait_event(&mut b_events, "B at epoch 3", |e| epoch_is(e, 3, 2)).await?;
     let mut a_events = a.node.engine.subscribe();
     a.node
         .engine
-        .send(g.clone(), "without C (a)".into())
+        .in_group(&g, |e, g| e.send(g, "without C (a)"))
         .await?;
     b.node
         .engine
-        .send(g.clone(), "without C (b)".into())
+        .in_group(&g, |e, g| e.send(g, "without C (b)"))
         .await?;
     wait_texts(&mut b_events, "B", &["without C (a)".to_owned()]).await?;
     wait_texts(&mut a_events, "A", &["without C (b)".to_owned()]).await?;
 
     // C does not know: it posts at its old epoch (queued until a peer is back).
-    let c_view = c.node.engine.group(g.clone()).await?;
+    let c_view = c.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
     assert!(c_view.active && c_view.epoch == 2, "{c_view:?}");
     let mut posts = Vec::new();
     for k in 0..3 {
         let text = format!("C still posting {k}");
-        c.node.engine.send(g.clone(), text.clone()).await?;
+        c.node
+            .engine
+            .in_group(&g, {
+                let text = text.clone();
+                move |e, g| e.send(g, &text)
+            })
+            .await?;
         posts.push(text);
     }
 
@@ -241,7 +269,13 @@ async fn a_member_removed_while_away_reads_nothing_new_and_its_posts_are_rejecte
         );
         for (who, n) in [("a", &a), ("b", &b)] {
             let text = format!("after the heal ({who}) {}", new.len());
-            n.node.engine.send(g.clone(), text.clone()).await?;
+            n.node
+                .engine
+                .in_group(&g, {
+                    let text = text.clone();
+                    move |e, g| e.send(g, &text)
+                })
+                .await?;
             new.push(text);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -254,7 +288,13 @@ async fn a_member_removed_while_away_reads_nothing_new_and_its_posts_are_rejecte
             "C's posts after the heal were not rejected by both A and B"
         );
         let text = format!("C posting after the heal {}", posts.len());
-        c.node.engine.send(g.clone(), text.clone()).await?;
+        c.node
+            .engine
+            .in_group(&g, {
+                let text = text.clone();
+                move |e, g| e.send(g, &text)
+            })
+            .await?;
         posts.push(text);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -277,7 +317,7 @@ async fn a_member_removed_while_away_reads_nothing_new_and_its_posts_are_rejecte
         .filter(|t| !posts.contains(t) && *t != "before")
         .collect();
     assert!(read.is_empty(), "C read {read:?} after its removal");
-    let c_view = c.node.engine.group(g.clone()).await?;
+    let c_view = c.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
     assert_eq!(
         c_view.epoch, 2,
         "C never got past its old epoch: {c_view:?}"
@@ -306,10 +346,30 @@ async fn key_update_after_configured_message_count() -> anyhow::Result<()> {
     b.node.engine.join(invite.link).await?;
     // A's first own message of epoch 1 is the invite states it sends B after adding it
     // (the link B used, used up now, included), so two texts make three.
-    a.node.engine.send(group.id.clone(), "m0".into()).await?;
-    assert_eq!(a.node.engine.group(group.id.clone()).await?.epoch, 1);
-    a.node.engine.send(group.id.clone(), "m1".into()).await?;
-    assert_eq!(a.node.engine.group(group.id.clone()).await?.epoch, 2);
+    a.node
+        .engine
+        .in_group(&group.id, |e, g| e.send(g, "m0"))
+        .await?;
+    assert_eq!(
+        a.node
+            .engine
+            .in_group(&group.id, |e, g| e.show_group(g))
+            .await?
+            .epoch,
+        1
+    );
+    a.node
+        .engine
+        .in_group(&group.id, |e, g| e.send(g, "m1"))
+        .await?;
+    assert_eq!(
+        a.node
+            .engine
+            .in_group(&group.id, |e, g| e.show_group(g))
+            .await?
+            .epoch,
+        2
+    );
     wait_event(&mut b_events, "B follows the key update", |e| {
         epoch_is(e, 2, 2)
     })

@@ -11,7 +11,7 @@ use kith_node::config::NodeConfig;
 use kith_node::metrics::CONTENT_TYPE;
 use kith_protocol::envelope::{Envelope, PayloadKind};
 use kith_protocol::ids::GroupId;
-use kith_tests::{TestNode, WAIT, loopback_config, wait_texts};
+use kith_tests::{InGroup, TestNode, WAIT, loopback_config, wait_texts};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn with_metrics(mut config: NodeConfig) -> NodeConfig {
@@ -80,17 +80,25 @@ async fn counters_follow_a_conversation() -> anyhow::Result<()> {
     let written = std::fs::read_to_string(da.path().join("metrics.addr"))?;
     assert_eq!(written.trim().parse::<SocketAddr>()?, a_addr);
 
-    let group = a.node.engine.create_group("metered".into()).await?;
+    let group = a.node.engine.run(|e| e.create_group("metered")).await?;
     let invite = a
         .node
         .engine
-        .create_invite(group.id.clone(), CreateInviteRequest::default())
+        .in_group(&group.id, |e, g| {
+            e.create_invite(g, CreateInviteRequest::default())
+        })
         .await?;
     b.node.engine.join(invite.link).await?;
     let mut b_events = b.node.engine.subscribe();
     let texts: Vec<String> = (0..3).map(|i| format!("metered {i}")).collect();
     for t in &texts {
-        a.node.engine.send(group.id.clone(), t.clone()).await?;
+        a.node
+            .engine
+            .in_group(&group.id, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
     }
     wait_texts(&mut b_events, "B", &texts).await?;
 

@@ -9,7 +9,7 @@
 
 use kith_client::model::NodeEvent;
 use kith_tests::{
-    TestNode, is_text, loopback_config, metric, wait_connected, wait_event, wait_texts,
+    InGroup, TestNode, is_text, loopback_config, metric, wait_connected, wait_event, wait_texts,
     with_metrics,
 };
 
@@ -49,7 +49,7 @@ async fn a_blocked_peer_is_cut_off_and_comes_back_when_unblocked() -> anyhow::Re
     let mut c_events = c.node.engine.subscribe();
     a.node
         .engine
-        .send(group.id.clone(), "before".into())
+        .in_group(&group.id, |e, g| e.send(g, "before"))
         .await?;
     wait_texts(&mut c_events, "C", &["before".to_owned()]).await?;
 
@@ -71,12 +71,20 @@ async fn a_blocked_peer_is_cut_off_and_comes_back_when_unblocked() -> anyhow::Re
     let mut b_events = b.node.engine.subscribe();
     a.node
         .engine
-        .send(group.id.clone(), "during".into())
+        .in_group(&group.id, |e, g| e.send(g, "during"))
         .await?;
     wait_texts(&mut b_events, "B", &["during".to_owned()]).await?;
-    b.node.engine.send(group.id.clone(), "ack".into()).await?;
+    b.node
+        .engine
+        .in_group(&group.id, |e, g| e.send(g, "ack"))
+        .await?;
     wait_texts(&mut a_events, "A", &["ack".to_owned()]).await?;
-    let c_history = texts(&c.node.engine.history(group.id.clone(), 100).await?);
+    let c_history = texts(
+        &c.node
+            .engine
+            .in_group(&group.id, |e, g| e.history(g, 100))
+            .await?,
+    );
     assert!(
         !c_history.iter().any(|t| t == "during" || t == "ack"),
         "C heard across the partition: {c_history:?}"
@@ -97,7 +105,10 @@ async fn a_blocked_peer_is_cut_off_and_comes_back_when_unblocked() -> anyhow::Re
     })
     .await?;
     let mut c_events = c.node.engine.subscribe();
-    a.node.engine.send(group.id.clone(), "after".into()).await?;
+    a.node
+        .engine
+        .in_group(&group.id, |e, g| e.send(g, "after"))
+        .await?;
     wait_event(&mut c_events, "'after' at C", |e| is_text(e, "after")).await?;
     for n in [a, b, c] {
         n.node.shutdown().await;
@@ -132,7 +143,7 @@ async fn texts_written_across_a_partition_come_back_after_their_keys_are_gone() 
     let mut b_events = b.node.engine.subscribe();
     a.node
         .engine
-        .send(group.id.clone(), "before".into())
+        .in_group(&group.id, |e, g| e.send(g, "before"))
         .await?;
     wait_texts(&mut b_events, "B", &["before".to_owned()]).await?;
 
@@ -142,9 +153,19 @@ async fn texts_written_across_a_partition_come_back_after_their_keys_are_gone() 
     wait_connected(&b, "B to lose A", |p| !p.contains(&pa)).await?;
     let cut: Vec<String> = (1..=3).map(|i| format!("cut off {i}")).collect();
     for t in &cut {
-        b.node.engine.send(group.id.clone(), t.clone()).await?;
+        b.node
+            .engine
+            .in_group(&group.id, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
     }
-    let updated = a.node.engine.self_update(group.id.clone()).await?;
+    let updated = a
+        .node
+        .engine
+        .in_group(&group.id, |e, g| e.self_update(g))
+        .await?;
     assert_eq!(updated.epoch, 2);
     // A's next tick deletes epoch 1's keys.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -165,7 +186,11 @@ async fn texts_written_across_a_partition_come_back_after_their_keys_are_gone() 
         3.0,
         "all three came back as re-sends"
     );
-    let a_group = a.node.engine.group(group.id.clone()).await?;
+    let a_group = a
+        .node
+        .engine
+        .in_group(&group.id, |e, g| e.show_group(g))
+        .await?;
     assert!(
         a_group.undecryptable.values().all(|n| *n == 0),
         "nothing counted as lost: {:?}",
@@ -180,8 +205,18 @@ async fn texts_written_across_a_partition_come_back_after_their_keys_are_gone() 
             })
             .collect()
     };
-    let on_a = entries(a.node.engine.history(group.id.clone(), 100).await?);
-    let on_b = entries(b.node.engine.history(group.id.clone(), 100).await?);
+    let on_a = entries(
+        a.node
+            .engine
+            .in_group(&group.id, |e, g| e.history(g, 100))
+            .await?,
+    );
+    let on_b = entries(
+        b.node
+            .engine
+            .in_group(&group.id, |e, g| e.history(g, 100))
+            .await?,
+    );
     assert_eq!(on_a, on_b);
     assert!(
         on_b.iter().filter(|(_, e, _)| *e == 1).count() == 4,

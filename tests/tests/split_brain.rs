@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use kith_client::model::GroupInfo;
-use kith_tests::{TestNode, WAIT, group_of, text_counts, wait_connected};
+use kith_tests::{InGroup, TestNode, WAIT, group_of, text_counts, wait_connected};
 use libp2p::PeerId;
 
 const SIDE: usize = 5;
@@ -65,7 +65,7 @@ async fn send_all(
             .collect();
         tasks.push(tokio::spawn(async move {
             for t in mine {
-                engine.send(group.clone(), t).await?;
+                engine.in_group(&group, move |e, g| e.send(g, &t)).await?;
             }
             anyhow::Ok(())
         }));
@@ -87,7 +87,11 @@ async fn converged_once(
 ) -> anyhow::Result<Result<Vec<GroupInfo>, String>> {
     let mut views = Vec::new();
     for &i in members {
-        let g = nodes[i].node.engine.group(group.to_owned()).await?;
+        let g = nodes[i]
+            .node
+            .engine
+            .in_group(group, |e, g| e.show_group(g))
+            .await?;
         let set: BTreeSet<String> = g.members.iter().map(|m| m.peer_id.clone()).collect();
         if &set != want_members {
             return Ok(Err(format!(
@@ -193,14 +197,14 @@ async fn both_sides_of_a_split_change_membership_and_talk_then_converge() -> any
         "seed {seed}: node {l_remover} removes node {l_gone}, node {r_remover} removes node {r_gone}"
     );
     let (a, b) = tokio::join!(
-        nodes[l_remover]
-            .node
-            .engine
-            .remove_member(g.clone(), peers[l_gone]),
-        nodes[r_remover]
-            .node
-            .engine
-            .remove_member(g.clone(), peers[r_gone]),
+        nodes[l_remover].node.engine.in_group(&g, {
+            let peer = peers[l_gone];
+            move |e, g| e.remove_member(g, peer)
+        }),
+        nodes[r_remover].node.engine.in_group(&g, {
+            let peer = peers[r_gone];
+            move |e, g| e.remove_member(g, peer)
+        }),
     );
     assert_eq!(a?.epoch, epoch + 1);
     assert_eq!(b?.epoch, epoch + 1);
@@ -290,7 +294,11 @@ async fn both_sides_of_a_split_change_membership_and_talk_then_converge() -> any
 
     // The removed members read nothing sent after their removal, on either side.
     for gone in [l_gone, r_gone] {
-        let v = nodes[gone].node.engine.group(g.clone()).await?;
+        let v = nodes[gone]
+            .node
+            .engine
+            .in_group(&g, |e, g| e.show_group(g))
+            .await?;
         assert!(!v.active, "node {gone} is not a member: {v:?}");
         let counts = text_counts(&nodes[gone], &g).await?;
         assert!(counts.is_empty(), "node {gone} read {counts:?}");

@@ -250,7 +250,7 @@ async fn an_older_database_without_owner_is_adopted() -> anyhow::Result<()> {
     );
     let node = TestNode::start(dir, loopback_config(vec![])).await?;
     assert_eq!(node.node.peer_id, key);
-    let group = node.node.engine.create_group("kept".into()).await?;
+    let group = node.node.engine.run(|e| e.create_group("kept")).await?;
     node.node.shutdown().await;
     assert_eq!(
         kith_node::store::Store::owner_of(&dir.join("kith.redb"))?,
@@ -258,7 +258,10 @@ async fn an_older_database_without_owner_is_adopted() -> anyhow::Result<()> {
     );
     // Still opens, with its groups.
     let node = TestNode::start(dir, loopback_config(vec![])).await?;
-    assert_eq!(node.node.engine.groups().await?[0].id, group.id);
+    assert_eq!(
+        node.node.engine.run(|e| Ok(e.list_groups())).await?[0].id,
+        group.id
+    );
     node.node.shutdown().await;
     swap_key(dir);
     let err = TestNode::start(dir, loopback_config(vec![]))

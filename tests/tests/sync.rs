@@ -16,7 +16,7 @@ use kith_protocol::sync::SyncResponse;
 use kith_protocol::sync::{
     Holdings, MAX_PAGE_BYTES, Summary, SyncRefusal, SyncRequest, SyncRequestV1, SyncRequestV2, Want,
 };
-use kith_tests::{TestNode, WAIT, loopback_config, wait_event, wait_texts};
+use kith_tests::{InGroup, TestNode, WAIT, loopback_config, wait_event, wait_texts};
 
 /// A, B and C in one group created by A (C bootstraps from `c_boot` extra peers too).
 async fn three_in_a_group(
@@ -43,7 +43,7 @@ async fn texts(node: &TestNode, group: &str) -> anyhow::Result<BTreeSet<String>>
     Ok(node
         .node
         .engine
-        .history(group.to_owned(), 1000)
+        .in_group(group, |e, g| e.history(g, 1000))
         .await?
         .into_iter()
         .filter_map(|m| match m.body {
@@ -58,7 +58,7 @@ async fn history_ids(node: &TestNode, group: &str) -> anyhow::Result<Vec<String>
     Ok(node
         .node
         .engine
-        .history(group.to_owned(), 1000)
+        .in_group(group, |e, g| e.history(g, 1000))
         .await?
         .into_iter()
         .map(|m| m.id)
@@ -75,7 +75,12 @@ async fn wait_caught_up(
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let have = texts(node, group).await?;
-        let e = node.node.engine.group(group.to_owned()).await?.epoch;
+        let e = node
+            .node
+            .engine
+            .in_group(group, |e, g| e.show_group(g))
+            .await?
+            .epoch;
         if want.is_subset(&have) && e >= epoch {
             return Ok(());
         }
@@ -107,15 +112,31 @@ async fn offline_node_catches_up_by_itself() -> anyhow::Result<()> {
     let mut from_b = Vec::new();
     for i in 0..25 {
         let t = format!("a{i}");
-        a.node.engine.send(group.id.clone(), t.clone()).await?;
+        a.node
+            .engine
+            .in_group(&group.id, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
         from_a.push(t);
         let t = format!("b{i}");
-        b.node.engine.send(group.id.clone(), t.clone()).await?;
+        b.node
+            .engine
+            .in_group(&group.id, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
         from_b.push(t);
     }
     wait_texts(&mut b_events, "B", &from_a).await?;
     wait_texts(&mut a_events, "A", &from_b).await?;
-    let updated = a.node.engine.self_update(group.id.clone()).await?;
+    let updated = a
+        .node
+        .engine
+        .in_group(&group.id, |e, g| e.self_update(g))
+        .await?;
     assert_eq!(updated.epoch, 3);
     wait_event(&mut b_events, "B moves to epoch 3", |e| {
         matches!(e, NodeEvent::EpochChanged { epoch: 3, .. })
@@ -164,7 +185,10 @@ async fn offline_node_catches_up_by_itself() -> anyhow::Result<()> {
 
     // And it is back in the conversation at the new epoch.
     let mut c_events = c.node.engine.subscribe();
-    b.node.engine.send(group.id.clone(), "after".into()).await?;
+    b.node
+        .engine
+        .in_group(&group.id, |e, g| e.send(g, "after"))
+        .await?;
     wait_texts(&mut c_events, "C", &["after".to_owned()]).await?;
 
     for n in [a, b, c] {
@@ -189,7 +213,13 @@ async fn history_comes_from_a_member_other_than_the_sender() -> anyhow::Result<(
     let mut b_events = b.node.engine.subscribe();
     let sent: Vec<String> = (0..10).map(|i| format!("from a {i}")).collect();
     for t in &sent {
-        a.node.engine.send(group.id.clone(), t.clone()).await?;
+        a.node
+            .engine
+            .in_group(&group.id, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
     }
     wait_texts(&mut b_events, "B", &sent).await?;
     // The sender leaves; only B holds its messages for C.
@@ -259,7 +289,13 @@ async fn partial_epoch_gets_only_the_missing_half() -> anyhow::Result<()> {
     let mut b_events = b.node.engine.subscribe();
     let sent: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
     for t in &sent {
-        a.node.engine.send(group.id.clone(), t.clone()).await?;
+        a.node
+            .engine
+            .in_group(&group.id, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
     }
     wait_texts(&mut b_events, "B", &sent).await?;
     let id: GroupId = group.id.parse()?;
@@ -373,10 +409,16 @@ async fn partial_epoch_gets_only_the_missing_half() -> anyhow::Result<()> {
 async fn configured_retention_prunes_history() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let a = TestNode::start(dir.path(), loopback_config(vec![])).await?;
-    let group = a.node.engine.create_group("small".into()).await?;
+    let group = a.node.engine.run(|e| e.create_group("small")).await?;
     let sent: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
     for t in &sent {
-        a.node.engine.send(group.id.clone(), t.clone()).await?;
+        a.node
+            .engine
+            .in_group(&group.id, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
     }
     let ids_before = history_ids(&a, &group.id).await?;
     assert_eq!(ids_before.len(), 11, "creation row plus 10 messages");
@@ -385,7 +427,7 @@ async fn configured_retention_prunes_history() -> anyhow::Result<()> {
     let newest: BTreeSet<String> = a
         .node
         .engine
-        .history(group.id.clone(), 3)
+        .in_group(&group.id, |e, g| e.history(g, 3))
         .await?
         .into_iter()
         .filter_map(|m| match m.body {
@@ -431,7 +473,10 @@ async fn two_talking(
     let (group, invite) = a.group_with_invite(name, 1).await?;
     let mut b_events = b.node.engine.subscribe();
     b.node.engine.join(invite.link.clone()).await?;
-    a.node.engine.send(group.id.clone(), "first".into()).await?;
+    a.node
+        .engine
+        .in_group(&group.id, |e, g| e.send(g, "first"))
+        .await?;
     wait_texts(&mut b_events, "B", &["first".to_owned()]).await?;
     Ok((a, b, group))
 }
@@ -450,7 +495,13 @@ async fn restarted_member_gets_every_message_although_newer_ones_arrive_first() 
     let mut want: BTreeSet<String> = BTreeSet::from(["first".to_owned()]);
     for i in 0..80 {
         let t = format!("while down {i}");
-        a.node.engine.send(group.id.clone(), t.clone()).await?;
+        a.node
+            .engine
+            .in_group(&group.id, {
+                let t = t.clone();
+                move |e, g| e.send(g, &t)
+            })
+            .await?;
         want.insert(t);
     }
     // A keeps talking while B comes back.
@@ -461,7 +512,12 @@ async fn restarted_member_gets_every_message_although_newer_ones_arrive_first() 
             let mut sent = Vec::new();
             for i in 0..300 {
                 let t = format!("meanwhile {i}");
-                engine.send(id.clone(), t.clone()).await?;
+                engine
+                    .in_group(&id, {
+                        let t = t.clone();
+                        move |e, g| e.send(g, &t)
+                    })
+                    .await?;
                 sent.push(t);
                 if i % 20 == 0 {
                     tokio::task::yield_now().await;
@@ -473,7 +529,11 @@ async fn restarted_member_gets_every_message_although_newer_ones_arrive_first() 
     let b = b.start().await?;
     want.extend(sender.await??);
     wait_caught_up(&b, &group.id, &want, 0).await?;
-    let info = b.node.engine.group(group.id.clone()).await?;
+    let info = b
+        .node
+        .engine
+        .in_group(&group.id, |e, g| e.show_group(g))
+        .await?;
     assert!(
         info.undecryptable.is_empty(),
         "B could not decrypt: {:?}",
@@ -487,8 +547,18 @@ async fn restarted_member_gets_every_message_although_newer_ones_arrive_first() 
             })
             .collect()
     };
-    let on_a = in_order(a.node.engine.history(group.id.clone(), 1000).await?);
-    let on_b = in_order(b.node.engine.history(group.id.clone(), 1000).await?);
+    let on_a = in_order(
+        a.node
+            .engine
+            .in_group(&group.id, |e, g| e.history(g, 1000))
+            .await?,
+    );
+    let on_b = in_order(
+        b.node
+            .engine
+            .in_group(&group.id, |e, g| e.history(g, 1000))
+            .await?,
+    );
     let first_difference = on_a.iter().zip(&on_b).position(|(x, y)| x != y);
     assert!(
         on_a.len() == on_b.len() && first_difference.is_none(),
@@ -512,15 +582,33 @@ async fn member_away_for_many_epochs_reads_the_messages_of_each() -> anyhow::Res
     for round in 0..rounds {
         for i in 0..10 {
             let t = format!("epoch round {round} text {i}");
-            a.node.engine.send(group.id.clone(), t.clone()).await?;
+            a.node
+                .engine
+                .in_group(&group.id, {
+                    let t = t.clone();
+                    move |e, g| e.send(g, &t)
+                })
+                .await?;
             want.insert(t);
         }
-        a.node.engine.self_update(group.id.clone()).await?;
+        a.node
+            .engine
+            .in_group(&group.id, |e, g| e.self_update(g))
+            .await?;
     }
-    let epoch = a.node.engine.group(group.id.clone()).await?.epoch;
+    let epoch = a
+        .node
+        .engine
+        .in_group(&group.id, |e, g| e.show_group(g))
+        .await?
+        .epoch;
     let b = b.start().await?;
     wait_caught_up(&b, &group.id, &want, epoch).await?;
-    let info = b.node.engine.group(group.id.clone()).await?;
+    let info = b
+        .node
+        .engine
+        .in_group(&group.id, |e, g| e.show_group(g))
+        .await?;
     assert!(
         info.undecryptable.is_empty(),
         "B could not decrypt: {:?}",

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use kith_client::model::{CreateInviteRequest, MessageBody, NodeEvent};
-use kith_tests::{TestNode, is_text, loopback_config, wait_event, wait_texts};
+use kith_tests::{InGroup, TestNode, is_text, loopback_config, wait_event, wait_texts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
@@ -15,19 +15,21 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
     let b = TestNode::start(dirs[1].path(), loopback_config(vec![boot.clone()])).await?;
     let c = TestNode::start(dirs[2].path(), loopback_config(vec![boot])).await?;
 
-    let group = a.node.engine.create_group("friends".into()).await?;
+    let group = a.node.engine.run(|e| e.create_group("friends")).await?;
     assert_eq!(group.members.len(), 1);
     let invite = a
         .node
         .engine
-        .create_invite(
-            group.id.clone(),
-            CreateInviteRequest {
-                expires_in_secs: None,
-                max_uses: Some(2),
-                approval: false,
-            },
-        )
+        .in_group(&group.id, move |e, g| {
+            e.create_invite(
+                g,
+                CreateInviteRequest {
+                    expires_in_secs: None,
+                    max_uses: Some(2),
+                    approval: false,
+                },
+            )
+        })
         .await?;
     assert!(invite.link.starts_with("kith1"));
     assert!(invite.url.starts_with("kith://join#kith1"));
@@ -70,7 +72,7 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
     for (i, n) in nodes.iter().enumerate() {
         n.node
             .engine
-            .send(group.id.clone(), format!("hello from {i}"))
+            .in_group(&group.id, move |e, g| e.send(g, &format!("hello from {i}")))
             .await?;
     }
     for (i, rx) in subs.iter_mut().enumerate() {
@@ -84,7 +86,7 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
         let texts: Vec<String> = n
             .node
             .engine
-            .history(group.id.clone(), 100)
+            .in_group(&group.id, |e, g| e.history(g, 100))
             .await?
             .into_iter()
             .filter_map(|m| match m.body {
@@ -97,10 +99,18 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
 
     // Restart B: it keeps the group, the epoch and the history, and keeps talking.
     let b = b.restart().await?;
-    let g = b.node.engine.group(group.id.clone()).await?;
+    let g = b
+        .node
+        .engine
+        .in_group(&group.id, |e, g| e.show_group(g))
+        .await?;
     assert_eq!(g.epoch, 2);
     assert_eq!(g.members.len(), 3);
-    let history = b.node.engine.history("friends".into(), 100).await?;
+    let history = b
+        .node
+        .engine
+        .in_group("friends", |e, g| e.history(g, 100))
+        .await?;
     assert!(
         history
             .iter()
@@ -111,7 +121,7 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
     let mut c_events = c.node.engine.subscribe();
     b.node
         .engine
-        .send(group.id.clone(), "back after restart".into())
+        .in_group(&group.id, |e, g| e.send(g, "back after restart"))
         .await?;
     wait_event(&mut a_events, "A hears B after restart", |e| {
         is_text(e, "back after restart")
@@ -124,7 +134,7 @@ async fn three_nodes_talk_and_survive_a_restart() -> anyhow::Result<()> {
     let mut b_events = b.node.engine.subscribe();
     a.node
         .engine
-        .send(group.id.clone(), "welcome back".into())
+        .in_group(&group.id, |e, g| e.send(g, "welcome back"))
         .await?;
     wait_event(&mut b_events, "B hears A after restart", |e| {
         is_text(e, "welcome back")

@@ -67,52 +67,27 @@ pub(super) fn storage_status(health: &HealthView) -> StorageStatus {
 }
 
 impl Call {
-    /// Whether the call writes to the store (and is refused while it cannot).
+    /// Whether the call writes to the store (and is refused while it cannot). An operation
+    /// ([`Call::Run`]) that writes says so itself, with [`Actor::check_writable`].
     fn writes(&self) -> bool {
         match self {
-            Call::CreateGroup(..)
-            | Call::CreateInvite(..)
-            | Call::RevokeInvite(..)
-            | Call::DecideJoin(..)
-            | Call::PrepareJoin(..)
+            Call::PrepareJoin(..)
             | Call::CompleteJoin(..)
             | Call::PrepareRejoin(..)
-            | Call::CompleteRejoin(..)
-            | Call::Send(..)
-            | Call::RemoveMember(..)
-            | Call::LeaveGroup(..)
-            | Call::SelfUpdate(..) => true,
-            Call::Groups(..)
-            | Call::Group(..)
-            | Call::ListInvites(..)
-            | Call::JoinRequests(..)
-            | Call::RejoinFailed(..)
-            | Call::JoinOutcome(..)
-            | Call::History(..) => false,
+            | Call::CompleteRejoin(..) => true,
+            Call::Run(..) | Call::RejoinFailed(..) | Call::JoinOutcome(..) => false,
         }
     }
 
-    /// Answers the call with `e`.
+    /// Answers the call with `e`. Never given a [`Call::Run`] (it does not write), whose
+    /// reply is the operation's own.
     fn refuse(self, e: EngineError) {
         // A caller that went away needs no answer.
         match self {
-            Call::Groups(r) => drop(r.send(Err(e))),
-            Call::Group(_, r)
-            | Call::CreateGroup(_, r)
-            | Call::CompleteJoin(_, _, r)
-            | Call::CompleteRejoin(_, _, _, r)
-            | Call::RemoveMember(_, _, r)
-            | Call::LeaveGroup(_, r)
-            | Call::SelfUpdate(_, r) => drop(r.send(Err(e))),
-            Call::CreateInvite(_, _, r) => drop(r.send(Err(e))),
-            Call::ListInvites(_, r) => drop(r.send(Err(e))),
-            Call::RevokeInvite(_, _, r) => drop(r.send(Err(e))),
-            Call::JoinRequests(_, r) => drop(r.send(Err(e))),
-            Call::DecideJoin(_, _, _, r) => drop(r.send(Err(e))),
+            Call::Run(_) => {}
+            Call::CompleteJoin(_, _, r) | Call::CompleteRejoin(_, _, _, r) => drop(r.send(Err(e))),
             Call::PrepareJoin(_, r) | Call::PrepareRejoin(_, _, _, r) => drop(r.send(Err(e))),
             Call::RejoinFailed(_, r) | Call::JoinOutcome(_, _, r) => drop(r.send(Err(e))),
-            Call::Send(_, _, r) => drop(r.send(Err(e))),
-            Call::History(_, _, r) => drop(r.send(Err(e))),
         }
     }
 }
@@ -155,21 +130,34 @@ impl Actor {
         }
     }
 
+    /// Fails with [`EngineError::Storage`] if the store cannot write, after trying to
+    /// recover. Every operation that writes calls it first, so while the disk fails it is
+    /// refused before it changes anything.
+    pub(super) fn check_writable(&mut self) -> Result<(), EngineError> {
+        if !self.store.is_writable() {
+            self.store.recover(true);
+        }
+        self.watch_store();
+        if self.disk_ok() {
+            Ok(())
+        } else {
+            Err(self.store.refusal().into())
+        }
+    }
+
     /// Passes `call` back, or answers it with [`EngineError::Storage`] if it writes and the
     /// store still cannot after trying to recover.
     pub(super) fn refuse_unwritable(&mut self, call: Call) -> Option<Call> {
         if !call.writes() {
             return Some(call);
         }
-        if !self.store.is_writable() {
-            self.store.recover(true);
+        match self.check_writable() {
+            Ok(()) => Some(call),
+            Err(e) => {
+                call.refuse(e);
+                None
+            }
         }
-        self.watch_store();
-        if self.disk_ok() {
-            return Some(call);
-        }
-        call.refuse(self.store.refusal().into());
-        None
     }
 
     /// Syncs every active group now: the messages that arrived while the store could not

@@ -1,9 +1,31 @@
-//! [`EngineHandle`]: the cloneable async face of the actor. Every method is one
-//! [`Call`] with one reply (the join client is in `join_client`).
+//! [`EngineHandle`]: the cloneable async face of the actor. [`EngineHandle::run`] runs an
+//! operation (an [`Actor`] method) on the actor thread; what waits on the network (status,
+//! the block list; joining, in `join_client`) is async here.
 
 use super::*;
 
 impl EngineHandle {
+    /// Runs `op` on the actor thread, after the inputs queued before it, and returns its
+    /// result: `engine.run(move |e| e.create_group(&name))`. Every engine operation of the
+    /// API is one [`Actor`] method called this way. Fails with
+    /// [`EngineError::ShuttingDown`] if the actor has stopped.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Actor) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |actor| {
+            // A caller that went away needs no answer.
+            let _ = tx.send(op(actor));
+        });
+        self.tx
+            .send(Input::Call(Call::Run(job)))
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// Sends the actor one of the join client's calls and waits for its reply.
     pub(super) async fn call<T>(
         &self,
         make: impl FnOnce(Reply<T>) -> Call,
@@ -28,7 +50,7 @@ impl EngineHandle {
             .info()
             .await
             .map_err(|_| EngineError::ShuttingDown)?;
-        let groups = self.groups().await?;
+        let groups = self.run(|e| Ok(e.list_groups())).await?;
         Ok(StatusInfo {
             peer_id: self.peer_id.to_string(),
             network: self.network.clone(),
@@ -40,31 +62,6 @@ impl EngineHandle {
         })
     }
 
-    /// Creates a group with this node as its only member.
-    pub async fn create_group(&self, name: String) -> Result<GroupInfo, EngineError> {
-        self.call(|r| Call::CreateGroup(name, r)).await
-    }
-
-    /// All groups of this node.
-    pub async fn groups(&self) -> Result<Vec<GroupSummary>, EngineError> {
-        self.call(Call::Groups).await
-    }
-
-    /// One group; `group` is a full id, a unique id prefix (at least 4 hex characters) or an
-    /// exact name.
-    pub async fn group(&self, group: String) -> Result<GroupInfo, EngineError> {
-        self.call(|r| Call::Group(group, r)).await
-    }
-
-    /// Creates an invite link to a group.
-    pub async fn create_invite(
-        &self,
-        group: String,
-        req: CreateInviteRequest,
-    ) -> Result<InviteInfo, EngineError> {
-        self.call(|r| Call::CreateInvite(group, req, r)).await
-    }
-
     /// Joins a group by invite link within `timeout` (default [`DEFAULT_JOIN_TIMEOUT`]):
     /// checks the link locally, then asks the inviter named in the link and, if it cannot
     /// help, members found in the DHT under the invite's rendezvous key; waits (retrying)
@@ -72,70 +69,6 @@ impl EngineHandle {
     /// Each stage is announced as [`NodeEvent::JoinProgress`].
     pub async fn join(&self, link: String) -> Result<GroupInfo, EngineError> {
         self.join_with_timeout(link, None).await
-    }
-
-    /// The invites of a group as this node knows them, newest first.
-    pub async fn invites(&self, group: String) -> Result<Vec<InviteSummary>, EngineError> {
-        self.call(|r| Call::ListInvites(group, r)).await
-    }
-
-    /// Revokes an invite (id or unique prefix of 4+ hex characters) for the whole group.
-    pub async fn revoke_invite(
-        &self,
-        group: String,
-        invite: String,
-    ) -> Result<InviteSummary, EngineError> {
-        self.call(|r| Call::RevokeInvite(group, invite, r)).await
-    }
-
-    /// The join requests held for approval on this node for a group.
-    pub async fn join_requests(&self, group: String) -> Result<Vec<JoinRequestInfo>, EngineError> {
-        self.call(|r| Call::JoinRequests(group, r)).await
-    }
-
-    /// Approves (`true`: commits the Add) or denies a held join request.
-    pub async fn decide_join(
-        &self,
-        group: String,
-        request: String,
-        approve: bool,
-    ) -> Result<JoinRequestInfo, EngineError> {
-        self.call(|r| Call::DecideJoin(group, request, approve, r))
-            .await
-    }
-
-    /// Sends a text message to a group.
-    pub async fn send(&self, group: String, text: String) -> Result<MessageInfo, EngineError> {
-        self.call(|r| Call::Send(group, text, r)).await
-    }
-
-    /// Removes a member (by PeerId) from a group; returns the group after the commit.
-    pub async fn remove_member(
-        &self,
-        group: String,
-        peer: PeerId,
-    ) -> Result<GroupInfo, EngineError> {
-        self.call(|r| Call::RemoveMember(group, peer, r)).await
-    }
-
-    /// Asks to leave a group: publishes this node's removal proposal, which another member
-    /// commits. Returns the group, marked `leaving`.
-    pub async fn leave_group(&self, group: String) -> Result<GroupInfo, EngineError> {
-        self.call(|r| Call::LeaveGroup(group, r)).await
-    }
-
-    /// Commits a fresh leaf key for this node in a group; returns the group after it.
-    pub async fn self_update(&self, group: String) -> Result<GroupInfo, EngineError> {
-        self.call(|r| Call::SelfUpdate(group, r)).await
-    }
-
-    /// The newest `limit` history entries of a group, oldest first.
-    pub async fn history(
-        &self,
-        group: String,
-        limit: usize,
-    ) -> Result<Vec<MessageInfo>, EngineError> {
-        self.call(|r| Call::History(group, limit, r)).await
     }
 
     /// Live events for the API's event stream.

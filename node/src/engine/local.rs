@@ -1,5 +1,6 @@
-//! This node's own operations, from API calls: create, invite, send, remove, leave,
-//! self-update; resolving a group by id, prefix or name.
+//! This node's own operations, from API calls: create, invite, revoke, send, remove, leave,
+//! self-update (each one [`Actor`] method, run by [`EngineHandle::run`]); resolving a group
+//! by id, prefix or name; `on_call`, the dispatcher.
 
 use super::*;
 
@@ -18,93 +19,20 @@ impl Actor {
             .ok_or_else(|| EngineError::GroupNotFound(id.to_string()))
     }
 
+    /// Handles a call from the handle: an operation ([`Call::Run`]) or one of the join
+    /// client's steps.
     pub(super) fn on_call(&mut self, call: Call) {
         let Some(call) = self.refuse_unwritable(call) else {
             return;
         };
         match call {
-            Call::Groups(r) => {
-                let list = self
-                    .groups
-                    .groups()
-                    .iter()
-                    .map(|v| {
-                        let id = v.meta.id;
-                        let held = self.groups.pending_count(&id);
-                        let undecryptable = self
-                            .store
-                            .undecryptable_counts(&id)
-                            .map(|c| c.values().sum())
-                            .unwrap_or_else(|e| {
-                                tracing::warn!(error = %e, "cannot count undecryptable messages");
-                                0
-                            });
-                        GroupSummary {
-                            held,
-                            in_sync: held == 0
-                                && !self.sync.is_running(&id)
-                                && !self.sync.is_unsynced(&id)
-                                && !self.groups.is_catching_up(&id),
-                            undecryptable,
-                            missing: self.groups.missing_messages(&id),
-                            sync_failures: self.sync.failures(&id),
-                            ..summary(v)
-                        }
-                    })
-                    .collect();
-                let _ = r.send(Ok(list));
-            }
-            Call::Group(q, r) => {
-                let res = self.resolve(&q).and_then(|id| {
-                    let v = self.view(&id)?;
-                    let undecryptable = self
-                        .store
-                        .undecryptable_counts(&id)?
-                        .into_iter()
-                        .map(|(reason, n)| (reason.label().to_owned(), n))
-                        .collect();
-                    Ok(GroupInfo {
-                        undecryptable,
-                        missing: self.groups.missing_messages(&id),
-                        catching_up: self.groups.is_catching_up(&id),
-                        sync_failures: self.sync.failures(&id),
-                        ..group_info(&v, self.me)
-                    })
-                });
-                let _ = r.send(res);
-            }
-            Call::CreateGroup(name, r) => {
-                let _ = r.send(self.create_group(&name));
-            }
-            Call::CreateInvite(q, req, r) => {
-                let _ = r.send(self.create_invite(&q, req));
-            }
-            Call::ListInvites(q, r) => {
-                let res = self.resolve(&q).and_then(|id| {
-                    let now = now_ms() / 1000;
-                    let mut list: Vec<InviteRecord> = self
-                        .store
-                        .invites()?
-                        .into_iter()
-                        .filter(|r| r.group == id)
-                        .collect();
-                    list.sort_by_key(|r| std::cmp::Reverse((r.created_at, r.id)));
-                    Ok(list.iter().map(|r| invite_summary(r, now)).collect())
-                });
-                let _ = r.send(res);
-            }
-            Call::RevokeInvite(q, which, r) => {
-                let _ = r.send(self.revoke_invite(&q, &which));
-            }
-            Call::JoinRequests(q, r) => {
-                let res = self.resolve(&q).map(|id| {
-                    self.held.expire(now_ms());
-                    self.held.of_group(id).into_iter().map(held_info).collect()
-                });
-                let _ = r.send(res);
-            }
-            Call::DecideJoin(q, which, approve, r) => {
-                let _ = r.send(self.decide_join(&q, &which, approve));
+            Call::Run(op) => {
+                op(self);
+                // After the reply: the message count may just have reached
+                // `[keys] update_after_messages`.
+                if std::mem::take(&mut self.check_self_updates) {
+                    self.self_updates();
+                }
             }
             Call::PrepareJoin(invite, r) => {
                 let req = self.groups.prepare_join(&invite, now_ms());
@@ -150,54 +78,38 @@ impl Actor {
                 }
                 let _ = r.send(Ok(()));
             }
-            Call::Send(q, text, r) => {
-                let sent = self.send(&q, &text);
-                let ok = sent.is_ok();
-                let _ = r.send(sent);
-                // The message count may just have reached `[keys] update_after_messages`.
-                if ok {
-                    self.self_updates();
-                }
-            }
-            Call::RemoveMember(q, peer, r) => {
-                let res = self.resolve(&q).and_then(|id| {
-                    let fx = self.groups.remove_member(id, peer, now_ms());
-                    self.commit_local(id, fx)
-                });
-                if res.is_ok() {
-                    tracing::info!(group = %q, %peer, "removed a member");
-                }
-                let _ = r.send(res);
-            }
-            Call::LeaveGroup(q, r) => {
-                let res = self.resolve(&q).and_then(|id| {
-                    let fx = self.groups.leave_group(id, now_ms());
-                    self.commit_local(id, fx)
-                });
-                if res.is_ok() {
-                    tracing::info!(group = %q, "asked to leave the group");
-                }
-                let _ = r.send(res);
-            }
-            Call::SelfUpdate(q, r) => {
-                let res = self.resolve(&q).and_then(|id| {
-                    let fx = self.groups.self_update(id, now_ms());
-                    self.commit_local(id, fx)
-                });
-                let _ = r.send(res);
-            }
-            Call::History(q, limit, r) => {
-                let res = self.resolve(&q).and_then(|id| {
-                    Ok(self
-                        .store
-                        .history(&id, limit.clamp(1, MAX_HISTORY))?
-                        .iter()
-                        .map(message_info)
-                        .collect())
-                });
-                let _ = r.send(res);
-            }
         }
+    }
+
+    /// Removes a member (by PeerId) from group `q`; returns the group after the commit
+    /// (`DELETE /v1/groups/{group}/members/{peer}`).
+    pub fn remove_member(&mut self, q: &str, peer: PeerId) -> Result<GroupInfo, EngineError> {
+        self.check_writable()?;
+        let id = self.resolve(q)?;
+        let fx = self.groups.remove_member(id, peer, now_ms());
+        let info = self.commit_local(id, fx)?;
+        tracing::info!(group = %q, %peer, "removed a member");
+        Ok(info)
+    }
+
+    /// Asks to leave group `q`: publishes this node's removal proposal, which another member
+    /// commits. Returns the group, marked `leaving` (`POST /v1/groups/{group}/leave`).
+    pub fn leave_group(&mut self, q: &str) -> Result<GroupInfo, EngineError> {
+        self.check_writable()?;
+        let id = self.resolve(q)?;
+        let fx = self.groups.leave_group(id, now_ms());
+        let info = self.commit_local(id, fx)?;
+        tracing::info!(group = %q, "asked to leave the group");
+        Ok(info)
+    }
+
+    /// Commits a fresh leaf key for this node in group `q`; returns the group after it
+    /// (`POST /v1/groups/{group}/update`).
+    pub fn self_update(&mut self, q: &str) -> Result<GroupInfo, EngineError> {
+        self.check_writable()?;
+        let id = self.resolve(q)?;
+        let fx = self.groups.self_update(id, now_ms());
+        self.commit_local(id, fx)
     }
 
     /// Applies the effects of a local membership operation on `id` (durably, before they
@@ -236,7 +148,9 @@ impl Actor {
         }
     }
 
-    pub(super) fn create_group(&mut self, name: &str) -> Result<GroupInfo, EngineError> {
+    /// Creates a group with this node as its only member (`POST /v1/groups`).
+    pub fn create_group(&mut self, name: &str) -> Result<GroupInfo, EngineError> {
+        self.check_writable()?;
         let mut id = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut id);
         let id = GroupId(id);
@@ -251,11 +165,15 @@ impl Actor {
         Ok(group_info(&view, self.me))
     }
 
-    pub(super) fn create_invite(
+    /// Creates an invite link to group `q` (an id, unique id prefix or exact name): stored
+    /// and published to the group before the link is returned
+    /// (`POST /v1/groups/{group}/invites`).
+    pub fn create_invite(
         &mut self,
         q: &str,
         req: CreateInviteRequest,
     ) -> Result<InviteInfo, EngineError> {
+        self.check_writable()?;
         let id = self.resolve(q)?;
         let secs = req.expires_in_secs.unwrap_or(DEFAULT_INVITE_SECS);
         if secs == 0 || secs > MAX_INVITE_SECS {
@@ -307,12 +225,10 @@ impl Actor {
         })
     }
 
-    /// Revokes invite `which` (id or unique prefix) of group `q` for the whole group.
-    pub(super) fn revoke_invite(
-        &mut self,
-        q: &str,
-        which: &str,
-    ) -> Result<InviteSummary, EngineError> {
+    /// Revokes invite `which` (id or unique prefix of 4+ hex characters) of group `q` for
+    /// the whole group (`DELETE /v1/groups/{group}/invites/{invite}`).
+    pub fn revoke_invite(&mut self, q: &str, which: &str) -> Result<InviteSummary, EngineError> {
+        self.check_writable()?;
         let id = self.resolve(q)?;
         let which = which.trim().to_ascii_lowercase();
         let is_prefix = which.len() >= 4 && which.chars().all(|c| c.is_ascii_hexdigit());
@@ -396,7 +312,9 @@ impl Actor {
         });
     }
 
-    pub(super) fn send(&mut self, q: &str, text: &str) -> Result<MessageInfo, EngineError> {
+    /// Sends a text message to group `q` (`POST /v1/groups/{group}/messages`).
+    pub fn send(&mut self, q: &str, text: &str) -> Result<MessageInfo, EngineError> {
+        self.check_writable()?;
         let id = self.resolve(q)?;
         let (entry, effects) = match self.groups.send_text(id, text, now_ms()) {
             Ok(x) => x,
@@ -407,6 +325,7 @@ impl Actor {
         };
         self.apply(effects)?;
         self.metrics.message_sent();
+        self.check_self_updates = true;
         Ok(message_info(&entry))
     }
 }

@@ -257,12 +257,13 @@ impl Actor {
     /// Approves or denies a held join request of group `q` (id prefix `which`). Approving
     /// commits the Add now; the joiner collects the Welcome with its next retry, so a joiner
     /// that stopped retrying is not added.
-    pub(super) fn decide_join(
+    pub fn decide_join(
         &mut self,
         q: &str,
         which: &str,
         approve: bool,
     ) -> Result<JoinRequestInfo, EngineError> {
+        self.check_writable()?;
         let id = self.resolve(q)?;
         let now = now_ms();
         self.held.expire(now);

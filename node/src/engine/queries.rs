@@ -1,0 +1,93 @@
+//! The API operations that only read: the groups, one group, its invites, its held join
+//! requests, its history. Each is one [`Actor`] method, run by [`EngineHandle::run`]; none
+//! is refused while the disk cannot write.
+
+use super::*;
+
+impl Actor {
+    /// All groups of this node, with how far each is from being in sync (`GET /v1/groups`).
+    pub fn list_groups(&self) -> Vec<GroupSummary> {
+        self.groups
+            .groups()
+            .iter()
+            .map(|v| {
+                let id = v.meta.id;
+                let held = self.groups.pending_count(&id);
+                let undecryptable = self
+                    .store
+                    .undecryptable_counts(&id)
+                    .map(|c| c.values().sum())
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "cannot count undecryptable messages");
+                        0
+                    });
+                GroupSummary {
+                    held,
+                    in_sync: held == 0
+                        && !self.sync.is_running(&id)
+                        && !self.sync.is_unsynced(&id)
+                        && !self.groups.is_catching_up(&id),
+                    undecryptable,
+                    missing: self.groups.missing_messages(&id),
+                    sync_failures: self.sync.failures(&id),
+                    ..summary(v)
+                }
+            })
+            .collect()
+    }
+
+    /// Group `q`: a full id, a unique id prefix (at least 4 hex characters) or an exact name
+    /// (`GET /v1/groups/{group}`).
+    pub fn show_group(&self, q: &str) -> Result<GroupInfo, EngineError> {
+        let id = self.resolve(q)?;
+        let v = self.view(&id)?;
+        let undecryptable = self
+            .store
+            .undecryptable_counts(&id)?
+            .into_iter()
+            .map(|(reason, n)| (reason.label().to_owned(), n))
+            .collect();
+        Ok(GroupInfo {
+            undecryptable,
+            missing: self.groups.missing_messages(&id),
+            catching_up: self.groups.is_catching_up(&id),
+            sync_failures: self.sync.failures(&id),
+            ..group_info(&v, self.me)
+        })
+    }
+
+    /// The invites of group `q` as this node knows them, newest first
+    /// (`GET /v1/groups/{group}/invites`).
+    pub fn list_invites(&self, q: &str) -> Result<Vec<InviteSummary>, EngineError> {
+        let id = self.resolve(q)?;
+        let now = now_ms() / 1000;
+        let mut list: Vec<InviteRecord> = self
+            .store
+            .invites()?
+            .into_iter()
+            .filter(|r| r.group == id)
+            .collect();
+        list.sort_by_key(|r| std::cmp::Reverse((r.created_at, r.id)));
+        Ok(list.iter().map(|r| invite_summary(r, now)).collect())
+    }
+
+    /// The join requests held for approval on this node for group `q`
+    /// (`GET /v1/groups/{group}/join-requests`).
+    pub fn join_requests(&mut self, q: &str) -> Result<Vec<JoinRequestInfo>, EngineError> {
+        let id = self.resolve(q)?;
+        self.held.expire(now_ms());
+        Ok(self.held.of_group(id).into_iter().map(held_info).collect())
+    }
+
+    /// The newest `limit` history entries of group `q` (at least 1, at most
+    /// [`MAX_HISTORY`]), oldest first (`GET /v1/groups/{group}/messages`).
+    pub fn history(&self, q: &str, limit: usize) -> Result<Vec<MessageInfo>, EngineError> {
+        let id = self.resolve(q)?;
+        Ok(self
+            .store
+            .history(&id, limit.clamp(1, MAX_HISTORY))?
+            .iter()
+            .map(message_info)
+            .collect())
+    }
+}
