@@ -43,6 +43,12 @@ impl World {
                 _ => {}
             }
         }
+        // Where the agreed history puts each text and since when each member is in: a
+        // member must hold a text its sender sent it (in the sender's view then) and that
+        // is placed at an epoch where it is a member. (A joiner whose first Add lost and
+        // that was added again later need not hold what its sender wrote on the losing
+        // branch and sent again on the winning one before the second Add.)
+        let (placed_at, member_from) = self.agreed_history();
         let mut auth: BTreeMap<(u64, [u8; 8]), Vec<usize>> = BTreeMap::new();
         for i in (0..self.cfg.members).chain(joiners.clone()) {
             let member = i < self.cfg.members || in_group.contains(&self.slots[i].peer);
@@ -59,8 +65,13 @@ impl World {
             }
             let texts = core.texts(&g);
             let mut missing = Vec::new();
+            let peer = self.slots[i].peer;
             for s in &self.sent {
-                if !s.members.contains(&self.slots[i].peer) {
+                if !s.members.contains(&peer) {
+                    continue;
+                }
+                let since = member_from.get(&peer).copied().unwrap_or(0);
+                if placed_at.get(&s.text).is_some_and(|e| *e < since) {
                     continue;
                 }
                 match texts.get(&s.text).copied().unwrap_or(0) {
@@ -146,6 +157,35 @@ impl World {
             }
         }
         bad
+    }
+
+    /// From the members' histories: the epoch each text is placed at, and the epoch from
+    /// which each member is in the group (after the last commit that added it, in member
+    /// 0's history; 0 for the creator).
+    fn agreed_history(&self) -> (BTreeMap<String, u64>, BTreeMap<PeerId, u64>) {
+        let g = self.group;
+        let mut placed = BTreeMap::new();
+        let mut from = BTreeMap::new();
+        for (i, slot) in self.slots.iter().enumerate().take(self.cfg.members) {
+            let Some(core) = slot.core.as_ref() else {
+                continue;
+            };
+            for h in core.store.history.values().filter(|h| h.group == g) {
+                match &h.kind {
+                    EntryKind::Text(t) => {
+                        placed.entry(t.clone()).or_insert(h.epoch);
+                    }
+                    EntryKind::MembersAdded(peers) if i == 0 => {
+                        for p in peers {
+                            let e = from.entry(*p).or_insert(0);
+                            *e = (*e).max(h.epoch + 1);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        (placed, from)
     }
 
     /// The joiners' invite: its uses are never exceeded, and every member counts exactly the
