@@ -222,8 +222,8 @@ fn a_preferred_member_is_asked_first() {
     ));
 }
 
-#[test]
-fn a_refusal_nobody_would_change_ends_the_join() {
+/// A join whose inviter connects at once and answers `response`: the last outputs.
+fn inviter_answers(response: JoinResponse) -> Vec<Output> {
     let (mut c, out) = JoinClient::start(plan(None), 0);
     let d = dial_to(&out, peer(1));
     let out = c.handle(
@@ -233,6 +233,7 @@ fn a_refusal_nobody_would_change_ends_the_join() {
             connected: true,
         },
     );
+    // Dialled again as the member asked.
     let d = dial_to(&out, peer(1));
     let out = c.handle(
         2,
@@ -241,44 +242,20 @@ fn a_refusal_nobody_would_change_ends_the_join() {
             connected: true,
         },
     );
-    let r = request_to(&out, peer(1));
-    let out = c.handle(
-        3,
-        Input::Answered {
-            op: r,
-            response: JoinResponse::Rejected(JoinRejection::UsedUp),
-        },
-    );
+    assert!(out.contains(&Output::Progress(Stage::RequestSent { peer: peer(1) })));
+    let op = request_to(&out, peer(1));
+    c.handle(3, Input::Answered { op, response })
+}
+
+#[test]
+fn a_refusal_nobody_would_change_ends_the_join() {
+    let out = inviter_answers(JoinResponse::Rejected(JoinRejection::UsedUp));
     assert_eq!(done(&out), Some(&Outcome::Refused(JoinRejection::UsedUp)));
 }
 
 #[test]
 fn the_inviter_not_knowing_its_invite_is_the_answer() {
-    let (mut c, out) = JoinClient::start(plan(None), 0);
-    let d = dial_to(&out, peer(1));
-    let out = c.handle(
-        1,
-        Input::Dialled {
-            op: d,
-            connected: true,
-        },
-    );
-    let d = dial_to(&out, peer(1));
-    let out = c.handle(
-        2,
-        Input::Dialled {
-            op: d,
-            connected: true,
-        },
-    );
-    let r = request_to(&out, peer(1));
-    let out = c.handle(
-        3,
-        Input::Answered {
-            op: r,
-            response: JoinResponse::Rejected(JoinRejection::UnknownInvite),
-        },
-    );
+    let out = inviter_answers(JoinResponse::Rejected(JoinRejection::UnknownInvite));
     assert_eq!(
         done(&out),
         Some(&Outcome::Refused(JoinRejection::UnknownInvite))
