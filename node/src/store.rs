@@ -255,6 +255,8 @@ pub struct Batch {
     /// Invite updates, each merged into the stored record with its id
     /// ([`InviteRecord::merge`]), in order.
     pub invites: Vec<InviteUpdate>,
+    /// Groups whose invite records are deleted before `invites` are merged.
+    pub forget_invites: Vec<GroupId>,
     /// Address-book updates: the given addresses go first, then the previously known ones, at
     /// most [`MAX_ADDRS_PER_PEER`]. See [`Store::commit`] for the peer cap.
     pub peers: Vec<(PeerId, Vec<Multiaddr>)>,
@@ -299,6 +301,7 @@ impl Batch {
                 Effect::SaveEnvelope(s) => batch.envelopes.push(s.clone()),
                 Effect::Record(h) => batch.history.push(h.clone()),
                 Effect::Invite(u) => batch.invites.push(u.clone()),
+                Effect::ForgetInvites { group } => batch.forget_invites.push(*group),
                 Effect::Undecryptable { envelope, reason } => {
                     batch.undecryptable.push((envelope.clone(), *reason))
                 }
@@ -342,6 +345,7 @@ impl Batch {
             && self.history.is_empty()
             && self.envelopes.is_empty()
             && self.invites.is_empty()
+            && self.forget_invites.is_empty()
             && self.peers.is_empty()
             && self.rollbacks.is_empty()
             && self.links.is_empty()
@@ -696,6 +700,19 @@ impl Store {
             }
 
             let mut invites = txn.open_table(INVITES)?;
+            if !batch.forget_invites.is_empty() {
+                let mut doomed = Vec::new();
+                for row in invites.iter()? {
+                    let (key, value) = row?;
+                    let record: InviteRecord = decode_record("invites", value.value())?;
+                    if batch.forget_invites.contains(&record.group) {
+                        doomed.push(*key.value());
+                    }
+                }
+                for key in doomed {
+                    invites.remove(&key)?;
+                }
+            }
             for update in &batch.invites {
                 let id = update.id();
                 let current: Option<InviteRecord> = invites
@@ -2161,6 +2178,35 @@ mod tests {
             store.groups().expect("groups"),
             vec![meta(1, "renamed"), meta(2, "two")]
         );
+    }
+
+    #[test]
+    fn forgetting_a_groups_invites_comes_before_the_batch_updates() {
+        let (_dir, store) = open_temp();
+        let used = |g: u8, i: u8| InviteUpdate::Used {
+            group: GroupId([g; 32]),
+            id: InviteId([i; 32]),
+        };
+        let batch = Batch {
+            invites: vec![used(1, 10), used(1, 10), used(1, 11), used(2, 20)],
+            ..Batch::default()
+        };
+        store.commit(batch).expect("commit");
+        assert_eq!(store.invites().expect("all").len(), 3);
+        // Group 1 joined again on another branch: its counts go, and the new states count.
+        let batch = Batch {
+            forget_invites: vec![GroupId([1; 32])],
+            invites: vec![used(1, 10)],
+            ..Batch::default()
+        };
+        store.commit(batch).expect("commit");
+        let left: Vec<(InviteId, u32)> = store
+            .invites()
+            .expect("all")
+            .iter()
+            .map(|r| (r.id, r.uses))
+            .collect();
+        assert_eq!(left, vec![(InviteId([10; 32]), 1), (InviteId([20; 32]), 1)]);
     }
 
     #[test]

@@ -168,6 +168,14 @@ pub enum Effect {
     },
     /// Merge an update into the invite record with its id ([`InviteRecord::merge`]).
     Invite(InviteUpdate),
+    /// Delete every invite record of `group`, before this batch's invite updates: this node
+    /// joined the group again on another branch, and what it counted on the dead one (uses
+    /// of Adds that did not stand) must not outlive it. The member that added it sends the
+    /// group's invite states again.
+    ForgetInvites {
+        /// The group.
+        group: GroupId,
+    },
     /// The commit that added this node lost to a concurrent one: its group state is a dead
     /// branch. Join again with `link` ([`GroupEngine::prepare_join`] accepts the group
     /// while it waits), then call [`GroupEngine::keep_join`] or [`GroupEngine::join_lost`]

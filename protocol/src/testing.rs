@@ -133,6 +133,7 @@ where
                 | Effect::JoinLost { .. }
                 | Effect::DeepForkLost { .. }
                 | Effect::EpochChanged { .. } => {}
+                Effect::ForgetInvites { group } => self.invites[i].retain(|r| r.group != group),
             }
         }
     }

@@ -206,7 +206,9 @@ impl Actor {
     }
 
     pub(super) fn after_commit(&mut self, effects: Vec<Effect>) {
-        let invites_changed = effects.iter().any(|e| matches!(e, Effect::Invite(_)));
+        let invites_changed = effects
+            .iter()
+            .any(|e| matches!(e, Effect::Invite(_) | Effect::ForgetInvites { .. }));
         let mut rolled_back = Vec::new();
         let mut behind = Vec::new();
         for e in effects {
@@ -290,6 +292,7 @@ impl Actor {
                 Effect::SaveGroup(_)
                 | Effect::SaveEnvelope(_)
                 | Effect::Invite(_)
+                | Effect::ForgetInvites { .. }
                 | Effect::LinkEnvelope { .. } => Ok(()),
             };
             if sent.is_err() {

@@ -326,6 +326,8 @@ where
                     }
                     g.retry = true;
                 }
+                // Invite counts from the dead branch go; the new invite states replace them.
+                effects.insert(0, Effect::ForgetInvites { group });
                 self.drain_pending(group, now_ms, effects, Source::Held);
                 self.settle(now_ms, effects);
             }

@@ -62,6 +62,7 @@ impl Store {
                         self.links.insert(*envelope, *history);
                     }
                 }
+                Effect::ForgetInvites { group } => self.invites.retain(|_, r| r.group != *group),
                 Effect::Invite(u) => {
                     let old = self.invites.remove(&u.id());
                     self.invites.insert(u.id(), InviteRecord::merge(old, u));
