@@ -84,6 +84,22 @@ fn replay_line(seed: u64) -> String {
     format!("KITH_SIM_SEED={seed} cargo test -p kith-protocol sim::tests::replay -- --nocapture")
 }
 
+/// A named scenario and its configuration.
+type Named = (&'static str, fn() -> Config);
+
+/// The join scenarios, by the name `KITH_SIM_SCENARIO` gives them to [`replay`].
+const JOIN_SCENARIOS: [Named; 3] = [
+    ("joins_in_turn", joins_in_turn),
+    ("joins_with_loss", joins_with_loss_cfg),
+    ("joins_that_race", racing_joins),
+];
+
+fn join_replay_line(scenario: &str, seed: u64) -> String {
+    format!(
+        "KITH_SIM_SCENARIO={scenario} KITH_SIM_SEED={seed} cargo test -p kith-protocol sim::tests::replay -- --nocapture"
+    )
+}
+
 /// Runs `cfg` from `seed`; the violations, if any.
 fn run(cfg: Config, seed: u64) -> (World, Vec<String>) {
     let mut w = World::new(cfg, seed);
@@ -130,7 +146,9 @@ fn seeds() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
-/// Replays `KITH_SIM_SEED` with its statistics (does nothing without it).
+/// Replays `KITH_SIM_SEED` with its statistics (does nothing without it): of the scenario
+/// `KITH_SIM_SCENARIO` names (one of [`JOIN_SCENARIOS`]), or else the one [`seeds`] runs for
+/// that seed.
 #[test]
 fn replay() {
     let Some(seed) = std::env::var("KITH_SIM_SEED")
@@ -139,7 +157,15 @@ fn replay() {
     else {
         return;
     };
-    let (name, cfg) = scenario(seed);
+    let (name, cfg) = match std::env::var("KITH_SIM_SCENARIO") {
+        Ok(wanted) => {
+            let Some((name, cfg)) = JOIN_SCENARIOS.iter().find(|(n, _)| *n == wanted) else {
+                panic!("no scenario named {wanted}");
+            };
+            (*name, cfg())
+        }
+        Err(_) => scenario(seed),
+    };
     println!("seed {seed}: {name}\n{cfg:?}");
     let (w, bad) = run(cfg, seed);
     println!("{:?}", w.stats);
@@ -150,7 +176,10 @@ fn replay() {
 }
 
 /// Runs `seeds` seeds of `cfg`, prints the count and time, and fails on any violation.
-fn join_seeds(name: &str, cfg: fn() -> Config, default_seeds: u64) {
+fn join_seeds(name: &str, default_seeds: u64) {
+    let Some((_, cfg)) = JOIN_SCENARIOS.iter().find(|(n, _)| *n == name) else {
+        panic!("no scenario named {name}");
+    };
     let seeds = std::env::var("KITH_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -168,7 +197,11 @@ fn join_seeds(name: &str, cfg: fn() -> Config, default_seeds: u64) {
             .filter(|e| !matches!(e, JoinEnd::Joined))
             .count();
         if !bad.is_empty() {
-            failed.push(format!("seed {seed}: {}", bad.join("; ")));
+            failed.push(format!(
+                "seed {seed}: {}\n  replay: {}",
+                bad.join("; "),
+                join_replay_line(name, seed)
+            ));
         }
     }
     println!(
@@ -186,7 +219,7 @@ fn join_seeds(name: &str, cfg: fn() -> Config, default_seeds: u64) {
 /// joiner that was added is a member everywhere, one that was turned away is nowhere.
 #[test]
 fn joins_in_turn_with_reordering() {
-    join_seeds("joins in turn", joins_in_turn, 30);
+    join_seeds("joins_in_turn", 30);
 }
 
 /// The same joins with 5 % gossip loss and a short partition, in CI (40 seeds). Before
@@ -196,7 +229,7 @@ fn joins_in_turn_with_reordering() {
 /// sealed for its epoch's members (`group::resend`).
 #[test]
 fn joins_with_loss() {
-    join_seeds("joins with loss", joins_with_loss_cfg, 40);
+    join_seeds("joins_with_loss", 40);
 }
 
 /// Four joiners racing for an invite of three uses, with member 0 committing meanwhile,
@@ -208,7 +241,7 @@ fn joins_with_loss() {
 /// (`Effect::ForgetInvites`); 150 of 150 seeds pass.
 #[test]
 fn joins_that_race() {
-    join_seeds("racing joins", racing_joins, 40);
+    join_seeds("joins_that_race", 40);
 }
 
 /// Three joiners one after another, two uses of one invite.
