@@ -80,6 +80,14 @@ fn scenario(seed: u64) -> (&'static str, Config) {
     }
 }
 
+/// Writes a run's summary line where `cargo test` shows it, also for a test that passes
+/// (straight to the process's stderr, which the harness does not capture), so CI's log has
+/// the seed count and run time.
+fn report(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 fn replay_line(seed: u64) -> String {
     format!("KITH_SIM_SEED={seed} cargo test -p kith-protocol sim::tests::replay -- --nocapture")
 }
@@ -137,12 +145,12 @@ fn seeds() {
             ));
         }
     }
-    println!(
+    report(format_args!(
         "simulator: {count} seeds, {sent} messages, {} simulated hours in {:.1} s; {recovered} undecryptable texts re-sent on request; {admitted} members added by invite or again, {join_lost} joins that lost a race, {deep_forks} deep forks; {} failed",
         virtual_ms / 3_600_000,
         started.elapsed().as_secs_f64(),
         failed.len()
-    );
+    ));
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
@@ -204,11 +212,11 @@ fn join_seeds(name: &str, default_seeds: u64) {
             ));
         }
     }
-    println!(
+    report(format_args!(
         "{name}: {seeds} seeds in {:.1} s; {admitted} members added, {refused} joiners turned away, {lost} joins that lost a race or were doubted; {} failed",
         started.elapsed().as_secs_f64(),
         failed.len()
-    );
+    ));
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
@@ -293,13 +301,13 @@ fn racing_joins() -> Config {
 fn big(name: &str, cfg: Config, seed: u64) {
     let started = Instant::now();
     let (w, bad) = run(cfg, seed);
-    println!(
+    report(format_args!(
         "simulator, {name}: {} messages, {} simulated minutes in {:.1} s, {:?}",
         w.sent(),
         w.stats.virtual_ms / 60_000,
         started.elapsed().as_secs_f64(),
         w.stats
-    );
+    ));
     assert!(bad.is_empty(), "{name} (seed {seed}): {}", bad.join("; "));
 }
 
