@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use kith_client::model::NodeEvent;
+use kith_client::model::{MessageInfo, NodeEvent};
 use kith_node::config::{BootstrapPeer, NodeConfig};
 use kith_node::engine::{Actor, EngineError, EngineHandle};
 use kith_node::node::{self, NodeOptions, RunningNode};
@@ -52,6 +52,16 @@ pub trait InGroup {
         group: &str,
         op: impl FnOnce(&mut Actor, &str) -> Result<T, EngineError> + Send + 'static,
     ) -> impl Future<Output = Result<T, EngineError>> + Send;
+
+    /// Sends `text` to `group`.
+    fn send_text(
+        &self,
+        group: &str,
+        text: &str,
+    ) -> impl Future<Output = Result<MessageInfo, EngineError>> + Send {
+        let text = text.to_owned();
+        self.in_group(group, move |e, g| e.send(g, &text))
+    }
 }
 
 impl InGroup for EngineHandle {

@@ -206,24 +206,12 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     // Before: B's texts reach A, then A's own (durable, so everything before is on disk).
     let from_b: Vec<String> = (0..BEFORE).map(|i| format!("b before {i}")).collect();
     for t in &from_b {
-        b.node
-            .engine
-            .in_group(&g, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        b.node.engine.send_text(&g, t).await?;
     }
     wait_texts(&mut a_events, "A", &from_b).await?;
     let from_a: Vec<String> = (0..BEFORE).map(|i| format!("a before {i}")).collect();
     for t in &from_a {
-        a.node
-            .engine
-            .in_group(&g, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        a.node.engine.send_text(&g, t).await?;
     }
     wait_texts(&mut b_events, "B", &from_a).await?;
     let before = a
@@ -246,13 +234,7 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     let filler = fill(tmpfs.path())?;
     let unnoticed: Vec<String> = (0..UNNOTICED).map(|i| format!("b unnoticed {i}")).collect();
     for t in &unnoticed {
-        b.node
-            .engine
-            .in_group(&g, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        b.node.engine.send_text(&g, t).await?;
     }
     wait_texts(&mut a_events, "A", &unnoticed).await?;
     wait_storage(&a, "A's flush to fail", |s| {
@@ -342,13 +324,7 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     let ignored = metric(&a, "kith_envelopes_ignored_total{reason=\"storage\"}").await?;
     let sent_during: Vec<String> = (0..DURING).map(|i| format!("b during {i}")).collect();
     for t in &sent_during {
-        b.node
-            .engine
-            .in_group(&g, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        b.node.engine.send_text(&g, t).await?;
     }
     let deadline = tokio::time::Instant::now() + WAIT;
     while metric(&a, "kith_envelopes_ignored_total{reason=\"storage\"}").await?
@@ -378,15 +354,7 @@ async fn a_full_disk_refuses_writes_then_heals_without_a_restart() -> anyhow::Re
     let sent_after: Vec<String> = (0..AFTER).map(|i| format!("a after {i}")).collect();
     let mut ok = 0;
     for t in &sent_after {
-        if a.node
-            .engine
-            .in_group(&g, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await
-            .is_ok()
-        {
+        if a.node.engine.send_text(&g, t).await.is_ok() {
             ok += 1;
         }
     }

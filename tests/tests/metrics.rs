@@ -92,13 +92,7 @@ async fn counters_follow_a_conversation() -> anyhow::Result<()> {
     let mut b_events = b.node.engine.subscribe();
     let texts: Vec<String> = (0..3).map(|i| format!("metered {i}")).collect();
     for t in &texts {
-        a.node
-            .engine
-            .in_group(&group.id, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        a.node.engine.send_text(&group.id, t).await?;
     }
     wait_texts(&mut b_events, "B", &texts).await?;
 

@@ -153,13 +153,7 @@ async fn texts_written_across_a_partition_come_back_after_their_keys_are_gone() 
     wait_connected(&b, "B to lose A", |p| !p.contains(&pa)).await?;
     let cut: Vec<String> = (1..=3).map(|i| format!("cut off {i}")).collect();
     for t in &cut {
-        b.node
-            .engine
-            .in_group(&group.id, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        b.node.engine.send_text(&group.id, t).await?;
     }
     let updated = a
         .node

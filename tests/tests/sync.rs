@@ -112,22 +112,10 @@ async fn offline_node_catches_up_by_itself() -> anyhow::Result<()> {
     let mut from_b = Vec::new();
     for i in 0..25 {
         let t = format!("a{i}");
-        a.node
-            .engine
-            .in_group(&group.id, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        a.node.engine.send_text(&group.id, &t).await?;
         from_a.push(t);
         let t = format!("b{i}");
-        b.node
-            .engine
-            .in_group(&group.id, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        b.node.engine.send_text(&group.id, &t).await?;
         from_b.push(t);
     }
     wait_texts(&mut b_events, "B", &from_a).await?;
@@ -213,13 +201,7 @@ async fn history_comes_from_a_member_other_than_the_sender() -> anyhow::Result<(
     let mut b_events = b.node.engine.subscribe();
     let sent: Vec<String> = (0..10).map(|i| format!("from a {i}")).collect();
     for t in &sent {
-        a.node
-            .engine
-            .in_group(&group.id, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        a.node.engine.send_text(&group.id, t).await?;
     }
     wait_texts(&mut b_events, "B", &sent).await?;
     // The sender leaves; only B holds its messages for C.
@@ -289,13 +271,7 @@ async fn partial_epoch_gets_only_the_missing_half() -> anyhow::Result<()> {
     let mut b_events = b.node.engine.subscribe();
     let sent: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
     for t in &sent {
-        a.node
-            .engine
-            .in_group(&group.id, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        a.node.engine.send_text(&group.id, t).await?;
     }
     wait_texts(&mut b_events, "B", &sent).await?;
     let id: GroupId = group.id.parse()?;
@@ -412,13 +388,7 @@ async fn configured_retention_prunes_history() -> anyhow::Result<()> {
     let group = a.node.engine.run(|e| e.create_group("small")).await?;
     let sent: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
     for t in &sent {
-        a.node
-            .engine
-            .in_group(&group.id, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        a.node.engine.send_text(&group.id, t).await?;
     }
     let ids_before = history_ids(&a, &group.id).await?;
     assert_eq!(ids_before.len(), 11, "creation row plus 10 messages");
@@ -495,13 +465,7 @@ async fn restarted_member_gets_every_message_although_newer_ones_arrive_first() 
     let mut want: BTreeSet<String> = BTreeSet::from(["first".to_owned()]);
     for i in 0..80 {
         let t = format!("while down {i}");
-        a.node
-            .engine
-            .in_group(&group.id, {
-                let t = t.clone();
-                move |e, g| e.send(g, &t)
-            })
-            .await?;
+        a.node.engine.send_text(&group.id, &t).await?;
         want.insert(t);
     }
     // A keeps talking while B comes back.
@@ -512,12 +476,7 @@ async fn restarted_member_gets_every_message_although_newer_ones_arrive_first() 
             let mut sent = Vec::new();
             for i in 0..300 {
                 let t = format!("meanwhile {i}");
-                engine
-                    .in_group(&id, {
-                        let t = t.clone();
-                        move |e, g| e.send(g, &t)
-                    })
-                    .await?;
+                engine.send_text(&id, &t).await?;
                 sent.push(t);
                 if i % 20 == 0 {
                     tokio::task::yield_now().await;
@@ -582,13 +541,7 @@ async fn member_away_for_many_epochs_reads_the_messages_of_each() -> anyhow::Res
     for round in 0..rounds {
         for i in 0..10 {
             let t = format!("epoch round {round} text {i}");
-            a.node
-                .engine
-                .in_group(&group.id, {
-                    let t = t.clone();
-                    move |e, g| e.send(g, &t)
-                })
-                .await?;
+            a.node.engine.send_text(&group.id, &t).await?;
             want.insert(t);
         }
         a.node
