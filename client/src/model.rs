@@ -24,6 +24,51 @@ pub struct StatusInfo {
     /// Whether the node can write to its disk (absent from older nodes: `ok`).
     #[serde(default)]
     pub storage: StorageStatus,
+    /// Whether other nodes can dial this one (absent from older nodes: `unknown`).
+    #[serde(default)]
+    pub reach: ReachInfo,
+    /// Connected peers reached only through a relay circuit (absent from older nodes: 0).
+    #[serde(default)]
+    pub relayed_peers: usize,
+}
+
+/// Whether other nodes can dial this one, in [`StatusInfo::reach`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ReachInfo {
+    /// Not known yet (no address confirmed, no probe answered).
+    #[default]
+    Unknown,
+    /// Others dialled these addresses back: directly reachable.
+    Direct {
+        /// The confirmed addresses, each with its scope (`public`, `lan`, `loopback`).
+        addrs: Vec<ScopedAddr>,
+    },
+    /// Behind NAT, reachable through relays.
+    Relayed {
+        /// The relays held, with the circuit address others dial.
+        relays: Vec<RelayInfo>,
+    },
+    /// Behind NAT, no relay reservation yet: reachable only by nodes it dials itself.
+    BehindNat,
+}
+
+/// An address and who can use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopedAddr {
+    /// The multiaddr.
+    pub addr: String,
+    /// `public`, `relayed`, `lan` or `loopback`.
+    pub scope: String,
+}
+
+/// A relay reservation, in [`ReachInfo::Relayed`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// The relay's PeerId.
+    pub peer: String,
+    /// The circuit address through it.
+    pub addr: String,
 }
 
 /// Whether the node can write to its disk, in [`StatusInfo::storage`].
@@ -195,6 +240,14 @@ pub struct InviteInfo {
     /// Joins wait for a member's approval.
     #[serde(default)]
     pub approval: bool,
+    /// The addresses in the link, best first, each with its scope (absent from older
+    /// nodes).
+    #[serde(default)]
+    pub addrs: Vec<ScopedAddr>,
+    /// Whether the link works from outside the inviter's LAN: it holds a public or relayed
+    /// address (absent from older nodes: `true`).
+    #[serde(default = "yes")]
+    pub leaves_lan: bool,
 }
 
 /// An invite of a group as every member stores it: `GET /v1/groups/{group}/invites`.
@@ -519,6 +572,13 @@ mod tests {
                 reason: "disk_full".into(),
                 message: "no space".into(),
             },
+            reach: ReachInfo::Relayed {
+                relays: vec![RelayInfo {
+                    peer: "12D3KooWrelay".into(),
+                    addr: "/ip4/203.0.113.5/tcp/7341/p2p/12D3KooWrelay/p2p-circuit".into(),
+                }],
+            },
+            relayed_peers: 1,
         };
         let want = json!({
             "peer_id": "12D3KooWBB4XFKs24mUqit5MLWhAhY6xs23BMLb5fZYKDu7Wiy3k",
@@ -535,10 +595,42 @@ mod tests {
             "storage": {
                 "state": "failing", "since_ms": 1_795_353_513_174_u64,
                 "reason": "disk_full", "message": "no space"
-            }
+            },
+            "reach": {
+                "state": "relayed",
+                "relays": [{
+                    "peer": "12D3KooWrelay",
+                    "addr": "/ip4/203.0.113.5/tcp/7341/p2p/12D3KooWrelay/p2p-circuit"
+                }]
+            },
+            "relayed_peers": 1
         });
         assert_eq!(serde_json::to_value(&status).unwrap(), want);
-        assert_eq!(serde_json::from_value::<StatusInfo>(want).unwrap(), status);
+        assert_eq!(
+            serde_json::from_value::<StatusInfo>(want.clone()).unwrap(),
+            status
+        );
+        // A node from before NAT traversal sends neither field.
+        let mut old = want;
+        let o = old.as_object_mut().unwrap();
+        o.remove("reach");
+        o.remove("relayed_peers");
+        let old: StatusInfo = serde_json::from_value(old).unwrap();
+        assert_eq!((old.reach, old.relayed_peers), (ReachInfo::Unknown, 0));
+        let direct = ReachInfo::Direct {
+            addrs: vec![ScopedAddr {
+                addr: "/ip4/203.0.113.9/tcp/7341".into(),
+                scope: "public".into(),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(&direct).unwrap(),
+            json!({"state": "direct", "addrs": [{"addr": "/ip4/203.0.113.9/tcp/7341", "scope": "public"}]})
+        );
+        assert_eq!(
+            serde_json::to_value(ReachInfo::BehindNat).unwrap(),
+            json!({"state": "behind_nat"})
+        );
 
         let event = NodeEvent::JoinProgress {
             group: "ab".repeat(32),

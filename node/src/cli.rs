@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use kith_client::model::{
     CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, JoinStage, MessageBody, MessageInfo,
-    NodeEvent, StatusInfo, StorageStatus,
+    NodeEvent, ReachInfo, StatusInfo, StorageStatus,
 };
 use kith_client::text::{clean, clean_multiline, format_utc, short_peer};
 use kith_client::{Client, ClientError, LiveEvent};
@@ -166,6 +166,12 @@ pub struct RunArgs {
     /// one, written to metrics.addr in the data directory). Off by default.
     #[arg(long = "metrics", value_name = "IP:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Do not relay circuits for nodes behind NAT, even when this node is reachable.
+    #[arg(long)]
+    pub no_relay_service: bool,
+    /// Ask the home router for a port mapping with UPnP (off by default).
+    #[arg(long)]
+    pub upnp: bool,
     /// Start over on purpose with this node key and an empty database, when the start check
     /// finds kith.redb missing, empty or another key's (the old file is kept as
     /// kith.redb.old-<time>). Changes nothing when key and database belong together.
@@ -189,6 +195,8 @@ impl RunArgs {
             no_mdns: self.no_mdns,
             api_listen: self.api_listen,
             metrics_listen: self.metrics_listen,
+            no_relay_service: self.no_relay_service,
+            upnp: self.upnp,
         }
     }
 
@@ -947,6 +955,7 @@ fn print_status(s: &StatusInfo) -> Result<(), CliError> {
         let label = if i == 0 { "listening:" } else { "" };
         lines.push(format!("{label:<10} {}", clean(addr)));
     }
+    lines.push(reach_line(&s.reach, s.relayed_peers));
     lines.push(storage_line(&s.storage));
     lines.push(format!("groups:    {}", s.groups.len()));
     for g in &s.groups {
@@ -1083,6 +1092,36 @@ fn delivery_line(g: &GroupInfo) -> String {
     }
 }
 
+/// One line on whether others can dial this node.
+fn reach_line(r: &ReachInfo, relayed_peers: usize) -> String {
+    let relayed = if relayed_peers > 0 {
+        format!(" ({relayed_peers} peers through a relay)")
+    } else {
+        String::new()
+    };
+    let text = match r {
+        ReachInfo::Unknown => "checking (no other node has tested this one yet)".to_owned(),
+        ReachInfo::Direct { addrs } => {
+            let first = addrs.first();
+            let at = first.map(|a| clean(&a.addr)).unwrap_or_default();
+            match first.map(|a| a.scope.as_str()) {
+                Some("public") => format!("public at {at}"),
+                Some("lan") => format!("reachable on this LAN at {at}"),
+                Some("loopback") => format!("reachable on this machine at {at}"),
+                _ => format!("reachable at {at}"),
+            }
+        }
+        ReachInfo::Relayed { relays } => {
+            let names: Vec<String> = relays.iter().map(|r| short_peer(&r.peer)).collect();
+            format!("behind NAT, reachable through relay {}", names.join(", "))
+        }
+        ReachInfo::BehindNat => {
+            "behind NAT, no relay yet (others cannot dial this node; it dials them)".to_owned()
+        }
+    };
+    format!("reach:     {text}{relayed}")
+}
+
 fn print_invite(invite: &InviteInfo, qr: bool) -> Result<(), CliError> {
     let uses = if invite.max_uses == 1 {
         "1 join".to_owned()
@@ -1102,6 +1141,12 @@ fn print_invite(invite: &InviteInfo, qr: bool) -> Result<(), CliError> {
         clean(&invite.id),
         short_id(&invite.id)
     );
+    if !invite.leaves_lan {
+        text.push_str(
+            "\nNote: this node has no public address or relay yet, so the link works only on \
+             this LAN. Once `kith status` shows a relay or a public address, create a new one.",
+        );
+    }
     if qr {
         match render_qr(&invite.url) {
             Some(code) => {

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use kith_protocol::group::UpdatePolicy;
 
+pub use crate::net::{NatSettings, RelayLimits};
 use crate::store::{DEFAULT_RETENTION_DAYS, DEFAULT_RETENTION_MAX_MESSAGES, Retention};
 
 /// File name of the configuration file inside the data directory.
@@ -50,6 +51,10 @@ pub mod env {
     pub const API_ALLOW_NON_LOOPBACK: &str = "KITH_API_ALLOW_NON_LOOPBACK";
     /// Overrides `metrics_listen` (`IP:PORT`).
     pub const METRICS: &str = "KITH_METRICS";
+    /// Overrides `nat.relay_service` (boolean, as for `KITH_MDNS`).
+    pub const RELAY_SERVICE: &str = "KITH_RELAY_SERVICE";
+    /// Overrides `nat.upnp` (boolean, as for `KITH_MDNS`).
+    pub const UPNP: &str = "KITH_UPNP";
 }
 
 /// Why the configuration could not be loaded. Each variant names the file, variable or
@@ -144,6 +149,115 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// When this node refreshes its own key in each group (`[keys]`).
     pub keys: KeysConfig,
+    /// NAT traversal: the relay service for others, relays for us, UPnP (`[nat]`).
+    pub nat: NatConfig,
+}
+
+/// `[nat]` in `config.toml`: how the node gets through home routers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatConfig {
+    /// Relay circuits for nodes behind NAT while this node is directly reachable.
+    pub relay_service: bool,
+    /// Reservations held on other nodes' relays while this node is not directly reachable
+    /// (0 to [`MAX_RELAYS_WANTED`]; 0: never reachable from outside the LAN).
+    pub relays_wanted: u64,
+    /// Ask the home router for a port mapping with UPnP.
+    pub upnp: bool,
+    /// Relay service: nodes holding a reservation at once.
+    pub relay_max_reservations: u64,
+    /// Relay service: circuits at once.
+    pub relay_max_circuits: u64,
+    /// Relay service: circuits at once per peer.
+    pub relay_max_circuits_per_peer: u64,
+    /// Relay service: minutes a circuit lasts before it is closed.
+    pub relay_circuit_minutes: u64,
+    /// Relay service: KiB a circuit carries each way before it is closed.
+    pub relay_circuit_kib: u64,
+}
+
+/// Largest accepted `nat.relays_wanted`.
+pub const MAX_RELAYS_WANTED: u64 = 8;
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        let d = crate::net::NatSettings::default();
+        let l = crate::net::RelayLimits::default();
+        NatConfig {
+            relay_service: d.relay_service.is_some(),
+            relays_wanted: d.relays_wanted as u64,
+            upnp: d.upnp,
+            relay_max_reservations: l.max_reservations as u64,
+            relay_max_circuits: l.max_circuits as u64,
+            relay_max_circuits_per_peer: l.max_circuits_per_peer as u64,
+            relay_circuit_minutes: l.circuit_duration.as_secs() / 60,
+            relay_circuit_kib: l.circuit_bytes / 1024,
+        }
+    }
+}
+
+impl NatConfig {
+    /// Checks the bounds and converts to the network's settings.
+    pub fn validate(&self) -> Result<crate::net::NatSettings, ConfigError> {
+        let bounded = |field: &'static str, v: u64, max: u64, unit: &str| {
+            if (1..=max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(ConfigError::InvalidField {
+                    field,
+                    value: v.to_string(),
+                    reason: format!("must be 1 to {max} {unit}"),
+                })
+            }
+        };
+        if self.relays_wanted > MAX_RELAYS_WANTED {
+            return Err(ConfigError::InvalidField {
+                field: "nat.relays_wanted",
+                value: self.relays_wanted.to_string(),
+                reason: format!("must be 0 to {MAX_RELAYS_WANTED}"),
+            });
+        }
+        let limits = crate::net::RelayLimits {
+            max_reservations: bounded(
+                "nat.relay_max_reservations",
+                self.relay_max_reservations,
+                4096,
+                "reservations",
+            )? as usize,
+            max_circuits: bounded(
+                "nat.relay_max_circuits",
+                self.relay_max_circuits,
+                1024,
+                "circuits",
+            )? as usize,
+            max_circuits_per_peer: bounded(
+                "nat.relay_max_circuits_per_peer",
+                self.relay_max_circuits_per_peer,
+                64,
+                "circuits",
+            )? as usize,
+            circuit_duration: std::time::Duration::from_secs(
+                60 * bounded(
+                    "nat.relay_circuit_minutes",
+                    self.relay_circuit_minutes,
+                    1440,
+                    "minutes",
+                )?,
+            ),
+            circuit_bytes: 1024
+                * bounded(
+                    "nat.relay_circuit_kib",
+                    self.relay_circuit_kib,
+                    1 << 20,
+                    "KiB",
+                )?,
+        };
+        Ok(crate::net::NatSettings {
+            relay_service: self.relay_service.then_some(limits),
+            relays_wanted: self.relays_wanted as usize,
+            upnp: self.upnp,
+        })
+    }
 }
 
 /// Largest accepted `keys.update_after_messages`.
@@ -258,6 +372,7 @@ impl Default for Config {
             metrics_listen: None,
             retention: RetentionConfig::default(),
             keys: KeysConfig::default(),
+            nat: NatConfig::default(),
         }
     }
 }
@@ -277,6 +392,10 @@ pub struct ConfigOverrides {
     pub api_listen: Option<SocketAddr>,
     /// `--metrics`.
     pub metrics_listen: Option<SocketAddr>,
+    /// `--no-relay-service`.
+    pub no_relay_service: bool,
+    /// `--upnp`.
+    pub upnp: bool,
 }
 
 /// A bootstrap peer: its id and where to dial it.
@@ -308,6 +427,8 @@ pub struct NodeConfig {
     pub retention: Retention,
     /// When to refresh this node's own key in each group.
     pub update_policy: UpdatePolicy,
+    /// NAT traversal settings.
+    pub nat: crate::net::NatSettings,
     /// How long past epochs' secrets are kept after this node left them: always
     /// [`kith_protocol::group::PAST_EPOCH_TTL`] from a config file; tests shorten it.
     pub past_epoch_ttl: std::time::Duration,
@@ -381,6 +502,12 @@ impl Config {
         if let Some(v) = get(env::API_ALLOW_NON_LOOPBACK)? {
             self.api_allow_non_loopback = parse_env_bool(env::API_ALLOW_NON_LOOPBACK, &v)?;
         }
+        if let Some(v) = get(env::RELAY_SERVICE)? {
+            self.nat.relay_service = parse_env_bool(env::RELAY_SERVICE, &v)?;
+        }
+        if let Some(v) = get(env::UPNP)? {
+            self.nat.upnp = parse_env_bool(env::UPNP, &v)?;
+        }
         if let Some(v) = get(env::METRICS)? {
             self.metrics_listen = Some(v.trim().parse().map_err(|e| ConfigError::InvalidEnv {
                 var: env::METRICS,
@@ -410,6 +537,12 @@ impl Config {
         }
         if let Some(metrics_listen) = overrides.metrics_listen {
             self.metrics_listen = Some(metrics_listen);
+        }
+        if overrides.no_relay_service {
+            self.nat.relay_service = false;
+        }
+        if overrides.upnp {
+            self.nat.upnp = true;
         }
     }
 
@@ -444,6 +577,7 @@ impl Config {
         }
         let retention = self.retention.validate()?;
         let update_policy = self.keys.validate()?;
+        let nat = self.nat.validate()?;
         Ok(NodeConfig {
             network: self.network.clone(),
             listen,
@@ -453,6 +587,7 @@ impl Config {
             metrics_listen: self.metrics_listen,
             retention,
             update_policy,
+            nat,
             past_epoch_ttl: kith_protocol::group::PAST_EPOCH_TTL,
         })
     }
@@ -546,6 +681,23 @@ max_messages = {keep}
 [keys]
 update_after_messages = {update_messages}
 update_after_days = {update_days}
+
+# Getting through home routers (NAT). A node that others can dial (AutoNAT checks this)
+# relays circuits for nodes behind NAT within the limits below; a node behind NAT holds
+# `relays_wanted` reservations on such relays (members of its groups first), and direct
+# connections are punched through the NATs where they allow it.
+# relay_service: Env KITH_RELAY_SERVICE (true/false). Flag: --no-relay-service.
+# upnp (ask the router for a port mapping): Env KITH_UPNP (true/false). Flag: --upnp.
+# relays_wanted: 0 to {max_relays}. The relay_* limits: file only.
+[nat]
+relay_service = {relay_service}
+relays_wanted = {relays_wanted}
+upnp = {upnp}
+relay_max_reservations = {relay_res}
+relay_max_circuits = {relay_circ}
+relay_max_circuits_per_peer = {relay_circ_peer}
+relay_circuit_minutes = {relay_minutes}
+relay_circuit_kib = {relay_kib}
 "#,
             network = quote(network),
             port = DEFAULT_PORT,
@@ -562,6 +714,15 @@ update_after_days = {update_days}
             max_update_days = MAX_UPDATE_AFTER_DAYS,
             update_messages = d.keys.update_after_messages,
             update_days = d.keys.update_after_days,
+            max_relays = MAX_RELAYS_WANTED,
+            relay_service = d.nat.relay_service,
+            relays_wanted = d.nat.relays_wanted,
+            upnp = d.nat.upnp,
+            relay_res = d.nat.relay_max_reservations,
+            relay_circ = d.nat.relay_max_circuits,
+            relay_circ_peer = d.nat.relay_max_circuits_per_peer,
+            relay_minutes = d.nat.relay_circuit_minutes,
+            relay_kib = d.nat.relay_circuit_kib,
         )
     }
 }

@@ -39,7 +39,6 @@ use kith_protocol::sync::{
     Holdings, Summary, SyncItem, SyncRefusal, SyncRequest, SyncResponse, respond,
 };
 use libp2p::identity::Keypair;
-use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -48,9 +47,10 @@ use crate::crashpoint::{self, Point};
 use crate::metrics::{GroupGauges, JoinRequestResult, JoinResult, KithMetrics};
 use crate::model::{
     CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, InviteSummary, JoinRequestInfo,
-    JoinStage, MemberInfo, MessageBody, MessageInfo, NodeEvent, StatusInfo,
+    JoinStage, MemberInfo, MessageBody, MessageInfo, NodeEvent, ReachInfo, RelayInfo, ScopedAddr,
+    StatusInfo,
 };
-use crate::net::{MAX_BLOCKED_PEERS, NetError, NetEvent, NetHandle};
+use crate::net::{MAX_BLOCKED_PEERS, NetError, NetEvent, NetHandle, NetInfo};
 use crate::store::{Batch, HealthView, KithProvider, Retention, Store, StoreError};
 use crate::sync::{MAX_SCAN_ENVELOPES, SYNC_INTERVAL, SyncLimiter};
 

@@ -4,7 +4,15 @@
 //! engine), Kademlia on `/kith/kad/1.0.0` (peer routing and member rendezvous through provider
 //! records), identify, ping, request-response for joining (`/kith/join/1.0.0`) and for
 //! history sync (`/kith/sync/1.0.0`), optional mDNS, and a block list (connection gating, e.g. for partition tests without root).
-//! Transports: TCP and QUIC, with Noise and Yamux on TCP.
+//! Transports: TCP and QUIC, with Noise and Yamux on TCP, and circuit relay v2 circuits.
+//!
+//! Reaching nodes behind NAT (see [`reach`]): AutoNAT v2 (client and server) confirms which
+//! observed addresses others can dial back; Kademlia serves the DHT only while one is
+//! confirmed. A directly reachable node serves circuit relay v2 within configured limits; a
+//! node that is not keeps reservations on a few relays (members of its groups first) and
+//! advertises the circuit addresses. DCUtR turns a relayed connection into a direct one
+//! where the NATs allow, and the relayed connection is then closed so group traffic takes
+//! the direct path. Optional UPnP asks the home router for a port mapping.
 //!
 //! When metrics are on, the task records libp2p's swarm and behaviour metrics and the
 //! transport's bandwidth, and gossipsub keeps its internal per-topic metrics (see
@@ -28,6 +36,7 @@ use kith_protocol::sync::{
     MAX_SYNC_REQUEST_BYTES, MAX_SYNC_RESPONSE_BYTES, SyncRequest, SyncResponse,
 };
 use kith_protocol::{codec, group::Verdict};
+use libp2p::core::transport::ListenerId;
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::identity::Keypair;
 use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
@@ -39,8 +48,8 @@ use libp2p::swarm::{
     dial_opts::{DialOpts, PeerCondition},
 };
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, identify, kad, mdns, noise, ping,
-    tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, autonat, dcutr, identify, kad,
+    mdns, noise, ping, relay, tcp, upnp, yamux,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
@@ -49,7 +58,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::metrics::FrameBytes;
 
 mod listen;
+pub mod reach;
 pub use listen::ListenFailure;
+use reach::Reach;
+pub use reach::Reachability;
 
 /// Kademlia protocol name: a separate DHT from the public IPFS one.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/kad/1.0.0");
@@ -92,6 +104,19 @@ const REDIAL_ATTEMPTS: u8 = 8;
 /// Idle connections are kept this long: re-dialling costs a Noise handshake, which showed
 /// up as the largest idle cost of a 100-node testnet.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often relay reservations are checked (and renewed where lost).
+const REACH_INTERVAL: Duration = Duration::from_secs(2);
+/// Dial attempts for a group peer whose last connection closed (every [`REDIAL_INTERVAL`]).
+const RECONNECT_ATTEMPTS: u8 = 45;
+/// Shortest time between two refreshes of the DHT announcements and lookups.
+const RENDEZVOUS_REFRESH: Duration = Duration::from_secs(5);
+/// Longest gap between the node's own DHT refreshes (the engine's rendezvous every 5
+/// minutes covers the long run).
+const MAX_EARLY_REFRESH: Duration = Duration::from_secs(160);
+/// Until this many DHT servers are known, each new one refreshes the announcements.
+const FEW_DHT_SERVERS: usize = 8;
+/// Group peers remembered for reconnecting, at most.
+const MAX_TOPIC_PEERS: usize = 4096;
 /// Queue depths.
 const COMMAND_QUEUE: usize = 1024;
 const EVENT_QUEUE: usize = 4096;
@@ -113,6 +138,56 @@ pub struct NetConfig {
     pub heartbeat: Duration,
     /// Counters of the history sync protocol's frame bytes.
     pub sync_bytes: FrameBytes,
+    /// NAT traversal: relay service, reservations, UPnP.
+    pub nat: NatSettings,
+}
+
+/// Limits of the circuit relay v2 service a directly reachable node offers to others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Reservations held for other nodes at once.
+    pub max_reservations: usize,
+    /// Circuits relayed at once.
+    pub max_circuits: usize,
+    /// Circuits relayed at once per peer.
+    pub max_circuits_per_peer: usize,
+    /// Longest a circuit lasts before the relay closes it.
+    pub circuit_duration: Duration,
+    /// Most bytes a circuit carries (each way) before the relay closes it.
+    pub circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            max_reservations: 32,
+            max_circuits: 16,
+            max_circuits_per_peer: 4,
+            circuit_duration: Duration::from_secs(30 * 60),
+            circuit_bytes: 1 << 22,
+        }
+    }
+}
+
+/// How the node deals with NATs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatSettings {
+    /// Serve circuit relay v2 with these limits (`None`: do not relay for others).
+    pub relay_service: Option<RelayLimits>,
+    /// Relay reservations to hold while not directly reachable.
+    pub relays_wanted: usize,
+    /// Ask the router for a port mapping with UPnP.
+    pub upnp: bool,
+}
+
+impl Default for NatSettings {
+    fn default() -> Self {
+        NatSettings {
+            relay_service: Some(RelayLimits::default()),
+            relays_wanted: 2,
+            upnp: false,
+        }
+    }
 }
 
 /// Why the network could not start or a request failed.
@@ -204,6 +279,24 @@ pub struct NetInfo {
     pub listen_addrs: Vec<Multiaddr>,
     /// Connected peers.
     pub connected: Vec<PeerId>,
+    /// Connected peers reached only through a relay circuit (no direct connection).
+    pub relayed: Vec<PeerId>,
+    /// Whether others can dial this node, and how.
+    pub reachability: Reachability,
+}
+
+impl NetInfo {
+    /// The addresses others may use, best first: confirmed direct ones, relay circuits,
+    /// then the listen addresses (which the invite ordering sorts by scope).
+    pub fn shareable_addrs(&self) -> Vec<Multiaddr> {
+        let mut out = match &self.reachability {
+            Reachability::Direct { addrs } => addrs.clone(),
+            Reachability::Relayed { circuits } => circuits.iter().map(|(_, a)| a.clone()).collect(),
+            Reachability::Unknown | Reachability::BehindNat => Vec::new(),
+        };
+        out.extend(self.listen_addrs.iter().cloned());
+        out
+    }
 }
 
 enum Command {
@@ -733,6 +826,12 @@ struct Behaviour {
     join: request_response::Behaviour<JoinCodec>,
     sync: request_response::Behaviour<SyncCodec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    relay: Toggle<relay::Behaviour>,
+    dcutr: dcutr::Behaviour,
+    autonat: autonat::v2::client::Behaviour,
+    autonat_server: autonat::v2::server::Behaviour,
+    upnp: Toggle<upnp::tokio::Behaviour>,
 }
 
 fn topic_of(t: TopicId) -> gossipsub::IdentTopic {
@@ -743,6 +842,7 @@ fn topic_of(t: TopicId) -> gossipsub::IdentTopic {
 /// (prefix `gossipsub`).
 fn behaviour(
     key: &Keypair,
+    relay_client: relay::client::Behaviour,
     cfg: &NetConfig,
     registry: Option<&mut Registry>,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
@@ -767,8 +867,9 @@ fn behaviour(
     let mut kad_config = kad::Config::new(KAD_PROTOCOL);
     kad_config.set_query_timeout(Duration::from_secs(30));
     let mut kad = kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config);
-    // Every Kith node serves the DHT: nodes are peers, not clients of a server.
-    kad.set_mode(Some(kad::Mode::Server));
+    // Only a node others can dial serves the DHT (a NATed one in the routing tables would
+    // only cost everyone failed dials); the mode follows AutoNAT's verdict.
+    kad.set_mode(Some(kad::Mode::Client));
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
             .with_agent_version(format!("kith/{}", env!("CARGO_PKG_VERSION"))),
@@ -802,7 +903,32 @@ fn behaviour(
         join,
         sync,
         mdns: Toggle::from(mdns),
+        relay_client,
+        relay: Toggle::from(
+            cfg.nat
+                .relay_service
+                .as_ref()
+                .map(|l| relay_server(peer, l)),
+        ),
+        dcutr: dcutr::Behaviour::new(peer),
+        autonat: autonat::v2::client::Behaviour::default(),
+        autonat_server: autonat::v2::server::Behaviour::default(),
+        upnp: Toggle::from(cfg.nat.upnp.then(upnp::tokio::Behaviour::default)),
     })
+}
+
+/// The relay service with `limits` (libp2p's default rate limits per peer and per IP).
+fn relay_server(peer: PeerId, limits: &RelayLimits) -> relay::Behaviour {
+    let config = relay::Config {
+        max_reservations: limits.max_reservations,
+        max_reservations_per_peer: 2,
+        max_circuits: limits.max_circuits,
+        max_circuits_per_peer: limits.max_circuits_per_peer,
+        max_circuit_duration: limits.circuit_duration,
+        max_circuit_bytes: limits.circuit_bytes,
+        ..relay::Config::default()
+    };
+    relay::Behaviour::new(peer, config)
 }
 
 /// Builds the swarm and starts listening. With a registry, libp2p's metrics (swarm and
@@ -821,7 +947,9 @@ fn build_swarm(
             yamux::Config::default,
         )
         .map_err(|e| build(&e))?
-        .with_quic();
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| build(&e))?;
     let swarm_config =
         |c: libp2p::swarm::Config| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);
     let (mut swarm, metrics) = match registry {
@@ -829,7 +957,7 @@ fn build_swarm(
             let metrics = Libp2pMetrics::new(registry);
             let swarm = builder
                 .with_bandwidth_metrics(registry)
-                .with_behaviour(|key| behaviour(key, cfg, Some(registry)))
+                .with_behaviour(|key, relay| behaviour(key, relay, cfg, Some(registry)))
                 .map_err(|e| build(&e))?
                 .with_swarm_config(swarm_config)
                 .build();
@@ -837,7 +965,7 @@ fn build_swarm(
         }
         None => {
             let swarm = builder
-                .with_behaviour(|key| behaviour(key, cfg, None))
+                .with_behaviour(|key, relay| behaviour(key, relay, cfg, None))
                 .map_err(|e| build(&e))?
                 .with_swarm_config(swarm_config)
                 .build();
@@ -865,14 +993,14 @@ pub fn split_peer(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
     }
 }
 
-/// Whether an address is worth remembering or handing out (not unspecified, not a relay hop).
+/// Whether an address is worth remembering or handing out (not unspecified, not loopback
+/// unless we are on loopback too; relay circuits are kept: they are how a NATed peer is
+/// reached).
 fn is_dialable(addr: &Multiaddr) -> bool {
-    !addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_unspecified(),
-        Protocol::Ip6(ip) => ip.is_unspecified(),
-        Protocol::P2pCircuit => true,
-        _ => false,
-    })
+    !matches!(
+        kith_protocol::addr::AddrScope::of(addr),
+        kith_protocol::addr::AddrScope::Unusable
+    )
 }
 
 /// Starts the network task. Returns its handle and the event stream. With a metrics
@@ -921,6 +1049,15 @@ pub fn spawn(
         heartbeat: cfg.heartbeat,
         provider_queries: HashMap::new(),
         dials: HashMap::new(),
+        reach: Reach::new(cfg.nat.relays_wanted),
+        conns: HashMap::new(),
+        topic_peers: HashMap::new(),
+        provided: HashSet::new(),
+        last_refresh: None,
+        dht_servers: HashSet::new(),
+        refresh_pending: false,
+        next_refresh: std::time::Instant::now() + RENDEZVOUS_REFRESH,
+        refresh_every: RENDEZVOUS_REFRESH,
     };
     tokio::spawn(task.run(rx));
     Ok((NetHandle { tx }, ev_rx))
@@ -955,6 +1092,27 @@ struct NetTask {
     provider_queries: HashMap<kad::QueryId, oneshot::Sender<Vec<PeerId>>>,
     /// Dials a caller awaits, by connection: the peer and the answer channel.
     dials: HashMap<ConnectionId, (PeerId, oneshot::Sender<Result<(), NetError>>)>,
+    /// Reachability and relay reservations.
+    reach: Reach,
+    /// Open connections per peer, and whether each goes through a relay.
+    conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
+    /// Peers on one of our topics (group members), with their last identified addresses:
+    /// dialled again when their last connection closes.
+    topic_peers: HashMap<PeerId, Vec<Multiaddr>>,
+    /// DHT keys this node provides, announced again when it starts serving the DHT.
+    provided: HashSet<[u8; 32]>,
+    /// When the provided keys were last announced and looked up again.
+    last_refresh: Option<std::time::Instant>,
+    /// The first [`FEW_DHT_SERVERS`] peers seen serving the DHT.
+    dht_servers: HashSet<PeerId>,
+    /// A refresh was asked for too soon after the last one.
+    refresh_pending: bool,
+    /// When the provided keys are next announced and looked up again: soon after start or
+    /// a network change (who serves the DHT is only learnt in the first seconds), then
+    /// less and less often.
+    next_refresh: std::time::Instant,
+    /// The current gap between those refreshes (doubles up to [`MAX_EARLY_REFRESH`]).
+    refresh_every: Duration,
 }
 
 impl NetTask {
@@ -971,6 +1129,8 @@ impl NetTask {
         // heartbeat interval keeps it on time.
         let mut swarm_wake = tokio::time::interval(self.heartbeat);
         swarm_wake.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reach_timer = tokio::time::interval(REACH_INTERVAL);
+        reach_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -983,6 +1143,14 @@ impl NetTask {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
                 _ = redial_timer.tick(), if !self.redial.is_empty() => self.redial_unblocked(),
+                _ = reach_timer.tick() => {
+                    if self.refresh_pending || std::time::Instant::now() >= self.next_refresh {
+                        self.refresh_every = (self.refresh_every * 2).min(MAX_EARLY_REFRESH);
+                        self.next_refresh = std::time::Instant::now() + self.refresh_every;
+                        self.refresh_rendezvous();
+                    }
+                    self.tend_relays();
+                }
                 // Nothing to do: the next turn of the loop polls the swarm.
                 _ = swarm_wake.tick() => {}
             }
@@ -1116,11 +1284,15 @@ impl NetTask {
                 }
             }
             Command::Provide(key) => {
+                if self.provided.len() < MAX_PROVIDER_QUERIES * 64 {
+                    self.provided.insert(key);
+                }
                 if let Err(e) = b.kad.start_providing(kad::RecordKey::new(&key)) {
                     tracing::warn!(error = %e, "cannot announce group membership in the DHT");
                 }
             }
             Command::StopProviding(key) => {
+                self.provided.remove(&key);
                 b.kad.stop_providing(&kad::RecordKey::new(&key));
             }
             Command::FindProviders(key) => {
@@ -1136,10 +1308,18 @@ impl NetTask {
             }
             Command::Connect { peer, addrs, reply } => self.connect(peer, addrs, reply),
             Command::Info(reply) => {
+                let relayed = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| !c.is_empty() && c.values().all(|relayed| *relayed))
+                    .map(|(p, _)| *p)
+                    .collect();
                 let _ = reply.send(NetInfo {
                     peer_id: *self.swarm.local_peer_id(),
                     listen_addrs: self.listen_addrs.clone(),
                     connected: self.swarm.connected_peers().copied().collect(),
+                    relayed,
+                    reachability: self.reach.reachability(),
                 });
             }
             Command::SetBlocked { peers, reply } => {
@@ -1299,14 +1479,46 @@ impl NetTask {
             m.record(&event);
         }
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
-                tracing::info!(%address, "listening");
-                if !self.listen_addrs.contains(&address) {
-                    self.listen_addrs.push(address);
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                if self.reach.listen_addr(listener_id, &address) {
+                    tracing::info!(%address, "reachable through a relay");
+                } else {
+                    tracing::info!(%address, "listening");
+                    if !self.listen_addrs.contains(&address) {
+                        self.listen_addrs.push(address);
+                    }
                 }
             }
-            SwarmEvent::ExpiredListenAddr { address, .. } => {
+            SwarmEvent::ExpiredListenAddr {
+                listener_id,
+                address,
+            } if !self.reach.is_relay_listener(listener_id) => {
                 self.listen_addrs.retain(|a| a != &address);
+                self.network_changed(&address);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(relay) = self.reach.closed(listener_id, std::time::Instant::now()) {
+                    match reason {
+                        Ok(()) => tracing::info!(%relay, "relay reservation ended"),
+                        Err(e) => tracing::info!(%relay, error = %e, "relay reservation lost"),
+                    }
+                }
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "others can dial this node at this address");
+                if self.reach.confirmed(&address) {
+                    self.reachability_changed();
+                }
+            }
+            SwarmEvent::ExternalAddrExpired { address } if self.reach.expired(&address) => {
+                self.reachability_changed();
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -1316,6 +1528,7 @@ impl NetTask {
                 ..
             } => {
                 self.dial_done(connection_id, Ok(()));
+                self.track_connection(peer_id, connection_id, endpoint.is_relayed());
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
                 if num_established.get() == 1 {
                     self.emit(NetEvent::PeerConnected { peer: peer_id });
@@ -1327,10 +1540,20 @@ impl NetTask {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, num_established, "disconnected");
+                if let Some(c) = self.conns.get_mut(&peer_id) {
+                    c.remove(&connection_id);
+                    if c.is_empty() {
+                        self.conns.remove(&peer_id);
+                    }
+                }
+                if num_established == 0 {
+                    self.reconnect(peer_id);
+                }
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id,
@@ -1375,7 +1598,12 @@ impl NetTask {
                     data: message.data,
                 });
             }
-            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. }) => {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }) => {
+                if self.topic_peers.len() < MAX_TOPIC_PEERS
+                    || self.topic_peers.contains_key(&peer_id)
+                {
+                    self.topic_peers.entry(peer_id).or_default();
+                }
                 self.flush(&topic)
             }
             BehaviourEvent::Gossipsub(_) => {}
@@ -1386,7 +1614,18 @@ impl NetTask {
                     .filter(is_dialable)
                     .take(MAX_ADDRS_PER_PEER)
                     .collect();
+                let serves_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+                self.reach.identified(peer_id, serves_relay, &addrs);
+                if let Some(known) = self.topic_peers.get_mut(&peer_id) {
+                    known.clone_from(&addrs);
+                }
                 if info.protocols.contains(&KAD_PROTOCOL) {
+                    // One of the first few DHT servers seen: what was announced or looked
+                    // up before it (while nobody served the DHT) is done again.
+                    if self.dht_servers.len() < FEW_DHT_SERVERS && self.dht_servers.insert(peer_id)
+                    {
+                        self.refresh_rendezvous();
+                    }
                     for a in &addrs {
                         self.swarm
                             .behaviour_mut()
@@ -1401,7 +1640,57 @@ impl NetTask {
                     });
                 }
             }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            }) => {
+                // A dead path (the NAT mapping or our address went away) shows as failed
+                // pings long before TCP gives up; closing lets the redial find a live one.
+                tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
+                self.swarm.close_connection(connection);
+            }
             BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) => {}
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punched: direct connection"),
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying on the relay")
+                }
+            },
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                ..
+            }) => {
+                if !renewal {
+                    tracing::debug!(relay = %relay_peer_id, "relay reservation accepted");
+                }
+            }
+            BehaviourEvent::RelayClient(_) => {}
+            BehaviourEvent::Relay(ev) => tracing::debug!(?ev, "relay service"),
+            BehaviourEvent::Autonat(autonat::v2::client::Event {
+                tested_addr,
+                server,
+                result,
+                ..
+            }) => match result {
+                Ok(()) => tracing::debug!(addr = %tested_addr, %server, "address dialled back"),
+                Err(e) => {
+                    tracing::debug!(addr = %tested_addr, %server, error = %e, "address not dialled back");
+                    self.reach.probe_failed();
+                }
+            },
+            BehaviourEvent::AutonatServer(_) => {}
+            BehaviourEvent::Upnp(upnp::Event::NewExternalAddr { external_addr, .. }) => {
+                tracing::info!(addr = %external_addr, "router mapped a port (UPnP)");
+            }
+            BehaviourEvent::Upnp(upnp::Event::GatewayNotFound) => {
+                tracing::info!("no UPnP router found");
+            }
+            BehaviourEvent::Upnp(_) => {}
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 for (peer, addr) in list {
                     self.swarm
@@ -1456,6 +1745,131 @@ impl NetTask {
             BehaviourEvent::Join(ev) => self.on_join_event(ev),
             BehaviourEvent::Sync(ev) => self.on_sync_event(ev),
             BehaviourEvent::Block(never) => match never {},
+        }
+    }
+
+    /// Records a new connection; a relayed one is closed as soon as a direct one to the same
+    /// peer exists, so group traffic takes the direct path and the relay carries nothing.
+    fn track_connection(&mut self, peer: PeerId, id: ConnectionId, relayed: bool) {
+        let conns = self.conns.entry(peer).or_default();
+        conns.insert(id, relayed);
+        if conns.values().any(|r| !r) {
+            let surplus: Vec<ConnectionId> =
+                conns.iter().filter(|(_, r)| **r).map(|(c, _)| *c).collect();
+            for c in surplus {
+                tracing::debug!(%peer, "direct connection up; closing the relayed one");
+                self.swarm.close_connection(c);
+            }
+        }
+    }
+
+    /// Dials a group peer again after its last connection closed (unless it is blocked).
+    fn reconnect(&mut self, peer: PeerId) {
+        let Some(addrs) = self.topic_peers.get(&peer) else {
+            return;
+        };
+        if self.swarm.behaviour().block.blocked_peers().contains(&peer)
+            || self.redial.len() >= MAX_BLOCKED_PEERS
+        {
+            return;
+        }
+        let addrs = addrs.clone();
+        self.redial.insert(peer, (RECONNECT_ATTEMPTS, addrs));
+    }
+
+    /// Our own addresses changed (`gone` disappeared): the machine moved to another
+    /// network, or lost one. Confirmed addresses are stale, so is every connection that is
+    /// not on loopback; group peers are dialled again and relays asked afresh.
+    fn network_changed(&mut self, gone: &Multiaddr) {
+        use kith_protocol::addr::AddrScope;
+        if matches!(
+            AddrScope::of(gone),
+            AddrScope::Loopback | AddrScope::Unusable
+        ) {
+            return;
+        }
+        tracing::info!(address = %gone, "this node's address went away; reconnecting");
+        let externals: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
+        for a in externals {
+            self.swarm.remove_external_address(&a);
+        }
+        if self.reach.network_changed() {
+            self.reachability_changed();
+        }
+        self.refresh_every = RENDEZVOUS_REFRESH;
+        self.next_refresh = std::time::Instant::now() + RENDEZVOUS_REFRESH;
+        let peers: Vec<PeerId> = self.conns.keys().copied().collect();
+        for p in peers {
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+    }
+
+    /// Direct reachability changed: the DHT mode follows, and relay reservations are
+    /// dropped (now direct) or sought (no longer direct).
+    fn reachability_changed(&mut self) {
+        let direct = self.reach.is_direct();
+        let mode = if direct {
+            kad::Mode::Server
+        } else {
+            kad::Mode::Client
+        };
+        tracing::info!(?mode, "reachability changed; DHT mode follows");
+        self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+        if direct {
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+            self.refresh_rendezvous();
+        }
+        self.tend_relays();
+    }
+
+    /// Announces the provided keys again and looks their providers up (dialling the ones
+    /// found): the DHT just became usable (this node or its first routing peer started
+    /// serving it), and what was announced or looked up before reached nobody. At most
+    /// once per [`RENDEZVOUS_REFRESH`]; a refresh asked for sooner runs on a later tick.
+    fn refresh_rendezvous(&mut self) {
+        let now = std::time::Instant::now();
+        if self
+            .last_refresh
+            .is_some_and(|t| now.duration_since(t) < RENDEZVOUS_REFRESH)
+        {
+            self.refresh_pending = true;
+            return;
+        }
+        self.refresh_pending = false;
+        self.last_refresh = Some(now);
+        tracing::debug!(
+            keys = self.provided.len(),
+            "announcing and looking up again in the DHT"
+        );
+        for key in self.provided.clone() {
+            let kad = &mut self.swarm.behaviour_mut().kad;
+            let key = kad::RecordKey::new(&key);
+            let _ = kad.start_providing(key.clone());
+            kad.get_providers(key);
+        }
+    }
+
+    /// Keeps the wanted relay reservations: closes them once directly reachable, asks new
+    /// relays (members of our groups first) for the ones missing.
+    fn tend_relays(&mut self) {
+        for id in self.reach.surplus() {
+            self.swarm.remove_listener(id);
+            self.reach.closed(id, std::time::Instant::now());
+        }
+        let members: HashSet<PeerId> = self.topic_peers.keys().copied().collect();
+        for (relay, addr) in self.reach.plan(std::time::Instant::now(), &members) {
+            match self.swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    tracing::debug!(%relay, %addr, "asking a relay for a reservation");
+                    self.reach.listening(id, relay);
+                }
+                Err(e) => {
+                    tracing::debug!(%relay, error = %e, "cannot listen through relay");
+                    let id = ListenerId::next();
+                    self.reach.listening(id, relay);
+                    self.reach.closed(id, std::time::Instant::now());
+                }
+            }
         }
     }
 

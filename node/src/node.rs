@@ -146,6 +146,7 @@ pub async fn start_with(opts: NodeOptions, recovery: Recovery) -> Result<Running
             mdns: config.mdns,
             heartbeat,
             sync_bytes: kith_metrics.sync_bytes(),
+            nat: config.nat.clone(),
         },
         metrics_listener.as_ref().map(|_| &mut registry),
     )?;

@@ -56,6 +56,7 @@ impl TestNode {
             metrics_listen: Some(loopback),
             retention: Default::default(),
             update_policy: Default::default(),
+            nat: crate::net::NatSettings::default(),
             past_epoch_ttl: kith_protocol::group::PAST_EPOCH_TTL,
         };
         adjust(&mut config);

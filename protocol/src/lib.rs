@@ -2,6 +2,7 @@
 //!
 //! Everything here is pure logic: no sockets, no async runtime, no database. The node crate
 //! wraps it with IO. Modules:
+//! - [`addr`]: who can use an address, and the order addresses go into an invite.
 //! - [`ids`]: identifier newtypes (`GroupId`, `TopicId`, `MessageId`).
 //! - [`codec`]: the only place that turns wire types into bytes and back.
 //! - [`envelope`]: versioned wire types carried on gossipsub and request-response.
@@ -12,6 +13,7 @@
 //! - [`order`]: sender positions, gap tracking and undecryptable reasons (no message lost).
 //! - [`sync`]: history sync between members (summaries, paginated responses, gap detection).
 
+pub mod addr;
 pub mod codec;
 pub mod envelope;
 pub mod fork;

@@ -38,6 +38,7 @@ pub fn loopback_config(bootstrap: Vec<BootstrapPeer>) -> NodeConfig {
         metrics_listen: None,
         retention: Default::default(),
         update_policy: Default::default(),
+        nat: kith_node::config::NatSettings::default(),
         past_epoch_ttl: kith_protocol::group::PAST_EPOCH_TTL,
     }
 }
@@ -225,6 +226,22 @@ pub async fn wait_connected(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until each of `nodes` is connected to all the others. Members find each other
+/// through the DHT, which nobody serves until AutoNAT confirmed an address (the first
+/// seconds after start): a test that cuts a group in parts waits for this first, so each
+/// part is connected within itself.
+pub async fn wait_mesh(nodes: &[&TestNode]) -> anyhow::Result<()> {
+    let ids: Vec<PeerId> = nodes.iter().map(|n| n.node.peer_id).collect();
+    for n in nodes {
+        let me = n.node.peer_id;
+        wait_connected(n, &format!("{me} to reach the others of {ids:?}"), |c| {
+            ids.iter().all(|p| *p == me || c.contains(p))
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// The texts of `group`'s history on `node`, with how often each appears.

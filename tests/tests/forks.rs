@@ -132,6 +132,7 @@ async fn a_fork_deeper_than_the_rewind_depth_heals_by_rejoining() -> anyhow::Res
     converged(&nodes, &g, 3).await?;
     let peers: Vec<_> = nodes.iter().map(|n| n.node.peer_id).collect();
     let (left, right) = ([0usize, 1], [2usize, 3]);
+    kith_tests::wait_mesh(&nodes.iter().collect::<Vec<_>>()).await?;
     for (side, other) in [(left, right), (right, left)] {
         let blocked: Vec<_> = other.iter().map(|i| peers[*i]).collect();
         for i in side {

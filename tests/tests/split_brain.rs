@@ -170,6 +170,9 @@ async fn both_sides_of_a_split_change_membership_and_talk_then_converge() -> any
     // Everyone at the epoch of the last join, in one branch, before the split.
     let start = converged(&nodes, &all, &g, &everyone, &[]).await?;
     let epoch = start[0].epoch;
+    for side in [&left, &right] {
+        kith_tests::wait_mesh(&side.iter().map(|&i| &nodes[i]).collect::<Vec<_>>()).await?;
+    }
 
     // Split 5 | 5, blocked on both sides, and check that no connection crosses it.
     for (mine, theirs) in [(&left, &right), (&right, &left)] {

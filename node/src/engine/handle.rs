@@ -59,6 +59,8 @@ impl EngineHandle {
             groups,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             storage: disk::storage_status(&self.health),
+            reach: views::reach_info(&info.reachability),
+            relayed_peers: info.relayed.len(),
         })
     }
 

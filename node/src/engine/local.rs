@@ -191,7 +191,7 @@ impl Actor {
         let addrs = self
             .net
             .info_blocking()
-            .map(|i| invite_addrs(i.listen_addrs))
+            .map(|i| invite_addrs(&i))
             .map_err(|_| EngineError::ShuttingDown)?;
         let mut secret = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut secret);
@@ -222,6 +222,8 @@ impl Actor {
             max_uses: invite.max_uses,
             id: invite.id().to_string(),
             approval: req.approval,
+            addrs: invite.addrs.iter().map(scoped).collect(),
+            leaves_lan: kith_protocol::addr::reaches_beyond_lan(&invite.addrs),
         })
     }
 

@@ -126,22 +126,40 @@ pub(super) fn summary(v: &GroupView) -> GroupSummary {
     }
 }
 
-/// Orders addresses for an invite: routable ones before loopback, and never unspecified.
-pub(super) fn invite_addrs(mut addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
-    let loopback = |a: &Multiaddr| {
-        a.iter().any(|p| match p {
-            Protocol::Ip4(ip) => ip.is_loopback(),
-            Protocol::Ip6(ip) => ip.is_loopback(),
-            _ => false,
-        })
-    };
-    addrs.retain(|a| {
-        !a.iter().any(|p| match p {
-            Protocol::Ip4(ip) => ip.is_unspecified(),
-            Protocol::Ip6(ip) => ip.is_unspecified(),
-            _ => false,
-        })
-    });
-    addrs.sort_by_key(loopback);
-    addrs
+/// The addresses for an invite: confirmed public ones, relay circuits, then LAN and
+/// loopback ones (see [`kith_protocol::addr::invite_order`]).
+pub(super) fn invite_addrs(info: &NetInfo) -> Vec<Multiaddr> {
+    kith_protocol::addr::invite_order(
+        &info.shareable_addrs(),
+        kith_protocol::invite::MAX_INVITE_ADDRS,
+    )
+}
+
+/// An address with its scope, for the API.
+pub fn scoped(addr: &Multiaddr) -> ScopedAddr {
+    ScopedAddr {
+        addr: addr.to_string(),
+        scope: kith_protocol::addr::AddrScope::of(addr).name().to_owned(),
+    }
+}
+
+/// The network's reachability in the API's form.
+pub fn reach_info(r: &crate::net::Reachability) -> ReachInfo {
+    use crate::net::Reachability;
+    match r {
+        Reachability::Unknown => ReachInfo::Unknown,
+        Reachability::Direct { addrs } => ReachInfo::Direct {
+            addrs: addrs.iter().map(scoped).collect(),
+        },
+        Reachability::Relayed { circuits } => ReachInfo::Relayed {
+            relays: circuits
+                .iter()
+                .map(|(peer, addr)| RelayInfo {
+                    peer: peer.to_string(),
+                    addr: addr.to_string(),
+                })
+                .collect(),
+        },
+        Reachability::BehindNat => ReachInfo::BehindNat,
+    }
 }
