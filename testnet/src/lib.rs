@@ -11,6 +11,7 @@
 //! - [`crashloop`]: `kith-testnet crash-loop`: SIGKILL and crash points in a loop, and the
 //!   count of lost messages.
 //! - [`joinbench`]: `kith-testnet join-bench`: time from `kith join` to the first message.
+//! - [`natlab`]: home routers and an internet made of network namespaces, for NAT tests.
 //! - [`metrics`], [`procs`], [`stats`]: reading `/metrics`, `/proc` and summarising.
 
 pub mod bench;
@@ -21,6 +22,7 @@ pub mod launcher;
 pub mod ledger;
 pub mod manifest;
 pub mod metrics;
+pub mod natlab;
 pub mod procs;
 pub mod progress;
 pub mod scenario;
