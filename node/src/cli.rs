@@ -172,6 +172,10 @@ pub struct RunArgs {
     /// Ask the home router for a port mapping with UPnP (off by default).
     #[arg(long)]
     pub upnp: bool,
+    /// This machine's public addresses are reachable (a server, or a forwarded port):
+    /// announce them at once instead of waiting for other nodes to test them.
+    #[arg(long)]
+    pub public: bool,
     /// Start over on purpose with this node key and an empty database, when the start check
     /// finds kith.redb missing, empty or another key's (the old file is kept as
     /// kith.redb.old-<time>). Changes nothing when key and database belong together.
@@ -197,6 +201,7 @@ impl RunArgs {
             metrics_listen: self.metrics_listen,
             no_relay_service: self.no_relay_service,
             upnp: self.upnp,
+            public: self.public,
         }
     }
 

@@ -55,6 +55,8 @@ pub mod env {
     pub const RELAY_SERVICE: &str = "KITH_RELAY_SERVICE";
     /// Overrides `nat.upnp` (boolean, as for `KITH_MDNS`).
     pub const UPNP: &str = "KITH_UPNP";
+    /// Overrides `nat.public` (boolean, as for `KITH_MDNS`).
+    pub const PUBLIC: &str = "KITH_PUBLIC";
 }
 
 /// Why the configuration could not be loaded. Each variant names the file, variable or
@@ -164,6 +166,9 @@ pub struct NatConfig {
     pub relays_wanted: u64,
     /// Ask the home router for a port mapping with UPnP.
     pub upnp: bool,
+    /// This machine's own public addresses are reachable (a server, or a forwarded port):
+    /// announce them at once rather than waiting for AutoNAT.
+    pub public: bool,
     /// Relay service: nodes holding a reservation at once.
     pub relay_max_reservations: u64,
     /// Relay service: circuits at once.
@@ -187,6 +192,7 @@ impl Default for NatConfig {
             relay_service: d.relay_service.is_some(),
             relays_wanted: d.relays_wanted as u64,
             upnp: d.upnp,
+            public: d.public,
             relay_max_reservations: l.max_reservations as u64,
             relay_max_circuits: l.max_circuits as u64,
             relay_max_circuits_per_peer: l.max_circuits_per_peer as u64,
@@ -256,6 +262,7 @@ impl NatConfig {
             relay_service: self.relay_service.then_some(limits),
             relays_wanted: self.relays_wanted as usize,
             upnp: self.upnp,
+            public: self.public,
         })
     }
 }
@@ -396,6 +403,8 @@ pub struct ConfigOverrides {
     pub no_relay_service: bool,
     /// `--upnp`.
     pub upnp: bool,
+    /// `--public`.
+    pub public: bool,
 }
 
 /// A bootstrap peer: its id and where to dial it.
@@ -508,6 +517,9 @@ impl Config {
         if let Some(v) = get(env::UPNP)? {
             self.nat.upnp = parse_env_bool(env::UPNP, &v)?;
         }
+        if let Some(v) = get(env::PUBLIC)? {
+            self.nat.public = parse_env_bool(env::PUBLIC, &v)?;
+        }
         if let Some(v) = get(env::METRICS)? {
             self.metrics_listen = Some(v.trim().parse().map_err(|e| ConfigError::InvalidEnv {
                 var: env::METRICS,
@@ -543,6 +555,9 @@ impl Config {
         }
         if overrides.upnp {
             self.nat.upnp = true;
+        }
+        if overrides.public {
+            self.nat.public = true;
         }
     }
 
@@ -688,11 +703,15 @@ update_after_days = {update_days}
 # connections are punched through the NATs where they allow it.
 # relay_service: Env KITH_RELAY_SERVICE (true/false). Flag: --no-relay-service.
 # upnp (ask the router for a port mapping): Env KITH_UPNP (true/false). Flag: --upnp.
+# public (this machine's public addresses are reachable, e.g. a server: announce them at
+# once; AutoNAT only checks over connections this node dialled, so a node that is only
+# ever dialled needs this to be known as reachable): Env KITH_PUBLIC. Flag: --public.
 # relays_wanted: 0 to {max_relays}. The relay_* limits: file only.
 [nat]
 relay_service = {relay_service}
 relays_wanted = {relays_wanted}
 upnp = {upnp}
+public = {public}
 relay_max_reservations = {relay_res}
 relay_max_circuits = {relay_circ}
 relay_max_circuits_per_peer = {relay_circ_peer}
@@ -718,6 +737,7 @@ relay_circuit_kib = {relay_kib}
             relay_service = d.nat.relay_service,
             relays_wanted = d.nat.relays_wanted,
             upnp = d.nat.upnp,
+            public = d.nat.public,
             relay_res = d.nat.relay_max_reservations,
             relay_circ = d.nat.relay_max_circuits,
             relay_circ_peer = d.nat.relay_max_circuits_per_peer,

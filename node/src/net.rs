@@ -108,6 +108,9 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(300);
 const REACH_INTERVAL: Duration = Duration::from_secs(2);
 /// Dial attempts for a group peer whose last connection closed (every [`REDIAL_INTERVAL`]).
 const RECONNECT_ATTEMPTS: u8 = 45;
+/// How long a relayed connection stays open once a direct one to the same peer exists:
+/// longer than a join request may take, so none is cut off halfway.
+const RELAY_GRACE: Duration = Duration::from_secs(25);
 /// Shortest time between two refreshes of the DHT announcements and lookups.
 const RENDEZVOUS_REFRESH: Duration = Duration::from_secs(5);
 /// Longest gap between the node's own DHT refreshes (the engine's rendezvous every 5
@@ -178,6 +181,10 @@ pub struct NatSettings {
     pub relays_wanted: usize,
     /// Ask the router for a port mapping with UPnP.
     pub upnp: bool,
+    /// This machine's own public addresses are reachable (a server, or a router forwarding
+    /// the port): confirm them at once instead of waiting for AutoNAT, which only probes
+    /// over connections this node dialled and so never runs on a node that is only dialled.
+    pub public: bool,
 }
 
 impl Default for NatSettings {
@@ -186,6 +193,7 @@ impl Default for NatSettings {
             relay_service: Some(RelayLimits::default()),
             relays_wanted: 2,
             upnp: false,
+            public: false,
         }
     }
 }
@@ -897,9 +905,14 @@ fn behaviour(
         gossipsub,
         kad,
         identify,
-        // Liveness every 60 s: connections carry gossip anyway, and with tens of connections
-        // per node the default 15 s ping was a measurable share of idle CPU.
-        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(60))),
+        // Liveness every 30 s (10 s timeout): it is how a path that died behind a NAT is
+        // noticed, and the default 15 s was a measurable share of idle CPU with tens of
+        // connections per node.
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(Duration::from_secs(30))
+                .with_timeout(Duration::from_secs(10)),
+        ),
         join,
         sync,
         mdns: Toggle::from(mdns),
@@ -928,7 +941,13 @@ fn relay_server(peer: PeerId, limits: &RelayLimits) -> relay::Behaviour {
         max_circuit_bytes: limits.circuit_bytes,
         ..relay::Config::default()
     };
-    relay::Behaviour::new(peer, config)
+    let mut relay = relay::Behaviour::new(peer, config);
+    // Fixed on, never switched: libp2p-relay 0.22 tells every connection about a status
+    // change, relayed ones too, whose (dummy) handler cannot take it and panics the
+    // connection task. A node behind NAT thus also offers the protocol, but Kith nodes only
+    // pick relays that advertise a public address (see `reach`).
+    relay.set_status(Some(relay::Status::Enable));
+    relay
 }
 
 /// Builds the swarm and starts listening. With a registry, libp2p's metrics (swarm and
@@ -1050,6 +1069,8 @@ pub fn spawn(
         provider_queries: HashMap::new(),
         dials: HashMap::new(),
         reach: Reach::new(cfg.nat.relays_wanted),
+        public: cfg.nat.public,
+        closing: Vec::new(),
         conns: HashMap::new(),
         topic_peers: HashMap::new(),
         provided: HashSet::new(),
@@ -1094,6 +1115,10 @@ struct NetTask {
     dials: HashMap<ConnectionId, (PeerId, oneshot::Sender<Result<(), NetError>>)>,
     /// Reachability and relay reservations.
     reach: Reach,
+    /// This node's own public addresses are declared reachable ([`NatSettings::public`]).
+    public: bool,
+    /// Relayed connections superseded by a direct one, with when to close them.
+    closing: Vec<(std::time::Instant, PeerId, ConnectionId)>,
     /// Open connections per peer, and whether each goes through a relay.
     conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
     /// Peers on one of our topics (group members), with their last identified addresses:
@@ -1150,6 +1175,7 @@ impl NetTask {
                         self.refresh_rendezvous();
                     }
                     self.tend_relays();
+                    self.close_superseded();
                 }
                 // Nothing to do: the next turn of the loop polls the swarm.
                 _ = swarm_wake.tick() => {}
@@ -1487,6 +1513,17 @@ impl NetTask {
                     tracing::info!(%address, "reachable through a relay");
                 } else {
                     tracing::info!(%address, "listening");
+                    if self.public
+                        && kith_protocol::addr::AddrScope::of(&address)
+                            == kith_protocol::addr::AddrScope::Public
+                    {
+                        // Declared reachable: confirmed like an AutoNAT success (the swarm
+                        // tells the behaviours, not us).
+                        self.swarm.add_external_address(address.clone());
+                        if self.reach.confirmed(&address) {
+                            self.reachability_changed();
+                        }
+                    }
                     if !self.listen_addrs.contains(&address) {
                         self.listen_addrs.push(address);
                     }
@@ -1645,10 +1682,13 @@ impl NetTask {
                 connection,
                 result: Err(e),
             }) => {
-                // A dead path (the NAT mapping or our address went away) shows as failed
-                // pings long before TCP gives up; closing lets the redial find a live one.
-                tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
-                self.swarm.close_connection(connection);
+                // A dead path (the NAT mapping or the peer's address went away) shows as
+                // failed pings long before TCP gives up. Every connection to the peer is
+                // closed, not just this one: gossipsub tells a peer our subscriptions only on
+                // a first connection, so a peer that moved and dialled us anew would
+                // otherwise never learn them. The redial then starts from scratch.
+                tracing::debug!(%peer, %connection, error = %e, "ping failed; reconnecting");
+                let _ = self.swarm.disconnect_peer_id(peer);
             }
             BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) => {}
             BehaviourEvent::Dcutr(dcutr::Event {
@@ -1748,16 +1788,32 @@ impl NetTask {
         }
     }
 
-    /// Records a new connection; a relayed one is closed as soon as a direct one to the same
-    /// peer exists, so group traffic takes the direct path and the relay carries nothing.
+    /// Records a new connection. Once a direct one to the same peer exists, the relayed ones
+    /// are closed after [`RELAY_GRACE`] (requests already under way on them, a join or a
+    /// sync page, finish first), so group traffic takes the direct path and the relay
+    /// carries nothing more.
     fn track_connection(&mut self, peer: PeerId, id: ConnectionId, relayed: bool) {
         let conns = self.conns.entry(peer).or_default();
         conns.insert(id, relayed);
         if conns.values().any(|r| !r) {
-            let surplus: Vec<ConnectionId> =
-                conns.iter().filter(|(_, r)| **r).map(|(c, _)| *c).collect();
-            for c in surplus {
-                tracing::debug!(%peer, "direct connection up; closing the relayed one");
+            let at = std::time::Instant::now() + RELAY_GRACE;
+            for (c, r) in conns.iter() {
+                if *r && !self.closing.iter().any(|(_, p, x)| p == &peer && x == c) {
+                    tracing::debug!(%peer, "direct connection up; the relayed one closes soon");
+                    self.closing.push((at, peer, *c));
+                }
+            }
+        }
+    }
+
+    /// Closes the relayed connections whose grace ran out.
+    fn close_superseded(&mut self) {
+        let now = std::time::Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = self.closing.drain(..).partition(|(t, ..)| *t <= now);
+        self.closing = later;
+        for (_, peer, c) in due {
+            if self.conns.get(&peer).is_some_and(|m| m.contains_key(&c)) {
+                tracing::debug!(%peer, "closing the relayed connection: a direct one carries on");
                 self.swarm.close_connection(c);
             }
         }

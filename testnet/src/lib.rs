@@ -11,7 +11,8 @@
 //! - [`crashloop`]: `kith-testnet crash-loop`: SIGKILL and crash points in a loop, and the
 //!   count of lost messages.
 //! - [`joinbench`]: `kith-testnet join-bench`: time from `kith join` to the first message.
-//! - [`natlab`]: home routers and an internet made of network namespaces, for NAT tests.
+//! - [`natlab`]: home routers and an internet made of network namespaces, for NAT tests;
+//!   [`natnet`]: `kith run` processes inside them.
 //! - [`metrics`], [`procs`], [`stats`]: reading `/metrics`, `/proc` and summarising.
 
 pub mod bench;
@@ -23,6 +24,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod metrics;
 pub mod natlab;
+pub mod natnet;
 pub mod procs;
 pub mod progress;
 pub mod scenario;

@@ -176,6 +176,19 @@ fn listed_namespaces() -> Vec<String> {
         .collect()
 }
 
+/// Turns on IPv4 forwarding in `ns` (`/proc/sys/net` shows the writer's namespace; no
+/// `sysctl` binary needed).
+fn forward(ns: &str) -> Result<(), LabError> {
+    in_ns(ns, &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]).map(|_| ())
+}
+
+/// Says a lab test is skipped, on the real stderr: the test harness captures `eprintln!`
+/// of passing tests, and a skip must never be silent.
+pub fn say_skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "skipped: {why}");
+}
+
 /// Kills what runs in `ns` and deletes it.
 fn remove_ns(ns: &str) {
     if let Ok(pids) = run(&["ip", "netns", "pids", ns]) {
@@ -213,7 +226,11 @@ impl Lab {
         if !rustix::process::geteuid().is_root() {
             return Err("network namespaces need root".to_owned());
         }
-        let probe = format!("{PREFIX}{}probe", std::process::id());
+        let probe = format!(
+            "{PREFIX}{}x{}-probe",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::Relaxed)
+        );
         run(&["ip", "netns", "add", &probe]).map_err(|e| e.to_string())?;
         let iptables = in_ns(&probe, &["iptables", "-t", "nat", "-L", "-n"]);
         let _ = run(&["ip", "netns", "del", &probe]);
@@ -244,7 +261,7 @@ impl Lab {
         };
         let inet = lab.inet.clone();
         lab.add_ns(&inet)?;
-        in_ns(&inet, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        forward(&inet)?;
         Ok(lab)
     }
 
@@ -325,7 +342,7 @@ impl Lab {
         let router = format!("{}-{name}r{h}", self.tag);
         self.add_ns(&router)?;
         let wan = self.internet_link(&router, "wan")?;
-        in_ns(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        forward(&router)?;
         let mut masquerade = vec![
             "iptables",
             "-t",
@@ -524,7 +541,7 @@ mod tests {
         match Lab::available() {
             Ok(()) => Some(Lab::new().unwrap()),
             Err(why) => {
-                eprintln!("skipped: {why}");
+                say_skipped(&why);
                 None
             }
         }
@@ -636,7 +653,7 @@ mod tests {
     #[test]
     fn dropping_the_lab_removes_its_namespaces_even_after_a_panic() {
         if let Err(why) = Lab::available() {
-            eprintln!("skipped: {why}");
+            say_skipped(&why);
             return;
         }
         let made = std::sync::Mutex::new(Vec::new());
