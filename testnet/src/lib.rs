@@ -12,7 +12,7 @@
 //!   count of lost messages.
 //! - [`joinbench`]: `kith-testnet join-bench`: time from `kith join` to the first message.
 //! - [`natlab`]: home routers and an internet made of network namespaces, for NAT tests;
-//!   [`natnet`]: `kith run` processes inside them.
+//!   [`natnet`]: `kith run` processes inside them; [`natbench`]: `nat-bench` and `up --nat`.
 //! - [`metrics`], [`procs`], [`stats`]: reading `/metrics`, `/proc` and summarising.
 
 pub mod bench;
@@ -23,6 +23,7 @@ pub mod launcher;
 pub mod ledger;
 pub mod manifest;
 pub mod metrics;
+pub mod natbench;
 pub mod natlab;
 pub mod natnet;
 pub mod procs;

@@ -39,6 +39,28 @@ enum Command {
     JoinBench(JoinBenchArgs),
     /// Kill nodes again and again (SIGKILL and crash points) while all send; count losses.
     CrashLoop(CrashLoopArgs),
+    /// In a NAT lab (network namespaces, needs root): time to the first message across two
+    /// NATs, direct vs relayed connections, and relay bytes per message.
+    NatBench(NatBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct NatBenchArgs {
+    /// NAT kinds to measure: cone, symmetric (repeatable) [default: both].
+    #[arg(long = "nat", value_name = "KIND")]
+    nats: Vec<kith_testnet::natlab::Nat>,
+    /// Trials per NAT kind (each in a fresh lab).
+    #[arg(long, default_value_t = 5)]
+    trials: usize,
+    /// Messages sent after the punch, for the relay's bytes per message.
+    #[arg(long, default_value_t = 50)]
+    messages: usize,
+    /// Run directory [default: ./testnet-run/<UTC timestamp>].
+    #[arg(long, value_name = "RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// The kith binary [default: $KITH_BIN, else `kith` next to this executable].
+    #[arg(long, value_name = "PATH")]
+    kith: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +164,10 @@ struct UpArgs {
     /// Nodes started at once after node 0.
     #[arg(long, default_value_t = 8, value_name = "N")]
     batch: usize,
+    /// Instead of nodes on loopback: a NAT lab (network namespaces, needs root) with one
+    /// public relay and two homes behind this kind of NAT (cone or symmetric), in one group.
+    #[arg(long, value_name = "KIND")]
+    nat: Option<kith_testnet::natlab::Nat>,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -274,7 +300,32 @@ fn out(text: &str) -> anyhow::Result<()> {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Up(args) if args.nat.is_some() => up_nat(args).await,
         Command::Up(args) => up(args).await,
+        Command::NatBench(args) => {
+            kith_testnet::natlab::Lab::available().map_err(|why| anyhow::anyhow!("{why}"))?;
+            let kith = launcher::find_kith(args.kith.as_deref())?;
+            let root = args
+                .run_dir
+                .unwrap_or_else(|| launcher::fresh_dir(Path::new(DEFAULT_ROOT), "nat-bench"));
+            let nats = if args.nats.is_empty() {
+                vec![
+                    kith_testnet::natlab::Nat::Cone,
+                    kith_testnet::natlab::Nat::Symmetric,
+                ]
+            } else {
+                args.nats
+            };
+            kith_testnet::natbench::run(
+                &nats,
+                args.trials.max(1),
+                args.messages.max(1),
+                &kith,
+                &root,
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Down(args) => {
             let dir = run_dir(args.dir)?;
             let (summary, notes) = launcher::down(&dir).await?;
@@ -445,6 +496,41 @@ async fn crash_loop(args: CrashLoopArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// `up --nat KIND`: the NAT lab's topology with a group, until Ctrl-C (or `--duration`).
+async fn up_nat(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let nat = args.nat.unwrap_or(kith_testnet::natlab::Nat::Cone);
+    kith_testnet::natlab::Lab::available().map_err(|why| anyhow::anyhow!("{why}"))?;
+    let duration = args.duration.map(|d| secs("--duration", d)).transpose()?;
+    let kith = launcher::find_kith(args.node.kith.as_deref())?;
+    let root = args
+        .dir
+        .unwrap_or_else(|| launcher::fresh_dir(Path::new(DEFAULT_ROOT), "nat"));
+    let net = kith_testnet::natnet::two_homes([nat, nat], &kith, &root).await?;
+    let (group, first) = kith_testnet::natbench::form_group(&net).await?;
+    let mut text = format!(
+        "NAT lab up ({nat:?} NATs): group {group}, first message {} ms after the join\n",
+        first.as_millis()
+    );
+    for (i, n) in net.nodes.iter().enumerate() {
+        let role = ["public relay", "home of ann", "home of bob"][i.min(2)];
+        text.push_str(&format!(
+            "  node {i} ({role}, {}): ip netns exec {} {} --data-dir {} status\n",
+            n.host.addr,
+            n.host.ns,
+            kith.display(),
+            n.dir.display()
+        ));
+    }
+    text.push_str("Ctrl-C removes the lab (namespaces and nodes).\n");
+    out(&text)?;
+    match duration {
+        Some(d) => tokio::time::sleep(d).await,
+        None => interrupted().await,
+    }
+    drop(net);
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {

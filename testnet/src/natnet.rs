@@ -298,3 +298,20 @@ impl Drop for NatNet {
 fn short(ns: &str) -> &str {
     ns.rsplit('-').next().unwrap_or(ns)
 }
+
+/// The lab of the NAT tests and benchmarks: a public relay (node 0, started with
+/// `--public`: it is only ever dialled, and AutoNAT only probes over connections a node
+/// dialled) and two homes behind `nats` (nodes 1 and 2), bootstrapped from the relay.
+pub async fn two_homes(nats: [crate::natlab::Nat; 2], kith: &Path, root: &Path) -> Result<NatNet> {
+    let lab_err = |e: crate::natlab::LabError| TestnetError::Invalid(e.to_string());
+    let mut lab = Lab::new().map_err(lab_err)?;
+    let public = lab.add_public("relay").map_err(lab_err)?;
+    let a = lab.add_home("ann", nats[0]).map_err(lab_err)?;
+    let b = lab.add_home("bob", nats[1]).map_err(lab_err)?;
+    let mut net = NatNet::new(lab, kith, root);
+    net.start(public, &["--public"]).await?;
+    let boot = net.bootstrap_addr(0).await?;
+    net.start(a, &["--bootstrap", &boot]).await?;
+    net.start(b, &["--bootstrap", &boot]).await?;
+    Ok(net)
+}

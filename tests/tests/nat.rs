@@ -23,26 +23,19 @@ const REACH: Duration = Duration::from_secs(60);
 /// Time for a message to show up on another member.
 const DELIVER: Duration = Duration::from_secs(60);
 
-/// A lab with one public relay (node 0) and two homes behind `nats` (nodes 1 and 2), both
-/// bootstrapped from the relay; `None` (after saying why) where labs cannot run.
+/// The lab of `kith_testnet::natnet::two_homes` (a public relay, node 0, and two homes
+/// behind `nats`, nodes 1 and 2); `None` (after saying why) where labs cannot run.
 async fn two_homes(nats: [Nat; 2], root: &std::path::Path) -> Option<NatNet> {
     if let Err(why) = Lab::available() {
         kith_testnet::natlab::say_skipped(&why);
         return None;
     }
-    let mut lab = Lab::new().unwrap();
-    let public = lab.add_public("relay").unwrap();
-    let a = lab.add_home("ann", nats[0]).unwrap();
-    let b = lab.add_home("bob", nats[1]).unwrap();
     let kith = kith_tests::kith_bin().unwrap();
-    let mut net = NatNet::new(lab, &kith, root);
-    // The relay is only ever dialled (nobody behind a NAT can be dialled back), and AutoNAT
-    // only probes over connections a node dialled: it is told it is public.
-    net.start(public, &["--public"]).await.unwrap();
-    let boot = net.bootstrap_addr(0).await.unwrap();
-    net.start(a, &["--bootstrap", &boot]).await.unwrap();
-    net.start(b, &["--bootstrap", &boot]).await.unwrap();
-    Some(net)
+    Some(
+        kith_testnet::natnet::two_homes(nats, &kith, root)
+            .await
+            .unwrap(),
+    )
 }
 
 /// Texts of `group` in node `i`'s history.
