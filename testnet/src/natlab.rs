@@ -667,7 +667,7 @@ mod tests {
         }));
         assert!(r.is_err());
         let made = made.into_inner().unwrap();
-        assert_eq!(made.len(), 4, "{made:?}");
+        assert_eq!(made.len(), 3, "internet, router and host: {made:?}");
         let left = listed_namespaces();
         for ns in made {
             assert!(!left.contains(&ns), "{ns} left behind");
