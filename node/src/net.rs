@@ -36,7 +36,6 @@ use kith_protocol::sync::{
     MAX_SYNC_REQUEST_BYTES, MAX_SYNC_RESPONSE_BYTES, SyncRequest, SyncResponse,
 };
 use kith_protocol::{codec, group::Verdict};
-use libp2p::core::transport::ListenerId;
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::identity::Keypair;
 use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
@@ -111,6 +110,8 @@ const RECONNECT_ATTEMPTS: u8 = 45;
 /// How long a relayed connection stays open once a direct one to the same peer exists:
 /// longer than a join request may take, so none is cut off halfway.
 const RELAY_GRACE: Duration = Duration::from_secs(25);
+/// DHT keys remembered for re-announcing (groups and live invites), at most.
+const MAX_PROVIDED_KEYS: usize = 4096;
 /// Shortest time between two refreshes of the DHT announcements and lookups.
 const RENDEZVOUS_REFRESH: Duration = Duration::from_secs(5);
 /// Longest gap between the node's own DHT refreshes (the engine's rendezvous every 5
@@ -1012,9 +1013,9 @@ pub fn split_peer(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
     }
 }
 
-/// Whether an address is worth remembering or handing out (not unspecified, not loopback
-/// unless we are on loopback too; relay circuits are kept: they are how a NATed peer is
-/// reached).
+/// Whether an address is worth remembering or handing out: anything but an unusable one
+/// (unspecified, multicast, no IP). Relay circuits are kept: they are how a NATed peer is
+/// reached.
 fn is_dialable(addr: &Multiaddr) -> bool {
     !matches!(
         kith_protocol::addr::AddrScope::of(addr),
@@ -1310,7 +1311,7 @@ impl NetTask {
                 }
             }
             Command::Provide(key) => {
-                if self.provided.len() < MAX_PROVIDER_QUERIES * 64 {
+                if self.provided.len() < MAX_PROVIDED_KEYS {
                     self.provided.insert(key);
                 }
                 if let Err(e) = b.kad.start_providing(kad::RecordKey::new(&key)) {
@@ -1921,9 +1922,7 @@ impl NetTask {
                 }
                 Err(e) => {
                     tracing::debug!(%relay, error = %e, "cannot listen through relay");
-                    let id = ListenerId::next();
-                    self.reach.listening(id, relay);
-                    self.reach.closed(id, std::time::Instant::now());
+                    self.reach.failed(relay, std::time::Instant::now());
                 }
             }
         }

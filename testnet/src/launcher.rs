@@ -486,26 +486,7 @@ impl Testnet {
     /// Spawns `kith run` for node `i` (not waiting for it).
     fn spawn(&mut self, i: usize, bootstrap: Option<String>) -> Result<()> {
         let node = &mut self.nodes[i];
-        std::fs::create_dir_all(&node.dir)
-            .map_err(|e| TestnetError::io(format!("creating {}", node.dir.display()), e))?;
-        // A node killed with SIGKILL leaves its address files behind; they would point a
-        // client at a dead port until the new process writes its own.
-        for stale in ["api.addr", "metrics.addr"] {
-            match std::fs::remove_file(node.dir.join(stale)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(TestnetError::io(format!("removing {stale}"), e)),
-            }
-        }
-        let log_path = node.dir.join("node.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| TestnetError::io(format!("opening {}", log_path.display()), e))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| TestnetError::io("duplicating the log handle", e))?;
+        let (log, log2) = prepare_node_dir(&node.dir)?;
         let mut cmd = tokio::process::Command::new(&self.kith);
         cmd.arg("--data-dir").arg(&node.dir).args([
             "run",
@@ -1376,6 +1357,31 @@ fn last_log_line(dir: &Path) -> String {
         .find(|l| !l.trim().is_empty())
         .unwrap_or("(empty log)");
     kith_client::text::clean(&line.chars().take(300).collect::<String>())
+}
+
+/// Makes a node's data directory ready for a new `kith run`: creates it, removes address
+/// files a killed node left behind (they would point a client at a dead port until the new
+/// process writes its own), and opens `node.log` for appending, twice (stdout and stderr).
+pub fn prepare_node_dir(dir: &Path) -> Result<(std::fs::File, std::fs::File)> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| TestnetError::io(format!("creating {}", dir.display()), e))?;
+    for stale in ["api.addr", "metrics.addr"] {
+        match std::fs::remove_file(dir.join(stale)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(TestnetError::io(format!("removing {stale}"), e)),
+        }
+    }
+    let log_path = dir.join("node.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| TestnetError::io(format!("opening {}", log_path.display()), e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| TestnetError::io("duplicating the log handle", e))?;
+    Ok((log, log2))
 }
 
 /// Polls node `i` until its API answers with a loopback TCP listen address (and its metrics

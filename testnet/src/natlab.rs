@@ -182,6 +182,24 @@ fn forward(ns: &str) -> Result<(), LabError> {
     in_ns(ns, &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]).map(|_| ())
 }
 
+/// Gives `ifname` in `ns` the address `addr/24` and a default route via `gateway`.
+fn address_with_route(
+    ns: &str,
+    ifname: &str,
+    addr: Ipv4Addr,
+    gateway: Ipv4Addr,
+) -> Result<(), LabError> {
+    in_ns(
+        ns,
+        &["ip", "addr", "add", &format!("{addr}/24"), "dev", ifname],
+    )?;
+    in_ns(
+        ns,
+        &["ip", "route", "add", "default", "via", &gateway.to_string()],
+    )?;
+    Ok(())
+}
+
 /// Says a lab test is skipped, on the real stderr: the test harness captures `eprintln!`
 /// of passing tests, and a skip must never be silent.
 pub fn say_skipped(why: &str) {
@@ -304,21 +322,7 @@ impl Lab {
             ],
         )?;
         let addr = Ipv4Addr::new(198, 18, k, 2);
-        in_ns(
-            ns,
-            &["ip", "addr", "add", &format!("{addr}/24"), "dev", ifname],
-        )?;
-        in_ns(
-            ns,
-            &[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("198.18.{k}.1"),
-            ],
-        )?;
+        address_with_route(ns, ifname, addr, Ipv4Addr::new(198, 18, k, 1))?;
         Ok(addr)
     }
 
@@ -399,21 +403,7 @@ impl Lab {
             ],
         )?;
         let addr = Ipv4Addr::new(192, 168, h, 2);
-        in_ns(
-            ns,
-            &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"],
-        )?;
-        in_ns(
-            ns,
-            &[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("192.168.{h}.1"),
-            ],
-        )?;
+        address_with_route(ns, "eth0", addr, Ipv4Addr::new(192, 168, h, 1))?;
         Ok(addr)
     }
 

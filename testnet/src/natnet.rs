@@ -94,20 +94,8 @@ impl NatNet {
 
     async fn spawn(&mut self, i: usize) -> Result<()> {
         let node = &mut self.nodes[i];
-        std::fs::create_dir_all(&node.dir)
-            .map_err(|e| TestnetError::io(format!("creating {}", node.dir.display()), e))?;
-        for stale in ["api.addr", "metrics.addr"] {
-            let _ = std::fs::remove_file(node.dir.join(stale));
-        }
+        let (log, log2) = crate::launcher::prepare_node_dir(&node.dir)?;
         let log_path = node.dir.join("node.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| TestnetError::io(format!("opening {}", log_path.display()), e))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| TestnetError::io("duplicating the log handle", e))?;
         let mut cmd = self.lab.command(&node.host, &self.kith);
         cmd.arg("--data-dir").arg(&node.dir).args([
             "run",

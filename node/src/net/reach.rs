@@ -251,12 +251,18 @@ impl Reach {
     /// A listener closed (refused, expired, relay gone). Returns the relay if it was ours.
     pub fn closed(&mut self, id: ListenerId, now: Instant) -> Option<PeerId> {
         let slot = self.slots.remove(&id)?;
-        if let Some(c) = self.candidates.get_mut(&slot.relay) {
+        self.failed(slot.relay, now);
+        Some(slot.relay)
+    }
+
+    /// Asking `relay` failed (or its reservation ended): it waits a backoff that doubles per
+    /// failure in a row.
+    pub fn failed(&mut self, relay: PeerId, now: Instant) {
+        if let Some(c) = self.candidates.get_mut(&relay) {
             c.failures = c.failures.saturating_add(1);
             let factor = 1u32 << c.failures.min(8).saturating_sub(1);
             c.retry_at = Some(now + (FIRST_BACKOFF * factor).min(MAX_BACKOFF));
         }
-        Some(slot.relay)
     }
 
     /// Whether `id` is one of the relay listeners.
