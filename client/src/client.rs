@@ -11,9 +11,10 @@ use serde::de::DeserializeOwned;
 
 use crate::files::{self, FileError};
 use crate::model::{
-    CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, GroupInfo, GroupSummary,
-    InviteInfo, InviteSummary, JoinBody, JoinRequestInfo, LAGGED_EVENT, MemberInfo, MessageInfo,
-    NodeEvent, PeerList, SendBody, StatusInfo,
+    CreateGroupRequest, CreateInviteRequest, DirectBody, DirectInfo, EditBody, ErrorBody,
+    EventsLagged, GroupInfo, GroupSummary, InviteInfo, InviteSummary, JoinBody, JoinRequestInfo,
+    LAGGED_EVENT, MemberInfo, MessageInfo, NodeEvent, PeerList, ProfileBody, ProfileInfo,
+    ReactBody, ReadBody, SendBody, StatusInfo,
 };
 
 /// Largest response body the client reads (history is at most 1000 messages of 64 KiB).
@@ -299,10 +300,102 @@ impl Client {
 
     /// `POST /v1/groups/{group}/messages`.
     pub async fn send(&self, group: &str, text: &str) -> Result<MessageInfo, ClientError> {
+        self.reply(group, text, None).await
+    }
+
+    /// `POST /v1/groups/{group}/messages` with `reply_to`: a text that answers a message.
+    pub async fn reply(
+        &self,
+        group: &str,
+        text: &str,
+        reply_to: Option<&str>,
+    ) -> Result<MessageInfo, ClientError> {
         let body = SendBody {
             text: text.to_owned(),
+            reply_to: reply_to.map(str::to_owned),
         };
         self.post(&["v1", "groups", group, "messages"], &body).await
+    }
+
+    /// `GET /v1/groups/{group}/messages/{id}`: one message as shown now.
+    pub async fn message(&self, group: &str, id: &str) -> Result<MessageInfo, ClientError> {
+        self.get(&["v1", "groups", group, "messages", id]).await
+    }
+
+    /// `PATCH /v1/groups/{group}/messages/{id}`: edit one's own message.
+    pub async fn edit(&self, group: &str, id: &str, text: &str) -> Result<MessageInfo, ClientError> {
+        let url = self.url(&["v1", "groups", group, "messages", id])?;
+        let body = EditBody {
+            text: text.to_owned(),
+        };
+        self.call(self.http.patch(url).json(&body)).await
+    }
+
+    /// `DELETE /v1/groups/{group}/messages/{id}`: delete one's own message for everyone.
+    pub async fn delete_message(&self, group: &str, id: &str) -> Result<MessageInfo, ClientError> {
+        let url = self.url(&["v1", "groups", group, "messages", id])?;
+        self.call(self.http.delete(url)).await
+    }
+
+    /// `POST /v1/groups/{group}/messages/{id}/reactions` (or `DELETE …/reactions/{emoji}`
+    /// with `on` false): put or take back a reaction.
+    pub async fn react(
+        &self,
+        group: &str,
+        id: &str,
+        emoji: &str,
+        on: bool,
+    ) -> Result<MessageInfo, ClientError> {
+        if on {
+            let body = ReactBody {
+                emoji: emoji.to_owned(),
+            };
+            self.post(&["v1", "groups", group, "messages", id, "reactions"], &body)
+                .await
+        } else {
+            let url = self.url(&["v1", "groups", group, "messages", id, "reactions", emoji])?;
+            self.call(self.http.delete(url)).await
+        }
+    }
+
+    /// `POST /v1/groups/{group}/read`: this node read the group up to a message (the newest
+    /// if `None`); sends a read receipt if they are on.
+    pub async fn mark_read(
+        &self,
+        group: &str,
+        up_to: Option<&str>,
+    ) -> Result<MessageInfo, ClientError> {
+        let body = ReadBody {
+            up_to: up_to.map(str::to_owned),
+        };
+        self.post(&["v1", "groups", group, "read"], &body).await
+    }
+
+    /// `POST /v1/groups/{group}/typing`: tell the group this user is typing (if typing
+    /// notices are on; otherwise nothing is sent). Answers whether it was sent.
+    pub async fn typing(&self, group: &str) -> Result<bool, ClientError> {
+        self.post(&["v1", "groups", group, "typing"], &serde_json::json!({}))
+            .await
+    }
+
+    /// `GET /v1/profile`: this node's profile (`None` if it has none).
+    pub async fn profile(&self) -> Result<Option<ProfileInfo>, ClientError> {
+        self.get(&["v1", "profile"]).await
+    }
+
+    /// `PUT /v1/profile`: set this node's profile and send it to every group.
+    pub async fn set_profile(&self, body: &ProfileBody) -> Result<ProfileInfo, ClientError> {
+        self.put(&["v1", "profile"], body).await
+    }
+
+    /// `GET /v1/profiles/{peer}`: the profile this node holds of a member.
+    pub async fn profile_of(&self, peer: &str) -> Result<ProfileInfo, ClientError> {
+        self.get(&["v1", "profiles", peer]).await
+    }
+
+    /// `POST /v1/direct`: start or find a direct chat.
+    pub async fn direct(&self, body: &DirectBody) -> Result<DirectInfo, ClientError> {
+        self.post(&["v1", "direct"], body).await
     }
 
     /// `GET /v1/groups/{group}/messages?limit=N`.

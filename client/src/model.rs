@@ -30,6 +30,9 @@ pub struct StatusInfo {
     /// Connected peers reached only through a relay circuit (absent from older nodes: 0).
     #[serde(default)]
     pub relayed_peers: usize,
+    /// This node's display name, if it set a profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Whether other nodes can dial this one, in [`StatusInfo::reach`].
@@ -131,6 +134,24 @@ pub struct GroupSummary {
     /// See [`GroupInfo::forks_detected`].
     #[serde(default)]
     pub forks_detected: u64,
+    /// Set when the group is a direct chat: the other person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct: Option<PersonInfo>,
+}
+
+/// A person as shown: PeerId, display name, and a label that tells apart people with the
+/// same name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonInfo {
+    /// PeerId.
+    pub peer_id: String,
+    /// Display name from the person's profile (control and bidi characters removed), if
+    /// they set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What to show: `Alice (7gtRrqCQ)`, the name and the last 8 characters of the PeerId, or
+    /// only those 8 characters without a name.
+    pub label: String,
 }
 
 /// `GET /v1/groups/{group}`: one group in detail.
@@ -198,6 +219,12 @@ pub struct MemberInfo {
     pub leaf_index: u32,
     /// Whether this member is the local node.
     pub is_self: bool,
+    /// Display name from the member's profile, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// See [`PersonInfo::label`].
+    #[serde(default)]
+    pub label: String,
 }
 
 /// `POST /v1/groups` body.
@@ -368,6 +395,109 @@ pub enum JoinStage {
 pub struct SendBody {
     /// UTF-8 text, 1 byte to 64 KiB.
     pub text: String,
+    /// The message it answers (full id or a unique prefix of 8 or more hex characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
+/// `PATCH /v1/groups/{group}/messages/{id}` body: the new text of one's own message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EditBody {
+    /// UTF-8 text, 1 byte to 64 KiB.
+    pub text: String,
+}
+
+/// `POST /v1/groups/{group}/messages/{id}/reactions` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReactBody {
+    /// One emoji (1 to 32 bytes, no spaces or control characters).
+    pub emoji: String,
+}
+
+/// `POST /v1/groups/{group}/read` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadBody {
+    /// The last message read (id or unique prefix); the newest message if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_to: Option<String>,
+}
+
+/// `PUT /v1/profile` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileBody {
+    /// Display name, 1 to 64 printable characters (control and bidi characters are removed).
+    pub name: String,
+    /// A PNG, JPEG or WebP image of at most 16 KiB, base64 (standard alphabet, padded);
+    /// absent: no avatar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar: Option<String>,
+}
+
+/// `GET /v1/profile`, `PUT /v1/profile`, `GET /v1/profiles/{peer}`, and the
+/// `profile_updated` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileInfo {
+    /// Whose.
+    pub peer_id: String,
+    /// Display name (cleaned).
+    pub name: String,
+    /// See [`PersonInfo::label`].
+    pub label: String,
+    /// When its owner set it (owner's clock): a newer one replaces it everywhere.
+    pub version: u64,
+    /// Media type of the avatar (`image/png`, `image/jpeg`, `image/webp`), if it has one;
+    /// the image is at `GET /v1/profiles/{peer}/avatar`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar: Option<String>,
+}
+
+/// `POST /v1/direct` body: start (or find) a direct chat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectBody {
+    /// The person: a PeerId, or the unique name or short id of a member of a shared group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Instead of a person: make a one-use invite link to a new direct chat, for someone
+    /// who shares no group with this node.
+    #[serde(default)]
+    pub link: bool,
+}
+
+/// `POST /v1/direct` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectInfo {
+    /// The direct chat.
+    pub group: GroupSummary,
+    /// False when an existing direct chat with this person was found.
+    pub created: bool,
+    /// The one-use link (with `link: true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// The other person, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub with: Option<PersonInfo>,
+}
+
+/// A reaction standing on a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReactionInfo {
+    /// The emoji.
+    pub emoji: String,
+    /// Who put it (PeerIds), earliest first.
+    pub by: Vec<String>,
+}
+
+/// The message a reply answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyInfo {
+    /// Its id.
+    pub id: String,
+    /// Its sender, if this node holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<PersonInfo>,
+    /// Its first line, at most 80 characters, if this node holds it and it is not deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excerpt: Option<String>,
 }
 
 /// One history entry.
@@ -387,6 +517,77 @@ pub struct MessageInfo {
     pub received_at_ms: u64,
     /// What it is.
     pub body: MessageBody,
+    /// The sender's display name, if they set a profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_name: Option<String>,
+    /// See [`PersonInfo::label`], for the sender.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sender_label: String,
+    /// The message this one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyInfo>,
+    /// When its sender last edited it (sender's clock); the body holds the edited text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at_ms: Option<u64>,
+    /// Its sender deleted it: the text is gone (the body's text is empty).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deleted: bool,
+    /// Reactions standing on it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<ReactionInfo>,
+    /// Members (other than its sender) whose read receipts cover it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_by: Vec<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl MessageInfo {
+    /// A message with only the base fields (no name, reply, edit, reactions).
+    pub fn new(
+        id: String,
+        group: String,
+        epoch: u64,
+        sender: String,
+        (sent_at_ms, received_at_ms): (u64, u64),
+        body: MessageBody,
+    ) -> Self {
+        MessageInfo {
+            id,
+            group,
+            epoch,
+            sender,
+            sent_at_ms,
+            received_at_ms,
+            body,
+            sender_name: None,
+            sender_label: String::new(),
+            reply_to: None,
+            edited_at_ms: None,
+            deleted: false,
+            reactions: Vec::new(),
+            read_by: Vec::new(),
+        }
+    }
+}
+
+/// What changed on a message, in a `message_changed` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MessageChange {
+    /// A reaction was put or taken back.
+    Reaction {
+        /// The emoji.
+        emoji: String,
+        /// Put (true) or taken back.
+        on: bool,
+    },
+    /// Its sender edited it.
+    Edit,
+    /// Its sender deleted it.
+    Delete,
 }
 
 /// The content of a history entry.
@@ -428,6 +629,29 @@ pub enum MessageBody {
     InviteRevoked {
         /// Invite id.
         invite: String,
+    },
+    /// The sender put or took back a reaction on the message `to`. Not listed in history
+    /// (the message shows its reactions); seen in `message_changed` events and with
+    /// `GET …/messages/{id}` of the change itself.
+    Reaction {
+        /// The message.
+        to: String,
+        /// The emoji.
+        emoji: String,
+        /// Put or taken back.
+        on: bool,
+    },
+    /// The sender edited its message `target` (not listed in history, as above).
+    Edit {
+        /// The message.
+        target: String,
+        /// The new text.
+        text: String,
+    },
+    /// The sender deleted its message `target` (not listed in history, as above).
+    Delete {
+        /// The message.
+        target: String,
     },
 }
 
@@ -473,6 +697,44 @@ pub enum NodeEvent {
     },
     /// A join request awaits approval on this node (`kith join-requests`).
     JoinRequestHeld(JoinRequestInfo),
+    /// A message was reacted to, edited or deleted. `message` is the message as shown now,
+    /// if this node holds it (a change that arrives first is shown on it once it arrives).
+    MessageChanged {
+        /// Group id.
+        group: String,
+        /// The message's id.
+        id: String,
+        /// Who changed it (PeerId).
+        by: String,
+        /// What changed.
+        change: MessageChange,
+        /// The message now.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<Box<MessageInfo>>,
+    },
+    /// A member's profile arrived or changed (also this node's own).
+    ProfileUpdated {
+        /// The group it arrived in.
+        group: String,
+        /// The profile.
+        profile: ProfileInfo,
+    },
+    /// A member read the group up to a message (read receipts are on).
+    Read {
+        /// Group id.
+        group: String,
+        /// The reader (PeerId).
+        peer: String,
+        /// The last message read.
+        up_to: String,
+    },
+    /// A member is typing (typing notices are on); shown for a few seconds.
+    Typing {
+        /// Group id.
+        group: String,
+        /// Who.
+        peer: PersonInfo,
+    },
 }
 
 impl NodeEvent {
@@ -485,6 +747,10 @@ impl NodeEvent {
             NodeEvent::HistorySynced { group, .. } => group,
             NodeEvent::JoinProgress { group, .. } => group,
             NodeEvent::JoinRequestHeld(r) => &r.group,
+            NodeEvent::MessageChanged { group, .. }
+            | NodeEvent::ProfileUpdated { group, .. }
+            | NodeEvent::Read { group, .. }
+            | NodeEvent::Typing { group, .. } => group,
         }
     }
 
@@ -497,6 +763,10 @@ impl NodeEvent {
             NodeEvent::HistorySynced { .. } => "history_synced",
             NodeEvent::JoinProgress { .. } => "join_progress",
             NodeEvent::JoinRequestHeld(_) => "join_request_held",
+            NodeEvent::MessageChanged { .. } => "message_changed",
+            NodeEvent::ProfileUpdated { .. } => "profile_updated",
+            NodeEvent::Read { .. } => "read",
+            NodeEvent::Typing { .. } => "typing",
         }
     }
 }
@@ -565,6 +835,7 @@ mod tests {
                 rollbacks: 4,
                 deep_forks: 0,
                 forks_detected: 5,
+                direct: None,
             }],
             version: "0.1.0".into(),
             storage: StorageStatus::Failing {
@@ -579,6 +850,7 @@ mod tests {
                 }],
             },
             relayed_peers: 1,
+            name: None,
         };
         let want = json!({
             "peer_id": "12D3KooWBB4XFKs24mUqit5MLWhAhY6xs23BMLb5fZYKDu7Wiy3k",
@@ -647,15 +919,14 @@ mod tests {
         assert_eq!(serde_json::to_value(&event).unwrap(), want);
         assert_eq!(event.kind(), "join_progress");
 
-        let message = NodeEvent::Message(MessageInfo {
-            id: "01".repeat(32),
-            group: "ab".repeat(32),
-            epoch: 1,
-            sender: "12D3KooWpeer".into(),
-            sent_at_ms: 10,
-            received_at_ms: 11,
-            body: MessageBody::Text { text: "hi".into() },
-        });
+        let message = NodeEvent::Message(MessageInfo::new(
+            "01".repeat(32),
+            "ab".repeat(32),
+            1,
+            "12D3KooWpeer".into(),
+            (10, 11),
+            MessageBody::Text { text: "hi".into() },
+        ));
         let want = json!({
             "type": "message", "id": "01".repeat(32), "group": "ab".repeat(32), "epoch": 1,
             "sender": "12D3KooWpeer", "sent_at_ms": 10, "received_at_ms": 11,

@@ -34,9 +34,10 @@ use tokio::sync::{broadcast, watch};
 use crate::engine::{EngineError, EngineHandle};
 use crate::metrics::KithMetrics;
 use crate::model::{
-    CreateGroupRequest, CreateInviteRequest, ErrorBody, EventsLagged, EventsQuery, GroupInfo,
-    GroupSummary, HistoryQuery, InviteInfo, InviteSummary, JoinBody, JoinRequestInfo, LAGGED_EVENT,
-    MemberInfo, MessageInfo, NodeEvent, PeerList, SendBody, StatusInfo,
+    CreateGroupRequest, CreateInviteRequest, DirectBody, DirectInfo, EditBody, ErrorBody,
+    EventsLagged, EventsQuery, GroupInfo, GroupSummary, HistoryQuery, InviteInfo, InviteSummary,
+    JoinBody, JoinRequestInfo, LAGGED_EVENT, MemberInfo, MessageInfo, NodeEvent, PeerList,
+    ProfileBody, ProfileInfo, ReactBody, ReadBody, SendBody, StatusInfo,
 };
 use crate::store::FailureReason;
 
@@ -122,6 +123,24 @@ fn build_router(engine: EngineHandle, token: &str, stop: watch::Receiver<bool>) 
             "/v1/groups/{group}/messages",
             get(history).post(send_message),
         )
+        .route(
+            "/v1/groups/{group}/messages/{message}",
+            get(show_message).patch(edit_message).delete(delete_message),
+        )
+        .route(
+            "/v1/groups/{group}/messages/{message}/reactions",
+            post(react),
+        )
+        .route(
+            "/v1/groups/{group}/messages/{message}/reactions/{emoji}",
+            delete(unreact),
+        )
+        .route("/v1/groups/{group}/read", post(mark_read))
+        .route("/v1/groups/{group}/typing", post(typing))
+        .route("/v1/profile", get(own_profile).put(set_profile))
+        .route("/v1/profiles/{peer}", get(profile_of))
+        .route("/v1/profiles/{peer}/avatar", get(avatar_of))
+        .route("/v1/direct", post(start_direct))
         .route("/v1/join", post(join))
         .route("/v1/events", get(events))
         .route("/v1/net/peers", get(connected_peers))
@@ -461,8 +480,150 @@ async fn send_message(
 ) -> Result<(StatusCode, Json<MessageInfo>), ApiError> {
     let Path(group) = group?;
     let Json(body) = body?;
-    let message = s.engine.run(move |e| e.send(&group, &body.text)).await?;
+    let message = match body.reply_to {
+        None => s.engine.run(move |e| e.send(&group, &body.text)).await?,
+        Some(to) => {
+            s.engine
+                .run(move |e| e.reply(&group, &body.text, &to))
+                .await?
+        }
+    };
     Ok((StatusCode::CREATED, Json(message)))
+}
+
+async fn show_message(
+    State(s): State<ApiState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<MessageInfo> {
+    let Path((group, message)) = path?;
+    Ok(Json(s.engine.run(move |e| e.message(&group, &message)).await?))
+}
+
+async fn edit_message(
+    State(s): State<ApiState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<EditBody>, JsonRejection>,
+) -> ApiResult<MessageInfo> {
+    let Path((group, message)) = path?;
+    let Json(body) = body?;
+    Ok(Json(
+        s.engine
+            .run(move |e| e.edit(&group, &message, &body.text))
+            .await?,
+    ))
+}
+
+async fn delete_message(
+    State(s): State<ApiState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<MessageInfo> {
+    let Path((group, message)) = path?;
+    Ok(Json(
+        s.engine
+            .run(move |e| e.delete_message(&group, &message))
+            .await?,
+    ))
+}
+
+async fn react(
+    State(s): State<ApiState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<ReactBody>, JsonRejection>,
+) -> ApiResult<MessageInfo> {
+    let Path((group, message)) = path?;
+    let Json(body) = body?;
+    Ok(Json(
+        s.engine
+            .run(move |e| e.react(&group, &message, &body.emoji, true))
+            .await?,
+    ))
+}
+
+async fn unreact(
+    State(s): State<ApiState>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+) -> ApiResult<MessageInfo> {
+    let Path((group, message, emoji)) = path?;
+    Ok(Json(
+        s.engine
+            .run(move |e| e.react(&group, &message, &emoji, false))
+            .await?,
+    ))
+}
+
+async fn mark_read(
+    State(s): State<ApiState>,
+    group: Result<Path<String>, PathRejection>,
+    body: Result<Json<ReadBody>, JsonRejection>,
+) -> ApiResult<MessageInfo> {
+    let Path(group) = group?;
+    let Json(body) = body?;
+    Ok(Json(
+        s.engine
+            .run(move |e| e.mark_read(&group, body.up_to.as_deref()))
+            .await?,
+    ))
+}
+
+async fn typing(
+    State(s): State<ApiState>,
+    group: Result<Path<String>, PathRejection>,
+) -> ApiResult<bool> {
+    let Path(group) = group?;
+    Ok(Json(s.engine.run(move |e| e.typing(&group)).await?))
+}
+
+async fn own_profile(State(s): State<ApiState>) -> ApiResult<Option<ProfileInfo>> {
+    Ok(Json(s.engine.run(|e| e.own_profile()).await?))
+}
+
+async fn set_profile(
+    State(s): State<ApiState>,
+    body: Result<Json<ProfileBody>, JsonRejection>,
+) -> ApiResult<ProfileInfo> {
+    let Json(body) = body?;
+    Ok(Json(s.engine.run(move |e| e.set_profile(body)).await?))
+}
+
+async fn profile_of(
+    State(s): State<ApiState>,
+    peer: Result<Path<String>, PathRejection>,
+) -> ApiResult<ProfileInfo> {
+    let Path(peer) = peer?;
+    Ok(Json(s.engine.run(move |e| e.profile_of(&peer)).await?))
+}
+
+async fn avatar_of(
+    State(s): State<ApiState>,
+    peer: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(peer) = peer?;
+    let (mime, bytes) = s.engine.run(move |e| e.avatar_of(&peer)).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(mime)),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+async fn start_direct(
+    State(s): State<ApiState>,
+    body: Result<Json<DirectBody>, JsonRejection>,
+) -> Result<(StatusCode, Json<DirectInfo>), ApiError> {
+    let Json(body) = body?;
+    let d = s.engine.run(move |e| e.start_direct(body)).await?;
+    let status = if d.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(d)))
 }
 
 async fn history(

@@ -14,8 +14,8 @@ use libp2p::PeerId;
 use serde::Serialize;
 
 use kith_client::model::{
-    CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, JoinStage, MessageBody, MessageInfo,
-    NodeEvent, ReachInfo, StatusInfo, StorageStatus,
+    CreateInviteRequest, DirectBody, GroupInfo, GroupSummary, InviteInfo, JoinStage, MessageBody,
+    MessageChange, MessageInfo, NodeEvent, ProfileBody, ReachInfo, StatusInfo, StorageStatus,
 };
 use kith_client::text::{clean, clean_multiline, format_utc, short_peer};
 use kith_client::{Client, ClientError, LiveEvent};
@@ -103,8 +103,23 @@ pub enum Command {
     Approve(DecideArgs),
     /// Deny a join request.
     Deny(DecideArgs),
-    /// Send a text message to a group.
+    /// Send a text message to a group (or a reply to one of its messages).
     Send(SendArgs),
+    /// Put an emoji reaction on a message, or take it back with --remove.
+    React(ReactArgs),
+    /// Replace the text of one of your own messages (everyone sees it was edited).
+    Edit(EditArgs),
+    /// Delete one of your own messages for everyone (a tombstone stays).
+    Delete(MessageArgs),
+    /// Mark a group read up to a message (the newest by default); members see a read
+    /// receipt unless `[chat] read_receipts` is off.
+    Read(ReadArgs),
+    /// Set or show your profile (display name and avatar), or show a member's.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+    /// Start (or find) a direct chat with a member of a shared group, or make a one-use
+    /// link to one with --link.
+    Dm(DmArgs),
     /// Show a group's message history (times are UTC).
     History(HistoryArgs),
     /// Print a group's messages as they arrive (times are UTC).
@@ -360,11 +375,116 @@ pub struct JoinArgs {
     pub json: bool,
 }
 
+/// `kith react`.
+#[derive(Debug, Clone, Args)]
+pub struct ReactArgs {
+    /// Group id, unique id prefix or exact name.
+    pub group: String,
+    /// The message: its id or a unique prefix of 8 or more hex characters (the second
+    /// column of `kith history`).
+    pub message: String,
+    /// The emoji, e.g. 👍.
+    pub emoji: String,
+    /// Take the reaction back.
+    #[arg(long)]
+    pub remove: bool,
+    /// Print the API's JSON answer (the message) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kith edit`.
+#[derive(Debug, Clone, Args)]
+pub struct EditArgs {
+    /// Group id, unique id prefix or exact name.
+    pub group: String,
+    /// The message (id or unique prefix of 8+ hex characters).
+    pub message: String,
+    /// The new text; several words are joined with spaces.
+    #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
+    pub text: Vec<String>,
+    /// Print the API's JSON answer instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kith delete`.
+#[derive(Debug, Clone, Args)]
+pub struct MessageArgs {
+    /// Group id, unique id prefix or exact name.
+    pub group: String,
+    /// The message (id or unique prefix of 8+ hex characters).
+    pub message: String,
+    /// Print the API's JSON answer instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kith read`.
+#[derive(Debug, Clone, Args)]
+pub struct ReadArgs {
+    /// Group id, unique id prefix or exact name.
+    pub group: String,
+    /// The last message read (id or unique prefix); the newest if absent.
+    pub message: Option<String>,
+    /// Print the API's JSON answer instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kith profile …`.
+#[derive(Debug, Subcommand)]
+pub enum ProfileCommand {
+    /// Set your display name (and avatar); it goes to every group you are in and to
+    /// groups you join later.
+    Set {
+        /// Display name, 1 to 64 characters.
+        #[arg(long)]
+        name: String,
+        /// A PNG, JPEG or WebP image of at most 16 KiB.
+        #[arg(long, value_name = "PATH")]
+        avatar: Option<PathBuf>,
+        /// Print the API's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show your profile, or the one this node holds of a member (PeerId).
+    Show {
+        /// A member's PeerId; yours if absent.
+        peer: Option<String>,
+        /// Print the API's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `kith dm`.
+#[derive(Debug, Clone, Args)]
+pub struct DmArgs {
+    /// The person: their name, short id (the end of their PeerId) or PeerId, as a member
+    /// of one of your groups shows it.
+    #[arg(required_unless_present = "link", conflicts_with = "link")]
+    pub person: Option<String>,
+    /// Make a one-use invite link to a new direct chat instead, for someone you share no
+    /// group with (they run `kith join LINK`).
+    #[arg(long)]
+    pub link: bool,
+    /// Do not print a QR code with --link.
+    #[arg(long)]
+    pub no_qr: bool,
+    /// Print the API's JSON answer instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `kith send`.
 #[derive(Debug, Clone, Args)]
 pub struct SendArgs {
     /// Group id, unique id prefix or exact name.
     pub group: String,
+    /// Answer this message (id or unique prefix of 8+ hex characters).
+    #[arg(long, value_name = "MESSAGE")]
+    pub reply: Option<String>,
     /// The message; several words are joined with spaces.
     #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
     pub text: Vec<String>,
@@ -601,12 +721,50 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
         }
         Command::Send(args) => {
             let text = args.text.join(" ");
-            let message = connect()?.send(&args.group, &text).await?;
+            let message = connect()?
+                .reply(&args.group, &text, args.reply.as_deref())
+                .await?;
             if args.json {
                 return print_json(&message);
             }
             Ok(())
         }
+        Command::React(args) => {
+            let m = connect()?
+                .react(&args.group, &args.message, &args.emoji, !args.remove)
+                .await?;
+            if args.json {
+                return print_json(&m);
+            }
+            out(&format_message(&m, Some(""), true))
+        }
+        Command::Edit(args) => {
+            let m = connect()?
+                .edit(&args.group, &args.message, &args.text.join(" "))
+                .await?;
+            if args.json {
+                return print_json(&m);
+            }
+            out(&format_message(&m, Some(&m.sender), true))
+        }
+        Command::Delete(args) => {
+            let m = connect()?.delete_message(&args.group, &args.message).await?;
+            if args.json {
+                return print_json(&m);
+            }
+            out(&format_message(&m, Some(&m.sender), true))
+        }
+        Command::Read(args) => {
+            let m = connect()?
+                .mark_read(&args.group, args.message.as_deref())
+                .await?;
+            if args.json {
+                return print_json(&m);
+            }
+            out(&format!("read up to {}", format_message(&m, None, false)))
+        }
+        Command::Profile(cmd) => profile_command(&connect()?, cmd).await,
+        Command::Dm(args) => dm_command(&connect()?, args).await,
         Command::History(args) if args.offline => {
             let data_dir = resolve_data_dir(cli.data_dir.as_deref())?;
             let messages = offline_history(&data_dir, &args.group, args.limit)?;
@@ -617,7 +775,7 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
                 .ok()
                 .map(|k| k.public().to_peer_id().to_string());
             for m in &messages {
-                out(&format_message(m, me.as_deref()))?;
+                out(&format_message(m, me.as_deref(), true))?;
             }
             Ok(())
         }
@@ -630,7 +788,7 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
             }
             let me = self_peer(&group);
             for m in &messages {
-                out(&format_message(m, me))?;
+                out(&format_message(m, me, true))?;
             }
             Ok(())
         }
@@ -654,7 +812,50 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
                         out(&line)?;
                     }
                     LiveEvent::Event(NodeEvent::Message(m)) => {
-                        out(&format_message(&m, me.as_deref()))?;
+                        out(&format_message(&m, me.as_deref(), true))?;
+                    }
+                    LiveEvent::Event(NodeEvent::MessageChanged {
+                        by,
+                        change,
+                        message,
+                        id,
+                        ..
+                    }) => {
+                        let who = if Some(by.as_str()) == me.as_deref() {
+                            "you".to_owned()
+                        } else {
+                            short_peer(&by)
+                        };
+                        let what = match &change {
+                            MessageChange::Reaction { emoji, on: true } => {
+                                format!("reacted {}", clean(emoji))
+                            }
+                            MessageChange::Reaction { emoji, on: false } => {
+                                format!("took back {}", clean(emoji))
+                            }
+                            MessageChange::Edit => "edited".to_owned(),
+                            MessageChange::Delete => "deleted".to_owned(),
+                        };
+                        match message {
+                            Some(m) => out(&format!(
+                                "  * {who} {what}: {}",
+                                format_message(&m, me.as_deref(), true)
+                            ))?,
+                            None => out(&format!(
+                                "  * {who} {what} message {} (not here yet)",
+                                short_id(&id)
+                            ))?,
+                        }
+                    }
+                    LiveEvent::Event(NodeEvent::Typing { peer, .. }) => {
+                        eprintln_quiet(&format!("{} is typing…", clean(&peer.label)));
+                    }
+                    LiveEvent::Event(NodeEvent::ProfileUpdated { profile, .. }) => {
+                        out(&format!(
+                            "  * {} is now called '{}'",
+                            short_peer(&profile.peer_id),
+                            clean(&profile.name)
+                        ))?;
                     }
                     LiveEvent::Event(_) => {}
                     LiveEvent::Lagged(missed) => {
@@ -774,7 +975,7 @@ fn offline_history(
     };
     let limit = limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
     let entries = store.history(&meta.id, limit)?;
-    Ok(entries.iter().map(crate::engine::message_info).collect())
+    Ok(crate::engine::history_view(&store, &meta.id, &entries, true))
 }
 
 /// `kith join`: checks the link, then asks the node to join while printing each stage the
@@ -1187,8 +1388,11 @@ fn self_peer(group: &GroupInfo) -> Option<&str> {
         .map(|m| m.peer_id.as_str())
 }
 
-/// One human line for a history entry: time, short sender, text (or what happened).
-pub fn format_message(m: &MessageInfo, me: Option<&str>) -> String {
+/// Human lines for a history entry: time, the message id's first 8 characters (to name it
+/// in `kith send --reply`, `react`, `edit`, `delete`), sender, text (or what happened);
+/// with `details`, what it answers, whether it was edited or deleted, its reactions and
+/// who read it.
+pub fn format_message(m: &MessageInfo, me: Option<&str>, details: bool) -> String {
     let who = |peer: &str| {
         if Some(peer) == me {
             "you".to_owned()
@@ -1197,11 +1401,61 @@ pub fn format_message(m: &MessageInfo, me: Option<&str>) -> String {
         }
     };
     let time = format_utc(m.sent_at_ms / 1000);
-    let sender = who(&m.sender);
+    let sender = if Some(m.sender.as_str()) == me {
+        "you".to_owned()
+    } else if m.sender_label.is_empty() {
+        short_peer(&m.sender)
+    } else {
+        clean(&m.sender_label)
+    };
+    let indent = " ".repeat(31);
     match &m.body {
         MessageBody::Text { text } => {
-            let text = clean_multiline(text).replace('\n', "\n                               ");
-            format!("{time}  {sender:>8}: {text}")
+            let id = short_id(&m.id);
+            let mut line = format!("{time}  {id}  {sender}: ");
+            if m.deleted {
+                line.push_str("(message deleted)");
+            } else {
+                line.push_str(&clean_multiline(text).replace('\n', &format!("\n{indent}")));
+                if m.edited_at_ms.is_some() {
+                    line.push_str(" (edited)");
+                }
+            }
+            if !details {
+                return line;
+            }
+            if let Some(r) = &m.reply_to {
+                let to = r
+                    .sender
+                    .as_ref()
+                    .map(|p| {
+                        if Some(p.peer_id.as_str()) == me {
+                            "you".to_owned()
+                        } else {
+                            clean(&p.label)
+                        }
+                    })
+                    .unwrap_or_else(|| "a message not here yet".to_owned());
+                let quote = r
+                    .excerpt
+                    .as_deref()
+                    .map(|e| format!(": \"{}\"", clean(e)))
+                    .unwrap_or_default();
+                line = format!("{line}\n{indent}\u{21AA} reply to {to} ({}){quote}", short_id(&r.id));
+            }
+            if !m.reactions.is_empty() {
+                let list: Vec<String> = m
+                    .reactions
+                    .iter()
+                    .map(|r| format!("{} {}", clean(&r.emoji), r.by.len()))
+                    .collect();
+                line = format!("{line}\n{indent}[{}]", list.join("  "));
+            }
+            if Some(m.sender.as_str()) == me && !m.read_by.is_empty() {
+                let names: Vec<String> = m.read_by.iter().map(|p| short_peer(p)).collect();
+                line = format!("{line}\n{indent}read by {}", names.join(", "));
+            }
+            line
         }
         MessageBody::GroupCreated { name } => {
             format!("{time}  * {sender} created the group '{}'", clean(name))
@@ -1230,6 +1484,112 @@ pub fn format_message(m: &MessageInfo, me: Option<&str>) -> String {
         MessageBody::InviteRevoked { invite } => {
             format!("{time}  * {sender} revoked invite {}", short_id(invite))
         }
+        MessageBody::Reaction { to, emoji, on } => {
+            let verb = if *on { "reacted" } else { "took back" };
+            format!("{time}  * {sender} {verb} {} on {}", clean(emoji), short_id(to))
+        }
+        MessageBody::Edit { target, .. } => {
+            format!("{time}  * {sender} edited {}", short_id(target))
+        }
+        MessageBody::Delete { target } => {
+            format!("{time}  * {sender} deleted {}", short_id(target))
+        }
+    }
+}
+
+/// `kith profile …`.
+async fn profile_command(client: &Client, cmd: &ProfileCommand) -> Result<(), CliError> {
+    match cmd {
+        ProfileCommand::Set { name, avatar, json } => {
+            let avatar = match avatar {
+                None => None,
+                Some(path) => {
+                    let max = kith_protocol::chat::MAX_AVATAR_BYTES as u64;
+                    let len = std::fs::metadata(path)
+                        .map_err(|e| CliError::Local(format!("cannot read {}: {e}", path.display())))?
+                        .len();
+                    if len > max {
+                        return Err(CliError::Local(format!(
+                            "{} is {} KiB; an avatar must be at most {} KiB (make it smaller, e.g. 96x96 pixels)",
+                            path.display(),
+                            len.div_ceil(1024),
+                            max / 1024
+                        )));
+                    }
+                    let bytes = std::fs::read(path).map_err(|e| {
+                        CliError::Local(format!("cannot read {}: {e}", path.display()))
+                    })?;
+                    Some(data_encoding::BASE64.encode(&bytes))
+                }
+            };
+            let p = client
+                .set_profile(&ProfileBody {
+                    name: name.clone(),
+                    avatar,
+                })
+                .await?;
+            if *json {
+                return print_json(&p);
+            }
+            out(&format!(
+                "profile set: {}{}; sent to your groups",
+                clean(&p.label),
+                p.avatar.as_deref().map(|m| format!(", avatar {m}")).unwrap_or_default()
+            ))
+        }
+        ProfileCommand::Show { peer, json } => {
+            let p = match peer {
+                Some(peer) => Some(client.profile_of(peer).await?),
+                None => client.profile().await?,
+            };
+            if *json {
+                return print_json(&p);
+            }
+            match p {
+                Some(p) => out(&format!(
+                    "{}\n  peer: {}\n  set: {} UTC{}",
+                    clean(&p.label),
+                    clean(&p.peer_id),
+                    format_utc(p.version / 1000),
+                    p.avatar.as_deref().map(|m| format!("\n  avatar: {m}")).unwrap_or_default()
+                )),
+                None => out("no profile yet; set one with `kith profile set --name NAME`"),
+            }
+        }
+    }
+}
+
+/// `kith dm`.
+async fn dm_command(client: &Client, args: &DmArgs) -> Result<(), CliError> {
+    let d = client
+        .direct(&DirectBody {
+            peer: args.person.clone(),
+            link: args.link,
+        })
+        .await?;
+    if args.json {
+        return print_json(&d);
+    }
+    let id = short_id(&d.group.id);
+    let with = d.with.as_ref().map(|p| clean(&p.label));
+    match (&d.link, with) {
+        (Some(link), _) => {
+            let mut text = format!(
+                "direct chat {id} created; give this one-use link to the person (valid 7 days):\n\n{link}"
+            );
+            if !args.no_qr && let Some(code) = render_qr(link) {
+                text.push_str("\n\n");
+                text.push_str(&code);
+            }
+            out(&text)
+        }
+        (None, Some(with)) if d.created => out(&format!(
+            "direct chat {id} with {with} created; they join it by themselves. Write with `kith send {id} …`"
+        )),
+        (None, Some(with)) => out(&format!(
+            "you already have a direct chat with {with}: {id}. Write with `kith send {id} …`"
+        )),
+        (None, None) => out(&format!("direct chat {id}")),
     }
 }
 

@@ -153,6 +153,34 @@ pub struct Config {
     pub keys: KeysConfig,
     /// NAT traversal: the relay service for others, relays for us, UPnP (`[nat]`).
     pub nat: NatConfig,
+    /// Read receipts, typing notices, direct chats (`[chat]`).
+    pub chat: ChatConfig,
+}
+
+/// `[chat]` in `config.toml`: which chat notices this node sends and shows. Both notices
+/// are MLS messages to the group like any other (members only); off means this node
+/// neither sends them nor shows others'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Send read receipts and show others' (default true).
+    pub read_receipts: bool,
+    /// Send "typing" notices and show others' (default false).
+    pub typing: bool,
+    /// Join by itself a direct chat that a member of a shared group starts with this node
+    /// (default true).
+    pub accept_direct: bool,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        let d = crate::engine::ChatPolicy::default();
+        ChatConfig {
+            read_receipts: d.read_receipts,
+            typing: d.typing,
+            accept_direct: d.accept_direct,
+        }
+    }
 }
 
 /// `[nat]` in `config.toml`: how the node gets through home routers.
@@ -368,6 +396,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             network: DEFAULT_NETWORK.to_owned(),
+            chat: ChatConfig::default(),
             listen: vec![
                 format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"),
                 format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1"),
@@ -438,6 +467,8 @@ pub struct NodeConfig {
     pub update_policy: UpdatePolicy,
     /// NAT traversal settings.
     pub nat: crate::net::NatSettings,
+    /// Chat notices.
+    pub chat: crate::engine::ChatPolicy,
     /// How long past epochs' secrets are kept after this node left them: always
     /// [`kith_protocol::group::PAST_EPOCH_TTL`] from a config file; tests shorten it.
     pub past_epoch_ttl: std::time::Duration,
@@ -603,6 +634,11 @@ impl Config {
             retention,
             update_policy,
             nat,
+            chat: crate::engine::ChatPolicy {
+                read_receipts: self.chat.read_receipts,
+                typing: self.chat.typing,
+                accept_direct: self.chat.accept_direct,
+            },
             past_epoch_ttl: kith_protocol::group::PAST_EPOCH_TTL,
         })
     }
@@ -717,6 +753,14 @@ relay_max_circuits = {relay_circ}
 relay_max_circuits_per_peer = {relay_circ_peer}
 relay_circuit_minutes = {relay_minutes}
 relay_circuit_kib = {relay_kib}
+
+# Chat notices, sent inside each group's encryption to its members only. Off: this node
+# neither sends them nor shows others'. accept_direct: join a direct chat that a member of
+# a shared group starts with you (`kith dm`) by itself. File only.
+[chat]
+read_receipts = {receipts}
+typing = {typing}
+accept_direct = {accept_direct}
 "#,
             network = quote(network),
             port = DEFAULT_PORT,
@@ -743,6 +787,9 @@ relay_circuit_kib = {relay_kib}
             relay_circ_peer = d.nat.relay_max_circuits_per_peer,
             relay_minutes = d.nat.relay_circuit_minutes,
             relay_kib = d.nat.relay_circuit_kib,
+            receipts = d.chat.read_receipts,
+            typing = d.chat.typing,
+            accept_direct = d.chat.accept_direct,
         )
     }
 }

@@ -54,6 +54,7 @@ use crate::net::{MAX_BLOCKED_PEERS, NetError, NetEvent, NetHandle, NetInfo};
 use crate::store::{Batch, HealthView, KithProvider, Retention, Store, StoreError};
 use crate::sync::{MAX_SCAN_ENVELOPES, SYNC_INTERVAL, SyncLimiter};
 
+mod chat;
 mod commit;
 mod disk;
 mod handle;
@@ -64,6 +65,7 @@ mod queries;
 mod serve;
 mod views;
 
+pub use chat::{ChatPolicy, DIRECT_GROUP_NAME, TYPING_INTERVAL_MS, history_view, person};
 pub use views::message_info;
 use views::*;
 
@@ -297,6 +299,8 @@ pub struct EngineSettings {
     /// How long past epochs' secrets are kept after this node left them
     /// ([`kith_protocol::group::PAST_EPOCH_TTL`]; tests shorten it).
     pub past_epoch_ttl: Duration,
+    /// Which chat notices to send and show.
+    pub chat: ChatPolicy,
 }
 
 /// The one group among `groups` (id, name) that `query` names: its full id, a unique id
@@ -344,6 +348,7 @@ pub fn start(
         retention,
         update_policy,
         past_epoch_ttl,
+        chat,
     } = settings;
     let identity = Identity::new(keypair)?;
     let peer_id = identity.peer_id();
@@ -406,6 +411,8 @@ pub fn start(
         past_epoch_ttl,
         handle: handle.clone(),
         check_self_updates: false,
+        chat,
+        typing_sent: HashMap::new(),
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -500,6 +507,10 @@ pub struct Actor {
     /// A text was sent: once its sender has the answer, see whether a self-update is due
     /// (`[keys] update_after_messages`).
     check_self_updates: bool,
+    /// Which chat notices to send and show (`[chat]` in `config.toml`).
+    chat: ChatPolicy,
+    /// When this node last sent a typing notice in each group.
+    typing_sent: HashMap<GroupId, u64>,
 }
 
 impl Actor {

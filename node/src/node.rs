@@ -158,6 +158,7 @@ pub async fn start_with(opts: NodeOptions, recovery: Recovery) -> Result<Running
             retention: config.retention,
             update_policy: config.update_policy,
             past_epoch_ttl: config.past_epoch_ttl,
+            chat: config.chat,
         },
         net.clone(),
         net_events,

@@ -30,6 +30,7 @@
 //! transaction. A crash therefore never leaves MLS keys and history disagreeing: either both
 //! are on disk or neither is.
 
+mod chat;
 mod health;
 mod mls;
 
@@ -50,6 +51,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use chat::{Changes, MAX_CHANGES_SHOWN, MAX_PROFILES, Receipt, fold};
 pub use health::{FailureReason, PROBE_BYTES, Recovery, StoreHealth};
 pub use mls::{KithProvider, MlsStorage};
 
@@ -274,6 +276,12 @@ pub struct Batch {
     /// Undecryptable envelopes whose text arrived again, re-sent by its sender on request:
     /// no longer counted as lost (the envelope stays, so sync does not fetch it again).
     pub recovered: Vec<(GroupId, MessageId)>,
+    /// Members' profiles (signatures checked): a newer version replaces the kept one.
+    pub profiles: Vec<(PeerId, kith_protocol::chat::SignedProfile)>,
+    /// Read receipts (this node's own too).
+    pub receipts: Vec<Receipt>,
+    /// Groups that are direct chats, with the other person.
+    pub direct: Vec<(GroupId, PeerId)>,
 }
 
 /// See [`Batch::rollbacks`].
@@ -330,9 +338,26 @@ impl Batch {
                         forget_history: forget_history.clone(),
                     });
                 }
+                Effect::Profile { owner, profile, .. } => {
+                    batch.profiles.push((*owner, profile.clone()))
+                }
+                Effect::Receipt {
+                    group,
+                    peer,
+                    up_to,
+                    sent_at_ms,
+                } => batch.receipts.push(Receipt {
+                    group: *group,
+                    peer: *peer,
+                    up_to: *up_to,
+                    at_ms: *sent_at_ms,
+                }),
+                Effect::Direct { group, peer } => batch.direct.push((*group, *peer)),
                 Effect::Publish { .. }
                 | Effect::Subscribe(_)
                 | Effect::Unsubscribe(_)
+                | Effect::Typing { .. }
+                | Effect::DirectOffer { .. }
                 | Effect::EpochChanged { .. } => {}
             }
         }
@@ -351,6 +376,9 @@ impl Batch {
             && self.links.is_empty()
             && self.undecryptable.is_empty()
             && self.recovered.is_empty()
+            && self.profiles.is_empty()
+            && self.receipts.is_empty()
+            && self.direct.is_empty()
     }
 }
 
@@ -629,6 +657,7 @@ impl Store {
             if !batch.history.is_empty() {
                 let mut history = txn.open_table(HISTORY)?;
                 let mut index = txn.open_table(MESSAGE_INDEX)?;
+                let mut refs = txn.open_table(chat::REFS)?;
                 for entry in &batch.history {
                     let key = history_key(entry)?;
                     let old = index.get(entry.id.as_bytes())?.map(|k| k.value().to_vec());
@@ -644,7 +673,9 @@ impl Store {
                             history.remove(&old)?;
                         }
                     }
-                    let bytes = encode_record("history", entry)?;
+                    let mut entry = entry.clone();
+                    chat::before_insert(&mut refs, &index, &mut history, &mut entry)?;
+                    let bytes = encode_record("history", &entry)?;
                     history.insert(&key, bytes.as_slice())?;
                     index.insert(entry.id.as_bytes(), key.as_slice())?;
                 }
@@ -728,6 +759,7 @@ impl Store {
             for (peer, addrs) in &batch.peers {
                 upsert_peer(&mut peers, peer, addrs)?;
             }
+            chat::write(&txn, &batch.profiles, &batch.receipts, &batch.direct)?;
         }
         txn.commit()?;
         staged.clear();
@@ -779,13 +811,17 @@ impl Store {
         let table = txn.open_table(HISTORY)?;
         let (lo, hi) = group_range(group);
         let mut out = Vec::with_capacity(limit.min(1024));
-        for row in table
-            .range::<&[u8; HISTORY_KEY_LEN]>(&lo..=&hi)?
-            .rev()
-            .take(limit)
-        {
+        for row in table.range::<&[u8; HISTORY_KEY_LEN]>(&lo..=&hi)?.rev() {
             let (_, value) = row?;
-            out.push(decode_record("history", value.value())?);
+            let entry: HistoryEntry = decode_record("history", value.value())?;
+            // Reactions, edits and deletes are shown on their targets, not as lines.
+            if entry.kind.target().is_some() {
+                continue;
+            }
+            out.push(entry);
+            if out.len() >= limit {
+                break;
+            }
         }
         out.reverse();
         Ok(out)
@@ -972,7 +1008,9 @@ impl Store {
             let mut index = txn.open_table(MESSAGE_INDEX)?;
             let mut envelopes = txn.open_table(ENVELOPES)?;
             let mut by_group = txn.open_table(ENVELOPES_BY_GROUP)?;
+            let mut refs = txn.open_table(chat::REFS)?;
             for (key, entry) in &doomed {
+                chat::on_prune(&mut refs, entry)?;
                 history.remove(key)?;
                 index.remove(entry.id.as_bytes())?;
                 let app = envelopes

@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::chat::Chat;
 use crate::codec::{self, DecodeError, EncodeError};
 use crate::ids::{GroupId, InviteId, MessageId};
 
@@ -190,7 +191,31 @@ pub enum Body {
     /// [`Body::Resent`] whose text only members of its first epoch can read: sent when a
     /// member joined after that epoch (see [`SealedResent`]).
     SealedResent(SealedResent),
+    /// A chat message: a reply, reaction, edit, delete, profile, receipt, typing, or a
+    /// direct chat's note (see [`crate::chat`]).
+    Chat(Chat),
+    /// A kept [`Body::Chat`] sent again at a member's [`Body::ResendRequest`], like
+    /// [`Body::Resent`] for a text.
+    ResentChat(ResentChat),
+    /// [`Body::ResentChat`] sealed for the members of its first epoch, like
+    /// [`Body::SealedResent`]; the sealed plaintext is the codec-encoded [`Chat`].
+    SealedResentChat(SealedResent),
 }
+
+/// See [`Body::ResentChat`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResentChat {
+    /// The epoch it was first encrypted in.
+    pub epoch: u64,
+    /// The envelope id of that first copy.
+    pub envelope: MessageId,
+    /// The chat message, as first sent.
+    pub chat: Chat,
+}
+
+/// Largest plaintext of an application message (a profile list with avatars is the
+/// largest; the envelope that carries it is bounded by [`MAX_ENVELOPE_BYTES`] anyway).
+pub const MAX_CONTENT_BYTES: usize = 200 * 1024;
 
 /// Most entries in one [`Body::InviteStates`].
 pub const MAX_INVITE_STATES: usize = 256;
@@ -265,8 +290,18 @@ pub struct SharedInvite {
 impl AppContent {
     /// Decodes and checks the content of an application message.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let content: AppContent = codec::decode(bytes, MAX_TEXT_BYTES + 256)?;
+        let content: AppContent = codec::decode(bytes, MAX_CONTENT_BYTES)?;
         match content.body() {
+            Body::Chat(c) | Body::ResentChat(ResentChat { chat: c, .. }) => match c.check() {
+                Ok(()) => Ok(content),
+                Err(e) => Err(DecodeError::Malformed(e.to_string())),
+            },
+            Body::SealedResentChat(s) if s.sealed.len() > MAX_CONTENT_BYTES + 16 => {
+                Err(DecodeError::TooLarge {
+                    len: s.sealed.len(),
+                    limit: MAX_CONTENT_BYTES + 16,
+                })
+            }
             Body::Text(t) | Body::Resent(Resent { text: t, .. }) if t.len() > MAX_TEXT_BYTES => {
                 Err(DecodeError::TooLarge {
                     len: t.len(),

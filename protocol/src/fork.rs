@@ -163,8 +163,41 @@ pub struct Sent {
     pub id: MessageId,
     /// Sender clock at the first send.
     pub sent_at_ms: u64,
-    /// The text.
-    pub text: String,
+    /// What was said.
+    pub said: Said,
+}
+
+/// What a kept message says: a text, or a chat message (a reply, reaction, edit, …).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Said {
+    /// A text.
+    Text(String),
+    /// A chat message.
+    Chat(crate::chat::Chat),
+}
+
+/// [`Sent`] as written before chat messages existed (a text only); read back as
+/// [`Said::Text`].
+#[derive(Serialize, Deserialize)]
+struct SentV1 {
+    epoch: u64,
+    id: MessageId,
+    sent_at_ms: u64,
+    text: String,
+}
+
+fn decode_sent(bytes: &[u8]) -> Result<Sent, ForkError> {
+    match codec::decode::<Sent>(bytes, MAX_RECORD_BYTES) {
+        Ok(s) => Ok(s),
+        Err(e) => codec::decode::<SentV1>(bytes, MAX_RECORD_BYTES)
+            .map(|v| Sent {
+                epoch: v.epoch,
+                id: v.id,
+                sent_at_ms: v.sent_at_ms,
+                said: Said::Text(v.text),
+            })
+            .map_err(|_| ForkError::Corrupt(e.to_string())),
+    }
 }
 
 /// The commits this node merged in a group, most recent last, at most [`REWIND_DEPTH`].
@@ -306,8 +339,7 @@ pub fn sent_after<S: GroupRecords>(
         }
         if let Some(bytes) = s.get_kith(&k).map_err(storage)? {
             out.push(
-                codec::decode::<Sent>(&bytes, MAX_RECORD_BYTES)
-                    .map_err(|e| ForkError::Corrupt(e.to_string()))?,
+                decode_sent(&bytes)?,
             );
         }
     }
@@ -394,10 +426,7 @@ pub fn sent_by_envelope<S: GroupRecords>(
     let found = match (epoch, id) {
         (Some(epoch), Some(id)) => {
             match s.get_kith(&sent_key(group, epoch, &id)).map_err(storage)? {
-                Some(bytes) => Some(
-                    codec::decode::<Sent>(&bytes, MAX_RECORD_BYTES)
-                        .map_err(|e| ForkError::Corrupt(e.to_string()))?,
-                ),
+                Some(bytes) => Some(decode_sent(&bytes)?),
                 None => None,
             }
         }

@@ -34,7 +34,7 @@ use crate::ids::{GroupId, MessageId, TopicId};
 use crate::invite::{InviteError, InviteUpdate};
 use crate::order::Undecryptable;
 use crate::records::{GroupMeta, HistoryEntry, StoredEnvelope};
-use members::self_remove_pending;
+use members::{member_peer, self_remove_pending};
 use state::Group;
 
 /// The one ciphersuite Kith uses: X25519, AES-128-GCM, SHA-256, Ed25519 (RFC 9420 §17.1).
@@ -227,6 +227,52 @@ pub enum Effect {
         /// The envelope that could not be decrypted.
         envelope: MessageId,
     },
+    /// A member's profile (signature checked; its owner is a member of `group`): keep it
+    /// unless a newer version of the owner's profile is kept already.
+    Profile {
+        /// The group it arrived in.
+        group: GroupId,
+        /// Whose it is.
+        owner: PeerId,
+        /// The signed profile.
+        profile: crate::chat::SignedProfile,
+    },
+    /// `peer` has read `group` up to the message `up_to` (a history id).
+    Receipt {
+        /// The group.
+        group: GroupId,
+        /// The reader.
+        peer: PeerId,
+        /// The last message read.
+        up_to: MessageId,
+        /// The reader's clock.
+        sent_at_ms: u64,
+    },
+    /// `peer` is typing in `group`.
+    Typing {
+        /// The group.
+        group: GroupId,
+        /// Who.
+        peer: PeerId,
+        /// Their clock.
+        sent_at_ms: u64,
+    },
+    /// `group` is a direct chat between this node and `peer`.
+    Direct {
+        /// The group.
+        group: GroupId,
+        /// The other person.
+        peer: PeerId,
+    },
+    /// `from` offers this node a direct chat: join it with `link`.
+    DirectOffer {
+        /// The group the offer came in (a group both are members of).
+        group: GroupId,
+        /// Who offers.
+        from: PeerId,
+        /// A one-use invite link to the direct chat.
+        link: String,
+    },
     /// A group moved to a new epoch.
     EpochChanged {
         /// The group.
@@ -389,6 +435,13 @@ where
         self.groups.values().map(Group::view).collect()
     }
 
+    /// Whether this node is an active member of `id` (it may send there).
+    pub fn is_active(&self, id: &GroupId) -> bool {
+        self.groups
+            .get(id)
+            .is_some_and(|g| g.mls.is_active() && g.lifecycle.lost().is_none())
+    }
+
     /// One group.
     pub fn group(&self, id: &GroupId) -> Option<GroupView> {
         self.groups.get(id).map(Group::view)
@@ -414,6 +467,7 @@ where
 
 mod apply;
 mod branch;
+mod chat;
 mod catch_up;
 mod expiry;
 mod invites;

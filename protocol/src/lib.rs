@@ -3,6 +3,7 @@
 //! Everything here is pure logic: no sockets, no async runtime, no database. The node crate
 //! wraps it with IO. Modules:
 //! - [`addr`]: who can use an address, and the order addresses go into an invite.
+//! - [`chat`]: replies, reactions, edits, deletes, profiles, receipts, typing, direct chats.
 //! - [`ids`]: identifier newtypes (`GroupId`, `TopicId`, `MessageId`).
 //! - [`codec`]: the only place that turns wire types into bytes and back.
 //! - [`envelope`]: versioned wire types carried on gossipsub and request-response.
@@ -14,6 +15,7 @@
 //! - [`sync`]: history sync between members (summaries, paginated responses, gap detection).
 
 pub mod addr;
+pub mod chat;
 pub mod codec;
 pub mod envelope;
 pub mod fork;

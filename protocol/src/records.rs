@@ -68,9 +68,62 @@ pub enum EntryKind {
     /// This node (the PeerId) joined the group through a Welcome from `sender`. Added after
     /// the others (tag 06); earlier versions recorded a join as `MembersAdded`.
     Joined(PeerId),
+    /// A text with a stable id (tag 07; earlier versions recorded texts as `Text`): the
+    /// stable id lets its sender edit or delete it, and a reply names the message it answers.
+    Post {
+        /// The text (empty once deleted).
+        text: String,
+        /// The sender's stable id of the message ([`crate::group::text_history_id`] of the
+        /// sender and this is the entry's id).
+        stable: MessageId,
+        /// The history id of the message it answers.
+        reply_to: Option<MessageId>,
+    },
+    /// `sender` put (`on`) or took back its reaction `emoji` on the message `to`. Not a line
+    /// of its own: it is shown on its target (see [`EntryKind::target`]).
+    Reaction {
+        /// The message reacted to.
+        to: MessageId,
+        /// The emoji.
+        emoji: String,
+        /// Put or taken back.
+        on: bool,
+    },
+    /// `sender` replaced the text of its message `target` (empty once the target is
+    /// deleted). Shown on its target.
+    Edit {
+        /// The message edited.
+        target: MessageId,
+        /// The new text.
+        text: String,
+    },
+    /// `sender` deleted its message `target`. Shown on its target, as a tombstone.
+    Delete {
+        /// The message deleted.
+        target: MessageId,
+    },
 }
 
 impl EntryKind {
+    /// The text of a text message (`Text` or `Post`).
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            EntryKind::Text(t) | EntryKind::Post { text: t, .. } => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The message a reaction, edit or delete applies to: such entries are not lines of
+    /// history of their own but change how their target is shown.
+    pub fn target(&self) -> Option<MessageId> {
+        match self {
+            EntryKind::Reaction { to: t, .. }
+            | EntryKind::Edit { target: t, .. }
+            | EntryKind::Delete { target: t } => Some(*t),
+            _ => None,
+        }
+    }
+
     /// Whether the entry records a commit (members added or removed). Every member records
     /// a commit under the same id but at its own time, so the canonical history order puts
     /// commit entries at the end of their epoch (`epoch`, then `sent_at_ms` = `u64::MAX`)

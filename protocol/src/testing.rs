@@ -15,7 +15,7 @@ use crate::group::{Effect, GroupEngine, GroupError, Identity, NewInvite, Verdict
 use crate::ids::{GroupId, MessageId, TopicId};
 use crate::invite::{Invite, InviteRecord};
 use crate::order::Undecryptable;
-use crate::records::{EntryKind, HistoryEntry, StoredEnvelope};
+use crate::records::{HistoryEntry, StoredEnvelope};
 
 /// Fixed time for tests: 2026-01-01T00:00:00Z in milliseconds.
 pub const T0_MS: u64 = 1_767_225_600_000;
@@ -50,6 +50,9 @@ pub struct Sim<'a, P: OpenMlsProvider> {
     pub stored: Vec<Vec<StoredEnvelope>>,
     /// Each member's [`Effect::Behind`] signals: (group, missing).
     pub behind: Vec<Vec<(GroupId, u64)>>,
+    /// Per member: the chat effects that are not history (profiles, receipts, typing,
+    /// direct chats and offers), in order.
+    pub chat: Vec<Vec<Effect>>,
     /// Each member's envelopes that it can never decrypt: (envelope id, why).
     pub undecryptable: Vec<Vec<(MessageId, Undecryptable)>>,
     hook: Hook<'a, P>,
@@ -80,6 +83,7 @@ where
             now_ms: T0_MS,
             stored: vec![Vec::new(); n],
             behind: vec![Vec::new(); n],
+            chat: vec![Vec::new(); n],
             undecryptable: vec![Vec::new(); n],
             hook,
         }
@@ -127,6 +131,11 @@ where
                         self.stored[i].push(envelope);
                     }
                 }
+                e @ (Effect::Profile { .. }
+                | Effect::Receipt { .. }
+                | Effect::Typing { .. }
+                | Effect::Direct { .. }
+                | Effect::DirectOffer { .. }) => self.chat[i].push(e),
                 Effect::SaveGroup(_)
                 | Effect::Recovered { .. }
                 | Effect::LinkEnvelope { .. }
@@ -292,10 +301,7 @@ where
         self.history[i]
             .iter()
             .filter(|h| h.group == group)
-            .filter_map(|h| match &h.kind {
-                EntryKind::Text(t) => Some(t.clone()),
-                _ => None,
-            })
+            .filter_map(|h| h.kind.text().map(str::to_owned))
             .collect()
     }
 }

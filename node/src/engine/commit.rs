@@ -218,10 +218,26 @@ impl Actor {
                 Effect::Unsubscribe(t) => self.net.unsubscribe_blocking(t),
                 Effect::Record(h) => {
                     // Counted before it is announced, so whoever sees the event sees the count.
-                    if h.sender != self.me && matches!(h.kind, EntryKind::Text(_)) {
+                    if h.sender != self.me && h.kind.text().is_some() {
                         self.metrics.messages_received(1);
                     }
-                    let _ = self.events.send(NodeEvent::Message(message_info(&h)));
+                    if h.kind.target().is_some() {
+                        // A reaction, edit or delete: shown on its message.
+                        self.chat_event(&Effect::Record(h));
+                    } else {
+                        let info = match h.kind.text() {
+                            Some(_) => self.history_view(&h.group, std::slice::from_ref(&h)).remove(0),
+                            None => message_info(&h),
+                        };
+                        let _ = self.events.send(NodeEvent::Message(info));
+                    }
+                    Ok(())
+                }
+                e @ (Effect::Profile { .. }
+                | Effect::Receipt { .. }
+                | Effect::Typing { .. }
+                | Effect::DirectOffer { .. }) => {
+                    self.chat_event(&e);
                     Ok(())
                 }
                 Effect::EpochChanged {
@@ -291,6 +307,7 @@ impl Actor {
                 }
                 Effect::SaveGroup(_)
                 | Effect::SaveEnvelope(_)
+                | Effect::Direct { .. }
                 | Effect::Invite(_)
                 | Effect::ForgetInvites { .. }
                 | Effect::LinkEnvelope { .. } => Ok(()),

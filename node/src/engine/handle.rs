@@ -50,7 +50,7 @@ impl EngineHandle {
             .info()
             .await
             .map_err(|_| EngineError::ShuttingDown)?;
-        let groups = self.run(|e| Ok(e.list_groups())).await?;
+        let (groups, name) = self.run(|e| Ok((e.list_groups(), e.own_name()))).await?;
         Ok(StatusInfo {
             peer_id: self.peer_id.to_string(),
             network: self.network.clone(),
@@ -61,6 +61,7 @@ impl EngineHandle {
             storage: disk::storage_status(&self.health),
             reach: views::reach_info(&info.reachability),
             relayed_peers: info.relayed.len(),
+            name,
         })
     }
 

@@ -296,6 +296,7 @@ impl Actor {
         // And again shortly after: a concurrent commit that beat the one adding us may have
         // been published before we subscribed; history sync brings it, and we join again.
         self.follow_up_syncs(id);
+        self.send_own_profile(id);
         tracing::info!(group = %id.short(), name = %view.meta.name, epoch = view.epoch, "joined group");
         Ok(group_info(&view, self.me))
     }
@@ -328,6 +329,6 @@ impl Actor {
         self.apply(effects)?;
         self.metrics.message_sent();
         self.check_self_updates = true;
-        Ok(message_info(&entry))
+        Ok(self.history_view(&id, std::slice::from_ref(&entry)).remove(0))
     }
 }

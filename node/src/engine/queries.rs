@@ -7,7 +7,8 @@ use super::*;
 impl Actor {
     /// All groups of this node, with how far each is from being in sync (`GET /v1/groups`).
     pub fn list_groups(&self) -> Vec<GroupSummary> {
-        self.groups
+        let mut list: Vec<GroupSummary> = self
+            .groups
             .groups()
             .iter()
             .map(|v| {
@@ -33,7 +34,9 @@ impl Actor {
                     ..summary(v)
                 }
             })
-            .collect()
+            .collect();
+        self.decorate(&mut list);
+        list
     }
 
     /// Group `q`: a full id, a unique id prefix (at least 4 hex characters) or an exact name
@@ -47,13 +50,15 @@ impl Actor {
             .into_iter()
             .map(|(reason, n)| (reason.label().to_owned(), n))
             .collect();
-        Ok(GroupInfo {
+        let mut info = GroupInfo {
             undecryptable,
             missing: self.groups.missing_messages(&id),
             catching_up: self.groups.is_catching_up(&id),
             sync_failures: self.sync.failures(&id),
             ..group_info(&v, self.me)
-        })
+        };
+        self.name_members(&mut info.members);
+        Ok(info)
     }
 
     /// The invites of group `q` as this node knows them, newest first
@@ -83,11 +88,7 @@ impl Actor {
     /// [`MAX_HISTORY`]), oldest first (`GET /v1/groups/{group}/messages`).
     pub fn history(&self, q: &str, limit: usize) -> Result<Vec<MessageInfo>, EngineError> {
         let id = self.resolve(q)?;
-        Ok(self
-            .store
-            .history(&id, limit.clamp(1, MAX_HISTORY))?
-            .iter()
-            .map(message_info)
-            .collect())
+        let entries = self.store.history(&id, limit.clamp(1, MAX_HISTORY))?;
+        Ok(self.history_view(&id, &entries))
     }
 }

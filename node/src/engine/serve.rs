@@ -114,6 +114,11 @@ impl Actor {
             JoinRequest::V1(r) => r.group,
             JoinRequest::Rejoin(r) => r.group,
         };
+        if let (JoinRequest::V1(_), Some(why)) = (&request, self.direct_refusal(&group, &peer)) {
+            tracing::info!(%peer, group = %group.short(), "refused join request: the direct chat is with someone else");
+            self.metrics.join_request(JoinRequestResult::Refused);
+            return JoinResponse::Rejected(why);
+        }
         let store = &self.store;
         let decided = kith_protocol::join::admission::decide(
             &self.groups,
@@ -236,6 +241,7 @@ impl Actor {
                         tracing::info!(%peer, group = %group.short(), "added a member by invite");
                         self.metrics.join_request(JoinRequestResult::Accepted);
                         self.share_invite_states(group);
+                        self.after_admit(group, peer);
                     }
                     response
                 }

@@ -6,15 +6,28 @@ use super::*;
 /// Converts a history entry to its API form.
 pub fn message_info(h: &HistoryEntry) -> MessageInfo {
     let peers = |v: &[PeerId]| v.iter().map(|p| p.to_string()).collect();
-    MessageInfo {
-        id: h.id.to_string(),
-        group: h.group.to_string(),
-        epoch: h.epoch,
-        sender: h.sender.to_string(),
-        sent_at_ms: h.sent_at_ms,
-        received_at_ms: h.received_at_ms,
-        body: match &h.kind {
-            EntryKind::Text(t) => MessageBody::Text { text: t.clone() },
+    MessageInfo::new(
+        h.id.to_string(),
+        h.group.to_string(),
+        h.epoch,
+        h.sender.to_string(),
+        (h.sent_at_ms, h.received_at_ms),
+        match &h.kind {
+            EntryKind::Text(t) | EntryKind::Post { text: t, .. } => {
+                MessageBody::Text { text: t.clone() }
+            }
+            EntryKind::Reaction { to, emoji, on } => MessageBody::Reaction {
+                to: to.to_string(),
+                emoji: emoji.clone(),
+                on: *on,
+            },
+            EntryKind::Edit { target, text } => MessageBody::Edit {
+                target: target.to_string(),
+                text: text.clone(),
+            },
+            EntryKind::Delete { target } => MessageBody::Delete {
+                target: target.to_string(),
+            },
             EntryKind::GroupCreated { name } => MessageBody::GroupCreated { name: name.clone() },
             EntryKind::MembersAdded(v) => MessageBody::MembersAdded { members: peers(v) },
             EntryKind::MembersRemoved(v) => MessageBody::MembersRemoved { members: peers(v) },
@@ -36,7 +49,7 @@ pub fn message_info(h: &HistoryEntry) -> MessageInfo {
                 members: peers(std::slice::from_ref(me)),
             },
         },
-    }
+    )
 }
 
 pub(super) fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
@@ -51,6 +64,8 @@ pub(super) fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
                 peer_id: p.to_string(),
                 leaf_index: *leaf,
                 is_self: *p == me,
+                name: None,
+                label: kith_client::text::short_peer(&p.to_string()),
             })
             .collect(),
         joined_at_ms: v.meta.joined_at_ms,
@@ -123,6 +138,7 @@ pub(super) fn summary(v: &GroupView) -> GroupSummary {
         rollbacks: v.rollbacks,
         deep_forks: v.deep_forks,
         forks_detected: v.forks_detected,
+        direct: None,
     }
 }
 

@@ -9,13 +9,17 @@ use openmls::prelude::{
 use openmls_traits::OpenMlsProvider;
 
 use super::branch::{checkpoint, note_applied};
-use super::local::{merge_own_commit, removal_id, text_history_id};
+use super::local::{merge_own_commit, removal_id};
 use super::members::{bound_peer, member_peer, removed_peers, self_remover};
 use super::receive::Incoming;
 use super::state::hold_orphan;
 use super::{Effect, GroupEngine, IgnoreReason, RejectReason, Step, Verdict, invites, resend};
-use crate::envelope::{AppContent, Body, PayloadKind, Resent};
-use crate::fork::{Applied, GroupRecords, OwnChange};
+use crate::chat::Chat;
+use crate::codec::{self, DecodeError};
+use crate::envelope::{
+    AppContent, Body, MAX_CONTENT_BYTES, PayloadKind, Resent, ResentChat, SealedResent,
+};
+use crate::fork::{Applied, GroupRecords, OwnChange, Said};
 use crate::order::{self, DecryptFailure, Undecryptable};
 use crate::records::{EntryKind, HistoryEntry, StoredEnvelope};
 
@@ -134,42 +138,49 @@ where
                     Err(e) => return Verdict::Reject(RejectReason::Content(e)),
                 };
                 self.decrypted = Some((sender, content.seq()));
-                let history_id = content
-                    .stable_id()
-                    .map_or(id, |s| text_history_id(&sender, &s));
                 let sent_at_ms = content.sent_at_ms();
                 let stable = content.stable_id();
-                // A sealed re-send opens with this node's key of the text's epoch, which only
-                // its members hold; then it is read like a re-send in the clear.
+                // A sealed re-send opens with this node's key of the message's epoch, which
+                // only its members hold; then it is read like a re-send in the clear.
                 let body = match content.into_body() {
                     Body::SealedResent(sealed) => {
-                        match resend::open_sealed(&self.provider, &group_id, &sealed) {
-                            Ok(Some(text)) => Body::Resent(Resent {
+                        match unseal(&self.provider, &group_id, &sealed, |plain| {
+                            let text = String::from_utf8(plain).map_err(|_| {
+                                DecodeError::Malformed("a sealed text is not UTF-8".into())
+                            })?;
+                            Ok(Body::Resent(Resent {
                                 epoch: sealed.epoch,
                                 envelope: sealed.envelope,
                                 text,
-                            }),
-                            Ok(None) => {
-                                return Verdict::Ignore(IgnoreReason::BeforeJoin(
-                                    "a text sent again, sealed for an epoch this node was not in"
-                                        .into(),
-                                ));
-                            }
-                            Err(e) => {
-                                return Verdict::Ignore(IgnoreReason::Failed {
-                                    step: Step::RecordResend,
-                                    detail: e.to_string(),
-                                });
-                            }
+                            }))
+                        }) {
+                            Ok(body) => body,
+                            Err(v) => return v,
+                        }
+                    }
+                    Body::SealedResentChat(sealed) => {
+                        match unseal(&self.provider, &group_id, &sealed, |plain| {
+                            let chat: Chat = codec::decode(&plain, MAX_CONTENT_BYTES)?;
+                            chat.check()
+                                .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+                            Ok(Body::ResentChat(ResentChat {
+                                epoch: sealed.epoch,
+                                envelope: sealed.envelope,
+                                chat,
+                            }))
+                        }) {
+                            Ok(body) => body,
+                            Err(v) => return v,
                         }
                     }
                     body => body,
                 };
-                let (text, at_epoch) = match body {
-                    Body::Text(text) => (text, envelope.epoch()),
+                let (said, at_epoch) = match body {
+                    Body::Text(text) => (Said::Text(text), envelope.epoch()),
+                    Body::Chat(chat) => (Said::Chat(chat), envelope.epoch()),
                     Body::ResendRequest(ids) => {
                         // A member asks for envelopes it cannot decrypt; those that carried
-                        // this node's texts are sent again at the next tick.
+                        // this node's messages are sent again at the next tick.
                         if sender != self.me.peer {
                             match resend::note_asked(self.provider.storage(), &group_id, &ids) {
                                 Ok(0) => {}
@@ -187,36 +198,22 @@ where
                         effects.push(Effect::SaveEnvelope(stored));
                         return Verdict::Accept;
                     }
-                    Body::Resent(r) => {
-                        // A text sent again: it goes where it was first said, and only a
-                        // member of that epoch may be placed there.
-                        if stable.is_none() || r.epoch > envelope.epoch() {
-                            return Verdict::Reject(RejectReason::BadResend);
-                        }
-                        if r.epoch < g.branch.since {
-                            return Verdict::Ignore(IgnoreReason::BeforeJoin(
-                                "a text sent again from before this node joined".into(),
-                            ));
-                        }
-                        match resend::received_again(
-                            self.provider.storage(),
-                            &group_id,
-                            &r.envelope,
-                        ) {
-                            Ok(true) => effects.push(Effect::Recovered {
-                                group: group_id,
-                                envelope: r.envelope,
-                            }),
-                            Ok(false) => {}
-                            Err(e) => {
-                                return Verdict::Ignore(IgnoreReason::Failed {
-                                    step: Step::RecordResend,
-                                    detail: e.to_string(),
-                                });
-                            }
-                        }
-                        (r.text, r.epoch)
-                    }
+                    Body::Resent(Resent {
+                        epoch: first,
+                        envelope: asked,
+                        text,
+                    }) => match resent(self.provider.storage(), g.branch.since, group_id, stable, (first, asked), envelope.epoch(), effects) {
+                        Ok(()) => (Said::Text(text), first),
+                        Err(v) => return v,
+                    },
+                    Body::ResentChat(ResentChat {
+                        epoch: first,
+                        envelope: asked,
+                        chat,
+                    }) => match resent(self.provider.storage(), g.branch.since, group_id, stable, (first, asked), envelope.epoch(), effects) {
+                        Ok(()) => (Said::Chat(chat), first),
+                        Err(v) => return v,
+                    },
                     other => {
                         return match invites::invite_message_effects(
                             group_id, sender, stored, sent_at_ms, now_ms, other,
@@ -229,20 +226,29 @@ where
                         };
                     }
                 };
-                effects.push(Effect::SaveEnvelope(stored));
-                effects.push(Effect::LinkEnvelope {
-                    envelope: id,
-                    history: history_id,
-                });
-                effects.push(Effect::Record(HistoryEntry {
+                let saying = super::chat::Saying {
                     group: group_id,
-                    id: history_id,
-                    epoch: at_epoch,
+                    me: self.me.peer,
                     sender,
+                    stable,
+                    envelope: id,
+                    epoch: at_epoch,
                     sent_at_ms,
-                    received_at_ms: now_ms,
-                    kind: EntryKind::Text(text),
-                }));
+                    now_ms,
+                    g: &*g,
+                };
+                let recorded = match saying.effects(said) {
+                    Ok(fx) => fx,
+                    Err(r) => return Verdict::Reject(r),
+                };
+                effects.push(Effect::SaveEnvelope(stored));
+                if recorded.iter().any(|e| matches!(e, Effect::Record(_))) {
+                    effects.push(Effect::LinkEnvelope {
+                        envelope: id,
+                        history: saying.history_id(),
+                    });
+                }
+                effects.extend(recorded);
                 Verdict::Accept
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
@@ -416,4 +422,62 @@ where
             _ => Verdict::Ignore(IgnoreReason::Unsupported),
         }
     }
+}
+
+/// Opens a sealed re-send ([`resend::open_sealed`]) and reads its plaintext with `read`.
+fn unseal<P: OpenMlsProvider>(
+    provider: &P,
+    group: &crate::ids::GroupId,
+    sealed: &SealedResent,
+    read: impl FnOnce(Vec<u8>) -> Result<Body, DecodeError>,
+) -> Result<Body, Verdict>
+where
+    P::StorageProvider: GroupRecords,
+{
+    match resend::open_sealed(provider, group, sealed) {
+        Ok(Some(plain)) => read(plain).map_err(|e| Verdict::Reject(RejectReason::Content(e))),
+        Ok(None) => Err(Verdict::Ignore(IgnoreReason::BeforeJoin(
+            "a message sent again, sealed for an epoch this node was not in".into(),
+        ))),
+        Err(e) => Err(Verdict::Ignore(IgnoreReason::Failed {
+            step: Step::RecordResend,
+            detail: e.to_string(),
+        })),
+    }
+}
+
+/// Checks a message sent again (`first`: the epoch it was first said in and the envelope a
+/// member asked for): it goes where it was first said, and only a member of that epoch may
+/// be placed there. Counts the asked-for envelope as recovered if this node asked for it.
+fn resent<S: GroupRecords>(
+    storage: &S,
+    since: u64,
+    group: crate::ids::GroupId,
+    stable: Option<crate::ids::MessageId>,
+    (first, asked): (u64, crate::ids::MessageId),
+    epoch: u64,
+    effects: &mut Vec<Effect>,
+) -> Result<(), Verdict> {
+    if stable.is_none() || first > epoch {
+        return Err(Verdict::Reject(RejectReason::BadResend));
+    }
+    if first < since {
+        return Err(Verdict::Ignore(IgnoreReason::BeforeJoin(
+            "a message sent again from before this node joined".into(),
+        )));
+    }
+    match resend::received_again(storage, &group, &asked) {
+        Ok(true) => effects.push(Effect::Recovered {
+            group,
+            envelope: asked,
+        }),
+        Ok(false) => {}
+        Err(e) => {
+            return Err(Verdict::Ignore(IgnoreReason::Failed {
+                step: Step::RecordResend,
+                detail: e.to_string(),
+            }));
+        }
+    }
+    Ok(())
 }

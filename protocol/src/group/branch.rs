@@ -430,7 +430,7 @@ where
         }
         for m in redo.messages {
             fork::delete_sent(self.provider.storage(), &gid, &m).map_err(mls_err)?;
-            let (_, fx) = self.send_content(gid, m.id, m.sent_at_ms, &m.text, now_ms)?;
+            let (_, fx) = self.send_content(gid, m.id, m.sent_at_ms, m.said, now_ms)?;
             effects.extend(fx);
         }
         Ok(None)

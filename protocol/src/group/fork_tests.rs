@@ -12,7 +12,6 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use super::*;
 use crate::envelope::{JoinRequest, JoinResponse};
 use crate::fork::REWIND_DEPTH;
-use crate::records::EntryKind;
 use crate::testing::Sim;
 
 /// xorshift64*: a tiny deterministic generator, enough to shuffle deliveries.
@@ -161,8 +160,8 @@ fn run_seed(seed: u64, n: usize, rounds: usize) -> Result<(), String> {
         }
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for h in s.history[i].iter().filter(|h| h.group == g) {
-            if let EntryKind::Text(t) = &h.kind {
-                *seen.entry(t.clone()).or_default() += 1;
+            if let Some(t) = h.kind.text() {
+                *seen.entry(t.to_owned()).or_default() += 1;
             }
         }
         for text in sent.keys() {

@@ -105,7 +105,13 @@ pub(super) fn invite_message_effects(
             EntryKind::InviteRevoked(id),
             InviteUpdate::Revoked { group, id },
         ),
-        Body::Text(_) | Body::ResendRequest(_) | Body::Resent(_) | Body::SealedResent(_) => {
+        Body::Text(_)
+        | Body::ResendRequest(_)
+        | Body::Resent(_)
+        | Body::SealedResent(_)
+        | Body::Chat(_)
+        | Body::ResentChat(_)
+        | Body::SealedResentChat(_) => {
             return Err(Verdict::Reject(RejectReason::NotInvite));
         }
     };

@@ -17,7 +17,7 @@ use crate::codec;
 use crate::envelope::{
     AppContent, AppContentV2, Body, Envelope, MAX_GROUP_NAME_BYTES, MAX_TEXT_BYTES, PayloadKind,
 };
-use crate::fork::{self, Applied, Branch, GroupRecords, OwnChange, Sent};
+use crate::fork::{self, Applied, Branch, GroupRecords, OwnChange, Said, Sent};
 use crate::ids::{GroupId, MessageId};
 use crate::order::{self, MAX_FORWARD_DISTANCE, OUT_OF_ORDER_TOLERANCE};
 use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
@@ -225,66 +225,84 @@ where
             &self.sent_seq.to_be_bytes(),
             text.as_bytes(),
         ]));
-        self.send_content(group, stable, now_ms, text, now_ms)
+        self.send_content(group, stable, now_ms, Said::Text(text.to_owned()), now_ms)
+            .and_then(|(entry, fx)| {
+                let entry = entry.ok_or_else(|| {
+                    GroupError::InvalidInput("a text without a history entry".into())
+                })?;
+                Ok((entry, fx))
+            })
     }
 
-    /// Encrypts `text` under the stable id `stable` in the current epoch and keeps it for
-    /// re-sending (after a rollback, or when a member asks for it), at most
-    /// [`fork::MAX_RESEND`] per group.
+    /// Encrypts what was said (a text or a kept chat message) under the stable id `stable`
+    /// in the current epoch and keeps it for re-sending (after a rollback, or when a member
+    /// asks for it), at most [`fork::MAX_RESEND`] per group. Returns its history entry, if it
+    /// has one.
     pub(super) fn send_content(
         &mut self,
         group: GroupId,
         stable: MessageId,
         sent_at_ms: u64,
-        text: &str,
+        said: Said,
         now_ms: u64,
-    ) -> Result<(HistoryEntry, Vec<Effect>), GroupError> {
+    ) -> Result<(Option<HistoryEntry>, Vec<Effect>), GroupError> {
+        let me = self.me.peer;
         let g = active_group(&mut self.groups, group)?;
+        let body = match &said {
+            Said::Text(t) => Body::Text(t.clone()),
+            Said::Chat(c) => Body::Chat(c.clone()),
+        };
         let content = AppContent::V2(AppContentV2 {
             id: stable,
             sent_at_ms,
-            body: Body::Text(text.to_owned()),
+            body,
         });
         let (epoch, data, id) = encrypt_app(&self.provider, &self.me.signer, group, g, &content)?;
+        let recorded = super::chat::Saying {
+            group,
+            me,
+            sender: me,
+            stable: Some(stable),
+            envelope: id,
+            epoch,
+            sent_at_ms,
+            now_ms,
+            g: &*g,
+        }
+        .effects(said.clone())
+        .map_err(|e| GroupError::InvalidInput(e.to_string()))?;
         let sent = Sent {
             epoch,
             id: stable,
             sent_at_ms,
-            text: text.to_owned(),
+            said,
         };
         fork::save_sent(self.provider.storage(), &group, &sent).map_err(mls_err)?;
         fork::index_sent(self.provider.storage(), &group, &id, &sent).map_err(mls_err)?;
-        let entry = HistoryEntry {
+        let entry = recorded.iter().find_map(|e| match e {
+            Effect::Record(h) => Some(h.clone()),
+            _ => None,
+        });
+        let mut effects = vec![Effect::SaveEnvelope(StoredEnvelope {
+            id,
             group,
-            id: text_history_id(&self.me.peer, &stable),
             epoch,
-            sender: self.me.peer,
-            sent_at_ms,
+            kind: PayloadKind::Application,
+            bytes: data.clone(),
             received_at_ms: now_ms,
-            kind: EntryKind::Text(text.to_owned()),
-        };
-        Ok((
-            entry.clone(),
-            vec![
-                Effect::SaveEnvelope(StoredEnvelope {
-                    id,
-                    group,
-                    epoch,
-                    kind: PayloadKind::Application,
-                    bytes: data.clone(),
-                    received_at_ms: now_ms,
-                }),
-                Effect::LinkEnvelope {
-                    envelope: id,
-                    history: entry.id,
-                },
-                Effect::Record(entry),
-                Effect::Publish {
-                    topic: g.topic,
-                    data,
-                },
-            ],
-        ))
+        })];
+        if let Some(h) = &entry {
+            effects.push(Effect::LinkEnvelope {
+                envelope: id,
+                history: h.id,
+            });
+        }
+        effects.extend(recorded);
+        effects.push(Effect::Publish {
+            topic: g.topic,
+            data,
+        });
+        Ok((entry, effects))
     }
 
     /// Removes `peer` from `group`: commits a Remove, merges it and publishes the commit. The

@@ -31,9 +31,10 @@ use super::state::active_group;
 use super::{Effect, GroupEngine, GroupError, mls_err};
 use crate::envelope::{
     AppContent, AppContentV1, AppContentV2, Body, MAX_RESEND_REQUEST_IDS, PayloadKind,
-    RESEND_KEY_LABEL, Resent, SealedResent,
+    RESEND_KEY_LABEL, Resent, ResentChat, SealedResent,
 };
-use crate::fork::{self, GroupRecords};
+use crate::codec;
+use crate::fork::{self, GroupRecords, Said};
 use crate::ids::{GroupId, MessageId};
 use crate::records::StoredEnvelope;
 
@@ -123,14 +124,15 @@ fn epoch_key<S: GroupRecords>(
         .filter(|k| k.len() == 32))
 }
 
-/// Opens a sealed text of `group` with this node's re-send key of its epoch: `None` if
+/// Opens a sealed re-send of `group` with this node's re-send key of its epoch: `None` if
 /// this node has no key for that epoch (it was not in it, or not on this branch of it, or
-/// the key is gone) or the seal does not open.
+/// the key is gone) or the seal does not open. The plaintext is a UTF-8 text
+/// ([`Body::SealedResent`]) or a codec-encoded chat message ([`Body::SealedResentChat`]).
 pub(super) fn open_sealed<P: OpenMlsProvider>(
     provider: &P,
     group: &GroupId,
     sealed: &SealedResent,
-) -> Result<Option<String>, GroupError>
+) -> Result<Option<Vec<u8>>, GroupError>
 where
     P::StorageProvider: GroupRecords,
 {
@@ -146,7 +148,7 @@ where
     ) else {
         return Ok(None);
     };
-    Ok(String::from_utf8(plain).ok())
+    Ok(Some(plain))
 }
 
 /// One envelope the asker wants: how many requests named it, and when to ask next.
@@ -414,30 +416,45 @@ where
                     continue;
                 };
                 let nonce: [u8; 12] = self.provider.rand().random_array().map_err(mls_err)?;
+                let plain = match &copy.said {
+                    Said::Text(t) => t.as_bytes().to_vec(),
+                    Said::Chat(c) => codec::encode(c).map_err(mls_err)?,
+                };
                 let sealed_text = self
                     .provider
                     .crypto()
                     .aead_encrypt(
                         AeadType::ChaCha20Poly1305,
                         &key,
-                        copy.text.as_bytes(),
+                        &plain,
                         &nonce,
                         &sealed_aad(&envelope, copy.epoch),
                     )
                     .map_err(mls_err)?;
                 sealed += 1;
-                Body::SealedResent(SealedResent {
+                let s = SealedResent {
                     epoch: copy.epoch,
                     envelope,
                     nonce,
                     sealed: sealed_text,
-                })
+                };
+                match copy.said {
+                    Said::Text(_) => Body::SealedResent(s),
+                    Said::Chat(_) => Body::SealedResentChat(s),
+                }
             } else {
-                Body::Resent(Resent {
-                    epoch: copy.epoch,
-                    envelope,
-                    text: copy.text.clone(),
-                })
+                match &copy.said {
+                    Said::Text(t) => Body::Resent(Resent {
+                        epoch: copy.epoch,
+                        envelope,
+                        text: t.clone(),
+                    }),
+                    Said::Chat(c) => Body::ResentChat(ResentChat {
+                        epoch: copy.epoch,
+                        envelope,
+                        chat: c.clone(),
+                    }),
+                }
             };
             let content = AppContent::V2(AppContentV2 {
                 id: copy.id,

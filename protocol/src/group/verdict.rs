@@ -62,17 +62,25 @@ pub enum RejectReason {
     /// at an epoch later than the one it was sent in.
     #[error("malformed re-sent text")]
     BadResend,
+    /// An edit or delete of a message whose sender is another member.
+    #[error("an edit or delete of another member's message")]
+    NotAuthor,
+    /// A chat message that is out of bounds or does not verify (a profile signed by
+    /// someone else, a profile list naming non-members, …).
+    #[error("bad chat message: {0}")]
+    Chat(crate::chat::ChatError),
 }
 
 impl RejectReason {
     /// Every value [`RejectReason::label`] returns, in the order metrics list them.
-    pub const LABELS: [&'static str; 7] = [
+    pub const LABELS: [&'static str; 8] = [
         "decode",
         "mls",
         "header",
         "content",
         "unbound_sender",
         "former_member",
+        "not_author",
         "other",
     ];
 
@@ -82,7 +90,10 @@ impl RejectReason {
             RejectReason::Envelope(_) | RejectReason::NotMls => "decode",
             RejectReason::Mls(_) | RejectReason::Merge(_) => "mls",
             RejectReason::HeaderMismatch => "header",
-            RejectReason::Content(_) | RejectReason::BadResend => "content",
+            RejectReason::Content(_) | RejectReason::BadResend | RejectReason::Chat(_) => {
+                "content"
+            }
+            RejectReason::NotAuthor => "not_author",
             RejectReason::UnboundMember => "unbound_sender",
             RejectReason::FormerMember => "former_member",
             RejectReason::NotSelfRemoval
@@ -279,6 +290,8 @@ mod tests {
             RejectReason::NotInvite,
             RejectReason::Reproposal("x".into()),
             RejectReason::BadResend,
+            RejectReason::NotAuthor,
+            RejectReason::Chat(crate::chat::ChatError::BadSignature),
         ];
         let step = Step::RollBack { epoch: 3 };
         let ignores = vec![
@@ -322,7 +335,9 @@ mod tests {
                 | RejectReason::NotSelfRemoval
                 | RejectReason::NotInvite
                 | RejectReason::Reproposal(_)
-                | RejectReason::BadResend => {}
+                | RejectReason::BadResend
+                | RejectReason::NotAuthor
+                | RejectReason::Chat(_) => {}
             }
         }
         for r in &ignores {
@@ -355,7 +370,7 @@ mod tests {
     #[test]
     fn every_reason_has_a_listed_label_and_every_label_a_reason() {
         let (rejects, ignores) = every_reason();
-        assert_eq!(rejects.len(), 12, "list every RejectReason once");
+        assert_eq!(rejects.len(), 14, "list every RejectReason once");
         assert_eq!(ignores.len(), 20, "list every IgnoreReason once");
         for r in &rejects {
             assert!(RejectReason::LABELS.contains(&r.label()), "{r:?}");

@@ -141,7 +141,7 @@ impl World {
                 continue;
             };
             for h in core.store.history.values().filter(|h| h.group == g) {
-                if !matches!(h.kind, EntryKind::Text(_)) {
+                if h.kind.text().is_none() {
                     continue;
                 }
                 match placed.get(&h.id) {
@@ -172,7 +172,7 @@ impl World {
             };
             for h in core.store.history.values().filter(|h| h.group == g) {
                 match &h.kind {
-                    EntryKind::Text(t) => {
+                    EntryKind::Text(t) | EntryKind::Post { text: t, .. } => {
                         placed.entry(t.clone()).or_insert(h.epoch);
                     }
                     EntryKind::MembersAdded(peers) if i == 0 => {

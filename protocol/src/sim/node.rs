@@ -22,7 +22,7 @@ use crate::join::admission::HeldRequests;
 use crate::join::client::JoinClient;
 use crate::join::rejoin::RejoinClient;
 use crate::order::Undecryptable;
-use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
+use crate::records::{GroupMeta, HistoryEntry, StoredEnvelope};
 use crate::sync::scheduler::{self as sched, SyncScheduler};
 use crate::sync::{Holdings, Summary, SyncItem, SyncRefusal, SyncRequest, SyncResponse, respond};
 
@@ -95,6 +95,11 @@ impl Store {
                 | Effect::JoinLost { .. }
                 | Effect::DeepForkLost { .. }
                 | Effect::Behind { .. }
+                | Effect::Profile { .. }
+                | Effect::Receipt { .. }
+                | Effect::Typing { .. }
+                | Effect::Direct { .. }
+                | Effect::DirectOffer { .. }
                 | Effect::EpochChanged { .. } => {}
             }
         }
@@ -475,8 +480,8 @@ impl Core {
     pub fn texts(&self, group: &GroupId) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
         for h in self.store.history.values().filter(|h| h.group == *group) {
-            if let EntryKind::Text(t) = &h.kind {
-                *out.entry(t.clone()).or_default() += 1;
+            if let Some(t) = h.kind.text() {
+                *out.entry(t.to_owned()).or_default() += 1;
             }
         }
         out
