@@ -909,7 +909,7 @@ mod tests {
         let (node, app) = app().await;
         node.create_group("friends").await;
         let text = "x".repeat(MAX_BODY_BYTES + 1);
-        let body = serde_json::to_string(&SendBody { text }).unwrap();
+        let body = serde_json::to_string(&SendBody { text, reply_to: None }).unwrap();
         expect_error(
             &app,
             request("POST", "/v1/groups/friends/messages", Some(&body)),

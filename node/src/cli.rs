@@ -1728,25 +1728,47 @@ mod tests {
 
     #[test]
     fn messages_format_for_humans() {
-        let m = MessageInfo {
-            id: "00".repeat(32),
-            group: "11".repeat(32),
-            epoch: 1,
-            sender: "12D3KooWAAAAAAAAalice123".to_owned(),
-            sent_at_ms: 1_700_000_000_123,
-            received_at_ms: 1_700_000_000_500,
-            body: MessageBody::Text {
+        let mut m = MessageInfo::new(
+            "00".repeat(32),
+            "11".repeat(32),
+            1,
+            "12D3KooWAAAAAAAAalice123".to_owned(),
+            (1_700_000_000_123, 1_700_000_000_500),
+            MessageBody::Text {
                 text: "hi\x07 there".to_owned(),
             },
-        };
-        assert_eq!(
-            format_message(&m, None),
-            "2023-11-14 22:13:20  alice123: hi\u{FFFD} there"
         );
         assert_eq!(
-            format_message(&m, Some("12D3KooWAAAAAAAAalice123")),
-            "2023-11-14 22:13:20       you: hi\u{FFFD} there"
+            format_message(&m, None, true),
+            "2023-11-14 22:13:20  00000000  alice123: hi\u{FFFD} there"
         );
+        assert_eq!(
+            format_message(&m, Some("12D3KooWAAAAAAAAalice123"), true),
+            "2023-11-14 22:13:20  00000000  you: hi\u{FFFD} there"
+        );
+        m.sender_label = "Al\u{202E}ice (alice123)".into();
+        m.edited_at_ms = Some(1);
+        m.reactions = vec![crate::model::ReactionInfo {
+            emoji: "👍".into(),
+            by: vec!["a".into(), "b".into()],
+        }];
+        m.reply_to = Some(crate::model::ReplyInfo {
+            id: "ab".repeat(32),
+            sender: None,
+            excerpt: None,
+        });
+        assert_eq!(
+            format_message(&m, None, true),
+            "2023-11-14 22:13:20  00000000  Al\u{FFFD}ice (alice123): hi\u{FFFD} there (edited)\n\
+             \x20                              \u{21AA} reply to a message not here yet (abababab)\n\
+             \x20                              [👍 2]"
+        );
+        m.deleted = true;
+        assert_eq!(
+            format_message(&m, None, false),
+            "2023-11-14 22:13:20  00000000  Al\u{FFFD}ice (alice123): (message deleted)"
+        );
+        m.sender_label = String::new();
         let joined = MessageInfo {
             body: MessageBody::MembersAdded {
                 members: vec!["12D3KooWBBBBBBBBbob45678".to_owned()],
@@ -1754,7 +1776,7 @@ mod tests {
             ..m
         };
         assert_eq!(
-            format_message(&joined, None),
+            format_message(&joined, None, true),
             "2023-11-14 22:13:20  * bob45678 joined"
         );
     }

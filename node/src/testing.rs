@@ -58,6 +58,7 @@ impl TestNode {
             update_policy: Default::default(),
             nat: crate::net::NatSettings::default(),
             past_epoch_ttl: kith_protocol::group::PAST_EPOCH_TTL,
+            chat: Default::default(),
         };
         adjust(&mut config);
         let dir = temp_dir();

@@ -455,17 +455,16 @@ mod tests {
     use super::*;
 
     fn info(id: &str, sender: &str, text: &str, sent: u64, recv: u64) -> MessageInfo {
-        MessageInfo {
-            id: id.to_owned(),
-            group: "g".to_owned(),
-            epoch: 1,
-            sender: sender.to_owned(),
-            sent_at_ms: sent,
-            received_at_ms: recv,
-            body: MessageBody::Text {
+        MessageInfo::new(
+            id.to_owned(),
+            "g".to_owned(),
+            1,
+            sender.to_owned(),
+            (sent, recv),
+            MessageBody::Text {
                 text: text.to_owned(),
             },
-        }
+        )
     }
 
     fn sent(seq: u64, id: &str, sender: usize, at: u64) -> Sent {
