@@ -6,6 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod verification;
+pub use verification::{KeyChangeInfo, MarkVerifiedRequest, Verification};
+
 /// `GET /v1/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusInfo {
@@ -198,6 +201,13 @@ pub struct MemberInfo {
     pub leaf_index: u32,
     /// Whether this member is the local node.
     pub is_self: bool,
+    /// Whether this node's user verified the member's current key
+    /// (`…/members/{peer}/verification`). Absent from older nodes (read as false).
+    #[serde(default)]
+    pub verified: bool,
+    /// Set when the member's key is not the one verified; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_changed: Option<KeyChangeInfo>,
 }
 
 /// `POST /v1/groups` body.
@@ -473,6 +483,23 @@ pub enum NodeEvent {
     },
     /// A join request awaits approval on this node (`kith join-requests`).
     JoinRequestHeld(JoinRequestInfo),
+    /// A member's key is not the one this node's user verified (noticed when the group's
+    /// membership changed): a verification mark was dropped, or a verified name turned up
+    /// under a new key.
+    VerificationLost {
+        /// Group id.
+        group: String,
+        /// The member as it is now.
+        peer: String,
+        /// The name recorded with the mark, if any.
+        name: Option<String>,
+        /// The PeerId that was verified (equal to `peer` for `key_mismatch`).
+        verified_peer: String,
+        /// `key_mismatch` or `same_name_new_key` (see [`KeyChangeInfo::reason`]).
+        reason: String,
+        /// The line to show the user.
+        message: String,
+    },
 }
 
 impl NodeEvent {
@@ -485,6 +512,7 @@ impl NodeEvent {
             NodeEvent::HistorySynced { group, .. } => group,
             NodeEvent::JoinProgress { group, .. } => group,
             NodeEvent::JoinRequestHeld(r) => &r.group,
+            NodeEvent::VerificationLost { group, .. } => group,
         }
     }
 
@@ -497,6 +525,7 @@ impl NodeEvent {
             NodeEvent::HistorySynced { .. } => "history_synced",
             NodeEvent::JoinProgress { .. } => "join_progress",
             NodeEvent::JoinRequestHeld(_) => "join_request_held",
+            NodeEvent::VerificationLost { .. } => "verification_lost",
         }
     }
 }
