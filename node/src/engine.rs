@@ -62,6 +62,7 @@ mod join_client;
 mod local;
 mod queries;
 mod serve;
+mod verify;
 mod views;
 
 pub use views::message_info;
@@ -406,6 +407,7 @@ pub fn start(
         past_epoch_ttl,
         handle: handle.clone(),
         check_self_updates: false,
+        reported_key_changes: HashSet::new(),
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -500,6 +502,9 @@ pub struct Actor {
     /// A text was sent: once its sender has the answer, see whether a self-update is due
     /// (`[keys] update_after_messages`).
     check_self_updates: bool,
+    /// Verified names seen under a new key and reported in this run: (group, member,
+    /// verified PeerId); see `Actor::check_verifications`.
+    reported_key_changes: HashSet<(GroupId, PeerId, PeerId)>,
 }
 
 impl Actor {

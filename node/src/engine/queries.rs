@@ -47,13 +47,15 @@ impl Actor {
             .into_iter()
             .map(|(reason, n)| (reason.label().to_owned(), n))
             .collect();
-        Ok(GroupInfo {
+        let mut info = GroupInfo {
             undecryptable,
             missing: self.groups.missing_messages(&id),
             catching_up: self.groups.is_catching_up(&id),
             sync_failures: self.sync.failures(&id),
             ..group_info(&v, self.me)
-        })
+        };
+        self.annotate_members(&id, &mut info.members);
+        Ok(info)
     }
 
     /// The invites of group `q` as this node knows them, newest first

@@ -51,6 +51,8 @@ pub(super) fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
                 peer_id: p.to_string(),
                 leaf_index: *leaf,
                 is_self: *p == me,
+                verified: false,
+                key_changed: None,
             })
             .collect(),
         joined_at_ms: v.meta.joined_at_ms,
