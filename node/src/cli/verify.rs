@@ -123,11 +123,11 @@ pub async fn verify_command(client: &Client, args: &VerifyArgs) -> Result<(), Cl
     if args.json {
         return print_json(&v);
     }
-    out(&verification_text(&v, !args.no_qr, &notes))
+    out(&verification_text(&v, &args.group, !args.no_qr, &notes))
 }
 
 /// What `kith verify` prints.
-pub fn verification_text(v: &Verification, qr: bool, notes: &[String]) -> String {
+pub fn verification_text(v: &Verification, group: &str, qr: bool, notes: &[String]) -> String {
     let mut lines = Vec::new();
     lines.extend(notes.iter().cloned());
     lines.push(format!(
@@ -168,10 +168,25 @@ pub fn verification_text(v: &Verification, qr: bool, notes: &[String]) -> String
         lines.push(format!(
             "{who} is not verified. Compare the digits with the ones on their screen (in \
              person or on a call you trust), or scan their code; if they match, run `kith \
-             verify GROUP {who} --mark`."
+             verify {} {who} --mark`.",
+            shell_word(group)
         ));
     }
     lines.join("\n")
+}
+
+/// `text` as one shell word: as it is if it is plain, else in single quotes.
+fn shell_word(text: &str) -> String {
+    let text = clean(text);
+    if !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+    {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 /// The mark column of `kith group members` and `kith group show`.
@@ -255,11 +270,15 @@ mod tests {
                 message: "the key changed".into(),
             }),
         };
-        let text = verification_text(&v, false, &[]);
+        let text = verification_text(&v, "book club", false, &[]);
         assert!(text.contains("    01234 56789 01234 56789\n"), "{text}");
         assert_eq!(text.matches("01234 56789 01234 56789").count(), 3);
         assert!(text.contains("WARNING: the key changed"));
         assert!(text.contains("bbbb2222 is not verified"));
+        assert!(
+            text.contains("`kith verify 'book club' bbbb2222 --mark`"),
+            "{text}"
+        );
         let verified = Verification {
             verified: true,
             verified_at_ms: Some(0),
@@ -267,7 +286,7 @@ mod tests {
             key_changed: None,
             ..v
         };
-        let text = verification_text(&verified, true, &["marked".into()]);
+        let text = verification_text(&verified, "friends", true, &["marked".into()]);
         assert!(text.starts_with("marked\n"));
         assert!(
             text.contains("✓ bbbb2222 is verified as 'bob' on 1970-01-01 00:00:00 UTC."),
