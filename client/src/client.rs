@@ -412,6 +412,45 @@ impl Client {
         self.call(self.http.get(url)).await
     }
 
+    /// `GET /v1/groups/{group}/members/{peer}/verification`: the safety number of this node
+    /// and the member, and whether the member is verified.
+    pub async fn verification(
+        &self,
+        group: &str,
+        peer: &str,
+    ) -> Result<crate::model::Verification, ClientError> {
+        self.get(&["v1", "groups", group, "members", peer, "verification"])
+            .await
+    }
+
+    /// `PUT /v1/groups/{group}/members/{peer}/verification`: marks the member verified (its
+    /// current key), recording `name` with the mark if given.
+    pub async fn mark_verified(
+        &self,
+        group: &str,
+        peer: &str,
+        name: Option<&str>,
+    ) -> Result<crate::model::Verification, ClientError> {
+        let body = crate::model::MarkVerifiedRequest {
+            name: name.map(str::to_owned),
+        };
+        self.put(
+            &["v1", "groups", group, "members", peer, "verification"],
+            &body,
+        )
+        .await
+    }
+
+    /// `DELETE /v1/groups/{group}/members/{peer}/verification`: removes the mark.
+    pub async fn unmark_verified(
+        &self,
+        group: &str,
+        peer: &str,
+    ) -> Result<crate::model::Verification, ClientError> {
+        let url = self.url(&["v1", "groups", group, "members", peer, "verification"])?;
+        self.call(self.http.delete(url)).await
+    }
+
     /// `GET /v1/events?group=…`: the live event stream, of one group or all.
     pub async fn events(&self, group: Option<&str>) -> Result<EventStream, ClientError> {
         let mut url = self.url(&["v1", "events"])?;

@@ -6,6 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod verification;
+pub use verification::{KeyChangeInfo, MarkVerifiedRequest, Verification};
+
 /// `GET /v1/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusInfo {
@@ -222,9 +225,16 @@ pub struct MemberInfo {
     /// Display name from the member's profile, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// See [`PersonInfo::label`].
-    #[serde(default)]
+    /// See [`PersonInfo::label`] (absent from older nodes).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub label: String,
+    /// Whether this node's user verified the member's current key
+    /// (`…/members/{peer}/verification`). Absent from older nodes (read as false).
+    #[serde(default)]
+    pub verified: bool,
+    /// Set when the member's key is not the one verified; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_changed: Option<KeyChangeInfo>,
 }
 
 /// `POST /v1/groups` body.
@@ -735,6 +745,23 @@ pub enum NodeEvent {
         /// Who.
         peer: PersonInfo,
     },
+    /// A member's key is not the one this node's user verified (noticed when the group's
+    /// membership changed): a verification mark was dropped, or a verified name turned up
+    /// under a new key.
+    VerificationLost {
+        /// Group id.
+        group: String,
+        /// The member as it is now.
+        peer: String,
+        /// The name recorded with the mark, if any.
+        name: Option<String>,
+        /// The PeerId that was verified (equal to `peer` for `key_mismatch`).
+        verified_peer: String,
+        /// `key_mismatch` or `same_name_new_key` (see [`KeyChangeInfo::reason`]).
+        reason: String,
+        /// The line to show the user.
+        message: String,
+    },
 }
 
 impl NodeEvent {
@@ -751,6 +778,7 @@ impl NodeEvent {
             | NodeEvent::ProfileUpdated { group, .. }
             | NodeEvent::Read { group, .. }
             | NodeEvent::Typing { group, .. } => group,
+            NodeEvent::VerificationLost { group, .. } => group,
         }
     }
 
@@ -767,6 +795,7 @@ impl NodeEvent {
             NodeEvent::ProfileUpdated { .. } => "profile_updated",
             NodeEvent::Read { .. } => "read",
             NodeEvent::Typing { .. } => "typing",
+            NodeEvent::VerificationLost { .. } => "verification_lost",
         }
     }
 }

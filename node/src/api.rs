@@ -41,6 +41,8 @@ use crate::model::{
 };
 use crate::store::FailureReason;
 
+mod verify;
+
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 128 * 1024;
 /// History entries returned when the request gives no `limit`.
@@ -117,6 +119,12 @@ fn build_router(engine: EngineHandle, token: &str, stop: watch::Receiver<bool>) 
         )
         .route("/v1/groups/{group}/members", get(members))
         .route("/v1/groups/{group}/members/{peer}", delete(remove_member))
+        .route(
+            "/v1/groups/{group}/members/{peer}/verification",
+            get(verify::verification)
+                .put(verify::mark_verified)
+                .delete(verify::unmark_verified),
+        )
         .route("/v1/groups/{group}/leave", post(leave_group))
         .route("/v1/groups/{group}/update", post(self_update))
         .route(

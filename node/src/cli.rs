@@ -23,6 +23,9 @@ use kith_protocol::invite::InviteError;
 
 use crate::config::{ConfigError, ConfigOverrides, resolve_data_dir};
 
+mod verify;
+pub use verify::VerifyArgs;
+
 /// Why a client subcommand failed. Displayed as the one-line error the user sees.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -127,6 +130,9 @@ pub enum Command {
     /// Inspect connections and block peers (e.g. to make a network partition in a test).
     #[command(subcommand)]
     Net(NetCommand),
+    /// Show the safety number of this node and a member (digits and QR code) to compare
+    /// with theirs, and mark the member verified.
+    Verify(VerifyArgs),
 }
 
 /// `kith net …`.
@@ -637,8 +643,14 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
             let mut lines = vec![format!("{:>4}  PEER", "LEAF")];
             for m in &members {
                 let me = if m.is_self { "  (this node)" } else { "" };
-                lines.push(format!("{:>4}  {}{me}", m.leaf_index, clean(&m.peer_id)));
+                let mark = verify::member_mark(m);
+                lines.push(format!(
+                    "{:>4}  {}{me}{mark}",
+                    m.leaf_index,
+                    clean(&m.peer_id)
+                ));
             }
+            lines.extend(verify::key_change_warnings(&members));
             out(&lines.join("\n"))
         }
         Command::Group(GroupCommand::Remove { group, peer, json }) => {
@@ -857,6 +869,9 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
                             clean(&profile.name)
                         ))?;
                     }
+                    LiveEvent::Event(NodeEvent::VerificationLost { message, .. }) => {
+                        out(&format!("WARNING: {}", clean(&message)))?;
+                    }
                     LiveEvent::Event(_) => {}
                     LiveEvent::Lagged(missed) => {
                         eprintln_quiet(&format!(
@@ -868,6 +883,7 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
             Err(ClientError::StreamEnded.into())
         }
         Command::Net(cmd) => net_command(&connect()?, cmd).await,
+        Command::Verify(args) => verify::verify_command(&connect()?, args).await,
     }
 }
 
@@ -1255,8 +1271,10 @@ fn print_group(g: &GroupInfo) -> Result<(), CliError> {
     ];
     for m in &g.members {
         let me = if m.is_self { "  (this node)" } else { "" };
-        lines.push(format!("  {}{me}", clean(&m.peer_id)));
+        let mark = verify::member_mark(m);
+        lines.push(format!("  {}{me}{mark}", clean(&m.peer_id)));
     }
+    lines.extend(verify::key_change_warnings(&g.members));
     out(&lines.join("\n"))
 }
 

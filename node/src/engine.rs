@@ -63,6 +63,7 @@ mod join_client;
 mod local;
 mod queries;
 mod serve;
+mod verify;
 mod views;
 
 pub use chat::{ChatPolicy, DIRECT_GROUP_NAME, TYPING_INTERVAL_MS, history_view, person};
@@ -413,6 +414,7 @@ pub fn start(
         check_self_updates: false,
         chat,
         typing_sent: HashMap::new(),
+        reported_key_changes: HashSet::new(),
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -511,6 +513,9 @@ pub struct Actor {
     chat: ChatPolicy,
     /// When this node last sent a typing notice in each group.
     typing_sent: HashMap<GroupId, u64>,
+    /// Verified names seen under a new key and reported in this run: (group, member,
+    /// verified PeerId); see `Actor::check_verifications`.
+    reported_key_changes: HashSet<(GroupId, PeerId, PeerId)>,
 }
 
 impl Actor {

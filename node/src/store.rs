@@ -15,6 +15,8 @@
 //! - `invites`: invite id → [`InviteRecord`] (schema 2 keyed the inviter's records by the
 //!   secret hash; [`Store::open`] migrates them to schema 3 in place).
 //! - `peers`: `PeerId` bytes → list of multiaddr bytes (the address book).
+//! - `verify_marks`: `PeerId` bytes → the member's verification mark (`store/marks.rs`;
+//!   created by the first mark, so it needs no schema change).
 //! - `meta`: `schema_version` (u32 big-endian). Schema 1 keyed `history` by a local arrival
 //!   sequence (kept in `next_seq`); [`Store::open`] migrates it to schema 2, then 3 and 4, in
 //!   place. `owner`: the PeerId bytes of the node key the database belongs to, written by
@@ -32,6 +34,7 @@
 
 mod chat;
 mod health;
+mod marks;
 mod mls;
 
 use std::collections::BTreeMap;
@@ -209,6 +212,14 @@ pub enum StoreError {
     OtherOwner {
         /// The PeerId recorded in the database.
         owner: PeerId,
+    },
+    /// A bounded table is full: the new record was refused and nothing was written.
+    #[error("table `{table}` is full ({limit} records)")]
+    Full {
+        /// The table.
+        table: &'static str,
+        /// How many records it holds at most.
+        limit: u64,
     },
 }
 

@@ -472,6 +472,7 @@ mod catch_up;
 mod expiry;
 mod invites;
 mod join;
+mod keys;
 mod local;
 mod members;
 mod receive;

@@ -13,6 +13,7 @@
 //! - [`join`]: the joiner's and the admitting member's sides of a join, as state machines.
 //! - [`order`]: sender positions, gap tracking and undecryptable reasons (no message lost).
 //! - [`sync`]: history sync between members (summaries, paginated responses, gap detection).
+//! - [`verify`]: safety numbers, their QR payload, and local verification marks.
 
 pub mod addr;
 pub mod chat;
@@ -30,6 +31,7 @@ mod sim;
 pub mod sync;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
+pub mod verify;
 
 pub use libp2p_identity::{Keypair, PeerId, PublicKey};
 pub use multiaddr::Multiaddr;

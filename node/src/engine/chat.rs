@@ -818,6 +818,8 @@ impl Actor {
                         profile: profile_info(owner, &p),
                     });
                 }
+                // A verified name may have turned up under a new key.
+                self.check_verifications(*group);
             }
             Effect::Receipt {
                 group, peer, up_to, ..

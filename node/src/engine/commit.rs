@@ -211,6 +211,7 @@ impl Actor {
             .any(|e| matches!(e, Effect::Invite(_) | Effect::ForgetInvites { .. }));
         let mut rolled_back = Vec::new();
         let mut behind = Vec::new();
+        let mut epoch_changed = Vec::new();
         for e in effects {
             let sent = match e {
                 Effect::Publish { topic, data } => self.net.publish_blocking(topic, data),
@@ -246,6 +247,7 @@ impl Actor {
                     member_count,
                 } => {
                     self.update_gauges(group, epoch, member_count);
+                    epoch_changed.push(group);
                     let _ = self.events.send(NodeEvent::EpochChanged {
                         group: group.to_string(),
                         epoch,
@@ -318,6 +320,10 @@ impl Actor {
         }
         if invites_changed {
             self.announce_invites(false);
+        }
+        // Membership changed: is every verified member still the key that was verified?
+        for group in epoch_changed {
+            self.check_verifications(group);
         }
         // The winning branch's messages sent so far are on other members only: fetch them
         // now rather than at the next routine sync.

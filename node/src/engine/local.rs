@@ -127,7 +127,9 @@ impl Actor {
             }
         };
         self.apply(effects)?;
-        Ok(group_info(&self.view(&id)?, self.me))
+        let mut info = group_info(&self.view(&id)?, self.me);
+        self.annotate_members(&id, &mut info.members);
+        Ok(info)
     }
 
     /// Commits a self-update in every group where one is due (`[keys]` in `config.toml`; by

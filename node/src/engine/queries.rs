@@ -58,6 +58,7 @@ impl Actor {
             ..group_info(&v, self.me)
         };
         self.name_members(&mut info.members);
+        self.annotate_members(&id, &mut info.members);
         Ok(info)
     }
 

@@ -66,6 +66,8 @@ pub(super) fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {
                 is_self: *p == me,
                 name: None,
                 label: kith_client::text::short_peer(&p.to_string()),
+                verified: false,
+                key_changed: None,
             })
             .collect(),
         joined_at_ms: v.meta.joined_at_ms,
