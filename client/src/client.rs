@@ -323,7 +323,12 @@ impl Client {
     }
 
     /// `PATCH /v1/groups/{group}/messages/{id}`: edit one's own message.
-    pub async fn edit(&self, group: &str, id: &str, text: &str) -> Result<MessageInfo, ClientError> {
+    pub async fn edit(
+        &self,
+        group: &str,
+        id: &str,
+        text: &str,
+    ) -> Result<MessageInfo, ClientError> {
         let url = self.url(&["v1", "groups", group, "messages", id])?;
         let body = EditBody {
             text: text.to_owned(),

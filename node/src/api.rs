@@ -504,7 +504,9 @@ async fn show_message(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<MessageInfo> {
     let Path((group, message)) = path?;
-    Ok(Json(s.engine.run(move |e| e.message(&group, &message)).await?))
+    Ok(Json(
+        s.engine.run(move |e| e.message(&group, &message)).await?,
+    ))
 }
 
 async fn edit_message(
@@ -917,7 +919,11 @@ mod tests {
         let (node, app) = app().await;
         node.create_group("friends").await;
         let text = "x".repeat(MAX_BODY_BYTES + 1);
-        let body = serde_json::to_string(&SendBody { text, reply_to: None }).unwrap();
+        let body = serde_json::to_string(&SendBody {
+            text,
+            reply_to: None,
+        })
+        .unwrap();
         expect_error(
             &app,
             request("POST", "/v1/groups/friends/messages", Some(&body)),

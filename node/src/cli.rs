@@ -760,7 +760,9 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
             out(&format_message(&m, Some(&m.sender), true))
         }
         Command::Delete(args) => {
-            let m = connect()?.delete_message(&args.group, &args.message).await?;
+            let m = connect()?
+                .delete_message(&args.group, &args.message)
+                .await?;
             if args.json {
                 return print_json(&m);
             }
@@ -991,7 +993,9 @@ fn offline_history(
     };
     let limit = limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
     let entries = store.history(&meta.id, limit)?;
-    Ok(crate::engine::history_view(&store, &meta.id, &entries, true))
+    Ok(crate::engine::history_view(
+        &store, &meta.id, &entries, true,
+    ))
 }
 
 /// `kith join`: checks the link, then asks the node to join while printing each stage the
@@ -1459,7 +1463,10 @@ pub fn format_message(m: &MessageInfo, me: Option<&str>, details: bool) -> Strin
                     .as_deref()
                     .map(|e| format!(": \"{}\"", clean(e)))
                     .unwrap_or_default();
-                line = format!("{line}\n{indent}\u{21AA} reply to {to} ({}){quote}", short_id(&r.id));
+                line = format!(
+                    "{line}\n{indent}\u{21AA} reply to {to} ({}){quote}",
+                    short_id(&r.id)
+                );
             }
             if !m.reactions.is_empty() {
                 let list: Vec<String> = m
@@ -1504,7 +1511,11 @@ pub fn format_message(m: &MessageInfo, me: Option<&str>, details: bool) -> Strin
         }
         MessageBody::Reaction { to, emoji, on } => {
             let verb = if *on { "reacted" } else { "took back" };
-            format!("{time}  * {sender} {verb} {} on {}", clean(emoji), short_id(to))
+            format!(
+                "{time}  * {sender} {verb} {} on {}",
+                clean(emoji),
+                short_id(to)
+            )
         }
         MessageBody::Edit { target, .. } => {
             format!("{time}  * {sender} edited {}", short_id(target))
@@ -1524,7 +1535,9 @@ async fn profile_command(client: &Client, cmd: &ProfileCommand) -> Result<(), Cl
                 Some(path) => {
                     let max = kith_protocol::chat::MAX_AVATAR_BYTES as u64;
                     let len = std::fs::metadata(path)
-                        .map_err(|e| CliError::Local(format!("cannot read {}: {e}", path.display())))?
+                        .map_err(|e| {
+                            CliError::Local(format!("cannot read {}: {e}", path.display()))
+                        })?
                         .len();
                     if len > max {
                         return Err(CliError::Local(format!(
@@ -1552,7 +1565,10 @@ async fn profile_command(client: &Client, cmd: &ProfileCommand) -> Result<(), Cl
             out(&format!(
                 "profile set: {}{}; sent to your groups",
                 clean(&p.label),
-                p.avatar.as_deref().map(|m| format!(", avatar {m}")).unwrap_or_default()
+                p.avatar
+                    .as_deref()
+                    .map(|m| format!(", avatar {m}"))
+                    .unwrap_or_default()
             ))
         }
         ProfileCommand::Show { peer, json } => {
@@ -1569,7 +1585,10 @@ async fn profile_command(client: &Client, cmd: &ProfileCommand) -> Result<(), Cl
                     clean(&p.label),
                     clean(&p.peer_id),
                     format_utc(p.version / 1000),
-                    p.avatar.as_deref().map(|m| format!("\n  avatar: {m}")).unwrap_or_default()
+                    p.avatar
+                        .as_deref()
+                        .map(|m| format!("\n  avatar: {m}"))
+                        .unwrap_or_default()
                 )),
                 None => out("no profile yet; set one with `kith profile set --name NAME`"),
             }
@@ -1595,7 +1614,9 @@ async fn dm_command(client: &Client, args: &DmArgs) -> Result<(), CliError> {
             let mut text = format!(
                 "direct chat {id} created; give this one-use link to the person (valid 7 days):\n\n{link}"
             );
-            if !args.no_qr && let Some(code) = render_qr(link) {
+            if !args.no_qr
+                && let Some(code) = render_qr(link)
+            {
                 text.push_str("\n\n");
                 text.push_str(&code);
             }

@@ -537,6 +537,11 @@ impl Store {
             txn.open_table(INVITES)?;
             txn.open_table(PEERS)?;
             txn.open_table(UNDECRYPTABLE)?;
+            // Added without a schema change: a new table is empty in an older file.
+            txn.open_table(chat::REFS)?;
+            txn.open_table(chat::PROFILES)?;
+            txn.open_table(chat::RECEIPTS)?;
+            txn.open_table(chat::DIRECT)?;
             if found != Some(SCHEMA_VERSION) {
                 let mut meta = txn.open_table(META)?;
                 meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes().as_slice())?;

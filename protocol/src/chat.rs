@@ -368,8 +368,8 @@ impl SignedProfile {
     /// Checks bounds and the signature; returns the owner.
     pub fn verify(&self) -> Result<PeerId, ChatError> {
         self.check()?;
-        let key = ed25519::PublicKey::try_from_bytes(&self.key)
-            .map_err(|_| ChatError::BadSignature)?;
+        let key =
+            ed25519::PublicKey::try_from_bytes(&self.key).map_err(|_| ChatError::BadSignature)?;
         if !key.verify(&signed_bytes(&self.profile)?, &self.signature) {
             return Err(ChatError::BadSignature);
         }
@@ -430,13 +430,21 @@ mod tests {
         forged.profile = profile("Mallory");
         assert_eq!(forged.verify(), Err(ChatError::BadSignature));
         let mut other_key = signed;
-        other_key.key = key(2).public().try_into_ed25519().unwrap().to_bytes().to_vec();
+        other_key.key = key(2)
+            .public()
+            .try_into_ed25519()
+            .unwrap()
+            .to_bytes()
+            .to_vec();
         assert_eq!(other_key.verify(), Err(ChatError::BadSignature));
     }
 
     #[test]
     fn names_are_neutralised_and_bounded() {
-        assert_eq!(clean_name("  Al\u{202E}ice \t\n Smith\u{200B} "), "Alice Smith");
+        assert_eq!(
+            clean_name("  Al\u{202E}ice \t\n Smith\u{200B} "),
+            "Alice Smith"
+        );
         assert_eq!(clean_name("a\u{0007}b\u{0000}"), "ab");
         assert_eq!(clean_name("\u{202E}\u{2066}"), "");
         let long = "x".repeat(200);
@@ -499,6 +507,12 @@ mod tests {
         );
         assert!(c(ChatV1::Typing).check().is_ok());
         assert!(!c(ChatV1::Typing).is_kept());
-        assert!(c(ChatV1::Delete { target: id, stable: id }).is_kept());
+        assert!(
+            c(ChatV1::Delete {
+                target: id,
+                stable: id
+            })
+            .is_kept()
+        );
     }
 }

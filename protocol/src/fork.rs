@@ -338,9 +338,7 @@ pub fn sent_after<S: GroupRecords>(
             continue;
         }
         if let Some(bytes) = s.get_kith(&k).map_err(storage)? {
-            out.push(
-                decode_sent(&bytes)?,
-            );
+            out.push(decode_sent(&bytes)?);
         }
     }
     out.sort_by_key(|m| (m.epoch, m.sent_at_ms));

@@ -467,8 +467,8 @@ where
 
 mod apply;
 mod branch;
-mod chat;
 mod catch_up;
+mod chat;
 mod expiry;
 mod invites;
 mod join;

@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 
 use data_encoding::BASE64;
+use kith_client::text::short_peer;
 use kith_protocol::chat::{
     Avatar, Chat, ChatV1, ImageFormat, MAX_AVATAR_BYTES, Profile, ProfileV1, SignedProfile,
     clean_name,
 };
-use kith_client::text::short_peer;
 
 use super::*;
 use crate::model::{
@@ -169,13 +169,7 @@ fn add_read_by(store: &Store, group: &GroupId, list: &mut [(Vec<u8>, MessageInfo
     };
     let marks: Vec<(PeerId, Vec<u8>)> = receipts
         .into_iter()
-        .filter_map(|(peer, up_to, _)| {
-            store
-                .position(&up_to)
-                .ok()
-                .flatten()
-                .map(|pos| (peer, pos))
-        })
+        .filter_map(|(peer, up_to, _)| store.position(&up_to).ok().flatten().map(|pos| (peer, pos)))
         .collect();
     for (pos, m) in list.iter_mut() {
         if matches!(m.body, MessageBody::Text { .. }) && !pos.is_empty() {
@@ -234,16 +228,17 @@ impl Actor {
         let prefix = HEXLOWER
             .decode(even.as_bytes())
             .map_err(|_| EngineError::BadRequest("bad message id".into()))?;
-        let odd = (q.len() % 2 == 1).then(|| {
-            u8::from_str_radix(&q[q.len() - 1..], 16).unwrap_or(0)
-        });
+        let odd =
+            (q.len() % 2 == 1).then(|| u8::from_str_radix(&q[q.len() - 1..], 16).unwrap_or(0));
         let found = self.store.messages_with_prefix(id, &prefix, odd)?;
         match found.as_slice() {
             [one] => self
                 .store
                 .history_entry(one)?
                 .ok_or_else(|| EngineError::NotFound(format!("no message {q} in this group"))),
-            [] => Err(EngineError::NotFound(format!("no message {q} in this group"))),
+            [] => Err(EngineError::NotFound(format!(
+                "no message {q} in this group"
+            ))),
             _ => Err(EngineError::BadRequest(format!(
                 "'{q}' matches several messages; give more of the id"
             ))),
@@ -263,7 +258,11 @@ impl Actor {
     }
 
     /// Sends a chat message in `group`, stores and publishes it.
-    fn send_chat(&mut self, group: GroupId, chat: Chat) -> Result<Option<HistoryEntry>, EngineError> {
+    fn send_chat(
+        &mut self,
+        group: GroupId,
+        chat: Chat,
+    ) -> Result<Option<HistoryEntry>, EngineError> {
         self.check_writable()?;
         let (entry, effects) = match self.groups.send_chat(group, chat, now_ms()) {
             Ok(x) => x,
@@ -482,9 +481,9 @@ impl Actor {
                         MAX_AVATAR_BYTES / 1024
                     )));
                 }
-                let bytes = BASE64.decode(b64.trim().as_bytes()).map_err(|_| {
-                    EngineError::BadRequest("the avatar is not base64".into())
-                })?;
+                let bytes = BASE64
+                    .decode(b64.trim().as_bytes())
+                    .map_err(|_| EngineError::BadRequest("the avatar is not base64".into()))?;
                 let format = ImageFormat::sniff(&bytes).ok_or_else(|| {
                     EngineError::BadRequest("the avatar is not a PNG, JPEG or WebP image".into())
                 })?;
@@ -492,10 +491,7 @@ impl Actor {
             }
         };
         // A newer version than any this node made before, whatever its clock did.
-        let last = self
-            .store
-            .profile(&self.me)?
-            .map_or(0, |p| p.v1().version);
+        let last = self.store.profile(&self.me)?.map_or(0, |p| p.v1().version);
         let profile = Profile::V1(ProfileV1 {
             version: now_ms().max(last + 1),
             name,
@@ -588,7 +584,11 @@ impl Actor {
                 break;
             }
         }
-        let direct = self.store.direct_chats().ok().and_then(|d| d.get(&group).copied());
+        let direct = self
+            .store
+            .direct_chats()
+            .ok()
+            .and_then(|d| d.get(&group).copied());
         // The person it was made for, or (made as a link) the first to join.
         if let Some(other) = direct
             && (other == peer || other == self.me)
@@ -627,7 +627,10 @@ impl Actor {
                     continue;
                 }
                 let who = names.person(&self.store, p);
-                let by_name = who.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(q));
+                let by_name = who
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(q));
                 let by_id = q.len() >= 4 && who.peer_id.ends_with(q);
                 if by_name || by_id || who.label == q {
                     found.push(*p);

@@ -227,7 +227,9 @@ impl Actor {
                         self.chat_event(&Effect::Record(h));
                     } else {
                         let info = match h.kind.text() {
-                            Some(_) => self.history_view(&h.group, std::slice::from_ref(&h)).remove(0),
+                            Some(_) => self
+                                .history_view(&h.group, std::slice::from_ref(&h))
+                                .remove(0),
                             None => message_info(&h),
                         };
                         let _ = self.events.send(NodeEvent::Message(info));

@@ -331,6 +331,8 @@ impl Actor {
         self.apply(effects)?;
         self.metrics.message_sent();
         self.check_self_updates = true;
-        Ok(self.history_view(&id, std::slice::from_ref(&entry)).remove(0))
+        Ok(self
+            .history_view(&id, std::slice::from_ref(&entry))
+            .remove(0))
     }
 }

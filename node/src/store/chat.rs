@@ -18,10 +18,10 @@
 
 use std::collections::BTreeMap;
 
+use kith_protocol::PeerId;
 use kith_protocol::chat::SignedProfile;
 use kith_protocol::ids::{GroupId, MessageId};
 use kith_protocol::records::{EntryKind, HistoryEntry};
-use kith_protocol::PeerId;
 use redb::{ReadableTable, TableDefinition};
 
 use super::{
@@ -461,7 +461,11 @@ mod tests {
                 },
             )
         };
-        let rows = vec![react(3, 2, 30, false), react(1, 2, 10, true), react(2, 3, 20, true)];
+        let rows = vec![
+            react(3, 2, 30, false),
+            react(1, 2, 10, true),
+            react(2, 3, 20, true),
+        ];
         let mut rev = rows.clone();
         rev.reverse();
         for r in [rows, rev] {
@@ -484,14 +488,27 @@ mod tests {
                 },
             )
         };
-        let c = fold(&peer(1), &[edit(1, 1, 10, "first"), edit(2, 1, 20, "second"), edit(3, 2, 30, "forged")]);
+        let c = fold(
+            &peer(1),
+            &[
+                edit(1, 1, 10, "first"),
+                edit(2, 1, 20, "second"),
+                edit(3, 2, 30, "forged"),
+            ],
+        );
         assert_eq!(c.edit, Some(("second".into(), 20)));
         assert!(!c.deleted);
-        let c = fold(&peer(1), &[change(4, 2, 40, EntryKind::Delete { target: t })]);
+        let c = fold(
+            &peer(1),
+            &[change(4, 2, 40, EntryKind::Delete { target: t })],
+        );
         assert!(!c.deleted, "a delete by another member does not count");
         let c = fold(
             &peer(1),
-            &[edit(1, 1, 10, "x"), change(4, 1, 5, EntryKind::Delete { target: t })],
+            &[
+                edit(1, 1, 10, "x"),
+                change(4, 1, 5, EntryKind::Delete { target: t }),
+            ],
         );
         assert!(c.deleted);
         assert_eq!(c.edit, None);

@@ -202,7 +202,15 @@ where
                         epoch: first,
                         envelope: asked,
                         text,
-                    }) => match resent(self.provider.storage(), g.branch.since, group_id, stable, (first, asked), envelope.epoch(), effects) {
+                    }) => match resent(
+                        self.provider.storage(),
+                        g.branch.since,
+                        group_id,
+                        stable,
+                        (first, asked),
+                        envelope.epoch(),
+                        effects,
+                    ) {
                         Ok(()) => (Said::Text(text), first),
                         Err(v) => return v,
                     },
@@ -210,7 +218,15 @@ where
                         epoch: first,
                         envelope: asked,
                         chat,
-                    }) => match resent(self.provider.storage(), g.branch.since, group_id, stable, (first, asked), envelope.epoch(), effects) {
+                    }) => match resent(
+                        self.provider.storage(),
+                        g.branch.since,
+                        group_id,
+                        stable,
+                        (first, asked),
+                        envelope.epoch(),
+                        effects,
+                    ) {
                         Ok(()) => (Said::Chat(chat), first),
                         Err(v) => return v,
                     },

@@ -207,9 +207,7 @@ where
         if let ChatV1::Edit { target, stable, .. } | ChatV1::Delete { target, stable } = chat.v1()
             && text_history_id(&self.me.peer, stable) != *target
         {
-            return Err(GroupError::InvalidInput(
-                ChatError::NotAuthor.to_string(),
-            ));
+            return Err(GroupError::InvalidInput(ChatError::NotAuthor.to_string()));
         }
         let epoch = active_group(&mut self.groups, group)?.epoch();
         self.sent_seq += 1;

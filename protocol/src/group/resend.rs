@@ -29,11 +29,11 @@ use openmls_traits::types::AeadType;
 use super::local::encrypt_app;
 use super::state::active_group;
 use super::{Effect, GroupEngine, GroupError, mls_err};
+use crate::codec;
 use crate::envelope::{
     AppContent, AppContentV1, AppContentV2, Body, MAX_RESEND_REQUEST_IDS, PayloadKind,
     RESEND_KEY_LABEL, Resent, ResentChat, SealedResent,
 };
-use crate::codec;
 use crate::fork::{self, GroupRecords, Said};
 use crate::ids::{GroupId, MessageId};
 use crate::records::StoredEnvelope;

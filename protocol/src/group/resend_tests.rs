@@ -46,7 +46,9 @@ fn placed(s: &S, i: usize, g: GroupId) -> Vec<(MessageId, u64, String)> {
         .iter()
         .filter(|h| h.group == g)
         .filter_map(|h| match &h.kind {
-            EntryKind::Text(t) | EntryKind::Post { text: t, .. } => Some((h.id, h.epoch, t.clone())),
+            EntryKind::Text(t) | EntryKind::Post { text: t, .. } => {
+                Some((h.id, h.epoch, t.clone()))
+            }
             _ => None,
         })
         .collect()

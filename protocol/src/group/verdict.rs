@@ -90,9 +90,7 @@ impl RejectReason {
             RejectReason::Envelope(_) | RejectReason::NotMls => "decode",
             RejectReason::Mls(_) | RejectReason::Merge(_) => "mls",
             RejectReason::HeaderMismatch => "header",
-            RejectReason::Content(_) | RejectReason::BadResend | RejectReason::Chat(_) => {
-                "content"
-            }
+            RejectReason::Content(_) | RejectReason::BadResend | RejectReason::Chat(_) => "content",
             RejectReason::NotAuthor => "not_author",
             RejectReason::UnboundMember => "unbound_sender",
             RejectReason::FormerMember => "former_member",
