@@ -491,6 +491,8 @@ pub use state::{GroupView, LostJoin, authenticator_digest};
 pub use verdict::{IgnoreReason, RejectReason, Step, Verdict};
 
 #[cfg(test)]
+mod chat_tests;
+#[cfg(test)]
 mod fork_tests;
 #[cfg(test)]
 mod order_tests;

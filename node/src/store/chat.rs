@@ -446,6 +446,92 @@ mod tests {
         }
     }
 
+    fn post(id: u8, sender: u8, text: &str) -> HistoryEntry {
+        change(
+            id,
+            sender,
+            1,
+            EntryKind::Post {
+                text: text.into(),
+                stable: MessageId([id; 32]),
+                reply_to: None,
+            },
+        )
+    }
+
+    fn commit(store: &Store, rows: Vec<HistoryEntry>) {
+        let mut batch = super::super::Batch::default();
+        batch.history = rows;
+        store.commit(batch).unwrap();
+    }
+
+    #[test]
+    fn changes_stored_before_their_message_apply_when_it_arrives_and_a_delete_blanks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let g = GroupId([1; 32]);
+        let t = MessageId([9; 32]);
+        let u = MessageId([8; 32]);
+        // A reaction to `t` and a delete of `u` arrive first, each in its own commit.
+        commit(
+            &store,
+            vec![change(
+                1,
+                2,
+                5,
+                EntryKind::Reaction {
+                    to: t,
+                    emoji: "👍".into(),
+                    on: true,
+                },
+            )],
+        );
+        commit(
+            &store,
+            vec![change(2, 1, 6, EntryKind::Delete { target: u })],
+        );
+        // Then the messages.
+        commit(&store, vec![post(9, 1, "hello"), post(8, 1, "oops")]);
+        let c = store.changes(&g, &t, &peer(1)).unwrap();
+        assert_eq!(c.reactions, vec![("👍".to_owned(), vec![peer(2)])]);
+        assert!(store.changes(&g, &u, &peer(1)).unwrap().deleted);
+        let u_row = store.history_entry(&u).unwrap().unwrap();
+        assert_eq!(u_row.kind.text(), Some(""), "the deleted text is not kept");
+        // An edit after the delete is blanked too; listing shows only the two messages.
+        commit(
+            &store,
+            vec![change(
+                3,
+                1,
+                7,
+                EntryKind::Edit {
+                    target: u,
+                    text: "again".into(),
+                },
+            )],
+        );
+        let e = store.history_entry(&MessageId([3; 32])).unwrap().unwrap();
+        assert_eq!(
+            e.kind,
+            EntryKind::Edit {
+                target: u,
+                text: String::new()
+            }
+        );
+        let listed = store.history(&g, 100).unwrap();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        // A delete by someone else than the author blanks nothing.
+        commit(
+            &store,
+            vec![change(4, 3, 8, EntryKind::Delete { target: t })],
+        );
+        assert_eq!(
+            store.history_entry(&t).unwrap().unwrap().kind.text(),
+            Some("hello")
+        );
+        assert!(!store.changes(&g, &t, &peer(1)).unwrap().deleted);
+    }
+
     #[test]
     fn the_latest_reaction_of_a_member_with_an_emoji_counts_whatever_the_order() {
         let t = MessageId([9; 32]);
