@@ -1167,3 +1167,182 @@ proptest! {
         }
     }
 }
+
+/// Every chat message kind inside version-3 content, one golden value each (see
+/// docs/PROTOCOL.md, "Chat messages").
+fn golden_chats() -> Vec<(&'static str, AppContent)> {
+    use kith_protocol::chat::{Chat, ChatV1};
+    let m = MessageId([0x11; 32]);
+    let s = MessageId([0x22; 32]);
+    let peer = vec![0x00, 0x24, 0x08, 0x01];
+    let wrap = |c: ChatV1| {
+        AppContent::V3(AppContentV3 {
+            seq: 1,
+            id: Some(MessageId([0x44; 32])),
+            sent_at_ms: 2,
+            body: Body::Chat(Chat::V1(c)),
+        })
+    };
+    vec![
+        (
+            "reply",
+            wrap(ChatV1::Reply {
+                to: m,
+                text: "ok".into(),
+            }),
+        ),
+        (
+            "react",
+            wrap(ChatV1::React {
+                to: m,
+                emoji: "👍".into(),
+                on: true,
+            }),
+        ),
+        (
+            "edit",
+            wrap(ChatV1::Edit {
+                target: m,
+                stable: s,
+                text: "ok!".into(),
+            }),
+        ),
+        (
+            "delete",
+            wrap(ChatV1::Delete {
+                target: m,
+                stable: s,
+            }),
+        ),
+        ("receipt", wrap(ChatV1::Receipt { up_to: m })),
+        ("typing", wrap(ChatV1::Typing)),
+        ("direct", wrap(ChatV1::Direct { with: peer })),
+    ]
+}
+
+#[test]
+fn golden_chat_bytes() {
+    let head = format!("0201 01{} 02 07 00", rep("44", 32)).replace(' ', "");
+    let m = rep("11", 32);
+    let s = rep("22", 32);
+    // After the V3 head (seq 1, Some(id), sent_at_ms 2), Body::Chat = 07, Chat::V1 = 00,
+    // then the ChatV1 variant index and its fields.
+    let want = [
+        format!("00{m}026f6b"),
+        format!("01{m}04f09f918d01"),
+        format!("02{m}{s}036f6b21"),
+        format!("03{m}{s}"),
+        format!("06{m}"),
+        "07".to_owned(),
+        "080400240801".to_owned(),
+    ];
+    for ((name, content), tail) in golden_chats().into_iter().zip(want) {
+        let bytes = codec::encode(&content).unwrap();
+        assert_eq!(hex(&bytes), format!("{head}{tail}"), "{name}");
+        // Direct names a PeerId that is not valid: refused as content, typed.
+        match AppContent::decode(&bytes) {
+            Ok(back) => assert_eq!(back, content, "{name}"),
+            Err(e) => {
+                assert_eq!(name, "direct", "{name}: {e}");
+                assert!(matches!(e, DecodeError::Malformed(_)));
+            }
+        }
+        // Every strict prefix is a typed error, never a panic.
+        for cut in 0..bytes.len() {
+            assert!(
+                AppContent::decode(&bytes[..cut]).is_err(),
+                "{name} cut at {cut}"
+            );
+        }
+    }
+}
+
+#[test]
+fn chat_messages_out_of_bounds_are_refused_as_content() {
+    use kith_protocol::chat::{Chat, ChatV1, MAX_EMOJI_BYTES, MAX_PROFILES};
+    let wrap = |c: ChatV1| {
+        codec::encode(&AppContent::V3(AppContentV3 {
+            seq: 1,
+            id: Some(MessageId([1; 32])),
+            sent_at_ms: 2,
+            body: Body::Chat(Chat::V1(c)),
+        }))
+        .unwrap()
+    };
+    let m = MessageId([3; 32]);
+    for (what, bytes) in [
+        (
+            "long emoji",
+            wrap(ChatV1::React {
+                to: m,
+                emoji: "x".repeat(MAX_EMOJI_BYTES + 1),
+                on: true,
+            }),
+        ),
+        (
+            "emoji with a space",
+            wrap(ChatV1::React {
+                to: m,
+                emoji: "a b".into(),
+                on: true,
+            }),
+        ),
+        (
+            "empty reply",
+            wrap(ChatV1::Reply {
+                to: m,
+                text: String::new(),
+            }),
+        ),
+        (
+            "long edit",
+            wrap(ChatV1::Edit {
+                target: m,
+                stable: m,
+                text: "x".repeat(MAX_TEXT_BYTES + 1),
+            }),
+        ),
+        ("no profiles", wrap(ChatV1::Profiles(Vec::new()))),
+        ("long peer", wrap(ChatV1::Direct { with: vec![0; 65] })),
+    ] {
+        assert!(AppContent::decode(&bytes).is_err(), "{what} was accepted");
+    }
+    let _ = MAX_PROFILES;
+}
+
+#[test]
+fn golden_signed_profile_bytes() {
+    use kith_protocol::chat::{Profile, ProfileV1, SignedProfile};
+    let key = kith_protocol::Keypair::ed25519_from_bytes([1; 32]).unwrap();
+    let p = SignedProfile::sign(
+        Profile::V1(ProfileV1 {
+            version: 1,
+            name: "Alice".into(),
+            avatar: None,
+        }),
+        &key,
+    )
+    .unwrap();
+    let bytes = p.encode().unwrap();
+    // Profile::V1 = 00, version 01, name len 05 "Alice", avatar None = 00; key len 0x20 and
+    // the 32-byte public key; signature len 0x40 and 64 bytes (ed25519 is deterministic).
+    assert_eq!(
+        hex(&bytes),
+        "000105416c69636500208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c\
+         4050e7823ba1158b8980a8d87c18503634789dcd2de081999854234ac6327b5bf45091ee8a4ef7f970\
+         63d607c89671d92b88b8f33dca2c33c07197f10d2b64bf08"
+    );
+    assert_eq!(
+        SignedProfile::decode(&bytes).unwrap().1,
+        key.public().to_peer_id()
+    );
+    // One flipped bit anywhere is a typed refusal.
+    for i in 0..bytes.len() {
+        let mut bad = bytes.clone();
+        bad[i] ^= 1;
+        assert!(
+            SignedProfile::decode(&bad).is_err(),
+            "bit flip at {i} accepted"
+        );
+    }
+}
