@@ -139,7 +139,7 @@ pub struct GroupSummary {
     pub forks_detected: u64,
     /// Set when the group is a direct chat: the other person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub direct: Option<PersonInfo>,
+    pub direct: Option<Box<PersonInfo>>,
 }
 
 /// A person as shown: PeerId, display name, and a label that tells apart people with the
@@ -678,7 +678,7 @@ pub struct HistoryQuery {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum NodeEvent {
     /// A history entry was added (a message arrived or was sent, or membership changed).
-    Message(MessageInfo),
+    Message(Box<MessageInfo>),
     /// This node joined or created a group.
     GroupJoined(GroupSummary),
     /// A group moved to a new epoch (membership or keys changed).
@@ -948,14 +948,14 @@ mod tests {
         assert_eq!(serde_json::to_value(&event).unwrap(), want);
         assert_eq!(event.kind(), "join_progress");
 
-        let message = NodeEvent::Message(MessageInfo::new(
+        let message = NodeEvent::Message(Box::new(MessageInfo::new(
             "01".repeat(32),
             "ab".repeat(32),
             1,
             "12D3KooWpeer".into(),
             (10, 11),
             MessageBody::Text { text: "hi".into() },
-        ));
+        )));
         let want = json!({
             "type": "message", "id": "01".repeat(32), "group": "ab".repeat(32), "epoch": 1,
             "sender": "12D3KooWpeer", "sent_at_ms": 10, "received_at_ms": 11,

@@ -1290,7 +1290,7 @@ mod tests {
         );
         let data = text.lines().nth(1).unwrap().strip_prefix("data: ").unwrap();
         let event: NodeEvent = serde_json::from_str(data).unwrap();
-        assert_eq!(event, NodeEvent::Message(hello));
+        assert_eq!(event, NodeEvent::Message(Box::new(hello)));
         node.stop().await;
     }
 

@@ -1936,7 +1936,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(event, Some(LiveEvent::Event(NodeEvent::Message(here))));
+        assert_eq!(
+            event,
+            Some(LiveEvent::Event(NodeEvent::Message(Box::new(here))))
+        );
         node.stop().await;
     }
 }

@@ -592,15 +592,14 @@ impl Actor {
         // The person it was made for, or (made as a link) the first to join.
         if let Some(other) = direct
             && (other == peer || other == self.me)
-        {
-            if let Err(e) = self.send_chat(
+            && let Err(e) = self.send_chat(
                 group,
                 Chat::V1(ChatV1::Direct {
                     with: peer.to_bytes(),
                 }),
-            ) {
-                tracing::warn!(group = %group.short(), error = %e, "cannot send the direct chat note");
-            }
+            )
+        {
+            tracing::warn!(group = %group.short(), error = %e, "cannot send the direct chat note");
         }
     }
 
@@ -765,7 +764,7 @@ impl Actor {
             if let Some(p) = g.id.parse::<GroupId>().ok().and_then(|id| direct.get(&id))
                 && *p != self.me
             {
-                g.direct = Some(names.person(&self.store, p));
+                g.direct = Some(Box::new(names.person(&self.store, p)));
             }
         }
     }

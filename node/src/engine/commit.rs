@@ -232,7 +232,7 @@ impl Actor {
                                 .remove(0),
                             None => message_info(&h),
                         };
-                        let _ = self.events.send(NodeEvent::Message(info));
+                        let _ = self.events.send(NodeEvent::Message(Box::new(info)));
                     }
                     Ok(())
                 }

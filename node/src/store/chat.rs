@@ -152,7 +152,7 @@ pub fn fold(author: &PeerId, changes: &[HistoryEntry]) -> Changes {
         return out;
     }
     // Each standing reaction, emojis in the order of their earliest standing reaction.
-    first_seen.sort_by(|a, b| a.2.cmp(&b.2));
+    first_seen.sort_by_key(|f| f.2);
     for (emoji, peer, _) in first_seen {
         if reactions.get(&(peer, emoji.clone())).is_some_and(|r| r.1) {
             match out.reactions.iter_mut().find(|(e, _)| *e == emoji) {
@@ -460,8 +460,10 @@ mod tests {
     }
 
     fn commit(store: &Store, rows: Vec<HistoryEntry>) {
-        let mut batch = super::super::Batch::default();
-        batch.history = rows;
+        let batch = super::super::Batch {
+            history: rows,
+            ..Default::default()
+        };
         store.commit(batch).unwrap();
     }
 
