@@ -547,7 +547,7 @@ pub struct MessageInfo {
     pub reactions: Vec<ReactionInfo>,
     /// Members (other than its sender) whose read receipts cover it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub read_by: Vec<String>,
+    pub read_by: Vec<PersonInfo>,
 }
 
 fn is_false(b: &bool) -> bool {

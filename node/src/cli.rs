@@ -4,6 +4,7 @@
 //! subcommand is a client of a running node's API (see [`Client`]), found through
 //! `<data_dir>/api.addr` (or `--api`) and authenticated with `<data_dir>/api.token`.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -644,8 +645,13 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
             for m in &members {
                 let me = if m.is_self { "  (this node)" } else { "" };
                 let mark = verify::member_mark(m);
+                let name = m
+                    .name
+                    .as_deref()
+                    .map(|n| format!("  {}", clean(n)))
+                    .unwrap_or_default();
                 lines.push(format!(
-                    "{:>4}  {}{me}{mark}",
+                    "{:>4}  {}{name}{me}{mark}",
                     m.leaf_index,
                     clean(&m.peer_id)
                 ));
@@ -801,8 +807,9 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
                 return print_json(&messages);
             }
             let me = self_peer(&group);
+            let labels = member_labels(&group);
             for m in &messages {
-                out(&format_message(m, me, true))?;
+                out(&format_message_named(m, me, true, &labels))?;
             }
             Ok(())
         }
@@ -810,6 +817,7 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
             let client = connect()?;
             let group = client.group(&args.group).await?;
             let me = self_peer(&group).map(str::to_owned);
+            let labels = member_labels(&group);
             let mut events = client.events(Some(&group.id)).await?;
             if !args.json {
                 eprintln_quiet(&format!(
@@ -826,7 +834,7 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
                         out(&line)?;
                     }
                     LiveEvent::Event(NodeEvent::Message(m)) => {
-                        out(&format_message(&m, me.as_deref(), true))?;
+                        out(&format_message_named(&m, me.as_deref(), true, &labels))?;
                     }
                     LiveEvent::Event(NodeEvent::MessageChanged {
                         by,
@@ -1170,6 +1178,13 @@ fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
 fn print_status(s: &StatusInfo) -> Result<(), CliError> {
     let mut lines = vec![
         format!("peer id:   {}", s.peer_id),
+        format!(
+            "name:      {}",
+            s.name
+                .as_deref()
+                .map(clean)
+                .unwrap_or_else(|| "(none; `kith profile set --name NAME`)".to_owned())
+        ),
         format!("network:   {}", clean(&s.network)),
         format!("version:   {}", clean(&s.version)),
         format!("peers:     {} connected", s.connected_peers),
@@ -1217,7 +1232,7 @@ fn print_status(s: &StatusInfo) -> Result<(), CliError> {
         lines.push(format!(
             "           {}  {} ({} members, epoch {} auth {}{sync}{forks})",
             short_id(&g.id),
-            clean(&g.name),
+            group_title(g),
             g.member_count,
             g.epoch,
             clean(&g.epoch_auth)
@@ -1258,10 +1273,18 @@ fn print_groups(groups: &[GroupSummary]) -> Result<(), CliError> {
             short_id(&g.id),
             g.member_count,
             g.epoch,
-            clean(&g.name)
+            group_title(g)
         ));
     }
     out(&lines.join("\n"))
+}
+
+/// A group's name as listed: a direct chat is named after the other person.
+fn group_title(g: &GroupSummary) -> String {
+    match &g.direct {
+        Some(p) => format!("direct chat with {}", clean(&p.label)),
+        None => clean(&g.name),
+    }
 }
 
 fn print_group(g: &GroupInfo) -> Result<(), CliError> {
@@ -1276,7 +1299,12 @@ fn print_group(g: &GroupInfo) -> Result<(), CliError> {
     for m in &g.members {
         let me = if m.is_self { "  (this node)" } else { "" };
         let mark = verify::member_mark(m);
-        lines.push(format!("  {}{me}{mark}", clean(&m.peer_id)));
+        let name = m
+            .name
+            .as_deref()
+            .map(|n| format!("  {}", clean(n)))
+            .unwrap_or_default();
+        lines.push(format!("  {}{name}{me}{mark}", clean(&m.peer_id)));
     }
     lines.extend(verify::key_change_warnings(&g.members));
     out(&lines.join("\n"))
@@ -1401,6 +1429,16 @@ pub fn render_qr(data: &str) -> Option<String> {
     )
 }
 
+/// The labels of a group's members (`Alice (7gtRrqCQ)`), by PeerId.
+fn member_labels(group: &GroupInfo) -> BTreeMap<String, String> {
+    group
+        .members
+        .iter()
+        .filter(|m| !m.label.is_empty())
+        .map(|m| (m.peer_id.clone(), m.label.clone()))
+        .collect()
+}
+
 /// This node's PeerId in a group, if it is listed.
 fn self_peer(group: &GroupInfo) -> Option<&str> {
     group
@@ -1415,11 +1453,25 @@ fn self_peer(group: &GroupInfo) -> Option<&str> {
 /// with `details`, what it answers, whether it was edited or deleted, its reactions and
 /// who read it.
 pub fn format_message(m: &MessageInfo, me: Option<&str>, details: bool) -> String {
+    format_message_named(m, me, details, &BTreeMap::new())
+}
+
+/// [`format_message`], with the members' labels (`Alice (7gtRrqCQ)`, by PeerId) for the
+/// people a membership line names.
+pub fn format_message_named(
+    m: &MessageInfo,
+    me: Option<&str>,
+    details: bool,
+    labels: &BTreeMap<String, String>,
+) -> String {
     let who = |peer: &str| {
         if Some(peer) == me {
             "you".to_owned()
         } else {
-            short_peer(peer)
+            labels
+                .get(peer)
+                .map(|l| clean(l))
+                .unwrap_or_else(|| short_peer(peer))
         }
     };
     let time = format_utc(m.sent_at_ms / 1000);
@@ -1477,7 +1529,7 @@ pub fn format_message(m: &MessageInfo, me: Option<&str>, details: bool) -> Strin
                 line = format!("{line}\n{indent}[{}]", list.join("  "));
             }
             if Some(m.sender.as_str()) == me && !m.read_by.is_empty() {
-                let names: Vec<String> = m.read_by.iter().map(|p| short_peer(p)).collect();
+                let names: Vec<String> = m.read_by.iter().map(|p| clean(&p.label)).collect();
                 line = format!("{line}\n{indent}read by {}", names.join(", "));
             }
             line

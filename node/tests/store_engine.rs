@@ -52,7 +52,7 @@ fn three_member_run_on_redb_then_everyone_restarts() {
             .unwrap()
             .into_iter()
             .filter_map(|h| match h.kind {
-                EntryKind::Text(t) => Some(t),
+                EntryKind::Text(t) | EntryKind::Post { text: t, .. } => Some(t),
                 _ => None,
             })
             .collect();
@@ -96,7 +96,7 @@ fn three_member_run_on_redb_then_everyone_restarts() {
             .history(&group, 100)
             .unwrap()
             .iter()
-            .filter(|h| matches!(h.kind, EntryKind::Text(_)))
+            .filter(|h| h.kind.text().is_some())
             .count();
         assert_eq!(n, 6, "member {i} has all six texts on disk");
     }
@@ -190,7 +190,7 @@ fn texts(store: &Store, group: &kith_protocol::ids::GroupId) -> usize {
         .history(group, 10_000)
         .unwrap()
         .into_iter()
-        .filter(|h| matches!(h.kind, EntryKind::Text(_)))
+        .filter(|h| h.kind.text().is_some())
         .count()
 }
 

@@ -120,19 +120,20 @@ fn message_view(store: &Store, h: &HistoryEntry, names: &mut Names) -> MessageIn
     } = &h.kind
     {
         let target = store.history_entry(to).ok().flatten();
-        let deleted = target.as_ref().is_some_and(|t| {
-            store
-                .changes(&t.group, &t.id, &t.sender)
-                .is_ok_and(|c| c.deleted)
+        // The answered message as it reads now: edited, or gone.
+        let now = target.as_ref().and_then(|t| {
+            let c = store.changes(&t.group, &t.id, &t.sender).ok()?;
+            if c.deleted {
+                return None;
+            }
+            c.edit
+                .map(|(text, _)| text)
+                .or_else(|| t.kind.text().map(str::to_owned))
         });
         m.reply_to = Some(ReplyInfo {
             id: to.to_string(),
             sender: target.as_ref().map(|t| names.person(store, &t.sender)),
-            excerpt: target
-                .as_ref()
-                .and_then(|t| t.kind.text())
-                .filter(|t| !t.is_empty() && !deleted)
-                .map(excerpt),
+            excerpt: now.filter(|t| !t.is_empty()).map(|t| excerpt(&t)),
         });
     }
     if h.kind.text().is_some() {
@@ -163,7 +164,12 @@ fn message_view(store: &Store, h: &HistoryEntry, names: &mut Names) -> MessageIn
 }
 
 /// Fills in who read each message of `list` (of `group`), from the read receipts.
-fn add_read_by(store: &Store, group: &GroupId, list: &mut [(Vec<u8>, MessageInfo)]) {
+fn add_read_by(
+    store: &Store,
+    group: &GroupId,
+    list: &mut [(Vec<u8>, MessageInfo)],
+    names: &mut Names,
+) {
     let Ok(receipts) = store.receipts(group) else {
         return;
     };
@@ -176,7 +182,7 @@ fn add_read_by(store: &Store, group: &GroupId, list: &mut [(Vec<u8>, MessageInfo
             m.read_by = marks
                 .iter()
                 .filter(|(peer, mark)| peer.to_string() != m.sender && mark >= pos)
-                .map(|(peer, _)| peer.to_string())
+                .map(|(peer, _)| names.person(store, peer))
                 .collect();
         }
     }
@@ -199,7 +205,7 @@ pub fn history_view(
         })
         .collect();
     if receipts {
-        add_read_by(store, group, &mut list);
+        add_read_by(store, group, &mut list, &mut names);
     }
     list.into_iter().map(|(_, m)| m).collect()
 }
