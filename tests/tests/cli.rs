@@ -379,3 +379,73 @@ fn api_requires_token() {
     let (status, body) = raw_http(addr, "GET", "/v1/groups", &[&auth], "").unwrap();
     assert_eq!((status, body.as_str()), (200, "[]"));
 }
+
+/// The chat commands on real processes: a profile, a reply, a reaction, an edit (and one
+/// refused), a delete, reading, and a direct chat found again.
+#[test]
+fn chat_commands_work_between_processes() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b) = (dirs[0].path(), dirs[1].path());
+    let _na = spawn_kith_run(a, None).unwrap();
+    let boot = bootstrap_addr(a).unwrap();
+    let _nb = spawn_kith_run(b, Some(&boot)).unwrap();
+    kith_ok(a, &["group", "create", "club"]).unwrap();
+    let invite = json(&kith_ok(a, &["invite", "club", "--json", "--no-qr"]).unwrap());
+    kith_ok(b, &["join", invite["link"].as_str().unwrap()]).unwrap();
+
+    let set = kith_ok(a, &["profile", "set", "--name", "Alice"]).unwrap();
+    assert!(set.starts_with("profile set: Alice ("), "{set}");
+    let sent = json(&kith_ok(a, &["send", "--json", "club", "tonight?"]).unwrap());
+    let id = sent["id"].as_str().unwrap()[..8].to_owned();
+    let line = poll_until("B to show Alice's name", || {
+        let h = kith_ok(b, &["history", "club"]).unwrap();
+        Ok(h.lines()
+            .find(|l| l.contains("tonight?") && l.contains("Alice ("))
+            .map(str::to_owned))
+    })
+    .unwrap();
+    assert!(line.contains(&id), "{line}");
+
+    kith_ok(b, &["send", "club", "--reply", &id, "yes"]).unwrap();
+    let reacted = kith_ok(b, &["react", "club", &id, "👍"]).unwrap();
+    assert!(reacted.contains("[👍 1]"), "{reacted}");
+    let refused = kith_fails_with_one_line(b, &["edit", "club", &id, "no"]);
+    assert!(refused.contains("only its sender can edit"), "{refused}");
+    let edited = kith_ok(a, &["edit", "club", &id, "tonight at 8?"]).unwrap();
+    assert!(edited.contains("tonight at 8? (edited)"), "{edited}");
+    poll_until("A to see the reply and the reaction", || {
+        let h = kith_ok(a, &["history", "club"]).unwrap();
+        Ok((h.contains("reply to you") && h.contains("[👍 1]")).then_some(()))
+    })
+    .unwrap();
+    let deleted = kith_ok(a, &["delete", "club", &id]).unwrap();
+    assert!(deleted.contains("(message deleted)"), "{deleted}");
+    poll_until("B to show the tombstone", || {
+        let h = kith_ok(b, &["history", "club"]).unwrap();
+        Ok((h.contains("(message deleted)") && !h.contains("tonight")).then_some(()))
+    })
+    .unwrap();
+    let read = kith_ok(b, &["read", "club"]).unwrap();
+    assert!(read.starts_with("read up to"), "{read}");
+
+    // A direct chat with Alice by name; B's node joins it by itself; a second `dm` finds it.
+    poll_until("B to know Alice's profile", || {
+        Ok(kith_plain(b, &["dm", "Alice", "--json"])
+            .status
+            .success()
+            .then_some(()))
+    })
+    .unwrap();
+    let again = kith_ok(b, &["dm", "Alice"]).unwrap();
+    assert!(
+        again.starts_with("you already have a direct chat with Alice ("),
+        "{again}"
+    );
+    poll_until("A to list the direct chat", || {
+        let list = kith_ok(a, &["group", "list"]).unwrap();
+        Ok(list.contains("direct chat with").then_some(()))
+    })
+    .unwrap();
+    let nobody = kith_fails_with_one_line(a, &["dm", "Zed"]);
+    assert!(nobody.contains("Zed"), "{nobody}");
+}
