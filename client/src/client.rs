@@ -615,8 +615,7 @@ impl SseParser {
                 let lagged: EventsLagged = serde_json::from_str(&data).map_err(bad)?;
                 Ok(Some(LiveEvent::Lagged(lagged.missed)))
             }
-            "message" | "group_joined" | "epoch_changed" | "history_synced" | "join_progress"
-            | "join_request_held" => Ok(Some(LiveEvent::Event(
+            kind if NodeEvent::KINDS.contains(&kind) => Ok(Some(LiveEvent::Event(
                 serde_json::from_str(&data).map_err(bad)?,
             ))),
             _ => {
@@ -682,5 +681,72 @@ mod tests {
         assert_eq!(parser.line("event: message").unwrap(), None);
         assert_eq!(parser.line("data: {broken").unwrap(), None);
         assert!(parser.line("").is_err());
+    }
+
+    /// Every event kind the node sends reaches a client's stream (a kind missing from
+    /// `NodeEvent::KINDS` would be skipped as if from a newer node).
+    #[test]
+    fn every_event_kind_is_parsed() {
+        use crate::model::{MessageChange, PersonInfo, ProfileInfo};
+        let person = PersonInfo {
+            peer_id: "12D3KooWp".into(),
+            name: Some("Ann".into()),
+            label: "Ann (KooWp)".into(),
+        };
+        let events = [
+            NodeEvent::MessageChanged {
+                group: "g".into(),
+                id: "m".into(),
+                by: "p".into(),
+                change: MessageChange::Reaction {
+                    emoji: "👍".into(),
+                    on: true,
+                },
+                message: Some(Box::new(MessageInfo::new(
+                    "m".into(),
+                    "g".into(),
+                    1,
+                    "p".into(),
+                    (1, 2),
+                    crate::model::MessageBody::Text { text: "hi".into() },
+                ))),
+            },
+            NodeEvent::ProfileUpdated {
+                group: "g".into(),
+                profile: ProfileInfo {
+                    peer_id: "p".into(),
+                    name: "Ann".into(),
+                    label: "Ann (p)".into(),
+                    version: 3,
+                    avatar: Some("image/png".into()),
+                },
+            },
+            NodeEvent::Read {
+                group: "g".into(),
+                peer: "p".into(),
+                up_to: "m".into(),
+            },
+            NodeEvent::Typing {
+                group: "g".into(),
+                peer: person,
+            },
+            NodeEvent::VerificationLost {
+                group: "g".into(),
+                peer: "p".into(),
+                name: None,
+                verified_peer: "q".into(),
+                reason: "key_mismatch".into(),
+                message: "m".into(),
+            },
+        ];
+        for e in events {
+            assert!(NodeEvent::KINDS.contains(&e.kind()), "{}", e.kind());
+            let mut parser = SseParser::default();
+            parser.line(&format!("event: {}", e.kind())).unwrap();
+            parser
+                .line(&format!("data: {}", serde_json::to_string(&e).unwrap()))
+                .unwrap();
+            assert_eq!(parser.line("").unwrap(), Some(LiveEvent::Event(e)));
+        }
     }
 }

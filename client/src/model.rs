@@ -765,6 +765,22 @@ pub enum NodeEvent {
 }
 
 impl NodeEvent {
+    /// Every value of [`NodeEvent::kind`]: the event names a client parses (others, from a
+    /// newer node, it skips).
+    pub const KINDS: [&'static str; 11] = [
+        "message",
+        "group_joined",
+        "epoch_changed",
+        "history_synced",
+        "join_progress",
+        "join_request_held",
+        "message_changed",
+        "profile_updated",
+        "read",
+        "typing",
+        "verification_lost",
+    ];
+
     /// The group the event concerns.
     pub fn group(&self) -> &str {
         match self {

@@ -846,7 +846,10 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
                         let who = if Some(by.as_str()) == me.as_deref() {
                             "you".to_owned()
                         } else {
-                            short_peer(&by)
+                            labels
+                                .get(&by)
+                                .map(|l| clean(l))
+                                .unwrap_or_else(|| short_peer(&by))
                         };
                         let what = match &change {
                             MessageChange::Reaction { emoji, on: true } => {
@@ -873,9 +876,12 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
                         eprintln_quiet(&format!("{} is typing…", clean(&peer.label)));
                     }
                     LiveEvent::Event(NodeEvent::ProfileUpdated { profile, .. }) => {
+                        let was = labels
+                            .get(&profile.peer_id)
+                            .map(|l| clean(l))
+                            .unwrap_or_else(|| short_peer(&profile.peer_id));
                         out(&format!(
-                            "  * {} is now called '{}'",
-                            short_peer(&profile.peer_id),
+                            "  * {was} is now called '{}'",
                             clean(&profile.name)
                         ))?;
                     }
