@@ -319,3 +319,63 @@ fn kept_chat_messages_are_sent_again_like_texts_and_others_are_not() {
         matches!(&kept[1].said, crate::fork::Said::Chat(c) if matches!(c.v1(), ChatV1::React { .. }))
     );
 }
+
+/// A reaction and an edit made on a branch that loses a concurrent commit are sent again on
+/// the winning branch: every member ends with them, once.
+#[test]
+fn chat_messages_on_a_losing_branch_are_sent_again_and_read_once() {
+    for order in [[0usize, 1], [1, 0]] {
+        let mut s = sim(3);
+        let g = crate::testing::three_member_run(&mut s);
+        s.send(2, g, "target").unwrap();
+        s.deliver_all();
+        let target = last_text(&s, 2);
+        s.self_update(0, g).unwrap();
+        s.self_update(1, g).unwrap();
+        let commits: Vec<_> = s.in_flight.drain(..).collect();
+        let ids: Vec<MessageId> = commits.iter().map(|c| MessageId::of(&c.2)).collect();
+        let loser = if ids[0] < ids[1] { 1 } else { 0 };
+        // The loser reacts, and edits a text of its own, before it learns it lost.
+        s.send(loser, g, "mine").unwrap();
+        let mine = last_text(&s, loser);
+        chat(
+            &mut s,
+            loser,
+            g,
+            ChatV1::React {
+                to: target.id,
+                emoji: "👍".into(),
+                on: true,
+            },
+        );
+        chat(
+            &mut s,
+            loser,
+            g,
+            ChatV1::Edit {
+                target: mine.id,
+                stable: stable_of(&mine),
+                text: "mine, edited".into(),
+            },
+        );
+        let own: Vec<_> = s.in_flight.drain(..).collect();
+        for &k in &order {
+            s.in_flight.push_back(commits[k].clone());
+        }
+        s.in_flight.extend(own);
+        s.deliver_all();
+        assert_eq!(s.engines[loser].group(&g).unwrap().rollbacks, 1);
+        for i in 0..3 {
+            let reactions: Vec<_> = s.history[i]
+                .iter()
+                .filter(|h| matches!(&h.kind, EntryKind::Reaction { to, .. } if *to == target.id))
+                .collect();
+            assert_eq!(reactions.len(), 1, "member {i}: {reactions:?}");
+            let edits = s.history[i]
+                .iter()
+                .filter(|h| matches!(&h.kind, EntryKind::Edit { target, text } if *target == mine.id && text == "mine, edited"))
+                .count();
+            assert_eq!(edits, 1, "member {i}");
+        }
+    }
+}

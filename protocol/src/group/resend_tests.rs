@@ -210,3 +210,62 @@ fn resend_bodies_are_bounded() {
     assert!(AppContent::decode(&request(0)).is_err());
     assert!(AppContent::decode(&request(crate::envelope::MAX_RESEND_REQUEST_IDS + 1)).is_err());
 }
+
+/// An edit whose epoch keys are gone on a member comes back on request, in its place; said
+/// before someone joined, it comes back sealed (`SealedResentChat`), readable by the
+/// members of its epoch only. (`ResentChat`, the clear copy, is the same path without the
+/// seal.)
+#[test]
+fn a_chat_message_whose_keys_are_gone_comes_back_sealed_on_request() {
+    use crate::chat::{Chat, ChatV1};
+    let mut s = sim(3);
+    let g = s.create_group(0, "late chat").unwrap();
+    let inv = s.invite(0, g, 2).unwrap();
+    s.join(1, 0, &inv).unwrap();
+    s.deliver_all();
+    s.send(0, g, "target").unwrap();
+    s.deliver_all();
+    let target = s.history[0]
+        .iter()
+        .rev()
+        .find(|h| h.kind.text() == Some("target"))
+        .cloned()
+        .unwrap();
+    let stable = match &target.kind {
+        EntryKind::Post { stable, .. } => *stable,
+        other => panic!("{other:?}"),
+    };
+    let now = s.now_ms;
+    let (_, fx) = s.engines[0]
+        .send_chat(
+            g,
+            Chat::V1(ChatV1::Edit {
+                target: target.id,
+                stable,
+                text: "target, edited".into(),
+            }),
+            now,
+        )
+        .unwrap();
+    s.apply(0, fx);
+    let late = take_in_flight(&mut s);
+    // Member 2 joins after the edit was said; member 1 loses the edit's epoch keys.
+    s.join(2, 0, &inv).unwrap();
+    s.deliver_all();
+    deliver_after_the_window(&mut s, late);
+    assert_eq!(s.undecryptable[1].len(), 1, "member 1 cannot read the edit");
+    tick_all(&mut s, 1); // member 1 asks
+    s.deliver_all();
+    tick_all(&mut s, 1); // member 0 answers, sealed (someone joined since)
+    assert_eq!(s.in_flight.len(), 1);
+    s.deliver_all();
+    let edited = |i: usize| {
+        s.history[i].iter().any(|h| {
+            matches!(&h.kind, EntryKind::Edit { target: t, text } if *t == target.id && text == "target, edited")
+                && h.epoch == target.epoch
+        })
+    };
+    assert!(edited(1), "member 1 gets the edit, placed in its epoch");
+    assert!(!edited(2), "member 2 was not in that epoch");
+    assert_eq!(s.engines[1].wanted_count(&g), 0);
+}
