@@ -469,7 +469,7 @@ pub enum ProfileCommand {
 #[derive(Debug, Clone, Args)]
 pub struct DmArgs {
     /// The person: their name, short id (the end of their PeerId) or PeerId, as a member
-    /// of one of your groups shows it.
+    /// of one of your groups shows it; or the link someone made with `kith dm --link`.
     #[arg(required_unless_present = "link", conflicts_with = "link")]
     pub person: Option<String>,
     /// Make a one-use invite link to a new direct chat instead, for someone you share no
@@ -1656,6 +1656,28 @@ async fn profile_command(client: &Client, cmd: &ProfileCommand) -> Result<(), Cl
 
 /// `kith dm`.
 async fn dm_command(client: &Client, args: &DmArgs) -> Result<(), CliError> {
+    // `kith dm LINK`: the link of a direct chat someone made with `kith dm --link`.
+    if let Some(link) = args.person.as_deref().filter(|p| {
+        let p = p.trim().to_ascii_lowercase();
+        p.starts_with("kith1") || p.starts_with("kith://")
+    }) {
+        let invite = kith_protocol::invite::Invite::parse(link)?;
+        if now_secs() >= invite.expires_at {
+            return Err(kith_protocol::invite::InviteError::Expired {
+                expired_at: invite.expires_at,
+            }
+            .into());
+        }
+        let g = client.join(link, None).await?;
+        if args.json {
+            return print_json(&g);
+        }
+        return out(&format!(
+            "joined direct chat {}; write with `kith send {} …`",
+            short_id(&g.id),
+            short_id(&g.id)
+        ));
+    }
     let d = client
         .direct(&DirectBody {
             peer: args.person.clone(),
@@ -1670,7 +1692,7 @@ async fn dm_command(client: &Client, args: &DmArgs) -> Result<(), CliError> {
     match (&d.link, with) {
         (Some(link), _) => {
             let mut text = format!(
-                "direct chat {id} created; give this one-use link to the person (valid 7 days):\n\n{link}"
+                "direct chat {id} created; give this one-use link to the person (valid 7 days), who runs `kith dm LINK`:\n\n{link}"
             );
             if !args.no_qr
                 && let Some(code) = render_qr(link)

@@ -410,7 +410,8 @@ async fn an_offline_member_gets_reactions_and_edits_through_history_sync() -> an
     assert_eq!(m.reactions[0].by, [b_peer]);
     wait_message(&c, &g, &gone.id, "the delete on C", |m| m.deleted).await?;
     let r = wait_message(&c, &g, &reply.id, "the reply on C", |_| true).await?;
-    assert_eq!(r.reply_to.unwrap().excerpt.as_deref(), Some("first words"));
+    // The reply quotes the answered message as it reads now.
+    assert_eq!(r.reply_to.unwrap().excerpt.as_deref(), Some("better words"));
     Ok(())
 }
 

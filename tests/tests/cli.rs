@@ -448,4 +448,8 @@ fn chat_commands_work_between_processes() {
     .unwrap();
     let nobody = kith_fails_with_one_line(a, &["dm", "Zed"]);
     assert!(nobody.contains("Zed"), "{nobody}");
+    // A link made with `dm --link`, used with `kith dm LINK`.
+    let made = json(&kith_ok(a, &["dm", "--link", "--json"]).unwrap());
+    let joined = kith_ok(b, &["dm", made["link"].as_str().unwrap()]).unwrap();
+    assert!(joined.starts_with("joined direct chat"), "{joined}");
 }

@@ -428,7 +428,7 @@ impl Actor {
                 at_ms: now,
             });
             self.commit_with(batch, false)?;
-            if self.chat.read_receipts && target.sender != self.me && self.groups.is_active(&id) {
+            if self.chat.read_receipts && self.groups.is_active(&id) {
                 self.send_chat(id, Chat::V1(ChatV1::Receipt { up_to: target.id }))?;
             }
         }

@@ -222,7 +222,9 @@ impl Actor {
                     if h.sender != self.me && h.kind.text().is_some() {
                         self.metrics.messages_received(1);
                     }
-                    if h.kind.target().is_some() {
+                    if self.events.receiver_count() == 0 {
+                        // Nobody listens: no view to build.
+                    } else if h.kind.target().is_some() {
                         // A reaction, edit or delete: shown on its message.
                         self.chat_event(&Effect::Record(h));
                     } else {
