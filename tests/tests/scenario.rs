@@ -51,7 +51,7 @@ fn offline_sync_scenario_passes() -> anyhow::Result<()> {
     let (report, run, _tmp) = run_scenario("offline-sync.toml", 11)?;
     assert_eq!(report["passed"], true, "{report:#}");
     let steps = report["steps"].as_array().context("steps")?;
-    assert_eq!(steps.len(), 8);
+    assert_eq!(steps.len(), 9);
     assert!(steps.iter().all(|s| s["ok"] == true), "{steps:#?}");
     let detail = |action: &str| {
         steps

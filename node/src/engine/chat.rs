@@ -690,6 +690,13 @@ impl Actor {
         if let Some(p) = peer
             && let Some(g) = self.direct_with(&p)?
         {
+            // Not joined yet (the offer was lost, or their node was away): offer it again.
+            if self.view(&g).is_ok_and(|v| v.members.len() < 2)
+                && let Some(shared) = self.shared_group(&p)
+            {
+                let link = self.direct_invite(&g)?;
+                self.offer_direct(shared, p, link)?;
+            }
             return Ok(DirectInfo {
                 group: self.group_summary(&g)?,
                 created: false,
@@ -697,21 +704,12 @@ impl Actor {
                 with: Some(Names::default().person(&self.store, &p)),
             });
         }
-        // Where to send the offer: a group both are active members of.
         let shared = match peer {
-            Some(p) => Some(
-                self.groups
-                    .groups()
-                    .iter()
-                    .find(|v| v.active && v.members.iter().any(|(_, m)| *m == p))
-                    .map(|v| v.meta.id)
-                    .ok_or_else(|| {
-                        EngineError::BadRequest(
-                            "you share no group with this person; use a link (`kith dm --link`)"
-                                .into(),
-                        )
-                    })?,
-            ),
+            Some(p) => Some(self.shared_group(&p).ok_or_else(|| {
+                EngineError::BadRequest(
+                    "you share no group with this person; use a link (`kith dm --link`)".into(),
+                )
+            })?),
             None => None,
         };
         let info = self.create_group(DIRECT_GROUP_NAME)?;
@@ -719,37 +717,70 @@ impl Actor {
             .id
             .parse()
             .map_err(|_| EngineError::Internal("bad group id".into()))?;
-        let invite = self.create_invite(
-            &info.id,
-            CreateInviteRequest {
-                expires_in_secs: Some(DIRECT_INVITE_SECS),
-                max_uses: Some(1),
-                approval: false,
-            },
-        )?;
+        let link = self.direct_invite(&gid)?;
         // With a person, only they are admitted (see `direct_refusal`), whoever else sees
         // the link; with a link, whoever joins first, marked by this node's own id until then.
         let mut batch = Batch::default();
         batch.direct.push((gid, peer.unwrap_or(self.me)));
         self.commit_with(batch, true)?;
-        if let Some(p) = peer {
-            if let Some(shared) = shared {
-                self.send_chat(
-                    shared,
-                    Chat::V1(ChatV1::DirectOffer {
-                        to: p.to_bytes(),
-                        link: invite.url.clone(),
-                    }),
-                )?;
-            }
-            tracing::info!(group = %gid.short(), peer = %p, "offered a direct chat");
+        if let (Some(p), Some(shared)) = (peer, shared) {
+            self.offer_direct(shared, p, link.clone())?;
         }
         Ok(DirectInfo {
             group: self.group_summary(&gid)?,
             created: true,
-            link: peer.is_none().then_some(invite.url),
+            link: peer.is_none().then_some(link),
             with: peer.map(|p| Names::default().person(&self.store, &p)),
         })
+    }
+
+    /// A group this node and `peer` are both active members of (where an offer can go).
+    fn shared_group(&self, peer: &PeerId) -> Option<GroupId> {
+        self.groups
+            .groups()
+            .iter()
+            .find(|v| {
+                v.active
+                    && v.members.iter().any(|(_, m)| m == peer)
+                    && self
+                        .store
+                        .direct_chats()
+                        .ok()
+                        .is_none_or(|d| !d.contains_key(&v.meta.id))
+            })
+            .map(|v| v.meta.id)
+    }
+
+    /// A one-use invite link to the direct chat `group`.
+    fn direct_invite(&mut self, group: &GroupId) -> Result<String, EngineError> {
+        Ok(self
+            .create_invite(
+                &group.to_string(),
+                CreateInviteRequest {
+                    expires_in_secs: Some(DIRECT_INVITE_SECS),
+                    max_uses: Some(1),
+                    approval: false,
+                },
+            )?
+            .url)
+    }
+
+    /// Offers `peer` the direct chat behind `link`, in the group `shared`.
+    fn offer_direct(
+        &mut self,
+        shared: GroupId,
+        peer: PeerId,
+        link: String,
+    ) -> Result<(), EngineError> {
+        self.send_chat(
+            shared,
+            Chat::V1(ChatV1::DirectOffer {
+                to: peer.to_bytes(),
+                link,
+            }),
+        )?;
+        tracing::info!(via = %shared.short(), peer = %peer, "offered a direct chat");
+        Ok(())
     }
 
     /// One group's summary with its direct-chat person, as listed.
