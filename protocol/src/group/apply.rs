@@ -175,9 +175,13 @@ where
                     }
                     body => body,
                 };
-                let (said, at_epoch) = match body {
-                    Body::Text(text) => (Said::Text(text), envelope.epoch()),
-                    Body::Chat(chat) => (Said::Chat(chat), envelope.epoch()),
+                // What was said, and for a message sent again the epoch it was first said in
+                // and the envelope a member asked for.
+                let (said, first) = match body {
+                    Body::Text(text) => (Said::Text(text), None),
+                    Body::Chat(chat) => (Said::Chat(chat), None),
+                    Body::Resent(r) => (Said::Text(r.text), Some((r.epoch, r.envelope))),
+                    Body::ResentChat(r) => (Said::Chat(r.chat), Some((r.epoch, r.envelope))),
                     Body::ResendRequest(ids) => {
                         // A member asks for envelopes it cannot decrypt; those that carried
                         // this node's messages are sent again at the next tick.
@@ -198,38 +202,6 @@ where
                         effects.push(Effect::SaveEnvelope(stored));
                         return Verdict::Accept;
                     }
-                    Body::Resent(Resent {
-                        epoch: first,
-                        envelope: asked,
-                        text,
-                    }) => match resent(
-                        self.provider.storage(),
-                        g.branch.since,
-                        group_id,
-                        stable,
-                        (first, asked),
-                        envelope.epoch(),
-                        effects,
-                    ) {
-                        Ok(()) => (Said::Text(text), first),
-                        Err(v) => return v,
-                    },
-                    Body::ResentChat(ResentChat {
-                        epoch: first,
-                        envelope: asked,
-                        chat,
-                    }) => match resent(
-                        self.provider.storage(),
-                        g.branch.since,
-                        group_id,
-                        stable,
-                        (first, asked),
-                        envelope.epoch(),
-                        effects,
-                    ) {
-                        Ok(()) => (Said::Chat(chat), first),
-                        Err(v) => return v,
-                    },
                     other => {
                         return match invites::invite_message_effects(
                             group_id, sender, stored, sent_at_ms, now_ms, other,
@@ -241,6 +213,21 @@ where
                             Err(v) => v,
                         };
                     }
+                };
+                let at_epoch = match first {
+                    None => envelope.epoch(),
+                    Some(first) => match resent(
+                        self.provider.storage(),
+                        g.branch.since,
+                        group_id,
+                        stable,
+                        first,
+                        envelope.epoch(),
+                        effects,
+                    ) {
+                        Ok(()) => first.0,
+                        Err(v) => return v,
+                    },
                 };
                 let saying = super::chat::Saying {
                     group: group_id,

@@ -209,16 +209,7 @@ where
         {
             return Err(GroupError::InvalidInput(ChatError::NotAuthor.to_string()));
         }
-        let epoch = active_group(&mut self.groups, group)?.epoch();
-        self.sent_seq += 1;
-        let stable = MessageId(crate::ids::hash_parts(&[
-            b"kith/chat",
-            group.as_bytes(),
-            &self.me.peer.to_bytes(),
-            &epoch.to_be_bytes(),
-            &now_ms.to_be_bytes(),
-            &self.sent_seq.to_be_bytes(),
-        ]));
+        let stable = self.fresh_stable(group, b"kith/chat", &[], now_ms)?;
         if chat.is_kept() {
             return self.send_content(group, stable, now_ms, Said::Chat(chat), now_ms);
         }

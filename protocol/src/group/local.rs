@@ -214,17 +214,7 @@ where
                 "text must be 1 to {MAX_TEXT_BYTES} bytes"
             )));
         }
-        let epoch = active_group(&mut self.groups, group)?.epoch();
-        self.sent_seq += 1;
-        let stable = MessageId(crate::ids::hash_parts(&[
-            b"kith/msg",
-            group.as_bytes(),
-            &self.me.peer.to_bytes(),
-            &epoch.to_be_bytes(),
-            &now_ms.to_be_bytes(),
-            &self.sent_seq.to_be_bytes(),
-            text.as_bytes(),
-        ]));
+        let stable = self.fresh_stable(group, b"kith/msg", text.as_bytes(), now_ms)?;
         self.send_content(group, stable, now_ms, Said::Text(text.to_owned()), now_ms)
             .and_then(|(entry, fx)| {
                 let entry = entry.ok_or_else(|| {
@@ -232,6 +222,28 @@ where
                 })?;
                 Ok((entry, fx))
             })
+    }
+
+    /// A new stable id for a message of this node in `group`: a hash of `kind`, the group,
+    /// this node, the epoch, the clock, a counter and `extra` (the text, for a text).
+    pub(super) fn fresh_stable(
+        &mut self,
+        group: GroupId,
+        kind: &[u8],
+        extra: &[u8],
+        now_ms: u64,
+    ) -> Result<MessageId, GroupError> {
+        let epoch = active_group(&mut self.groups, group)?.epoch();
+        self.sent_seq += 1;
+        Ok(MessageId(crate::ids::hash_parts(&[
+            kind,
+            group.as_bytes(),
+            &self.me.peer.to_bytes(),
+            &epoch.to_be_bytes(),
+            &now_ms.to_be_bytes(),
+            &self.sent_seq.to_be_bytes(),
+            extra,
+        ])))
     }
 
     /// Encrypts what was said (a text or a kept chat message) under the stable id `stable`
