@@ -663,6 +663,69 @@ pub enum MessageBody {
         /// The message.
         target: String,
     },
+    /// A file or picture.
+    File {
+        /// What it is, and how much of it this node holds.
+        file: Box<FileInfo>,
+    },
+}
+
+/// A file or picture in a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// File id (64 hex characters): names it in `/v1/files/{id}`.
+    pub id: String,
+    /// Its name, made safe to show and save (no path, no control characters).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Media type (`application/octet-stream` when unknown).
+    pub mime: String,
+    /// Words sent with it (may be empty; edits change them).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub caption: String,
+    /// A picture's width in pixels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    /// A picture's height in pixels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    /// Whether a thumbnail can be had at `/v1/files/{id}/thumbnail`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub thumbnail: bool,
+    /// How much of it this node holds.
+    pub state: FileState,
+}
+
+/// How much of a file this node holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileState {
+    /// Where it stands.
+    pub status: FileStatus,
+    /// Content bytes held (checked), of `size`.
+    pub have_bytes: u64,
+    /// Whether it is kept when the file store needs room.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pinned: bool,
+}
+
+/// Where a file stands on this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileStatus {
+    /// Not fetched (not asked for, or too large to fetch by itself).
+    #[default]
+    Remote,
+    /// Being fetched.
+    Downloading,
+    /// Waiting for a member that holds it to come online.
+    Waiting,
+    /// Held in full, checked.
+    Complete,
+    /// Its message was deleted: the file is gone for everyone.
+    Deleted,
+    /// Removed from this node's file store (quota or retention); fetch it again to see it.
+    Evicted,
 }
 
 /// `GET /v1/groups/{group}/messages` query.

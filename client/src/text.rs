@@ -29,6 +29,21 @@ pub fn clean_multiline(text: &str) -> String {
         .collect()
 }
 
+/// A byte count for people: `512 B`, `1.5 KiB`, `50.0 MiB`, `4.0 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 /// `YYYY-MM-DD HH:MM:SS` in UTC for seconds since the Unix epoch.
 pub fn format_utc(secs: u64) -> String {
     let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
@@ -58,6 +73,16 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn byte_counts_read_well() {
+        use super::human_bytes;
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(50 << 20), "50.0 MiB");
+        assert_eq!(human_bytes(4 << 30), "4.0 GiB");
+    }
+
     use super::*;
 
     #[test]

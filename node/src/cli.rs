@@ -1490,12 +1490,25 @@ pub fn format_message_named(
     };
     let indent = " ".repeat(31);
     match &m.body {
-        MessageBody::Text { text } => {
+        MessageBody::Text { .. } | MessageBody::File { .. } => {
             let id = short_id(&m.id);
             let mut line = format!("{time}  {id}  {sender}: ");
             if m.deleted {
                 line.push_str("(message deleted)");
             } else {
+                let text = match &m.body {
+                    MessageBody::File { file } => {
+                        line.push_str(&format_file(file));
+                        if file.caption.is_empty() {
+                            ""
+                        } else {
+                            line.push_str(&format!("\n{indent}"));
+                            &file.caption
+                        }
+                    }
+                    MessageBody::Text { text } => text,
+                    _ => "",
+                };
                 line.push_str(&clean_multiline(text).replace('\n', &format!("\n{indent}")));
                 if m.edited_at_ms.is_some() {
                     line.push_str(" (edited)");
@@ -1582,6 +1595,32 @@ pub fn format_message_named(
             format!("{time}  * {sender} deleted {}", short_id(target))
         }
     }
+}
+
+/// A file in a message line: `[file] name (size, type[, W×H]) status`.
+pub fn format_file(f: &kith_client::model::FileInfo) -> String {
+    use kith_client::model::FileStatus;
+    let dims = match (f.width, f.height) {
+        (Some(w), Some(h)) => format!(", {w}\u{00D7}{h}"),
+        _ => String::new(),
+    };
+    let status = match f.state.status {
+        FileStatus::Remote => " - not downloaded".to_owned(),
+        FileStatus::Downloading => format!(
+            " - downloading {}%",
+            (f.state.have_bytes * 100).checked_div(f.size).unwrap_or(0)
+        ),
+        FileStatus::Waiting => " - waiting for a member that has it".to_owned(),
+        FileStatus::Complete => String::new(),
+        FileStatus::Deleted => " - deleted".to_owned(),
+        FileStatus::Evicted => " - removed to save space".to_owned(),
+    };
+    format!(
+        "[file] {} ({}, {}{dims}){status}",
+        clean(&f.name),
+        kith_client::text::human_bytes(f.size),
+        clean(&f.mime)
+    )
 }
 
 /// `kith profile …`.

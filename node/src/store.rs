@@ -542,6 +542,7 @@ impl Store {
             txn.open_table(chat::PROFILES)?;
             txn.open_table(chat::RECEIPTS)?;
             txn.open_table(chat::DIRECT)?;
+            txn.open_table(chat::FILES_GONE)?;
             if found != Some(SCHEMA_VERSION) {
                 let mut meta = txn.open_table(META)?;
                 meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes().as_slice())?;
@@ -674,6 +675,7 @@ impl Store {
                 let mut history = txn.open_table(HISTORY)?;
                 let mut index = txn.open_table(MESSAGE_INDEX)?;
                 let mut refs = txn.open_table(chat::REFS)?;
+                let mut gone = txn.open_table(chat::FILES_GONE)?;
                 for entry in &batch.history {
                     let key = history_key(entry)?;
                     let old = index.get(entry.id.as_bytes())?.map(|k| k.value().to_vec());
@@ -690,7 +692,7 @@ impl Store {
                         }
                     }
                     let mut entry = entry.clone();
-                    chat::before_insert(&mut refs, &index, &mut history, &mut entry)?;
+                    chat::before_insert(&mut refs, &index, &mut history, &mut gone, &mut entry)?;
                     let bytes = encode_record("history", &entry)?;
                     history.insert(&key, bytes.as_slice())?;
                     index.insert(entry.id.as_bytes(), key.as_slice())?;
@@ -1025,8 +1027,9 @@ impl Store {
             let mut envelopes = txn.open_table(ENVELOPES)?;
             let mut by_group = txn.open_table(ENVELOPES_BY_GROUP)?;
             let mut refs = txn.open_table(chat::REFS)?;
+            let mut gone = txn.open_table(chat::FILES_GONE)?;
             for (key, entry) in &doomed {
-                chat::on_prune(&mut refs, entry)?;
+                chat::on_prune(&mut refs, &mut gone, entry)?;
                 history.remove(key)?;
                 index.remove(entry.id.as_bytes())?;
                 let app = envelopes

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, DecodeError};
 use crate::envelope::MAX_TEXT_BYTES;
+use crate::files::FileRef;
 use crate::ids::MessageId;
 
 /// Longest display name, in characters (after [`clean_name`]).
@@ -102,6 +103,9 @@ pub enum ChatV1 {
         /// The invite link.
         link: String,
     },
+    /// A file or picture: what members need to show it and fetch it from any member that
+    /// holds it (see [`crate::files`]). Edits change its caption; a delete removes it.
+    File(Box<FileRef>),
 }
 
 /// A profile and its owner's signature.
@@ -264,6 +268,7 @@ impl Chat {
                 }
                 Ok(())
             }
+            ChatV1::File(f) => f.check().map_err(|e| bounds(e.to_string())),
         }
     }
 

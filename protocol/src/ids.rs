@@ -88,6 +88,12 @@ id_type!(
 );
 
 id_type!(
+    /// Identifies a file: the root of its chunk hash list ([`crate::files::root`]), so a
+    /// file's id checks every byte of it.
+    FileId
+);
+
+id_type!(
     /// Identifies an invite inside its group: a hash of the invite's secret hash. Members name
     /// invites by it (listing, revoking, and in the authenticated data of the commit that
     /// used one). It cannot be turned back into the secret hash, so seeing it (commit AAD is

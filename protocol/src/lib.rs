@@ -7,6 +7,8 @@
 //! - [`ids`]: identifier newtypes (`GroupId`, `TopicId`, `MessageId`).
 //! - [`codec`]: the only place that turns wire types into bytes and back.
 //! - [`envelope`]: versioned wire types carried on gossipsub and request-response.
+//! - [`files`]: file messages, encrypted chunks checked against a manifest, the fetch
+//!   protocol's messages and the fetcher's decisions.
 //! - [`invite`]: signed invite tickets (`kith1…` links).
 //! - [`fork`]: checkpoints and branches for the concurrent-commit rule.
 //! - [`group`]: the MLS group engine, a state machine generic over the openmls provider.
@@ -19,6 +21,7 @@ pub mod addr;
 pub mod chat;
 pub mod codec;
 pub mod envelope;
+pub mod files;
 pub mod fork;
 pub mod group;
 pub mod ids;

@@ -6,6 +6,7 @@ use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::PayloadKind;
+use crate::files::FileRef;
 use crate::ids::{GroupId, InviteId, MessageId};
 
 /// A group this node is a member of, as listed to the user.
@@ -102,6 +103,14 @@ pub enum EntryKind {
         /// The message deleted.
         target: MessageId,
     },
+    /// A file or picture (tag 11). Its caption is its text: edits change it, a delete
+    /// blanks it and removes the file (the node then forgets the key and the content).
+    File {
+        /// What the sender sent.
+        file: Box<FileRef>,
+        /// The sender's stable id of the message, as in [`EntryKind::Post`].
+        stable: MessageId,
+    },
 }
 
 impl EntryKind {
@@ -109,6 +118,7 @@ impl EntryKind {
     pub fn text(&self) -> Option<&str> {
         match self {
             EntryKind::Text(t) | EntryKind::Post { text: t, .. } => Some(t),
+            EntryKind::File { file, .. } => Some(&file.caption),
             _ => None,
         }
     }

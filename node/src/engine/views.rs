@@ -48,8 +48,26 @@ pub fn message_info(h: &HistoryEntry) -> MessageInfo {
             EntryKind::Joined(me) => MessageBody::MembersAdded {
                 members: peers(std::slice::from_ref(me)),
             },
+            EntryKind::File { file, .. } => MessageBody::File {
+                file: Box::new(file_info(file)),
+            },
         },
     )
+}
+
+/// A file message in its API form; its state is filled in from the file store.
+pub fn file_info(f: &kith_protocol::files::FileRef) -> kith_client::model::FileInfo {
+    kith_client::model::FileInfo {
+        id: f.id.to_string(),
+        name: f.display_name(),
+        size: f.size,
+        mime: f.media_type().to_owned(),
+        caption: f.caption.clone(),
+        width: f.image.as_ref().map(|i| i.width),
+        height: f.image.as_ref().map(|i| i.height),
+        thumbnail: f.image.as_ref().is_some_and(|i| i.thumb.is_some()),
+        state: Default::default(),
+    }
 }
 
 pub(super) fn group_info(v: &GroupView, me: PeerId) -> GroupInfo {

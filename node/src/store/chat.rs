@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use kith_protocol::PeerId;
 use kith_protocol::chat::SignedProfile;
-use kith_protocol::ids::{GroupId, MessageId};
+use kith_protocol::ids::{FileId, GroupId, MessageId};
 use kith_protocol::records::{EntryKind, HistoryEntry};
 use redb::{ReadableTable, TableDefinition};
 
@@ -35,6 +35,9 @@ pub(super) const REFS: TableDefinition<&[u8; 96], ()> = TableDefinition::new("re
 pub(super) const PROFILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("profiles");
 /// See the module documentation.
 pub(super) const RECEIPTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("receipts");
+/// Files whose message was deleted or pruned, until the file store has deleted their
+/// content (see [`Store::gone_files`]).
+pub(super) const FILES_GONE: TableDefinition<&[u8; 32], ()> = TableDefinition::new("files_gone");
 /// See the module documentation.
 pub(super) const DIRECT: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("direct");
 
@@ -165,17 +168,31 @@ pub fn fold(author: &PeerId, changes: &[HistoryEntry]) -> Changes {
     out
 }
 
-/// Blanks the text of a text or edit row (kept as a tombstone).
-fn blank(entry: &mut HistoryEntry) -> bool {
-    match &mut entry.kind {
+/// Blanks the text of a text or edit row (kept as a tombstone). A file row loses its
+/// caption, name, picture and key (only its id and size stay), and its id goes into
+/// `files_gone` for the file store to delete its content.
+fn blank(
+    entry: &mut HistoryEntry,
+    gone: &mut redb::Table<&'static [u8; 32], ()>,
+) -> Result<bool, StoreError> {
+    Ok(match &mut entry.kind {
         EntryKind::Text(t) | EntryKind::Post { text: t, .. } | EntryKind::Edit { text: t, .. }
             if !t.is_empty() =>
         {
             t.clear();
             true
         }
+        EntryKind::File { file, .. } if !file.name.is_empty() => {
+            file.caption.clear();
+            file.name.clear();
+            file.mime.clear();
+            file.image = None;
+            file.key = [0; 32];
+            gone.insert(file.id.as_bytes(), ())?;
+            true
+        }
         _ => false,
-    }
+    })
 }
 
 /// Called by [`Store::commit`] for each history row before it is written, in the commit's
@@ -185,6 +202,7 @@ pub(super) fn before_insert(
     refs: &mut redb::Table<&'static [u8; 96], ()>,
     index: &redb::Table<&'static [u8; 32], &'static [u8]>,
     history: &mut redb::Table<&'static [u8; HISTORY_KEY_LEN], &'static [u8]>,
+    gone: &mut redb::Table<&'static [u8; 32], ()>,
     entry: &mut HistoryEntry,
 ) -> Result<(), StoreError> {
     let target = entry.kind.target();
@@ -193,7 +211,7 @@ pub(super) fn before_insert(
     }
     // The message whose deletion blanks this row: itself for a text, its target for an edit.
     let subject = match &entry.kind {
-        EntryKind::Text(_) | EntryKind::Post { .. } => Some(entry.id),
+        EntryKind::Text(_) | EntryKind::Post { .. } | EntryKind::File { .. } => Some(entry.id),
         EntryKind::Edit { target, .. } => Some(*target),
         _ => None,
     };
@@ -203,7 +221,7 @@ pub(super) fn before_insert(
             .iter()
             .any(|c| matches!(c.kind, EntryKind::Delete { .. }) && c.sender == entry.sender)
         {
-            blank(entry);
+            blank(entry, gone)?;
         }
     }
     if let (EntryKind::Delete { target }, author) = (&entry.kind, entry.sender) {
@@ -223,7 +241,7 @@ pub(super) fn before_insert(
             }
         }
         for mut row in doomed {
-            if !blank(&mut row) {
+            if !blank(&mut row, gone)? {
                 continue;
             }
             let Some(k) = index
@@ -239,13 +257,18 @@ pub(super) fn before_insert(
     Ok(())
 }
 
-/// Called by the prune for each history row it deletes: its entry in `refs` goes too.
+/// Called by the prune for each history row it deletes: its entry in `refs` goes too, and
+/// a file's content is to be deleted (`files_gone`).
 pub(super) fn on_prune(
     refs: &mut redb::Table<&'static [u8; 96], ()>,
+    gone: &mut redb::Table<&'static [u8; 32], ()>,
     entry: &HistoryEntry,
 ) -> Result<(), StoreError> {
     if let Some(target) = entry.kind.target() {
         refs.remove(&ref_key(&entry.group, &target, &entry.id))?;
+    }
+    if let EntryKind::File { file, .. } = &entry.kind {
+        gone.insert(file.id.as_bytes(), ())?;
     }
     Ok(())
 }
@@ -358,6 +381,34 @@ impl Store {
             out.push((peer, id, at));
         }
         Ok(out)
+    }
+
+    /// Files whose message was deleted or pruned and whose content the file store has not
+    /// deleted yet (at most `limit`).
+    pub fn gone_files(&self, limit: usize) -> Result<Vec<FileId>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(FILES_GONE)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.take(limit) {
+            out.push(FileId(*row?.0.value()));
+        }
+        Ok(out)
+    }
+
+    /// The file store deleted these files' content: forget them, durably.
+    pub fn forget_gone_files(&self, ids: &[FileId]) -> Result<(), StoreError> {
+        let result = (|| -> Result<(), StoreError> {
+            let txn = self.db.begin_write()?;
+            {
+                let mut table = txn.open_table(FILES_GONE)?;
+                for id in ids {
+                    table.remove(id.as_bytes())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        self.db.observe(result)
     }
 
     /// The direct chats: group → the other person.

@@ -99,6 +99,7 @@ impl Saying<'_> {
                 stable,
                 reply_to: Some(to),
             })],
+            ChatV1::File(file) => vec![self.entry(EntryKind::File { file, stable })],
             ChatV1::React { to, emoji, on } => {
                 vec![self.entry(EntryKind::Reaction { to, emoji, on })]
             }
