@@ -6,6 +6,7 @@ pub mod config;
 pub mod crashpoint;
 pub mod datadir;
 pub mod engine;
+pub mod files;
 pub(crate) mod http;
 pub mod identity;
 pub mod metrics;
