@@ -1,9 +1,9 @@
 //! Media types, picture dimensions and thumbnails of files this node sends, and the bounded check of thumbnails it receives.
 //!
 //! Everything here reads bytes that may be hostile (a file the user picked, a thumbnail from
-//! the network) and stays within bounds on any of them: headers are read by hand before any
-//! decoder runs, a picture is decoded only when its header promises a bounded amount of
-//! memory, decoders run with `image`'s [`Limits`], and a decoder's panic is turned into an
+//! the network) and stays within bounds on any of them: headers (PNG, JPEG, WebP, GIF) are
+//! read by hand before any decoder runs, a picture is decoded only when its header promises
+//! a bounded amount of memory, decoders run with `image`'s [`Limits`], and a decoder's panic is turned into an
 //! error. Decoding a large picture takes a while: call [`picture`] off the async runtime
 //! (`spawn_blocking`).
 
@@ -12,12 +12,14 @@ use std::io::{self, BufRead, BufReader, Cursor, Read, Seek};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
+use image::codecs::gif::GifDecoder;
 use image::codecs::jpeg::{JpegDecoder, JpegEncoder};
 use image::codecs::png::{CompressionType, FilterType, PngDecoder, PngEncoder};
+use image::codecs::webp::WebPDecoder;
 use image::metadata::Orientation;
 use image::{
-    DynamicImage, ExtendedColorType, GenericImageView, ImageDecoder, ImageEncoder, Limits,
-    RgbImage, RgbaImage,
+    DynamicImage, ExtendedColorType, GenericImageView, ImageDecoder, ImageEncoder,
+    ImageFormat as Codec, Limits, RgbImage, RgbaImage,
 };
 use kith_protocol::chat::ImageFormat;
 use kith_protocol::files::{
@@ -49,12 +51,9 @@ pub enum ThumbError {
     /// A thumbnail is out of the protocol's bounds.
     #[error(transparent)]
     Bounds(#[from] FileError),
-    /// The bytes have no readable PNG or JPEG header.
+    /// The bytes have no readable header of the format they should be in.
     #[error("not a picture this node can read")]
     NotAPicture,
-    /// No decoder for this format is built in.
-    #[error("no decoder for {0:?} pictures")]
-    Unsupported(ImageFormat),
     /// The header's dimensions are not the ones claimed (or the decoder's).
     #[error("the picture is {}×{}, not {}×{}", .header.0, .header.1, .claimed.0, .claimed.1)]
     Dimensions {
@@ -281,7 +280,7 @@ fn is_text(head: &[u8]) -> bool {
 /// What a picture's header says, read without a decoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Header {
-    format: ImageFormat,
+    format: Codec,
     /// As stored (before any EXIF orientation).
     width: u32,
     height: u32,
@@ -320,21 +319,32 @@ fn read_u16(r: &mut impl Read) -> io::Result<u16> {
     read_array(r).map(u16::from_be_bytes)
 }
 
-/// The header of the PNG or JPEG picture `r` starts with, `None` if it is neither or its
-/// header is truncated or malformed. Reads at most [`MAX_JPEG_HEADER_BYTES`] and allocates
-/// at most one 64 KiB segment.
+/// The header of the PNG, JPEG, WebP or GIF picture `r` starts with, `None` if it is none
+/// of them or its header is truncated or malformed. Reads at most [`MAX_JPEG_HEADER_BYTES`]
+/// and allocates at most one 64 KiB segment.
 fn read_header(r: &mut impl Read) -> io::Result<Option<Header>> {
     let magic: [u8; 3] = match eof_is_none(read_array(r))? {
         Some(m) => m,
         None => return Ok(None),
     };
-    if magic == *b"\x89PN" {
-        Ok(eof_is_none(png_header(r))?.flatten())
-    } else if magic == [0xFF, 0xD8, 0xFF] {
-        Ok(eof_is_none(jpeg_header(&mut r.by_ref().take(MAX_JPEG_HEADER_BYTES)))?.flatten())
-    } else {
-        Ok(None)
-    }
+    let header = match &magic {
+        b"\x89PN" => png_header(r),
+        [0xFF, 0xD8, 0xFF] => jpeg_header(&mut r.by_ref().take(MAX_JPEG_HEADER_BYTES)),
+        b"RIF" => webp_header(r),
+        b"GIF" => gif_header(r),
+        _ => return Ok(None),
+    };
+    Ok(eof_is_none(header)?.flatten())
+}
+
+/// A header of stored dimensions, if neither is zero.
+fn stored(format: Codec, width: u32, height: u32) -> Option<Header> {
+    (width > 0 && height > 0).then_some(Header {
+        format,
+        width,
+        height,
+        orientation: Orientation::NoTransforms,
+    })
 }
 
 /// The rest of a PNG signature and its first chunk, which must be `IHDR`.
@@ -346,12 +356,40 @@ fn png_header(r: &mut impl Read) -> io::Result<Option<Header>> {
     }
     let width = u32::from_be_bytes([chunk[8], chunk[9], chunk[10], chunk[11]]);
     let height = u32::from_be_bytes([chunk[12], chunk[13], chunk[14], chunk[15]]);
-    Ok((width > 0 && height > 0).then_some(Header {
-        format: ImageFormat::Png,
-        width,
-        height,
-        orientation: Orientation::NoTransforms,
-    }))
+    Ok(stored(Codec::Png, width, height))
+}
+
+/// The rest of a WebP's RIFF header and its first chunk: a lossy frame (`VP8 `), a lossless
+/// one (`VP8L`) or the extended header's canvas (`VP8X`).
+fn webp_header(r: &mut impl Read) -> io::Result<Option<Header>> {
+    let rest: [u8; 27] = read_array(r)?;
+    if rest[0] != b'F' || rest[5..9] != *b"WEBP" {
+        return Ok(None);
+    }
+    let (kind, body) = (&rest[9..13], &rest[17..]);
+    let le16 = |i: usize| u32::from(u16::from_le_bytes([body[i], body[i + 1]]));
+    let le24 = |i: usize| u32::from_le_bytes([body[i], body[i + 1], body[i + 2], 0]);
+    let (width, height) = match kind {
+        b"VP8 " if body[3..6] == [0x9D, 0x01, 0x2A] => (le16(6) & 0x3FFF, le16(8) & 0x3FFF),
+        b"VP8L" if body[0] == 0x2F => {
+            let bits = u32::from_le_bytes([body[1], body[2], body[3], body[4]]);
+            ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+        }
+        b"VP8X" => (le24(4) + 1, le24(7) + 1),
+        _ => return Ok(None),
+    };
+    Ok(stored(Codec::WebP, width, height))
+}
+
+/// The rest of a GIF's signature and its logical screen.
+fn gif_header(r: &mut impl Read) -> io::Result<Option<Header>> {
+    let rest: [u8; 7] = read_array(r)?;
+    if !matches!(&rest[..3], b"87a" | b"89a") {
+        return Ok(None);
+    }
+    let width = u32::from(u16::from_le_bytes([rest[3], rest[4]]));
+    let height = u32::from(u16::from_le_bytes([rest[5], rest[6]]));
+    Ok(stored(Codec::Gif, width, height))
 }
 
 /// The segments of a JPEG after its `FF D8 FF`, up to its frame header (`SOFn`), noting the
@@ -381,12 +419,10 @@ fn jpeg_header(r: &mut impl Read) -> io::Result<Option<Header>> {
                 let height = u32::from(u16::from_be_bytes([frame[1], frame[2]]));
                 let width = u32::from(u16::from_be_bytes([frame[3], frame[4]]));
                 // A zero height is declared later (DNL): not something to trust.
-                return Ok((len >= 8 && width > 0 && height > 0).then_some(Header {
-                    format: ImageFormat::Jpeg,
-                    width,
-                    height,
-                    orientation,
-                }));
+                let header = stored(Codec::Jpeg, width, height);
+                return Ok(header
+                    .filter(|_| len >= 8)
+                    .map(|h| Header { orientation, ..h }));
             }
             _ => {
                 let len = read_u16(r)?;
@@ -429,11 +465,11 @@ fn limits(max_side: u32, max_alloc: u64) -> Limits {
     limits
 }
 
-/// Decodes `r` as `format` within `limits`, if the decoder agrees the picture is `expect`
+/// Decodes `r` as `format` (PNG, JPEG, WebP or GIF; a GIF's first frame) within `limits`, if the decoder agrees the picture is `expect`
 /// (width, height) and decodes to at most `max_bytes`.
 fn decode<R: BufRead + Seek>(
     r: R,
-    format: ImageFormat,
+    format: Codec,
     limits: Limits,
     expect: (u32, u32),
     max_bytes: u64,
@@ -454,14 +490,21 @@ fn decode<R: BufRead + Seek>(
         }
         Ok(DynamicImage::from_decoder(decoder)?)
     }
+    fn limited(
+        mut decoder: impl ImageDecoder,
+        limits: Limits,
+        expect: (u32, u32),
+        max_bytes: u64,
+    ) -> Result<DynamicImage, ThumbError> {
+        decoder.set_limits(limits)?;
+        finish(decoder, expect, max_bytes)
+    }
     guarded(|| match format {
-        ImageFormat::Png => finish(PngDecoder::with_limits(r, limits)?, expect, max_bytes),
-        ImageFormat::Jpeg => {
-            let mut decoder = JpegDecoder::new(r)?;
-            decoder.set_limits(limits)?;
-            finish(decoder, expect, max_bytes)
-        }
-        other => Err(ThumbError::Unsupported(other)),
+        Codec::Png => finish(PngDecoder::with_limits(r, limits)?, expect, max_bytes),
+        Codec::Jpeg => limited(JpegDecoder::new(r)?, limits, expect, max_bytes),
+        Codec::WebP => limited(WebPDecoder::new(r)?, limits, expect, max_bytes),
+        Codec::Gif => limited(GifDecoder::new(r)?, limits, expect, max_bytes),
+        _ => Err(ThumbError::NotAPicture),
     })
 }
 
@@ -480,16 +523,16 @@ fn fit(width: u32, height: u32, side: u32) -> (u32, u32) {
     (scale(width), scale(height))
 }
 
-/// The dimensions and thumbnail of the picture at `path`, `None` if it is not a PNG or JPEG
-/// picture (or its header is truncated or malformed). See [`picture_from`].
+/// The dimensions and thumbnail of the picture at `path`, `None` if it is not a PNG, JPEG,
+/// WebP or GIF picture (or its header is truncated or malformed). See [`picture_from`].
 pub fn picture(path: &Path) -> Result<Option<ImageInfo>, ThumbError> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
     picture_from(BufReader::new(file), size)
 }
 
-/// The dimensions and thumbnail of the PNG or JPEG picture `r` holds (`size` bytes), `None`
-/// if it is neither, its header is truncated or malformed, or its dimensions are beyond
+/// The dimensions and thumbnail of the PNG, JPEG, WebP or GIF picture `r` holds (`size`
+/// bytes; a GIF's first frame), `None` if it is none of them, its header is truncated or malformed, or its dimensions are beyond
 /// [`MAX_IMAGE_SIDE`]. The dimensions are as shown (after a JPEG's EXIF orientation).
 ///
 /// The thumbnail ([`THUMB_SIDE`] at most, JPEG, or PNG for a picture with transparency if
@@ -533,7 +576,7 @@ pub fn picture_from<R: BufRead + Seek>(
 fn thumbnail_of<R: BufRead + Seek>(mut r: R, header: &Header) -> Result<Thumbnail, ThumbError> {
     let dims = (header.width, header.height);
     let limits = limits(MAX_IMAGE_SIDE, MAX_DECODED_BYTES);
-    let picture = if header.format == ImageFormat::Jpeg {
+    let picture = if header.format == Codec::Jpeg {
         // The JPEG decoder reads the whole input: bound it, in case the file grew.
         let mut bytes = Vec::new();
         r.by_ref()
@@ -614,10 +657,14 @@ fn on_white(rgba: &RgbaImage) -> RgbImage {
 pub fn check_thumbnail(t: &Thumbnail) -> Result<(), ThumbError> {
     t.check()?;
     let mut r = Cursor::new(t.bytes.as_slice());
-    let header = read_header(&mut r)?.ok_or(ThumbError::NotAPicture)?;
-    if header.format != t.format {
-        return Err(ThumbError::NotAPicture);
-    }
+    let format = match t.format {
+        ImageFormat::Png => Codec::Png,
+        ImageFormat::Jpeg => Codec::Jpeg,
+        ImageFormat::Webp => Codec::WebP,
+    };
+    let header = read_header(&mut r)?
+        .filter(|h| h.format == format)
+        .ok_or(ThumbError::NotAPicture)?;
     let claimed = (t.width, t.height);
     if (header.width, header.height) != claimed {
         return Err(ThumbError::Dimensions {
@@ -627,7 +674,7 @@ pub fn check_thumbnail(t: &Thumbnail) -> Result<(), ThumbError> {
     }
     r.set_position(0);
     let limits = limits(MAX_THUMB_SIDE, MAX_THUMB_DECODED_BYTES);
-    decode(r, t.format, limits, claimed, MAX_THUMB_DECODED_BYTES)?;
+    decode(r, format, limits, claimed, MAX_THUMB_DECODED_BYTES)?;
     Ok(())
 }
 
@@ -793,6 +840,42 @@ mod tests {
         check_thumbnail(&t).unwrap();
     }
 
+    fn webp_of(img: &RgbImage) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, Codec::WebP).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn webp_and_gif_pictures_get_thumbnails() {
+        let img = gradient(480, 320);
+        let info = info_of(&webp_of(&img)).unwrap();
+        assert_good_thumb(&info, 480, 320);
+        let mut gif = Vec::new();
+        let rgba = DynamicImage::ImageRgb8(img).to_rgba8();
+        image::codecs::gif::GifEncoder::new_with_speed(&mut gif, 30)
+            .encode(rgba.as_raw(), 480, 320, ExtendedColorType::Rgba8)
+            .unwrap();
+        let info = info_of(&gif).unwrap();
+        assert_good_thumb(&info, 480, 320);
+    }
+
+    #[test]
+    fn webp_thumbnails_from_the_network_are_checked_too() {
+        let t = Thumbnail {
+            format: ImageFormat::Webp,
+            width: 120,
+            height: 80,
+            bytes: webp_of(&gradient(120, 80)),
+        };
+        check_thumbnail(&t).unwrap();
+        let lying = Thumbnail { height: 81, ..t };
+        assert!(matches!(
+            check_thumbnail(&lying),
+            Err(ThumbError::Dimensions { .. })
+        ));
+    }
+
     #[test]
     fn small_pictures_are_not_scaled_up() {
         let info = info_of(&png_of(&DynamicImage::ImageRgb8(gradient(40, 30)))).unwrap();
@@ -861,6 +944,24 @@ mod tests {
         let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
         jpeg[sof + 5..sof + 9].copy_from_slice(&[0xFF; 4]);
         let info = info_of(&jpeg).unwrap();
+        assert_eq!((info.width, info.height, info.thumb), (65535, 65535, None));
+        // A WebP canvas (VP8X) and a lossless frame (VP8L) beyond the bounds.
+        let mut vp8x = b"RIFF\x16\0\0\0WEBPVP8X\x0a\0\0\0\0\0\0\0".to_vec();
+        vp8x.extend(&(60_000u32 - 1).to_le_bytes()[..3]);
+        vp8x.extend(&(60_000u32 - 1).to_le_bytes()[..3]);
+        let info = info_of(&vp8x).unwrap();
+        assert_eq!(
+            (info.width, info.height, info.thumb),
+            (60_000, 60_000, None)
+        );
+        let mut vp8l = b"RIFF\x16\0\0\0WEBPVP8L\x05\0\0\0\x2f".to_vec();
+        vp8l.extend((0x3FFF_u32 | (0x3FFF << 14)).to_le_bytes());
+        vp8l.extend([0; 8]);
+        let info = info_of(&vp8l).unwrap();
+        assert_eq!((info.width, info.height, info.thumb), (16384, 16384, None));
+        // A GIF whose logical screen is 65535×65535.
+        let gif = b"GIF89a\xff\xff\xff\xff\0\0\0;";
+        let info = info_of(gif).unwrap();
         assert_eq!((info.width, info.height, info.thumb), (65535, 65535, None));
         assert!(
             start.elapsed() < Duration::from_secs(1),
