@@ -12,9 +12,9 @@ use serde::de::DeserializeOwned;
 use crate::files::{self, FileError};
 use crate::model::{
     CreateGroupRequest, CreateInviteRequest, DirectBody, DirectInfo, EditBody, ErrorBody,
-    EventsLagged, GroupInfo, GroupSummary, InviteInfo, InviteSummary, JoinBody, JoinRequestInfo,
-    LAGGED_EVENT, MemberInfo, MessageInfo, NodeEvent, PeerList, ProfileBody, ProfileInfo,
-    ReactBody, ReadBody, SendBody, StatusInfo,
+    EventsLagged, FileSettings, FileState, FileStoreInfo, GroupInfo, GroupSummary, InviteInfo,
+    InviteSummary, JoinBody, JoinRequestInfo, LAGGED_EVENT, MemberInfo, MessageInfo, NodeEvent,
+    PeerList, PinBody, ProfileBody, ProfileInfo, ReactBody, ReadBody, SendBody, StatusInfo,
 };
 
 /// Largest response body the client reads (history is at most 1000 messages of 64 KiB).
@@ -60,6 +60,9 @@ pub enum ClientError {
     /// The node's answer could not be understood.
     #[error("unexpected answer from the node: {0}")]
     Protocol(String),
+    /// A file on this machine could not be read or written.
+    #[error("{0}")]
+    Local(String),
     /// The node ended the live event stream (it is shutting down).
     #[error("the node closed the event stream (did it stop?)")]
     StreamEnded,
@@ -361,6 +364,113 @@ impl Client {
             let url = self.url(&["v1", "groups", group, "messages", id, "reactions", emoji])?;
             self.call(self.http.delete(url)).await
         }
+    }
+
+    /// `POST /v1/groups/{group}/files`: sends the file at `path` (read by this process and
+    /// streamed to the node) under `name`, with `caption`.
+    pub async fn send_file(
+        &self,
+        group: &str,
+        path: &Path,
+        name: &str,
+        caption: Option<&str>,
+    ) -> Result<MessageInfo, ClientError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| ClientError::Local(format!("cannot read {}: {e}", path.display())))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| ClientError::Local(format!("cannot read {}: {e}", path.display())))?
+            .len();
+        let mut url = self.url(&["v1", "groups", group, "files"])?;
+        url.query_pairs_mut().append_pair("name", name);
+        if let Some(c) = caption {
+            url.query_pairs_mut().append_pair("caption", c);
+        }
+        self.call(
+            self.http
+                .post(url)
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(reqwest::Body::from(file)),
+        )
+        .await
+    }
+
+    /// `POST /v1/groups/{group}/messages/{id}/file/download`: starts fetching the file of a
+    /// message.
+    pub async fn download(&self, group: &str, id: &str) -> Result<FileState, ClientError> {
+        let url = self.url(&["v1", "groups", group, "messages", id, "file", "download"])?;
+        self.call(self.http.post(url)).await
+    }
+
+    /// `DELETE /v1/groups/{group}/messages/{id}/file/download`: stops fetching it.
+    pub async fn cancel_download(&self, group: &str, id: &str) -> Result<FileState, ClientError> {
+        let url = self.url(&["v1", "groups", group, "messages", id, "file", "download"])?;
+        self.call(self.http.delete(url)).await
+    }
+
+    /// `PUT /v1/groups/{group}/messages/{id}/file/pin`.
+    pub async fn pin_file(
+        &self,
+        group: &str,
+        id: &str,
+        pinned: bool,
+    ) -> Result<FileState, ClientError> {
+        let url = self.url(&["v1", "groups", group, "messages", id, "file", "pin"])?;
+        self.call(self.http.put(url).json(&PinBody { pinned }))
+            .await
+    }
+
+    /// `GET /v1/files`.
+    pub async fn file_store(&self) -> Result<FileStoreInfo, ClientError> {
+        self.get(&["v1", "files"]).await
+    }
+
+    /// `PUT /v1/groups/{group}/files/settings`.
+    pub async fn set_file_settings(
+        &self,
+        group: &str,
+        body: &FileSettings,
+    ) -> Result<FileSettings, ClientError> {
+        let url = self.url(&["v1", "groups", group, "files", "settings"])?;
+        self.call(self.http.put(url).json(body)).await
+    }
+
+    /// `GET /v1/groups/{group}/messages/{id}/file`: writes the file's content to `out`
+    /// (which the caller names and renames); returns the bytes written.
+    pub async fn save_file(
+        &self,
+        group: &str,
+        id: &str,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<u64, ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let url = self.url(&["v1", "groups", group, "messages", id, "file"])?;
+        let mut response = self
+            .http
+            .get(url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(ClientError::from_reqwest)?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = read_body(response).await?;
+            return Err(api_error(status, &body));
+        }
+        let mut n = 0u64;
+        while let Some(chunk) = response.chunk().await.map_err(ClientError::from_reqwest)? {
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| ClientError::Local(format!("cannot write the file: {e}")))?;
+            n += chunk.len() as u64;
+        }
+        out.flush()
+            .await
+            .map_err(|e| ClientError::Local(format!("cannot write the file: {e}")))?;
+        Ok(n)
     }
 
     /// `POST /v1/groups/{group}/read`: this node read the group up to a message (the newest

@@ -697,6 +697,57 @@ pub struct FileInfo {
     pub state: FileState,
 }
 
+/// `POST /v1/groups/{group}/files` query: the body is the file's bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendFileQuery {
+    /// The file's name (only its last path component is kept, made safe).
+    pub name: String,
+    /// Words to send with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+}
+
+/// `PUT /v1/groups/{group}/files/settings` body and answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSettings {
+    /// Files up to this size posted in the group are fetched as soon as their message
+    /// arrives (0: never). In a request, `null` goes back to the node's `[files]` setting.
+    pub auto_download_bytes: Option<u64>,
+}
+
+/// `PUT …/messages/{id}/file/pin` body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinBody {
+    /// Keep the file when the file store needs room.
+    pub pinned: bool,
+}
+
+/// `GET /v1/files`: the file store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStoreInfo {
+    /// Bytes held or reserved for downloads.
+    pub used_bytes: u64,
+    /// The most it may use (`[files] quota_mib`).
+    pub quota_bytes: u64,
+    /// The files it knows, newest first.
+    pub files: Vec<StoredFile>,
+}
+
+/// A file in the file store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    /// File id.
+    pub id: String,
+    /// Groups it was posted in.
+    pub groups: Vec<String>,
+    /// Size in bytes.
+    pub size: u64,
+    /// This node sent it.
+    pub own: bool,
+    /// How much of it this node holds.
+    pub state: FileState,
+}
+
 /// How much of a file this node holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileState {
@@ -825,12 +876,24 @@ pub enum NodeEvent {
         /// The line to show the user.
         message: String,
     },
+    /// A file's download moved on: progress (at most about 4 a second per file), completion,
+    /// waiting for a holder, deletion.
+    FileProgress {
+        /// Group id.
+        group: String,
+        /// File id ([`FileInfo::id`]).
+        file: String,
+        /// How much of it this node holds now.
+        state: FileState,
+        /// Its size in bytes.
+        size: u64,
+    },
 }
 
 impl NodeEvent {
     /// Every value of [`NodeEvent::kind`]: the event names a client parses (others, from a
     /// newer node, it skips).
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "message",
         "group_joined",
         "epoch_changed",
@@ -842,6 +905,7 @@ impl NodeEvent {
         "read",
         "typing",
         "verification_lost",
+        "file_progress",
     ];
 
     /// The group the event concerns.
@@ -858,6 +922,7 @@ impl NodeEvent {
             | NodeEvent::Read { group, .. }
             | NodeEvent::Typing { group, .. } => group,
             NodeEvent::VerificationLost { group, .. } => group,
+            NodeEvent::FileProgress { group, .. } => group,
         }
     }
 
@@ -875,6 +940,7 @@ impl NodeEvent {
             NodeEvent::Read { .. } => "read",
             NodeEvent::Typing { .. } => "typing",
             NodeEvent::VerificationLost { .. } => "verification_lost",
+            NodeEvent::FileProgress { .. } => "file_progress",
         }
     }
 }

@@ -41,6 +41,7 @@ use crate::model::{
 };
 use crate::store::FailureReason;
 
+mod files;
 mod verify;
 
 /// Largest accepted request body.
@@ -149,6 +150,32 @@ fn build_router(engine: EngineHandle, token: &str, stop: watch::Receiver<bool>) 
         .route("/v1/profiles/{peer}", get(profile_of))
         .route("/v1/profiles/{peer}/avatar", get(avatar_of))
         .route("/v1/direct", post(start_direct))
+        .route(
+            "/v1/groups/{group}/files",
+            // The body is the file, streamed to disk within `[files] max_file_mib`.
+            post(files::send_file).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/groups/{group}/files/settings",
+            axum::routing::put(files::settings),
+        )
+        .route(
+            "/v1/groups/{group}/messages/{message}/file",
+            get(files::content),
+        )
+        .route(
+            "/v1/groups/{group}/messages/{message}/file/download",
+            post(files::download).delete(files::cancel),
+        )
+        .route(
+            "/v1/groups/{group}/messages/{message}/file/thumbnail",
+            get(files::thumbnail),
+        )
+        .route(
+            "/v1/groups/{group}/messages/{message}/file/pin",
+            axum::routing::put(files::pin),
+        )
+        .route("/v1/files", get(files::store))
         .route("/v1/join", post(join))
         .route("/v1/events", get(events))
         .route("/v1/net/peers", get(connected_peers))
@@ -233,6 +260,8 @@ impl From<EngineError> for ApiError {
                     (StatusCode::SERVICE_UNAVAILABLE, "storage_failing")
                 }
             },
+            EngineError::FileStoreFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "file_store_full"),
+            EngineError::NotDownloaded(_) => (StatusCode::CONFLICT, "not_downloaded"),
             EngineError::Internal(_) => {
                 tracing::error!(error = %message, "API request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")

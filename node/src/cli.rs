@@ -107,8 +107,15 @@ pub enum Command {
     Approve(DecideArgs),
     /// Deny a join request.
     Deny(DecideArgs),
-    /// Send a text message to a group (or a reply to one of its messages).
+    /// Send a text message to a group (or a reply to one of its messages), or a file or
+    /// picture with --file.
     Send(SendArgs),
+    /// Fetch the file of a message from the members that hold it, showing progress, and
+    /// save it (in the current directory unless --out).
+    Download(DownloadArgs),
+    /// The file store: what it holds, pinning, and a group's automatic download size.
+    #[command(subcommand)]
+    Files(FilesCommand),
     /// Put an emoji reaction on a message, or take it back with --remove.
     React(ReactArgs),
     /// Replace the text of one of your own messages (everyone sees it was edited).
@@ -492,12 +499,60 @@ pub struct SendArgs {
     /// Answer this message (id or unique prefix of 8+ hex characters).
     #[arg(long, value_name = "MESSAGE")]
     pub reply: Option<String>,
+    /// Send this file (any file; pictures get their dimensions and a thumbnail); the text,
+    /// if any, is its caption.
+    #[arg(long, value_name = "PATH", conflicts_with = "reply")]
+    pub file: Option<PathBuf>,
     /// The message; several words are joined with spaces.
-    #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(required_unless_present = "file", num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
     pub text: Vec<String>,
     /// Print the API's JSON answer instead of nothing.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `kith download`.
+#[derive(Debug, Clone, Args)]
+pub struct DownloadArgs {
+    /// Group id, unique id prefix or exact name.
+    pub group: String,
+    /// The message with the file (id or unique prefix of 8+ hex characters).
+    pub message: String,
+    /// Where to save it: a directory (the file keeps its name; ` (1)` is added if taken)
+    /// or a new file's path [default: the current directory].
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+    /// Start the download in the node and return at once (it goes on in the background).
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print the file's state as JSON instead of progress and a saved path.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kith files …`.
+#[derive(Debug, Subcommand)]
+pub enum FilesCommand {
+    /// List the files the store holds, how much of each, and the space used.
+    List(JsonArg),
+    /// Keep a message's file when the store needs room (or no longer, with --off).
+    Pin {
+        /// Group id, unique id prefix or exact name.
+        group: String,
+        /// The message with the file.
+        message: String,
+        /// Stop keeping it.
+        #[arg(long)]
+        off: bool,
+    },
+    /// Set the size up to which files posted in a group are fetched as soon as they
+    /// arrive (e.g. `10MiB`, `0` for never, `default` for `[files] auto_download_kib`).
+    Auto {
+        /// Group id, unique id prefix or exact name.
+        group: String,
+        /// A size (`B`, `KiB`, `MiB`, `GiB` suffixes), `0`, or `default`.
+        size: String,
+    },
 }
 
 /// `kith history`.
@@ -737,6 +792,29 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
                 short_peer(&r.peer)
             ))
         }
+        Command::Send(SendArgs {
+            group,
+            file: Some(path),
+            text,
+            json,
+            ..
+        }) => {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| CliError::Local(format!("{} is not a file", path.display())))?;
+            let caption = text.join(" ");
+            let caption = (!caption.is_empty()).then_some(caption);
+            let m = connect()?
+                .send_file(group, path, &name, caption.as_deref())
+                .await?;
+            if *json {
+                return print_json(&m);
+            }
+            out(&format_message(&m, Some(&m.sender), false))
+        }
+        Command::Download(args) => download_command(&connect()?, args).await,
+        Command::Files(cmd) => files_command(&connect()?, cmd).await,
         Command::Send(args) => {
             let text = args.text.join(" ");
             let message = connect()?
@@ -1597,6 +1675,223 @@ pub fn format_message_named(
     }
 }
 
+/// `kith download`.
+async fn download_command(client: &Client, args: &DownloadArgs) -> Result<(), CliError> {
+    use kith_client::model::FileStatus;
+    let m = client.message(&args.group, &args.message).await?;
+    let MessageBody::File { file } = &m.body else {
+        return Err(CliError::Local(if m.deleted {
+            "that message was deleted; its file is gone".to_owned()
+        } else {
+            "that message has no file".to_owned()
+        }));
+    };
+    // Listen before starting, so no progress is missed.
+    let mut events = client.events(Some(&m.group)).await?;
+    let mut state = client.download(&args.group, &args.message).await?;
+    if args.json && args.no_wait {
+        return print_json(&state);
+    }
+    if args.no_wait {
+        return out(&format!(
+            "fetching {} ({}) in the background; `kith download {} {}` saves it when done",
+            clean(&file.name),
+            kith_client::text::human_bytes(file.size),
+            args.group,
+            short_id(&m.id)
+        ));
+    }
+    let bar = indicatif::ProgressBar::new(file.size);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(clean(&file.name));
+    let mut told_waiting = false;
+    while state.status != FileStatus::Complete {
+        bar.set_position(state.have_bytes);
+        match state.status {
+            FileStatus::Deleted => {
+                bar.abandon();
+                return Err(CliError::Local(
+                    "the file's message was deleted while it was being fetched".into(),
+                ));
+            }
+            FileStatus::Waiting if !told_waiting => {
+                bar.println("no member that has it is online; waiting (Ctrl-C stops waiting, the node keeps trying)");
+                told_waiting = true;
+            }
+            _ => {}
+        }
+        match events.next().await? {
+            Some(LiveEvent::Event(NodeEvent::FileProgress {
+                file: f, state: s, ..
+            })) if f == file.id => {
+                state = s;
+            }
+            Some(LiveEvent::Lagged(_)) => {
+                state = client.download(&args.group, &args.message).await?;
+            }
+            Some(_) => {}
+            None => return Err(CliError::Client(ClientError::StreamEnded)),
+        }
+    }
+    bar.finish_and_clear();
+    if args.json {
+        return print_json(&state);
+    }
+    let target = match &args.out {
+        Some(p) if p.is_dir() => crate::files::store::unique_path(p, &file.name),
+        Some(p) => p.clone(),
+        None => crate::files::store::unique_path(Path::new("."), &file.name),
+    };
+    let part = target.with_extension(format!(
+        "{}kith-part",
+        target
+            .extension()
+            .map(|e| format!("{}.", e.to_string_lossy()))
+            .unwrap_or_default()
+    ));
+    let mut f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&part)
+        .await
+        .map_err(|e| CliError::Local(format!("cannot create {}: {e}", part.display())))?;
+    let written = client.save_file(&args.group, &args.message, &mut f).await;
+    let done = match written {
+        Ok(n) if n == file.size => f
+            .sync_all()
+            .await
+            .map_err(|e| CliError::Local(format!("cannot write {}: {e}", part.display()))),
+        Ok(n) => Err(CliError::Local(format!(
+            "the node sent {n} of {} bytes; try again",
+            file.size
+        ))),
+        Err(e) => Err(e.into()),
+    };
+    drop(f);
+    if let Err(e) = done {
+        let _ = std::fs::remove_file(&part);
+        return Err(e);
+    }
+    if target.exists() {
+        let _ = std::fs::remove_file(&part);
+        return Err(CliError::Local(format!(
+            "{} exists already; not overwriting it",
+            target.display()
+        )));
+    }
+    std::fs::rename(&part, &target)
+        .map_err(|e| CliError::Local(format!("cannot save {}: {e}", target.display())))?;
+    out(&format!(
+        "saved {} ({}) to {}",
+        clean(&file.name),
+        kith_client::text::human_bytes(file.size),
+        target.display()
+    ))
+}
+
+/// Parses `10MiB`, `512KiB`, `1.5GiB`, `2048`, `0`.
+fn parse_size(s: &str) -> Result<u64, CliError> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => {
+            return Err(CliError::Local(format!(
+                "'{}' is not a size (e.g. 10MiB)",
+                clean(s)
+            )));
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| CliError::Local(format!("'{}' is not a size (e.g. 10MiB)", clean(s))))?;
+    if !n.is_finite() || n < 0.0 || n * mult as f64 > 1e15 {
+        return Err(CliError::Local(format!("'{}' is out of range", clean(s))));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+/// `kith files …`.
+async fn files_command(client: &Client, cmd: &FilesCommand) -> Result<(), CliError> {
+    use kith_client::text::human_bytes;
+    match cmd {
+        FilesCommand::List(a) => {
+            let info = client.file_store().await?;
+            if a.json {
+                return print_json(&info);
+            }
+            let mut lines = vec![format!(
+                "file store: {} of {} used, {} files",
+                human_bytes(info.used_bytes),
+                human_bytes(info.quota_bytes),
+                info.files.len()
+            )];
+            for f in &info.files {
+                let status = format!("{:?}", f.state.status).to_ascii_lowercase();
+                lines.push(format!(
+                    "{}  {:>10}  {:<11}{}{}",
+                    short_id(&f.id),
+                    human_bytes(f.size),
+                    status,
+                    if f.own { "  sent by you" } else { "" },
+                    if f.state.pinned { "  pinned" } else { "" },
+                ));
+            }
+            out(&lines.join(
+                "
+",
+            ))
+        }
+        FilesCommand::Pin {
+            group,
+            message,
+            off,
+        } => {
+            client.pin_file(group, message, !off).await?;
+            out(if *off {
+                "the file may be removed when the store needs room"
+            } else {
+                "the file is kept when the store needs room"
+            })
+        }
+        FilesCommand::Auto { group, size } => {
+            let limit = if size.trim().eq_ignore_ascii_case("default") {
+                None
+            } else {
+                Some(parse_size(size)?)
+            };
+            let now = client
+                .set_file_settings(
+                    group,
+                    &kith_client::model::FileSettings {
+                        auto_download_bytes: limit,
+                    },
+                )
+                .await?;
+            let n = now.auto_download_bytes.unwrap_or(0);
+            out(&if n == 0 {
+                "files in this group are fetched only with `kith download`".to_owned()
+            } else {
+                format!(
+                    "files up to {} in this group are fetched as soon as they arrive",
+                    human_bytes(n)
+                )
+            })
+        }
+    }
+}
+
 /// A file in a message line: `[file] name (size, type[, W×H]) status`.
 pub fn format_file(f: &kith_client::model::FileInfo) -> String {
     use kith_client::model::FileStatus;
@@ -1772,6 +2067,44 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("0").unwrap(), 0);
+        assert_eq!(parse_size("2048").unwrap(), 2048);
+        assert_eq!(parse_size("10MiB").unwrap(), 10 << 20);
+        assert_eq!(parse_size("512 KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn file_lines_say_what_and_how_far() {
+        use kith_client::model::{FileInfo, FileState, FileStatus};
+        let mut f = FileInfo {
+            id: "ab".repeat(32),
+            name: "photo\u{202E}.jpg".into(),
+            size: 4 << 20,
+            mime: "image/jpeg".into(),
+            caption: String::new(),
+            width: Some(640),
+            height: Some(480),
+            thumbnail: true,
+            state: FileState {
+                status: FileStatus::Downloading,
+                have_bytes: 1 << 20,
+                pinned: false,
+            },
+        };
+        assert_eq!(
+            format_file(&f),
+            "[file] photo\u{FFFD}.jpg (4.0 MiB, image/jpeg, 640\u{00D7}480) - downloading 25%"
+        );
+        f.state.status = FileStatus::Complete;
+        assert!(format_file(&f).ends_with("480)"));
     }
 
     #[test]

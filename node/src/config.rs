@@ -155,6 +155,83 @@ pub struct Config {
     pub nat: NatConfig,
     /// Read receipts, typing notices, direct chats (`[chat]`).
     pub chat: ChatConfig,
+    /// Files: sizes, automatic download, the file store's quota (`[files]`).
+    pub files: FilesConfig,
+}
+
+/// Largest `files.max_file_mib` (4 GiB, the protocol's limit).
+pub const MAX_FILE_MIB: u64 = kith_protocol::files::MAX_FILE_BYTES >> 20;
+
+/// `[files]` in `config.toml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Largest file this node sends, MiB (1 to [`MAX_FILE_MIB`]; default 100).
+    pub max_file_mib: u64,
+    /// Files up to this size are fetched as soon as their message arrives, KiB (0: never;
+    /// default 10240, 10 MiB). Per group: `kith group files GROUP --auto KIB`.
+    pub auto_download_kib: u64,
+    /// Space the file store may use, MiB (default 2048); the oldest unpinned files are
+    /// removed to make room.
+    pub quota_mib: u64,
+    /// Most bytes per second this node fetches, KiB/s (0: no limit, the default).
+    pub download_kib_per_sec: u64,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        FilesConfig {
+            max_file_mib: 100,
+            auto_download_kib: 10 * 1024,
+            quota_mib: 2048,
+            download_kib_per_sec: 0,
+        }
+    }
+}
+
+impl FilesConfig {
+    fn validate(&self) -> Result<crate::files::FilePolicy, ConfigError> {
+        let bad = |field, value: u64, reason: String| ConfigError::InvalidField {
+            field,
+            value: value.to_string(),
+            reason,
+        };
+        if !(1..=MAX_FILE_MIB).contains(&self.max_file_mib) {
+            return Err(bad(
+                "files.max_file_mib",
+                self.max_file_mib,
+                format!("must be 1 to {MAX_FILE_MIB} MiB"),
+            ));
+        }
+        if self.quota_mib < 1 || self.quota_mib > 1 << 24 {
+            return Err(bad(
+                "files.quota_mib",
+                self.quota_mib,
+                "must be 1 to 16777216 MiB".into(),
+            ));
+        }
+        if self.auto_download_kib > MAX_FILE_MIB << 10 {
+            return Err(bad(
+                "files.auto_download_kib",
+                self.auto_download_kib,
+                format!("must be at most {} KiB", MAX_FILE_MIB << 10),
+            ));
+        }
+        if self.download_kib_per_sec > 1 << 30 {
+            return Err(bad(
+                "files.download_kib_per_sec",
+                self.download_kib_per_sec,
+                "must be at most 1073741824 KiB/s (0: no limit)".into(),
+            ));
+        }
+        Ok(crate::files::FilePolicy {
+            max_file_bytes: self.max_file_mib << 20,
+            auto_download_bytes: self.auto_download_kib << 10,
+            quota_bytes: self.quota_mib << 20,
+            download_bytes_per_sec: self.download_kib_per_sec << 10,
+            corrupt_served: false,
+        })
+    }
 }
 
 /// `[chat]` in `config.toml`: which chat notices this node sends and shows. Both notices
@@ -397,6 +474,7 @@ impl Default for Config {
         Config {
             network: DEFAULT_NETWORK.to_owned(),
             chat: ChatConfig::default(),
+            files: FilesConfig::default(),
             listen: vec![
                 format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"),
                 format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1"),
@@ -469,6 +547,8 @@ pub struct NodeConfig {
     pub nat: crate::net::NatSettings,
     /// Chat notices.
     pub chat: crate::engine::ChatPolicy,
+    /// Files: sizes, automatic download, quota.
+    pub files: crate::files::FilePolicy,
     /// How long past epochs' secrets are kept after this node left them: always
     /// [`kith_protocol::group::PAST_EPOCH_TTL`] from a config file; tests shorten it.
     pub past_epoch_ttl: std::time::Duration,
@@ -624,7 +704,9 @@ impl Config {
         let retention = self.retention.validate()?;
         let update_policy = self.keys.validate()?;
         let nat = self.nat.validate()?;
+        let files = self.files.validate()?;
         Ok(NodeConfig {
+            files,
             network: self.network.clone(),
             listen,
             bootstrap,
@@ -761,7 +843,24 @@ relay_circuit_kib = {relay_kib}
 read_receipts = {receipts}
 typing = {typing}
 accept_direct = {accept_direct}
+
+# Files and pictures (`kith send GROUP --file PATH`). max_file_mib: the largest file this
+# node sends (1 to {max_file}). Files up to auto_download_kib are fetched as soon as their
+# message arrives (0: only with `kith download`; per group: `kith group files`). The file
+# store keeps what this node sent and fetched, and serves it to the group's members, within
+# quota_mib: the oldest unpinned files are removed to make room. download_kib_per_sec
+# limits fetching (0: no limit). File only.
+[files]
+max_file_mib = {file_mib}
+auto_download_kib = {auto_kib}
+quota_mib = {quota}
+download_kib_per_sec = {rate}
 "#,
+            max_file = MAX_FILE_MIB,
+            file_mib = d.files.max_file_mib,
+            auto_kib = d.files.auto_download_kib,
+            quota = d.files.quota_mib,
+            rate = d.files.download_kib_per_sec,
             network = quote(network),
             port = DEFAULT_PORT,
             listen = list(&d.listen),

@@ -57,6 +57,7 @@ use crate::sync::{MAX_SCAN_ENVELOPES, SYNC_INTERVAL, SyncLimiter};
 mod chat;
 mod commit;
 mod disk;
+pub(crate) mod files;
 mod handle;
 mod ingest;
 mod join_client;
@@ -67,6 +68,7 @@ mod verify;
 mod views;
 
 pub use chat::{ChatPolicy, DIRECT_GROUP_NAME, TYPING_INTERVAL_MS, history_view, person};
+pub use files::files_error;
 pub use views::message_info;
 use views::*;
 
@@ -161,6 +163,13 @@ pub enum EngineError {
         /// The data directory.
         dir: std::path::PathBuf,
     },
+    /// The file store has no room for the file, even after removing every unpinned file
+    /// it may remove (HTTP 507).
+    #[error("{0}")]
+    FileStoreFull(String),
+    /// The file is not held in full yet (HTTP 409).
+    #[error("{0}")]
+    NotDownloaded(String),
     /// Anything else: a storage or MLS failure, logged by the node (HTTP 500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -268,6 +277,8 @@ pub struct EngineHandle {
     metrics: Arc<KithMetrics>,
     /// The store's health, read by [`EngineHandle::status`] without asking the actor.
     health: HealthView,
+    /// The file service.
+    files: crate::files::Files,
 }
 
 impl EngineHandle {}
@@ -302,6 +313,8 @@ pub struct EngineSettings {
     pub past_epoch_ttl: Duration,
     /// Which chat notices to send and show.
     pub chat: ChatPolicy,
+    /// What this node does with files.
+    pub files: crate::files::FilePolicy,
 }
 
 /// The one group among `groups` (id, name) that `query` names: its full id, a unique id
@@ -334,10 +347,13 @@ pub(crate) fn resolve_group<'a>(
 }
 
 /// Opens the group state from `store`, subscribes to every group, and starts the actor thread
-/// consuming `net_events`. The engine counts what it does in `metrics`. Must be called
-/// inside a tokio runtime.
+/// consuming `net_events`, with the file service on `blobs` (spooling uploads in `spool`).
+/// The engine counts what it does in `metrics`. Must be called inside a tokio runtime.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     store: Store,
+    blobs: crate::files::BlobStore,
+    spool: std::path::PathBuf,
     keypair: &Keypair,
     settings: EngineSettings,
     net: NetHandle,
@@ -350,6 +366,7 @@ pub fn start(
         update_policy,
         past_epoch_ttl,
         chat,
+        files: file_policy,
     } = settings;
     let identity = Identity::new(keypair)?;
     let peer_id = identity.peer_id();
@@ -363,7 +380,17 @@ pub fn start(
     groups.begin_catch_up_all(now_ms());
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let files = crate::files::Files::start(
+        blobs,
+        spool,
+        net.clone(),
+        peer_id,
+        file_policy,
+        metrics.clone(),
+        events.clone(),
+    );
     let handle = EngineHandle {
+        files: files.clone(),
         tx: tx.clone(),
         events: events.clone(),
         net: net.clone(),
@@ -374,8 +401,22 @@ pub fn start(
     };
     // Forward network events and timer ticks into the actor's single input queue.
     let fwd = tx.clone();
+    let fwd_files = files.clone();
     tokio::spawn(async move {
         while let Some(ev) = net_events.recv().await {
+            // File requests go straight to the file service: they are many, and answering
+            // one needs no group state beyond the members list.
+            let ev = match ev {
+                NetEvent::InboundFile {
+                    peer,
+                    request,
+                    token,
+                } => {
+                    fwd_files.on_inbound(peer, request, token);
+                    continue;
+                }
+                ev => ev,
+            };
             if fwd.send(Input::Net(ev)).await.is_err() {
                 break;
             }
@@ -415,6 +456,7 @@ pub fn start(
         chat,
         typing_sent: HashMap::new(),
         reported_key_changes: HashSet::new(),
+        files,
     };
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
@@ -424,6 +466,11 @@ pub fn start(
             for v in actor.groups.groups() {
                 actor.update_gauges(v.meta.id, v.epoch, v.members.len());
             }
+            let ids: Vec<GroupId> = actor.groups.groups().iter().map(|v| v.meta.id).collect();
+            for g in ids {
+                actor.share_members(g);
+            }
+            actor.sweep_gone_files();
             actor.rendezvous();
             actor.run(rx)
         })
@@ -516,6 +563,8 @@ pub struct Actor {
     /// Verified names seen under a new key and reported in this run: (group, member,
     /// verified PeerId); see `Actor::check_verifications`.
     reported_key_changes: HashSet<(GroupId, PeerId, PeerId)>,
+    /// The file service.
+    files: crate::files::Files,
 }
 
 impl Actor {
@@ -608,6 +657,7 @@ impl Actor {
                     self.expire_past_epochs();
                     self.resend_tick();
                     self.flush();
+                    self.sweep_gone_files();
                 }
                 Input::Prune => self.prune(),
                 Input::SyncGroup(group) => self.sync_input(sched::Input::Sync {

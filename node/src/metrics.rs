@@ -270,8 +270,67 @@ pub struct KithMetrics {
     join_requests: [Counter; JoinRequestResult::ALL.len()],
     invites_created: Counter,
     sync_bytes: FrameBytes,
+    file_bytes: FrameBytes,
+    files: FileCounters,
     store_write_failures: [Counter; FailureReason::ALL.len()],
     store_failing: Gauge,
+}
+
+/// What the node's file transfer counts (`kith_file_*`).
+#[derive(Debug, Clone, Default)]
+pub struct FileCounters {
+    /// Files this node sent.
+    pub sent: Counter,
+    /// Chunks fetched from other members that checked.
+    pub chunks_fetched: Counter,
+    /// Chunks served to other members.
+    pub chunks_served: Counter,
+    /// Answers from holders that did not check (the holder was dropped for that file).
+    pub bad_answers: Counter,
+    /// File requests refused (not a member, unknown file, rate limit).
+    pub refused: Counter,
+    /// Downloads that completed.
+    pub completed: Counter,
+    /// Bytes the file store holds or has reserved.
+    pub store_bytes: Gauge,
+}
+
+impl FileCounters {
+    fn register(r: &mut Registry) -> FileCounters {
+        let f = FileCounters::default();
+        r.register("files_sent", "Files this node sent", f.sent.clone());
+        r.register(
+            "file_chunks_fetched",
+            "File chunks fetched from other members that checked against their manifest",
+            f.chunks_fetched.clone(),
+        );
+        r.register(
+            "file_chunks_served",
+            "File chunks served to other members",
+            f.chunks_served.clone(),
+        );
+        r.register(
+            "file_bad_answers",
+            "Answers of file holders that did not check (that holder is dropped for the file)",
+            f.bad_answers.clone(),
+        );
+        r.register(
+            "file_requests_refused",
+            "File requests refused: not a member, file not posted in that group, or rate limit",
+            f.refused.clone(),
+        );
+        r.register(
+            "file_downloads_completed",
+            "File downloads that completed",
+            f.completed.clone(),
+        );
+        r.register(
+            "file_store_bytes",
+            "Bytes the file store holds or has reserved for downloads",
+            f.store_bytes.clone(),
+        );
+        f
+    }
 }
 
 /// Registers a counter family with one child per label value and returns the children.
@@ -427,6 +486,32 @@ impl KithMetrics {
             request_received,
             response_sent,
         };
+        let [
+            request_sent,
+            response_received,
+            request_received,
+            response_sent,
+        ] = counters(
+            r,
+            "file_bytes",
+            "Bytes of file protocol frames (/kith/file/1.0.0, length prefix included), by \
+             direction: request_sent and response_received when this node fetches, \
+             request_received and response_sent when it serves others",
+            [
+                "request_sent",
+                "response_received",
+                "request_received",
+                "response_sent",
+            ]
+            .map(|direction| DirectionLabel { direction }),
+        );
+        let file_bytes = FrameBytes {
+            request_sent,
+            response_received,
+            request_received,
+            response_sent,
+        };
+        let files = FileCounters::register(r);
         let store_write_failures = counters(
             r,
             "store_write_failures",
@@ -459,6 +544,8 @@ impl KithMetrics {
             join_requests,
             invites_created,
             sync_bytes,
+            file_bytes,
+            files,
             store_write_failures,
             store_failing,
         }
@@ -467,6 +554,16 @@ impl KithMetrics {
     /// The history sync frame counters, for the network task's codec.
     pub fn sync_bytes(&self) -> FrameBytes {
         self.sync_bytes.clone()
+    }
+
+    /// The file protocol frame counters, for the network task's codec.
+    pub fn file_bytes(&self) -> FrameBytes {
+        self.file_bytes.clone()
+    }
+
+    /// The file counters.
+    pub fn files(&self) -> &FileCounters {
+        &self.files
     }
 
     /// Counts a text message sent by this node.

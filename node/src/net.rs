@@ -3,7 +3,7 @@
 //! Behaviours: gossipsub (one topic per group; anonymous, content-addressed, validated by the
 //! engine), Kademlia on `/kith/kad/1.0.0` (peer routing and member rendezvous through provider
 //! records), identify, ping, request-response for joining (`/kith/join/1.0.0`) and for
-//! history sync (`/kith/sync/1.0.0`), optional mDNS, and a block list (connection gating, e.g. for partition tests without root).
+//! history sync (`/kith/sync/1.0.0`) and for fetching file chunks (`/kith/file/1.0.0`), optional mDNS, and a block list (connection gating, e.g. for partition tests without root).
 //! Transports: TCP and QUIC, with Noise and Yamux on TCP, and circuit relay v2 circuits.
 //!
 //! Reaching nodes behind NAT (see [`reach`]): AutoNAT v2 (client and server) confirms which
@@ -30,6 +30,9 @@ use std::time::Duration;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use kith_protocol::envelope::{
     JoinRequest, JoinResponse, MAX_ENVELOPE_BYTES, MAX_JOIN_REQUEST_BYTES, MAX_JOIN_RESPONSE_BYTES,
+};
+use kith_protocol::files::{
+    FileRequest, FileResponse, MAX_FILE_REQUEST_BYTES, MAX_FILE_RESPONSE_BYTES,
 };
 use kith_protocol::ids::{MessageId, TopicId};
 use kith_protocol::sync::{
@@ -68,6 +71,14 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/kad/1.0.0");
 pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/join/1.0.0");
 /// History sync request-response protocol name.
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/sync/1.0.0");
+/// File chunk request-response protocol name.
+pub const FILE_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/file/1.0.0");
+/// How long one file request (a chunk, a manifest) may take, dialling included.
+pub const FILE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Inbound file requests being answered at once, at most.
+const MAX_PENDING_FILE_INBOUND: usize = 128;
+/// Outbound file requests in flight, at most.
+const MAX_PENDING_FILE_OUTBOUND: usize = 256;
 /// Identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/kith/id/1.0.0";
 /// How long a join request may take, dialling included.
@@ -142,6 +153,8 @@ pub struct NetConfig {
     pub heartbeat: Duration,
     /// Counters of the history sync protocol's frame bytes.
     pub sync_bytes: FrameBytes,
+    /// Counters of the file protocol's frame bytes.
+    pub file_bytes: FrameBytes,
     /// NAT traversal: relay service, reservations, UPnP.
     pub nat: NatSettings,
 }
@@ -265,6 +278,15 @@ pub enum NetEvent {
         /// Token to answer with.
         token: u64,
     },
+    /// A member asks for part of a file; answer with [`NetHandle::respond_file`].
+    InboundFile {
+        /// The requester (authenticated by the transport).
+        peer: PeerId,
+        /// The decoded, bound-checked request.
+        request: FileRequest,
+        /// Token to answer with.
+        token: u64,
+    },
     /// A first connection to a peer was established.
     PeerConnected {
         /// The peer.
@@ -338,6 +360,15 @@ enum Command {
     RespondSync {
         token: u64,
         response: SyncResponse,
+    },
+    File {
+        peer: PeerId,
+        request: FileRequest,
+        reply: oneshot::Sender<Result<FileResponse, NetError>>,
+    },
+    RespondFile {
+        token: u64,
+        response: FileResponse,
     },
     Provide([u8; 32]),
     StopProviding([u8; 32]),
@@ -444,6 +475,24 @@ impl NetHandle {
         })
         .await?;
         rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Sends one file request to `peer` (dialled if needed, at addresses the DHT or
+    /// identify know) and waits for the answer.
+    pub async fn file(&self, peer: PeerId, request: FileRequest) -> Result<FileResponse, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::File {
+            peer,
+            request,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Answers an inbound file request.
+    pub async fn respond_file(&self, token: u64, response: FileResponse) -> Result<(), NetError> {
+        self.send(Command::RespondFile { token, response }).await
     }
 
     /// Announces this node as a provider of `key` in the DHT (engine thread).
@@ -572,6 +621,8 @@ wire_message!(
 );
 wire_message!(SyncRequest, MAX_SYNC_REQUEST_BYTES, SyncRequest::encode);
 wire_message!(SyncResponse, MAX_SYNC_RESPONSE_BYTES, SyncResponse::encode);
+wire_message!(FileRequest, MAX_FILE_REQUEST_BYTES, FileRequest::encode);
+wire_message!(FileResponse, MAX_FILE_RESPONSE_BYTES, FileResponse::encode);
 
 /// Length-prefixed codec for Kith's request-response protocols: a 4-byte big-endian
 /// length, then the message. A length above the message type's limit is refused before
@@ -623,6 +674,8 @@ const FRAME_PREFIX_BYTES: u64 = 4;
 pub type JoinCodec = FramedCodec<JoinRequest, JoinResponse>;
 /// The history sync protocol's codec.
 pub type SyncCodec = FramedCodec<SyncRequest, SyncResponse>;
+/// The file protocol's codec.
+pub type FileCodec = FramedCodec<FileRequest, FileResponse>;
 
 async fn read_frame<T: futures::AsyncRead + Unpin + Send>(
     io: &mut T,
@@ -834,6 +887,7 @@ struct Behaviour {
     ping: ping::Behaviour,
     join: request_response::Behaviour<JoinCodec>,
     sync: request_response::Behaviour<SyncCodec>,
+    file: request_response::Behaviour<FileCodec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
     relay_client: relay::client::Behaviour,
     relay: Toggle<relay::Behaviour>,
@@ -896,6 +950,13 @@ fn behaviour(
             .with_request_timeout(SYNC_TIMEOUT)
             .with_max_concurrent_streams(MAX_PENDING_SYNC_INBOUND),
     );
+    let file = request_response::Behaviour::with_codec(
+        FileCodec::counted(cfg.file_bytes.clone()),
+        [(FILE_PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(FILE_TIMEOUT)
+            .with_max_concurrent_streams(MAX_PENDING_FILE_INBOUND),
+    );
     let mdns = if cfg.mdns {
         Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
     } else {
@@ -916,6 +977,7 @@ fn behaviour(
         ),
         join,
         sync,
+        file,
         mdns: Toggle::from(mdns),
         relay_client,
         relay: Toggle::from(
@@ -1057,6 +1119,7 @@ pub fn spawn(
         events: ev_tx,
         join: Exchange::new("join", MAX_PENDING_INBOUND, MAX_PENDING_OUTBOUND),
         sync: Exchange::new("sync", MAX_PENDING_SYNC_INBOUND, MAX_PENDING_SYNC_OUTBOUND),
+        file: Exchange::new("file", MAX_PENDING_FILE_INBOUND, MAX_PENDING_FILE_OUTBOUND),
         next_token: 0,
         listen_addrs: Vec::new(),
         bootstrapped: !cfg.bootstrap.is_empty() || !cfg.known_peers.is_empty(),
@@ -1092,6 +1155,7 @@ struct NetTask {
     join: Exchange<JoinResponse>,
     /// Sync requests awaiting a page, both ways.
     sync: Exchange<SyncResponse>,
+    file: Exchange<FileResponse>,
     next_token: u64,
     listen_addrs: Vec<Multiaddr>,
     bootstrapped: bool,
@@ -1308,6 +1372,24 @@ impl NetTask {
                     && b.sync.send_response(ch, response).is_err()
                 {
                     tracing::debug!("sync requester went away before the answer");
+                }
+            }
+            Command::File {
+                peer,
+                request,
+                reply,
+            } => {
+                let Some(reply) = self.file.admit_outbound(reply) else {
+                    return;
+                };
+                let id = b.file.send_request(&peer, request);
+                self.file.outbound.insert(id, reply);
+            }
+            Command::RespondFile { token, response } => {
+                if let Some(ch) = self.file.take_inbound(token)
+                    && b.file.send_response(ch, response).is_err()
+                {
+                    tracing::debug!("file requester went away before the answer");
                 }
             }
             Command::Provide(key) => {
@@ -1785,6 +1867,15 @@ impl NetTask {
             BehaviourEvent::Kad(_) => {}
             BehaviourEvent::Join(ev) => self.on_join_event(ev),
             BehaviourEvent::Sync(ev) => self.on_sync_event(ev),
+            BehaviourEvent::File(ev) => {
+                if let Some((peer, request, token)) = self.file.on_event(ev, &mut self.next_token) {
+                    self.emit(NetEvent::InboundFile {
+                        peer,
+                        request,
+                        token,
+                    });
+                }
+            }
             BehaviourEvent::Block(never) => match never {},
         }
     }

@@ -70,6 +70,9 @@ pub enum StartError {
     /// `KITH_CRASH_AT` (crash tests only) is set to something unusable.
     #[error(transparent)]
     CrashPoint(#[from] crate::crashpoint::CrashPointError),
+    /// The file store (`files/` in the data directory) could not be opened.
+    #[error("cannot open the file store: {0}")]
+    Files(crate::files::BlobError),
 }
 
 /// A node that is up.
@@ -146,12 +149,18 @@ pub async fn start_with(opts: NodeOptions, recovery: Recovery) -> Result<Running
             mdns: config.mdns,
             heartbeat,
             sync_bytes: kith_metrics.sync_bytes(),
+            file_bytes: kith_metrics.file_bytes(),
             nat: config.nat.clone(),
         },
         metrics_listener.as_ref().map(|_| &mut registry),
     )?;
+    let files_dir = data_dir.join("files");
+    let blobs = crate::files::BlobStore::open(&files_dir, config.files.quota_bytes)
+        .map_err(StartError::Files)?;
     let (engine, engine_task) = engine::start(
         store,
+        blobs,
+        files_dir.join("tmp"),
         &keypair,
         engine::EngineSettings {
             network: config.network.clone(),
@@ -159,6 +168,7 @@ pub async fn start_with(opts: NodeOptions, recovery: Recovery) -> Result<Running
             update_policy: config.update_policy,
             past_epoch_ttl: config.past_epoch_ttl,
             chat: config.chat,
+            files: config.files,
         },
         net.clone(),
         net_events,

@@ -58,6 +58,7 @@ impl TestNode {
             update_policy: Default::default(),
             nat: crate::net::NatSettings::default(),
             past_epoch_ttl: kith_protocol::group::PAST_EPOCH_TTL,
+            files: Default::default(),
             chat: Default::default(),
         };
         adjust(&mut config);

@@ -1346,3 +1346,123 @@ fn golden_signed_profile_bytes() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------------------------
+
+/// The sample file of the file golden vectors: 40,000 bytes `i % 251`, in 16 KiB chunks
+/// (three: 16384, 16384, 7232 bytes), sealed under the key `07`×32.
+fn golden_file() -> (kith_protocol::files::Layout, Vec<Vec<u8>>) {
+    use kith_protocol::files::{Layout, MIN_CHUNK_BYTES, seal_chunk};
+    let data: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+    let layout = Layout::new(data.len() as u64, MIN_CHUNK_BYTES).unwrap();
+    let chunks = (0..layout.chunks())
+        .map(|i| {
+            let start = layout.offset(i) as usize;
+            let mut buf = data[start..start + layout.plain_len(i) as usize].to_vec();
+            seal_chunk(&[7; 32], &layout, i, &mut buf).unwrap();
+            buf
+        })
+        .collect();
+    (layout, chunks)
+}
+
+#[test]
+fn golden_file_chunks_leaves_and_id() {
+    use kith_protocol::files::{check_manifest, leaf, open_chunk, root};
+    let (layout, chunks) = golden_file();
+    assert_eq!(
+        chunks.iter().map(Vec::len).collect::<Vec<_>>(),
+        [16400, 16400, 7248]
+    );
+    // The first 16 sealed bytes and the tag of chunk 0 pin the cipher, key, nonce and AAD.
+    assert_eq!(hex(&chunks[0][..16]), GOLDEN_CHUNK0_HEAD);
+    assert_eq!(hex(&chunks[0][16384..]), GOLDEN_CHUNK0_TAG);
+    let leaves: Vec<[u8; 32]> = chunks.iter().map(|c| leaf(c)).collect();
+    assert_eq!(hex(&leaves[0]), GOLDEN_LEAF0);
+    let id = root(&layout, &leaves);
+    assert_eq!(id.to_string(), GOLDEN_FILE_ID);
+    check_manifest(&id, &layout, &leaves).unwrap();
+    let mut last = chunks[2].clone();
+    open_chunk(&[7; 32], &layout, 2, &mut last).unwrap();
+    assert_eq!(last[0], (32768 % 251) as u8);
+}
+
+#[test]
+fn golden_file_messages() {
+    use kith_protocol::chat::{Chat, ChatV1, ImageFormat};
+    use kith_protocol::files::{
+        CHUNK_BYTES, FileRef, FileRequest, FileRequestV1, FileResponse, FileResponseV1, FileWant,
+        ImageInfo, Thumbnail,
+    };
+    use kith_protocol::ids::FileId;
+    let file = FileRef {
+        id: FileId([0x11; 32]),
+        key: [0x22; 32],
+        size: 300_000,
+        chunk_bytes: CHUNK_BYTES,
+        name: "a.png".into(),
+        mime: "image/png".into(),
+        image: Some(ImageInfo {
+            width: 640,
+            height: 480,
+            thumb: Some(Thumbnail {
+                format: ImageFormat::Png,
+                width: 4,
+                height: 3,
+                bytes: b"\x89PNG\r\n\x1a\n".to_vec(),
+            }),
+        }),
+        caption: "hi".into(),
+    };
+    let content = AppContent::V3(AppContentV3 {
+        seq: 1,
+        id: Some(MessageId([0x44; 32])),
+        sent_at_ms: 2,
+        body: Body::Chat(Chat::V1(ChatV1::File(Box::new(file)))),
+    });
+    let bytes = codec::encode(&content).unwrap();
+    let head = format!("0201 01{} 02 07 00", rep("44", 32)).replace(' ', "");
+    // ChatV1::File = 0a, then id, key, size 300000 (fc e0 93 04 00 = u32 varint), chunk
+    // bytes 262144 (fc 00 00 04 00), name, mime, Some(image) with 640 and 480 (u16 varints
+    // fb ..), Some(thumb): Png = 00, 4, 3, 8 bytes; caption.
+    let tail = format!(
+        "0a{}{}fce0930400fc00000400{}{}01fb8002fbe00101000403{}{}",
+        rep("11", 32),
+        rep("22", 32),
+        "05612e706e67",
+        "09696d6167652f706e67",
+        "0889504e470d0a1a0a",
+        "026869"
+    );
+    assert_eq!(hex(&bytes), format!("{head}{tail}"));
+    assert_eq!(AppContent::decode(&bytes).unwrap(), content);
+    for cut in 0..bytes.len() {
+        assert!(AppContent::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+    }
+
+    let request = FileRequest::V1(FileRequestV1 {
+        group: GroupId([0x33; 32]),
+        file: FileId([0x11; 32]),
+        want: FileWant::Chunk(5),
+    });
+    let bytes = request.encode().unwrap();
+    assert_eq!(
+        hex(&bytes),
+        format!("00{}{}0205", rep("33", 32), rep("11", 32))
+    );
+    assert_eq!(FileRequest::decode(&bytes).unwrap(), request);
+    let have = FileResponse::V1(FileResponseV1::Have(vec![0x07]));
+    assert_eq!(hex(&have.encode().unwrap()), "00000107");
+    let busy = FileResponse::V1(FileResponseV1::Busy);
+    assert_eq!(hex(&busy.encode().unwrap()), "0005");
+    for bytes in [have.encode().unwrap(), busy.encode().unwrap()] {
+        FileResponse::decode(&bytes).unwrap();
+    }
+}
+
+const GOLDEN_CHUNK0_HEAD: &str = "37852b0f646e02fac87b0e0bc56ced69";
+const GOLDEN_CHUNK0_TAG: &str = "b51f4f671c2f6bf344e4007e5d4ceb03";
+const GOLDEN_LEAF0: &str = "15614407a511ea6c9ae8489154013a01111fc1a18a7c03bd1634eb0b3f7650ea";
+const GOLDEN_FILE_ID: &str = "9fa2c901a7f15e528f5e0cc1d792fa25d63829b7cf93abe13f44d37fff3aae18";

@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod crashloop;
 pub mod error;
+pub mod filebench;
 pub mod joinbench;
 pub mod launcher;
 pub mod ledger;

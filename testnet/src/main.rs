@@ -37,6 +37,8 @@ enum Command {
     Scenario(ScenarioArgs),
     /// Time `kith join LINK` to the first decrypted message, inviter online and offline.
     JoinBench(JoinBenchArgs),
+    /// File throughput and CPU per MiB between real nodes, for 1 and 5 receivers.
+    FileBench(FileBenchArgs),
     /// Kill nodes again and again (SIGKILL and crash points) while all send; count losses.
     CrashLoop(CrashLoopArgs),
     /// In a NAT lab (network namespaces, needs root): time to the first message across two
@@ -124,6 +126,24 @@ struct JoinBenchArgs {
     #[arg(long, value_name = "RUN_DIR")]
     run_dir: Option<PathBuf>,
     /// Print the report as JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Debug, Args)]
+struct FileBenchArgs {
+    /// File size in MiB.
+    #[arg(long, default_value_t = 64)]
+    mib: u64,
+    /// Receiver counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 5])]
+    receivers: Vec<usize>,
+    /// Run directory [default: ./testnet-run/<UTC timestamp>].
+    #[arg(long, value_name = "RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// Print the rows as JSON instead of a table.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -392,6 +412,30 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CrashLoop(args) => crash_loop(args).await,
+        Command::FileBench(args) => {
+            let opts = kith_testnet::filebench::FileBenchOptions {
+                up: UpOptions {
+                    dir: args.run_dir,
+                    kith: args.node.kith,
+                    node_log: args.node.node_log,
+                    quiet: args.node.quiet,
+                    ..UpOptions::default()
+                },
+                mib: args.mib,
+                receivers: args.receivers,
+                seed: 7,
+            };
+            let rows = tokio::select! {
+                r = kith_testnet::filebench::file_bench(opts) => r?,
+                () = interrupted() => anyhow::bail!("interrupted; nodes were killed"),
+            };
+            if args.json {
+                out(&(serde_json::to_string_pretty(&rows)? + "\n"))?;
+            } else {
+                out(&kith_testnet::filebench::render(&rows))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::JoinBench(args) => {
             if !(10..=60_000).contains(&args.tick_ms) {
                 anyhow::bail!("--tick-ms must be 10 to 60000");

@@ -40,6 +40,7 @@ pub fn loopback_config(bootstrap: Vec<BootstrapPeer>) -> NodeConfig {
         update_policy: Default::default(),
         nat: kith_node::config::NatSettings::default(),
         past_epoch_ttl: kith_protocol::group::PAST_EPOCH_TTL,
+        files: Default::default(),
         chat: Default::default(),
     }
 }

@@ -146,7 +146,11 @@ fn message_view(store: &Store, h: &HistoryEntry, names: &mut Names) -> MessageIn
                     };
                 } else if let Some((text, at)) = c.edit {
                     m.edited_at_ms = Some(at);
-                    m.body = MessageBody::Text { text };
+                    match &mut m.body {
+                        // A file's caption is its text.
+                        MessageBody::File { file } => file.caption = text,
+                        body => *body = MessageBody::Text { text },
+                    }
                 }
                 m.reactions = c
                     .reactions
@@ -178,7 +182,8 @@ fn add_read_by(
         .filter_map(|(peer, up_to, _)| store.position(&up_to).ok().flatten().map(|pos| (peer, pos)))
         .collect();
     for (pos, m) in list.iter_mut() {
-        if matches!(m.body, MessageBody::Text { .. }) && !pos.is_empty() {
+        if matches!(m.body, MessageBody::Text { .. } | MessageBody::File { .. }) && !pos.is_empty()
+        {
             m.read_by = marks
                 .iter()
                 .filter(|(peer, mark)| peer.to_string() != m.sender && mark >= pos)
@@ -217,12 +222,20 @@ impl Actor {
         group: &GroupId,
         entries: &[HistoryEntry],
     ) -> Vec<MessageInfo> {
-        history_view(&self.store, group, entries, self.chat.read_receipts)
+        let mut list = history_view(&self.store, group, entries, self.chat.read_receipts);
+        for m in &mut list {
+            if let MessageBody::File { file } = &mut m.body
+                && let Ok(id) = file.id.parse::<kith_protocol::ids::FileId>()
+            {
+                file.state = self.files.state(&id);
+            }
+        }
+        list
     }
 
     /// The message `q` of group `id` (its full id, or a unique prefix of at least 8 hex
     /// characters).
-    fn find_message(&self, id: &GroupId, q: &str) -> Result<HistoryEntry, EngineError> {
+    pub(super) fn find_message(&self, id: &GroupId, q: &str) -> Result<HistoryEntry, EngineError> {
         let q = q.trim().to_ascii_lowercase();
         if q.len() < 8 || q.len() > 64 || !q.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(EngineError::BadRequest(format!(
@@ -264,7 +277,7 @@ impl Actor {
     }
 
     /// Sends a chat message in `group`, stores and publishes it.
-    fn send_chat(
+    pub(super) fn send_chat(
         &mut self,
         group: GroupId,
         chat: Chat,
@@ -303,7 +316,11 @@ impl Actor {
         self.one_view(&id, &entry)
     }
 
-    fn one_view(&self, group: &GroupId, h: &HistoryEntry) -> Result<MessageInfo, EngineError> {
+    pub(super) fn one_view(
+        &self,
+        group: &GroupId,
+        h: &HistoryEntry,
+    ) -> Result<MessageInfo, EngineError> {
         self.history_view(group, std::slice::from_ref(h))
             .pop()
             .ok_or_else(|| EngineError::Internal("empty view".into()))
@@ -346,7 +363,7 @@ impl Actor {
             )));
         }
         match &target.kind {
-            EntryKind::Post { stable, .. } => {
+            EntryKind::Post { stable, .. } | EntryKind::File { stable, .. } => {
                 if self
                     .store
                     .changes(&target.group, &target.id, &self.me)?

@@ -185,6 +185,49 @@ impl Actor {
         }
     }
 
+    /// Tells the file service who the members of `group` are now (nobody once this node
+    /// is no longer in it): it serves files only to them.
+    pub(super) fn share_members(&self, group: GroupId) {
+        let members = self
+            .groups
+            .groups()
+            .iter()
+            .find(|v| v.meta.id == group && v.active)
+            .map(|v| v.members.iter().map(|(_, p)| *p).collect())
+            .unwrap_or_default();
+        self.files.set_members(group, members);
+    }
+
+    /// Files up to this size posted in `group` are fetched when their message arrives.
+    pub(super) fn auto_download_limit(&self, group: &GroupId) -> u64 {
+        match self.files.store().auto_download(*group) {
+            Ok(Some(limit)) => limit,
+            Ok(None) => self.files.policy().auto_download_bytes,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read a group's file setting");
+                self.files.policy().auto_download_bytes
+            }
+        }
+    }
+
+    /// Deletes the content of files whose messages were deleted or pruned.
+    pub(super) fn sweep_gone_files(&mut self) {
+        let gone = match self.store.gone_files(256) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read deleted files");
+                return;
+            }
+        };
+        if gone.is_empty() {
+            return;
+        }
+        let done = self.files.forget(&gone);
+        if let Err(e) = self.store.forget_gone_files(&done) {
+            tracing::warn!(error = %e, "cannot note deleted files");
+        }
+    }
+
     pub(super) fn update_gauges(&mut self, group: GroupId, epoch: u64, members: usize) {
         let metrics = &self.metrics;
         self.gauges
@@ -218,6 +261,10 @@ impl Actor {
                 Effect::Subscribe(t) => self.net.subscribe_blocking(t),
                 Effect::Unsubscribe(t) => self.net.unsubscribe_blocking(t),
                 Effect::Record(h) => {
+                    if let EntryKind::File { file, .. } = &h.kind {
+                        let limit = self.auto_download_limit(&h.group);
+                        self.files.posted(h.group, h.sender, file, limit);
+                    }
                     // Counted before it is announced, so whoever sees the event sees the count.
                     if h.sender != self.me && h.kind.text().is_some() {
                         self.metrics.messages_received(1);
@@ -327,6 +374,7 @@ impl Actor {
         }
         // Membership changed: is every verified member still the key that was verified?
         for group in epoch_changed {
+            self.share_members(group);
             self.check_verifications(group);
         }
         // The winning branch's messages sent so far are on other members only: fetch them

@@ -111,6 +111,11 @@ impl EngineHandle {
     pub fn metrics(&self) -> &Arc<KithMetrics> {
         &self.metrics
     }
+
+    /// The file service.
+    pub fn files(&self) -> &crate::files::Files {
+        &self.files
+    }
 }
 
 pub(super) fn net_error(e: NetError) -> EngineError {

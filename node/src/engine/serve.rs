@@ -62,6 +62,11 @@ impl Actor {
     pub(super) fn on_net(&mut self, ev: NetEvent) {
         match ev {
             NetEvent::Gossip { id, source, data } => self.on_gossip(vec![(id, source, data)]),
+            NetEvent::InboundFile {
+                peer,
+                request,
+                token,
+            } => self.files.on_inbound(peer, request, token),
             NetEvent::InboundJoin {
                 peer,
                 request,

@@ -2024,3 +2024,4 @@ mod tests {
         );
     }
 }
+mod settings;

@@ -57,9 +57,11 @@ enum Known {
     Has(Bitmap),
     /// It has nothing of the file.
     Lacks,
-    /// Dropped for this file: it answered something that did not check, refused us, or
-    /// failed too often.
+    /// Dropped for now: it refused us or failed too often ([`Fetch::add_holder`] gives it
+    /// another chance).
     Dropped,
+    /// Dropped for good: it answered something that did not check.
+    Bad,
 }
 
 #[derive(Debug, Clone)]
@@ -163,7 +165,8 @@ impl<P: Ord + Clone> Fetch<P> {
         self.id
     }
 
-    /// Adds a candidate holder (again: a dropped one is given another chance).
+    /// Adds a candidate holder (again: one dropped for failing or refusing is given another
+    /// chance; one that sent something that did not check is not).
     pub fn add_holder(&mut self, p: P) {
         let h = self.holders.entry(p).or_insert_with(Holder::new);
         if h.known == Known::Dropped {
@@ -209,7 +212,7 @@ impl<P: Ord + Clone> Fetch<P> {
     pub fn live_holders(&self) -> usize {
         self.holders
             .values()
-            .filter(|h| h.known != Known::Dropped)
+            .filter(|h| !matches!(h.known, Known::Dropped | Known::Bad))
             .count()
     }
 
@@ -221,8 +224,13 @@ impl<P: Ord + Clone> Fetch<P> {
             Known::Has(b) => {
                 (0..b.len()).any(|i| b.get(i) && !self.have.get(i)) || self.manifest.is_none()
             }
-            Known::Lacks | Known::Dropped => false,
+            Known::Lacks | Known::Dropped | Known::Bad => false,
         })
+    }
+
+    /// Whether `p` sent something that did not check (it is not asked again).
+    pub fn is_bad(&self, p: &P) -> bool {
+        self.holders.get(p).is_some_and(|h| h.known == Known::Bad)
     }
 
     /// Chunks served by `p` that checked.
@@ -245,7 +253,7 @@ impl<P: Ord + Clone> Fetch<P> {
                 Known::Unknown => true,
                 Known::Lacks => now_ms.saturating_sub(h.known_at_ms) >= refresh,
                 Known::Has(b) => !b.is_full() && now_ms.saturating_sub(h.known_at_ms) >= refresh,
-                Known::Asking | Known::Dropped => false,
+                Known::Asking | Known::Dropped | Known::Bad => false,
             };
             if stale {
                 h.known = match std::mem::replace(&mut h.known, Known::Asking) {
@@ -316,7 +324,7 @@ impl<P: Ord + Clone> Fetch<P> {
     fn drop_holder(&mut self, p: &P, why: FileError) -> Got {
         self.bad += 1;
         if let Some(h) = self.holders.get_mut(p) {
-            h.known = Known::Dropped;
+            h.known = Known::Bad;
             h.inflight = 0;
         }
         self.inflight.retain(|_, q| q != p);
@@ -591,6 +599,9 @@ mod tests {
         assert_eq!(fetch.served_by(&1), 0);
         assert_eq!(fetch.served_by(&2), 20);
         assert_eq!(fetch.live_holders(), 1);
+        // Added again (the node refreshes its holders from the members list): still out.
+        fetch.add_holder(1);
+        assert!(fetch.is_bad(&1));
     }
 
     #[test]
