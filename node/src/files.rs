@@ -42,6 +42,13 @@ const SERVE_READS: usize = 16;
 const MAX_SERVE_PEERS: usize = 1024;
 /// Files fetched at once; more wait their turn.
 pub const MAX_DOWNLOADS: usize = 8;
+/// A member that sent parts that do not check for this many files is asked for no file
+/// for [`BAD_PEER_FOR`].
+pub const BAD_PEER_FILES: u32 = 3;
+/// How long a member with [`BAD_PEER_FILES`] bad files is not asked.
+pub const BAD_PEER_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Members whose bad answers are remembered, at most.
+const MAX_BAD_PEERS: usize = 1024;
 
 /// What this node does with files (`[files]` in `config.toml`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +161,36 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     /// Where uploads are spooled before they are imported.
     spool: PathBuf,
+    /// Members that sent parts of files that did not check, this run.
+    bad_peers: Mutex<BadPeers>,
+}
+
+/// Members that sent parts of files that did not check: how many files, and when last.
+/// Bounded to [`MAX_BAD_PEERS`] (the least recent is forgotten).
+#[derive(Debug, Default)]
+struct BadPeers(HashMap<PeerId, (u32, Instant)>);
+
+impl BadPeers {
+    /// Notes a bad file from `peer`; true when this makes it shunned.
+    fn note(&mut self, peer: PeerId, now: Instant) -> bool {
+        if !self.0.contains_key(&peer) && self.0.len() >= MAX_BAD_PEERS {
+            let oldest = self.0.iter().min_by_key(|(_, (_, t))| *t).map(|(p, _)| *p);
+            if let Some(p) = oldest {
+                self.0.remove(&p);
+            }
+        }
+        let e = self.0.entry(peer).or_insert((0, now));
+        e.0 += 1;
+        e.1 = now;
+        e.0 == BAD_PEER_FILES
+    }
+
+    /// Whether `peer` is not asked for files now.
+    fn shunned(&self, peer: &PeerId, now: Instant) -> bool {
+        self.0.get(peer).is_some_and(|(n, t)| {
+            *n >= BAD_PEER_FILES && now.saturating_duration_since(*t) < BAD_PEER_FOR
+        })
+    }
 }
 
 /// The node's file service (cheap to clone).
@@ -190,6 +227,7 @@ impl Files {
                 rate: Mutex::new(Bucket::new(policy.download_bytes_per_sec as f64)),
                 runtime: tokio::runtime::Handle::current(),
                 spool,
+                bad_peers: Mutex::new(BadPeers::default()),
             }),
         };
         files.update_usage();
@@ -235,6 +273,28 @@ impl Files {
         } else {
             m.insert(group, members);
         }
+    }
+
+    /// `peer` sent a part of a file that did not check (it is already dropped for that file).
+    fn note_bad(&self, peer: PeerId) {
+        let shunned = self
+            .inner
+            .bad_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .note(peer, Instant::now());
+        if shunned {
+            tracing::warn!(%peer, files = BAD_PEER_FILES, "a member keeps sending parts of files that do not check; not asking it for files for an hour");
+        }
+    }
+
+    /// Whether `peer` is not asked for files (see [`BAD_PEER_FILES`]).
+    fn is_shunned(&self, peer: &PeerId) -> bool {
+        self.inner
+            .bad_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .shunned(peer, Instant::now())
     }
 
     fn members_of(&self, group: &GroupId) -> BTreeSet<PeerId> {
@@ -609,5 +669,31 @@ impl Files {
             state: self.state(&id),
             size,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_with_bad_files_is_shunned_for_a_while_and_the_list_is_bounded() {
+        let mut bad = BadPeers::default();
+        let p = PeerId::random();
+        let t0 = Instant::now();
+        assert!(!bad.note(p, t0));
+        assert!(!bad.note(p, t0));
+        assert!(!bad.shunned(&p, t0));
+        assert!(bad.note(p, t0));
+        assert!(bad.shunned(&p, t0 + std::time::Duration::from_secs(60)));
+        assert!(!bad.shunned(&p, t0 + BAD_PEER_FOR));
+        assert!(!bad.shunned(&PeerId::random(), t0));
+        for i in 0..(MAX_BAD_PEERS + 5) {
+            bad.note(
+                PeerId::random(),
+                t0 + std::time::Duration::from_millis(i as u64),
+            );
+        }
+        assert_eq!(bad.0.len(), MAX_BAD_PEERS);
     }
 }

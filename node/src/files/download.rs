@@ -61,7 +61,8 @@ pub(super) async fn run(files: &Files, id: FileId, layout: Layout, group: GroupI
     files.progress(group, id, layout.size);
     loop {
         if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH) {
-            let members = files.members_of(&group);
+            let mut members = files.members_of(&group);
+            members.retain(|p| !files.is_shunned(p));
             for p in holders.difference(&members).copied().collect::<Vec<_>>() {
                 fetch.remove_holder(&p);
                 holders.remove(&p);
@@ -155,6 +156,7 @@ pub(super) async fn run(files: &Files, id: FileId, layout: Layout, group: GroupI
                                 }
                             }
                             Got::Bad(e) => {
+                                files.note_bad(peer);
                                 tracing::warn!(file = %id.short(), %peer, error = %e, "a member sent a part of a file that does not check; not asking it again for this file");
                             }
                             Got::Nothing => {}
