@@ -42,6 +42,26 @@ enum Command {
     /// In a NAT lab (network namespaces, needs root): time to the first message across two
     /// NATs, direct vs relayed connections, and relay bytes per message.
     NatBench(NatBenchArgs),
+    /// Raw throughput of ONE libp2p stream between two swarms of this process on loopback
+    /// (the node's TCP+Noise+Yamux stack): the baseline of file transfer. The CPU is the
+    /// whole process, so both ends together.
+    StreamBench(StreamBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct StreamBenchArgs {
+    /// MiB to push through the stream.
+    #[arg(long, default_value_t = kith_testnet::streambench::DEFAULT_MIB, value_name = "N")]
+    mib: u64,
+    /// Transport: tcp (TCP nodelay + Noise + Yamux, as the node) or quic.
+    #[arg(long, default_value = "tcp", value_name = "KIND")]
+    transport: kith_testnet::streambench::Transport,
+    /// How long the transfer may take, in seconds.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    timeout: f64,
+    /// Print the figures as JSON on stdout instead of one line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -392,6 +412,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CrashLoop(args) => crash_loop(args).await,
+        Command::StreamBench(args) => {
+            let opts = kith_testnet::streambench::StreamOptions {
+                mib: args.mib,
+                transport: args.transport,
+                timeout: secs("--timeout", args.timeout)?,
+            };
+            let figures = tokio::select! {
+                r = kith_testnet::streambench::raw_stream(&opts) => r?,
+                () = interrupted() => anyhow::bail!("interrupted"),
+            };
+            if args.json {
+                out(&(serde_json::to_string_pretty(&figures)? + "\n"))?;
+            } else {
+                out(&kith_testnet::streambench::render(&figures))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::JoinBench(args) => {
             if !(10..=60_000).contains(&args.tick_ms) {
                 anyhow::bail!("--tick-ms must be 10 to 60000");
