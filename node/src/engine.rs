@@ -607,6 +607,7 @@ impl Actor {
                     self.sync_input(sched::Input::Tick { holding, stale });
                     self.expire_past_epochs();
                     self.resend_tick();
+                    self.removal_tick();
                     self.flush();
                 }
                 Input::Prune => self.prune(),
