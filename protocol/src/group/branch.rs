@@ -216,6 +216,7 @@ where
         };
         let cur = g.epoch();
         let was_leaving = g.lifecycle.leaving();
+        let was_member = g.mls.is_active();
         // A commit removing this node held at `cur` belongs to the branch being left.
         let held = g.removal.take();
         let tip_members: Vec<PeerId> = g.mls.members().filter_map(|m| member_peer(&m)).collect();
@@ -322,6 +323,10 @@ where
             }));
         }
         effects.extend(fx);
+        if !was_member && g.mls.is_active() {
+            // Removed on the losing branch, a member on the winning one: listen again.
+            effects.push(Effect::Subscribe(g.topic));
+        }
         // The messages this node encrypted on the lost branch; one rolled back earlier and
         // not re-sent yet is now listed here only.
         let messages = fork::sent_after(self.provider.storage(), &group_id, e).unwrap_or_else(|err| {

@@ -282,3 +282,43 @@ fn a_held_removal_can_lose_to_a_concurrent_commit() {
     }
     panic!("in 40 tries the removal won {won} times and lost {lost} times");
 }
+
+/// A removal merged after its grace can still lose to a concurrent commit that arrives
+/// later: the member is a member again on the winning branch, listens to the group again,
+/// and is removed once the removal is proposed again and wins.
+#[test]
+fn a_member_removed_on_a_losing_branch_listens_again() {
+    for _ in 0..40 {
+        let (mut s, g) = group_of(4);
+        s.remove(0, g, s.peer(3)).unwrap();
+        s.self_update(1, g).unwrap();
+        let flight: Vec<(usize, TopicId, Vec<u8>)> = s.in_flight.drain(..).collect();
+        let [removal, update] = flight.as_slice() else {
+            panic!("{} envelopes in flight", flight.len());
+        };
+        if MessageId::of(&removal.2) < MessageId::of(&update.2) {
+            continue; // The removal wins: try other keys.
+        }
+        assert_eq!(deliver_to(&mut s, 3, &removal.2), Verdict::Accept);
+        after_grace(&mut s, 3);
+        assert_removed(&mut s, 3, g);
+        assert_eq!(deliver_to(&mut s, 3, &update.2), Verdict::Accept);
+        assert!(s.engines[3].group(&g).unwrap().active, "a member again");
+        assert!(s.subscribed[3].contains(&g.topic(NET)), "listening again");
+        s.in_flight.push_back(removal.clone());
+        s.in_flight.push_back(update.clone());
+        s.deliver_all();
+        after_grace(&mut s, 3);
+        let v = s.engines[3].group(&g).unwrap();
+        assert!(!v.active && !s.subscribed[3].contains(&g.topic(NET)));
+        for i in 0..3 {
+            assert_eq!(
+                s.engines[i].group(&g).unwrap().members.len(),
+                3,
+                "member {i}"
+            );
+        }
+        return;
+    }
+    panic!("the removal never lost in 40 tries");
+}
