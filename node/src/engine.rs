@@ -656,6 +656,7 @@ impl Actor {
                     self.sync_input(sched::Input::Tick { holding, stale });
                     self.expire_past_epochs();
                     self.resend_tick();
+                    self.removal_tick();
                     self.flush();
                     self.sweep_gone_files();
                 }

@@ -447,7 +447,9 @@ pub fn delete_sent<S: GroupRecords>(s: &S, group: &GroupId, sent: &Sent) -> Resu
 pub fn forget_group<S: GroupRecords>(s: &S, group: &GroupId) -> Result<(), ForkError> {
     // Kept texts go too: after a new Welcome the group may hold members this node never saw
     // added, so no text from before may be sent again (see `group::resend`).
-    for kind in [&b"cp"[..], b"log", b"sent", b"sent-envelope"] {
+    // A commit removing this node held on the old membership (see `group::removal`) goes
+    // with it.
+    for kind in [&b"cp"[..], b"log", b"sent", b"sent-envelope", b"removal"] {
         for k in s.kith_keys(&key(kind, group, &[])).map_err(storage)? {
             s.put_kith(&k, None).map_err(storage)?;
         }

@@ -18,7 +18,8 @@
 //! This file holds the engine's types and its loading; its other methods live by job in
 //! `group/`: `local` (this node's own operations), `join` and `rejoin` (being added, both
 //! sides), `invites`, `receive` (envelope bytes in, held envelopes out), `catch_up`,
-//! `apply` (one MLS message at the current epoch), `branch` (the concurrent-commit rule),
+//! `apply` (one MLS message at the current epoch), `removal` (a commit removing this node,
+//! held for a grace period), `branch` (the concurrent-commit rule),
 //! `state` (what is kept per group, including its `Lifecycle`), `members` (identities and
 //! PeerIds) and `verdict` (the gossip verdict and its reasons).
 
@@ -335,6 +336,11 @@ pub struct GroupEngine<P: OpenMlsProvider> {
     /// Groups whose re-send records may hold something (see [`GroupEngine::resend_tick`]):
     /// every group after a load, and any that learns of something to ask or answer.
     resend_pending: std::collections::BTreeSet<GroupId>,
+    /// The held commit removing this node that [`GroupEngine::removal_tick`] merges now
+    /// (every other commit that would remove it is held, see `removal`).
+    releasing: Option<MessageId>,
+    /// Set by [`GroupEngine::process_mls`] when the commit it read would remove this node.
+    removal_seen: bool,
 }
 
 impl<P: OpenMlsProvider> GroupEngine<P>
@@ -354,6 +360,8 @@ where
             drain_since: None,
             epoch_ends: BTreeMap::new(),
             resend_pending: std::collections::BTreeSet::new(),
+            releasing: None,
+            removal_seen: false,
         }
     }
 
@@ -394,8 +402,12 @@ where
                         // No commit seen since this version: judge only from now on.
                         branch.since = branch.since.max(mls.epoch().as_u64());
                     }
-                    self.groups
-                        .insert(meta.id, Group::new(mls, meta, topic, None, branch));
+                    let id = meta.id;
+                    let mut g = Group::new(mls, meta, topic, None, branch);
+                    // A commit removing this node that was held when it stopped is held
+                    // again; its grace starts at the first tick.
+                    g.removal = removal::reloaded(self.provider.storage(), &id, &g)?;
+                    self.groups.insert(id, g);
                 }
                 None => missing.push(meta.id),
             }
@@ -420,6 +432,7 @@ where
                         g.lifecycle.set_leaving(self_remove_pending(&mls));
                         g.mls = mls;
                         g.branch = branch;
+                        g.removal = removal::reloaded(self.provider.storage(), &id, g)?;
                     }
                 }
                 None => {
@@ -435,11 +448,12 @@ where
         self.groups.values().map(Group::view).collect()
     }
 
-    /// Whether this node is an active member of `id` (it may send there).
+    /// Whether this node is an active member of `id` (it may send there). Not while a
+    /// commit removing it is held ([`GroupEngine::removal_held`]).
     pub fn is_active(&self, id: &GroupId) -> bool {
         self.groups
             .get(id)
-            .is_some_and(|g| g.mls.is_active() && g.lifecycle.lost().is_none())
+            .is_some_and(|g| g.active() && g.lifecycle.lost().is_none())
     }
 
     /// One group.
@@ -477,6 +491,7 @@ mod local;
 mod members;
 mod receive;
 mod rejoin;
+mod removal;
 mod resend;
 mod state;
 mod synced;
@@ -486,6 +501,7 @@ pub use expiry::Expired;
 pub use invites::{CommitNote, NewInvite};
 pub use local::{removal_id, text_history_id};
 pub use members::{Identity, bound_peer};
+pub use removal::REMOVAL_GRACE_MS;
 pub use resend::{ASK_AGAIN_MS, MAX_OWED, MAX_WANTED};
 pub use state::{GroupView, LostJoin, authenticator_digest};
 pub use verdict::{IgnoreReason, RejectReason, Step, Verdict};
@@ -496,6 +512,8 @@ mod chat_tests;
 mod fork_tests;
 #[cfg(test)]
 mod order_tests;
+#[cfg(test)]
+mod removal_tests;
 #[cfg(test)]
 mod resend_tests;
 #[cfg(test)]

@@ -237,7 +237,8 @@ where
     }
 
     /// Member `i`'s tick, as the node's flush tick runs it: past-epoch expiry, then its
-    /// re-send requests and answers (queued).
+    /// re-send requests and answers (queued), then the commits removing it whose grace
+    /// ended ([`GroupEngine::removal_tick`]).
     pub fn tick(&mut self, i: usize) {
         self.engines[i]
             .expire_past_epochs(self.now_ms, crate::group::PAST_EPOCH_TTL)
@@ -245,6 +246,8 @@ where
         let fx = self.engines[i]
             .resend_tick(self.now_ms)
             .expect("re-send tick");
+        self.apply(i, fx);
+        let fx = self.engines[i].removal_tick(self.now_ms);
         self.apply(i, fx);
     }
 

@@ -4,7 +4,8 @@
 //! fresh file of pseudo-random bytes, the receivers start fetching it at the same moment,
 //! and the bench measures the time until the last one holds it in full, and the CPU seconds
 //! all nodes spent meanwhile (from `/proc`). Figures are per MiB *delivered* (file size ×
-//! receivers).
+//! receivers). The same run first measures one raw libp2p stream over TCP and over QUIC
+//! ([`crate::streambench::raw_stream`]), and each row is reported as a ratio of it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use kith_client::model::{FileStatus, MessageBody};
 use serde::Serialize;
 
 use crate::launcher::{Testnet, UpOptions, within};
+use crate::streambench::{self, StreamFigures, StreamOptions, Transport};
 use crate::{Result, TestnetError, procs};
 
 /// What to measure.
@@ -45,6 +47,21 @@ pub struct FileBenchRow {
     pub cpu_secs: f64,
     /// CPU milliseconds per MiB delivered.
     pub cpu_ms_per_mib: f64,
+    /// `total_mib_s` over the raw TCP stream's MiB/s.
+    pub vs_raw_tcp: f64,
+    /// `cpu_ms_per_mib` over the raw TCP stream's (both ends) CPU ms per MiB.
+    pub cpu_vs_raw_tcp: f64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileBenchReport {
+    /// One raw libp2p stream over TCP (Noise, Yamux), in this run.
+    pub raw_tcp: StreamFigures,
+    /// The same over QUIC.
+    pub raw_quic: StreamFigures,
+    /// The file transfers.
+    pub rows: Vec<FileBenchRow>,
 }
 
 fn write_file(path: &Path, mib: u64, seed: u64) -> Result<()> {
@@ -75,21 +92,41 @@ fn node_err(node: usize, e: impl std::fmt::Display) -> TestnetError {
     }
 }
 
+async fn raw(transport: Transport, mib: u64) -> Result<StreamFigures> {
+    streambench::raw_stream(&StreamOptions {
+        mib: mib.max(64),
+        transport,
+        timeout: Duration::from_secs(300),
+    })
+    .await
+    .map_err(|e| TestnetError::Invalid(format!("raw stream: {e}")))
+}
+
 /// Runs the bench; stops the testnet it started.
-pub async fn file_bench(opts: FileBenchOptions) -> Result<Vec<FileBenchRow>> {
+pub async fn file_bench(opts: FileBenchOptions) -> Result<FileBenchReport> {
     let most = opts.receivers.iter().copied().max().unwrap_or(1).max(1);
     if opts.mib == 0 || opts.mib > 4096 {
         return Err(TestnetError::Invalid("--mib must be 1 to 4096".into()));
     }
     let mut up = opts.up.clone();
     up.nodes = up.nodes.max(most + 1);
+    let raw_tcp = raw(Transport::Tcp, opts.mib).await?;
+    let raw_quic = raw(Transport::Quic, opts.mib).await?;
     let mut tn = Testnet::up(up).await?;
-    let result = measure(&tn, &opts).await;
+    let result = measure(&tn, &opts, &raw_tcp).await;
     tn.shutdown().await;
-    result
+    Ok(FileBenchReport {
+        raw_tcp,
+        raw_quic,
+        rows: result?,
+    })
 }
 
-async fn measure(tn: &Testnet, opts: &FileBenchOptions) -> Result<Vec<FileBenchRow>> {
+async fn measure(
+    tn: &Testnet,
+    opts: &FileBenchOptions,
+    raw_tcp: &StreamFigures,
+) -> Result<Vec<FileBenchRow>> {
     let group = tn.group_id()?.to_owned();
     let mut rows = Vec::new();
     for (round, &r) in opts.receivers.iter().enumerate() {
@@ -150,7 +187,11 @@ async fn measure(tn: &Testnet, opts: &FileBenchOptions) -> Result<Vec<FileBenchR
         let secs = t0.elapsed().as_secs_f64();
         let cpu = (cpu_of(tn) - cpu0).max(0.0);
         let delivered = (opts.mib * r as u64) as f64;
+        let raw_cpu_ms = raw_tcp.throughput.cpu_secs_per_mib * 1000.0;
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         rows.push(FileBenchRow {
+            vs_raw_tcp: ratio(delivered / secs, raw_tcp.throughput.mib_per_sec),
+            cpu_vs_raw_tcp: ratio(cpu * 1000.0 / delivered, raw_cpu_ms),
             receivers: r,
             mib: opts.mib,
             secs,
@@ -163,20 +204,25 @@ async fn measure(tn: &Testnet, opts: &FileBenchOptions) -> Result<Vec<FileBenchR
     Ok(rows)
 }
 
-/// The rows as a table.
-pub fn render(rows: &[FileBenchRow]) -> String {
-    let mut out =
-        String::from("receivers  file MiB  time s  MiB/s each  MiB/s total  CPU s  CPU ms/MiB\n");
-    for r in rows {
+/// The report as text: the raw streams, then a table of the transfers.
+pub fn render(r: &FileBenchReport) -> String {
+    let mut out = streambench::render(&r.raw_tcp);
+    out.push_str(&streambench::render(&r.raw_quic));
+    out.push_str(
+        "receivers  file MiB  time s  MiB/s each  MiB/s total  vs raw tcp  CPU s  CPU ms/MiB  vs raw tcp\n",
+    );
+    for row in &r.rows {
         out.push_str(&format!(
-            "{:>9}  {:>8}  {:>6.2}  {:>10.1}  {:>11.1}  {:>5.2}  {:>10.2}\n",
-            r.receivers,
-            r.mib,
-            r.secs,
-            r.per_receiver_mib_s,
-            r.total_mib_s,
-            r.cpu_secs,
-            r.cpu_ms_per_mib
+            "{:>9}  {:>8}  {:>6.2}  {:>10.1}  {:>11.1}  {:>9.2}x  {:>5.2}  {:>10.2}  {:>9.1}x\n",
+            row.receivers,
+            row.mib,
+            row.secs,
+            row.per_receiver_mib_s,
+            row.total_mib_s,
+            row.vs_raw_tcp,
+            row.cpu_secs,
+            row.cpu_ms_per_mib,
+            row.cpu_vs_raw_tcp,
         ));
     }
     out

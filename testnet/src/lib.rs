@@ -11,6 +11,8 @@
 //! - [`crashloop`]: `kith-testnet crash-loop`: SIGKILL and crash points in a loop, and the
 //!   count of lost messages.
 //! - [`joinbench`]: `kith-testnet join-bench`: time from `kith join` to the first message.
+//! - [`streambench`]: `kith-testnet stream-bench`: one raw libp2p stream's throughput and CPU
+//!   per MiB on loopback (file transfer's baseline), and the [`streambench::Meter`] it uses.
 //! - [`natlab`]: home routers and an internet made of network namespaces, for NAT tests;
 //!   [`natnet`]: `kith run` processes inside them; [`natbench`]: `nat-bench` and `up --nat`.
 //! - [`metrics`], [`procs`], [`stats`]: reading `/metrics`, `/proc` and summarising.
@@ -31,6 +33,7 @@ pub mod procs;
 pub mod progress;
 pub mod scenario;
 pub mod stats;
+pub mod streambench;
 pub mod svg;
 pub mod traffic;
 

@@ -44,6 +44,26 @@ enum Command {
     /// In a NAT lab (network namespaces, needs root): time to the first message across two
     /// NATs, direct vs relayed connections, and relay bytes per message.
     NatBench(NatBenchArgs),
+    /// Raw throughput of ONE libp2p stream between two swarms of this process on loopback
+    /// (the node's TCP+Noise+Yamux stack): the baseline of file transfer. The CPU is the
+    /// whole process, so both ends together.
+    StreamBench(StreamBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct StreamBenchArgs {
+    /// MiB to push through the stream.
+    #[arg(long, default_value_t = kith_testnet::streambench::DEFAULT_MIB, value_name = "N")]
+    mib: u64,
+    /// Transport: tcp (TCP nodelay + Noise + Yamux, as the node) or quic.
+    #[arg(long, default_value = "tcp", value_name = "KIND")]
+    transport: kith_testnet::streambench::Transport,
+    /// How long the transfer may take, in seconds.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    timeout: f64,
+    /// Print the figures as JSON on stdout instead of one line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -425,14 +445,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 receivers: args.receivers,
                 seed: 7,
             };
-            let rows = tokio::select! {
+            let report = tokio::select! {
                 r = kith_testnet::filebench::file_bench(opts) => r?,
                 () = interrupted() => anyhow::bail!("interrupted; nodes were killed"),
             };
             if args.json {
-                out(&(serde_json::to_string_pretty(&rows)? + "\n"))?;
+                out(&(serde_json::to_string_pretty(&report)? + "\n"))?;
             } else {
-                out(&kith_testnet::filebench::render(&rows))?;
+                out(&kith_testnet::filebench::render(&report))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::StreamBench(args) => {
+            let opts = kith_testnet::streambench::StreamOptions {
+                mib: args.mib,
+                transport: args.transport,
+                timeout: secs("--timeout", args.timeout)?,
+            };
+            let figures = tokio::select! {
+                r = kith_testnet::streambench::raw_stream(&opts) => r?,
+                () = interrupted() => anyhow::bail!("interrupted"),
+            };
+            if args.json {
+                out(&(serde_json::to_string_pretty(&figures)? + "\n"))?;
+            } else {
+                out(&kith_testnet::streambench::render(&figures))?;
             }
             Ok(ExitCode::SUCCESS)
         }

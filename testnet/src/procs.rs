@@ -125,6 +125,37 @@ pub fn proc_stats(pid: u32) -> Option<ProcStats> {
     })
 }
 
+/// User plus system CPU time of `pid` so far, in seconds: `utime + stime` of
+/// `/proc/<pid>/stat` over [`clock_ticks_per_second`] (so in steps of one tick, 10 ms on
+/// most kernels). Threads are included, children are not. Sum it over several processes
+/// (e.g. the `kith` nodes of a bench) before and after a measured window.
+pub fn process_cpu_seconds(pid: u32) -> std::io::Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    cpu_seconds_of_stat(&text).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("/proc/{pid}/stat has no utime/stime fields"),
+        )
+    })
+}
+
+/// `utime + stime` in seconds from the text of a `/proc/<pid>/stat`.
+fn cpu_seconds_of_stat(text: &str) -> Option<f64> {
+    // The command name (field 2) is in parentheses and may itself contain spaces or ')'.
+    let mut rest = text[text.rfind(')')? + 1..].split_whitespace();
+    // After the command name: field 3 (state) comes first, so utime (14) is the 12th.
+    let utime: u64 = rest.nth(11)?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / clock_ticks_per_second().max(1) as f64)
+}
+
+/// User plus system CPU time of this process so far (all its threads), in seconds, from
+/// `CLOCK_PROCESS_CPUTIME_ID`: nanosecond resolution, unlike [`process_cpu_seconds`].
+pub fn self_cpu_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -171,5 +202,33 @@ mod tests {
         assert!(!is_alive(u32::MAX - 1));
         assert!(proc_stats(u32::MAX - 1).is_none());
         assert!(signal(u32::MAX, Sig::Term).is_err());
+        assert!(process_cpu_seconds(u32::MAX - 1).is_err());
+    }
+
+    #[test]
+    fn cpu_seconds_of_this_process_grow_with_work() {
+        let me = std::process::id();
+        let before = self_cpu_seconds();
+        let from_proc = process_cpu_seconds(me).unwrap();
+        // Burn a little CPU, then both clocks must have moved forward.
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let after = self_cpu_seconds();
+        assert!(after > before, "{before} -> {after}");
+        assert!(process_cpu_seconds(me).unwrap() >= from_proc);
+        // /proc counts in ticks and may lag the clock by up to one, never lead it by much.
+        assert!(process_cpu_seconds(me).unwrap() <= after + 0.05);
+    }
+
+    #[test]
+    fn parses_utime_and_stime_after_an_odd_command_name() {
+        let ticks = clock_ticks_per_second() as f64;
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194304 100 0 0 0 250 50 0 0 20 0 3 0 1 0 0";
+        let secs = cpu_seconds_of_stat(stat).unwrap();
+        assert!((secs - 300.0 / ticks).abs() < 1e-9, "{secs}");
+        assert!(cpu_seconds_of_stat("42 (x) S 1 2").is_none());
     }
 }

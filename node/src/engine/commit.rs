@@ -1,6 +1,6 @@
 //! Effects out: one store transaction per batch of engine effects, then the network and
-//! the API; the flush, prune, past-epoch expiry and re-send ticks; rollback after a failed
-//! commit.
+//! the API; the flush, prune, past-epoch expiry, re-send and held-removal ticks; rollback
+//! after a failed commit.
 
 use super::*;
 
@@ -80,6 +80,19 @@ impl Actor {
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot send re-send requests or answers");
             self.rollback();
+        }
+    }
+
+    /// Merges the held commits that remove this node whose grace has ended
+    /// (`GroupEngine::removal_tick`): until then it still read messages of its last epoch.
+    /// Not durable, like any received commit (the next flush makes it so).
+    pub(super) fn removal_tick(&mut self) {
+        if !self.disk_ok() {
+            return;
+        }
+        let effects = self.groups.removal_tick(now_ms());
+        if let Err(e) = self.apply_with(effects, false) {
+            tracing::warn!(error = %e, "cannot merge a held removal");
         }
     }
 

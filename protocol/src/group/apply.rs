@@ -12,6 +12,7 @@ use super::branch::{checkpoint, note_applied};
 use super::local::{merge_own_commit, removal_id};
 use super::members::{bound_peer, member_peer, removed_peers, self_remover};
 use super::receive::Incoming;
+use super::removal::{drop_held, forget_held};
 use super::state::hold_orphan;
 use super::{Effect, GroupEngine, IgnoreReason, RejectReason, Step, Verdict, invites, resend};
 use crate::chat::Chat;
@@ -31,7 +32,32 @@ where
     /// application message, a past one whose secrets are kept): records a text or an
     /// invite message, merges a commit, stores a member's proposal to leave and commits it
     /// if this node is the remaining member with the lowest leaf index.
+    ///
+    /// A valid commit that would remove this node is not merged but held (see `removal`):
+    /// what reading it wrote to the storage is undone, so it can be read again when its
+    /// grace ends.
     pub(super) fn process_mls(
+        &mut self,
+        msg: Incoming<'_>,
+        message: ProtocolMessage,
+        effects: &mut Vec<Effect>,
+    ) -> Verdict {
+        if msg.envelope.kind() != PayloadKind::Commit {
+            return self.read_mls(msg, message, effects);
+        }
+        let savepoint = self.provider.storage().savepoint();
+        self.removal_seen = false;
+        let verdict = self.read_mls(msg, message, effects);
+        if std::mem::take(&mut self.removal_seen) {
+            return self.hold_removal(msg, savepoint);
+        }
+        self.provider.storage().release(savepoint);
+        verdict
+    }
+
+    /// [`GroupEngine::process_mls`], except that a commit removing this node (other than
+    /// the one being released) is only checked: `removal_seen` is set and nothing is merged.
+    fn read_mls(
         &mut self,
         msg: Incoming<'_>,
         message: ProtocolMessage,
@@ -268,6 +294,11 @@ where
                 }
                 let removed = removed_peers(&g.mls, &staged);
                 let self_removed = staged.self_removed();
+                if self_removed && self.releasing != Some(id) {
+                    // Held first: the caller undoes this read (see `removal`).
+                    self.removal_seen = true;
+                    return Verdict::Accept;
+                }
                 if let Err(e) = checkpoint(&self.provider, group_id, current) {
                     return Verdict::Ignore(IgnoreReason::Failed {
                         step: Step::CheckpointBeforeMerge,
@@ -297,6 +328,20 @@ where
                         invite: invites::note_invite(&aad),
                     },
                 ) {
+                    return Verdict::Ignore(IgnoreReason::Failed {
+                        step: Step::RecordCommit,
+                        detail: e.to_string(),
+                    });
+                }
+                // The held removal merged now, or one that this commit won over: either way
+                // its record goes (a lost one is kept as an orphan).
+                let storage = self.provider.storage();
+                let done = if self_removed {
+                    forget_held(storage, &group_id)
+                } else {
+                    drop_held(storage, &group_id, g)
+                };
+                if let Err(e) = done {
                     return Verdict::Ignore(IgnoreReason::Failed {
                         step: Step::RecordCommit,
                         detail: e.to_string(),
@@ -364,7 +409,7 @@ where
                     });
                 }
                 effects.push(Effect::SaveEnvelope(stored));
-                if g.lifecycle.leaving() || !g.mls.is_active() {
+                if g.lifecycle.leaving() || !g.active() {
                     return Verdict::Accept;
                 }
                 // Only the remaining member with the lowest leaf index commits, so the members

@@ -161,10 +161,7 @@ where
                     }
                     // Our branch lost further back than we can roll back: be added again by a
                     // member of the winning branch (it checks it holds this commit).
-                    if ours.is_some_and(|ours| id < ours)
-                        && g.lifecycle.settled()
-                        && g.mls.is_active()
-                    {
+                    if ours.is_some_and(|ours| id < ours) && g.lifecycle.settled() && g.active() {
                         g.lifecycle.start_rejoining();
                         let me = self.me.peer;
                         effects.push(Effect::DeepForkLost {
@@ -219,6 +216,9 @@ where
         };
         let cur = g.epoch();
         let was_leaving = g.lifecycle.leaving();
+        let was_member = g.mls.is_active();
+        // A commit removing this node held at `cur` belongs to the branch being left.
+        let held = g.removal.take();
         let tip_members: Vec<PeerId> = g.mls.members().filter_map(|m| member_peer(&m)).collect();
         let storage = self.provider.storage();
         if let Err(err) = checkpoint(&self.provider, group_id, cur) {
@@ -243,6 +243,7 @@ where
             }
             Err(err) => {
                 let _ = put_back(&self.provider, group_id, g, cur, was_leaving);
+                g.removal = held;
                 return Verdict::Ignore(IgnoreReason::Failed {
                     step: Step::RollBack { epoch: e },
                     detail: err.to_string(),
@@ -275,10 +276,21 @@ where
             if let Err(err) = put_back(&self.provider, group_id, g, cur, was_leaving) {
                 tracing::error!(group = %group_id.short(), "cannot restore the branch: {err}");
             }
+            g.removal = held;
             hold_orphan(g, e, bytes);
             return Verdict::Ignore(IgnoreReason::OtherBranch { epoch: e });
         }
         let storage = self.provider.storage();
+        if let Some(old) = held {
+            // Kept as an orphan in case the branch wins again; its record goes unless the
+            // winning commit is held in its place.
+            hold_orphan(g, old.record.epoch, &old.record.bytes);
+            if g.removal.is_none()
+                && let Err(err) = super::removal::forget_held(storage, &group_id)
+            {
+                tracing::warn!(group = %group_id.short(), "cannot delete a held removal: {err}");
+            }
+        }
         for a in lost.iter().filter(|a| a.epoch > e) {
             let _ = fork::delete_checkpoint(storage, &group_id, a.epoch);
         }
@@ -311,6 +323,10 @@ where
             }));
         }
         effects.extend(fx);
+        if !was_member && g.mls.is_active() {
+            // Removed on the losing branch, a member on the winning one: listen again.
+            effects.push(Effect::Subscribe(g.topic));
+        }
         // The messages this node encrypted on the lost branch; one rolled back earlier and
         // not re-sent yet is now listed here only.
         let messages = fork::sent_after(self.provider.storage(), &group_id, e).unwrap_or_else(|err| {
@@ -384,6 +400,11 @@ where
         let Some(g) = self.groups.get(&gid) else {
             return Ok(None);
         };
+        if g.removal.is_some() && g.mls.is_active() {
+            // Nothing is redone by a node about to be removed; if its removal loses, it is
+            // a member and redoes it then.
+            return Ok(Some(redo));
+        }
         if !g.mls.is_active() || g.lifecycle.leaving() {
             return Ok(None);
         }

@@ -318,7 +318,7 @@ where
         let Some(g) = self.groups.get(&req.group) else {
             return Err(JoinRejection::NotMember);
         };
-        if !g.mls.is_active() || g.lifecycle.leaving() {
+        if !g.active() || g.lifecycle.leaving() {
             return Err(JoinRejection::NotMember);
         }
         let hash = secret_hash(&req.secret);

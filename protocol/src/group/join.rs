@@ -215,7 +215,7 @@ where
     pub fn member_says_not_in(&mut self, group: &GroupId) -> Option<Effect> {
         let g = self.groups.get_mut(group)?;
         let j = g.branch.joined.as_ref()?;
-        if !g.lifecycle.settled() || !g.mls.is_active() {
+        if !g.lifecycle.settled() || !g.active() {
             return None;
         }
         g.lifecycle.start_rejoining();

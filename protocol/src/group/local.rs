@@ -436,7 +436,7 @@ where
     pub fn due_self_updates(&mut self, now_ms: u64, policy: UpdatePolicy) -> Vec<GroupId> {
         let mut due = Vec::new();
         for (id, g) in &mut self.groups {
-            if !g.mls.is_active() || g.lifecycle.leaving() {
+            if !g.active() || g.lifecycle.leaving() {
                 continue;
             }
             let since = *g.last_update_ms.get_or_insert(now_ms);

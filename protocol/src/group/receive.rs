@@ -6,7 +6,7 @@ use openmls::prelude::{MlsMessageIn, ProtocolMessage, tls_codec::Deserialize as 
 use openmls_traits::OpenMlsProvider;
 
 use super::branch::load_mls;
-use super::state::{Pending, Source, hold_behind, hold_pending};
+use super::state::{Pending, Source, hold_behind, hold_orphan, hold_pending};
 use super::{Effect, GroupEngine, IgnoreReason, RejectReason, Verdict, mls_err};
 use crate::envelope::{Envelope, PayloadKind};
 use crate::fork::GroupRecords;
@@ -107,10 +107,28 @@ where
         {
             return Verdict::Reject(RejectReason::HeaderMismatch);
         }
+        let id = MessageId::of(bytes);
+        if envelope.kind() == PayloadKind::Commit
+            && envelope.epoch() == epoch
+            && let Some(held) = g.removal.as_ref().map(|h| h.record.commit)
+        {
+            // A commit removing this node is held at this epoch (see `removal`): the
+            // concurrent-commit rule decides against it as against a merged one.
+            if id == held {
+                return Verdict::Ignore(IgnoreReason::RemovalHeld);
+            }
+            if held < id {
+                hold_orphan(g, epoch, bytes);
+                return Verdict::Ignore(IgnoreReason::LosingCommit {
+                    epoch,
+                    winner: held,
+                });
+            }
+        }
         let msg = Incoming {
             group: group_id,
             envelope: &envelope,
-            id: MessageId::of(bytes),
+            id,
             bytes,
             source,
             now_ms,

@@ -63,7 +63,7 @@ where
         let Some(g) = self.groups.get(&req.group) else {
             return refuse(JoinRejection::NotMember);
         };
-        if !g.mls.is_active() || g.lifecycle != Lifecycle::Member {
+        if !g.active() || g.lifecycle != Lifecycle::Member {
             return refuse(JoinRejection::NotMember);
         }
         if g.branch.commit_at(req.epoch) != Some(req.commit) {

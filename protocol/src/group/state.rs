@@ -8,6 +8,7 @@ use libp2p_identity::PeerId;
 use openmls::prelude::MlsGroup;
 
 use super::members::{member_peer, self_remove_pending};
+use super::removal::Held;
 use super::{
     Effect, GroupError, MAX_ORPHAN_BYTES_PER_GROUP, MAX_ORPHANS_PER_GROUP,
     MAX_PENDING_BYTES_PER_GROUP, MAX_PENDING_PER_GROUP,
@@ -25,7 +26,8 @@ pub struct GroupView {
     pub meta: GroupMeta,
     /// Current epoch.
     pub epoch: u64,
-    /// Whether this node is still a member.
+    /// Whether this node is still a member that may send: false once it was removed, and
+    /// already while a commit removing it is held (see [`super::REMOVAL_GRACE_MS`]).
     pub active: bool,
     /// Whether this node proposed its own removal and waits for it to be committed.
     pub leaving: bool,
@@ -231,6 +233,8 @@ pub(super) struct Group {
     /// When this node last committed in the group; `None` until first seen by
     /// [`GroupEngine::due_self_updates`] after a load.
     pub(super) last_update_ms: Option<u64>,
+    /// A commit that removes this node, held until its grace ends (see `removal`).
+    pub(super) removal: Option<Held>,
 }
 
 impl Group {
@@ -264,7 +268,14 @@ impl Group {
             tracks: Tracks::default(),
             sent_since_update: 0,
             last_update_ms: now_ms,
+            removal: None,
         }
+    }
+
+    /// Whether this node is a member that may act in the group: MLS counts it one, and no
+    /// commit removing it is held.
+    pub(super) fn active(&self) -> bool {
+        self.mls.is_active() && self.removal.is_none()
     }
 
     /// The current epoch.
@@ -277,7 +288,7 @@ impl Group {
         GroupView {
             meta: self.meta.clone(),
             epoch: self.epoch(),
-            active: self.mls.is_active() && self.lifecycle.lost().is_none(),
+            active: self.active() && self.lifecycle.lost().is_none(),
             leaving: self.lifecycle.leaving(),
             members: self
                 .mls
@@ -314,7 +325,7 @@ pub(super) fn active_group(
     let g = groups
         .get_mut(&group)
         .ok_or(GroupError::UnknownGroup(group))?;
-    if !g.mls.is_active() || g.lifecycle.lost().is_some() {
+    if !g.active() || g.lifecycle.lost().is_some() {
         return Err(GroupError::Inactive(group));
     }
     if g.lifecycle.leaving() {

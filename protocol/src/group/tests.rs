@@ -533,6 +533,10 @@ fn removed_member_reads_nothing_after_and_is_not_heard() {
         assert!(fx.is_empty());
     }
     assert_eq!(s.texts(3, g), vec!["from the removed member"]);
+    // It merges the commit once the grace for its last epoch's late messages ends.
+    assert!(s.engines[3].removal_held(&g));
+    s.now_ms += REMOVAL_GRACE_MS;
+    s.tick(3);
     let v3 = s.engines[3].group(&g).unwrap();
     assert!(!v3.active);
     assert!(!s.subscribed[3].contains(&g.topic("test-net")));
@@ -583,6 +587,10 @@ fn leaving_is_committed_by_the_lowest_remaining_member() {
             "member {i}"
         );
     }
+    // The leaver merges the commit once the grace for its last epoch's late messages ends.
+    assert!(!s.engines[0].group(&g).unwrap().active);
+    s.now_ms += REMOVAL_GRACE_MS;
+    s.tick(0);
     let v0 = s.engines[0].group(&g).unwrap();
     assert!(!v0.active);
     assert!(!v0.leaving);

@@ -149,6 +149,10 @@ pub enum IgnoreReason {
     /// The commit this node merged at its epoch.
     #[error("commit already merged")]
     AlreadyMerged,
+    /// A copy of the commit removing this node that it holds until its grace ends (see
+    /// [`super::REMOVAL_GRACE_MS`]).
+    #[error("commit removing this node already held")]
+    RemovalHeld,
     /// A rival commit for `epoch` whose id is higher than the one merged (lowest id wins);
     /// kept in case a rollback makes it apply.
     #[error("loses to commit {} for epoch {epoch} (lowest id wins)", winner.short())]
@@ -224,9 +228,10 @@ impl IgnoreReason {
             | IgnoreReason::LosingCommit { .. }
             | IgnoreReason::OtherBranch { .. } => "past_commit",
             IgnoreReason::BeforeJoin(_) | IgnoreReason::PastEpoch(_) => "past_epoch",
-            IgnoreReason::AlreadyMerged | IgnoreReason::AlreadyRead | IgnoreReason::Duplicate => {
-                "duplicate"
-            }
+            IgnoreReason::AlreadyMerged
+            | IgnoreReason::RemovalHeld
+            | IgnoreReason::AlreadyRead
+            | IgnoreReason::Duplicate => "duplicate",
             IgnoreReason::Storage => "storage",
             IgnoreReason::CatchingUp
             | IgnoreReason::SenderGap { .. }
@@ -262,6 +267,9 @@ pub enum Step {
     /// Committing a member's proposal to leave.
     #[error("commit the removal")]
     CommitRemoval,
+    /// Holding a commit that removes this node until its grace ends.
+    #[error("hold the commit removing this node")]
+    HoldRemoval,
     /// Noting a member's request for a re-send, or that a wanted text arrived again.
     #[error("record the re-send")]
     RecordResend,
@@ -303,6 +311,7 @@ mod tests {
             IgnoreReason::RivalOfJoin { epoch: 3 },
             IgnoreReason::BeyondRewind { epoch: 3 },
             IgnoreReason::AlreadyMerged,
+            IgnoreReason::RemovalHeld,
             IgnoreReason::LosingCommit {
                 epoch: 3,
                 winner: MessageId([7; 32]),
@@ -350,6 +359,7 @@ mod tests {
                 | IgnoreReason::RivalOfJoin { .. }
                 | IgnoreReason::BeyondRewind { .. }
                 | IgnoreReason::AlreadyMerged
+                | IgnoreReason::RemovalHeld
                 | IgnoreReason::LosingCommit { .. }
                 | IgnoreReason::OtherBranch { .. }
                 | IgnoreReason::BeforeJoin(_)
@@ -369,7 +379,7 @@ mod tests {
     fn every_reason_has_a_listed_label_and_every_label_a_reason() {
         let (rejects, ignores) = every_reason();
         assert_eq!(rejects.len(), 14, "list every RejectReason once");
-        assert_eq!(ignores.len(), 20, "list every IgnoreReason once");
+        assert_eq!(ignores.len(), 21, "list every IgnoreReason once");
         for r in &rejects {
             assert!(RejectReason::LABELS.contains(&r.label()), "{r:?}");
         }

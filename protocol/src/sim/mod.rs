@@ -591,8 +591,8 @@ impl World {
             .unwrap_or_default()
     }
 
-    /// The node's flush tick: the scheduler's tick, past-epoch expiry, re-sends, and the
-    /// flush.
+    /// The node's flush tick: the scheduler's tick, past-epoch expiry, re-sends, held
+    /// removals, and the flush.
     fn flush(&mut self, i: usize) {
         let now_ms = self.now_ms();
         let core = self.core(i);
@@ -619,6 +619,11 @@ impl World {
             Ok(fx) if !fx.is_empty() => self.commit_effects(i, fx, true),
             Ok(_) => {}
             Err(e) => panic!("re-send tick failed: {e}"),
+        }
+        // Commits removing it whose grace ended are merged.
+        let fx = self.core(i).engine.removal_tick(now_ms);
+        if !fx.is_empty() {
+            self.commit_effects(i, fx, false);
         }
         if self.core(i).take_dirty() && self.slots[i].crashable {
             self.slots[i].durable = self.core(i).durable();
