@@ -383,6 +383,20 @@ impl Client {
             .await
             .map_err(|e| ClientError::Local(format!("cannot read {}: {e}", path.display())))?
             .len();
+        // The node refuses a file over its limit before reading it, and closes the
+        // connection while the body is still being sent: ask first, so the user gets the
+        // node's reason rather than a broken pipe.
+        let max = self.file_store().await?.max_file_bytes;
+        if max > 0 && len > max {
+            return Err(ClientError::Api {
+                status: 413,
+                code: "payload_too_large".into(),
+                message: format!(
+                    "the file is larger than this node sends ({}; `[files] max_file_mib`)",
+                    crate::text::human_bytes(max)
+                ),
+            });
+        }
         let mut url = self.url(&["v1", "groups", group, "files"])?;
         url.query_pairs_mut().append_pair("name", name);
         if let Some(c) = caption {

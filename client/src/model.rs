@@ -729,6 +729,9 @@ pub struct FileStoreInfo {
     pub used_bytes: u64,
     /// The most it may use (`[files] quota_mib`).
     pub quota_bytes: u64,
+    /// The largest file this node sends (`[files] max_file_mib`).
+    #[serde(default)]
+    pub max_file_bytes: u64,
     /// The files it knows, newest first.
     pub files: Vec<StoredFile>,
 }

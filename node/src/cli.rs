@@ -1839,14 +1839,15 @@ async fn files_command(client: &Client, cmd: &FilesCommand) -> Result<(), CliErr
             )];
             for f in &info.files {
                 let status = format!("{:?}", f.state.status).to_ascii_lowercase();
-                lines.push(format!(
+                let line = format!(
                     "{}  {:>10}  {:<11}{}{}",
                     short_id(&f.id),
                     human_bytes(f.size),
                     status,
                     if f.own { "  sent by you" } else { "" },
                     if f.state.pinned { "  pinned" } else { "" },
-                ));
+                );
+                lines.push(line.trim_end().to_owned());
             }
             out(&lines.join(
                 "

@@ -283,3 +283,47 @@ async fn hostile_names_are_neutralised_and_a_deleted_message_deletes_its_file_ev
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_over_the_nodes_limit_is_refused_with_one_clear_line() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_tests::loopback_config(vec![]);
+    config.files.max_file_bytes = 1 << 20;
+    let node = TestNode::start(dir.path(), config).await?;
+    let g = node.node.engine.run(|e| e.create_group("solo")).await?.id;
+    let src = tempfile::tempdir()?;
+    let path = src.path().join("big.bin");
+    make_file(&path, 2 << 20, 1);
+    let err = client(&node)
+        .send_file(&g, &path, "big.bin", None)
+        .await
+        .unwrap_err();
+    let line = err.to_string();
+    assert!(
+        line.contains("larger than this node sends (1.0 MiB") && !line.contains('\n'),
+        "{line}"
+    );
+    // A client that does not ask first gets the same answer from the node, as JSON.
+    let addr = node.node.api_addr;
+    let auth = format!("Authorization: Bearer {}", node.node.api_token);
+    let path = format!("/v1/groups/{g}/files?name=big.bin");
+    // Only the head: the node answers from the declared length, before any of the body.
+    let response = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(kith_tests::WAIT))?;
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\nContent-Length: 2097152\r\n\r\n"
+        )?;
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .await??;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("payload_too_large"), "{response}");
+    // Nothing was stored.
+    assert!(node.node.engine.files().store().list()?.is_empty());
+    Ok(())
+}

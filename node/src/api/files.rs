@@ -369,6 +369,7 @@ pub(super) async fn store(State(s): State<ApiState>) -> ApiResult<FileStoreInfo>
         Ok::<_, crate::files::BlobError>(FileStoreInfo {
             used_bytes: usage.bytes,
             quota_bytes: usage.quota,
+            max_file_bytes: files.policy().max_file_bytes,
             files: files_out,
         })
     })
