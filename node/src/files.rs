@@ -245,6 +245,26 @@ impl Files {
         files
     }
 
+    /// Stops every download (what they fetched stays; they resume at the next start).
+    pub fn shutdown(&self) {
+        let jobs: Vec<Job> = self
+            .inner
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, j)| j)
+            .collect();
+        for j in jobs {
+            j.abort.abort();
+        }
+    }
+
+    /// A weak reference to the file store: it is closed once this has no strong count.
+    pub fn store_weak(&self) -> std::sync::Weak<BlobStore> {
+        Arc::downgrade(&self.inner.store)
+    }
+
     /// The policy.
     pub fn policy(&self) -> FilePolicy {
         self.inner.policy

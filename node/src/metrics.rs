@@ -333,6 +333,33 @@ impl FileCounters {
     }
 }
 
+/// Registers the frame byte counters of one request-response protocol, by direction.
+fn frame_bytes(registry: &mut Registry, name: &str, help: &str) -> FrameBytes {
+    let [
+        request_sent,
+        response_received,
+        request_received,
+        response_sent,
+    ] = counters(
+        registry,
+        name,
+        help,
+        [
+            "request_sent",
+            "response_received",
+            "request_received",
+            "response_sent",
+        ]
+        .map(|direction| DirectionLabel { direction }),
+    );
+    FrameBytes {
+        request_sent,
+        response_received,
+        request_received,
+        response_sent,
+    }
+}
+
 /// Registers a counter family with one child per label value and returns the children.
 fn counters<L, const N: usize>(
     registry: &mut Registry,
@@ -461,56 +488,20 @@ impl KithMetrics {
             "Invite links created",
             invites_created.clone(),
         );
-        let [
-            request_sent,
-            response_received,
-            request_received,
-            response_sent,
-        ] = counters(
+        let sync_bytes = frame_bytes(
             r,
             "sync_bytes",
             "Bytes of history sync frames (/kith/sync/1.0.0, length prefix included), by \
              direction: request_sent and response_received when this node catches up, \
              request_received and response_sent when it serves others",
-            [
-                "request_sent",
-                "response_received",
-                "request_received",
-                "response_sent",
-            ]
-            .map(|direction| DirectionLabel { direction }),
         );
-        let sync_bytes = FrameBytes {
-            request_sent,
-            response_received,
-            request_received,
-            response_sent,
-        };
-        let [
-            request_sent,
-            response_received,
-            request_received,
-            response_sent,
-        ] = counters(
+        let file_bytes = frame_bytes(
             r,
             "file_bytes",
             "Bytes of file protocol frames (/kith/file/1.0.0, length prefix included), by \
              direction: request_sent and response_received when this node fetches, \
              request_received and response_sent when it serves others",
-            [
-                "request_sent",
-                "response_received",
-                "request_received",
-                "response_sent",
-            ]
-            .map(|direction| DirectionLabel { direction }),
         );
-        let file_bytes = FrameBytes {
-            request_sent,
-            response_received,
-            request_received,
-            response_sent,
-        };
         let files = FileCounters::register(r);
         let store_write_failures = counters(
             r,

@@ -258,8 +258,24 @@ impl RunningNode {
                 tracing::debug!(error = %e, "cannot remove metrics.addr");
             }
         }
+        let files = self.engine.files().clone();
+        files.shutdown();
+        let blobs = files.store_weak();
+        drop(files);
+        drop(self.engine);
         self.engine_task.shutdown().await;
         self.net.shutdown().await;
+        // The file store closes when the last task that used it has ended (the forwarder
+        // ends with the network task): wait for that, so the same data directory can be
+        // opened again at once (a second open of files.redb is refused while one is open).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while blobs.strong_count() > 0 {
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!("the file store is still in use 5 s after shutdown");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if let Err(e) = identity::remove_api_addr(&self.data_dir) {
             tracing::debug!(error = %e, "cannot remove api.addr");
         }

@@ -888,3 +888,20 @@ pub fn test_seed() -> u64 {
     eprintln!("seed {seed} (replay with KITH_TEST_SEED={seed})");
     seed
 }
+
+/// Writes `size` pseudo-random bytes (xorshift64 from `seed`: incompressible enough, and
+/// reproducible) to `path`; returns their SHA-256.
+pub fn write_random_file(path: &Path, size: usize, seed: u64) -> [u8; 32] {
+    use sha2::Digest;
+    let mut x = seed | 1;
+    let mut data = Vec::with_capacity(size + 8);
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(size);
+    std::fs::write(path, &data).expect("writing a test file");
+    sha2::Sha256::digest(&data).into()
+}

@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-
 use kith_client::Client;
 use kith_client::model::{FileInfo, FileStatus, MessageBody, MessageInfo, NodeEvent};
 use kith_tests::{InGroup, TestNode, group_of, test_seed, wait_event, wait_mesh, with_metrics};
@@ -19,22 +17,6 @@ fn client(node: &TestNode) -> Client {
         node.node.api_token.clone(),
     )
     .unwrap()
-}
-
-/// Writes `size` pseudo-random bytes (from `seed`) to `path`; returns their SHA-256.
-fn make_file(path: &Path, size: usize, seed: u64) -> [u8; 32] {
-    let mut x = seed | 1;
-    let mut data = Vec::with_capacity(size);
-    while data.len() < size {
-        // xorshift64: incompressible enough, and reproducible from the seed.
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    data.truncate(size);
-    std::fs::write(path, &data).unwrap();
-    Sha256::digest(&data).into()
 }
 
 fn file_of(m: &MessageInfo) -> &FileInfo {
@@ -88,7 +70,7 @@ async fn a_50_mib_file_reaches_every_member_of_a_five_node_group() -> anyhow::Re
     let g = group.id.clone();
     let src = tempfile::tempdir()?;
     let path = src.path().join("holiday.bin");
-    let hash = make_file(&path, 50 << 20, seed);
+    let hash = kith_tests::write_random_file(&path, 50 << 20, seed);
     let sent = client(&nodes[0])
         .send_file(&g, &path, "holiday.bin", Some("all of it"))
         .await?;
@@ -158,7 +140,7 @@ async fn the_sender_goes_offline_halfway_and_the_download_completes_from_another
     wait_mesh(&[&a, &b, &c]).await?;
     let src = tempfile::tempdir()?;
     let path = src.path().join("report.pdf");
-    let hash = make_file(&path, 8 << 20, seed);
+    let hash = kith_tests::write_random_file(&path, 8 << 20, seed);
     let sent = client(&a).send_file(&g, &path, "report.pdf", None).await?;
     let file = file_of(&sent).clone();
     wait_message_arrives(&b, &g, &sent.id).await?;
@@ -213,7 +195,7 @@ async fn a_corrupted_chunk_from_a_hostile_member_is_caught_and_fetched_elsewhere
     wait_mesh(&[&a, &b, &c]).await?;
     let src = tempfile::tempdir()?;
     let path = src.path().join("data.bin");
-    let hash = make_file(&path, 6 << 20, seed);
+    let hash = kith_tests::write_random_file(&path, 6 << 20, seed);
     let sent = client(&a).send_file(&g, &path, "data.bin", None).await?;
     wait_message_arrives(&b, &g, &sent.id).await?;
     download(&b, &g, &sent.id).await?;
@@ -236,7 +218,7 @@ async fn hostile_names_are_neutralised_and_a_deleted_message_deletes_its_file_ev
     let g = group.id.clone();
     let src = tempfile::tempdir()?;
     let path = src.path().join("x");
-    make_file(&path, 300_000, 7);
+    kith_tests::write_random_file(&path, 300_000, 7);
     let sent = client(a)
         .send_file(&g, &path, "../../.ssh/authorized_keys\u{202E}txt.exe", None)
         .await?;
@@ -293,7 +275,7 @@ async fn a_file_over_the_nodes_limit_is_refused_with_one_clear_line() -> anyhow:
     let g = node.node.engine.run(|e| e.create_group("solo")).await?.id;
     let src = tempfile::tempdir()?;
     let path = src.path().join("big.bin");
-    make_file(&path, 2 << 20, 1);
+    kith_tests::write_random_file(&path, 2 << 20, 1);
     let err = client(&node)
         .send_file(&g, &path, "big.bin", None)
         .await

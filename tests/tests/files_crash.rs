@@ -13,20 +13,6 @@ fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap()
 }
 
-fn make_file(path: &Path, size: usize, seed: u64) -> [u8; 32] {
-    let mut x = seed | 1;
-    let mut data = Vec::with_capacity(size);
-    while data.len() < size {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    data.truncate(size);
-    std::fs::write(path, &data).unwrap();
-    Sha256::digest(&data).into()
-}
-
 /// `(status, have_bytes)` of the only file in `dir`'s store.
 fn stored(dir: &Path) -> Option<(String, u64)> {
     let info = json(&kith_ok(dir, &["files", "list", "--json"]).ok()?);
@@ -58,7 +44,7 @@ fn a_download_killed_halfway_resumes_after_the_restart() {
     let src = tempfile::tempdir().unwrap();
     let path = src.path().join("video.mp4");
     let size = 12 << 20;
-    let hash = make_file(&path, size, seed);
+    let hash = kith_tests::write_random_file(&path, size, seed);
     let sent = json(
         &kith_ok(
             a,
