@@ -227,6 +227,22 @@ pub struct BlobMeta {
 
 impl BlobMeta {
     /// Plaintext bytes of the chunks held.
+    /// A new row of file `id` posted in `group`: nothing held, not this node's own.
+    fn fresh(id: FileId, layout: Layout, group: GroupId, now_ms: u64) -> BlobMeta {
+        BlobMeta {
+            id,
+            layout,
+            groups: BTreeSet::from([group]),
+            added_ms: now_ms,
+            last_used_ms: now_ms,
+            pinned: false,
+            own: false,
+            have: Bitmap::empty(layout.chunks()),
+            manifest: false,
+            evicted: false,
+        }
+    }
+
     pub fn have_bytes(&self) -> u64 {
         (0..self.layout.chunks())
             .filter(|i| self.have.get(*i))
@@ -945,16 +961,10 @@ impl BlobStore {
                 None => {
                     self.admit_row(&mut table, &mut manifests)?;
                     BlobMeta {
-                        id,
-                        layout,
-                        groups: BTreeSet::from([group]),
-                        added_ms: now_ms,
-                        last_used_ms: now_ms,
-                        pinned: false,
                         own: true,
                         have: Bitmap::full(layout.chunks()),
                         manifest: true,
-                        evicted: false,
+                        ..BlobMeta::fresh(id, layout, group, now_ms)
                     }
                 }
             };
@@ -1024,16 +1034,8 @@ impl BlobStore {
                         manifests.insert(id.as_bytes(), [].as_slice())?;
                     }
                     BlobMeta {
-                        id,
-                        layout,
-                        groups: BTreeSet::from([group]),
-                        added_ms: now_ms,
-                        last_used_ms: now_ms,
-                        pinned: false,
-                        own: false,
-                        have: Bitmap::empty(layout.chunks()),
                         manifest: empty,
-                        evicted: false,
+                        ..BlobMeta::fresh(id, layout, group, now_ms)
                     }
                 }
             };
