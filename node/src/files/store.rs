@@ -226,7 +226,6 @@ pub struct BlobMeta {
 }
 
 impl BlobMeta {
-    /// Plaintext bytes of the chunks held.
     /// A new row of file `id` posted in `group`: nothing held, not this node's own.
     fn fresh(id: FileId, layout: Layout, group: GroupId, now_ms: u64) -> BlobMeta {
         BlobMeta {
@@ -243,6 +242,7 @@ impl BlobMeta {
         }
     }
 
+    /// Plaintext bytes of the chunks held.
     pub fn have_bytes(&self) -> u64 {
         (0..self.layout.chunks())
             .filter(|i| self.have.get(*i))
