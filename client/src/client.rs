@@ -13,8 +13,9 @@ use crate::files::{self, FileError};
 use crate::model::{
     CreateGroupRequest, CreateInviteRequest, DirectBody, DirectInfo, EditBody, ErrorBody,
     EventsLagged, FileSettings, FileState, FileStoreInfo, GroupInfo, GroupSummary, InviteInfo,
-    InviteSummary, JoinBody, JoinRequestInfo, LAGGED_EVENT, MemberInfo, MessageInfo, NodeEvent,
-    PeerList, PinBody, ProfileBody, ProfileInfo, ReactBody, ReadBody, SendBody, StatusInfo,
+    InviteSummary, JoinBody, JoinRequestInfo, LAGGED_EVENT, LoginCode, MemberInfo, MessageInfo,
+    NodeEvent, PeerList, PinBody, ProfileBody, ProfileInfo, ReactBody, ReadBody, SendBody,
+    StatusInfo,
 };
 
 /// Largest response body the client reads (history is at most 1000 messages of 64 KiB).
@@ -172,6 +173,19 @@ impl Client {
     ) -> Result<T, ClientError> {
         let url = self.url(segments)?;
         self.call(self.http.post(url).json(body)).await
+    }
+
+    /// `POST /v1/web/login-codes`: a one-time code for the web app's login link.
+    pub async fn login_code(&self) -> Result<LoginCode, ClientError> {
+        self.post(&["v1", "web", "login-codes"], &serde_json::json!({}))
+            .await
+    }
+
+    /// The web app's login link for `code`: `<api>/app/login?code=…`.
+    pub fn app_login_url(&self, code: &str) -> Result<Url, ClientError> {
+        let mut url = self.url(&["app", "login"])?;
+        url.query_pairs_mut().append_pair("code", code);
+        Ok(url)
     }
 
     /// `GET /v1/status`.

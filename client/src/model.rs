@@ -1124,3 +1124,26 @@ mod tests {
         assert_eq!((g.held, g.undecryptable), (0, 0));
     }
 }
+
+/// `POST /v1/web/login-codes` answer: a one-time code for `/app/login?code=…`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginCode {
+    /// The code (64 lowercase hex digits); it works once.
+    pub code: String,
+    /// Seconds it stays valid.
+    pub expires_in_secs: u64,
+}
+
+/// `GET /v1/web/session` answer: the browser's session is live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebSession {
+    /// When the session ends, Unix milliseconds.
+    pub expires_at_ms: u64,
+}
+
+/// `POST /v1/qr` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QrBody {
+    /// The text to draw (at most 2,048 bytes), e.g. an invite link.
+    pub text: String,
+}

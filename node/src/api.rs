@@ -14,6 +14,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,9 +41,11 @@ use crate::model::{
     ProfileBody, ProfileInfo, ReactBody, ReadBody, SendBody, StatusInfo,
 };
 use crate::store::FailureReason;
+use crate::web::sessions::Sessions;
 
 mod files;
 mod verify;
+mod web;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 128 * 1024;
@@ -59,10 +62,12 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: EngineHandle,
     token: String,
+    sessions: Arc<Sessions>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let app = build_router(engine, &token, stop_rx.clone());
+    let addr = listener.local_addr()?;
+    let app = build_router(engine, &token, sessions, addr, stop_rx.clone());
     // Connections whose request headers do not arrive within a few seconds are closed.
     let server = crate::http::serve(listener, app, async move {
         shutdown.await;
@@ -81,13 +86,24 @@ pub async fn serve(
     }
 }
 
+/// The address the test router pretends to listen on (requests with a session cookie
+/// must name it in `Host`).
+#[cfg(test)]
+const TEST_ADDR: &str = "127.0.0.1:7040";
+
 /// The API's routes over `engine`, requiring `token`, for tests that call it without a
 /// socket. Event streams of this router only end when the engine stops.
 #[cfg(test)]
 fn router(engine: EngineHandle, token: String) -> Router {
+    router_with_sessions(engine, token, Arc::new(Sessions::in_memory()))
+}
+
+#[cfg(test)]
+fn router_with_sessions(engine: EngineHandle, token: String, sessions: Arc<Sessions>) -> Router {
     // The sender is dropped at once: a stop signal that can never fire.
     let (_, stop_rx) = watch::channel(false);
-    build_router(engine, &token, stop_rx)
+    let addr = TEST_ADDR.parse().unwrap_or_else(|_| unreachable!());
+    build_router(engine, &token, sessions, addr, stop_rx)
 }
 
 /// Shared state of the handlers.
@@ -95,11 +111,62 @@ fn router(engine: EngineHandle, token: String) -> Router {
 struct ApiState {
     engine: EngineHandle,
     stop: watch::Receiver<bool>,
+    /// The web app's login codes and browser sessions.
+    sessions: Arc<Sessions>,
+    /// The address the API listens on.
+    addr: SocketAddr,
+    /// Name of this node's session cookie ([`crate::web::cookie_name`]).
+    cookie_name: Arc<str>,
 }
 
-fn build_router(engine: EngineHandle, token: &str, stop: watch::Receiver<bool>) -> Router {
-    let token_digest: Arc<[u8; 32]> = Arc::new(Sha256::digest(token.as_bytes()).into());
+/// Who made a request that passed [`authorize`] (a request extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    /// A client with the API token (the CLI).
+    Token,
+    /// A browser with a session cookie, from the node's own origin.
+    Session,
+}
+
+/// What [`authorize`] checks requests against.
+struct Credentials {
+    token_digest: [u8; 32],
+    sessions: Arc<Sessions>,
+    port: u16,
+    cookie_name: Arc<str>,
+}
+
+fn build_router(
+    engine: EngineHandle,
+    token: &str,
+    sessions: Arc<Sessions>,
+    addr: SocketAddr,
+    stop: watch::Receiver<bool>,
+) -> Router {
+    let cookie_name: Arc<str> = crate::web::cookie_name(&engine.peer_id()).into();
+    let credentials = Arc::new(Credentials {
+        token_digest: Sha256::digest(token.as_bytes()).into(),
+        sessions: sessions.clone(),
+        port: addr.port(),
+        cookie_name: cookie_name.clone(),
+    });
     let metrics = engine.metrics().clone();
+    let state = ApiState {
+        engine,
+        stop,
+        sessions,
+        addr,
+        cookie_name,
+    };
+    // The app's files and its login need no credentials (they hold no secret); they are
+    // outside the authorization layer.
+    let app = Router::new()
+        .route("/", get(web::to_app))
+        .route("/app", get(web::to_app))
+        .route("/app/", get(web::index))
+        .route("/app/login", get(web::login))
+        .route("/app/{*name}", get(web::file))
+        .with_state(state.clone());
     let router = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/groups", get(list_groups).post(create_group))
@@ -180,11 +247,16 @@ fn build_router(engine: EngineHandle, token: &str, stop: watch::Receiver<bool>) 
         .route("/v1/events", get(events))
         .route("/v1/net/peers", get(connected_peers))
         .route("/v1/net/blocked", get(blocked).put(set_blocked))
+        .route("/v1/web/login-codes", post(web::login_code))
+        .route("/v1/web/session", get(web::session))
+        .route("/v1/web/logout", post(web::logout))
+        .route("/v1/qr", post(web::qr))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(ApiState { engine, stop })
+        .with_state(state)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(token_digest, require_token));
+        .layer(middleware::from_fn_with_state(credentials, authorize))
+        .merge(app);
     // Outermost, so refused requests (401) are counted too.
     router.layer(middleware::from_fn_with_state(metrics, count_request))
 }
@@ -317,26 +389,45 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Lets a request through only with the right bearer token.
-async fn require_token(
-    State(expected): State<Arc<[u8; 32]>>,
-    request: Request,
+/// Lets a request through with the right bearer token, or with a live session cookie sent
+/// by the node's own pages ([`crate::web::check_origin`]); records the [`Caller`].
+async fn authorize(
+    State(credentials): State<Arc<Credentials>>,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    let Some(value) = request.headers().get(header::AUTHORIZATION) else {
+    let caller = if let Some(value) = request.headers().get(header::AUTHORIZATION) {
+        let given = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        match given {
+            Some(token) if token_matches(token, &credentials.token_digest) => Caller::Token,
+            _ => return ApiError::unauthorized("invalid API token").into_response(),
+        }
+    } else if let Some(secret) = crate::web::cookie(request.headers(), &credentials.cookie_name) {
+        if let Err(e) =
+            crate::web::check_origin(request.method(), request.headers(), credentials.port)
+        {
+            tracing::info!(error = %e, path = request.uri().path(), "refused a cross-origin request");
+            return ApiError::new(StatusCode::FORBIDDEN, "cross_origin", e.to_string())
+                .into_response();
+        }
+        if credentials.sessions.check(secret).is_none() {
+            return ApiError::unauthorized(
+                "the browser session has ended; run `kith open` to log in again",
+            )
+            .into_response();
+        }
+        Caller::Session
+    } else {
         return ApiError::unauthorized("missing `Authorization: Bearer <token>` header")
             .into_response();
     };
-    let given = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    match given {
-        Some(token) if token_matches(token, &expected) => next.run(request).await,
-        _ => ApiError::unauthorized("invalid API token").into_response(),
-    }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
 }
 
 /// Compares the token's digest with the expected digest in constant time (the digests have
@@ -1376,9 +1467,15 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, node.engine(), TOKEN.to_owned(), async {
-            let _ = stop_rx.await;
-        }));
+        let server = tokio::spawn(serve(
+            listener,
+            node.engine(),
+            TOKEN.to_owned(),
+            Arc::new(Sessions::in_memory()),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
 
         // Open an event stream over a real connection and keep it open.
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();

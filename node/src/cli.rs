@@ -138,9 +138,20 @@ pub enum Command {
     /// Inspect connections and block peers (e.g. to make a network partition in a test).
     #[command(subcommand)]
     Net(NetCommand),
+    /// Open the web app in a browser on this machine, logged in with a one-time link (or
+    /// print the link with --print).
+    Open(OpenArgs),
     /// Show the safety number of this node and a member (digits and QR code) to compare
     /// with theirs, and mark the member verified.
     Verify(VerifyArgs),
+}
+
+/// `kith open` arguments.
+#[derive(Debug, Args)]
+pub struct OpenArgs {
+    /// Print only the link (it works once, within 2 minutes) instead of starting a browser.
+    #[arg(long)]
+    pub print: bool,
 }
 
 /// `kith net …`.
@@ -891,6 +902,27 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
+        Command::Open(args) => {
+            let client = connect()?;
+            let code = client.login_code().await?;
+            let url = client.app_login_url(&code.code)?;
+            let minutes = code.expires_in_secs.div_ceil(60);
+            if args.print {
+                return out(url.as_str());
+            }
+            match open_browser(url.as_str()) {
+                Some(how) => {
+                    out(&format!("opening Kith in your browser ({how})"))?;
+                    out(&format!(
+                        "if it does not open, go to this link within {minutes} minutes (it works once):"
+                    ))?;
+                }
+                None => out(&format!(
+                    "open this link in a browser on this machine within {minutes} minutes (it works once):"
+                ))?,
+            }
+            out(&format!("  {url}"))
+        }
         Command::Watch(args) => {
             let client = connect()?;
             let group = client.group(&args.group).await?;
@@ -1241,6 +1273,41 @@ async fn net_command(client: &Client, cmd: &NetCommand) -> Result<(), CliError> 
 }
 
 /// Writes one line to stdout.
+/// Starts the user's browser on `url` without waiting for it: `$BROWSER` if set, else the
+/// desktop's opener. Returns what was started, or `None` when there is no desktop to open
+/// it on (no display) or nothing could be started.
+fn open_browser(url: &str) -> Option<String> {
+    let program = match std::env::var("BROWSER") {
+        Ok(browser) if !browser.trim().is_empty() => browser,
+        _ if cfg!(target_os = "macos") => "open".to_owned(),
+        _ => {
+            let has_display = ["DISPLAY", "WAYLAND_DISPLAY"]
+                .iter()
+                .any(|v| std::env::var_os(v).is_some_and(|d| !d.is_empty()));
+            if !has_display {
+                return None;
+            }
+            "xdg-open".to_owned()
+        }
+    };
+    let mut words = program.split_whitespace();
+    let name = words.next()?;
+    let started = std::process::Command::new(name)
+        .args(words)
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    match started {
+        Ok(_) => Some(name.to_owned()),
+        Err(e) => {
+            tracing::debug!(program = name, error = %e, "cannot start a browser");
+            None
+        }
+    }
+}
+
 fn out(line: &str) -> Result<(), CliError> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")?;

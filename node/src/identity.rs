@@ -253,9 +253,15 @@ pub fn remove_metrics_addr(data_dir: &Path) -> Result<(), IdentityError> {
 }
 
 fn write_addr_file(path: &Path, addr: SocketAddr) -> Result<(), IdentityError> {
+    replace_secret_file(path, format!("{addr}\n").as_bytes())
+}
+
+/// Replaces `path` atomically with `contents` (mode 0600, synced before the rename), for
+/// small node files that change while the node runs (`api.addr`, `web-sessions`).
+pub fn replace_secret_file(path: &Path, contents: &[u8]) -> Result<(), IdentityError> {
     let path = path.to_owned();
     let tmp = temp_path(&path);
-    write_exclusive(&tmp, format!("{addr}\n").as_bytes(), 0o600)?;
+    write_exclusive(&tmp, contents, 0o600)?;
     std::fs::rename(&tmp, &path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         IdentityError::Io {
@@ -296,7 +302,15 @@ fn exists(path: &Path) -> Result<bool, IdentityError> {
     path.try_exists().map_err(io_err("inspect", path))
 }
 
-/// Reads a small file, refusing anything that is not a regular file or is too big.
+/// Reads a small secret file written by [`replace_secret_file`]; `None` if there is none.
+pub fn read_secret_file_if_present(path: &Path) -> Result<Option<Vec<u8>>, IdentityError> {
+    match File::open(path) {
+        Ok(file) => read_open_file(path, file, true).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("read", path)(e)),
+    }
+}
+
 /// Reads a small secret file, refusing it if group or others have any access to it.
 fn read_secret_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
     let file = File::open(path).map_err(io_err("read", path))?;

@@ -17,3 +17,4 @@ pub mod store;
 pub(crate) mod sync;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod web;

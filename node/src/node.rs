@@ -188,10 +188,12 @@ pub async fn start_with(opts: NodeOptions, recovery: Recovery) -> Result<Running
     })?;
     identity::write_api_addr(&data_dir, api_addr)?;
     let (api_stop, stop_rx) = oneshot::channel::<()>();
+    let sessions = Arc::new(crate::web::sessions::Sessions::open(&data_dir)?);
     let api_task = tokio::spawn(crate::api::serve(
         listener,
         engine.clone(),
         api_token.clone(),
+        sessions,
         async move {
             let _ = stop_rx.await;
         },

@@ -747,6 +747,17 @@ pub fn raw_http(
     headers: &[&str],
     body: &str,
 ) -> anyhow::Result<(u16, String)> {
+    raw_http_with_head(addr, method, path, headers, body).map(|(status, _, body)| (status, body))
+}
+
+/// [`raw_http`], also returning the response's head (status line and headers).
+pub fn raw_http_with_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> anyhow::Result<(u16, String, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(WAIT))?;
@@ -769,7 +780,7 @@ pub fn raw_http(
         .nth(1)
         .context("HTTP response without a status")?
         .parse()?;
-    Ok((status, body.to_owned()))
+    Ok((status, head.to_owned(), body.to_owned()))
 }
 
 /// Path of the `kith-testnet` binary (`target/<profile>/kith-testnet`), building it with the
