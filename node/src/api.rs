@@ -1066,7 +1066,7 @@ mod tests {
         .await;
         expect_error(
             &app,
-            request("GET", "/", None),
+            request("GET", "/v2", None),
             StatusCode::NOT_FOUND,
             "not_found",
         )
