@@ -547,10 +547,23 @@ impl Client {
         group: &str,
         limit: Option<u64>,
     ) -> Result<Vec<MessageInfo>, ClientError> {
+        self.history_before(group, limit, None).await
+    }
+
+    /// `GET /v1/groups/{group}/messages?limit=N&before=ID`: the page before message `before`.
+    pub async fn history_before(
+        &self,
+        group: &str,
+        limit: Option<u64>,
+        before: Option<&str>,
+    ) -> Result<Vec<MessageInfo>, ClientError> {
         let mut url = self.url(&["v1", "groups", group, "messages"])?;
         if let Some(limit) = limit {
             url.query_pairs_mut()
                 .append_pair("limit", &limit.to_string());
+        }
+        if let Some(before) = before {
+            url.query_pairs_mut().append_pair("before", before);
         }
         self.call(self.http.get(url)).await
     }

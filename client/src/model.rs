@@ -140,7 +140,23 @@ pub struct GroupSummary {
     /// Set when the group is a direct chat: the other person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct: Option<Box<PersonInfo>>,
+    /// Whether this node is still a member (false once removed or after leaving).
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// Messages of others after this node's read mark and its own last message, counted up
+    /// to [`MAX_UNREAD`].
+    #[serde(default)]
+    pub unread: u64,
+    /// The newest message (a text or a file), for a chats list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message: Option<Box<MessageInfo>>,
+    /// The message this node marked read up to (`POST …/read`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_up_to: Option<String>,
 }
+
+/// The highest [`GroupSummary::unread`] counted; a list shows more as `999+`.
+pub const MAX_UNREAD: u64 = 1000;
 
 /// A person as shown: PeerId, display name, and a label that tells apart people with the
 /// same name.
@@ -788,6 +804,10 @@ pub struct HistoryQuery {
     /// At most this many entries, newest last (default 100, at most 1000).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Only entries before this message (its id or a unique prefix of at least 8 hex
+    /// characters): the page before one already shown.
+    #[serde(default)]
+    pub before: Option<String>,
 }
 
 /// A live event on `GET /v1/events` (server-sent events; the SSE `event:` field is `type`).
@@ -1013,6 +1033,10 @@ mod tests {
                 deep_forks: 0,
                 forks_detected: 5,
                 direct: None,
+                active: true,
+                unread: 3,
+                last_message: None,
+                read_up_to: None,
             }],
             version: "0.1.0".into(),
             storage: StorageStatus::Failing {

@@ -767,7 +767,12 @@ async fn history(
         .limit
         .unwrap_or(DEFAULT_HISTORY_LIMIT)
         .min(MAX_HISTORY_LIMIT);
-    Ok(Json(s.engine.run(move |e| e.history(&group, limit)).await?))
+    let before = query.before;
+    Ok(Json(
+        s.engine
+            .run(move |e| e.history_page(&group, limit, before.as_deref()))
+            .await?,
+    ))
 }
 
 fn peer_list(peers: Vec<PeerId>) -> PeerList {
@@ -1256,6 +1261,94 @@ mod tests {
         .await;
         other.stop().await;
         node.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_chats_list_counts_unread_and_history_pages_back() {
+        let (a, b, group) = two_in_a_group("friends").await;
+        let (a, app) = app_of(a);
+        let list = |app: Router| async move {
+            let (status, json) = call(&app, request("GET", "/v1/groups", None)).await;
+            assert_eq!(status, StatusCode::OK, "{json}");
+            json[0].clone()
+        };
+        let first = list(app.clone()).await;
+        assert_eq!(first["unread"], 0, "{first}");
+        assert_eq!(first["active"], true);
+        assert!(first.get("last_message").is_none(), "{first}");
+        let mut sent = Vec::new();
+        for text in ["one", "two", "three"] {
+            sent.push(send(&b, &group.id, text).await);
+        }
+        let engine = a.engine();
+        a.wait("b's three texts", |_| {
+            let engine = engine.clone();
+            let id = group.id.clone();
+            async move {
+                let h = engine.run(move |e| e.history(&id, 10)).await.unwrap();
+                h.iter()
+                    .any(|m| matches!(&m.body, MessageBody::Text { text } if text == "three"))
+            }
+        })
+        .await;
+        let summary = list(app.clone()).await;
+        assert_eq!(summary["unread"], 3, "{summary}");
+        assert_eq!(
+            summary["last_message"]["body"]["text"], "three",
+            "{summary}"
+        );
+        // Read up to "two": one left.
+        let body = format!("{{\"up_to\": \"{}\"}}", sent[1].id);
+        let (status, json) = call(
+            &app,
+            request("POST", "/v1/groups/friends/read", Some(&body)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        let summary = list(app.clone()).await;
+        assert_eq!(summary["unread"], 1, "{summary}");
+        assert_eq!(summary["read_up_to"], sent[1].id);
+        // Writing in a chat reads it.
+        send(&a, &group.id, "mine").await;
+        let summary = list(app.clone()).await;
+        assert_eq!(summary["unread"], 0, "{summary}");
+        assert_eq!(summary["last_message"]["body"]["text"], "mine");
+
+        // Pages: the newest two, then the two before them.
+        let (_, newest) = call(
+            &app,
+            request("GET", "/v1/groups/friends/messages?limit=2", None),
+        )
+        .await;
+        let texts = |json: &serde_json::Value| -> Vec<String> {
+            json.as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|m| m["body"]["text"].as_str().map(str::to_owned))
+                .collect()
+        };
+        assert_eq!(texts(&newest), ["three", "mine"]);
+        let oldest_shown = newest[0]["id"].as_str().unwrap();
+        let (status, before) = call(
+            &app,
+            request(
+                "GET",
+                &format!("/v1/groups/friends/messages?limit=2&before={oldest_shown}"),
+                None,
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{before}");
+        assert_eq!(texts(&before), ["one", "two"]);
+        expect_error(
+            &app,
+            request("GET", "/v1/groups/friends/messages?before=00000000", None),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+        b.stop().await;
+        a.stop().await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

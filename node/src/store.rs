@@ -138,6 +138,15 @@ impl Default for Retention {
     }
 }
 
+/// What [`Store::chat_summary`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatSummary {
+    /// The newest message.
+    pub last: Option<HistoryEntry>,
+    /// Unread messages (up to the cap asked for).
+    pub unread: u64,
+}
+
 /// What one [`Store::prune`] call deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pruned {
@@ -822,14 +831,38 @@ impl Store {
     /// (`kith_protocol::sync::HistoryKey`: epoch, sent_at_ms, sender bytes, message id), which
     /// is the same on every member whatever the arrival order.
     pub fn history(&self, group: &GroupId, limit: usize) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.history_before(group, None, limit)
+    }
+
+    /// [`Store::history`], of the entries before message `before` only (a page further
+    /// back); `before` must be a message of `group` ([`Store::position`]).
+    pub fn history_before(
+        &self,
+        group: &GroupId,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
         let txn = self.db.begin_read()?;
         let table = txn.open_table(HISTORY)?;
-        let (lo, hi) = group_range(group);
+        let (lo, mut hi) = group_range(group);
+        let mut inclusive = true;
+        if let Some(key) = before.and_then(|b| <[u8; HISTORY_KEY_LEN]>::try_from(b).ok()) {
+            if key[..32] != hi[..32] {
+                return Ok(Vec::new());
+            }
+            hi = key;
+            inclusive = false;
+        }
+        let rows = if inclusive {
+            table.range::<&[u8; HISTORY_KEY_LEN]>(&lo..=&hi)?
+        } else {
+            table.range::<&[u8; HISTORY_KEY_LEN]>(&lo..&hi)?
+        };
         let mut out = Vec::with_capacity(limit.min(1024));
-        for row in table.range::<&[u8; HISTORY_KEY_LEN]>(&lo..=&hi)?.rev() {
+        for row in rows.rev() {
             let (_, value) = row?;
             let entry: HistoryEntry = decode_record("history", value.value())?;
             // Reactions, edits and deletes are shown on their targets, not as lines.
@@ -843,6 +876,49 @@ impl Store {
         }
         out.reverse();
         Ok(out)
+    }
+
+    /// What a chats list shows of `group`: the newest message (a text or a file; not
+    /// membership lines, reactions, edits or deletes) and how many messages of others came
+    /// after both `read` (the position of this node's read mark) and this node's own newest
+    /// message (writing in a chat reads it), counted up to `cap`.
+    pub fn chat_summary(
+        &self,
+        group: &GroupId,
+        me: &PeerId,
+        read: Option<&[u8]>,
+        cap: u64,
+    ) -> Result<ChatSummary, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HISTORY)?;
+        let (lo, hi) = group_range(group);
+        let mut summary = ChatSummary::default();
+        let mut counting = true;
+        for row in table.range::<&[u8; HISTORY_KEY_LEN]>(&lo..=&hi)?.rev() {
+            let (key, value) = row?;
+            if read.is_some_and(|r| key.value().as_slice() <= r) {
+                counting = false;
+            }
+            if !counting && summary.last.is_some() {
+                break;
+            }
+            let entry: HistoryEntry = decode_record("history", value.value())?;
+            if entry.kind.target().is_some() || entry.kind.text().is_none() {
+                continue;
+            }
+            if entry.sender == *me {
+                counting = false;
+            } else if counting {
+                summary.unread += 1;
+                if summary.unread >= cap {
+                    counting = false;
+                }
+            }
+            if summary.last.is_none() {
+                summary.last = Some(entry);
+            }
+        }
+        Ok(summary)
     }
 
     /// True if the message was already seen: it has a history row or its envelope is stored.

@@ -176,7 +176,7 @@ impl TestNode {
     }
 
     /// Polls `done` until it holds; panics after [`WAIT`].
-    async fn wait<'a, F>(&'a self, what: &str, done: impl Fn(&'a TestNode) -> F)
+    pub(crate) async fn wait<'a, F>(&'a self, what: &str, done: impl Fn(&'a TestNode) -> F)
     where
         F: std::future::Future<Output = bool>,
     {

@@ -3,6 +3,7 @@
 //! is refused while the disk cannot write.
 
 use super::*;
+use crate::model::MAX_UNREAD;
 
 impl Actor {
     /// All groups of this node, with how far each is from being in sync (`GET /v1/groups`).
@@ -22,7 +23,7 @@ impl Actor {
                         tracing::warn!(error = %e, "cannot count undecryptable messages");
                         0
                     });
-                GroupSummary {
+                let mut summary = GroupSummary {
                     held,
                     in_sync: held == 0
                         && !self.sync.is_running(&id)
@@ -31,8 +32,11 @@ impl Actor {
                     undecryptable,
                     missing: self.groups.missing_messages(&id),
                     sync_failures: self.sync.failures(&id),
+                    active: self.groups.is_active(&id),
                     ..summary(v)
-                }
+                };
+                self.chat_summary(&id, &mut summary);
+                summary
             })
             .collect();
         self.decorate(&mut list);
@@ -88,8 +92,61 @@ impl Actor {
     /// The newest `limit` history entries of group `q` (at least 1, at most
     /// [`MAX_HISTORY`]), oldest first (`GET /v1/groups/{group}/messages`).
     pub fn history(&self, q: &str, limit: usize) -> Result<Vec<MessageInfo>, EngineError> {
+        self.history_page(q, limit, None)
+    }
+
+    /// [`Actor::history`] before message `before` (a full id or a unique prefix): the page
+    /// further back from one already shown.
+    pub fn history_page(
+        &self,
+        q: &str,
+        limit: usize,
+        before: Option<&str>,
+    ) -> Result<Vec<MessageInfo>, EngineError> {
         let id = self.resolve(q)?;
-        let entries = self.store.history(&id, limit.clamp(1, MAX_HISTORY))?;
+        let before = match before {
+            Some(m) => {
+                let target = self.find_message(&id, m)?;
+                Some(self.store.position(&target.id)?.ok_or_else(|| {
+                    EngineError::NotFound(format!(
+                        "message {} has no place in history",
+                        target.id.short()
+                    ))
+                })?)
+            }
+            None => None,
+        };
+        let entries =
+            self.store
+                .history_before(&id, before.as_deref(), limit.clamp(1, MAX_HISTORY))?;
         Ok(self.history_view(&id, &entries))
+    }
+
+    /// The chats-list part of a group summary: unread count, newest message, read mark.
+    fn chat_summary(&self, id: &GroupId, summary: &mut GroupSummary) {
+        let mark = match self.store.receipts(id) {
+            Ok(receipts) => receipts.into_iter().find(|(p, _, _)| *p == self.me),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the read marks");
+                None
+            }
+        };
+        let position = mark
+            .as_ref()
+            .and_then(|(_, up_to, _)| self.store.position(up_to).ok().flatten());
+        match self
+            .store
+            .chat_summary(id, &self.me, position.as_deref(), MAX_UNREAD)
+        {
+            Ok(found) => {
+                summary.unread = found.unread;
+                summary.last_message = found
+                    .last
+                    .and_then(|entry| self.history_view(id, &[entry]).pop())
+                    .map(Box::new);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot summarise a chat"),
+        }
+        summary.read_up_to = mark.map(|(_, up_to, _)| up_to.to_string());
     }
 }

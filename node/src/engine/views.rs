@@ -159,6 +159,10 @@ pub(super) fn summary(v: &GroupView) -> GroupSummary {
         deep_forks: v.deep_forks,
         forks_detected: v.forks_detected,
         direct: None,
+        active: true,
+        unread: 0,
+        last_message: None,
+        read_up_to: None,
     }
 }
 
