@@ -177,7 +177,7 @@ function actions(m, own) {
     h('button', { type: 'button', class: 'icon', 'aria-label': 'Reply', title: 'Reply', onclick: () => setMode({ kind: 'reply', msg: m }) }, '↩'),
     h('button', { type: 'button', class: 'icon', 'aria-label': 'React', title: 'React', 'aria-haspopup': 'true', onclick: (e) => picker(m, e.currentTarget) }, '☺'));
   if (own && m.body.type === 'text') bar.append(h('button', { type: 'button', class: 'icon', 'aria-label': 'Edit', title: 'Edit', onclick: () => setMode({ kind: 'edit', msg: m }) }, '✎'));
-  if (own) bar.append(h('button', { type: 'button', class: 'icon', 'aria-label': 'Delete', title: 'Delete', onclick: () => remove(m) }, '🗑'));
+  if (own) bar.append(h('button', { type: 'button', class: 'icon', 'aria-label': 'Delete', title: 'Delete', onclick: () => remove(m) }, '✗'));
   return bar;
 }
 
@@ -223,7 +223,7 @@ function fileView(m) {
   const status = f.state.status;
   const pct = f.size ? Math.floor((f.state.have_bytes / f.size) * 100) : 100;
   const card = h('div', { class: 'card' },
-    h('span', { class: 'file-icon', 'aria-hidden': 'true' }, '📄'),
+    h('span', { class: 'file-icon', 'aria-hidden': 'true' }, '▤'),
     h('span', { class: 'file-main' },
       h('span', { class: 'file-name' }, f.name),
       h('span', { class: 'muted' }, bytes(f.size),
@@ -403,13 +403,16 @@ export function onMessage(m) {
   if (m.group && m.group !== view.gid) return;
   const box = $('#messages');
   const stick = seesBottom() || m.sender === app.me.peer_id;
-  const known = view.msgs.has(m.id);
+  const known = view.msgs.get(m.id);
+  if (known && JSON.stringify(known) === JSON.stringify(m)) return;
   put(m);
   if (known) redraw(m.id);
   else box.append(render(m));
   view.typers.delete(m.sender);
   drawTyping();
-  if (!app.profiles.has(m.sender)) loadProfiles([m.sender]).then(() => redraw(m.id));
+  if (!app.profiles.has(m.sender)) {
+    loadProfiles([m.sender]).then(() => { if (app.profiles.get(m.sender)?.name) redraw(m.id); });
+  }
   if (stick) box.scrollTop = box.scrollHeight;
   markRead();
 }

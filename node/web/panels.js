@@ -91,13 +91,14 @@ export async function joinDialog(prefill = '') {
     fill(stages);
     result.textContent = '';
     result.className = 'result';
+    // Kept until the dialog closes: the last stage's event may come after the answer.
     app.hooks.add(hook);
     try {
       const g = await api.post('/v1/join', { link: link.value.trim() }, { quiet: true });
       result.textContent = `Joined “${g.name}”.`;
       result.classList.add('ok');
       await refreshGroups();
-      const open = h('button', { type: 'button', class: 'primary', autofocus: true, onclick: () => { d.close('ok'); openChat(g.id); } }, 'Open the chat');
+      const open = h('button', { type: 'button', id: 'join-open', class: 'primary', autofocus: true, onclick: () => { d.close('ok'); openChat(g.id); } }, 'Open the chat');
       form.append(h('div', { class: 'actions' }, open));
       open.focus();
     } catch (err) {
@@ -105,8 +106,6 @@ export async function joinDialog(prefill = '') {
       result.classList.add('fail');
       go.disabled = false;
       link.readOnly = false;
-    } finally {
-      app.hooks.delete(hook);
     }
   });
   await openDialog(d);

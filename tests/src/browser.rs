@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::WAIT;
 
 /// The W3C key of an element reference in WebDriver JSON.
-const ELEMENT: &str = "element-6066-11e4-a6ae-4a4d1e6ac4df";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 /// The WebDriver key code of Enter.
 pub const ENTER: &str = "\u{E007}";
 /// The fixed window size of every session.
@@ -347,12 +347,20 @@ impl Session {
     }
 
     /// Clicks the element matching `css` (waiting for it).
+    /// An element the app redrew between the lookup and the click is looked up again.
     pub async fn click(&self, css: &str) -> anyhow::Result<()> {
-        let e = self.find(css).await?;
-        self.cmd("POST", &format!("/element/{}/click", e.0), None)
-            .await
-            .with_context(|| format!("clicking `{css}`"))?;
-        Ok(())
+        let mut tries = 0;
+        loop {
+            let e = self.find(css).await?;
+            match self
+                .cmd("POST", &format!("/element/{}/click", e.0), None)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(err) if tries < 5 && err.to_string().contains("stale element") => tries += 1,
+                Err(err) => return Err(err.context(format!("clicking `{css}`"))),
+            }
+        }
     }
 
     /// Types `text` into the element matching `css` (for a file input: a path).
