@@ -187,12 +187,19 @@ function picker(m, anchor) {
   const pop = h('div', { class: 'picker', role: 'menu', 'aria-label': 'Pick a reaction' },
     REACTIONS.map((e) => h('button', {
       type: 'button', role: 'menuitem', class: mine(e) ? 'mine' : '', 'aria-label': e,
-      onclick: () => { pop.remove(); react(m, e, !mine(e)); },
+      onclick: () => { react(m, e, !mine(e)).catch(() => {}); close(); },
     }, e)));
+  // Removing the picker moves focus out of it, which fires focusout again: close once.
+  let closed = false;
+  const close = () => {
+    if (closed) return;
+    closed = true;
+    pop.remove();
+  };
   pop.addEventListener('keydown', (e) => {
-    if (e.key === 'Escape') { e.stopPropagation(); pop.remove(); anchor.focus(); }
+    if (e.key === 'Escape') { e.stopPropagation(); close(); anchor.focus(); }
   });
-  pop.addEventListener('focusout', (e) => { if (!pop.contains(e.relatedTarget)) pop.remove(); });
+  pop.addEventListener('focusout', (e) => { if (!pop.contains(e.relatedTarget)) close(); });
   anchor.closest('.msg').append(pop);
   pop.querySelector('button').focus();
 }
