@@ -375,6 +375,7 @@ function autosize() {
   const ta = $('#text');
   ta.style.height = 'auto';
   ta.style.height = Math.min(ta.scrollHeight, 200) + 'px';
+  ta.style.overflowY = ta.scrollHeight > 200 ? 'auto' : 'hidden';
 }
 
 const draft = (gid) => sessionStorage.getItem('kith.draft.' + gid) || '';
