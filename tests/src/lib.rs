@@ -4,6 +4,8 @@
 //! Every node listens on 127.0.0.1 with port 0 (the OS picks a free port), mDNS is off (it
 //! would send multicast on the LAN), and every wait has a timeout.
 
+pub mod browser;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

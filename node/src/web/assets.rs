@@ -1,7 +1,7 @@
-//! The web app's files, built into the binary from `node/web/` (no build step: plain HTML,
-//! CSS and ES modules). One row per file: name under `/app/`, content type, bytes.
+//! The web app's files (`node/web/`), built into the binary: `GET /app/<name>` serves
+//! `node/web/<name>` with its content type. One row per file; the app has no build step.
 
-/// The embedded files of the web app.
+/// `(name, content type, bytes)` of every file of the web app.
 pub const ASSETS: &[(&str, &str, &[u8])] = &[
     (
         "index.html",
@@ -17,5 +17,30 @@ pub const ASSETS: &[(&str, &str, &[u8])] = &[
         "app.js",
         "text/javascript; charset=utf-8",
         include_bytes!("../../web/app.js"),
+    ),
+    (
+        "api.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/api.js"),
+    ),
+    (
+        "dom.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/dom.js"),
+    ),
+    (
+        "chat.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/chat.js"),
+    ),
+    (
+        "panels.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/panels.js"),
+    ),
+    (
+        "icon.svg",
+        "image/svg+xml",
+        include_bytes!("../../web/icon.svg"),
     ),
 ];

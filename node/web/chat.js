@@ -1,0 +1,563 @@
+// The chat view: history, live changes, the composer and attachments.
+
+import * as api from './api.js';
+import { h, fill, $, bytes, when, short, confirmDialog, dialogShell, openDialog } from './dom.js';
+import { app, nameOf, loadProfiles, setReadMark, systemText, displayName, renderList, banner } from './app.js';
+import * as panels from './panels.js';
+
+const REACTIONS = ['👍', '❤️', '😂', '😮', '😢', '🎉'];
+const PAGE = 50;
+const MAX_LIMIT = 1000;
+
+/** The open chat: its messages by id in history order, and the composer's mode. */
+const view = {
+  gid: null,
+  msgs: new Map(),
+  order: [],
+  limit: PAGE,
+  /** file id -> message id, to route file_progress events. */
+  files: new Map(),
+  /** {kind: 'reply'|'edit', msg} or null. */
+  mode: null,
+  typers: new Map(),
+  loadingOlder: false,
+  /** Blob URLs to revoke when the view changes. */
+  urls: [],
+};
+
+const isImage = (mime) => /^image\/(png|jpeg|gif|webp)$/.test(mime);
+const isShown = (m) => m.body.type === 'text' || m.body.type === 'file' || m.deleted;
+const fileUrl = (m) => api.g(view.gid, 'messages', m.id, 'file');
+
+// ---- opening and loading ------------------------------------------------------------
+
+/** Shows group `gid` (or the empty pane for null). */
+export async function open(gid) {
+  $('#empty').hidden = !!gid;
+  $('#chat-view').hidden = !gid;
+  if (gid === view.gid) return;
+  view.gid = gid;
+  view.msgs.clear();
+  view.order = [];
+  view.files.clear();
+  view.limit = PAGE;
+  view.typers.clear();
+  setMode(null);
+  $('#typing').textContent = '';
+  fill($('#messages'));
+  fill($('#requests'));
+  panels.closeSide();
+  if (!gid) return;
+  drawHead();
+  $('#text').value = draft(gid);
+  await reload();
+  onRequests();
+  if (!matchMedia('(max-width: 600px)').matches || document.body.classList.contains('in-chat')) $('#text').focus();
+}
+
+function drawHead() {
+  const g = app.groups.get(view.gid);
+  if (!g) return;
+  $('#chat-title').textContent = displayName(g.s);
+  $('#chat-sub').textContent = g.s.direct ? 'Direct chat' : `${g.s.member_count} member${g.s.member_count === 1 ? '' : 's'}`;
+}
+
+/** Fetches the newest `view.limit` entries and redraws. */
+export async function reload() {
+  const gid = view.gid;
+  const list = await api.get(api.g(gid, 'messages') + '?limit=' + view.limit);
+  if (gid !== view.gid) return;
+  await loadProfiles([...new Set(list.map((m) => m.sender))]);
+  const box = $('#messages');
+  const fromBottom = box.scrollHeight - box.scrollTop;
+  const stick = seesBottom() || !view.order.length;
+  view.msgs.clear();
+  view.files.clear();
+  view.order = [];
+  for (const m of list) put(m);
+  fill(box, view.order.map((id) => render(view.msgs.get(id))));
+  if (list.length >= view.limit && view.limit < MAX_LIMIT) box.prepend(h('div', { class: 'older muted' }, 'Scroll up for older messages'));
+  if (stick) box.scrollTop = box.scrollHeight;
+  else box.scrollTop = box.scrollHeight - fromBottom;
+  markRead();
+}
+
+function put(m) {
+  if (!view.msgs.has(m.id)) view.order.push(m.id);
+  view.msgs.set(m.id, m);
+  if (m.body.type === 'file') view.files.set(m.body.file.id, m.id);
+}
+
+async function older() {
+  const box = $('#messages');
+  if (view.loadingOlder || box.scrollTop > 40 || view.order.length < view.limit || view.limit >= MAX_LIMIT) return;
+  view.loadingOlder = true;
+  view.limit = Math.min(view.limit * 2, MAX_LIMIT);
+  try {
+    await reload();
+  } finally {
+    view.loadingOlder = false;
+  }
+}
+
+/** Whether the newest message is in sight (the user reads the chat). */
+export function seesBottom() {
+  const box = $('#messages');
+  return document.visibilityState === 'visible' && !$('#chat-view').hidden
+    && box.scrollHeight - box.scrollTop - box.clientHeight < 60;
+}
+
+let readTimer = null;
+
+/** Tells the node the user read the chat, once the newest message is in sight. */
+function markRead() {
+  if (!view.gid || !seesBottom()) return;
+  clearTimeout(readTimer);
+  readTimer = setTimeout(() => {
+    const last = view.order.length ? view.msgs.get(view.order[view.order.length - 1]) : null;
+    if (!last) return;
+    setReadMark(view.gid, last.received_at_ms);
+    api.post(api.g(view.gid, 'read'), {}, { quiet: true }).catch(() => {});
+  }, 300);
+}
+
+// ---- drawing a message --------------------------------------------------------------
+
+function render(m) {
+  if (!isShown(m)) {
+    return h('div', { class: 'system', id: 'm-' + m.id, role: 'note' }, systemText(m), ' · ', when(m.sent_at_ms));
+  }
+  const own = m.sender === app.me.peer_id;
+  const el = h('div', {
+    class: 'msg' + (own ? ' own' : '') + (m.deleted ? ' deleted' : ''),
+    id: 'm-' + m.id, role: 'article', tabindex: '-1',
+    'aria-label': `${nameOf(m.sender, m.sender_label)}, ${when(m.sent_at_ms)}`,
+  });
+  const bubble = h('div', { class: 'bubble' });
+  if (!own) bubble.append(h('div', { class: 'sender' }, nameOf(m.sender, m.sender_label)));
+  if (m.reply_to) {
+    const r = m.reply_to;
+    bubble.append(h('button', {
+      type: 'button', class: 'quote', 'aria-label': 'Go to the message this answers',
+      onclick: () => jumpTo(r.id),
+    }, h('span', { class: 'quote-who' }, r.sender ? nameOf(r.sender.peer_id, r.sender.label) : 'A message'),
+    h('span', { class: 'quote-text' }, r.excerpt || (r.sender ? '' : 'not here or deleted'))));
+  }
+  if (m.deleted) {
+    bubble.append(h('div', { class: 'text muted' }, 'This message was deleted'));
+  } else if (m.body.type === 'text') {
+    bubble.append(h('div', { class: 'text' }, m.body.text));
+  } else {
+    bubble.append(fileView(m));
+  }
+  const meta = h('div', { class: 'meta muted' }, h('time', { datetime: new Date(m.sent_at_ms).toISOString(), title: new Date(m.sent_at_ms).toLocaleString() }, when(m.sent_at_ms)));
+  if (m.edited_at_ms && !m.deleted) meta.append(' · ', h('span', { class: 'edited', title: 'Edited ' + new Date(m.edited_at_ms).toLocaleString() }, 'edited'));
+  if (own && m.read_by && m.read_by.length) {
+    meta.append(' · ', h('span', { class: 'read', title: 'Read by ' + m.read_by.map((p) => p.label).join(', ') }, `✓ read by ${m.read_by.length}`));
+  }
+  bubble.append(meta);
+  el.append(bubble);
+  if (m.reactions && m.reactions.length) {
+    el.append(h('div', { class: 'reactions' }, m.reactions.map((r) => {
+      const mine = r.by.includes(app.me.peer_id);
+      return h('button', {
+        type: 'button', class: 'reaction' + (mine ? ' mine' : ''), 'aria-pressed': mine ? 'true' : 'false',
+        title: r.by.map((p) => nameOf(p)).join(', '),
+        'aria-label': `${r.emoji} ${r.by.length}${mine ? ', yours: remove' : ''}`,
+        onclick: () => react(m, r.emoji, !mine),
+      }, r.emoji, ' ', String(r.by.length));
+    })));
+  }
+  if (!m.deleted) el.append(actions(m, own));
+  return el;
+}
+
+function actions(m, own) {
+  const bar = h('div', { class: 'actions', role: 'toolbar', 'aria-label': 'Message actions' },
+    h('button', { type: 'button', class: 'icon', 'aria-label': 'Reply', title: 'Reply', onclick: () => setMode({ kind: 'reply', msg: m }) }, '↩'),
+    h('button', { type: 'button', class: 'icon', 'aria-label': 'React', title: 'React', 'aria-haspopup': 'true', onclick: (e) => picker(m, e.currentTarget) }, '☺'));
+  if (own && m.body.type === 'text') bar.append(h('button', { type: 'button', class: 'icon', 'aria-label': 'Edit', title: 'Edit', onclick: () => setMode({ kind: 'edit', msg: m }) }, '✎'));
+  if (own) bar.append(h('button', { type: 'button', class: 'icon', 'aria-label': 'Delete', title: 'Delete', onclick: () => remove(m) }, '✗'));
+  return bar;
+}
+
+function picker(m, anchor) {
+  document.querySelector('.picker')?.remove();
+  const mine = (e) => (m.reactions || []).some((r) => r.emoji === e && r.by.includes(app.me.peer_id));
+  const pop = h('div', { class: 'picker', role: 'menu', 'aria-label': 'Pick a reaction' },
+    REACTIONS.map((e) => h('button', {
+      type: 'button', role: 'menuitem', class: mine(e) ? 'mine' : '', 'aria-label': e,
+      onclick: () => { react(m, e, !mine(e)).catch(() => {}); close(); },
+    }, e)));
+  // Removing the picker moves focus out of it, which fires focusout again: close once.
+  let closed = false;
+  const close = () => {
+    if (closed) return;
+    closed = true;
+    pop.remove();
+  };
+  pop.addEventListener('keydown', (e) => {
+    if (e.key === 'Escape') { e.stopPropagation(); close(); anchor.focus(); }
+  });
+  pop.addEventListener('focusout', (e) => { if (!pop.contains(e.relatedTarget)) close(); });
+  anchor.closest('.msg').append(pop);
+  pop.querySelector('button').focus();
+}
+
+function fileView(m) {
+  const f = m.body.file;
+  const done = f.state.status === 'complete';
+  const wrap = h('div', { class: 'file', dataset: { file: f.id } });
+  if (isImage(f.mime) && (f.thumbnail || done)) {
+    const img = h('img', {
+      class: 'thumb', alt: f.caption || f.name, loading: 'lazy',
+      src: f.thumbnail ? api.g(view.gid, 'messages', m.id, 'file', 'thumbnail') : fileUrl(m),
+    });
+    if (f.width && f.height) {
+      const scale = Math.min(1, 320 / f.width, 240 / f.height);
+      img.width = Math.max(1, Math.round(f.width * scale));
+      img.height = Math.max(1, Math.round(f.height * scale));
+    }
+    img.addEventListener('error', () => {
+      if (done && img.src.endsWith('/thumbnail')) img.src = fileUrl(m);
+      else img.replaceWith(h('div', { class: 'thumb placeholder muted' }, 'Picture'));
+    }, { once: false });
+    wrap.append(h('button', {
+      type: 'button', class: 'thumb-button', 'aria-label': `View ${f.name} full size`,
+      onclick: () => (done ? lightbox(m) : download(m)),
+    }, img));
+  }
+  const status = f.state.status;
+  const pct = f.size ? Math.floor((f.state.have_bytes / f.size) * 100) : 100;
+  const card = h('div', { class: 'card' },
+    h('span', { class: 'file-icon', 'aria-hidden': 'true' }, '▤'),
+    h('span', { class: 'file-main' },
+      h('span', { class: 'file-name' }, f.name),
+      h('span', { class: 'muted' }, bytes(f.size),
+        status === 'downloading' ? ` · ${pct}%` : '',
+        status === 'waiting' ? ' · waiting for a member who has it' : '',
+        status === 'evicted' ? ' · removed to save space' : '',
+        status === 'deleted' ? ' · deleted' : '')));
+  if (status === 'downloading' || status === 'waiting') {
+    card.append(h('progress', { max: '100', value: String(pct), 'aria-label': `Downloading ${f.name}` }));
+    card.append(h('button', { type: 'button', class: 'icon', 'aria-label': 'Stop download', title: 'Stop', onclick: () => api.del(api.g(view.gid, 'messages', m.id, 'file', 'download')).catch(() => {}) }, '■'));
+  } else if (done) {
+    card.append(h('a', { class: 'button', href: fileUrl(m), download: f.name, 'aria-label': `Save ${f.name}` }, 'Save'));
+  } else if (status !== 'deleted') {
+    card.append(h('button', { type: 'button', onclick: () => download(m), 'aria-label': `Download ${f.name}` }, 'Download'));
+  }
+  wrap.append(card);
+  if (f.caption) wrap.append(h('div', { class: 'text' }, f.caption));
+  return wrap;
+}
+
+function download(m) {
+  api.post(api.g(view.gid, 'messages', m.id, 'file', 'download'), {}).catch(() => {});
+}
+
+function lightbox(m) {
+  const f = m.body.file;
+  const d = dialogShell(f.name,
+    h('img', { class: 'full', src: fileUrl(m), alt: f.caption || f.name }),
+    h('div', { class: 'actions' }, h('a', { class: 'button', href: fileUrl(m), download: f.name }, 'Save')));
+  d.classList.add('lightbox');
+  openDialog(d);
+}
+
+/** Redraws one message in place. */
+function redraw(id) {
+  const m = view.msgs.get(id);
+  const old = document.getElementById('m-' + id);
+  if (!m || !old) return;
+  const hadFocus = old.contains(document.activeElement);
+  const el = render(m);
+  old.replaceWith(el);
+  if (hadFocus) el.focus();
+}
+
+async function jumpTo(id) {
+  let el = document.getElementById('m-' + id);
+  while (!el && view.limit < MAX_LIMIT && view.order.length >= view.limit) {
+    view.limit = Math.min(view.limit * 2, MAX_LIMIT);
+    await reload();
+    el = document.getElementById('m-' + id);
+  }
+  if (!el) { banner('That message is not on this node (too old, or it never arrived).', 'info'); return; }
+  el.scrollIntoView({ block: 'center', behavior: 'smooth' });
+  el.classList.add('flash');
+  el.focus({ preventScroll: true });
+  setTimeout(() => el.classList.remove('flash'), 1500);
+}
+
+// ---- actions ------------------------------------------------------------------------
+
+async function react(m, emoji, on) {
+  const path = api.g(view.gid, 'messages', m.id, 'reactions');
+  const updated = on ? await api.post(path, { emoji }) : await api.del(path + '/' + encodeURIComponent(emoji));
+  if (view.msgs.has(m.id)) { view.msgs.set(m.id, updated); redraw(m.id); }
+}
+
+async function remove(m) {
+  if (!(await confirmDialog('Delete this message for everyone?', 'Delete'))) return;
+  const updated = await api.del(api.g(view.gid, 'messages', m.id));
+  if (view.msgs.has(m.id)) { view.msgs.set(m.id, updated); redraw(m.id); }
+  if (view.mode && view.mode.msg.id === m.id) setMode(null);
+}
+
+function setMode(mode) {
+  const wasEdit = view.mode && view.mode.kind === 'edit';
+  view.mode = mode;
+  const ctx = $('#context');
+  ctx.hidden = !mode;
+  if (!mode) {
+    if (wasEdit) $('#text').value = '';
+    return;
+  }
+  const m = mode.msg;
+  const excerpt = m.body.type === 'text' ? m.body.text.split('\n')[0].slice(0, 80) : (m.body.file ? m.body.file.name : '');
+  fill($('#context-text'), h('strong', null, mode.kind === 'edit' ? 'Editing' : 'Replying to ' + nameOf(m.sender, m.sender_label)), ' ', h('span', { class: 'muted' }, excerpt));
+  if (mode.kind === 'edit') $('#text').value = m.body.text;
+  autosize();
+  $('#text').focus();
+}
+
+async function submit() {
+  const ta = $('#text');
+  const text = ta.value;
+  if (!text.trim() || !view.gid) return;
+  const gid = view.gid;
+  const mode = view.mode;
+  $('#btn-send').disabled = true;
+  try {
+    if (mode && mode.kind === 'edit') {
+      const updated = await api.patch(api.g(gid, 'messages', mode.msg.id), { text });
+      if (view.msgs.has(updated.id)) { view.msgs.set(updated.id, updated); redraw(updated.id); }
+    } else {
+      const body = { text };
+      if (mode && mode.kind === 'reply') body.reply_to = mode.msg.id;
+      const sent = await api.post(api.g(gid, 'messages'), body);
+      if (gid === view.gid) onMessage(sent);
+    }
+    ta.value = '';
+    saveDraft(gid, '');
+    view.mode = null;
+    $('#context').hidden = true;
+    autosize();
+  } catch {
+    // The banner shows the node's line; the text stays in the box.
+  } finally {
+    $('#btn-send').disabled = false;
+    ta.focus();
+  }
+}
+
+function editLast() {
+  for (let i = view.order.length - 1; i >= 0; i--) {
+    const m = view.msgs.get(view.order[i]);
+    if (m.sender === app.me.peer_id && m.body.type === 'text' && !m.deleted) {
+      setMode({ kind: 'edit', msg: m });
+      return true;
+    }
+  }
+  return false;
+}
+
+let lastTyping = 0;
+
+function typing() {
+  const now = Date.now();
+  if (!view.gid || now - lastTyping < 3000) return;
+  lastTyping = now;
+  api.post(api.g(view.gid, 'typing'), {}, { quiet: true }).catch(() => {});
+}
+
+function autosize() {
+  const ta = $('#text');
+  ta.style.height = 'auto';
+  ta.style.height = Math.min(ta.scrollHeight, 200) + 'px';
+  ta.style.overflowY = ta.scrollHeight > 200 ? 'auto' : 'hidden';
+}
+
+const draft = (gid) => sessionStorage.getItem('kith.draft.' + gid) || '';
+function saveDraft(gid, text) {
+  if (text) sessionStorage.setItem('kith.draft.' + gid, text);
+  else sessionStorage.removeItem('kith.draft.' + gid);
+}
+
+// ---- attachments --------------------------------------------------------------------
+
+async function sendFiles(files) {
+  const gid = view.gid;
+  if (!gid) return;
+  for (const file of files) {
+    const bar = h('progress', { max: '100', value: '0', 'aria-label': `Uploading ${file.name}` });
+    const row = h('div', { class: 'upload' }, h('span', { class: 'file-name' }, file.name), h('span', { class: 'muted' }, bytes(file.size)), bar);
+    $('#uploads').append(row);
+    try {
+      const m = await api.upload(gid, file, '', (done, total) => { bar.value = Math.floor((done / total) * 100); });
+      if (gid === view.gid) onMessage(m);
+    } catch {
+      // Reported in the banner.
+    } finally {
+      row.remove();
+    }
+  }
+}
+
+// ---- live events --------------------------------------------------------------------
+
+/** A history entry arrived (or was sent here). */
+export function onMessage(m) {
+  if (m.group && m.group !== view.gid) return;
+  const box = $('#messages');
+  const stick = seesBottom() || m.sender === app.me.peer_id;
+  const known = view.msgs.get(m.id);
+  if (known && JSON.stringify(known) === JSON.stringify(m)) return;
+  put(m);
+  if (known) redraw(m.id);
+  else box.append(render(m));
+  view.typers.delete(m.sender);
+  drawTyping();
+  if (!app.profiles.has(m.sender)) {
+    loadProfiles([m.sender]).then(() => { if (app.profiles.get(m.sender)?.name) redraw(m.id); });
+  }
+  if (stick) box.scrollTop = box.scrollHeight;
+  markRead();
+}
+
+/** A reaction, edit or delete. */
+export function onChanged(d) {
+  if (!d.message || !view.msgs.has(d.id)) return;
+  view.msgs.set(d.id, d.message);
+  redraw(d.id);
+  // Replies quoting an edited or deleted message show its new excerpt after a reload;
+  // redraw the ones in view from the node's answer.
+  if (d.change.type !== 'reaction') {
+    for (const m of view.msgs.values()) {
+      if (m.reply_to && m.reply_to.id === d.id) {
+        api.get(api.g(view.gid, 'messages', m.id), { quiet: true }).then((fresh) => { view.msgs.set(m.id, fresh); redraw(m.id); }).catch(() => {});
+      }
+    }
+  }
+}
+
+export function onEpoch() {
+  drawHead();
+  panels.refreshSide();
+}
+
+export function onProfile() {
+  for (const id of view.order) redraw(id);
+  panels.refreshSide();
+}
+
+export function onRead(d) {
+  if (!view.msgs.has(d.up_to)) return;
+  // read_by of every own message up to it may have grown: ask for the newest few again.
+  api.get(api.g(view.gid, 'messages') + '?limit=' + Math.min(view.order.length, PAGE), { quiet: true }).then((list) => {
+    for (const m of list) if (view.msgs.has(m.id)) { view.msgs.set(m.id, m); redraw(m.id); }
+  }).catch(() => {});
+}
+
+export function onTyping(d) {
+  const p = d.peer;
+  if (p.peer_id === app.me.peer_id) return;
+  clearTimeout(view.typers.get(p.peer_id)?.timer);
+  view.typers.set(p.peer_id, { label: nameOf(p.peer_id, p.label), timer: setTimeout(() => { view.typers.delete(p.peer_id); drawTyping(); }, 5000) });
+  drawTyping();
+}
+
+function drawTyping() {
+  const names = [...view.typers.values()].map((t) => t.label);
+  $('#typing').textContent = names.length === 0 ? '' : names.length === 1 ? `${names[0]} is typing…`
+    : names.length === 2 ? `${names[0]} and ${names[1]} are typing…` : 'Several people are typing…';
+}
+
+export function onFileProgress(d) {
+  const id = view.files.get(d.file);
+  const m = id && view.msgs.get(id);
+  if (!m || m.body.type !== 'file') return;
+  m.body.file.state = d.state;
+  redraw(id);
+}
+
+/** Join requests held on this node for the open group: a bar with approve / deny. */
+export async function onRequests() {
+  const gid = view.gid;
+  if (!gid) return;
+  let list = [];
+  try {
+    list = await api.get(api.g(gid, 'join-requests'), { quiet: true });
+  } catch {
+    return;
+  }
+  if (gid !== view.gid) return;
+  const waiting = list.filter((r) => r.state === 'waiting');
+  fill($('#requests'), waiting.map((r) => h('div', { class: 'request', role: 'status' },
+    h('span', { class: 'grow' }, `${short(r.peer)} asks to join (request ${r.id.slice(0, 8)})`),
+    h('button', { type: 'button', onclick: () => answer(r, 'approve') }, 'Approve'),
+    h('button', { type: 'button', class: 'danger', onclick: () => answer(r, 'deny') }, 'Deny'))));
+}
+
+async function answer(r, verb) {
+  try {
+    await api.post(api.g(view.gid, 'join-requests', r.id, verb), {});
+  } finally {
+    onRequests();
+  }
+}
+
+// ---- wiring -------------------------------------------------------------------------
+
+/** Attaches the chat view's handlers (once). */
+export function wire() {
+  const ta = $('#text');
+  $('#composer').addEventListener('submit', (e) => { e.preventDefault(); submit(); });
+  ta.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      submit();
+    } else if (e.key === 'Escape' && view.mode) {
+      e.preventDefault();
+      setMode(null);
+    } else if (e.key === 'ArrowUp' && !ta.value && !e.altKey) {
+      if (editLast()) e.preventDefault();
+    }
+  });
+  ta.addEventListener('input', () => {
+    autosize();
+    if (view.gid) saveDraft(view.gid, view.mode && view.mode.kind === 'edit' ? '' : ta.value);
+    if (ta.value) typing();
+  });
+  ta.addEventListener('paste', (e) => {
+    const files = [...(e.clipboardData?.files || [])];
+    if (files.length) { e.preventDefault(); sendFiles(files); }
+  });
+  $('#context-cancel').addEventListener('click', () => setMode(null));
+  $('#btn-attach').addEventListener('click', () => $('#file').click());
+  $('#file').addEventListener('change', (e) => {
+    const files = [...e.target.files];
+    e.target.value = '';
+    sendFiles(files);
+  });
+  $('#btn-invite').addEventListener('click', () => panels.inviteDialog(view.gid));
+  $('#btn-members').addEventListener('click', () => panels.toggleSide(view.gid));
+  const box = $('#messages');
+  box.addEventListener('scroll', () => { older(); markRead(); });
+  document.addEventListener('visibilitychange', markRead);
+  const cv = $('#chat-view');
+  const drop = $('#drop');
+  let depth = 0;
+  const hasFiles = (e) => [...(e.dataTransfer?.types || [])].includes('Files');
+  cv.addEventListener('dragenter', (e) => { if (hasFiles(e)) { depth++; drop.hidden = false; } });
+  cv.addEventListener('dragleave', () => { if (--depth <= 0) { depth = 0; drop.hidden = true; } });
+  cv.addEventListener('dragover', (e) => { if (hasFiles(e)) e.preventDefault(); });
+  cv.addEventListener('drop', (e) => {
+    depth = 0;
+    drop.hidden = true;
+    if (!hasFiles(e)) return;
+    e.preventDefault();
+    sendFiles([...e.dataTransfer.files]);
+  });
+  renderList();
+}
