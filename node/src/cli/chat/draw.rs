@@ -78,10 +78,7 @@ fn draw_list(frame: &mut Frame, app: &App, area: Rect) {
             String::new()
         };
         let name_w = w.saturating_sub(2 + unread.len());
-        let mut spans = vec![
-            Span::raw(marker),
-            Span::raw(fit(&chat.name, name_w)),
-        ];
+        let mut spans = vec![Span::raw(marker), Span::raw(fit(&chat.name, name_w))];
         if !unread.is_empty() {
             spans.push(Span::styled(
                 unread,
@@ -101,8 +98,7 @@ fn draw_list(frame: &mut Frame, app: &App, area: Rect) {
 }
 
 fn draw_chat(frame: &mut Frame, app: &App, area: Rect) {
-    let [header, body] =
-        Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).areas(area);
+    let [header, body] = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).areas(area);
     let w = area.width as usize;
     let title = match app.open_chat() {
         Some(c) if app.member_count > 0 => {
@@ -124,7 +120,10 @@ fn draw_chat(frame: &mut Frame, app: &App, area: Rect) {
     }
     if !app.loaded {
         frame.render_widget(
-            Paragraph::new(Line::styled("loading…", Style::default().fg(Color::DarkGray))),
+            Paragraph::new(Line::styled(
+                "loading…",
+                Style::default().fg(Color::DarkGray),
+            )),
             body,
         );
         return;
@@ -187,7 +186,12 @@ pub fn hh_mm(ms: u64) -> String {
 
 /// The lines of one message at `width` columns: a header (time, sender, marks), a reply
 /// quote, the text wrapped, a file's name and size, the reactions.
-pub fn message_lines(app: &App, m: &MessageInfo, width: usize, selected: bool) -> Vec<Line<'static>> {
+pub fn message_lines(
+    app: &App,
+    m: &MessageInfo,
+    width: usize,
+    selected: bool,
+) -> Vec<Line<'static>> {
     let dim = Style::default().fg(Color::DarkGray);
     let time = hh_mm(m.sent_at_ms);
     let sender = app.sender_of(m);
@@ -238,9 +242,11 @@ fn user_message_lines(
     let text_w = width.saturating_sub(INDENT).max(1);
     let pad = " ".repeat(INDENT);
     let own = m.sender == app.me;
-    let name_style = Style::default()
-        .add_modifier(Modifier::BOLD)
-        .fg(if own { Color::Green } else { Color::Cyan });
+    let name_style = Style::default().add_modifier(Modifier::BOLD).fg(if own {
+        Color::Green
+    } else {
+        Color::Cyan
+    });
     let mut header = vec![
         Span::styled(format!("{time} "), dim),
         Span::styled(fit(sender, width.saturating_sub(6 + 9)), name_style),
@@ -300,7 +306,11 @@ fn user_message_lines(
             .reactions
             .iter()
             .map(|r| {
-                let mine = if r.by.iter().any(|p| *p == app.me) { "*" } else { "" };
+                let mine = if r.by.iter().any(|p| *p == app.me) {
+                    "*"
+                } else {
+                    ""
+                };
                 format!("{} {}{mine}", one_line(&r.emoji), r.by.len())
             })
             .collect();
@@ -312,7 +322,10 @@ fn user_message_lines(
     if own && !m.read_by.is_empty() {
         let names: Vec<String> = m.read_by.iter().map(|p| p.label.clone()).collect();
         lines.push(Line::styled(
-            format!("{pad}{}", fit(&format!("read by {}", names.join(", ")), text_w)),
+            format!(
+                "{pad}{}",
+                fit(&format!("read by {}", names.join(", ")), text_w)
+            ),
             dim,
         ));
     }
@@ -424,7 +437,10 @@ fn draw_help(frame: &mut Frame, area: Rect) {
         .iter()
         .map(|(k, what)| {
             Line::from(vec![
-                Span::styled(format!("{k:<22}"), Style::default().add_modifier(Modifier::BOLD)),
+                Span::styled(
+                    format!("{k:<22}"),
+                    Style::default().add_modifier(Modifier::BOLD),
+                ),
                 Span::raw(*what),
             ])
         })
@@ -507,6 +523,9 @@ mod tests {
     #[test]
     fn times_are_hours_and_minutes() {
         assert_eq!(hh_mm(0), "00:00");
-        assert_eq!(hh_mm(86_400_000 + 13 * 3_600_000 + 5 * 60_000 + 999), "13:05");
+        assert_eq!(
+            hh_mm(86_400_000 + 13 * 3_600_000 + 5 * 60_000 + 999),
+            "13:05"
+        );
     }
 }

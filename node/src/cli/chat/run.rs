@@ -211,8 +211,9 @@ async fn event_loop(
     rx: &mut mpsc::Receiver<Input>,
     actions: &mpsc::Sender<Action>,
 ) -> Result<(), CliError> {
+    // No `clear()`: it asks the terminal where the cursor is, and the alternate screen
+    // starts blank anyway.
     let mut terminal = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
-    terminal.clear()?;
     let mut keys = EventStream::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u32 = 0;

@@ -328,7 +328,8 @@ impl App {
                     return Vec::new();
                 }
                 // A message from someone ends their typing notice.
-                self.typing.retain(|(who, _)| Some(who) != self.names.get(&m.sender));
+                self.typing
+                    .retain(|(who, _)| Some(who) != self.names.get(&m.sender));
                 let from_other = m.sender != self.me;
                 let id = m.id.clone();
                 let group = m.group.clone();
@@ -460,7 +461,11 @@ impl App {
         if n < 2 {
             return Vec::new();
         }
-        let next = if forward { (i + 1) % n } else { (i + n - 1) % n };
+        let next = if forward {
+            (i + 1) % n
+        } else {
+            (i + n - 1) % n
+        };
         self.open_chat_at(next)
     }
 
@@ -696,6 +701,10 @@ impl App {
                     id: m.id.clone(),
                 }]
             }
+            KeyCode::Char('e' | 'd') if !own => {
+                self.error = Some("only its sender can edit or delete a message".to_owned());
+                Vec::new()
+            }
             KeyCode::Char('+') if reactable => react(EMOJIS[0]),
             KeyCode::Char(c @ '1'..='6') if reactable => {
                 let i = (c as usize) - ('1' as usize);
@@ -822,7 +831,10 @@ mod tests {
         );
         let actions = app.history_loaded(
             "g1",
-            vec![text("m1", "g1", ANN, "hello"), text("m2", "g1", ME, "hi ann")],
+            vec![
+                text("m1", "g1", ANN, "hello"),
+                text("m2", "g1", ME, "hi ann"),
+            ],
         );
         assert_eq!(
             actions,
@@ -909,7 +921,10 @@ mod tests {
         assert!(app.messages[1].deleted);
 
         // Switching clears the unread count and loads the other chat.
-        assert_eq!(app.key(key(KeyCode::Tab), 0), [Action::Open { group: "g2".into() }]);
+        assert_eq!(
+            app.key(key(KeyCode::Tab), 0),
+            [Action::Open { group: "g2".into() }]
+        );
         assert_eq!(app.chats[1].unread, 0);
         assert!(app.messages.is_empty());
         assert_eq!(app.key(ctrl('p'), 0), [Action::Open { group: "g1".into() }]);
@@ -966,9 +981,10 @@ mod tests {
         assert_eq!(app.selected, Some(1));
         app.key(key(KeyCode::Up), 0);
         assert_eq!(app.selected, Some(0));
-        // Ann's message is not ours: no edit or delete.
-        assert!(app.key(key(KeyCode::Char('d')), 0).is_empty() || app.selected.is_none());
-        app.selected = Some(0);
+        // Ann's message is not ours: no edit or delete, and the letter is not typed.
+        assert!(app.key(key(KeyCode::Char('d')), 0).is_empty());
+        assert_eq!((app.selected, app.input.is_empty()), (Some(0), true));
+        assert!(app.error.is_some());
         assert_eq!(
             app.key(key(KeyCode::Char('1')), 0),
             [Action::React {
