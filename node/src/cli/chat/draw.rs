@@ -154,17 +154,17 @@ fn draw_chat(frame: &mut Frame, app: &App, area: Rect) {
         blocks.push(lines);
     }
     // A selected message above the drawn ones: draw from it down instead.
-    if let Some(s) = app.selected {
-        if s < i {
-            blocks.clear();
-            used = 0;
-            let mut j = s + 1;
-            while j > 0 && used < height {
-                j -= 1;
-                let lines = message_lines(app, &app.messages[j], w, j == s);
-                used += lines.len();
-                blocks.push(lines);
-            }
+    if let Some(s) = app.selected
+        && s < i
+    {
+        blocks.clear();
+        used = 0;
+        let mut j = s + 1;
+        while j > 0 && used < height {
+            j -= 1;
+            let lines = message_lines(app, &app.messages[j], w, j == s);
+            used += lines.len();
+            blocks.push(lines);
         }
     }
     let mut lines: Vec<Line<'static>> = blocks.into_iter().rev().flatten().collect();
@@ -306,11 +306,7 @@ fn user_message_lines(
             .reactions
             .iter()
             .map(|r| {
-                let mine = if r.by.iter().any(|p| *p == app.me) {
-                    "*"
-                } else {
-                    ""
-                };
+                let mine = if r.by.contains(&app.me) { "*" } else { "" };
                 format!("{} {}{mine}", one_line(&r.emoji), r.by.len())
             })
             .collect();

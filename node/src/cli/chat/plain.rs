@@ -150,11 +150,11 @@ pub async fn run(client: &Client, args: &ChatArgs) -> Result<(), CliError> {
     if args.last > 0 {
         for m in client.history(&group.id, Some(args.last)).await? {
             seen.insert(m.id.clone());
-            if let Some(l) = line(&m, &labels) {
-                if !print(&l)? {
-                    pump_task.abort();
-                    return Ok(());
-                }
+            if let Some(l) = line(&m, &labels)
+                && !print(&l)?
+            {
+                pump_task.abort();
+                return Ok(());
             }
         }
     }
@@ -177,10 +177,10 @@ pub async fn run(client: &Client, args: &ChatArgs) -> Result<(), CliError> {
                     if seen.remove(&m.id) {
                         continue;
                     }
-                    if let Some(l) = line(&m, &labels) {
-                        if !print(&l)? {
-                            break Ok(());
-                        }
+                    if let Some(l) = line(&m, &labels)
+                        && !print(&l)?
+                    {
+                        break Ok(());
                     }
                 }
                 Input::Live(LiveEvent::Event(NodeEvent::ProfileUpdated { profile, .. })) => {
@@ -211,6 +211,7 @@ pub async fn run(client: &Client, args: &ChatArgs) -> Result<(), CliError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

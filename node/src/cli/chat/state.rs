@@ -320,10 +320,11 @@ impl App {
                 }
                 if !here {
                     let from_other = m.sender != self.me;
-                    if let Some(c) = self.chats.iter_mut().find(|c| c.id == m.group) {
-                        if from_other && counts_as_unread(&m.body) {
-                            c.unread += 1;
-                        }
+                    if let Some(c) = self.chats.iter_mut().find(|c| c.id == m.group)
+                        && from_other
+                        && counts_as_unread(&m.body)
+                    {
+                        c.unread += 1;
                     }
                     return Vec::new();
                 }
@@ -552,10 +553,10 @@ impl App {
             self.help = false;
             return Vec::new();
         }
-        if self.selected.is_some() {
-            if let Some(actions) = self.key_on_selection(key) {
-                return actions;
-            }
+        if self.selected.is_some()
+            && let Some(actions) = self.key_on_selection(key)
+        {
+            return actions;
         }
         let idle = self.input.is_empty();
         match key.code {
@@ -669,7 +670,7 @@ impl App {
             let mine = m
                 .reactions
                 .iter()
-                .any(|r| r.emoji == emoji && r.by.iter().any(|p| *p == self.me));
+                .any(|r| r.emoji == emoji && r.by.contains(&self.me));
             vec![Action::React {
                 group: group.clone(),
                 id: m.id.clone(),
