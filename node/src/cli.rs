@@ -24,7 +24,9 @@ use kith_protocol::invite::InviteError;
 
 use crate::config::{ConfigError, ConfigOverrides, resolve_data_dir};
 
+mod chat;
 mod verify;
+pub use chat::ChatArgs;
 pub use verify::VerifyArgs;
 
 /// Why a client subcommand failed. Displayed as the one-line error the user sees.
@@ -135,6 +137,9 @@ pub enum Command {
     History(HistoryArgs),
     /// Print a group's messages as they arrive (times are UTC).
     Watch(WatchArgs),
+    /// Chat in the terminal: a full-screen client (chats, messages, replies and reactions
+    /// by key), or plain lines when not on a terminal or with --plain (times are UTC).
+    Chat(ChatArgs),
     /// Inspect connections and block peers (e.g. to make a network partition in a test).
     #[command(subcommand)]
     Net(NetCommand),
@@ -1010,6 +1015,7 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
         }
         Command::Net(cmd) => net_command(&connect()?, cmd).await,
         Command::Verify(args) => verify::verify_command(&connect()?, args).await,
+        Command::Chat(args) => chat::chat_command(connect()?, args).await,
     }
 }
 
