@@ -393,10 +393,21 @@ impl Session {
         self.send_keys(&e, &path.display().to_string()).await
     }
 
-    /// The value of the page's cookie `name` (HttpOnly ones too).
-    pub async fn cookie(&self, name: &str) -> anyhow::Result<String> {
-        let v = self.cmd("GET", &format!("/cookie/{name}"), None).await?;
-        Ok(v["value"].as_str().context("cookie value")?.to_owned())
+    /// The first cookie of the current page whose name starts with `prefix`, as
+    /// `name=value` (WebDriver reads HttpOnly cookies too).
+    pub async fn cookie_starting(&self, prefix: &str) -> anyhow::Result<String> {
+        let v = self.cmd("GET", "/cookie", None).await?;
+        let found = v
+            .as_array()
+            .context("cookie list")?
+            .iter()
+            .find(|c| c["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+            .with_context(|| format!("no cookie named {prefix}…"))?;
+        Ok(format!(
+            "{}={}",
+            found["name"].as_str().unwrap_or_default(),
+            found["value"].as_str().unwrap_or_default()
+        ))
     }
 
     /// Saves a PNG of the window to `path`.
