@@ -29,6 +29,35 @@ mod verify;
 pub use chat::ChatArgs;
 pub use verify::VerifyArgs;
 
+/// Where a command's logs go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Standard error (every command but a full-screen `kith chat`).
+    Stderr,
+    /// Nowhere: a full-screen `kith chat` without `RUST_LOG` (nothing may draw over it).
+    Nowhere,
+    /// Appended to this file: a full-screen `kith chat` with `RUST_LOG` set.
+    File(PathBuf),
+}
+
+/// Where `cli`'s logs go: a full-screen `kith chat` owns the terminal, so its logs are off,
+/// or in `<data_dir>/chat.log` when `RUST_LOG` asks for them.
+pub fn log_target(cli: &Cli) -> LogTarget {
+    let Command::Chat(args) = &cli.command else {
+        return LogTarget::Stderr;
+    };
+    if !chat::full_screen(args) {
+        return LogTarget::Stderr;
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        return LogTarget::Nowhere;
+    }
+    match resolve_data_dir(cli.data_dir.as_deref()) {
+        Ok(dir) => LogTarget::File(dir.join(chat::LOG_FILE)),
+        Err(_) => LogTarget::Nowhere,
+    }
+}
+
 /// Why a client subcommand failed. Displayed as the one-line error the user sees.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -1015,7 +1044,14 @@ async fn client_command(cli: Cli) -> Result<(), CliError> {
         }
         Command::Net(cmd) => net_command(&connect()?, cmd).await,
         Command::Verify(args) => verify::verify_command(&connect()?, args).await,
-        Command::Chat(args) => chat::chat_command(connect()?, args).await,
+        Command::Chat(args) => {
+            // Followed to a new address when the node restarts, unless given explicitly.
+            let follow = match cli.api {
+                Some(_) => None,
+                None => Some(resolve_data_dir(cli.data_dir.as_deref())?),
+            };
+            chat::chat_command(connect()?, args, follow).await
+        }
     }
 }
 

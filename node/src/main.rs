@@ -2,9 +2,10 @@
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::Mutex;
 
 use clap::Parser;
-use kith_node::cli::{Cli, Command, LogFormat};
+use kith_node::cli::{Cli, Command, LogFormat, LogTarget};
 use kith_node::config::{Config, resolve_data_dir};
 use kith_node::{cli, datadir, identity, node};
 use tracing_subscriber::EnvFilter;
@@ -12,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     // Usage errors exit with code 2 here (clap's convention); --help/--version exit 0.
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -46,17 +47,36 @@ fn one_line(err: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
-/// Logs go to stderr; `RUST_LOG` filters them (default `info`).
-fn init_tracing(format: LogFormat) {
+/// Logs go to stderr; `RUST_LOG` filters them (default `info`). A full-screen `kith chat`
+/// logs nothing unless `RUST_LOG` is set, and then to `<data_dir>/chat.log`
+/// ([`cli::log_target`]).
+fn init_tracing(cli: &Cli) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
-        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match cli::log_target(cli) {
+        LogTarget::Nowhere => return,
+        LogTarget::File(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path);
+            // A log file that cannot be opened is no reason not to chat.
+            let Ok(file) = file else { return };
+            let builder = builder.with_writer(Mutex::new(file)).with_ansi(false);
+            match cli.log_format {
+                LogFormat::Text => builder.try_init(),
+                LogFormat::Json => builder.json().try_init(),
+            }
+        }
+        LogTarget::Stderr => {
+            let builder = builder.with_writer(std::io::stderr);
+            match cli.log_format {
+                LogFormat::Text => builder
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .try_init(),
+                LogFormat::Json => builder.json().with_ansi(false).try_init(),
+            }
+        }
     };
 }
 

@@ -4,9 +4,11 @@
 //! The parts: `state` (what is shown and what keys and events do; no I/O, unit-tested),
 //! `draw` (ratatui rendering of the state), `text` (sanitising and wrapping text from the
 //! network), `input` (the input line), `run` (the terminal, the event stream and the
-//! requests) and `plain` (the line mode).
+//! requests), `link` (the way to the node, followed to a new port when it restarts) and
+//! `plain` (the line mode).
 
 use std::io::IsTerminal;
+use std::path::PathBuf;
 
 use clap::Args;
 use kith_client::Client;
@@ -15,12 +17,18 @@ use super::CliError;
 
 mod draw;
 mod input;
+mod link;
 mod plain;
 mod run;
 mod state;
 mod text;
 
 /// `kith chat`.
+///
+/// In full-screen mode nothing else is written to the terminal: logs are off unless RUST_LOG
+/// is set, and then they are appended to `<data_dir>/chat.log`. If the node is started
+/// again (on a new API port), the client follows it by reading `<data_dir>/api.addr`
+/// again, unless --api was given.
 #[derive(Debug, Clone, Args)]
 pub struct ChatArgs {
     /// The chat to open: group id, unique id prefix or exact name [default: the first; in
@@ -37,13 +45,28 @@ pub struct ChatArgs {
     pub last: u64,
 }
 
+/// Whether `kith chat` with these arguments takes the full screen (not `--plain`, and
+/// both stdin and stdout are a terminal).
+pub fn full_screen(args: &ChatArgs) -> bool {
+    !args.plain && std::io::stdin().is_terminal() && std::io::stdout().is_terminal()
+}
+
+/// The file full-screen `kith chat` appends its logs to when `RUST_LOG` is set.
+pub const LOG_FILE: &str = "chat.log";
+
 /// Runs `kith chat`: the full-screen client on a terminal, the plain one otherwise.
-pub async fn chat_command(client: Client, args: &ChatArgs) -> Result<(), CliError> {
-    let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
-    if args.plain || !tty {
-        plain::run(&client, args).await
+/// `data_dir` is where to read the node's address again when it cannot be reached (`None`
+/// when the address was given explicitly).
+pub async fn chat_command(
+    client: Client,
+    args: &ChatArgs,
+    data_dir: Option<PathBuf>,
+) -> Result<(), CliError> {
+    let link = link::Link::new(client, data_dir);
+    if full_screen(args) {
+        run::run(link, args.group.as_deref()).await
     } else {
-        run::run(client, args.group.as_deref()).await
+        plain::run(&link, args).await
     }
 }
 

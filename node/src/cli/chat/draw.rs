@@ -72,13 +72,16 @@ fn draw_list(frame: &mut Frame, app: &App, area: Rect) {
     for (i, chat) in app.chats.iter().enumerate() {
         let open = app.open == Some(i);
         let marker = if open { "▶ " } else { "  " };
-        let unread = if chat.unread > 0 {
-            format!(" ({})", chat.unread)
-        } else {
-            String::new()
-        };
-        let name_w = w.saturating_sub(2 + unread.len());
+        let unread = chat
+            .unread_label()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        let left = if chat.active { "" } else { " (left)" };
+        let name_w = w.saturating_sub(2 + unread.len() + left.len());
         let mut spans = vec![Span::raw(marker), Span::raw(fit(&chat.name, name_w))];
+        if !left.is_empty() {
+            spans.push(Span::styled(left, Style::default().fg(Color::DarkGray)));
+        }
         if !unread.is_empty() {
             spans.push(Span::styled(
                 unread,
@@ -101,6 +104,7 @@ fn draw_chat(frame: &mut Frame, app: &App, area: Rect) {
     let [header, body] = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).areas(area);
     let w = area.width as usize;
     let title = match app.open_chat() {
+        Some(c) if !c.active => format!("{} · you left this group", one_line(&c.name)),
         Some(c) if app.member_count > 0 => {
             format!("{} · {} members", one_line(&c.name), app.member_count)
         }
@@ -129,6 +133,7 @@ fn draw_chat(frame: &mut Frame, app: &App, area: Rect) {
         return;
     }
     let n = app.messages.len();
+    app.oldest_drawn.set(true);
     if n == 0 {
         frame.render_widget(
             Paragraph::new(Line::styled(
@@ -166,7 +171,9 @@ fn draw_chat(frame: &mut Frame, app: &App, area: Rect) {
             used += lines.len();
             blocks.push(lines);
         }
+        i = j;
     }
+    app.oldest_drawn.set(i == 0);
     let mut lines: Vec<Line<'static>> = blocks.into_iter().rev().flatten().collect();
     // Keep the bottom: cut from the top.
     if lines.len() > height {
@@ -346,6 +353,9 @@ fn draw_status(frame: &mut Frame, app: &App, area: Rect) {
             let s = if app.peers == 1 { "" } else { "s" };
             text.push_str(&format!(" · {} peer{s}", app.peers));
         }
+        if app.loading_older {
+            text.push_str(" · loading earlier messages…");
+        }
         if let Some(t) = app.typing_line() {
             text.push_str(" · ");
             text.push_str(&t);
@@ -356,6 +366,16 @@ fn draw_status(frame: &mut Frame, app: &App, area: Rect) {
 }
 
 fn draw_input(frame: &mut Frame, app: &App, area: Rect) {
+    if app.open_is_left() {
+        frame.render_widget(
+            Paragraph::new(Line::styled(
+                fit("(you left this group: read only)", area.width as usize),
+                Style::default().fg(Color::DarkGray),
+            )),
+            area,
+        );
+        return;
+    }
     let prefix = match &app.compose {
         Compose::New => "> ".to_owned(),
         Compose::Reply { to, .. } => format!("↪ {}> ", fit(to, 20)),
@@ -407,7 +427,10 @@ pub const HELP: &[(&str, &str)] = &[
     ("Tab, Ctrl-N / Ctrl-P", "next / previous chat"),
     ("F2", "show or hide the chats list"),
     ("Up / Down", "select a message (input empty)"),
-    ("PageUp / PageDown", "scroll"),
+    (
+        "PageUp / PageDown",
+        "scroll (past the oldest: load earlier)",
+    ),
     ("r", "reply to the selected message"),
     ("e / d", "edit / delete your selected message"),
     ("1-6, +", "react 👍 ❤️ 😂 😮 😢 🎉 (again: take back)"),
@@ -499,6 +522,26 @@ mod tests {
         let rows = screen(&app, 30, 20);
         assert!(!rows.join("\n").contains("chats"));
         assert!(rows.iter().any(|r| r.contains("hello")));
+    }
+
+    #[test]
+    fn the_list_shows_unread_from_the_node_and_left_groups() {
+        let groups: Vec<GroupSummary> = serde_json::from_value(serde_json::json!([
+            {"id": "g1", "name": "open", "epoch": 1, "member_count": 2, "unread": 4},
+            {"id": "g2", "name": "busy", "epoch": 1, "member_count": 2, "unread": 1000},
+            {"id": "g3", "name": "few", "epoch": 1, "member_count": 2, "unread": 7},
+            {"id": "g4", "name": "gone", "epoch": 1, "member_count": 1, "active": false},
+        ]))
+        .unwrap();
+        let mut app = App::new("me".into(), &groups, Some("g4"));
+        app.history_loaded("g4", Vec::new());
+        let all = screen(&app, 80, 12).join("\n");
+        assert!(all.contains("  open (4)"), "{all}");
+        assert!(all.contains("  busy (999+)"), "{all}");
+        assert!(all.contains("  few (7)"), "{all}");
+        assert!(all.contains("▶ gone (left)"), "{all}");
+        assert!(all.contains("gone · you left this group"), "{all}");
+        assert!(all.contains("(you left this group: read only)"), "{all}");
     }
 
     #[test]

@@ -7,11 +7,12 @@ use std::io::Write;
 
 use kith_client::model::{GroupInfo, MessageBody, MessageInfo, NodeEvent};
 use kith_client::text::{human_bytes, short_peer};
-use kith_client::{Client, LiveEvent};
+use kith_client::{Client, ClientError, LiveEvent};
 use tokio::sync::mpsc;
 
 use super::ChatArgs;
 use super::draw::hh_mm;
+use super::link::Link;
 use super::run::{Input, error_line, pump};
 use super::state::NOT_REACHABLE;
 use super::text::one_line;
@@ -133,12 +134,13 @@ fn stdin_lines() -> mpsc::Receiver<std::io::Result<Option<String>>> {
 }
 
 /// Runs the plain mode until stdin ends.
-pub async fn run(client: &Client, args: &ChatArgs) -> Result<(), CliError> {
+pub async fn run(link: &Link, args: &ChatArgs) -> Result<(), CliError> {
+    let client = &link.client();
     let group = pick_group(client, args.group.as_deref()).await?;
     let mut labels = labels(&group);
     // Listen first, so nothing sent between the history and the stream is missed.
     let (tx, mut rx) = mpsc::channel::<Input>(256);
-    let pump_task = tokio::spawn(pump(client.clone(), Some(group.id.clone()), tx));
+    let pump_task = tokio::spawn(pump(link.clone(), Some(group.id.clone()), tx));
     match rx.recv().await {
         Some(Input::Stream(true)) => {}
         _ => {
@@ -165,7 +167,12 @@ pub async fn run(client: &Client, args: &ChatArgs) -> Result<(), CliError> {
             read = stdin.recv() => match read.unwrap_or(Ok(None)) {
                 Ok(Some(text)) if text.trim().is_empty() => {}
                 Ok(Some(text)) => {
-                    if let Err(e) = client.send(&group.id, &text).await {
+                    let mut sent = link.client().send(&group.id, &text).await;
+                    // Refused: the node may listen elsewhere now (nothing was sent).
+                    if matches!(sent, Err(ClientError::NotRunning)) && link.reread() {
+                        sent = link.client().send(&group.id, &text).await;
+                    }
+                    if let Err(e) = sent {
                         note(&format!("error: {}", error_line(&e)));
                     }
                 }

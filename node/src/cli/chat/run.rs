@@ -1,6 +1,7 @@
 //! The full-screen client's I/O: the terminal (raw mode and the alternate screen, always
 //! restored), keys and resizes, the node's event stream (retried with backoff while the
-//! node is away), and the requests the state asks for, made one after another.
+//! node is away), and the requests the state asks for, made one after another. Both go
+//! through one [`Link`], so a node started again on a new port is followed by both.
 
 use std::io::Write;
 use std::time::Duration;
@@ -9,13 +10,14 @@ use crossterm::event::{Event, EventStream, KeyEventKind};
 use crossterm::terminal::{EnterAlternateScreen, LeaveAlternateScreen};
 use crossterm::{cursor, event, execute, terminal};
 use futures::StreamExt;
-use kith_client::model::{MemberInfo, MessageInfo, StatusInfo};
+use kith_client::model::{GroupSummary, MemberInfo, MessageInfo, StatusInfo};
 use kith_client::{Client, ClientError, LiveEvent};
 use ratatui::Terminal;
 use ratatui::backend::CrosstermBackend;
 use tokio::sync::mpsc;
 
-use super::state::{Action, App, NOT_REACHABLE};
+use super::link::Link;
+use super::state::{Action, App, HISTORY, NOT_REACHABLE, OLDER_PAGE};
 use super::{draw, now_ms};
 use crate::cli::CliError;
 
@@ -25,8 +27,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
 /// How often the status (peers, chats) is asked for, in ticks of one second.
 const STATUS_EVERY_TICKS: u32 = 5;
-/// How many messages of a chat are loaded.
-const HISTORY: u64 = 200;
 
 /// What wakes the client besides keys.
 #[derive(Debug)]
@@ -43,6 +43,9 @@ pub(super) enum Input {
 #[derive(Debug)]
 pub(super) enum Answer {
     History(String, Vec<MessageInfo>),
+    /// A page of older messages: group, the message it is before, the page.
+    Older(String, String, Vec<MessageInfo>),
+    Groups(Vec<GroupSummary>),
     Members(String, Vec<MemberInfo>),
     Status(Box<StatusInfo>),
     Message(Box<MessageInfo>),
@@ -57,12 +60,20 @@ pub(super) fn error_line(e: &ClientError) -> String {
     }
 }
 
+/// Whether an answer says the node could not be reached (worth re-reading its address).
+fn unreachable(answers: &[Answer]) -> bool {
+    answers
+        .iter()
+        .any(|a| matches!(a, Answer::Failed(line) if line == NOT_REACHABLE))
+}
+
 /// Follows the node's event stream (of one group or all), opening it again with backoff
-/// whenever it breaks, until the receiver is gone.
-pub(super) async fn pump(client: Client, group: Option<String>, tx: mpsc::Sender<Input>) {
+/// whenever it breaks (re-reading the node's address each time), until the receiver is
+/// gone.
+pub(super) async fn pump(link: Link, group: Option<String>, tx: mpsc::Sender<Input>) {
     let mut backoff = FIRST_BACKOFF;
     loop {
-        if let Ok(mut stream) = client.events(group.as_deref()).await {
+        if let Ok(mut stream) = link.client().events(group.as_deref()).await {
             backoff = FIRST_BACKOFF;
             if tx.send(Input::Stream(true)).await.is_err() {
                 return;
@@ -76,15 +87,24 @@ pub(super) async fn pump(client: Client, group: Option<String>, tx: mpsc::Sender
         if tx.send(Input::Stream(false)).await.is_err() {
             return;
         }
+        // Started again on another port: try there at once.
+        if link.reread() {
+            continue;
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// Makes the requests the state asked for, in order, sending the answers back.
-async fn worker(client: Client, mut actions: mpsc::Receiver<Action>, tx: mpsc::Sender<Input>) {
+/// Makes the requests the state asked for, in order, sending the answers back. A request
+/// the node was not there for is made once more if its address changed (refused
+/// connections never reached it, so nothing is done twice).
+async fn worker(link: Link, mut actions: mpsc::Receiver<Action>, tx: mpsc::Sender<Input>) {
     while let Some(action) = actions.recv().await {
-        let answers = perform(&client, action).await;
+        let mut answers = perform(&link.client(), action.clone()).await;
+        if unreachable(&answers) && link.reread() {
+            answers = perform(&link.client(), action).await;
+        }
         for a in answers {
             if tx.send(Input::Answer(a)).await.is_err() {
                 return;
@@ -110,10 +130,25 @@ async fn perform(client: &Client, action: Action) -> Vec<Answer> {
             }
             out
         }
-        Action::Refresh => match client.status().await {
-            Ok(s) => vec![Answer::Status(Box::new(s))],
-            Err(e) => vec![Answer::Failed(error_line(&e))],
-        },
+        Action::Older { group, before } => {
+            match client
+                .history_before(&group, Some(OLDER_PAGE), Some(&before))
+                .await
+            {
+                Ok(page) => vec![Answer::Older(group, before, page)],
+                Err(e) => vec![Answer::Failed(error_line(&e))],
+            }
+        }
+        Action::Refresh => {
+            let status = match client.status().await {
+                Ok(s) => Answer::Status(Box::new(s)),
+                Err(e) => return vec![Answer::Failed(error_line(&e))],
+            };
+            let mut out = vec![status];
+            out.extend(groups(client).await);
+            out
+        }
+        Action::Groups => groups(client).await.into_iter().collect(),
         Action::Send {
             group,
             text,
@@ -138,6 +173,14 @@ async fn perform(client: &Client, action: Action) -> Vec<Answer> {
         }
         Action::Quit => Vec::new(),
     }
+}
+
+/// The chats list with unread counts.
+async fn groups(client: &Client) -> Option<Answer> {
+    Some(match client.groups().await {
+        Ok(g) => Answer::Groups(g),
+        Err(e) => Answer::Failed(error_line(&e)),
+    })
 }
 
 /// Puts the terminal back as it was: raw mode off, alternate screen left, cursor shown.
@@ -183,20 +226,22 @@ impl Drop for TerminalGuard {
 }
 
 /// Runs the full-screen client until the user quits.
-pub async fn run(client: Client, group: Option<&str>) -> Result<(), CliError> {
+pub async fn run(link: Link, group: Option<&str>) -> Result<(), CliError> {
     // Everything that can fail with a clear line fails before the screen changes.
+    let client = link.client();
     let status = client.status().await?;
+    let groups = client.groups().await?;
     let open = match group {
         Some(g) => Some(client.group(g).await?.id),
         None => None,
     };
-    let mut app = App::new(status.peer_id.clone(), &status.groups, open.as_deref());
+    let mut app = App::new(status.peer_id.clone(), &groups, open.as_deref());
     app.peers = status.connected_peers;
 
     let (tx, mut rx) = mpsc::channel::<Input>(256);
     let (actions_tx, actions_rx) = mpsc::channel::<Action>(256);
-    let pump_task = tokio::spawn(pump(client.clone(), None, tx.clone()));
-    let worker_task = tokio::spawn(worker(client, actions_rx, tx));
+    let pump_task = tokio::spawn(pump(link.clone(), None, tx.clone()));
+    let worker_task = tokio::spawn(worker(link, actions_rx, tx));
 
     let guard = TerminalGuard::enter()?;
     let result = event_loop(&mut app, &mut rx, &actions_tx).await;
@@ -204,6 +249,14 @@ pub async fn run(client: Client, group: Option<&str>) -> Result<(), CliError> {
     pump_task.abort();
     worker_task.abort();
     result
+}
+
+/// Sleeps until `at` (forever without one; the `select!` guard keeps that from mattering).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn event_loop(
@@ -230,6 +283,10 @@ async fn event_loop(
         }
         terminal.draw(|f| draw::draw(f, app))?;
         let now = now_ms();
+        // The chats list is asked for again a moment after the events that change it.
+        let refetch = app.groups_due().map(|due| {
+            tokio::time::Instant::now() + Duration::from_millis(due.saturating_sub(now))
+        });
         pending = tokio::select! {
             key = keys.next() => match key {
                 Some(Ok(Event::Key(k))) if k.kind != KeyEventKind::Release => app.key(k, now),
@@ -244,6 +301,14 @@ async fn event_loop(
                 Input::Live(LiveEvent::Lagged(_)) => app.lagged(),
                 Input::Stream(up) => app.connection_changed(up),
                 Input::Answer(Answer::History(g, h)) => app.history_loaded(&g, h),
+                Input::Answer(Answer::Older(g, before, page)) => {
+                    app.older_loaded(&g, &before, page);
+                    Vec::new()
+                }
+                Input::Answer(Answer::Groups(groups)) => {
+                    app.set_groups(&groups);
+                    Vec::new()
+                }
                 Input::Answer(Answer::Members(g, m)) => {
                     app.members_loaded(&g, &m);
                     Vec::new()
@@ -261,6 +326,7 @@ async fn event_loop(
                     Vec::new()
                 }
             },
+            () = sleep_until(refetch), if refetch.is_some() => app.due(now_ms()),
             _ = tick.tick() => {
                 app.tick(now);
                 ticks = ticks.wrapping_add(1);

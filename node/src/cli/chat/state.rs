@@ -2,11 +2,12 @@
 //! events go in, [`Action`]s (requests for the I/O layer to make) come out. Drawing reads
 //! this state (`draw.rs`); `run.rs` feeds it.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use kith_client::model::{
-    GroupSummary, MemberInfo, MessageBody, MessageInfo, NodeEvent, StatusInfo,
+    GroupSummary, MAX_UNREAD, MemberInfo, MessageBody, MessageInfo, NodeEvent, StatusInfo,
 };
 
 use super::input::InputLine;
@@ -20,6 +21,20 @@ pub const TYPING_SHOWN_MS: u64 = 5_000;
 /// How many messages PageUp/PageDown move.
 const PAGE: usize = 5;
 
+/// How many history entries opening a chat loads.
+pub const HISTORY: u64 = 200;
+
+/// How many history entries one page further back loads.
+pub const OLDER_PAGE: u64 = 100;
+
+/// How long after an event that changes the chats list (a message, a read mark, a
+/// membership change) the list is asked for again; the events in between share one request.
+pub const GROUPS_DEBOUNCE_MS: u64 = 300;
+
+/// The line for writing in a group this node is no longer in.
+pub const LEFT_LINE: &str =
+    "you are no longer in this group: its messages can be read, not answered";
+
 /// A request the state wants made to the node. The I/O layer makes it and reports the
 /// answer back ([`App::history_loaded`], [`App::message_updated`], [`App::failed`], …).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,8 +44,17 @@ pub enum Action {
         /// Group id.
         group: String,
     },
-    /// Load the list of groups (and the node's status).
+    /// Load the page of history before a message (scrolled past the oldest loaded).
+    Older {
+        /// Group id.
+        group: String,
+        /// The oldest message loaded.
+        before: String,
+    },
+    /// Load the node's status and the chats list.
     Refresh,
+    /// Load the chats list (unread counts, who is still in which group).
+    Groups,
     /// Send a text, possibly as a reply.
     Send {
         /// Group id.
@@ -90,8 +114,22 @@ pub struct Chat {
     pub id: String,
     /// Its name as the node shows it (a direct chat: the other person).
     pub name: String,
-    /// Messages from others that arrived while it was not open.
-    pub unread: usize,
+    /// Others' messages after the read mark and this node's own last message (from the
+    /// node, at most [`MAX_UNREAD`]); 0 for the open chat.
+    pub unread: u64,
+    /// Whether this node is still a member (a group left or removed from is read-only).
+    pub active: bool,
+}
+
+impl Chat {
+    /// The unread count as shown: none, `N`, or `999+` from [`MAX_UNREAD`] on.
+    pub fn unread_label(&self) -> Option<String> {
+        match self.unread {
+            0 => None,
+            n if n >= MAX_UNREAD => Some(format!("{}+", MAX_UNREAD - 1)),
+            n => Some(n.to_string()),
+        }
+    }
 }
 
 /// What Enter does with the input line.
@@ -164,6 +202,14 @@ pub struct App {
     pub show_list: bool,
     /// The full help shown.
     pub help: bool,
+    /// Whether the node may hold messages older than the oldest loaded.
+    pub has_older: bool,
+    /// A page of older messages was asked for and has not arrived.
+    pub loading_older: bool,
+    /// Whether the last drawing showed the oldest loaded message (set by `draw`).
+    pub oldest_drawn: Cell<bool>,
+    /// When the chats list is to be asked for again (ms), after events that change it.
+    groups_due: Option<u64>,
     /// When a typing notice was last sent (ms).
     last_typing_ms: u64,
 }
@@ -189,6 +235,10 @@ impl App {
             typing: Vec::new(),
             show_list: false,
             help: false,
+            has_older: false,
+            loading_older: false,
+            oldest_drawn: Cell::new(false),
+            groups_due: None,
             last_typing_ms: 0,
         };
         app.set_groups(groups);
@@ -214,10 +264,10 @@ impl App {
             .unwrap_or_default()
     }
 
-    /// Replaces the list of chats (keeping unread counts and the open chat).
+    /// Replaces the list of chats with the node's (`GET /v1/groups`), keeping the open chat
+    /// open. The open chat shows no unread count: it is being read.
     pub fn set_groups(&mut self, groups: &[GroupSummary]) {
         let open = self.open_id();
-        let old = std::mem::take(&mut self.chats);
         self.chats = groups
             .iter()
             .map(|g| Chat {
@@ -227,11 +277,12 @@ impl App {
                     .as_ref()
                     .map(|p| p.label.clone())
                     .unwrap_or_else(|| g.name.clone()),
-                unread: old
-                    .iter()
-                    .find(|c| c.id == g.id)
-                    .map(|c| c.unread)
-                    .unwrap_or(0),
+                unread: if open.as_deref() == Some(g.id.as_str()) {
+                    0
+                } else {
+                    g.unread.min(MAX_UNREAD)
+                },
+                active: g.active,
             })
             .collect();
         self.open = open
@@ -239,13 +290,42 @@ impl App {
             .or(if self.chats.is_empty() { None } else { Some(0) });
     }
 
-    /// The node's status arrived.
+    /// The node's status arrived (the chats list comes from [`App::set_groups`]).
     pub fn status_loaded(&mut self, status: &StatusInfo) {
         self.peers = status.connected_peers;
-        self.set_groups(&status.groups);
     }
 
-    /// The history of `group` arrived; shown if it is the open chat, which is then read.
+    /// Whether the open chat is one this node is no longer in.
+    pub fn open_is_left(&self) -> bool {
+        self.open_chat().is_some_and(|c| !c.active)
+    }
+
+    /// When the chats list is due to be asked for again (ms), if it is.
+    pub fn groups_due(&self) -> Option<u64> {
+        self.groups_due
+    }
+
+    /// Asks for the chats list once it is due.
+    pub fn due(&mut self, now_ms: u64) -> Vec<Action> {
+        match self.groups_due {
+            Some(due) if due <= now_ms => {
+                self.groups_due = None;
+                vec![Action::Groups]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Something changed the chats list: ask for it again shortly (once for a burst).
+    fn groups_changed(&mut self, now_ms: u64) {
+        if self.groups_due.is_none() {
+            self.groups_due = Some(now_ms + GROUPS_DEBOUNCE_MS);
+        }
+    }
+
+    /// The newest history of `group` arrived (`HISTORY` entries at most); shown if it is the
+    /// open chat, which is then read. Older pages loaded before it stay in front of it, and
+    /// the selection stays on the same message.
     pub fn history_loaded(&mut self, group: &str, messages: Vec<MessageInfo>) -> Vec<Action> {
         if self.open_id().as_deref() != Some(group) {
             return Vec::new();
@@ -253,11 +333,74 @@ impl App {
         for m in &messages {
             self.learn_name(m);
         }
-        self.messages = messages.into_iter().filter(shown_in_list).collect();
+        let full = messages.len() as u64 >= HISTORY;
+        let new: Vec<MessageInfo> = messages.into_iter().filter(shown_in_list).collect();
+        let selected = self.selected_message().map(|m| m.id.clone());
+        // Where the new newest page starts among what is loaded: what is before it stays.
+        let kept = new
+            .first()
+            .and_then(|first| self.messages.iter().position(|m| m.id == first.id))
+            .filter(|&j| j > 0);
+        match kept {
+            Some(j) => {
+                self.messages.truncate(j);
+                self.messages.extend(new);
+            }
+            None => {
+                self.messages = new;
+                self.has_older = full;
+            }
+        }
         self.loaded = true;
-        self.selected = self.selected.filter(|&i| i < self.messages.len());
+        self.selected = selected.and_then(|id| self.messages.iter().position(|m| m.id == id));
         self.scroll = self.scroll.min(self.messages.len().saturating_sub(1));
         self.read_newest()
+    }
+
+    /// Asks for the page before the oldest loaded message, unless it is already asked
+    /// for or the start of the chat is loaded.
+    fn load_older(&mut self) -> Vec<Action> {
+        if !self.loaded || !self.has_older || self.loading_older {
+            return Vec::new();
+        }
+        let (Some(group), Some(first)) = (self.open_id(), self.messages.first()) else {
+            return Vec::new();
+        };
+        self.loading_older = true;
+        vec![Action::Older {
+            group,
+            before: first.id.clone(),
+        }]
+    }
+
+    /// A page of `group`'s history before message `before` arrived: put in front, the view
+    /// staying on the messages it showed. Dropped if the chat changed in between.
+    pub fn older_loaded(&mut self, group: &str, before: &str, page: Vec<MessageInfo>) {
+        if self.open_id().as_deref() != Some(group) {
+            return;
+        }
+        self.loading_older = false;
+        if self.messages.first().map(|m| m.id.as_str()) != Some(before) {
+            return;
+        }
+        if (page.len() as u64) < OLDER_PAGE {
+            self.has_older = false;
+        }
+        for m in &page {
+            self.learn_name(m);
+        }
+        let older: Vec<MessageInfo> = page
+            .into_iter()
+            .filter(|m| shown_in_list(m) && !self.messages.iter().any(|o| o.id == m.id))
+            .collect();
+        let k = older.len();
+        if k == 0 {
+            return;
+        }
+        // `scroll` counts from the newest, so the view stays; the selection moves with
+        // its message.
+        self.messages.splice(0..0, older);
+        self.selected = self.selected.map(|i| i + k);
     }
 
     /// The members of `group` arrived.
@@ -312,6 +455,16 @@ impl App {
     pub fn apply(&mut self, event: NodeEvent, now_ms: u64) -> Vec<Action> {
         let open = self.open_id();
         let here = open.as_deref() == Some(event.group());
+        if matches!(
+            event,
+            NodeEvent::Message(_)
+                | NodeEvent::Read { .. }
+                | NodeEvent::GroupJoined(_)
+                | NodeEvent::EpochChanged { .. }
+                | NodeEvent::HistorySynced { .. }
+        ) {
+            self.groups_changed(now_ms);
+        }
         match event {
             NodeEvent::Message(m) => {
                 self.learn_name(&m);
@@ -324,7 +477,8 @@ impl App {
                         && from_other
                         && counts_as_unread(&m.body)
                     {
-                        c.unread += 1;
+                        // Shown at once; the node's count follows shortly.
+                        c.unread = (c.unread + 1).min(MAX_UNREAD);
                     }
                     return Vec::new();
                 }
@@ -346,7 +500,6 @@ impl App {
                 self.upsert(*m);
                 Vec::new()
             }
-            NodeEvent::GroupJoined(_) => vec![Action::Refresh],
             NodeEvent::EpochChanged { member_count, .. } if here => {
                 self.member_count = member_count;
                 open.map(|group| vec![Action::Open { group }])
@@ -480,6 +633,9 @@ impl App {
         self.open = Some(index);
         self.messages.clear();
         self.loaded = false;
+        self.has_older = false;
+        self.loading_older = false;
+        self.oldest_drawn.set(false);
         self.selected = None;
         self.scroll = 0;
         self.typing.clear();
@@ -504,6 +660,16 @@ impl App {
             Some(i) => i.saturating_sub(1),
         });
         self.follow_selection();
+    }
+
+    /// Up on empty input: select the message before; at the oldest, load the page before.
+    fn up(&mut self) -> Vec<Action> {
+        self.select_up();
+        if self.selected == Some(0) {
+            self.load_older()
+        } else {
+            Vec::new()
+        }
     }
 
     fn select_down(&mut self) {
@@ -574,17 +740,21 @@ impl App {
                 Vec::new()
             }
             KeyCode::Enter => self.submit(),
-            KeyCode::Up if idle => {
-                self.select_up();
-                Vec::new()
-            }
+            KeyCode::Up if idle => self.up(),
             KeyCode::Down if idle => {
                 self.select_down();
                 Vec::new()
             }
             KeyCode::PageUp => {
-                self.scroll = (self.scroll + PAGE).min(self.messages.len().saturating_sub(1));
-                Vec::new()
+                // Past the oldest loaded (on the screen already, or a page away): load more.
+                let last = self.messages.len().saturating_sub(1);
+                let at_top = self.oldest_drawn.get() || self.scroll + PAGE > last;
+                self.scroll = (self.scroll + PAGE).min(last);
+                if at_top {
+                    self.load_older()
+                } else {
+                    Vec::new()
+                }
             }
             KeyCode::PageDown => {
                 self.scroll = self.scroll.saturating_sub(PAGE);
@@ -630,6 +800,10 @@ impl App {
                 self.input.delete();
                 Vec::new()
             }
+            KeyCode::Char(_) if !ctrl && self.open_is_left() => {
+                self.error = Some(LEFT_LINE.to_owned());
+                Vec::new()
+            }
             KeyCode::Char(c) if !ctrl => {
                 self.input.insert(c);
                 self.typed(now_ms)
@@ -640,6 +814,10 @@ impl App {
 
     /// Pasted text goes into the input line.
     pub fn paste(&mut self, text: &str, now_ms: u64) -> Vec<Action> {
+        if self.open_is_left() {
+            self.error = Some(LEFT_LINE.to_owned());
+            return Vec::new();
+        }
         self.selected = None;
         self.input.paste(text);
         self.typed(now_ms)
@@ -678,7 +856,12 @@ impl App {
                 on: !mine,
             }]
         };
+        let left = self.open_is_left();
         let actions = match key.code {
+            KeyCode::Char('r' | 'e' | 'd' | '+' | '1'..='6') | KeyCode::Enter if left => {
+                self.error = Some(LEFT_LINE.to_owned());
+                Vec::new()
+            }
             KeyCode::Char('r') if reactable => {
                 self.compose = Compose::Reply {
                     id: m.id.clone(),
@@ -748,6 +931,10 @@ impl App {
             self.error = Some("no chat is open: join or create a group first".to_owned());
             return Vec::new();
         };
+        if self.open_is_left() {
+            self.error = Some(LEFT_LINE.to_owned());
+            return Vec::new();
+        }
         self.input.clear();
         self.error = None;
         self.scroll = 0;
@@ -1097,6 +1284,186 @@ mod tests {
             app.lagged(),
             [Action::Refresh, Action::Open { group: "g1".into() }]
         );
+    }
+
+    fn summaries(unread: &[(&str, u64, bool)]) -> Vec<GroupSummary> {
+        unread
+            .iter()
+            .map(|(id, n, active)| {
+                serde_json::from_value(serde_json::json!({
+                    "id": id, "name": id, "epoch": 1, "member_count": 2,
+                    "unread": n, "active": active
+                }))
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unread_comes_from_the_node_and_is_asked_for_after_events() {
+        let mut app = app();
+        app.set_groups(&summaries(&[("g1", 3, true), ("g2", 1500, true)]));
+        // The open chat is being read: no count; the node's count is capped.
+        assert_eq!(app.chats[0].unread, 0);
+        assert_eq!(app.chats[1].unread, MAX_UNREAD);
+        assert_eq!(app.chats[1].unread_label().as_deref(), Some("999+"));
+        app.set_groups(&summaries(&[("g1", 3, true), ("g2", 2, true)]));
+        assert_eq!(app.chats[1].unread_label().as_deref(), Some("2"));
+        assert_eq!(app.open, Some(0));
+
+        // Events: shown at once, then one request for the list after the burst.
+        assert_eq!(app.groups_due(), None);
+        app.apply(
+            NodeEvent::Message(Box::new(text("x1", "g2", ANN, "one"))),
+            1_000,
+        );
+        assert_eq!(app.chats[1].unread, 3);
+        app.apply(
+            NodeEvent::Message(Box::new(text("x2", "g2", ANN, "two"))),
+            1_100,
+        );
+        assert_eq!(app.groups_due(), Some(1_000 + GROUPS_DEBOUNCE_MS));
+        assert!(app.due(1_200).is_empty());
+        assert_eq!(app.due(1_000 + GROUPS_DEBOUNCE_MS), [Action::Groups]);
+        assert_eq!(app.groups_due(), None);
+        assert!(app.due(5_000).is_empty());
+        // The node's answer replaces the local count (it also knows what was read
+        // elsewhere, e.g. in the web app).
+        app.set_groups(&summaries(&[("g1", 0, true), ("g2", 0, true)]));
+        assert_eq!(app.chats[1].unread_label(), None);
+        // A read mark and a membership change ask again too.
+        app.apply(
+            NodeEvent::Read {
+                group: "g2".into(),
+                peer: ME.into(),
+                up_to: "x2".into(),
+            },
+            9_000,
+        );
+        assert_eq!(app.groups_due(), Some(9_000 + GROUPS_DEBOUNCE_MS));
+        // Reconnecting loads status and list at once.
+        app.connection_changed(false);
+        assert_eq!(app.connection_changed(true)[0], Action::Refresh);
+    }
+
+    #[test]
+    fn a_left_group_is_read_only() {
+        let mut app = app();
+        app.set_groups(&summaries(&[("g1", 0, false), ("g2", 0, true)]));
+        assert!(app.open_is_left());
+        typed(&mut app, "hi");
+        assert!(app.input.is_empty());
+        assert_eq!(app.error.as_deref(), Some(LEFT_LINE));
+        assert!(app.paste("pasted", 0).is_empty());
+        assert!(app.input.is_empty());
+        // Reading still works; answering a selected message does not.
+        app.key(key(KeyCode::Up), 0);
+        assert_eq!(app.selected, Some(1));
+        app.error = None;
+        assert!(app.key(key(KeyCode::Char('r')), 0).is_empty());
+        assert!(app.key(key(KeyCode::Char('1')), 0).is_empty());
+        assert_eq!(app.error.as_deref(), Some(LEFT_LINE));
+        assert_eq!(app.compose, Compose::New);
+        // Another chat takes input as usual.
+        app.key(key(KeyCode::Esc), 0);
+        app.key(key(KeyCode::Tab), 0);
+        app.history_loaded("g2", Vec::new());
+        typed(&mut app, "ok");
+        assert_eq!(
+            app.key(key(KeyCode::Enter), 0),
+            [Action::Send {
+                group: "g2".into(),
+                text: "ok".into(),
+                reply_to: None
+            }]
+        );
+    }
+
+    fn texts(group: &str, ids: std::ops::Range<usize>) -> Vec<MessageInfo> {
+        ids.map(|i| text(&format!("m{i:04}"), group, ANN, &format!("text {i}")))
+            .collect()
+    }
+
+    #[test]
+    fn scrolling_past_the_oldest_loads_the_page_before_and_keeps_the_view() {
+        let mut app = App::new(ME.into(), &[group("g1", "friends")], Some("g1"));
+        // A full first page: there may be more.
+        app.history_loaded("g1", texts("g1", 300..500));
+        assert!(app.has_older);
+        // Far from the top, PageUp only scrolls.
+        assert!(app.key(key(KeyCode::PageUp), 0).is_empty());
+        assert_eq!(app.scroll, PAGE);
+        // The oldest is on the screen: the next PageUp asks for the page before it, once.
+        app.oldest_drawn.set(true);
+        assert_eq!(
+            app.key(key(KeyCode::PageUp), 0),
+            [Action::Older {
+                group: "g1".into(),
+                before: "m0300".into(),
+            }]
+        );
+        assert!(app.loading_older);
+        assert!(app.key(key(KeyCode::PageUp), 0).is_empty());
+        let scroll = app.scroll;
+        // The page arrives: in front, the view (counted from the newest) unchanged.
+        let mut page = texts("g1", 200..300);
+        // A reaction row in the page is not a line of its own.
+        page[0].body = MessageBody::Reaction {
+            to: "m0250".into(),
+            emoji: "👍".into(),
+            on: true,
+        };
+        app.older_loaded("g1", "m0300", page);
+        assert!(!app.loading_older);
+        assert!(app.has_older);
+        assert_eq!(app.messages.len(), 299);
+        assert_eq!(app.messages[0].id, "m0201");
+        assert_eq!(app.messages[99].id, "m0300");
+        assert_eq!(app.scroll, scroll);
+
+        // Up at the oldest does it too, and the selection stays on its message.
+        app.selected = Some(1);
+        app.oldest_drawn.set(false);
+        assert_eq!(
+            app.key(key(KeyCode::Up), 0),
+            [Action::Older {
+                group: "g1".into(),
+                before: "m0201".into()
+            }]
+        );
+        assert_eq!(app.selected, Some(0));
+        // A short page is the start of the chat: no more asking.
+        app.older_loaded("g1", "m0201", texts("g1", 0..50));
+        assert!(!app.has_older);
+        assert_eq!(app.selected, Some(50));
+        assert_eq!(app.selected_message().unwrap().id, "m0201");
+        app.selected = Some(0);
+        assert!(app.key(key(KeyCode::Up), 0).is_empty());
+
+        // Loading the newest again (a receipt, a reconnect) keeps the older pages and the
+        // selected message.
+        app.selected = Some(10);
+        let newest = texts("g1", 301..501);
+        app.history_loaded("g1", newest);
+        assert_eq!(app.messages.len(), 350);
+        assert_eq!(app.messages[0].id, "m0000");
+        assert_eq!(app.messages.last().unwrap().id, "m0500");
+        assert_eq!(app.selected_message().unwrap().id, "m0010");
+        assert!(!app.has_older);
+
+        // A page for a chat no longer open, or before a message no longer the oldest, is
+        // dropped.
+        app.older_loaded("g2", "m0000", texts("g2", 0..10));
+        app.older_loaded("g1", "m0100", texts("g1", 0..10));
+        assert_eq!(app.messages.len(), 350);
+    }
+
+    #[test]
+    fn a_short_history_is_the_whole_chat() {
+        let mut app = app();
+        assert!(!app.has_older);
+        app.oldest_drawn.set(true);
+        assert!(app.key(key(KeyCode::PageUp), 0).is_empty());
     }
 
     #[test]
