@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kith_client::model::{MessageBody, MessageInfo, ProfileBody};
-use kith_tests::{InGroup, TestNode, WAIT, group_of, kith_bin, wait_event};
+use kith_tests::{InGroup, TestNode, WAIT, api_addr, group_of, kith_bin, wait_event, wait_mesh};
 use portable_pty::{Child, MasterPty, PtySize, native_pty_system};
 
 /// How often a wait looks again.
@@ -43,6 +43,11 @@ fn nz(n: u16) -> NonZeroU16 {
 impl Pty {
     /// Starts `kith --data-dir DIR ARGS` in a `rows`×`cols` pseudo-terminal.
     fn spawn(dir: &Path, args: &[&str], rows: u16, cols: u16) -> Pty {
+        Pty::spawn_with(dir, args, rows, cols, &[])
+    }
+
+    /// [`Pty::spawn`] with more environment variables.
+    fn spawn_with(dir: &Path, args: &[&str], rows: u16, cols: u16, env: &[(&str, &str)]) -> Pty {
         let pair = native_pty_system().openpty(size(rows, cols)).unwrap();
         let mut cmd = portable_pty::CommandBuilder::new(kith_bin().unwrap());
         cmd.arg("--data-dir");
@@ -52,6 +57,9 @@ impl Pty {
         cmd.env_remove("RUST_LOG");
         cmd.env_remove("KITH_API");
         cmd.env_remove("KITH_DATA_DIR");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         cmd.cwd(dir);
         let child = pair.slave.spawn_command(cmd).unwrap();
         drop(pair.slave);
@@ -366,6 +374,65 @@ async fn the_full_screen_client_chats_replies_reacts_resizes_and_quits() {
     if std::env::var_os("KITH_TUI_SCREENSHOT").is_some() {
         println!("{screenshot}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_full_screen_client_follows_its_node_to_a_new_port_and_logs_off_screen() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (ann, bob) = pair(&dirs).await;
+    let bob_peer = bob.node.peer_id.to_string();
+    let old = api_addr(&bob.dir).unwrap();
+
+    // Bob's client, with logs asked for: they go to chat.log, never to the screen.
+    let mut pty = Pty::spawn_with(
+        &bob.dir,
+        &["chat", "friends"],
+        30,
+        100,
+        &[("RUST_LOG", "trace")],
+    );
+    pty.wait("the history, connected", |rows| {
+        let all = rows.join("\n");
+        all.contains("hello from bob") && all.contains("● connected")
+    })
+    .await;
+
+    // Bob's node stops: the client says so and keeps trying.
+    let stopped = bob.stop().await;
+    pty.wait_text("node not reachable").await;
+    // It starts again on a new API port (port 0; should it get the old one back by
+    // chance, start it once more, so the test is about a new port).
+    let mut bob = stopped.start().await.unwrap();
+    while api_addr(&bob.dir).unwrap() == old {
+        bob = bob.restart().await.unwrap();
+    }
+    pty.wait("connected again", |rows| {
+        rows.iter().any(|r| r.contains("● connected"))
+    })
+    .await;
+    wait_mesh(&[&ann, &bob]).await.unwrap();
+
+    // A message from Ann appears, and a typed line is delivered: both through the new port.
+    ann.node
+        .engine
+        .send_text("friends", "after the restart")
+        .await
+        .unwrap();
+    pty.wait_text("after the restart").await;
+    pty.keys("still here\r");
+    wait_history(&ann, "the line typed after the restart on Ann", |m| {
+        is_text(m, "still here") && m.sender == bob_peer
+    })
+    .await;
+
+    pty.keys("\x03");
+    assert_eq!(pty.exit_code().await, 0, "{}", pty.text());
+    let raw = String::from_utf8_lossy(&pty.screen.lock().unwrap().1).into_owned();
+    for level in ["TRACE", "DEBUG", " INFO ", " WARN ", "ERROR"] {
+        assert!(!raw.contains(level), "a log line on the terminal: {raw:?}");
+    }
+    let log = std::fs::read_to_string(bob.dir.join("chat.log")).unwrap();
+    assert!(!log.is_empty(), "nothing in chat.log");
 }
 
 #[tokio::test(flavor = "multi_thread")]
