@@ -92,7 +92,8 @@ pub struct Cli {
     /// URL of the node's API [default: read from <data_dir>/api.addr].
     #[arg(long, global = true, env = "KITH_API", value_name = "URL")]
     pub api: Option<String>,
-    /// Log output format (on stderr; filter with RUST_LOG, default "info").
+    /// Log output format (on stderr; filter with RUST_LOG, default "info"; a full-screen
+    /// `kith chat` logs only with RUST_LOG set, to <data_dir>/chat.log).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// What to do.
