@@ -436,6 +436,83 @@ async fn the_full_screen_client_follows_its_node_to_a_new_port_and_logs_off_scre
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_chats_list_counts_unread_from_the_node_and_paging_reaches_the_start() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (ann, bob) = pair(&dirs).await;
+    // A second group, where Bob writes three times before Ann's client starts.
+    let (second, invite) = ann.group_with_invite("second", 1).await.unwrap();
+    let mut ann_events = ann.node.engine.subscribe();
+    bob.node.engine.join(invite.link).await.unwrap();
+    wait_event(&mut ann_events, "Bob in the second group", |e| {
+        matches!(e, kith_client::model::NodeEvent::EpochChanged { group, member_count: 2, .. } if *group == second.id)
+    })
+    .await
+    .unwrap();
+    for i in 0..3 {
+        bob.node
+            .engine
+            .send_text("second", &format!("unread {i}"))
+            .await
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let h = ann
+            .node
+            .engine
+            .in_group("second", |e, g| e.history(g, 1000))
+            .await
+            .unwrap();
+        if h.iter().any(|m| is_text(m, "unread 2")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Bob's texts never reached Ann: {h:#?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    // More of "friends" than one load holds (200 entries): its start is a page back.
+    for i in 0..220 {
+        ann.node
+            .engine
+            .send_text("friends", &format!("old {i:03}"))
+            .await
+            .unwrap();
+    }
+
+    let mut pty = Pty::spawn(&ann.dir, &["chat", "friends"], 30, 100);
+    // Counted by the node, though the client was not running when they came.
+    pty.wait("the unread count of the second group", |rows| {
+        let all = rows.join("\n");
+        all.contains("second (3)") && all.contains("old 219")
+    })
+    .await;
+    assert!(!pty.text().contains("created the group 'friends'"));
+    // PageUp, again and again: past the oldest loaded, the page before it comes, until
+    // the group's first line.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !pty.text().contains("created the group 'friends'") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "paging back never reached the start; the screen:\n{}",
+            pty.text()
+        );
+        pty.keys("\x1b[5~");
+        tokio::time::sleep(POLL).await;
+    }
+    // Opening the second group reads it; the count is gone.
+    pty.keys("\t");
+    pty.wait("the second group open and read", |rows| {
+        let all = rows.join("\n");
+        all.contains("▶ second") && all.contains("unread 2") && !all.contains("(3)")
+    })
+    .await;
+    pty.keys("\x03");
+    assert_eq!(pty.exit_code().await, 0, "{}", pty.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn plain_mode_reads_lines_and_prints_safe_ones() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let (ann, bob) = pair(&dirs).await;
