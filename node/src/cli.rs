@@ -169,6 +169,11 @@ pub enum Command {
     Watch(WatchArgs),
     /// Chat in the terminal: a full-screen client (chats, messages, replies and reactions
     /// by key), or plain lines when not on a terminal or with --plain (times are UTC).
+    ///
+    /// Nothing else writes to the full screen: its logs are off unless RUST_LOG is set, and
+    /// then they are appended to <data_dir>/chat.log (plain mode logs to stderr). When the
+    /// node is started again on another API port, both modes find it by reading
+    /// <data_dir>/api.addr again (not with --api or KITH_API).
     Chat(ChatArgs),
     /// Inspect connections and block peers (e.g. to make a network partition in a test).
     #[command(subcommand)]

@@ -23,12 +23,7 @@ mod run;
 mod state;
 mod text;
 
-/// `kith chat`.
-///
-/// In full-screen mode nothing else is written to the terminal: logs are off unless RUST_LOG
-/// is set, and then they are appended to `<data_dir>/chat.log`. If the node is started
-/// again (on a new API port), the client follows it by reading `<data_dir>/api.addr`
-/// again, unless --api was given.
+/// `kith chat` (its help text is the doc comment of `Command::Chat`).
 #[derive(Debug, Clone, Args)]
 pub struct ChatArgs {
     /// The chat to open: group id, unique id prefix or exact name [default: the first; in
