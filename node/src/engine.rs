@@ -461,6 +461,9 @@ pub fn start(
     let thread = std::thread::Builder::new()
         .name("kith-engine".into())
         .spawn(move || {
+            // With several nodes in one process (the tests), debug logs say which node spoke.
+            let _span =
+                tracing::debug_span!("node", id = %crate::net::short_peer(&actor.me)).entered();
             // Subscribe to the loaded groups' topics and announce them, then serve.
             actor.after_commit(effects);
             for v in actor.groups.groups() {

@@ -1144,7 +1144,9 @@ pub fn spawn(
         next_refresh: std::time::Instant::now() + RENDEZVOUS_REFRESH,
         refresh_every: RENDEZVOUS_REFRESH,
     };
-    tokio::spawn(task.run(rx));
+    // With several nodes in one process (the tests), debug logs say which node spoke.
+    let span = tracing::debug_span!("node", id = %short_peer(task.swarm.local_peer_id()));
+    tokio::spawn(tracing::Instrument::instrument(task.run(rx), span));
     Ok((NetHandle { tx }, ev_rx))
 }
 
@@ -2038,4 +2040,10 @@ impl NetTask {
             });
         }
     }
+}
+
+/// The last 8 characters of a PeerId, as the CLI shows it.
+pub(crate) fn short_peer(peer: &PeerId) -> String {
+    let text = peer.to_string();
+    text[text.len().saturating_sub(8)..].to_owned()
 }

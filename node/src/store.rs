@@ -921,6 +921,33 @@ impl Store {
         Ok(summary)
     }
 
+    /// Whether `peer` was removed from `group` after invite `invite` was made and not added
+    /// back since: walking history from the newest entry, a removal of `peer` comes before
+    /// (is newer than) both the invite's creation and any later add of `peer`. A removal
+    /// older than what history keeps is not found (the answer is then `false`).
+    pub fn removed_since_invite(
+        &self,
+        group: &GroupId,
+        peer: &PeerId,
+        invite: &InviteId,
+    ) -> Result<bool, StoreError> {
+        use kith_protocol::records::EntryKind;
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HISTORY)?;
+        let (lo, hi) = group_range(group);
+        for row in table.range::<&[u8; HISTORY_KEY_LEN]>(&lo..=&hi)?.rev() {
+            let (_, value) = row?;
+            let entry: HistoryEntry = decode_record("history", value.value())?;
+            match &entry.kind {
+                EntryKind::MembersRemoved(gone) if gone.contains(peer) => return Ok(true),
+                EntryKind::MembersAdded(added) if added.contains(peer) => return Ok(false),
+                EntryKind::InviteCreated { id, .. } if id == invite => return Ok(false),
+                _ => {}
+            }
+        }
+        Ok(false)
+    }
+
     /// True if the message was already seen: it has a history row or its envelope is stored.
     pub fn has_message(&self, id: &MessageId) -> Result<bool, StoreError> {
         let txn = self.db.begin_read()?;

@@ -511,6 +511,13 @@ pub enum JoinRejection {
     /// The contacted member is not on the branch the requester asks to rejoin.
     #[error("the contacted member is not on the winning branch")]
     OtherBranch,
+    /// The requester was removed from the group after the invite was made: a removal is
+    /// not undone by the link the removed member joined with (a member can invite them
+    /// again with a new link).
+    #[error(
+        "you were removed from the group after this invite was made; ask a member for a new one"
+    )]
+    RemovedSinceInvite,
 }
 
 impl JoinRequest {

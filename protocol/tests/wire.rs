@@ -26,7 +26,7 @@ use proptest::prelude::*;
 
 /// Every rejection reason. `rejection_tag` below matches exhaustively, so adding a variant
 /// fails to compile until it is listed here and given a pinned tag.
-const ALL_REJECTIONS: [JoinRejection; 12] = [
+const ALL_REJECTIONS: [JoinRejection; 13] = [
     JoinRejection::UnknownInvite,
     JoinRejection::Expired,
     JoinRejection::UsedUp,
@@ -39,6 +39,7 @@ const ALL_REJECTIONS: [JoinRejection; 12] = [
     JoinRejection::Denied,
     JoinRejection::Busy,
     JoinRejection::OtherBranch,
+    JoinRejection::RemovedSinceInvite,
 ];
 
 /// The pinned wire tag of each rejection (its bincode variant index).
@@ -56,6 +57,7 @@ fn rejection_tag(r: JoinRejection) -> u8 {
         JoinRejection::Denied => 9,
         JoinRejection::Busy => 10,
         JoinRejection::OtherBranch => 11,
+        JoinRejection::RemovedSinceInvite => 12,
     }
 }
 
@@ -1057,10 +1059,10 @@ fn unknown_enum_tags_are_malformed() {
     b[0] = 2;
     assert_malformed("join request version", JoinRequest::decode(&b).map(drop));
 
-    // JoinResponse tag 4, rejection tag 12 (the first unassigned ones).
+    // JoinResponse tag 4, rejection tag 13 (the first unassigned ones).
     assert_malformed("join response tag", JoinResponse::decode(&[4]).map(drop));
     assert_malformed("join response tag", JoinResponse::decode(&[4, 0]).map(drop));
-    assert_malformed("rejection tag", JoinResponse::decode(&[1, 12]).map(drop));
+    assert_malformed("rejection tag", JoinResponse::decode(&[1, 13]).map(drop));
     assert_malformed("rejection tag", JoinResponse::decode(&[1, 250]).map(drop));
 }
 

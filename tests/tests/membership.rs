@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use kith_client::model::{MessageBody, NodeEvent};
+use kith_client::model::{JoinStage, MessageBody, NodeEvent};
 use kith_protocol::ids::GroupId;
 use kith_tests::{
     InGroup, NETWORK, TestNode, is_text, loopback_config, metric, text_counts, wait_connected,
@@ -322,6 +322,80 @@ async fn a_member_removed_while_away_reads_nothing_new_and_its_posts_are_rejecte
         c_view.epoch, 2,
         "C never got past its old epoch: {c_view:?}"
     );
+    for n in [a, b, c] {
+        n.node.shutdown().await;
+    }
+    Ok(())
+}
+
+/// A member removed while away, whose invite still has uses left, comes back: members
+/// refuse its sync ("not a member"), which a recent joiner reads as a lost join and so asks
+/// to join again with its link. Members refuse that link to it (removed since the invite
+/// was made), so the removal stands. (Before, the old link let it straight back in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_member_cannot_come_back_with_its_old_link() -> anyhow::Result<()> {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = TestNode::start(dirs[0].path(), loopback_config(vec![])).await?;
+    let boot = a.bootstrap_peer().await?;
+    let b = TestNode::start(dirs[1].path(), loopback_config(vec![boot.clone()])).await?;
+    let c = TestNode::start(dirs[2].path(), loopback_config(vec![boot])).await?;
+    let (pa, pb, pc) = (a.node.peer_id, b.node.peer_id, c.node.peer_id);
+    let (group, invite) = a.group_with_invite("club", 5).await?;
+    let g = group.id.clone();
+    let mut b_events = b.node.engine.subscribe();
+    b.node.engine.join(invite.link.clone()).await?;
+    c.node.engine.join(invite.link).await?;
+    wait_event(&mut b_events, "B at epoch 2", |e| epoch_is(e, 2, 3)).await?;
+
+    // C is cut off while A removes it.
+    a.node.net.set_blocked(vec![pc]).await?;
+    b.node.net.set_blocked(vec![pc]).await?;
+    c.node.net.set_blocked(vec![pa, pb]).await?;
+    wait_connected(&c, "C to lose A and B", |p| p.is_empty()).await?;
+    wait_connected(&a, "A to lose C", |p| !p.contains(&pc)).await?;
+    wait_connected(&b, "B to lose C", |p| !p.contains(&pc)).await?;
+    let after = a
+        .node
+        .engine
+        .in_group(&g, move |e, g| e.remove_member(g, pc))
+        .await?;
+    assert_eq!((after.epoch, after.members.len()), (3, 2));
+    wait_event(&mut b_events, "B at epoch 3", |e| epoch_is(e, 3, 2)).await?;
+
+    // Back online, C asks for history, is told it is not a member, tries its link again and
+    // is refused for good.
+    let mut c_events = c.node.engine.subscribe();
+    for n in [&a, &b, &c] {
+        n.node.net.set_blocked(vec![]).await?;
+    }
+    let lost = wait_event(&mut c_events, "C's rejoin to be refused", |e| {
+        matches!(
+            e,
+            NodeEvent::JoinProgress {
+                stage: JoinStage::Lost { .. },
+                ..
+            }
+        )
+    })
+    .await?;
+    let NodeEvent::JoinProgress {
+        stage: JoinStage::Lost { reason },
+        ..
+    } = lost
+    else {
+        unreachable!()
+    };
+    assert!(reason.contains("removed from the group"), "{reason}");
+    for (who, n) in [("A", &a), ("B", &b)] {
+        let view = n.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
+        assert_eq!(
+            (view.epoch, view.members.len()),
+            (3, 2),
+            "{who} let the removed member back in"
+        );
+    }
+    let c_view = c.node.engine.in_group(&g, |e, g| e.show_group(g)).await?;
+    assert!(!c_view.active, "C still counts itself a member: {c_view:?}");
     for n in [a, b, c] {
         n.node.shutdown().await;
     }

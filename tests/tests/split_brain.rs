@@ -95,7 +95,8 @@ async fn converged_once(
         let set: BTreeSet<String> = g.members.iter().map(|m| m.peer_id.clone()).collect();
         if &set != want_members {
             return Ok(Err(format!(
-                "node {i} at epoch {} lists {} members",
+                "node {i} ({}) at epoch {} lists {} members",
+                nodes[i].node.peer_id,
                 g.epoch,
                 set.len()
             )));

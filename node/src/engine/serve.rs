@@ -124,6 +124,23 @@ impl Actor {
             self.metrics.join_request(JoinRequestResult::Refused);
             return JoinResponse::Rejected(why);
         }
+        if let JoinRequest::V1(r) = &request {
+            let invite =
+                kith_protocol::ids::InviteId::of(&kith_protocol::invite::secret_hash(&r.secret));
+            match self.store.removed_since_invite(&group, &peer, &invite) {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::info!(%peer, group = %group.short(), "refused join request: removed from the group after the invite was made");
+                    self.metrics.join_request(JoinRequestResult::Refused);
+                    return JoinResponse::Rejected(JoinRejection::RemovedSinceInvite);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read history to screen a join request");
+                    self.metrics.join_request(JoinRequestResult::Error);
+                    return JoinResponse::Rejected(JoinRejection::Internal);
+                }
+            }
+        }
         let store = &self.store;
         let decided = kith_protocol::join::admission::decide(
             &self.groups,

@@ -653,3 +653,89 @@ mod tests {
         assert_eq!(c.edit, None);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod removal_tests {
+    use super::*;
+    use kith_protocol::ids::InviteId;
+    use kith_protocol::records::EntryKind;
+
+    fn peer(n: u8) -> PeerId {
+        kith_protocol::Keypair::ed25519_from_bytes([n; 32])
+            .unwrap()
+            .public()
+            .to_peer_id()
+    }
+
+    fn entry(id: u8, epoch: u64, kind: EntryKind) -> HistoryEntry {
+        HistoryEntry {
+            group: GroupId([1; 32]),
+            id: MessageId([id; 32]),
+            epoch,
+            sender: peer(1),
+            sent_at_ms: 1,
+            received_at_ms: 1,
+            kind,
+        }
+    }
+
+    fn invite_created(id: u8, epoch: u64, invite: InviteId) -> HistoryEntry {
+        entry(
+            id,
+            epoch,
+            EntryKind::InviteCreated {
+                id: invite,
+                max_uses: 5,
+                expires_at: u64::MAX,
+                approval: false,
+            },
+        )
+    }
+
+    #[test]
+    fn a_removal_after_the_invite_bars_it_and_a_new_invite_or_add_lifts_that() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let g = GroupId([1; 32]);
+        let (old, new) = (InviteId([7; 32]), InviteId([8; 32]));
+        let bob = peer(2);
+        let commit = |rows| {
+            store
+                .commit(crate::store::Batch {
+                    history: rows,
+                    ..Default::default()
+                })
+                .unwrap()
+        };
+        commit(vec![
+            invite_created(10, 1, old),
+            entry(11, 2, EntryKind::MembersAdded(vec![bob])),
+        ]);
+        assert!(!store.removed_since_invite(&g, &bob, &old).unwrap());
+        commit(vec![entry(12, 3, EntryKind::MembersRemoved(vec![bob]))]);
+        assert!(
+            store.removed_since_invite(&g, &bob, &old).unwrap(),
+            "removed after the old link"
+        );
+        assert!(
+            !store.removed_since_invite(&g, &peer(3), &old).unwrap(),
+            "someone else"
+        );
+        assert!(
+            store.removed_since_invite(&g, &bob, &new).unwrap(),
+            "an invite not in history is older than the removal"
+        );
+        commit(vec![invite_created(13, 4, new)]);
+        assert!(
+            !store.removed_since_invite(&g, &bob, &new).unwrap(),
+            "a link made after"
+        );
+        assert!(store.removed_since_invite(&g, &bob, &old).unwrap());
+        commit(vec![entry(14, 5, EntryKind::MembersAdded(vec![bob]))]);
+        assert!(
+            !store.removed_since_invite(&g, &bob, &old).unwrap(),
+            "added back since"
+        );
+    }
+}

@@ -265,7 +265,13 @@ where
             g.pending_bytes -= p.bytes.len();
             // `process` drains again after each accepted commit; nested calls stop once
             // nothing is ready, so the recursion depth is bounded by the number held.
-            let _ = self.process(&p.bytes, now_ms, effects, source);
+            let verdict = self.process(&p.bytes, now_ms, effects, source);
+            tracing::debug!(
+                group = %group_id.short(),
+                msg = %MessageId::of(&p.bytes).short(),
+                ?verdict,
+                "read a held envelope"
+            );
         }
     }
 }
