@@ -10,8 +10,12 @@ import * as panels from './panels.js';
 export const app = {
   /** This node: {peer_id, name?, label}. */
   me: null,
-  /** id -> {s: GroupSummary, last: Message|null, unread: number, activity: ms}. */
+  /** id -> {s: GroupSummary} as the node last answered GET /v1/groups. */
   groups: new Map(),
+  /** Groups this node is no longer in: id -> 'left' | 'removed' | null (not known). */
+  gone: new Map(),
+  /** Groups this browser asked to leave (so their removal reads "You left"). */
+  leaving: new Set(),
   /** The open group's id, or null. */
   current: null,
   /** PeerId -> Profile / Person ({name?, label}). */
@@ -43,35 +47,13 @@ export function nameOf(peer, fallbackLabel) {
   return (p && (p.label || p.name)) || fallbackLabel || short(peer);
 }
 
-/** Fetches the profiles of `peers` not known yet (404: the member set none). */
-export async function loadProfiles(peers) {
-  const missing = peers.filter((p) => !app.profiles.has(p));
-  await Promise.all(missing.map(async (p) => {
-    try {
-      app.profiles.set(p, await api.get('/v1/profiles/' + encodeURIComponent(p), { quiet: true }));
-    } catch {
-      app.profiles.set(p, { label: short(p) });
-    }
-  }));
-}
-
-// ---- read marks (kept in this browser: the API has no own read mark to read back) ----
-
-function readMark(gid) {
-  return Number(localStorage.getItem('kith.read.' + gid) || 0);
-}
-
-/** Notes that the user saw `gid` up to `ms` (a message's received_at_ms). */
-export function setReadMark(gid, ms) {
-  if (ms > readMark(gid)) localStorage.setItem('kith.read.' + gid, String(ms));
-  const g = app.groups.get(gid);
-  if (g && g.unread) {
-    g.unread = 0;
-    renderList();
+/** Takes the names and labels the node gives with a group's members (no request each). */
+export function notePeople(members) {
+  for (const m of members) {
+    const known = app.profiles.get(m.peer_id);
+    if (!known || !known.version) app.profiles.set(m.peer_id, { ...known, peer_id: m.peer_id, name: m.name, label: m.label || short(m.peer_id) });
   }
 }
-
-const counts = (m) => m.body && (m.body.type === 'text' || m.body.type === 'file') && !m.deleted;
 
 /** A one-line preview of a history entry for the chats list. */
 export function preview(m) {
@@ -107,19 +89,17 @@ export function systemText(m) {
 
 // ---- chats list ---------------------------------------------------------------------
 
-/** Records a history entry of `gid` for the list: last message, activity, unread. */
-export function noteMessage(gid, m, { live = false } = {}) {
-  const g = app.groups.get(gid);
-  if (!g) return;
-  if (!g.last || m.received_at_ms >= g.last.received_at_ms) {
-    g.last = m;
-    g.activity = m.received_at_ms;
-  }
-  if (live && counts(m) && m.sender !== app.me.peer_id && m.received_at_ms > readMark(gid)
-      && !(gid === app.current && chat.seesBottom())) {
-    g.unread++;
-  }
-  renderList();
+let refreshTimer = null;
+let refreshing = null;
+let refreshAgain = false;
+
+/** Reads the chats list again soon: many events in a row make one request. */
+export function scheduleRefresh(delay = 150) {
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(() => {
+    refreshTimer = null;
+    refreshGroups().catch(() => {});
+  }, delay);
 }
 
 function displayName(s) {
@@ -127,8 +107,23 @@ function displayName(s) {
 }
 export { displayName };
 
+const activity = (g) => (g.s.last_message ? g.s.last_message.received_at_ms : 0);
+
 function sortedGroups() {
-  return [...app.groups.values()].sort((a, b) => (b.activity - a.activity) || displayName(a.s).localeCompare(displayName(b.s)));
+  return [...app.groups.values()].sort((a, b) => (b.s.active !== false) - (a.s.active !== false)
+    || (activity(b) - activity(a)) || displayName(a.s).localeCompare(displayName(b.s)));
+}
+
+/** The unread count to show for a group: none while the user reads it on screen. */
+function unreadOf(g) {
+  if (g.s.id === app.current && chat.reading()) return 0;
+  return g.s.unread || 0;
+}
+
+/** What the list says of a group this node is no longer in. */
+export function goneText(gid) {
+  const why = app.gone.get(gid);
+  return why === 'left' ? 'You left' : why === 'removed' ? 'You were removed' : 'You are no longer a member';
 }
 
 let renderQueued = false;
@@ -151,11 +146,13 @@ function drawList() {
   fill(ul, items.map((g) => {
     const name = displayName(g.s);
     const selected = g.s.id === app.current;
+    const unread = unreadOf(g);
+    const gone = g.s.active === false;
     const li = h('li', {
       role: 'option', tabindex: selected || (!app.current && g === items[0]) ? '0' : '-1',
-      'aria-selected': selected ? 'true' : 'false', class: 'chat-item' + (g.unread ? ' unread' : ''),
+      'aria-selected': selected ? 'true' : 'false', class: 'chat-item' + (unread ? ' unread' : '') + (gone ? ' gone' : ''),
       dataset: { id: g.s.id },
-      'aria-label': name + (g.unread ? `, ${g.unread} unread` : ''),
+      'aria-label': name + (gone ? `, ${goneText(g.s.id)}` : '') + (unread ? `, ${badge(unread)} unread` : ''),
       onclick: () => openChat(g.s.id),
       onkeydown: (e) => {
         if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); openChat(g.s.id); }
@@ -170,17 +167,20 @@ function drawList() {
     h('span', { class: 'chat-main' },
       h('span', { class: 'chat-top' },
         h('span', { class: 'chat-name' }, name),
-        h('span', { class: 'chat-time muted' }, when(g.activity))),
+        h('span', { class: 'chat-time muted' }, when(activity(g)))),
       h('span', { class: 'chat-bottom' },
-        h('span', { class: 'chat-preview muted' }, preview(g.last)),
-        g.unread ? h('span', { class: 'badge', 'aria-hidden': 'true' }, g.unread > 99 ? '99+' : String(g.unread)) : null)));
+        h('span', { class: 'chat-preview muted' }, gone ? goneText(g.s.id) : preview(g.s.last_message)),
+        unread ? h('span', { class: 'badge', 'aria-hidden': 'true' }, badge(unread)) : null)));
     return li;
   }));
   if (!items.length) ul.append(h('li', { class: 'muted none' }, filter ? 'No chat matches.' : 'No chats yet.'));
   if (hadFocus) ul.querySelector(`[data-id="${CSS.escape(hadFocus)}"]`)?.focus();
-  const total = [...app.groups.values()].reduce((n, g) => n + g.unread, 0);
-  document.title = total ? `(${total}) Kith` : 'Kith';
+  const total = [...app.groups.values()].reduce((n, g) => n + unreadOf(g), 0);
+  document.title = total ? `(${badge(total)}) Kith` : 'Kith';
 }
+
+/** The node counts unread messages up to 1000: more shows as 999+. */
+const badge = (n) => (n > 999 ? '999+' : String(n));
 
 export function initials(name) {
   const parts = String(name).trim().split(/\s+/).filter(Boolean);
@@ -188,31 +188,63 @@ export function initials(name) {
   return s.toUpperCase();
 }
 
-/** Reads the group list (and the newest entries of each) again. */
+/**
+ * Reads the chats list from the node (unread counts, last messages, who left). One request
+ * at a time; a call while one runs asks for one more after it, so the list ends up current.
+ */
 export async function refreshGroups() {
-  const list = await api.get('/v1/groups');
-  const seen = new Set();
-  await Promise.all(list.map(async (s) => {
-    seen.add(s.id);
-    let g = app.groups.get(s.id);
-    if (!g) {
-      g = { s, last: null, unread: 0, activity: 0 };
-      app.groups.set(s.id, g);
-      try {
-        const hist = await api.get(api.g(s.id, 'messages') + '?limit=50', { quiet: true });
-        const mark = readMark(s.id);
-        g.unread = hist.filter((m) => counts(m) && m.sender !== app.me.peer_id && m.received_at_ms > mark).length;
-        const last = hist[hist.length - 1];
-        if (last) { g.last = last; g.activity = last.received_at_ms; }
-      } catch {
-        // The list still shows the group; its chat view reports the error when opened.
-      }
-    } else {
-      g.s = s;
+  if (refreshing) {
+    refreshAgain = true;
+    return refreshing;
+  }
+  refreshing = (async () => {
+    try {
+      do {
+        refreshAgain = false;
+        const list = await api.get('/v1/groups', { quiet: true });
+        const seen = new Set();
+        for (const s of list) {
+          seen.add(s.id);
+          const g = app.groups.get(s.id);
+          if (g) g.s = s;
+          else app.groups.set(s.id, { s });
+          if (s.active === false && !app.gone.has(s.id)) goneReason(s.id);
+        }
+        for (const id of [...app.groups.keys()]) if (!seen.has(id)) app.groups.delete(id);
+        renderList();
+        if (app.current) chat.onSummary();
+      } while (refreshAgain);
+    } finally {
+      refreshing = null;
     }
-  }));
-  for (const id of [...app.groups.keys()]) if (!seen.has(id)) app.groups.delete(id);
-  renderList();
+  })();
+  return refreshing;
+}
+
+/** Finds whether this node left `gid` or was removed: the newest entry removing it. */
+async function goneReason(gid) {
+  app.gone.set(gid, null);
+  try {
+    const hist = await api.get(api.g(gid, 'messages') + '?limit=50', { quiet: true });
+    noteGone(gid, hist);
+  } catch {
+    // The list says "no longer a member".
+  }
+}
+
+/** Notes from history entries whether this node left `gid` or was removed from it. */
+export function noteGone(gid, entries) {
+  for (let i = entries.length - 1; i >= 0; i--) {
+    const b = entries[i].body;
+    if (b.type === 'members_removed' && b.members.includes(app.me.peer_id)) {
+      // A member commits a leave: the entry's sender is then that member, and the leave
+      // was asked for here. Without a record of that, only "removed by itself" is a leave.
+      const left = entries[i].sender === app.me.peer_id || app.leaving.has(gid);
+      app.gone.set(gid, left ? 'left' : 'removed');
+      renderList();
+      return;
+    }
+  }
 }
 
 /** Opens a chat (and remembers it in the address, so a reload comes back to it). */
@@ -258,26 +290,23 @@ function step(delta) {
 
 function onEvent(type, d) {
   switch (type) {
-    case 'message':
-      noteMessage(d.group, d, { live: true });
+    case 'message': {
+      const b = d.body;
+      if (b.type === 'members_removed' && b.members.includes(app.me.peer_id)) noteGone(d.group, [d]);
       if (d.group === app.current) chat.onMessage(d);
-      if (d.body.type === 'members_added' || d.body.type === 'members_removed') refreshGroups().catch(() => {});
+      scheduleRefresh();
       break;
+    }
     case 'group_joined':
-      refreshGroups().catch(() => {});
+    case 'epoch_changed':
+      if (type === 'epoch_changed' && d.group === app.current) chat.onEpoch(d);
+      scheduleRefresh();
       break;
-    case 'epoch_changed': {
-      const g = app.groups.get(d.group);
-      if (g) { g.s.member_count = d.member_count; g.s.epoch = d.epoch; }
-      if (d.group === app.current) chat.onEpoch(d);
-      break;
-    }
-    case 'message_changed': {
-      const g = app.groups.get(d.group);
-      if (g && d.message && g.last && g.last.id === d.id) { g.last = d.message; renderList(); }
+    case 'message_changed':
       if (d.group === app.current) chat.onChanged(d);
+      // An edit or delete of the newest message changes the list's preview.
+      if (d.change.type !== 'reaction') scheduleRefresh();
       break;
-    }
     case 'profile_updated':
       app.profiles.set(d.profile.peer_id, d.profile);
       if (d.profile.peer_id === app.me.peer_id) { app.me = { ...app.me, ...d.profile }; drawMe(); }
@@ -285,6 +314,7 @@ function onEvent(type, d) {
       break;
     case 'read':
       if (d.group === app.current) chat.onRead(d);
+      if (d.peer === app.me.peer_id) scheduleRefresh();
       break;
     case 'typing':
       if (d.group === app.current) chat.onTyping(d);
@@ -302,7 +332,7 @@ function onEvent(type, d) {
       banner(d.message, 'warn');
       break;
     case 'lagged':
-      refreshGroups().catch(() => {});
+      scheduleRefresh(0);
       if (app.current) chat.reload();
       break;
     default:

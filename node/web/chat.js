@@ -2,25 +2,35 @@
 
 import * as api from './api.js';
 import { h, fill, $, bytes, when, short, confirmDialog, dialogShell, openDialog } from './dom.js';
-import { app, nameOf, loadProfiles, setReadMark, systemText, displayName, renderList, banner } from './app.js';
+import { app, nameOf, notePeople, noteGone, goneText, scheduleRefresh, systemText, displayName, renderList, banner } from './app.js';
 import * as panels from './panels.js';
 
 const REACTIONS = ['👍', '❤️', '😂', '😮', '😢', '🎉'];
 const PAGE = 50;
-const MAX_LIMIT = 1000;
+/** Pages `jumpTo` reads back at most looking for a quoted message. */
+const MAX_JUMP_PAGES = 20;
 
 /** The open chat: its messages by id in history order, and the composer's mode. */
 const view = {
   gid: null,
   msgs: new Map(),
   order: [],
-  limit: PAGE,
+  /** The oldest message of the group is in view (no page further back). */
+  atStart: false,
+  /** A load of the newest page runs (its number): live messages wait in `live` meanwhile. */
+  loading: 0,
+  live: [],
+  /** The group as GET /v1/groups/{g} answered (members, active, leaving). */
+  info: null,
+  /** The id this view last sent a read mark for. */
+  posted: null,
+  /** Quoted message id -> what the quote shows when the node gave no excerpt. */
+  quotes: new Map(),
   /** file id -> message id, to route file_progress events. */
   files: new Map(),
   /** {kind: 'reply'|'edit', msg} or null. */
   mode: null,
   typers: new Map(),
-  loadingOlder: false,
   /** Blob URLs to revoke when the view changes. */
   urls: [],
 };
@@ -40,7 +50,13 @@ export async function open(gid) {
   view.msgs.clear();
   view.order = [];
   view.files.clear();
-  view.limit = PAGE;
+  view.atStart = false;
+  view.loading = 0;
+  view.live = [];
+  view.info = null;
+  view.posted = null;
+  view.quotes.clear();
+  closePicker();
   view.typers.clear();
   setMode(null);
   $('#typing').textContent = '';
@@ -59,27 +75,70 @@ function drawHead() {
   const g = app.groups.get(view.gid);
   if (!g) return;
   $('#chat-title').textContent = displayName(g.s);
-  $('#chat-sub').textContent = g.s.direct ? 'Direct chat' : `${g.s.member_count} member${g.s.member_count === 1 ? '' : 's'}`;
+  const gone = g.s.active === false;
+  $('#chat-sub').textContent = gone ? goneText(view.gid)
+    : g.s.direct ? 'Direct chat' : `${g.s.member_count} member${g.s.member_count === 1 ? '' : 's'}`;
+  $('#chat-view').classList.toggle('gone', gone);
+  $('#btn-invite').hidden = gone;
+  // A group this node left takes no input: the composer gives way to a line saying so.
+  $('#composer').hidden = gone;
+  const note = $('#gone-note');
+  note.hidden = !gone;
+  if (gone) note.textContent = `${goneText(view.gid)}: you can read what is here, not write.`;
 }
 
-/** Fetches the newest `view.limit` entries and redraws. */
+/** The chats list was read again: the open chat's header follows it. */
+export function onSummary() {
+  if (!view.gid) return;
+  const wasActive = !$("#composer").hidden;
+  drawHead();
+  if (wasActive && $("#composer").hidden) panels.refreshSide();
+}
+
+let loads = 0;
+
+/** Fetches the newest page (and the group's members) and redraws. */
 export async function reload() {
   const gid = view.gid;
-  const list = await api.get(api.g(gid, 'messages') + '?limit=' + view.limit);
-  if (gid !== view.gid) return;
-  await loadProfiles([...new Set(list.map((m) => m.sender))]);
+  const token = ++loads;
+  view.loading = token;
+  view.live = [];
+  let list;
+  let group;
+  try {
+    [list, group] = await Promise.all([
+      api.get(api.g(gid, 'messages') + '?limit=' + PAGE),
+      api.get(api.g(gid), { quiet: true }).catch(() => null),
+    ]);
+  } finally {
+    if (view.loading === token) view.loading = 0;
+  }
+  if (gid !== view.gid || token !== loads) return;
+  if (group) {
+    view.info = group;
+    notePeople(group.members);
+  }
+  noteGone(gid, list);
   const box = $('#messages');
-  const fromBottom = box.scrollHeight - box.scrollTop;
   const stick = seesBottom() || !view.order.length;
   view.msgs.clear();
   view.files.clear();
   view.order = [];
   for (const m of list) put(m);
-  fill(box, view.order.map((id) => render(view.msgs.get(id))));
-  if (list.length >= view.limit && view.limit < MAX_LIMIT) box.prepend(h('div', { class: 'older muted' }, 'Scroll up for older messages'));
+  // What arrived while the page was on its way: newer than the page, or a newer copy.
+  for (const m of view.live) put(m);
+  view.live = [];
+  view.atStart = list.length < PAGE;
+  closePicker();
+  fill(box, startLine(), view.order.map((id) => render(view.msgs.get(id))));
   if (stick) box.scrollTop = box.scrollHeight;
-  else box.scrollTop = box.scrollHeight - fromBottom;
+  drawHead();
   markRead();
+}
+
+/** The line above the oldest message shown: more further up, or the start. */
+function startLine() {
+  return h('div', { id: 'older', class: 'older muted' }, view.atStart ? 'The start of the chat' : 'Scroll up for older messages');
 }
 
 function put(m) {
@@ -88,15 +147,51 @@ function put(m) {
   if (m.body.type === 'file') view.files.set(m.body.file.id, m.id);
 }
 
-async function older() {
+let loadingOlder = null;
+
+/**
+ * Reads the page before the oldest message shown (`before=`), puts it on top and keeps
+ * what the user looks at where it is. Resolves once done; a call while one runs joins it.
+ */
+function older() {
+  if (loadingOlder) return loadingOlder;
+  if (!view.gid || view.loading || view.atStart || !view.order.length) return Promise.resolve();
+  const gid = view.gid;
+  loadingOlder = (async () => {
+    try {
+      const q = `?limit=${PAGE}&before=${encodeURIComponent(view.order[0])}`;
+      const list = await api.get(api.g(gid, 'messages') + q);
+      if (gid !== view.gid) return;
+      const box = $('#messages');
+      const height = box.scrollHeight;
+      const top = box.scrollTop;
+      const fresh = list.filter((m) => !view.msgs.has(m.id));
+      for (const m of fresh) {
+        view.msgs.set(m.id, m);
+        if (m.body.type === 'file') view.files.set(m.body.file.id, m.id);
+      }
+      view.order = [...fresh.map((m) => m.id), ...view.order];
+      view.atStart = list.length < PAGE;
+      $('#older').replaceWith(startLine(), ...fresh.map(render));
+      box.scrollTop = top + (box.scrollHeight - height);
+    } finally {
+      loadingOlder = null;
+    }
+  })();
+  return loadingOlder;
+}
+
+/** Scrolled near the top: the page before, and again while the view is still near the top. */
+async function olderOnScroll() {
   const box = $('#messages');
-  if (view.loadingOlder || box.scrollTop > 40 || view.order.length < view.limit || view.limit >= MAX_LIMIT) return;
-  view.loadingOlder = true;
-  view.limit = Math.min(view.limit * 2, MAX_LIMIT);
-  try {
-    await reload();
-  } finally {
-    view.loadingOlder = false;
+  while (view.gid && !view.atStart && !view.loading && box.scrollTop < 200 && box.scrollHeight > box.clientHeight) {
+    const before = view.order.length;
+    try {
+      await older();
+    } catch {
+      return;
+    }
+    if (view.order.length === before) return;
   }
 }
 
@@ -107,17 +202,31 @@ export function seesBottom() {
     && box.scrollHeight - box.scrollTop - box.clientHeight < 60;
 }
 
+/** Whether the user reads the open chat now: its newest message in sight, the window focused. */
+export function reading() {
+  return !!view.gid && seesBottom() && document.hasFocus();
+}
+
 let readTimer = null;
 
 /** Tells the node the user read the chat, once the newest message is in sight. */
 function markRead() {
-  if (!view.gid || !seesBottom()) return;
+  if (!reading()) return;
   clearTimeout(readTimer);
-  readTimer = setTimeout(() => {
-    const last = view.order.length ? view.msgs.get(view.order[view.order.length - 1]) : null;
-    if (!last) return;
-    setReadMark(view.gid, last.received_at_ms);
-    api.post(api.g(view.gid, 'read'), {}, { quiet: true }).catch(() => {});
+  readTimer = setTimeout(async () => {
+    const gid = view.gid;
+    const last = view.order[view.order.length - 1];
+    if (!last || !reading()) return;
+    const s = app.groups.get(gid)?.s;
+    if (last === view.posted && !(s && s.unread)) return;
+    view.posted = last;
+    renderList();
+    try {
+      await api.post(api.g(gid, 'read'), { up_to: last }, { quiet: true });
+    } catch {
+      view.posted = null;
+    }
+    scheduleRefresh(0);
   }, 300);
 }
 
@@ -141,7 +250,7 @@ function render(m) {
       type: 'button', class: 'quote', 'aria-label': 'Go to the message this answers',
       onclick: () => jumpTo(r.id),
     }, h('span', { class: 'quote-who' }, r.sender ? nameOf(r.sender.peer_id, r.sender.label) : 'A message'),
-    h('span', { class: 'quote-text' }, r.excerpt || (r.sender ? '' : 'not here or deleted'))));
+    h('span', { class: 'quote-text' }, quoteText(r))));
   }
   if (m.deleted) {
     bubble.append(h('div', { class: 'text muted' }, 'This message was deleted'));
@@ -172,6 +281,37 @@ function render(m) {
   return el;
 }
 
+/** What a reply's quote shows of the message it answers. */
+function quoteText(r) {
+  if (r.excerpt) return r.excerpt;
+  if (!r.sender) return 'not on this node';
+  const q = view.msgs.get(r.id);
+  if (q) return snippet(q);
+  if (view.quotes.has(r.id)) return view.quotes.get(r.id);
+  // The node gives no excerpt of a file or a deleted message: ask for the message once.
+  view.quotes.set(r.id, '');
+  api.get(api.g(view.gid, 'messages', r.id), { quiet: true }).then((m) => {
+    view.quotes.set(r.id, snippet(m));
+    for (const id of view.order) if (view.msgs.get(id).reply_to?.id === r.id) redraw(id);
+  }).catch(() => {});
+  return '';
+}
+
+/** A message in a few words: its first line, "Photo" or the file's name. */
+function snippet(m) {
+  if (m.deleted) return 'Deleted message';
+  if (m.body.type === 'text') {
+    const line = m.body.text.split('\n')[0];
+    return line.length > 80 ? line.slice(0, 80) + '…' : line;
+  }
+  if (m.body.type === 'file') {
+    const f = m.body.file;
+    const what = isImage(f.mime) ? 'Photo' : f.name;
+    return f.caption ? `${what}: ${f.caption}` : what;
+  }
+  return '';
+}
+
 function actions(m, own) {
   const bar = h('div', { class: 'actions', role: 'toolbar', 'aria-label': 'Message actions' },
     h('button', { type: 'button', class: 'icon', 'aria-label': 'Reply', title: 'Reply', onclick: () => setMode({ kind: 'reply', msg: m }) }, '↩'),
@@ -181,25 +321,42 @@ function actions(m, own) {
   return bar;
 }
 
+/**
+ * The open reaction picker: {id, pop, close}. It belongs to its message, not to the
+ * message's element: a redraw of the message (a read receipt, a reaction, a profile)
+ * moves it to the new element instead of taking it away from under the user.
+ */
+let openPicker = null;
+
+function closePicker() {
+  if (openPicker) openPicker.close();
+}
+
 function picker(m, anchor) {
-  document.querySelector('.picker')?.remove();
-  const mine = (e) => (m.reactions || []).some((r) => r.emoji === e && r.by.includes(app.me.peer_id));
+  closePicker();
+  const id = m.id;
+  const mine = (e) => ((view.msgs.get(id) || m).reactions || []).some((r) => r.emoji === e && r.by.includes(app.me.peer_id));
   const pop = h('div', { class: 'picker', role: 'menu', 'aria-label': 'Pick a reaction' },
     REACTIONS.map((e) => h('button', {
       type: 'button', role: 'menuitem', class: mine(e) ? 'mine' : '', 'aria-label': e,
-      onclick: () => { react(m, e, !mine(e)).catch(() => {}); close(); },
+      onclick: () => { react(view.msgs.get(id) || m, e, !mine(e)).catch(() => {}); close(); },
     }, e)));
   // Removing the picker moves focus out of it, which fires focusout again: close once.
   let closed = false;
   const close = () => {
     if (closed) return;
     closed = true;
+    if (openPicker && openPicker.pop === pop) openPicker = null;
     pop.remove();
   };
+  openPicker = { id, pop, close, moving: false };
   pop.addEventListener('keydown', (e) => {
-    if (e.key === 'Escape') { e.stopPropagation(); close(); anchor.focus(); }
+    if (e.key === 'Escape') { e.stopPropagation(); close(); document.querySelector(`#m-${id} button[aria-label="React"]`)?.focus(); }
   });
-  pop.addEventListener('focusout', (e) => { if (!pop.contains(e.relatedTarget)) close(); });
+  pop.addEventListener('focusout', (e) => {
+    if (openPicker && openPicker.pop === pop && openPicker.moving) return;
+    if (!pop.contains(e.relatedTarget)) close();
+  });
   anchor.closest('.msg').append(pop);
   pop.querySelector('button').focus();
 }
@@ -269,17 +426,31 @@ function redraw(id) {
   const m = view.msgs.get(id);
   const old = document.getElementById('m-' + id);
   if (!m || !old) return;
-  const hadFocus = old.contains(document.activeElement);
+  const focused = old.contains(document.activeElement) ? document.activeElement : null;
   const el = render(m);
+  const p = openPicker && openPicker.id === id ? openPicker : null;
+  if (p) {
+    // Keep the open picker (and the focus in it) across the redraw.
+    p.moving = true;
+    el.append(p.pop);
+    old.replaceWith(el);
+    p.moving = false;
+    if (focused && p.pop.contains(focused)) focused.focus();
+    else if (focused) el.focus();
+    return;
+  }
   old.replaceWith(el);
-  if (hadFocus) el.focus();
+  if (focused) el.focus();
 }
 
 async function jumpTo(id) {
   let el = document.getElementById('m-' + id);
-  while (!el && view.limit < MAX_LIMIT && view.order.length >= view.limit) {
-    view.limit = Math.min(view.limit * 2, MAX_LIMIT);
-    await reload();
+  for (let i = 0; !el && !view.atStart && i < MAX_JUMP_PAGES; i++) {
+    try {
+      await older();
+    } catch {
+      break;
+    }
     el = document.getElementById('m-' + id);
   }
   if (!el) { banner('That message is not on this node (too old, or it never arrived).', 'info'); return; }
@@ -314,7 +485,7 @@ function setMode(mode) {
     return;
   }
   const m = mode.msg;
-  const excerpt = m.body.type === 'text' ? m.body.text.split('\n')[0].slice(0, 80) : (m.body.file ? m.body.file.name : '');
+  const excerpt = snippet(m);
   fill($('#context-text'), h('strong', null, mode.kind === 'edit' ? 'Editing' : 'Replying to ' + nameOf(m.sender, m.sender_label)), ' ', h('span', { class: 'muted' }, excerpt));
   if (mode.kind === 'edit') $('#text').value = m.body.text;
   autosize();
@@ -407,8 +578,15 @@ async function sendFiles(files) {
 // ---- live events --------------------------------------------------------------------
 
 /** A history entry arrived (or was sent here). */
-export function onMessage(m) {
-  if (m.group && m.group !== view.gid) return;
+export function onMessage(ev) {
+  if (ev.group && ev.group !== view.gid) return;
+  // An event carries `type: "message"` besides the message's own fields.
+  const { type: _event, ...m } = ev;
+  if (view.loading) {
+    // The newest page is on its way and would replace what is drawn now: add it after.
+    view.live.push(m);
+    return;
+  }
   const box = $('#messages');
   const stick = seesBottom() || m.sender === app.me.peer_id;
   const known = view.msgs.get(m.id);
@@ -418,8 +596,14 @@ export function onMessage(m) {
   else box.append(render(m));
   view.typers.delete(m.sender);
   drawTyping();
-  if (!app.profiles.has(m.sender)) {
-    loadProfiles([m.sender]).then(() => { if (app.profiles.get(m.sender)?.name) redraw(m.id); });
+  if (m.body.type === 'members_added' || m.body.type === 'members_removed') {
+    // New members' names come with the group's member list.
+    api.get(api.g(view.gid), { quiet: true }).then((g) => {
+      if (g.id !== view.gid) return;
+      view.info = g;
+      notePeople(g.members);
+      redraw(m.id);
+    }).catch(() => {});
   }
   if (stick) box.scrollTop = box.scrollHeight;
   markRead();
@@ -427,6 +611,7 @@ export function onMessage(m) {
 
 /** A reaction, edit or delete. */
 export function onChanged(d) {
+  view.quotes.delete(d.id);
   if (!d.message || !view.msgs.has(d.id)) return;
   view.msgs.set(d.id, d.message);
   redraw(d.id);
@@ -446,16 +631,29 @@ export function onEpoch() {
   panels.refreshSide();
 }
 
-export function onProfile() {
-  for (const id of view.order) redraw(id);
+export function onProfile(d) {
+  // Only what names that person is drawn again.
+  const peer = d.profile.peer_id;
+  for (const id of view.order) {
+    const m = view.msgs.get(id);
+    const b = m.body;
+    if (m.sender === peer || m.reply_to?.sender?.peer_id === peer || (b.members || []).includes(peer)
+      || (m.reactions || []).some((r) => r.by.includes(peer))) redraw(id);
+  }
   panels.refreshSide();
 }
 
 export function onRead(d) {
   if (!view.msgs.has(d.up_to)) return;
   // read_by of every own message up to it may have grown: ask for the newest few again.
-  api.get(api.g(view.gid, 'messages') + '?limit=' + Math.min(view.order.length, PAGE), { quiet: true }).then((list) => {
-    for (const m of list) if (view.msgs.has(m.id)) { view.msgs.set(m.id, m); redraw(m.id); }
+  // Only the messages whose read_by changed are drawn again.
+  const gid = view.gid;
+  api.get(api.g(gid, 'messages') + '?limit=' + Math.min(view.order.length, PAGE), { quiet: true }).then((list) => {
+    if (gid !== view.gid) return;
+    for (const m of list) {
+      const known = view.msgs.get(m.id);
+      if (known && JSON.stringify(known) !== JSON.stringify(m)) { view.msgs.set(m.id, m); redraw(m.id); }
+    }
   }).catch(() => {});
 }
 
@@ -543,8 +741,9 @@ export function wire() {
   $('#btn-invite').addEventListener('click', () => panels.inviteDialog(view.gid));
   $('#btn-members').addEventListener('click', () => panels.toggleSide(view.gid));
   const box = $('#messages');
-  box.addEventListener('scroll', () => { older(); markRead(); });
+  box.addEventListener('scroll', () => { olderOnScroll(); markRead(); });
   document.addEventListener('visibilitychange', markRead);
+  window.addEventListener('focus', markRead);
   const cv = $('#chat-view');
   const drop = $('#drop');
   let depth = 0;

@@ -3,7 +3,7 @@
 
 import * as api from './api.js';
 import { h, fill, $, bytes, when, short, openDialog, dialogShell, confirmDialog } from './dom.js';
-import { app, nameOf, loadProfiles, openChat, refreshGroups, drawMe, displayName, closeChat } from './app.js';
+import { app, nameOf, notePeople, openChat, refreshGroups, drawMe, displayName, closeChat } from './app.js';
 
 /** A QR code of `text` from the node, as an <img> (blob URL, freed when it leaves the page). */
 async function qr(text, label) {
@@ -188,7 +188,7 @@ export async function refreshSide() {
   if (!gid) return;
   const group = await api.get(api.g(gid));
   if (gid !== sideGroup) return;
-  await loadProfiles(group.members.map((m) => m.peer_id));
+  notePeople(group.members);
   const side = $('#side');
   const rows = group.members.map((m) => h('li', { class: 'member' },
     h('span', { class: 'grow' },
@@ -219,6 +219,7 @@ async function removeMember(gid, peer) {
 
 async function leave(gid) {
   if (!(await confirmDialog('Leave this group? You will not get its messages any more.', 'Leave'))) return;
+  app.leaving.add(gid);
   await api.post(api.g(gid, 'leave'), {});
   await refreshGroups();
   refreshSide();

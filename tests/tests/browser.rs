@@ -436,6 +436,141 @@ async fn a_reload_keeps_the_session_and_a_narrow_window_shows_one_pane() -> anyh
     Ok(())
 }
 
+/// The unread badge of the chat `group` in the list (empty when none is shown).
+async fn badge(s: &Session, group: &str) -> anyhow::Result<String> {
+    let v = s
+        .exec(
+            &format!(
+                "return document.querySelector('#chats li[data-id=\"{group}\"] .badge')?.textContent || '';"
+            ),
+            vec![],
+        )
+        .await?;
+    Ok(v.as_str().unwrap_or_default().to_owned())
+}
+
+/// `unread` of `group` as the node of `p` counts it.
+async fn unread_on_node(p: &Person, group: &str) -> anyhow::Result<u64> {
+    let list = p.call("GET", "/v1/groups", None).await?;
+    list.as_array()
+        .context("group list")?
+        .iter()
+        .find(|g| g["id"] == group)
+        .and_then(|g| g["unread"].as_u64())
+        .context("the group's unread count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_counts_follow_the_node_and_scrolling_up_reads_older_pages() -> anyhow::Result<()> {
+    let Some(driver) = Driver::start().await? else {
+        return Ok(());
+    };
+    let dirs = tempdirs::<2>()?;
+    let (nodes, group) = group_of(&dirs, "book club").await?;
+    let ann = Person::of(&nodes[0], "Ann").await?;
+    let ben = Person::of(&nodes[1], "Ben").await?;
+    let notes = ann
+        .call("POST", "/v1/groups", Some(json!({"name": "notes"})))
+        .await?;
+    let notes = notes["id"].as_str().context("group id")?.to_owned();
+    let a = driver.session().await?;
+    ann.login(&a).await?;
+    // Ann has another chat open while Ben writes in the book club.
+    open_chat(&a, &notes).await?;
+    const N: usize = 120;
+    for i in 0..N {
+        ben.call(
+            "POST",
+            &format!("/v1/groups/{}/messages", group.id),
+            Some(json!({ "text": format!("page {i}") })),
+        )
+        .await?;
+    }
+    a.wait_for(
+        "the book club's badge to count Ben's messages",
+        &format!(
+            "const li = document.querySelector('#chats li[data-id=\"{}\"]');
+             return !!li && li.querySelector('.badge')?.textContent === '{N}'
+               && li.getAttribute('aria-label').includes('{N} unread')
+               && li.querySelector('.chat-preview').textContent === 'page {}';",
+            group.id,
+            N - 1
+        ),
+    )
+    .await?;
+    assert_eq!(unread_on_node(&ann, &group.id).await?, N as u64);
+    shot(&a, "chats-unread").await?;
+
+    // Opening it reads it: the badge goes, and the node's count too (POST …/read).
+    open_chat(&a, &group.id).await?;
+    wait_msg(&a, &format!("page {}", N - 1)).await?;
+    a.wait_for(
+        "the badge to clear",
+        &format!(
+            "return !document.querySelector('#chats li[data-id=\"{}\"] .badge');",
+            group.id
+        ),
+    )
+    .await?;
+    let deadline = std::time::Instant::now() + kith_tests::WAIT;
+    while unread_on_node(&ann, &group.id).await? != 0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the node still counts unread messages after the chat was read"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // Only the newest page is drawn at first; scrolling up brings the older ones.
+    let shown = "return document.querySelectorAll('#messages .msg').length;";
+    let first = a.exec(shown, vec![]).await?.as_u64().unwrap_or_default();
+    assert!(first < N as u64, "all {first} messages were drawn at once");
+    a.wait_for(
+        "the first message after scrolling up",
+        "const box = document.querySelector('#messages');
+         box.scrollTop = 0;
+         return [...box.querySelectorAll('.msg .text')].some((t) => t.textContent === 'page 0')
+           && document.querySelector('#older').textContent === 'The start of the chat';",
+    )
+    .await?;
+    let texts = a
+        .exec(
+            "return [...document.querySelectorAll('#messages .msg .text')].map((t) => t.textContent);",
+            vec![],
+        )
+        .await?;
+    let want: Vec<String> = (0..N).map(|i| format!("page {i}")).collect();
+    assert_eq!(
+        texts,
+        json!(want),
+        "the pages are not in order, or some repeat"
+    );
+
+    // While Ann reads the chat, Ben's next message is read at once: no badge, none counted.
+    ben.call(
+        "POST",
+        &format!("/v1/groups/{}/messages", group.id),
+        Some(json!({ "text": "are you there?" })),
+    )
+    .await?;
+    a.exec(
+        "const b = document.querySelector('#messages'); b.scrollTop = b.scrollHeight; return null;",
+        vec![],
+    )
+    .await?;
+    wait_msg(&a, "are you there?").await?;
+    let deadline = std::time::Instant::now() + kith_tests::WAIT;
+    while unread_on_node(&ann, &group.id).await? != 0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "a message read on screen stayed unread on the node"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(badge(&a, &group.id).await?, "");
+    Ok(())
+}
+
 /// Serves `page` to every request on a loopback listener of its own: another port, so
 /// another origin than the node's.
 fn serve_page(page: String) -> anyhow::Result<SocketAddr> {
