@@ -1062,7 +1062,7 @@ mod tests {
                 "id": "c9".repeat(32), "name": "book club", "epoch": 2, "member_count": 3,
                 "in_sync": true, "held": 0, "epoch_auth": "00112233aabbccdd",
                 "undecryptable": 1, "missing": 2, "sync_failures": 0, "rollbacks": 4,
-                "deep_forks": 0, "forks_detected": 5
+                "deep_forks": 0, "forks_detected": 5, "active": true, "unread": 3
             }],
             "version": "0.1.0",
             "storage": {

@@ -22,6 +22,8 @@ use crate::identity::{self, IdentityError};
 use crate::metrics::{self, KithMetrics};
 use crate::net::{self, NetConfig, NetError, NetHandle};
 
+/// How long shutdown waits for the file store's last users (a disk read, a fsync) to end.
+const FILE_STORE_CLOSE_WAIT: Duration = Duration::from_secs(30);
 /// Gossipsub heartbeat used unless overridden.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(700);
 
@@ -270,10 +272,14 @@ impl RunningNode {
         // The file store closes when the last task that used it has ended (the forwarder
         // ends with the network task): wait for that, so the same data directory can be
         // opened again at once (a second open of files.redb is refused while one is open).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // A disk read or a batch's fsync already under way finishes first; on a loaded
+        // machine that took more than 5 s once (a full test run beside two builds).
+        let deadline = tokio::time::Instant::now() + FILE_STORE_CLOSE_WAIT;
         while blobs.strong_count() > 0 {
             if tokio::time::Instant::now() > deadline {
-                tracing::warn!("the file store is still in use 5 s after shutdown");
+                tracing::warn!(
+                    "the file store is still in use {FILE_STORE_CLOSE_WAIT:?} after shutdown"
+                );
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
