@@ -290,6 +290,26 @@ async fn a_picture_sent_from_the_file_input_shows_on_the_other_side() -> anyhow:
         "const i = document.querySelector('dialog.lightbox img.full'); return !!i && i.complete && i.naturalWidth === 320;",
     )
     .await?;
+
+    // Everything the page loaded (scripts, styles, icons, thumbnails, the picture, the API,
+    // the event stream) came from the node's own origin: no CDN, no fonts from elsewhere.
+    let loaded = a
+        .exec(
+            "return [location.origin, performance.getEntriesByType('resource').map(e => e.name)];",
+            vec![],
+        )
+        .await?;
+    let origin = loaded[0].as_str().context("origin")?;
+    let names = loaded[1].as_array().context("resource list")?;
+    assert!(names.len() >= 5, "only {names:?}");
+    let foreign: Vec<&Value> = names
+        .iter()
+        .filter(|n| {
+            n.as_str()
+                .is_none_or(|n| !n.starts_with(&format!("{origin}/")) && !n.starts_with("blob:"))
+        })
+        .collect();
+    assert!(foreign.is_empty(), "requests to other origins: {foreign:?}");
     Ok(())
 }
 
