@@ -135,13 +135,20 @@ fn tempdirs<const N: usize>() -> anyhow::Result<[tempfile::TempDir; N]> {
         .map_err(|_| anyhow::anyhow!("tempdirs: wrong count"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_people_chat_live_with_a_reply_and_a_reaction() -> anyhow::Result<()> {
-    let Some(driver) = Driver::start().await? else {
-        return Ok(());
-    };
+/// Ann and Ben: two nodes in group `name`, each with a logged-in browser showing the chat.
+struct Chat {
+    _dirs: [tempfile::TempDir; 2],
+    nodes: Vec<TestNode>,
+    group: kith_client::model::GroupInfo,
+    ann: Person,
+    ben: Person,
+    a: Session,
+    b: Session,
+}
+
+async fn two_in_a_chat(driver: &std::sync::Arc<Driver>, name: &str) -> anyhow::Result<Chat> {
     let dirs = tempdirs::<2>()?;
-    let (nodes, group) = group_of(&dirs, "book club").await?;
+    let (nodes, group) = group_of(&dirs, name).await?;
     let ann = Person::of(&nodes[0], "Ann").await?;
     let ben = Person::of(&nodes[1], "Ben").await?;
     let (a, b) = (driver.session().await?, driver.session().await?);
@@ -149,6 +156,31 @@ async fn two_people_chat_live_with_a_reply_and_a_reaction() -> anyhow::Result<()
     ben.login(&b).await?;
     open_chat(&a, &group.id).await?;
     open_chat(&b, &group.id).await?;
+    Ok(Chat {
+        _dirs: dirs,
+        nodes,
+        group,
+        ann,
+        ben,
+        a,
+        b,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_people_chat_live_with_a_reply_and_a_reaction() -> anyhow::Result<()> {
+    let Some(driver) = Driver::start().await? else {
+        return Ok(());
+    };
+    let Chat {
+        _dirs,
+        nodes,
+        group,
+        ann,
+        ben: _ben,
+        a,
+        b,
+    } = two_in_a_chat(&driver, "book club").await?;
 
     send(&a, "hello from ann").await?;
     let id = wait_msg(&b, "hello from ann").await?;
@@ -226,15 +258,15 @@ async fn a_picture_sent_from_the_file_input_shows_on_the_other_side() -> anyhow:
     let Some(driver) = Driver::start().await? else {
         return Ok(());
     };
-    let dirs = tempdirs::<2>()?;
-    let (nodes, group) = group_of(&dirs, "photos").await?;
-    let ann = Person::of(&nodes[0], "Ann").await?;
-    let ben = Person::of(&nodes[1], "Ben").await?;
-    let (a, b) = (driver.session().await?, driver.session().await?);
-    ann.login(&a).await?;
-    ben.login(&b).await?;
-    open_chat(&a, &group.id).await?;
-    open_chat(&b, &group.id).await?;
+    let Chat {
+        _dirs,
+        nodes: _nodes,
+        group,
+        ann: _ann,
+        ben,
+        a,
+        b,
+    } = two_in_a_chat(&driver, "photos").await?;
     send(&a, "the view from the top").await?;
 
     let pic = tempfile::tempdir()?;

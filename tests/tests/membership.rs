@@ -166,6 +166,32 @@ async fn removed_node_hears_nothing_and_the_others_keep_talking() -> anyhow::Res
 /// commit (the members refuse to sync with a non-member), so it stays at its old epoch: it
 /// reads none of the new messages that reach it, and every post it makes (queued during the
 /// partition, and after the heal) is rejected by A and B as from a former member.
+/// Cuts C off from A and B (both sides block), then A removes C at epoch 2 → 3 and B
+/// follows (`b_events` is B's event stream).
+async fn remove_while_cut_off(
+    a: &TestNode,
+    b: &TestNode,
+    c: &TestNode,
+    g: &str,
+    b_events: &mut tokio::sync::broadcast::Receiver<NodeEvent>,
+) -> anyhow::Result<()> {
+    let (pa, pb, pc) = (a.node.peer_id, b.node.peer_id, c.node.peer_id);
+    a.node.net.set_blocked(vec![pc]).await?;
+    b.node.net.set_blocked(vec![pc]).await?;
+    c.node.net.set_blocked(vec![pa, pb]).await?;
+    wait_connected(c, "C to lose A and B", |p| p.is_empty()).await?;
+    wait_connected(a, "A to lose C", |p| !p.contains(&pc)).await?;
+    wait_connected(b, "B to lose C", |p| !p.contains(&pc)).await?;
+    let after = a
+        .node
+        .engine
+        .in_group(g, move |e, g| e.remove_member(g, pc))
+        .await?;
+    assert_eq!((after.epoch, after.members.len()), (3, 2));
+    wait_event(b_events, "B at epoch 3", |e| epoch_is(e, 3, 2)).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_removed_while_away_reads_nothing_new_and_its_posts_are_rejected()
 -> anyhow::Result<()> {
@@ -178,7 +204,7 @@ async fn a_member_removed_while_away_reads_nothing_new_and_its_posts_are_rejecte
     )
     .await?;
     let c = TestNode::start(dirs[2].path(), with_metrics(loopback_config(vec![boot]))).await?;
-    let (pa, pb, pc) = (a.node.peer_id, b.node.peer_id, c.node.peer_id);
+    let (pa, pb) = (a.node.peer_id, b.node.peer_id);
     let (group, invite) = a.group_with_invite("club", 2).await?;
     let g = group.id.clone();
     let mut b_events = b.node.engine.subscribe();
@@ -197,19 +223,7 @@ async fn a_member_removed_while_away_reads_nothing_new_and_its_posts_are_rejecte
     wait_texts(&mut c_events, "C", &["before".to_owned()]).await?;
 
     // Cut C off (both sides block), then A removes it and A and B talk without it.
-    a.node.net.set_blocked(vec![pc]).await?;
-    b.node.net.set_blocked(vec![pc]).await?;
-    c.node.net.set_blocked(vec![pa, pb]).await?;
-    wait_connected(&c, "C to lose A and B", |p| p.is_empty()).await?;
-    wait_connected(&a, "A to lose C", |p| !p.contains(&pc)).await?;
-    wait_connected(&b, "B to lose C", |p| !p.contains(&pc)).await?;
-    let after = a
-        .node
-        .engine
-        .in_group(&g, move |e, g| e.remove_member(g, pc))
-        .await?;
-    assert_eq!((after.epoch, after.members.len()), (3, 2));
-    wait_event(&mut b_events, "B at epoch 3", |e| epoch_is(e, 3, 2)).await?;
+    remove_while_cut_off(&a, &b, &c, &g, &mut b_events).await?;
     let mut a_events = a.node.engine.subscribe();
     a.node
         .engine
@@ -339,7 +353,6 @@ async fn a_removed_member_cannot_come_back_with_its_old_link() -> anyhow::Result
     let boot = a.bootstrap_peer().await?;
     let b = TestNode::start(dirs[1].path(), loopback_config(vec![boot.clone()])).await?;
     let c = TestNode::start(dirs[2].path(), loopback_config(vec![boot])).await?;
-    let (pa, pb, pc) = (a.node.peer_id, b.node.peer_id, c.node.peer_id);
     let (group, invite) = a.group_with_invite("club", 5).await?;
     let g = group.id.clone();
     let mut b_events = b.node.engine.subscribe();
@@ -348,19 +361,7 @@ async fn a_removed_member_cannot_come_back_with_its_old_link() -> anyhow::Result
     wait_event(&mut b_events, "B at epoch 2", |e| epoch_is(e, 2, 3)).await?;
 
     // C is cut off while A removes it.
-    a.node.net.set_blocked(vec![pc]).await?;
-    b.node.net.set_blocked(vec![pc]).await?;
-    c.node.net.set_blocked(vec![pa, pb]).await?;
-    wait_connected(&c, "C to lose A and B", |p| p.is_empty()).await?;
-    wait_connected(&a, "A to lose C", |p| !p.contains(&pc)).await?;
-    wait_connected(&b, "B to lose C", |p| !p.contains(&pc)).await?;
-    let after = a
-        .node
-        .engine
-        .in_group(&g, move |e, g| e.remove_member(g, pc))
-        .await?;
-    assert_eq!((after.epoch, after.members.len()), (3, 2));
-    wait_event(&mut b_events, "B at epoch 3", |e| epoch_is(e, 3, 2)).await?;
+    remove_while_cut_off(&a, &b, &c, &g, &mut b_events).await?;
 
     // Back online, C asks for history, is told it is not a member, tries its link again and
     // is refused for good.

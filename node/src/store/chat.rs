@@ -652,44 +652,25 @@ mod tests {
         assert!(c.deleted);
         assert_eq!(c.edit, None);
     }
-}
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod removal_tests {
-    use super::*;
-    use kith_protocol::ids::InviteId;
-    use kith_protocol::records::EntryKind;
-
-    fn peer(n: u8) -> PeerId {
-        kith_protocol::Keypair::ed25519_from_bytes([n; 32])
-            .unwrap()
-            .public()
-            .to_peer_id()
+    fn at_epoch(epoch: u64, entry: HistoryEntry) -> HistoryEntry {
+        HistoryEntry { epoch, ..entry }
     }
 
-    fn entry(id: u8, epoch: u64, kind: EntryKind) -> HistoryEntry {
-        HistoryEntry {
-            group: GroupId([1; 32]),
-            id: MessageId([id; 32]),
+    fn invite_created(id: u8, epoch: u64, invite: kith_protocol::ids::InviteId) -> HistoryEntry {
+        at_epoch(
             epoch,
-            sender: peer(1),
-            sent_at_ms: 1,
-            received_at_ms: 1,
-            kind,
-        }
-    }
-
-    fn invite_created(id: u8, epoch: u64, invite: InviteId) -> HistoryEntry {
-        entry(
-            id,
-            epoch,
-            EntryKind::InviteCreated {
-                id: invite,
-                max_uses: 5,
-                expires_at: u64::MAX,
-                approval: false,
-            },
+            change(
+                id,
+                1,
+                1,
+                EntryKind::InviteCreated {
+                    id: invite,
+                    max_uses: 5,
+                    expires_at: u64::MAX,
+                    approval: false,
+                },
+            ),
         )
     }
 
@@ -698,22 +679,21 @@ mod removal_tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         let g = GroupId([1; 32]);
-        let (old, new) = (InviteId([7; 32]), InviteId([8; 32]));
+        let (old, new) = (
+            kith_protocol::ids::InviteId([7; 32]),
+            kith_protocol::ids::InviteId([8; 32]),
+        );
         let bob = peer(2);
-        let commit = |rows| {
-            store
-                .commit(crate::store::Batch {
-                    history: rows,
-                    ..Default::default()
-                })
-                .unwrap()
-        };
+        let commit = |rows| commit(&store, rows);
         commit(vec![
             invite_created(10, 1, old),
-            entry(11, 2, EntryKind::MembersAdded(vec![bob])),
+            at_epoch(2, change(11, 1, 1, EntryKind::MembersAdded(vec![bob]))),
         ]);
         assert!(!store.removed_since_invite(&g, &bob, &old).unwrap());
-        commit(vec![entry(12, 3, EntryKind::MembersRemoved(vec![bob]))]);
+        commit(vec![at_epoch(
+            3,
+            change(12, 1, 1, EntryKind::MembersRemoved(vec![bob])),
+        )]);
         assert!(
             store.removed_since_invite(&g, &bob, &old).unwrap(),
             "removed after the old link"
@@ -732,7 +712,10 @@ mod removal_tests {
             "a link made after"
         );
         assert!(store.removed_since_invite(&g, &bob, &old).unwrap());
-        commit(vec![entry(14, 5, EntryKind::MembersAdded(vec![bob]))]);
+        commit(vec![at_epoch(
+            5,
+            change(14, 1, 1, EntryKind::MembersAdded(vec![bob])),
+        )]);
         assert!(
             !store.removed_since_invite(&g, &bob, &old).unwrap(),
             "added back since"
