@@ -124,9 +124,20 @@ impl Actor {
             self.metrics.join_request(JoinRequestResult::Refused);
             return JoinResponse::Rejected(why);
         }
-        if let JoinRequest::V1(r) = &request {
-            let invite =
-                kith_protocol::ids::InviteId::of(&kith_protocol::invite::secret_hash(&r.secret));
+        // Only for a link this node knows (the secret matches): a request with a made-up
+        // secret costs one key lookup here, not a walk through the group's history.
+        let screened = match &request {
+            JoinRequest::V1(r) => {
+                let hash = kith_protocol::invite::secret_hash(&r.secret);
+                let invite = kith_protocol::ids::InviteId::of(&hash);
+                let known = self.store.invite(&invite).ok().flatten();
+                known
+                    .filter(|record| record.secret_hash == Some(hash))
+                    .map(|_| invite)
+            }
+            JoinRequest::Rejoin(_) => None,
+        };
+        if let Some(invite) = screened {
             match self.store.removed_since_invite(&group, &peer, &invite) {
                 Ok(false) => {}
                 Ok(true) => {
