@@ -334,6 +334,11 @@ impl Session {
         );
         self.wait_for(&format!("`{css}` to be shown"), &script)
             .await?;
+        self.element(css).await
+    }
+
+    /// The element matching `css` now, shown or not.
+    async fn element(&self, css: &str) -> anyhow::Result<Element> {
         let v = self
             .cmd(
                 "POST",
@@ -382,14 +387,7 @@ impl Session {
 
     /// Gives a file to an `<input type=file>` (which may be hidden) by its path.
     pub async fn upload(&self, css: &str, path: &Path) -> anyhow::Result<()> {
-        let v = self
-            .cmd(
-                "POST",
-                "/element",
-                Some(json!({"using": "css selector", "value": css})),
-            )
-            .await?;
-        let e = Element(v[ELEMENT].as_str().context("file input")?.to_owned());
+        let e = self.element(css).await?;
         self.send_keys(&e, &path.display().to_string()).await
     }
 
