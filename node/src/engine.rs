@@ -44,7 +44,7 @@ use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::crashpoint::{self, Point};
-use crate::metrics::{GroupGauges, JoinRequestResult, JoinResult, KithMetrics};
+use crate::metrics::{CpuPart, GroupGauges, JoinRequestResult, JoinResult, KithMetrics, timed};
 use crate::model::{
     CreateInviteRequest, GroupInfo, GroupSummary, InviteInfo, InviteSummary, JoinRequestInfo,
     JoinStage, MemberInfo, MessageBody, MessageInfo, NodeEvent, ReachInfo, RelayInfo, ScopedAddr,

@@ -168,6 +168,11 @@ pub struct FrameBytes {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartLabel {
+    part: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -274,6 +279,43 @@ pub struct KithMetrics {
     files: FileCounters,
     store_write_failures: [Counter; FailureReason::ALL.len()],
     store_failing: Gauge,
+    engine_cpu: [Counter<f64, AtomicU64>; CpuPart::ALL.len()],
+}
+
+/// A part of the engine thread's work whose CPU time is counted
+/// (`kith_engine_cpu_seconds_total{part}`): the rest of the thread's time is the engine's
+/// own bookkeeping, and the other threads are the network (`kith-net`) and the async
+/// runtime (API, event streams, timers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CpuPart {
+    /// The group engine on received envelopes and own sends: openmls (decryption,
+    /// signatures, its storage records, staged in memory) and Kith's group rules.
+    Mls,
+    /// The redb store: transactions, their commits and flushes.
+    Store,
+}
+
+impl CpuPart {
+    /// Every part, in label order.
+    pub const ALL: [CpuPart; 2] = [CpuPart::Mls, CpuPart::Store];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CpuPart::Mls => "mls",
+            CpuPart::Store => "store",
+        }
+    }
+}
+
+/// Runs `f`, adding the CPU time the calling thread spent in it to `part`.
+pub fn timed<T>(metrics: &KithMetrics, part: CpuPart, f: impl FnOnce() -> T) -> T {
+    let started = cpu_time::ThreadTime::try_now().ok();
+    let out = f();
+    if let Some(t) = started.and_then(|t| t.try_elapsed().ok()) {
+        metrics.engine_cpu[part as usize].inc_by(t.as_secs_f64());
+    }
+    out
 }
 
 /// What the node's file transfer counts (`kith_file_*`).
@@ -379,6 +421,15 @@ impl KithMetrics {
     /// Creates Kith's metrics and registers them in `registry` under the prefix `kith`.
     pub fn register(registry: &mut Registry) -> KithMetrics {
         let r = registry.sub_registry_with_prefix("kith");
+        let cpu_family = Family::<PartLabel, Counter<f64, AtomicU64>>::default();
+        r.register_with_unit(
+            "engine_cpu",
+            "CPU time of the engine thread in the group engine (mls) and in the store (store)",
+            Unit::Seconds,
+            cpu_family.clone(),
+        );
+        let engine_cpu =
+            CpuPart::ALL.map(|p| cpu_family.get_or_create_owned(&PartLabel { part: p.as_str() }));
         let messages_sent = Counter::default();
         r.register(
             "messages_sent",
@@ -539,6 +590,7 @@ impl KithMetrics {
             files,
             store_write_failures,
             store_failing,
+            engine_cpu,
         }
     }
 
@@ -753,6 +805,29 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use tower::ServiceExt;
+
+    #[test]
+    fn engine_cpu_is_counted_by_part() {
+        let mut registry = Registry::default();
+        let m = KithMetrics::register(&mut registry);
+        let spin = || {
+            let start = std::time::Instant::now();
+            let mut x = 1u64;
+            while start.elapsed() < Duration::from_millis(20) {
+                x = x.wrapping_mul(3).wrapping_add(1);
+            }
+            x
+        };
+        assert_ne!(timed(&m, CpuPart::Store, spin), 0);
+        let page = encode(&registry).unwrap();
+        let value = |part: &str| -> f64 {
+            let key = format!("kith_engine_cpu_seconds_total{{part=\"{part}\"}} ");
+            let line = page.lines().find(|l| l.starts_with(&key)).unwrap();
+            line[key.len()..].parse().unwrap()
+        };
+        assert!(value("store") >= 0.01, "{page}");
+        assert_eq!(value("mls"), 0.0);
+    }
 
     #[test]
     fn verdicts_are_counted_under_their_reason_label() {

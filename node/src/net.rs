@@ -1085,12 +1085,48 @@ fn is_dialable(addr: &Multiaddr) -> bool {
     )
 }
 
-/// Starts the network task. Returns its handle and the event stream. With a metrics
-/// registry, libp2p's and gossipsub's metrics are registered in it and kept up to date.
+/// Starts the network task on its own thread, `kith-net`, with its own single-threaded
+/// async runtime: the swarm, its connections (transport, Noise, Yamux, every protocol
+/// handler) and their timers all run there. Returns its handle and the event stream. With
+/// a metrics registry, libp2p's and gossipsub's metrics are registered in it and kept up to
+/// date.
+///
+/// Why a thread of its own: the network's CPU is then the thread's CPU (the testnet bench
+/// reports it as the "gossip" share), and a message's way through the swarm never hops
+/// between the worker threads of a shared runtime.
 pub fn spawn(
     cfg: NetConfig,
     metrics: Option<&mut Registry>,
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| NetError::Build(format!("cannot start the network runtime: {e}")))?;
+    // Listeners, the QUIC endpoint's driver and every connection task belong to the network
+    // runtime: build the swarm inside it.
+    let entered = runtime.enter();
+    let (handle, ev_rx, task) = prepare(cfg, metrics)?;
+    drop(entered);
+    let span = tracing::debug_span!("node", id = %short_peer(task.swarm.local_peer_id()));
+    let (tx, rx) = handle;
+    std::thread::Builder::new()
+        .name("kith-net".into())
+        .spawn(move || {
+            // With several nodes in one process (the tests), debug logs say which node spoke.
+            let _span = span.entered();
+            runtime.block_on(task.run(rx));
+        })
+        .map_err(|e| NetError::Build(format!("cannot start the network thread: {e}")))?;
+    Ok((NetHandle { tx }, ev_rx))
+}
+
+type CommandChannel = (mpsc::Sender<Command>, mpsc::Receiver<Command>);
+
+/// Builds the swarm, dials the bootstrap and remembered peers, and makes the task.
+fn prepare(
+    cfg: NetConfig,
+    metrics: Option<&mut Registry>,
+) -> Result<(CommandChannel, mpsc::Receiver<NetEvent>, NetTask), NetError> {
     let (mut swarm, metrics) = build_swarm(&cfg, metrics)?;
     for addr in &cfg.bootstrap {
         if let Some((peer, a)) = split_peer(addr) {
@@ -1144,10 +1180,7 @@ pub fn spawn(
         next_refresh: std::time::Instant::now() + RENDEZVOUS_REFRESH,
         refresh_every: RENDEZVOUS_REFRESH,
     };
-    // With several nodes in one process (the tests), debug logs say which node spoke.
-    let span = tracing::debug_span!("node", id = %short_peer(task.swarm.local_peer_id()));
-    tokio::spawn(tracing::Instrument::instrument(task.run(rx), span));
-    Ok((NetHandle { tx }, ev_rx))
+    Ok(((tx, rx), ev_rx, task))
 }
 
 struct NetTask {

@@ -25,7 +25,7 @@ use crate::error::{Result, TestnetError};
 use crate::launcher::{Testnet, UpOptions, now_ms};
 use crate::ledger::{Accounting, Missing};
 use crate::metrics::Figures;
-use crate::procs::{self, ProcStats};
+use crate::procs::{self, ProcStats, ThreadCpu};
 use crate::stats::{Percentiles, Spread, percentiles, spread};
 use crate::traffic::{self, TrafficSpec, TrafficSummary};
 
@@ -131,6 +131,33 @@ pub struct NodeFigures {
     pub metrics: Option<Figures>,
 }
 
+/// Where all nodes' CPU went in the window, per delivered message.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuFigures {
+    /// All nodes' CPU seconds in the window (`/proc/<pid>/stat`).
+    pub total_secs: f64,
+    /// That over the delivered (message, receiver) pairs, in µs.
+    pub per_delivered_us: Option<f64>,
+    /// The split by part, from the nodes' threads and the engine's own counters; shares
+    /// are of the threads' time (threads that ended in the window are left out of it).
+    pub parts: Vec<CpuShare>,
+}
+
+/// One part of the nodes' CPU.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuShare {
+    /// `mls` (the group engine: openmls and Kith's group rules), `store` (redb),
+    /// `engine` (the rest of the engine thread), `gossip` (the network thread: swarm,
+    /// connections, gossipsub, DHT), `api` (the async runtime: API, event streams, timers).
+    pub part: &'static str,
+    /// CPU seconds, all nodes together.
+    pub secs: f64,
+    /// Fraction of the threads' total.
+    pub share: f64,
+    /// `share` × the CPU per delivered message, in µs.
+    pub per_delivered_us: Option<f64>,
+}
+
 /// Spreads across nodes.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeSummary {
@@ -181,6 +208,8 @@ pub struct BenchReport {
     pub per_node: Vec<NodeFigures>,
     /// Across nodes.
     pub summary: NodeSummary,
+    /// CPU per delivered message and its parts.
+    pub cpu: CpuFigures,
     /// Remarks (e.g. why a figure is n/a).
     pub notes: Vec<String>,
     /// The files written.
@@ -237,11 +266,13 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport> {
 struct Snapshot {
     metrics: Vec<Option<Figures>>,
     procs: Vec<Option<ProcStats>>,
+    threads: Vec<Option<ThreadCpu>>,
 }
 
 async fn snapshot(tn: &Testnet, notes: &mut Vec<String>) -> Snapshot {
     let mut metrics = Vec::new();
     let mut procs_ = Vec::new();
+    let mut threads = Vec::new();
     for n in &tn.nodes {
         metrics.push(match tn.scrape(n.index).await {
             Some(Ok(f)) => Some(f),
@@ -252,10 +283,12 @@ async fn snapshot(tn: &Testnet, notes: &mut Vec<String>) -> Snapshot {
             None => None,
         });
         procs_.push(n.pid.and_then(procs::proc_stats));
+        threads.push(n.pid.and_then(procs::thread_cpu));
     }
     Snapshot {
         metrics,
         procs: procs_,
+        threads,
     }
 }
 
@@ -428,6 +461,7 @@ fn build_report(
         per_node.iter().filter_map(f).collect()
     };
     let bytes_out = bytes_total.1.then_some(bytes_total.0);
+    let cpu = cpu_figures(before, after, &per_node, acc.delivered);
     BenchReport {
         seed: opts.seed,
         nodes: tn.nodes.len(),
@@ -473,9 +507,59 @@ fn build_report(
             peak_rss_mib: spread(&collect(&|n| n.peak_rss_mib)),
             bytes_out: spread(&collect(&|n| n.bytes_out)),
         },
+        cpu,
         per_node,
         notes,
         files: Vec::new(),
+    }
+}
+
+/// All nodes' CPU in the window over the deliveries, and its split by part.
+fn cpu_figures(
+    before: &Snapshot,
+    after: &Snapshot,
+    per_node: &[NodeFigures],
+    delivered: usize,
+) -> CpuFigures {
+    let total_secs: f64 = per_node.iter().filter_map(|n| n.cpu_secs).sum();
+    let per_delivered_us = (delivered > 0).then(|| total_secs / delivered as f64 * 1e6);
+    // [mls, store, engine, gossip, api]
+    let mut secs = [0.0f64; 5];
+    for (i, n) in per_node.iter().enumerate() {
+        let (Some(Some(b)), Some(Some(a))) = (before.threads.get(i), after.threads.get(i)) else {
+            continue;
+        };
+        let engine = (a.engine_secs - b.engine_secs).max(0.0);
+        let (mls, store) = n.metrics.map_or((0.0, 0.0), |m| {
+            (m.cpu_mls.unwrap_or(0.0), m.cpu_store.unwrap_or(0.0))
+        });
+        let mls = mls.clamp(0.0, engine);
+        let store = store.clamp(0.0, engine - mls);
+        secs[0] += mls;
+        secs[1] += store;
+        secs[2] += engine - mls - store;
+        secs[3] += (a.net_secs - b.net_secs).max(0.0);
+        secs[4] += (a.other_secs - b.other_secs).max(0.0);
+    }
+    let threads: f64 = secs.iter().sum();
+    let parts = ["mls", "store", "engine", "gossip", "api"]
+        .into_iter()
+        .zip(secs)
+        .filter(|_| threads > 0.0)
+        .map(|(part, s)| {
+            let share = s / threads;
+            CpuShare {
+                part,
+                secs: s,
+                share,
+                per_delivered_us: per_delivered_us.map(|u| u * share),
+            }
+        })
+        .collect();
+    CpuFigures {
+        total_secs,
+        per_delivered_us,
+        parts,
     }
 }
 
@@ -611,6 +695,32 @@ pub fn render(r: &BenchReport) -> String {
         ),
     );
     line(
+        "CPU per delivered message",
+        match r.cpu.per_delivered_us {
+            Some(us) => format!(
+                "{us:.0} µs ({:.2} CPU s of all nodes / {} deliveries)",
+                r.cpu.total_secs, r.delivery.delivered
+            ),
+            None => "n/a (nothing delivered)".to_owned(),
+        },
+    );
+    if !r.cpu.parts.is_empty() {
+        let parts: Vec<String> = r
+            .cpu
+            .parts
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {:.0} % ({} µs)",
+                    p.part,
+                    p.share * 100.0,
+                    opt(p.per_delivered_us, 0)
+                )
+            })
+            .collect();
+        line("  of which", parts.join(", "));
+    }
+    line(
         "peak RSS MiB (min / med / max)",
         spread_text(r.summary.peak_rss_mib, 1),
     );
@@ -647,4 +757,69 @@ pub fn render(r: &BenchReport) -> String {
         out.push_str(&format!("wrote {}\n", f.display()));
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn node(i: usize, cpu: f64, mls: f64, store: f64) -> NodeFigures {
+        NodeFigures {
+            index: i,
+            peer_id: String::new(),
+            pid: None,
+            expected: 0,
+            delivered: 0,
+            cpu_secs: Some(cpu),
+            peak_rss_mib: None,
+            duplicates_per_message: None,
+            bytes_out: None,
+            metrics: Some(Figures {
+                cpu_mls: Some(mls),
+                cpu_store: Some(store),
+                ..Figures::default()
+            }),
+        }
+    }
+
+    fn threads(engine: f64, net: f64, other: f64) -> Option<ThreadCpu> {
+        Some(ThreadCpu {
+            engine_secs: engine,
+            net_secs: net,
+            other_secs: other,
+        })
+    }
+
+    #[test]
+    fn the_cpu_per_delivery_is_split_by_part() {
+        let before = Snapshot {
+            metrics: vec![None, None],
+            procs: vec![None, None],
+            threads: vec![threads(1.0, 1.0, 1.0), threads(0.0, 0.0, 0.0)],
+        };
+        let after = Snapshot {
+            metrics: vec![None, None],
+            procs: vec![None, None],
+            threads: vec![threads(2.0, 3.0, 1.5), threads(1.0, 1.0, 0.5)],
+        };
+        // Node 0: engine 1.0 s (mls 0.5, store 0.25), net 2.0, other 0.5; node 1: engine
+        // 1.0 s of which the counters claim more than the thread used (clamped), net 1.0,
+        // other 0.5. 8 CPU s over 1000 deliveries: 8000 µs each.
+        let per_node = [node(0, 4.0, 0.5, 0.25), node(1, 4.0, 0.75, 0.5)];
+        let cpu = cpu_figures(&before, &after, &per_node, 1000);
+        assert_eq!(cpu.total_secs, 8.0);
+        assert_eq!(cpu.per_delivered_us, Some(8000.0));
+        let get = |p: &str| cpu.parts.iter().find(|x| x.part == p).unwrap();
+        assert!((get("mls").secs - 1.25).abs() < 1e-9);
+        assert!((get("store").secs - 0.5).abs() < 1e-9);
+        assert!((get("engine").secs - 0.25).abs() < 1e-9);
+        assert!((get("gossip").secs - 3.0).abs() < 1e-9);
+        assert!((get("api").secs - 1.0).abs() < 1e-9);
+        let shares: f64 = cpu.parts.iter().map(|p| p.share).sum();
+        assert!((shares - 1.0).abs() < 1e-9);
+        assert!((get("gossip").per_delivered_us.unwrap() - 4000.0).abs() < 1e-6);
+        let none = cpu_figures(&before, &after, &per_node, 0);
+        assert_eq!(none.per_delivered_us, None);
+    }
 }

@@ -149,6 +149,15 @@ pub struct Figures {
     pub sync_request_sent: Option<f64>,
     /// History sync response frames this node received (`kith_sync_bytes_total`).
     pub sync_response_received: Option<f64>,
+    /// CPU seconds of the engine thread in the group engine
+    /// (`kith_engine_cpu_seconds_total{part="mls"}`).
+    pub cpu_mls: Option<f64>,
+    /// CPU seconds of the engine thread in the store (`…{part="store"}`).
+    pub cpu_store: Option<f64>,
+}
+
+fn engine_cpu(s: &Sample, part: &str) -> bool {
+    s.name == "kith_engine_cpu_seconds_total" && s.labels.get("part").is_some_and(|p| p == part)
 }
 
 fn sum_where(samples: &[Sample], pred: impl Fn(&Sample) -> bool) -> Option<f64> {
@@ -189,6 +198,8 @@ impl Figures {
             sync_response_received: sum_where(samples, |s| {
                 s.name == "kith_sync_bytes_total" && direction(s, "response_received")
             }),
+            cpu_mls: sum_where(samples, |s| engine_cpu(s, "mls")),
+            cpu_store: sum_where(samples, |s| engine_cpu(s, "store")),
         }
     }
 
@@ -207,6 +218,8 @@ impl Figures {
             bytes_in: d(before.bytes_in, after.bytes_in),
             sync_request_sent: d(before.sync_request_sent, after.sync_request_sent),
             sync_response_received: d(before.sync_response_received, after.sync_response_received),
+            cpu_mls: d(before.cpu_mls, after.cpu_mls),
+            cpu_store: d(before.cpu_store, after.cpu_store),
         }
     }
 }
@@ -284,6 +297,8 @@ gossipsub_topic_msg_recv_counts_total{hash="kith/g/cd"} 10
 libp2p_bandwidth_bytes_total{protocols="/ip4/tcp",direction="Outbound"} 1000
 libp2p_bandwidth_bytes_total{protocols="/ip4/udp/quic-v1",direction="Outbound"} 24
 libp2p_bandwidth_bytes_total{protocols="/ip4/tcp",direction="Inbound"} 900
+kith_engine_cpu_seconds_total{part="mls"} 0.25
+kith_engine_cpu_seconds_total{part="store"} 0.5
 odd_total{a="x\"y,z}",b="\\"} 1.5e3 1700000000
 hist_bucket{le="+Inf"} +Inf
 # EOF
@@ -303,6 +318,8 @@ hist_bucket{le="+Inf"} +Inf
         assert_eq!(f.gossip_received, Some(60.0));
         assert_eq!(f.bytes_out, Some(1024.0));
         assert_eq!(f.bytes_in, Some(900.0));
+        assert_eq!(f.cpu_mls, Some(0.25));
+        assert_eq!(f.cpu_store, Some(0.5));
         let none = Figures::from_samples(&[]);
         assert_eq!(none, Figures::default());
         let d = Figures::delta(&none, &f);

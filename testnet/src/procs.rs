@@ -186,6 +186,35 @@ mod tests {
     }
 
     #[test]
+    fn splits_the_cpu_of_its_own_threads_by_name() {
+        let me = std::process::id();
+        // A thread named like the node's network thread burns CPU until its own clock
+        // shows it; its time then appears under `net_secs`, while it is still alive.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::Builder::new()
+            .name("kith-net".into())
+            .spawn(move || {
+                let start = std::time::Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < std::time::Duration::from_millis(50) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                }
+                done_tx.send(x).unwrap();
+                let _ = stop_rx.recv();
+            })
+            .unwrap();
+        done_rx.recv().unwrap();
+        let cpu = thread_cpu(me).unwrap();
+        stop_tx.send(()).unwrap();
+        t.join().unwrap();
+        assert!(cpu.net_secs > 0.01, "{cpu:?}");
+        assert!(cpu.other_secs > 0.0, "{cpu:?}");
+        assert_eq!(cpu.engine_secs, 0.0, "{cpu:?}");
+        assert!(thread_cpu(u32::MAX).is_none());
+    }
+
+    #[test]
     fn reads_its_own_stats() {
         let me = std::process::id();
         assert!(is_alive(me));
@@ -231,4 +260,45 @@ mod tests {
         assert!((secs - 300.0 / ticks).abs() < 1e-9, "{secs}");
         assert!(cpu_seconds_of_stat("42 (x) S 1 2").is_none());
     }
+}
+
+/// CPU time of one process's live threads, by the part of the node they run (the threads'
+/// names, set by the node: `kith-engine`, `kith-net`; everything else is the async runtime
+/// and its helpers). Seconds of `/proc/<pid>/task/<tid>/schedstat` (time on a CPU, in ns).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ThreadCpu {
+    /// Threads named `kith-engine` (the engine, and unnamed threads it started).
+    pub engine_secs: f64,
+    /// The `kith-net` thread: the swarm, every connection, gossipsub, the DHT.
+    pub net_secs: f64,
+    /// Every other live thread: the async runtime (API, event streams, timers, files).
+    pub other_secs: f64,
+}
+
+/// Reads [`ThreadCpu`] of `pid`; `None` if it is gone. A thread that ended between two
+/// readings drops out of its group (its time stays in the process total).
+pub fn thread_cpu(pid: u32) -> Option<ThreadCpu> {
+    let mut out = ThreadCpu::default();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let dir = entry.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let Some(ns) = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let secs = ns as f64 / 1e9;
+        match comm.trim_end() {
+            "kith-engine" => out.engine_secs += secs,
+            "kith-net" => out.net_secs += secs,
+            _ => out.other_secs += secs,
+        }
+    }
+    Some(out)
 }

@@ -283,7 +283,11 @@ impl Actor {
         chat: Chat,
     ) -> Result<Option<HistoryEntry>, EngineError> {
         self.check_writable()?;
-        let (entry, effects) = match self.groups.send_chat(group, chat, now_ms()) {
+        let groups = &mut self.groups;
+        let sent = timed(&self.metrics, CpuPart::Mls, || {
+            groups.send_chat(group, chat, now_ms())
+        });
+        let (entry, effects) = match sent {
             Ok(x) => x,
             Err(e) => {
                 self.rollback();

@@ -107,7 +107,9 @@ impl Actor {
             return Err(self.store.refusal());
         }
         let started = Instant::now();
-        let result = self.store.commit_with(batch, durable);
+        let result = timed(&self.metrics, CpuPart::Store, || {
+            self.store.commit_with(batch, durable)
+        });
         self.metrics.store_commit(started.elapsed());
         if result.is_ok() {
             // A durable commit also makes every earlier non-durable one durable.
@@ -191,7 +193,7 @@ impl Actor {
         // While the store fails, what was not flushed is gone with the reopened file.
         if self.unflushed && self.store.is_writable() {
             crashpoint::reached(Point::Flush);
-            match self.store.flush() {
+            match timed(&self.metrics, CpuPart::Store, || self.store.flush()) {
                 Ok(()) => self.unflushed = false,
                 Err(e) => tracing::error!(error = %e, "cannot flush the store"),
             }

@@ -21,10 +21,16 @@ impl Actor {
             } else if !writable {
                 Verdict::Ignore(IgnoreReason::Storage)
             } else {
-                match self.store.has_message(&id) {
+                let held = timed(&self.metrics, CpuPart::Store, || {
+                    self.store.has_message(&id)
+                });
+                match held {
                     Ok(true) => Verdict::Ignore(IgnoreReason::Duplicate),
                     Ok(false) => {
-                        let (verdict, fx) = self.groups.handle_envelope(&data, now_ms());
+                        let groups = &mut self.groups;
+                        let (verdict, fx) = timed(&self.metrics, CpuPart::Mls, || {
+                            groups.handle_envelope(&data, now_ms())
+                        });
                         effects.extend(fx);
                         if matches!(verdict, Verdict::Ignore(_)) {
                             self.observe_gap(&data);

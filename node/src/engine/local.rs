@@ -321,7 +321,11 @@ impl Actor {
     pub fn send(&mut self, q: &str, text: &str) -> Result<MessageInfo, EngineError> {
         self.check_writable()?;
         let id = self.resolve(q)?;
-        let (entry, effects) = match self.groups.send_text(id, text, now_ms()) {
+        let groups = &mut self.groups;
+        let sent = timed(&self.metrics, CpuPart::Mls, || {
+            groups.send_text(id, text, now_ms())
+        });
+        let (entry, effects) = match sent {
             Ok(x) => x,
             Err(e) => {
                 self.rollback();
