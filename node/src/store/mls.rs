@@ -202,6 +202,138 @@ impl MlsStorage {
     }
 }
 
+/// Chunked records: openmls rewrites its message-secrets record (every kept past epoch's
+/// secret tree and member list, then the current epoch's tree) on every message sent or
+/// received. Stored whole, a 100-member group a few commits old rewrote some 100 KB per
+/// message. Stored in pieces of [`CHUNK_BYTES`], only the pieces whose bytes changed are
+/// written: the past epochs come first in the encoding and do not change between commits,
+/// so a message rewrites the last piece or two.
+///
+/// Layout: under the record's key, a header `[CHUNKED_TAG, pieces: u32 LE, bytes: u32 LE]`;
+/// piece `i` under the record's key followed by `\0#` and `i` as u32 big-endian. The pieces
+/// contain the group id in their key like the record itself, so checkpoints and rollbacks
+/// (`GroupRecords`) copy and restore them with it.
+const CHUNK_BYTES: usize = 16 * 1024;
+/// First byte of a chunked record's header (never the first byte of a single value).
+const CHUNKED_TAG: u8 = 0x02;
+/// Largest record accepted back from the table (pieces × [`CHUNK_BYTES`]).
+const MAX_CHUNKED_BYTES: usize = 256 * 1024 * 1024;
+
+fn chunk_key(base: &[u8], i: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(base.len() + 6);
+    k.extend_from_slice(base);
+    k.extend_from_slice(b"\0#");
+    k.extend_from_slice(&i.to_be_bytes());
+    k
+}
+
+/// `(pieces, bytes)` of a chunked header, `None` if `value` is not one.
+fn chunk_header(value: &[u8]) -> Option<(u32, usize)> {
+    match value {
+        [CHUNKED_TAG, rest @ ..] if rest.len() == 8 => {
+            let pieces = u32::from_le_bytes(rest[..4].try_into().ok()?);
+            let bytes = u32::from_le_bytes(rest[4..].try_into().ok()?) as usize;
+            Some((pieces, bytes))
+        }
+        _ => None,
+    }
+}
+
+impl MlsStorage {
+    /// Writes `value` under `key` in pieces, staging only the pieces that differ from the
+    /// current ones (and deleting pieces a shorter value no longer has).
+    fn write_chunked(
+        &self,
+        label: &str,
+        key: &impl Serialize,
+        value: &impl Serialize,
+    ) -> Result<(), StoreError> {
+        let base = storage_key(label, key)?;
+        let bytes = encode_value(value)?;
+        let pieces = u32::try_from(bytes.len().div_ceil(CHUNK_BYTES))
+            .map_err(|_| StoreError::Serde("record too large".into()))?;
+        let len =
+            u32::try_from(bytes.len()).map_err(|_| StoreError::Serde("record too large".into()))?;
+        let mut staged = self.lock_staged();
+        let old_pieces = match self.get_raw(&staged, &base)? {
+            Some(old) => chunk_header(&old).map_or(0, |(n, _)| n),
+            None => 0,
+        };
+        for (i, piece) in (0u32..).zip(bytes.chunks(CHUNK_BYTES)) {
+            let k = chunk_key(&base, i);
+            if i < old_pieces && self.get_raw(&staged, &k)?.as_deref() == Some(piece) {
+                continue;
+            }
+            self.stage(&mut staged, k, Some(piece.to_vec()));
+        }
+        for i in pieces..old_pieces {
+            self.stage(&mut staged, chunk_key(&base, i), None);
+        }
+        let mut header = vec![CHUNKED_TAG];
+        header.extend_from_slice(&pieces.to_le_bytes());
+        header.extend_from_slice(&len.to_le_bytes());
+        if self.get_raw(&staged, &base)?.as_deref() != Some(header.as_slice()) {
+            self.stage(&mut staged, base, Some(header));
+        }
+        Ok(())
+    }
+
+    /// Reads a record written by [`Self::write_chunked`], or by [`Self::write`] before
+    /// records were chunked.
+    fn read_chunked<V: DeserializeOwned>(
+        &self,
+        label: &str,
+        key: &impl Serialize,
+    ) -> Result<Option<V>, StoreError> {
+        let base = storage_key(label, key)?;
+        let staged = self.lock_staged();
+        let Some(head) = self.get_raw(&staged, &base)? else {
+            return Ok(None);
+        };
+        let Some((pieces, len)) = chunk_header(&head) else {
+            return decode_value(&head).map(Some);
+        };
+        let corrupt = |reason: String| StoreError::Corrupt {
+            table: "mls",
+            reason,
+        };
+        if len > MAX_CHUNKED_BYTES || (pieces as usize) != len.div_ceil(CHUNK_BYTES) {
+            return Err(corrupt(format!(
+                "chunked record of {pieces} pieces, {len} bytes"
+            )));
+        }
+        let mut bytes = Vec::with_capacity(len);
+        for i in 0..pieces {
+            let piece = self
+                .get_raw(&staged, &chunk_key(&base, i))?
+                .ok_or_else(|| corrupt(format!("piece {i} of {pieces} missing")))?;
+            bytes.extend_from_slice(&piece);
+        }
+        if bytes.len() != len {
+            return Err(corrupt(format!(
+                "pieces hold {} of {len} bytes",
+                bytes.len()
+            )));
+        }
+        decode_value(&bytes).map(Some)
+    }
+
+    /// Deletes a chunked record and its pieces.
+    fn delete_chunked(&self, label: &str, key: &impl Serialize) -> Result<(), StoreError> {
+        let base = storage_key(label, key)?;
+        let mut staged = self.lock_staged();
+        let pieces = match self.get_raw(&staged, &base)? {
+            Some(old) => chunk_header(&old).map_or(0, |(n, _)| n),
+            None => 0,
+        };
+        for i in 0..pieces {
+            self.stage(&mut staged, chunk_key(&base, i), None);
+        }
+        self.stage(&mut staged, base, None);
+        Ok(())
+    }
+}
+
 fn storage_key(label: &str, key: &impl Serialize) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(label.len() + 1 + 48);
     out.extend_from_slice(label.as_bytes());
@@ -214,15 +346,24 @@ fn storage_key(label: &str, key: &impl Serialize) -> Result<Vec<u8>, StoreError>
 /// before MessagePack was introduced) never start with it, so both are read back.
 const MSGPACK_TAG: u8 = 0x01;
 
-/// Encodes a single openmls value: the tag, then MessagePack with named fields.
+/// Encodes a single openmls value: the tag, then MessagePack with named fields, and every
+/// sequence of bytes (`Vec<u8>`, `[u8]`) as one MessagePack byte string.
 ///
 /// Measured on a 100-member group: openmls rewrites its message-secrets record on every
 /// message, and serde_json (which spells every secret byte as a decimal number) was the
-/// largest single CPU cost of a 100-node testnet. MessagePack keeps byte strings as bytes
-/// and is self-describing, which openmls needs (`untagged` enums, `deserialize_any`).
+/// largest single CPU cost of a 100-node testnet. MessagePack is self-describing, which
+/// openmls needs (`untagged` enums, `deserialize_any`). serde hands a `Vec<u8>` over as a
+/// sequence of integers, which MessagePack then wrote one marker at a time (37 % of the
+/// self time of a send at 1,000 members, docs/BENCHMARKS.md); `BytesMode::ForceIterables`
+/// writes it as one byte string instead, and the decoder turns a byte string back into
+/// the sequence the type asks for, so records written either way read back the same.
 fn encode_value(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
     let mut out = vec![MSGPACK_TAG];
-    rmp_serde::encode::write_named(&mut out, value)
+    let mut serializer = rmp_serde::Serializer::new(&mut out)
+        .with_struct_map()
+        .with_bytes(rmp_serde::config::BytesMode::ForceIterables);
+    value
+        .serialize(&mut serializer)
         .map_err(|e| StoreError::Serde(e.to_string()))?;
     Ok(out)
 }
@@ -502,7 +643,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStorage {
         group_id: &GroupId,
         message_secrets: &MessageSecrets,
     ) -> Result<(), Self::Error> {
-        self.write(label::MESSAGE_SECRETS, group_id, message_secrets)
+        self.write_chunked(label::MESSAGE_SECRETS, group_id, message_secrets)
     }
 
     fn write_resumption_psk_store<
@@ -713,7 +854,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<MessageSecrets>, Self::Error> {
-        self.read(label::MESSAGE_SECRETS, group_id)
+        self.read_chunked(label::MESSAGE_SECRETS, group_id)
     }
 
     fn resumption_psk_store<
@@ -865,7 +1006,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete(label::MESSAGE_SECRETS, group_id)
+        self.delete_chunked(label::MESSAGE_SECRETS, group_id)
     }
 
     fn delete_all_resumption_psk_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
@@ -1492,11 +1633,121 @@ mod value_encoding_tests {
         assert_eq!(packed[0], MSGPACK_TAG);
         assert!(packed.len() < serde_json::to_vec(&v).unwrap().len());
         assert_eq!(decode_value::<Sample>(&packed).unwrap(), v);
+        // The secret is one byte string (bin 8, length 32), not 32 integers.
+        let bin = [&[0xc4, 32][..], &[7; 32]].concat();
+        assert!(packed.windows(bin.len()).any(|w| w == bin));
+        // Records written before byte strings were forced (integers one by one) still read.
+        let mut ints = vec![MSGPACK_TAG];
+        rmp_serde::encode::write_named(&mut ints, &v).unwrap();
+        assert!(ints.len() > packed.len());
+        assert_eq!(decode_value::<Sample>(&ints).unwrap(), v);
         let legacy = serde_json::to_vec(&v).unwrap();
         assert_eq!(decode_value::<Sample>(&legacy).unwrap(), v);
         assert!(matches!(
             decode_value::<Sample>(&[MSGPACK_TAG, 0xc1]),
             Err(StoreError::Corrupt { table: "mls", .. })
+        ));
+    }
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::super::{Batch, Store};
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Big {
+        past: Vec<u8>,
+        current: Vec<u8>,
+    }
+
+    /// The pieces of the record under `group` that the next commit would write.
+    fn staged_pieces(s: &MlsStorage, group: &str) -> Vec<Vec<u8>> {
+        let base = storage_key(label::MESSAGE_SECRETS, &group).unwrap();
+        s.lock_staged()
+            .keys()
+            .filter(|k| k.starts_with(&base) && k.len() > base.len())
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn a_record_is_written_in_pieces_and_only_changed_pieces_are_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kith.redb");
+        let store = Store::open(&path).unwrap();
+        let s = store.provider().storage().clone();
+        let mut v = Big {
+            past: vec![1; 5 * CHUNK_BYTES],
+            current: vec![2; 100],
+        };
+        s.write_chunked(label::MESSAGE_SECRETS, &"g", &v).unwrap();
+        assert_eq!(staged_pieces(&s, "g").len(), 6);
+        assert_eq!(
+            s.read_chunked::<Big>(label::MESSAGE_SECRETS, &"g")
+                .unwrap()
+                .unwrap(),
+            v
+        );
+        store.commit(Batch::default()).unwrap();
+
+        // A message changes the tail only: one piece is written, and the header stays.
+        v.current = vec![3; 100];
+        s.write_chunked(label::MESSAGE_SECRETS, &"g", &v).unwrap();
+        assert_eq!(staged_pieces(&s, "g").len(), 1);
+        let base = storage_key(label::MESSAGE_SECRETS, &"g").unwrap();
+        assert!(!s.lock_staged().contains_key(&base));
+        assert_eq!(
+            s.read_chunked::<Big>(label::MESSAGE_SECRETS, &"g")
+                .unwrap()
+                .unwrap(),
+            v
+        );
+        store.commit(Batch::default()).unwrap();
+
+        // Shorter: the pieces beyond the end are deleted.
+        v.past = vec![1; 10];
+        s.write_chunked(label::MESSAGE_SECRETS, &"g", &v).unwrap();
+        store.commit(Batch::default()).unwrap();
+        drop(s);
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let s = store.provider().storage().clone();
+        assert_eq!(
+            s.read_chunked::<Big>(label::MESSAGE_SECRETS, &"g")
+                .unwrap()
+                .unwrap(),
+            v
+        );
+        let rows = s.scan(|k| k.starts_with(&base)).unwrap();
+        assert_eq!(rows.len(), 2, "the header and one piece are left");
+
+        // Deleted with its pieces; a record written whole before chunking still reads.
+        s.delete_chunked(label::MESSAGE_SECRETS, &"g").unwrap();
+        store.commit(Batch::default()).unwrap();
+        assert!(s.scan(|k| k.starts_with(&base)).unwrap().is_empty());
+        assert!(
+            s.read_chunked::<Big>(label::MESSAGE_SECRETS, &"g")
+                .unwrap()
+                .is_none()
+        );
+        s.write(label::MESSAGE_SECRETS, &"g", &v).unwrap();
+        assert_eq!(
+            s.read_chunked::<Big>(label::MESSAGE_SECRETS, &"g")
+                .unwrap()
+                .unwrap(),
+            v
+        );
+
+        // A missing piece is reported as corruption, not a panic or a wrong value.
+        s.write_chunked(label::MESSAGE_SECRETS, &"h", &v).unwrap();
+        let hb = storage_key(label::MESSAGE_SECRETS, &"h").unwrap();
+        s.stage(&mut s.lock_staged(), chunk_key(&hb, 0), None);
+        assert!(matches!(
+            s.read_chunked::<Big>(label::MESSAGE_SECRETS, &"h"),
+            Err(StoreError::Corrupt { .. })
         ));
     }
 }
