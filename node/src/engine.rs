@@ -58,6 +58,7 @@ mod chat;
 mod commit;
 mod disk;
 pub(crate) mod files;
+mod forward;
 mod handle;
 mod ingest;
 mod join_client;
@@ -446,6 +447,7 @@ pub fn start(
         fetched: HashMap::new(),
         last_flush_ms: now_ms(),
         warned_undecryptable: HashSet::new(),
+        deferred: forward::Deferred::default(),
         held: HeldRequests::new(),
         provided_invites: HashSet::new(),
         retention,
@@ -544,6 +546,8 @@ pub struct Actor {
     last_flush_ms: u64,
     /// Groups whose undecryptable envelopes were already logged at WARN in this run.
     warned_undecryptable: HashSet<GroupId>,
+    /// Gossip messages whose verdict waits until they are read ([`forward`]).
+    deferred: forward::Deferred,
     /// Join requests held for approval on this node.
     held: HeldRequests,
     /// Invite rendezvous keys this node announces in the DHT.
@@ -660,6 +664,7 @@ impl Actor {
                     self.expire_past_epochs();
                     self.resend_tick();
                     self.removal_tick();
+                    self.settle_deferred();
                     self.flush();
                     self.sweep_gone_files();
                 }

@@ -948,6 +948,18 @@ impl Store {
         Ok(false)
     }
 
+    /// [`Store::has_message`] for each of `ids`, in one read transaction.
+    pub fn has_messages(&self, ids: &[MessageId]) -> Result<Vec<bool>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let index = txn.open_table(MESSAGE_INDEX)?;
+        let envelopes = txn.open_table(ENVELOPES)?;
+        ids.iter()
+            .map(|id| {
+                Ok(index.get(id.as_bytes())?.is_some() || envelopes.get(id.as_bytes())?.is_some())
+            })
+            .collect()
+    }
+
     /// True if the message was already seen: it has a history row or its envelope is stored.
     pub fn has_message(&self, id: &MessageId) -> Result<bool, StoreError> {
         let txn = self.db.begin_read()?;

@@ -53,13 +53,28 @@ impl Actor {
                 }
                 Verdict::Accept => tracing::debug!(msg = %id.short(), "accepted gossip message"),
             }
-            let _ = self.net.validate_blocking(id, source, &verdict);
+            match (forward::forwarding(&verdict), verdict) {
+                (Some(now), _) => {
+                    let _ = self.net.validate_blocking(id, source, &now);
+                }
+                (None, Verdict::Ignore(why)) => {
+                    if !self.deferred.insert(id, source, now_ms(), why.clone()) {
+                        let _ = self
+                            .net
+                            .validate_blocking(id, source, &Verdict::Ignore(why));
+                    }
+                }
+                (None, verdict) => {
+                    let _ = self.net.validate_blocking(id, source, &verdict);
+                }
+            }
         }
         crashpoint::reached(Point::Ingest);
         if let Err(e) = self.apply_with(effects, false) {
             tracing::error!(error = %e, "cannot store received messages; they are lost on this node");
             self.metrics.envelope_ignored(&IgnoreReason::Storage);
         }
+        self.settle_deferred();
     }
 
     /// If `data` is an envelope of a group this node is behind in, tells the sync scheduler
@@ -119,6 +134,7 @@ impl Actor {
             tracing::error!(group = %group.short(), error = %e, "cannot store synced messages");
             return 0;
         }
+        self.settle_deferred();
         accepted
     }
 

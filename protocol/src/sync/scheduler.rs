@@ -28,9 +28,18 @@
 //! - Fetched envelopes are collected (deduplicated by id) and handed over sorted by
 //!   (epoch, commit last, arrival) when the run ends, or whenever [`MAX_RUN_BYTES`] are
 //!   collected: each epoch's messages are then read before the commit that leaves it.
-//! - A run holds the group's live messages ([`Output::BeginHold`]); a complete run ends the
-//!   hold in time. A hold older than [`CATCH_UP_HOLD_LIMIT`] ends anyway, unless a run is
-//!   still receiving pages (then up to [`MAX_CATCH_UP_RUN`]).
+//! - A run holds the group's live messages ([`Output::BeginHold`]) only while the node
+//!   cannot tell which of a sender's messages it lacks: until the group's first complete run
+//!   since this node started, woke or recovered its store. Afterwards a run is not a
+//!   catch-up: live messages go on being read meanwhile, each sender's missing positions
+//!   guarded by [`crate::order::Tracks`] (a live message 48 positions past a missing one is
+//!   undone and holds the group, `Effect::Behind`), and envelopes of a future epoch are held
+//!   one by one until their commits arrive, as always. (Holding every group during every
+//!   run cost a group of 30 that had just taken in its members, each of them fetching the
+//!   commits it had missed, 1 to 5 seconds of latency on one message in ten;
+//!   docs/BENCHMARKS.md.) A complete run ends the hold in time. A hold older than
+//!   [`CATCH_UP_HOLD_LIMIT`] ends anyway, unless a run is still receiving pages (then up to
+//!   [`MAX_CATCH_UP_RUN`]).
 //!
 //! Runs of different groups are independent: one group's failures and back-off never delay
 //! another group's run.
@@ -347,6 +356,9 @@ pub struct SyncScheduler {
     last_sync: BTreeMap<GroupId, Millis>,
     /// Groups whose last run failed (no member sent everything).
     unsynced: BTreeSet<GroupId>,
+    /// Groups with a complete run since this node started, woke or recovered its store:
+    /// their routine and newcomer runs do not hold live messages.
+    caught_up: BTreeSet<GroupId>,
     /// Runs of each group that failed in a row.
     failures: BTreeMap<GroupId, u32>,
     /// Members that connected since the group's last run started (newest
@@ -367,6 +379,7 @@ impl SyncScheduler {
             next_id: 0,
             last_sync: BTreeMap::new(),
             unsynced: BTreeSet::new(),
+            caught_up: BTreeSet::new(),
             failures: BTreeMap::new(),
             newcomers: BTreeMap::new(),
             gaps: BTreeMap::new(),
@@ -406,12 +419,14 @@ impl SyncScheduler {
             Input::Sync { group, trigger } => self.start(now, group, trigger, ctx, &mut out),
             Input::Woke { groups } => {
                 for g in groups {
+                    self.caught_up.remove(&g);
                     self.last_sync.remove(&g);
                     self.start(now, g, Trigger::Gap, ctx, &mut out);
                 }
             }
             Input::Recovered { groups } => {
                 for g in groups {
+                    self.caught_up.remove(&g);
                     self.unsynced.insert(g);
                     self.last_sync.remove(&g);
                     self.start(now, g, Trigger::Gap, ctx, &mut out);
@@ -556,7 +571,9 @@ impl SyncScheduler {
                 again: false,
             },
         );
-        out.push(Output::BeginHold { group });
+        if !self.caught_up.contains(&group) {
+            out.push(Output::BeginHold { group });
+        }
         self.last_sync.insert(group, now);
         self.next_peer(now, group, ctx, out);
     }
@@ -869,6 +886,7 @@ impl SyncScheduler {
         if complete {
             self.unsynced.remove(&group);
             self.failures.remove(&group);
+            self.caught_up.insert(group);
             out.push(Output::EndHold {
                 group,
                 in_time: true,

@@ -720,3 +720,51 @@ fn an_incomplete_run_reads_only_the_epochs_before_its_first_range_answer() {
     );
     assert_eq!(collected, vec![item(3, false, 1), item(3, true, 2)]);
 }
+
+#[test]
+fn only_a_catch_up_holds_live_messages() {
+    let g = group(1);
+    let mut w = World::new(&[(g, vec![peer(2)])]);
+    let mut s = SyncScheduler::new(7);
+    let holds = |out: &[Output]| out.contains(&Output::BeginHold { group: g });
+    // Completes a run started by `input` at `now`; says whether it held live messages.
+    let run = |s: &mut SyncScheduler, w: &mut World, now: Millis, input: Input| -> bool {
+        let out = s.handle(now, input, w);
+        let held = holds(&out);
+        let (_, id, _) = one_request(&out);
+        let out = s.handle(
+            now + 10,
+            Input::Response {
+                id,
+                response: last_page(Vec::new()),
+            },
+            w,
+        );
+        assert_eq!(ended(&out), Some(true));
+        held
+    };
+    let routine = || Input::SyncAll { groups: vec![g] };
+    let minute = 60_000;
+    // The first run since the start holds: this node cannot tell yet what it lacks.
+    assert!(run(&mut s, &mut w, 0, routine()));
+    // Caught up: the next routine run and a member connecting do not hold.
+    assert!(!run(&mut s, &mut w, minute, routine()));
+    let connected = Input::PeerConnected {
+        peer: peer(2),
+        groups: vec![g],
+    };
+    assert!(!run(&mut s, &mut w, 2 * minute, connected));
+    // Nor does a known gap (the engine holds what must wait itself).
+    let gap = Input::Sync {
+        group: g,
+        trigger: Trigger::Gap,
+    };
+    assert!(!run(&mut s, &mut w, 3 * minute, gap));
+    // After a wake-up, or a store that recovered, the first run holds again.
+    let woke = Input::Woke { groups: vec![g] };
+    assert!(run(&mut s, &mut w, 4 * minute, woke));
+    assert!(!run(&mut s, &mut w, 5 * minute, routine()));
+    let recovered = Input::Recovered { groups: vec![g] };
+    assert!(run(&mut s, &mut w, 6 * minute, recovered));
+    assert!(!run(&mut s, &mut w, 7 * minute, routine()));
+}
