@@ -1098,15 +1098,22 @@ pub fn spawn(
     cfg: NetConfig,
     metrics: Option<&mut Registry>,
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| NetError::Build(format!("cannot start the network runtime: {e}")))?;
+    let runtime = NetRuntime(Some(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| NetError::Build(format!("cannot start the network runtime: {e}")))?,
+    ));
     // Listeners, the QUIC endpoint's driver and every connection task belong to the network
     // runtime: build the swarm inside it.
-    let entered = runtime.enter();
-    let (handle, ev_rx, task) = prepare(cfg, metrics)?;
-    drop(entered);
+    let prepared = match &runtime.0 {
+        Some(rt) => {
+            let _entered = rt.enter();
+            prepare(cfg, metrics)
+        }
+        None => Err(NetError::Build("no network runtime".into())),
+    };
+    let (handle, ev_rx, task) = prepared?;
     let span = tracing::debug_span!("node", id = %short_peer(task.swarm.local_peer_id()));
     let (tx, rx) = handle;
     std::thread::Builder::new()
@@ -1114,10 +1121,26 @@ pub fn spawn(
         .spawn(move || {
             // With several nodes in one process (the tests), debug logs say which node spoke.
             let _span = span.entered();
-            runtime.block_on(task.run(rx));
+            let mut runtime = runtime;
+            if let Some(rt) = runtime.0.take() {
+                rt.block_on(task.run(rx));
+            }
         })
         .map_err(|e| NetError::Build(format!("cannot start the network thread: {e}")))?;
     Ok((NetHandle { tx }, ev_rx))
+}
+
+/// The network thread's runtime until that thread takes it. Dropped before (the swarm could
+/// not be built, the thread not started), it is dropped on the caller's thread, inside the
+/// node's own async runtime, where a runtime may only be shut down in the background.
+struct NetRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for NetRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 type CommandChannel = (mpsc::Sender<Command>, mpsc::Receiver<Command>);
