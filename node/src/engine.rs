@@ -587,15 +587,23 @@ impl Actor {
             };
             self.watch_store();
             match input {
-                Input::Net(NetEvent::Gossip { id, source, data }) => {
+                Input::Net(NetEvent::Gossip {
+                    id,
+                    source,
+                    data,
+                    arrived,
+                }) => {
                     // Group commit: take the gossip that queued up meanwhile, process it all,
                     // and write it in one transaction (one fsync instead of one per message).
-                    let mut batch = vec![(id, source, data)];
+                    let mut batch = vec![(id, source, data, arrived)];
                     while batch.len() < MAX_GOSSIP_BATCH {
                         match rx.try_recv() {
-                            Ok(Input::Net(NetEvent::Gossip { id, source, data })) => {
-                                batch.push((id, source, data))
-                            }
+                            Ok(Input::Net(NetEvent::Gossip {
+                                id,
+                                source,
+                                data,
+                                arrived,
+                            })) => batch.push((id, source, data, arrived)),
                             Ok(other) => {
                                 next = Some(other);
                                 break;

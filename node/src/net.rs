@@ -259,6 +259,9 @@ pub enum NetEvent {
         source: PeerId,
         /// The envelope bytes (at most [`MAX_ENVELOPE_BYTES`]).
         data: Vec<u8>,
+        /// When gossipsub handed it over: its verdict is due within gossipsub's cache
+        /// window from then, however long the engine's queue was.
+        arrived: std::time::Instant,
     },
     /// A peer asks to join a group; answer with [`NetHandle::respond_join`].
     InboundJoin {
@@ -1774,6 +1777,7 @@ impl NetTask {
                     id,
                     source: propagation_source,
                     data: message.data,
+                    arrived: std::time::Instant::now(),
                 });
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }) => {

@@ -66,8 +66,9 @@ impl Deferred {
         self.waiting.is_empty()
     }
 
-    /// Takes the verdicts that are due: an accept for every id in `stored`, an ignore for
-    /// every other one older than [`DEFER_LIMIT_MS`].
+    /// Takes the verdicts that are due: an accept for every id in `stored` that arrived
+    /// less than [`DEFER_LIMIT_MS`] ago (gossipsub still holds it), an ignore for every one
+    /// older.
     pub(super) fn due(
         &mut self,
         stored: impl Fn(&[MessageId]) -> Vec<bool>,
@@ -80,13 +81,13 @@ impl Deferred {
             let Some((source, since, _)) = self.waiting.get(&id) else {
                 continue;
             };
-            let verdict = if stored {
-                Verdict::Accept
-            } else if now.saturating_sub(*since) >= DEFER_LIMIT_MS {
+            let verdict = if now.saturating_sub(*since) >= DEFER_LIMIT_MS {
                 let Some((_, _, why)) = self.waiting.get(&id).cloned() else {
                     continue;
                 };
                 Verdict::Ignore(why)
+            } else if stored {
+                Verdict::Accept
             } else {
                 continue;
             };
@@ -164,6 +165,15 @@ mod tests {
             vec![(b, peer, Verdict::Ignore(IgnoreReason::CatchingUp))]
         );
         assert!(!d.is_empty());
+        // Read too late (the engine's queue was long): gossipsub no longer holds it, so it
+        // is ignored rather than accepted.
+        let late = MessageId([4; 32]);
+        assert!(d.insert(late, peer, 0, IgnoreReason::CatchingUp));
+        let stored_late = |ids: &[MessageId]| ids.iter().map(|i| *i == late).collect::<Vec<_>>();
+        assert_eq!(
+            d.due(stored_late, 4_500),
+            vec![(late, peer, Verdict::Ignore(IgnoreReason::CatchingUp))]
+        );
         // Full: a new one is refused (reported at once by the caller), a known one is kept.
         let mut full = Deferred::default();
         for i in 0..MAX_DEFERRED {

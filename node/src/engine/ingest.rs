@@ -9,13 +9,13 @@ impl Actor {
     /// transaction. If that write fails, the MLS state is rolled back to disk and the
     /// messages are lost for this node only (they were valid, so forwarding them was right;
     /// history sync can fetch them again).
-    pub(super) fn on_gossip(&mut self, batch: Vec<(MessageId, PeerId, Vec<u8>)>) {
+    pub(super) fn on_gossip(&mut self, batch: Vec<(MessageId, PeerId, Vec<u8>, Instant)>) {
         let mut effects = Vec::new();
         let mut seen: HashSet<MessageId> = HashSet::new();
         // While the disk cannot be written, nothing is processed (it could not be stored):
         // other members hold these messages, and history sync fetches them once it can.
         let writable = self.disk_ok();
-        for (id, source, data) in batch {
+        for (id, source, data, arrived) in batch {
             let verdict = if !seen.insert(id) {
                 Verdict::Ignore(IgnoreReason::Duplicate)
             } else if !writable {
@@ -58,7 +58,8 @@ impl Actor {
                     let _ = self.net.validate_blocking(id, source, &now);
                 }
                 (None, Verdict::Ignore(why)) => {
-                    if !self.deferred.insert(id, source, now_ms(), why.clone()) {
+                    let since = now_ms().saturating_sub(arrived.elapsed().as_millis() as u64);
+                    if !self.deferred.insert(id, source, since, why.clone()) {
                         let _ = self
                             .net
                             .validate_blocking(id, source, &Verdict::Ignore(why));

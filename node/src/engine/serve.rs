@@ -61,7 +61,12 @@ impl Actor {
 
     pub(super) fn on_net(&mut self, ev: NetEvent) {
         match ev {
-            NetEvent::Gossip { id, source, data } => self.on_gossip(vec![(id, source, data)]),
+            NetEvent::Gossip {
+                id,
+                source,
+                data,
+                arrived,
+            } => self.on_gossip(vec![(id, source, data, arrived)]),
             NetEvent::InboundFile {
                 peer,
                 request,
