@@ -152,6 +152,48 @@ struct DirectionLabel {
     direction: &'static str,
 }
 
+/// Something a peer did that made this node cut or limit it (label `fault` of
+/// `kith_peer_faults_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerFault {
+    /// Its gossip stream broke on this node (an oversized or undecodable frame), so the
+    /// connection was closed for it to start over.
+    GossipStreamBroken,
+}
+
+impl PeerFault {
+    /// Every fault, in label order.
+    pub const ALL: [PeerFault; 1] = [PeerFault::GossipStreamBroken];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerFault::GossipStreamBroken => "gossip_stream_broken",
+        }
+    }
+}
+
+/// The network task's counts of [`PeerFault`]s. Cloned handles share the counts.
+#[derive(Debug, Clone, Default)]
+pub struct PeerFaults([Counter; PeerFault::ALL.len()]);
+
+impl PeerFaults {
+    /// Counts one `fault`.
+    pub fn inc(&self, fault: PeerFault) {
+        self.0[fault as usize].inc();
+    }
+
+    /// How many of `fault` were counted.
+    pub fn get(&self, fault: PeerFault) -> u64 {
+        self.0[fault as usize].get()
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FaultLabel {
+    fault: &'static str,
+}
+
 /// Bytes of one request-response protocol's frames (the 4-byte length prefix plus the
 /// encoded message; not yamux, Noise or TCP overhead), by direction. Cloned handles share
 /// the counts; the network task's codec updates them.
@@ -276,6 +318,7 @@ pub struct KithMetrics {
     invites_created: Counter,
     sync_bytes: FrameBytes,
     file_bytes: FrameBytes,
+    peer_faults: PeerFaults,
     files: FileCounters,
     store_write_failures: [Counter; FailureReason::ALL.len()],
     store_failing: Gauge,
@@ -554,6 +597,12 @@ impl KithMetrics {
              request_received and response_sent when it serves others",
         );
         let files = FileCounters::register(r);
+        let peer_faults = PeerFaults(counters(
+            r,
+            "peer_faults",
+            "Peers this node cut off or limited, by what they did",
+            PeerFault::ALL.map(|f| FaultLabel { fault: f.as_str() }),
+        ));
         let store_write_failures = counters(
             r,
             "store_write_failures",
@@ -587,6 +636,7 @@ impl KithMetrics {
             invites_created,
             sync_bytes,
             file_bytes,
+            peer_faults,
             files,
             store_write_failures,
             store_failing,
@@ -602,6 +652,11 @@ impl KithMetrics {
     /// The file protocol frame counters, for the network task's codec.
     pub fn file_bytes(&self) -> FrameBytes {
         self.file_bytes.clone()
+    }
+
+    /// The peer fault counters, for the network task.
+    pub fn peer_faults(&self) -> PeerFaults {
+        self.peer_faults.clone()
     }
 
     /// The file counters.

@@ -51,16 +51,18 @@ use libp2p::swarm::{
 };
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, autonat, dcutr, identify, kad,
-    mdns, noise, ping, relay, tcp, upnp, yamux,
+    mdns, noise, ping, quic, relay, tcp, upnp, yamux,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics::FrameBytes;
+use crate::metrics::{FrameBytes, PeerFault, PeerFaults};
 
+mod guard;
 mod listen;
 pub mod reach;
+use guard::{Guarded, GuardedMuxer};
 pub use listen::ListenFailure;
 use reach::Reach;
 pub use reach::Reachability;
@@ -155,6 +157,8 @@ pub struct NetConfig {
     pub sync_bytes: FrameBytes,
     /// Counters of the file protocol's frame bytes.
     pub file_bytes: FrameBytes,
+    /// Counters of peers cut off or limited.
+    pub peer_faults: PeerFaults,
     /// NAT traversal: relay service, reservations, UPnP.
     pub nat: NatSettings,
 }
@@ -1029,11 +1033,16 @@ fn build_swarm(
         .with_tcp(
             tcp::Config::default().nodelay(true),
             noise::Config::new,
-            yamux::Config::default,
+            || Guarded(yamux::Config::default()),
         )
         .map_err(|e| build(&e))?
-        .with_quic()
-        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .with_other_transport(|key| {
+            use libp2p::Transport as _;
+            quic::tokio::Transport::new(quic::Config::new(key))
+                .map(|(peer, muxer), _| (peer, GuardedMuxer::new(muxer)))
+        })
+        .map_err(|e| build(&e))?
+        .with_relay_client(noise::Config::new, || Guarded(yamux::Config::default()))
         .map_err(|e| build(&e))?;
     let swarm_config =
         |c: libp2p::swarm::Config| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);
@@ -1191,6 +1200,7 @@ fn prepare(
         blocked_addrs: HashMap::new(),
         redial: HashMap::new(),
         metrics,
+        peer_faults: cfg.peer_faults.clone(),
         heartbeat: cfg.heartbeat,
         provider_queries: HashMap::new(),
         dials: HashMap::new(),
@@ -1233,6 +1243,8 @@ struct NetTask {
     redial: HashMap<PeerId, (u8, Vec<Multiaddr>)>,
     /// libp2p's metrics recorder, when metrics are on.
     metrics: Option<Libp2pMetrics>,
+    /// Peers cut off or limited, counted.
+    peer_faults: PeerFaults,
     /// Gossipsub's heartbeat interval.
     heartbeat: Duration,
     /// Provider lookups a caller awaits, answered with the first providers found.
@@ -1723,9 +1735,16 @@ impl NetTask {
                 peer_id,
                 connection_id,
                 num_established,
+                cause,
                 ..
             } => {
-                tracing::debug!(peer = %peer_id, num_established, "disconnected");
+                tracing::debug!(peer = %peer_id, num_established, cause = ?cause, "disconnected");
+                if let Some(libp2p::swarm::ConnectionError::IO(e)) = &cause
+                    && guard::is_gossip_stream_broken(e)
+                {
+                    self.peer_faults.inc(PeerFault::GossipStreamBroken);
+                    tracing::info!(peer = %peer_id, "closed a connection: the peer sent an oversized or undecodable gossip frame");
+                }
                 if let Some(c) = self.conns.get_mut(&peer_id) {
                     c.remove(&connection_id);
                     if c.is_empty() {

@@ -151,6 +151,7 @@ pub async fn start_with(opts: NodeOptions, recovery: Recovery) -> Result<Running
             mdns: config.mdns,
             heartbeat,
             sync_bytes: kith_metrics.sync_bytes(),
+            peer_faults: kith_metrics.peer_faults(),
             file_bytes: kith_metrics.file_bytes(),
             nat: config.nat.clone(),
         },
