@@ -12,6 +12,8 @@ pub mod identity;
 pub mod metrics;
 pub(crate) use kith_client::model;
 pub(crate) mod net;
+/// The per-peer limits and peer scoring of the network task.
+pub use net::limits;
 pub mod node;
 pub mod store;
 pub(crate) mod sync;

@@ -159,33 +159,60 @@ pub enum PeerFault {
     /// Its gossip stream broke on this node (an oversized or undecodable frame), so the
     /// connection was closed for it to start over.
     GossipStreamBroken,
+    /// It sent gossip faster than the per-peer rate: graylisted for a while.
+    GossipFlood,
+    /// It sent join requests faster than the per-peer rate: answered "busy".
+    JoinFlood,
+    /// A connection was refused: too many from its IP, or with that peer.
+    TooManyConnections,
+    /// A DHT provider record was refused: the peer's share of the store is full.
+    DhtFull,
 }
 
 impl PeerFault {
     /// Every fault, in label order.
-    pub const ALL: [PeerFault; 1] = [PeerFault::GossipStreamBroken];
+    pub const ALL: [PeerFault; 5] = [
+        PeerFault::GossipStreamBroken,
+        PeerFault::GossipFlood,
+        PeerFault::JoinFlood,
+        PeerFault::TooManyConnections,
+        PeerFault::DhtFull,
+    ];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
             PeerFault::GossipStreamBroken => "gossip_stream_broken",
+            PeerFault::GossipFlood => "gossip_flood",
+            PeerFault::JoinFlood => "join_flood",
+            PeerFault::TooManyConnections => "too_many_connections",
+            PeerFault::DhtFull => "dht_full",
         }
     }
 }
 
-/// The network task's counts of [`PeerFault`]s. Cloned handles share the counts.
+/// The network task's counts of [`PeerFault`]s, and how many connected peers gossipsub
+/// graylists now. Cloned handles share the values.
 #[derive(Debug, Clone, Default)]
-pub struct PeerFaults([Counter; PeerFault::ALL.len()]);
+pub struct PeerFaults {
+    counts: [Counter; PeerFault::ALL.len()],
+    graylisted: Gauge,
+}
 
 impl PeerFaults {
     /// Counts one `fault`.
     pub fn inc(&self, fault: PeerFault) {
-        self.0[fault as usize].inc();
+        self.counts[fault as usize].inc();
     }
 
     /// How many of `fault` were counted.
     pub fn get(&self, fault: PeerFault) -> u64 {
-        self.0[fault as usize].get()
+        self.counts[fault as usize].get()
+    }
+
+    /// Sets the number of connected peers whose score is below the graylist threshold.
+    pub fn set_graylisted(&self, n: usize) {
+        self.graylisted.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
@@ -597,12 +624,21 @@ impl KithMetrics {
              request_received and response_sent when it serves others",
         );
         let files = FileCounters::register(r);
-        let peer_faults = PeerFaults(counters(
-            r,
-            "peer_faults",
-            "Peers this node cut off or limited, by what they did",
-            PeerFault::ALL.map(|f| FaultLabel { fault: f.as_str() }),
-        ));
+        let peer_faults = PeerFaults {
+            counts: counters(
+                r,
+                "peer_faults",
+                "Peers this node cut off or limited, by what they did",
+                PeerFault::ALL.map(|f| FaultLabel { fault: f.as_str() }),
+            ),
+            graylisted: Gauge::default(),
+        };
+        r.register(
+            "peers_graylisted",
+            "Connected peers whose gossipsub score is below the graylist threshold (their \
+             messages are not read)",
+            peer_faults.graylisted.clone(),
+        );
         let store_write_failures = counters(
             r,
             "store_write_failures",

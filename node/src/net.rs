@@ -60,9 +60,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::metrics::{FrameBytes, PeerFault, PeerFaults};
 
 mod guard;
+pub mod limits;
 mod listen;
 pub mod reach;
 use guard::{Guarded, GuardedMuxer};
+use limits::{ConnectionCaps, FairStore, GossipAdmit, PeerLimits};
 pub use listen::ListenFailure;
 use reach::Reach;
 pub use reach::Reachability;
@@ -159,6 +161,8 @@ pub struct NetConfig {
     pub file_bytes: FrameBytes,
     /// Counters of peers cut off or limited.
     pub peer_faults: PeerFaults,
+    /// Connections per IP and per peer.
+    pub caps: limits::CapSettings,
     /// NAT traversal: relay service, reservations, UPnP.
     pub nat: NatSettings,
 }
@@ -443,8 +447,10 @@ impl NetHandle {
     ) -> Result<(), NetError> {
         let verdict = match verdict {
             Verdict::Accept => MessageAcceptance::Accept,
-            Verdict::Reject(_) => MessageAcceptance::Reject,
-            Verdict::Ignore(_) => MessageAcceptance::Ignore,
+            // Only what no honest node forwards costs the forwarder score (see
+            // `RejectReason::is_intrinsic`); the rest is dropped without a penalty.
+            Verdict::Reject(r) if r.is_intrinsic() => MessageAcceptance::Reject,
+            Verdict::Reject(_) | Verdict::Ignore(_) => MessageAcceptance::Ignore,
         };
         self.send_blocking(Command::Validate {
             id,
@@ -888,8 +894,9 @@ impl<Resp> Exchange<Resp> {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     block: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
-    gossipsub: gossipsub::Behaviour,
-    kad: kad::Behaviour<kad::store::MemoryStore>,
+    caps: ConnectionCaps,
+    gossipsub: gossipsub::Behaviour<gossipsub::IdentityTransform, SubscriptionCap>,
+    kad: kad::Behaviour<FairStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     join: request_response::Behaviour<JoinCodec>,
@@ -903,6 +910,13 @@ struct Behaviour {
     autonat_server: autonat::v2::server::Behaviour,
     upnp: Toggle<upnp::tokio::Behaviour>,
 }
+
+/// Gossipsub's subscription filter: what one peer may subscribe to.
+type SubscriptionCap = gossipsub::MaxCountSubscriptionFilter<gossipsub::AllowAllSubscriptionFilter>;
+
+/// Topics one peer may be subscribed to at once, and announce in one message (a node sends
+/// all of its subscriptions at once when it connects, one topic per group it is in).
+const MAX_PEER_TOPICS: usize = 1024;
 
 fn topic_of(t: TopicId) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(t.topic_string())
@@ -926,8 +940,17 @@ fn behaviour(
         .max_transmit_size(MAX_ENVELOPE_BYTES + 1024)
         .heartbeat_interval(cfg.heartbeat)
         .build()?;
-    let mut gossipsub =
-        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)?;
+    let mut gossipsub = gossipsub::Behaviour::new_with_subscription_filter(
+        gossipsub::MessageAuthenticity::Anonymous,
+        gossip_config,
+        gossipsub::MaxCountSubscriptionFilter {
+            filter: gossipsub::AllowAllSubscriptionFilter {},
+            max_subscribed_topics: MAX_PEER_TOPICS,
+            max_subscriptions_per_request: MAX_PEER_TOPICS,
+        },
+    )?;
+    let (score, thresholds) = limits::score_params();
+    gossipsub.with_peer_score(score, thresholds)?;
     if let Some(registry) = registry {
         gossipsub = gossipsub.with_metrics(
             registry.sub_registry_with_prefix("gossipsub"),
@@ -936,7 +959,11 @@ fn behaviour(
     }
     let mut kad_config = kad::Config::new(KAD_PROTOCOL);
     kad_config.set_query_timeout(Duration::from_secs(30));
-    let mut kad = kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config);
+    let mut kad = kad::Behaviour::with_config(
+        peer,
+        FairStore::new(peer, cfg.peer_faults.clone()),
+        kad_config,
+    );
     // Only a node others can dial serves the DHT (a NATed one in the routing tables would
     // only cost everyone failed dials); the mode follows AutoNAT's verdict.
     kad.set_mode(Some(kad::Mode::Client));
@@ -971,6 +998,7 @@ fn behaviour(
     };
     Ok(Behaviour {
         block: allow_block_list::Behaviour::default(),
+        caps: ConnectionCaps::new(cfg.caps, cfg.peer_faults.clone()),
         gossipsub,
         kad,
         identify,
@@ -1201,6 +1229,11 @@ fn prepare(
         redial: HashMap::new(),
         metrics,
         peer_faults: cfg.peer_faults.clone(),
+        limits: PeerLimits::new(
+            limits::GOSSIP_RATE,
+            limits::JOIN_RATE,
+            cfg.peer_faults.clone(),
+        ),
         heartbeat: cfg.heartbeat,
         provider_queries: HashMap::new(),
         dials: HashMap::new(),
@@ -1245,6 +1278,8 @@ struct NetTask {
     metrics: Option<Libp2pMetrics>,
     /// Peers cut off or limited, counted.
     peer_faults: PeerFaults,
+    /// Per-peer rates of gossip and join requests.
+    limits: PeerLimits,
     /// Gossipsub's heartbeat interval.
     heartbeat: Duration,
     /// Provider lookups a caller awaits, answered with the first providers found.
@@ -1314,6 +1349,7 @@ impl NetTask {
                     }
                     self.tend_relays();
                     self.close_superseded();
+                    self.tend_scores();
                 }
                 // Nothing to do: the next turn of the loop polls the swarm.
                 _ = swarm_wake.tick() => {}
@@ -1389,6 +1425,12 @@ impl NetTask {
             Command::Subscribe(t) => {
                 if let Err(e) = b.gossipsub.subscribe(&topic_of(t)) {
                     tracing::warn!(topic = %t.short(), error = %e, "subscribe failed");
+                }
+                if let Err(e) = b
+                    .gossipsub
+                    .set_topic_params(topic_of(t), limits::topic_score_params())
+                {
+                    tracing::warn!(topic = %t.short(), error = %e, "cannot score the topic");
                 }
                 self.subscribed.insert(t);
             }
@@ -1725,6 +1767,12 @@ impl NetTask {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
                 if num_established.get() == 1 {
                     self.emit(NetEvent::PeerConnected { peer: peer_id });
+                    if !self.limits.is_penalised(&peer_id) {
+                        // A penalty that ended while the peer was away is still in the
+                        // score gossipsub kept for it.
+                        let g = &mut self.swarm.behaviour_mut().gossipsub;
+                        g.set_application_score(&peer_id, 0.0);
+                    }
                 }
                 if !self.bootstrapped {
                     self.bootstrapped = true;
@@ -1752,6 +1800,7 @@ impl NetTask {
                     }
                 }
                 if num_established == 0 {
+                    self.limits.disconnected(&peer_id);
                     self.reconnect(peer_id);
                 }
             }
@@ -1789,8 +1838,25 @@ impl NetTask {
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message,
-                ..
+                message_id,
             }) => {
+                let now = std::time::Instant::now();
+                match self.limits.gossip(propagation_source, now) {
+                    GossipAdmit::Pass => {}
+                    admit => {
+                        let g = &mut self.swarm.behaviour_mut().gossipsub;
+                        g.report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            MessageAcceptance::Ignore,
+                        );
+                        if admit == GossipAdmit::Penalise {
+                            g.set_application_score(&propagation_source, PeerLimits::PENALTY_SCORE);
+                            tracing::info!(peer = %propagation_source, "a peer sent gossip faster than allowed; ignoring it for a while");
+                        }
+                        return;
+                    }
+                }
                 let id = MessageId::of(&message.data);
                 self.emit(NetEvent::Gossip {
                     id,
@@ -1979,6 +2045,22 @@ impl NetTask {
         }
     }
 
+    /// Restores the score of peers whose penalty ended, and counts the graylisted ones.
+    fn tend_scores(&mut self) {
+        let g = &mut self.swarm.behaviour_mut().gossipsub;
+        for peer in self.limits.forgive(std::time::Instant::now()) {
+            g.set_application_score(&peer, 0.0);
+        }
+        let graylisted = g
+            .all_peers()
+            .filter(|(p, _)| {
+                g.peer_score(p)
+                    .is_some_and(|s| s < limits::GRAYLIST_THRESHOLD)
+            })
+            .count();
+        self.peer_faults.set_graylisted(graylisted);
+    }
+
     /// Closes the relayed connections whose grace ran out.
     fn close_superseded(&mut self) {
         let now = std::time::Instant::now();
@@ -2102,6 +2184,14 @@ impl NetTask {
 
     fn on_join_event(&mut self, event: request_response::Event<JoinRequest, JoinResponse>) {
         if let Some((peer, request, token)) = self.join.on_event(event, &mut self.next_token) {
+            if !self.limits.join(peer, std::time::Instant::now()) {
+                tracing::debug!(%peer, "join requests too fast; answering busy");
+                if let Some(ch) = self.join.take_inbound(token) {
+                    let busy = JoinResponse::Rejected(kith_protocol::envelope::JoinRejection::Busy);
+                    let _ = self.swarm.behaviour_mut().join.send_response(ch, busy);
+                }
+                return;
+            }
             self.emit(NetEvent::InboundJoin {
                 peer,
                 request,

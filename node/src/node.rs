@@ -152,6 +152,7 @@ pub async fn start_with(opts: NodeOptions, recovery: Recovery) -> Result<Running
             heartbeat,
             sync_bytes: kith_metrics.sync_bytes(),
             peer_faults: kith_metrics.peer_faults(),
+            caps: net::limits::CapSettings::default(),
             file_bytes: kith_metrics.file_bytes(),
             nat: config.nat.clone(),
         },

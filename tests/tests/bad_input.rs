@@ -1,6 +1,7 @@
-//! Hostile input from the network: a member's node publishes garbage, truncated, forged and
-//! mis-addressed envelopes on the group topic. The receiver must not store any of it, must
-//! not lose anything it already had, and must keep working.
+//! Hostile input from the network: a node publishes garbage, truncated, forged and
+//! mis-addressed envelopes on the group topic, frames too large to read, or floods. The
+//! receiver must not store any of it, must not lose anything it already had, must keep
+//! working, and must stop listening to the peer (graylisting) or make it start over.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,9 +12,20 @@ use kith_tests::{InGroup, TestNode, loopback_config, wait_texts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_on_the_topic_is_dropped_and_nothing_is_lost() -> anyhow::Result<()> {
-    let (da, db) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (da, db, dc) = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
     let a = TestNode::start(da.path(), loopback_config(vec![])).await?;
-    let b = TestNode::start(db.path(), loopback_config(vec![a.bootstrap_peer().await?])).await?;
+    let b = TestNode::start(
+        db.path(),
+        kith_tests::with_metrics(loopback_config(vec![a.bootstrap_peer().await?])),
+    )
+    .await?;
+    // The garbage comes from C, a node outside the group: B graylists whoever forwards it,
+    // and A must not be that peer.
+    let c = TestNode::start(dc.path(), loopback_config(vec![b.bootstrap_peer().await?])).await?;
     let g = a.node.engine.run(|e| e.create_group("g")).await?;
     let inv = a
         .node
@@ -62,8 +74,10 @@ async fn garbage_on_the_topic_is_dropped_and_nothing_is_lost() -> anyhow::Result
         trailing,
         Vec::new(),
     ] {
-        a.node.net.publish(topic, junk).await?;
+        c.node.net.publish(topic, junk).await?;
     }
+    // B read the garbage (and stopped listening to C after the third, see net::limits).
+    wait_metric(&b, "kith_envelopes_rejected_total{reason=\"decode\"}", 3.0).await?;
     // A genuine message after the junk still arrives, and nothing from the junk was stored.
     a.node
         .engine
@@ -97,6 +111,7 @@ async fn garbage_on_the_topic_is_dropped_and_nothing_is_lost() -> anyhow::Result
     wait_texts(&mut a_events, "A", &["still here".to_string()]).await?;
     a.node.shutdown().await;
     b.node.shutdown().await;
+    c.node.shutdown().await;
     Ok(())
 }
 
@@ -222,6 +237,129 @@ async fn an_oversized_gossip_frame_closes_the_connection_so_the_peer_starts_over
         .map_err(|e| anyhow::anyhow!("publish: {e}"))?;
     wait_metric(&b, rejected, before + 1.0).await?;
     assert_eq!(kith_tests::metric(&b, fault).await?, 1.0);
+    b.node.shutdown().await;
+    Ok(())
+}
+
+/// B in a group of its own with metrics on, a hostile peer connected to it and on the group
+/// topic.
+async fn b_and_a_hostile_peer(
+    dir: &std::path::Path,
+) -> anyhow::Result<(
+    TestNode,
+    GroupId,
+    HostileSwarm,
+    libp2p::gossipsub::IdentTopic,
+)> {
+    use libp2p::gossipsub;
+    use libp2p::swarm::SwarmEvent;
+    let b = TestNode::start(dir, kith_tests::with_metrics(loopback_config(vec![]))).await?;
+    let g = b.node.engine.run(|e| e.create_group("g")).await?;
+    let gid: GroupId = g.id.parse()?;
+    let topic = gossipsub::IdentTopic::new(gid.topic(kith_tests::NETWORK).topic_string());
+    let b_peer = b.node.peer_id;
+    let mut h = hostile_gossip_peer()?;
+    h.behaviour_mut().gossipsub.subscribe(&topic)?;
+    h.dial(b.bootstrap_peer().await?.addr)?;
+    until(&mut h, "B's subscription", |ev| match ev {
+        SwarmEvent::Behaviour(HostileEvent::Gossipsub(gossipsub::Event::Subscribed {
+            peer_id,
+            ..
+        })) if *peer_id == b_peer => Some(()),
+        _ => None,
+    })
+    .await?;
+    Ok((b, gid, h, topic))
+}
+
+/// Drives `h` until `node`'s `series` reaches `at_least` (30 s at most).
+async fn drive_until_metric(
+    h: &mut HostileSwarm,
+    node: &TestNode,
+    series: &str,
+    at_least: f64,
+) -> anyhow::Result<f64> {
+    use futures::StreamExt;
+    let wait = wait_metric(node, series, at_least);
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            v = &mut wait => return v,
+            _ = h.select_next_some() => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_forwarding_invalid_envelopes_is_graylisted() -> anyhow::Result<()> {
+    let db = tempfile::tempdir()?;
+    let (b, _, mut h, topic) = b_and_a_hostile_peer(db.path()).await?;
+    let rejected = "kith_envelopes_rejected_total{reason=\"decode\"}";
+    let graylisted = "kith_peers_graylisted";
+    // Garbage no honest node forwards, one at a time: each is read and rejected until the
+    // score falls below the graylist threshold (three, see net::limits).
+    let mut sent = 0;
+    while kith_tests::metric(&b, graylisted).await? < 1.0 {
+        anyhow::ensure!(sent < 10, "not graylisted after {sent} invalid envelopes");
+        sent += 1;
+        h.behaviour_mut()
+            .gossipsub
+            .publish(topic.clone(), format!("garbage {sent}").into_bytes())
+            .map_err(|e| anyhow::anyhow!("publish: {e}"))?;
+        drive_until_metric(&mut h, &b, rejected, f64::from(sent)).await?;
+        // The graylist count is refreshed every 2 s.
+        if sent >= 3 {
+            drive_until_metric(&mut h, &b, graylisted, 1.0).await?;
+        }
+    }
+    assert_eq!(sent, 3, "graylisted after the third invalid envelope");
+    // From now on nothing it sends is read.
+    for i in 0..20 {
+        h.behaviour_mut()
+            .gossipsub
+            .publish(topic.clone(), format!("more garbage {i}").into_bytes())
+            .map_err(|e| anyhow::anyhow!("publish: {e}"))?;
+    }
+    let quiet = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        drive_until_metric(&mut h, &b, rejected, 4.0),
+    )
+    .await;
+    assert!(quiet.is_err(), "a graylisted peer's envelope was read");
+    assert_eq!(kith_tests::metric(&b, rejected).await?, 3.0);
+    b.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gossip_flooder_is_cut_off_at_the_per_peer_rate() -> anyhow::Result<()> {
+    let db = tempfile::tempdir()?;
+    let (b, _, mut h, topic) = b_and_a_hostile_peer(db.path()).await?;
+    // Envelopes of some other group on B's topic: B cannot judge them (no penalty from
+    // the score), so only the per-peer rate stops them.
+    let started = std::time::Instant::now();
+    for i in 0u64..3000 {
+        let other = Envelope::new(GroupId([9; 32]), i, PayloadKind::Application, vec![0; 64])
+            .encode()?
+            .0;
+        h.behaviour_mut()
+            .gossipsub
+            .publish(topic.clone(), other)
+            .map_err(|e| anyhow::anyhow!("publish {i}: {e}"))?;
+    }
+    let flood = "kith_peer_faults_total{fault=\"gossip_flood\"}";
+    drive_until_metric(&mut h, &b, flood, 1.0).await?;
+    drive_until_metric(&mut h, &b, "kith_peers_graylisted", 1.0).await?;
+    // What passed: the burst, and the rate for as long as the flood lasted.
+    let limit = kith_node::limits::GOSSIP_RATE;
+    let allowed = limit.burst + limit.per_sec * started.elapsed().as_secs_f64();
+    let ignored =
+        kith_tests::metric(&b, "kith_envelopes_ignored_total{reason=\"not_member\"}").await?;
+    assert!(
+        ignored <= allowed,
+        "{ignored} envelopes of the flood reached the engine, {allowed:.0} allowed"
+    );
+    assert_eq!(kith_tests::metric(&b, flood).await?, 1.0, "penalised once");
     b.node.shutdown().await;
     Ok(())
 }

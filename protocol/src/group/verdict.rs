@@ -84,6 +84,31 @@ impl RejectReason {
         "other",
     ];
 
+    /// Whether the envelope is invalid whatever state the receiver is in, so no honest node
+    /// forwards it and the peer that did may be penalised. A rejection that depends on the
+    /// receiver's state is not: an envelope of a fork's other branch fails MLS here but was
+    /// valid for the member that forwarded it, a removed member's last message is valid to
+    /// a member that has not read the removal yet, and an edit's author or a profile list
+    /// is checked against what this node knows.
+    pub fn is_intrinsic(&self) -> bool {
+        match self {
+            RejectReason::Envelope(_)
+            | RejectReason::NotMls
+            | RejectReason::HeaderMismatch
+            | RejectReason::Content(_)
+            | RejectReason::UnboundMember
+            | RejectReason::NotSelfRemoval
+            | RejectReason::NotInvite
+            | RejectReason::BadResend => true,
+            RejectReason::Mls(_)
+            | RejectReason::Merge(_)
+            | RejectReason::FormerMember
+            | RejectReason::Reproposal(_)
+            | RejectReason::NotAuthor
+            | RejectReason::Chat(_) => false,
+        }
+    }
+
     /// The bounded label of `kith_envelopes_rejected_total` (one of [`Self::LABELS`]).
     pub fn label(&self) -> &'static str {
         match self {
@@ -392,6 +417,31 @@ mod tests {
         }
         for l in IgnoreReason::LABELS {
             assert!(ignores.iter().any(|r| r.label() == l), "{l} is never used");
+        }
+    }
+
+    #[test]
+    fn only_state_free_rejections_penalise_the_forwarder() {
+        let (rejects, _) = every_reason();
+        let penalised: Vec<&str> = rejects
+            .iter()
+            .filter(|r| r.is_intrinsic())
+            .map(|r| r.label())
+            .collect();
+        // Garbage, forged headers and malformed content are invalid for everyone.
+        for l in ["decode", "header", "content", "unbound_sender"] {
+            assert!(penalised.contains(&l), "{l}");
+        }
+        // A fork's other branch, a removal not read yet, an unknown edit target: an honest
+        // member may have forwarded these.
+        for r in [
+            RejectReason::Mls("x".into()),
+            RejectReason::Merge("x".into()),
+            RejectReason::FormerMember,
+            RejectReason::NotAuthor,
+            RejectReason::Chat(crate::chat::ChatError::BadSignature),
+        ] {
+            assert!(!r.is_intrinsic(), "{r:?}");
         }
     }
 
