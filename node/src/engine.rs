@@ -88,6 +88,9 @@ pub const MAX_JOIN_TIMEOUT: Duration = Duration::from_secs(3600);
 const JOIN_FOLLOW_UP_SYNCS: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(8)];
 /// Invites one node announces in the DHT at most (the newest active ones).
 const MAX_PROVIDED_INVITES: usize = 256;
+/// Invites whose join requests are rate-limited at once (the least recently asked is
+/// forgotten first).
+const MAX_RATED_INVITES: usize = 1024;
 /// Invite records are deleted this long after they expired (with the retention timer).
 const INVITE_RECORD_GRACE_SECS: u64 = 24 * 3600;
 /// History entries returned at most per request.
@@ -449,6 +452,10 @@ pub fn start(
         warned_undecryptable: HashSet::new(),
         deferred: forward::Deferred::default(),
         held: HeldRequests::new(),
+        invite_joins: crate::net::limits::KeyedRates::new(
+            crate::net::limits::INVITE_JOIN_RATE,
+            MAX_RATED_INVITES,
+        ),
         provided_invites: HashSet::new(),
         retention,
         update_policy,
@@ -550,6 +557,8 @@ pub struct Actor {
     deferred: forward::Deferred,
     /// Join requests held for approval on this node.
     held: HeldRequests,
+    /// Join requests per invite this node knows, from all peers together.
+    invite_joins: crate::net::limits::KeyedRates<kith_protocol::ids::InviteId>,
     /// Invite rendezvous keys this node announces in the DHT.
     provided_invites: HashSet<[u8; 32]>,
     /// How much history to keep per group (`[retention]` in `config.toml`).

@@ -167,16 +167,20 @@ pub enum PeerFault {
     TooManyConnections,
     /// A DHT provider record was refused: the peer's share of the store is full.
     DhtFull,
+    /// A connection of a banned peer was refused (its gossip stream broke three times
+    /// within ten minutes).
+    Banned,
 }
 
 impl PeerFault {
     /// Every fault, in label order.
-    pub const ALL: [PeerFault; 5] = [
+    pub const ALL: [PeerFault; 6] = [
         PeerFault::GossipStreamBroken,
         PeerFault::GossipFlood,
         PeerFault::JoinFlood,
         PeerFault::TooManyConnections,
         PeerFault::DhtFull,
+        PeerFault::Banned,
     ];
 
     /// The label value.
@@ -187,6 +191,7 @@ impl PeerFault {
             PeerFault::JoinFlood => "join_flood",
             PeerFault::TooManyConnections => "too_many_connections",
             PeerFault::DhtFull => "dht_full",
+            PeerFault::Banned => "banned",
         }
     }
 }

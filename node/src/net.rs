@@ -1792,6 +1792,15 @@ impl NetTask {
                 {
                     self.peer_faults.inc(PeerFault::GossipStreamBroken);
                     tracing::info!(peer = %peer_id, "closed a connection: the peer sent an oversized or undecodable gossip frame");
+                    let now = std::time::Instant::now();
+                    if self.limits.cut(peer_id, now) {
+                        tracing::info!(peer = %peer_id, "the peer's gossip stream broke again and again; refusing it for 10 minutes");
+                        self.swarm
+                            .behaviour_mut()
+                            .caps
+                            .ban(peer_id, now + limits::BAN);
+                        let _ = self.swarm.disconnect_peer_id(peer_id);
+                    }
                 }
                 if let Some(c) = self.conns.get_mut(&peer_id) {
                     c.remove(&connection_id);

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::attack::{AttackKind, AttackStats};
 use crate::error::{Result, TestnetError};
 use crate::launcher::{Testnet, UpOptions, now_ms};
 use crate::ledger::{Accounting, Missing};
@@ -50,6 +51,8 @@ pub struct BenchOptions {
     pub out: Option<PathBuf>,
     /// Traffic seed.
     pub seed: u64,
+    /// Hostile peers to run against the testnet for the whole bench (one each).
+    pub attacks: Vec<AttackKind>,
 }
 
 /// Counts of messages in the measured window.
@@ -210,10 +213,28 @@ pub struct BenchReport {
     pub summary: NodeSummary,
     /// CPU per delivered message and its parts.
     pub cpu: CpuFigures,
+    /// The hostile peers and what became of them, if any ran.
+    pub attack: Option<AttackReport>,
     /// Remarks (e.g. why a figure is n/a).
     pub notes: Vec<String>,
     /// The files written.
     pub files: Vec<PathBuf>,
+}
+
+/// The hostile peers of a bench and what the nodes did about them.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttackReport {
+    /// The attacks, in the order of `attackers`.
+    pub kinds: Vec<AttackKind>,
+    /// What each attacker did and saw (empty entries for one that failed to start).
+    pub attackers: Vec<AttackStats>,
+    /// Seconds from the attackers' start to the first node graylisting a peer.
+    pub first_graylisted_after_secs: Option<f64>,
+    /// Most (node, graylisted peer) pairs seen at once (scraped every second).
+    pub graylisted_max: f64,
+    /// Faults the nodes counted in the measured window, summed over nodes
+    /// (`kith_peer_faults_total` by fault).
+    pub faults: std::collections::BTreeMap<String, f64>,
 }
 
 impl BenchOptions {
@@ -322,6 +343,7 @@ async fn measure(tn: &mut Testnet, opts: &BenchOptions) -> Result<BenchReport> {
         opts.duration.as_secs_f64(),
         opts.warmup.as_secs_f64()
     ));
+    let (stop_attack, attackers, attack_started) = start_attackers(tn, opts)?;
     if !opts.warmup.is_zero() && spec(opts.warmup).count() > 0 {
         traffic::run(
             tn.shared.clone(),
@@ -333,7 +355,19 @@ async fn measure(tn: &mut Testnet, opts: &BenchOptions) -> Result<BenchReport> {
     let before = snapshot(tn, &mut notes).await;
     let window_start = now_ms();
     let skipped_before = tn.shared.lock().ledger.skipped;
-    let measured = traffic::run(tn.shared.clone(), spec(opts.duration), opts.seed).await;
+    let mut graylist = GraylistWatch::default();
+    let measured = {
+        let traffic = traffic::run(tn.shared.clone(), spec(opts.duration), opts.seed);
+        tokio::pin!(traffic);
+        loop {
+            tokio::select! {
+                m = &mut traffic => break m,
+                _ = tokio::time::sleep(Duration::from_secs(1)), if !attackers.is_empty() => {
+                    graylist.poll(tn, attack_started).await;
+                }
+            }
+        }
+    };
     let traffic_end = now_ms();
     tn.progress.line(&format!(
         "traffic done: {} sent, draining up to {:.0} s",
@@ -350,6 +384,9 @@ async fn measure(tn: &mut Testnet, opts: &BenchOptions) -> Result<BenchReport> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    if !attackers.is_empty() {
+        graylist.poll(tn, attack_started).await;
+    }
     let window_end = now_ms();
     if acc.messages == 0 {
         return Err(TestnetError::Invalid(format!(
@@ -360,7 +397,17 @@ async fn measure(tn: &mut Testnet, opts: &BenchOptions) -> Result<BenchReport> {
         )));
     }
     let after = snapshot(tn, &mut notes).await;
-    let report = build_report(
+    let attack = stop_attackers(
+        opts,
+        stop_attack,
+        attackers,
+        graylist,
+        &before,
+        &after,
+        &mut notes,
+    )
+    .await;
+    let mut report = build_report(
         tn,
         opts,
         &members,
@@ -373,7 +420,113 @@ async fn measure(tn: &mut Testnet, opts: &BenchOptions) -> Result<BenchReport> {
         window_end,
         notes,
     );
+    report.attack = attack;
     write_outputs(tn, opts, report, &acc)
+}
+
+type Attackers = Vec<tokio::task::JoinHandle<crate::error::Result<AttackStats>>>;
+
+/// Starts one attacker per `opts.attacks`, dialling every running node.
+fn start_attackers(
+    tn: &Testnet,
+    opts: &BenchOptions,
+) -> Result<(
+    tokio::sync::watch::Sender<bool>,
+    Attackers,
+    std::time::Instant,
+)> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let targets: Vec<libp2p::Multiaddr> = tn
+        .nodes
+        .iter()
+        .filter_map(|n| n.bootstrap_addr.as_deref()?.parse().ok())
+        .collect();
+    if !opts.attacks.is_empty() && targets.is_empty() {
+        return Err(TestnetError::Invalid(
+            "--attack: no node address to dial".to_owned(),
+        ));
+    }
+    let mut handles = Vec::new();
+    for (i, kind) in opts.attacks.iter().enumerate() {
+        tn.progress.line(&format!(
+            "attacker {i}: {kind:?} against {} nodes",
+            targets.len()
+        ));
+        handles.push(tokio::spawn(crate::attack::run(
+            *kind,
+            targets.clone(),
+            opts.seed ^ (0xA77A_C000 + i as u64),
+            stopped.clone(),
+        )));
+    }
+    Ok((stop, handles, std::time::Instant::now()))
+}
+
+/// When the nodes first graylisted a peer, and the most graylisted at once.
+#[derive(Debug, Default)]
+struct GraylistWatch {
+    first_after_secs: Option<f64>,
+    max: f64,
+}
+
+impl GraylistWatch {
+    async fn poll(&mut self, tn: &Testnet, started: std::time::Instant) {
+        let mut now = 0.0;
+        for n in &tn.nodes {
+            if let Some(Ok(f)) = tn.scrape(n.index).await {
+                now += f.peers_graylisted.unwrap_or(0.0);
+            }
+        }
+        if now > 0.0 && self.first_after_secs.is_none() {
+            self.first_after_secs = Some(started.elapsed().as_secs_f64());
+        }
+        self.max = self.max.max(now);
+    }
+}
+
+/// Stops the attackers and reports them with the nodes' fault counts of the window.
+async fn stop_attackers(
+    opts: &BenchOptions,
+    stop: tokio::sync::watch::Sender<bool>,
+    attackers: Attackers,
+    graylist: GraylistWatch,
+    before: &Snapshot,
+    after: &Snapshot,
+    notes: &mut Vec<String>,
+) -> Option<AttackReport> {
+    if attackers.is_empty() {
+        return None;
+    }
+    let _ = stop.send(true);
+    let mut stats = Vec::new();
+    for (i, h) in attackers.into_iter().enumerate() {
+        match h.await {
+            Ok(Ok(s)) => stats.push(s),
+            Ok(Err(e)) => {
+                notes.push(format!("attacker {i}: {e}"));
+                stats.push(AttackStats::default());
+            }
+            Err(e) => {
+                notes.push(format!("attacker {i}: task failed: {e}"));
+                stats.push(AttackStats::default());
+            }
+        }
+    }
+    let mut faults = std::collections::BTreeMap::new();
+    for (b, a) in before.metrics.iter().zip(&after.metrics) {
+        if let (Some(b), Some(a)) = (b, a) {
+            for (k, v) in Figures::delta(b, a).peer_faults {
+                *faults.entry(k).or_insert(0.0) += v;
+            }
+        }
+    }
+    Some(AttackReport {
+        kinds: opts.attacks.clone(),
+        attackers: stats,
+        first_graylisted_after_secs: graylist.first_after_secs,
+        graylisted_max: graylist.max,
+        faults,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -415,14 +568,14 @@ fn build_report(
             (Some(Some(b)), Some(Some(a))) => Some(Figures::delta(b, a)),
             _ => None,
         };
-        let dups = delta.and_then(|d| {
+        let dups = delta.as_ref().and_then(|d| {
             let (u, f) = (d.gossip_received_unfiltered?, d.gossip_received?);
             dup_total.0 += u - f;
             dup_total.1 += f;
             dup_total.2 = true;
             (f > 0.0).then(|| (u - f) / f)
         });
-        let bytes_out = delta.and_then(|d| d.bytes_out);
+        let bytes_out = delta.as_ref().and_then(|d| d.bytes_out);
         if let Some(b) = bytes_out {
             bytes_total.0 += b;
             bytes_total.1 = true;
@@ -509,6 +662,7 @@ fn build_report(
         },
         cpu,
         per_node,
+        attack: None,
         notes,
         files: Vec::new(),
     }
@@ -530,7 +684,7 @@ fn cpu_figures(
             continue;
         };
         let engine = (a.engine_secs - b.engine_secs).max(0.0);
-        let (mls, store) = n.metrics.map_or((0.0, 0.0), |m| {
+        let (mls, store) = n.metrics.as_ref().map_or((0.0, 0.0), |m| {
             (m.cpu_mls.unwrap_or(0.0), m.cpu_store.unwrap_or(0.0))
         });
         let mls = mls.clamp(0.0, engine);
@@ -619,6 +773,46 @@ pub fn render(r: &BenchReport) -> String {
     let mut line = |k: &str, v: String| {
         out.push_str(&format!("{k:<34} {v}\n"));
     };
+    if let Some(a) = &r.attack {
+        for (k, s) in a.kinds.iter().zip(&a.attackers) {
+            line(
+                "attacker",
+                format!(
+                    "{k:?}: published {} (refused {}), received {} envelopes ({} B) on {} topics, {} connections closed",
+                    s.published,
+                    s.publish_refused,
+                    s.received,
+                    s.received_bytes,
+                    s.topics,
+                    s.connections_closed
+                ),
+            );
+        }
+        line(
+            "graylisted by the nodes",
+            match a.first_graylisted_after_secs {
+                Some(t) => format!(
+                    "first after {t:.0} s, at most {} (node, peer) pairs at once",
+                    a.graylisted_max
+                ),
+                None => "never".to_owned(),
+            },
+        );
+        let faults: Vec<String> = a
+            .faults
+            .iter()
+            .filter(|(_, v)| **v > 0.0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        line(
+            "peer faults counted (all nodes)",
+            if faults.is_empty() {
+                "none".to_owned()
+            } else {
+                faults.join(", ")
+            },
+        );
+    }
     line("seed", r.seed.to_string());
     line(
         "testnet",

@@ -17,6 +17,7 @@
 //!   [`natnet`]: `kith run` processes inside them; [`natbench`]: `nat-bench` and `up --nat`.
 //! - [`metrics`], [`procs`], [`stats`]: reading `/metrics`, `/proc` and summarising.
 
+pub mod attack;
 pub mod bench;
 pub mod crashloop;
 pub mod error;

@@ -224,6 +224,10 @@ struct DirArg {
 
 #[derive(Debug, Args)]
 struct BenchArgs {
+    /// A hostile peer to run for the whole bench: snoop, flood:RATE, garbage:RATE,
+    /// replay:RATE or oversize:SECS (repeatable; see docs/BENCHMARKS.md).
+    #[arg(long, value_name = "KIND", value_parser = kith_testnet::attack::AttackKind::parse)]
+    attack: Vec<kith_testnet::attack::AttackKind>,
     /// Number of nodes to start (ignored with --dir).
     #[arg(long, default_value_t = 5)]
     nodes: usize,
@@ -419,6 +423,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 drain: secs("--drain", args.drain)?,
                 out: args.out,
                 seed,
+                attacks: args.attack,
             };
             let report = tokio::select! {
                 r = bench::bench(opts) => r?,

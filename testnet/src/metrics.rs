@@ -131,7 +131,7 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, ParseError> {
 }
 
 /// The figures the bench uses from one scrape. `None` where the family is absent.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Figures {
     /// `kith_messages_sent_total`.
     pub messages_sent: Option<f64>,
@@ -154,6 +154,10 @@ pub struct Figures {
     pub cpu_mls: Option<f64>,
     /// CPU seconds of the engine thread in the store (`…{part="store"}`).
     pub cpu_store: Option<f64>,
+    /// Connected peers the node graylists now (`kith_peers_graylisted`).
+    pub peers_graylisted: Option<f64>,
+    /// Peers cut off or limited (`kith_peer_faults_total`), by fault.
+    pub peer_faults: std::collections::BTreeMap<String, f64>,
 }
 
 fn engine_cpu(s: &Sample, part: &str) -> bool {
@@ -200,6 +204,12 @@ impl Figures {
             }),
             cpu_mls: sum_where(samples, |s| engine_cpu(s, "mls")),
             cpu_store: sum_where(samples, |s| engine_cpu(s, "store")),
+            peers_graylisted: sum_where(samples, |s| s.name == "kith_peers_graylisted"),
+            peer_faults: samples
+                .iter()
+                .filter(|s| s.name == "kith_peer_faults_total")
+                .filter_map(|s| Some((s.labels.get("fault")?.clone(), s.value)))
+                .collect(),
         }
     }
 
@@ -220,6 +230,17 @@ impl Figures {
             sync_response_received: d(before.sync_response_received, after.sync_response_received),
             cpu_mls: d(before.cpu_mls, after.cpu_mls),
             cpu_store: d(before.cpu_store, after.cpu_store),
+            peers_graylisted: after.peers_graylisted,
+            peer_faults: after
+                .peer_faults
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v - before.peer_faults.get(k).copied().unwrap_or(0.0),
+                    )
+                })
+                .collect(),
         }
     }
 }

@@ -1343,7 +1343,10 @@ async fn catch_up(
             Some(Ok(f)) => Some(f),
             Some(Err(_)) => None,
         };
-        if figures.is_some_and(|f| f.messages_received.unwrap_or(0.0) >= want) {
+        if figures
+            .as_ref()
+            .is_some_and(|f| f.messages_received.unwrap_or(0.0) >= want)
+        {
             break figures;
         }
         if tokio::time::Instant::now() >= deadline {

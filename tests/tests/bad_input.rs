@@ -229,14 +229,40 @@ async fn an_oversized_gossip_frame_closes_the_connection_so_the_peer_starts_over
     // (and rejects) its next envelope.
     let rejected = "kith_envelopes_rejected_total{reason=\"decode\"}";
     let before = kith_tests::metric(&b, rejected).await?;
-    h.dial(b_addr)?;
+    h.dial(b_addr.clone())?;
     until(&mut h, "B's subscription again", subscribed).await?;
     h.behaviour_mut()
         .gossipsub
-        .publish(topic, b"not an envelope at all".to_vec())
+        .publish(topic.clone(), b"not an envelope at all".to_vec())
         .map_err(|e| anyhow::anyhow!("publish: {e}"))?;
     wait_metric(&b, rejected, before + 1.0).await?;
     assert_eq!(kith_tests::metric(&b, fault).await?, 1.0);
+
+    // Two more within ten minutes, and B refuses the peer for a while.
+    for cut in 2u8..=3 {
+        if cut > 2 {
+            h.dial(b_addr.clone())?;
+            until(&mut h, "B's subscription again", subscribed).await?;
+        }
+        h.behaviour_mut()
+            .gossipsub
+            .publish(topic.clone(), vec![cut; 300 * 1024])
+            .map_err(|e| anyhow::anyhow!("publish: {e}"))?;
+        until(&mut h, "B to close the connection", |ev| match ev {
+            SwarmEvent::ConnectionClosed { peer_id, .. } if *peer_id == b_peer => Some(()),
+            _ => None,
+        })
+        .await?;
+        wait_metric(&b, fault, f64::from(cut)).await?;
+    }
+    h.dial(b_addr)?;
+    until(&mut h, "B to refuse the connection", |ev| match ev {
+        SwarmEvent::ConnectionClosed { peer_id, .. } if *peer_id == b_peer => Some(()),
+        SwarmEvent::OutgoingConnectionError { .. } => Some(()),
+        _ => None,
+    })
+    .await?;
+    wait_metric(&b, "kith_peer_faults_total{fault=\"banned\"}", 1.0).await?;
     b.node.shutdown().await;
     Ok(())
 }

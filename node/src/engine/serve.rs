@@ -143,6 +143,11 @@ impl Actor {
             JoinRequest::Rejoin(_) => None,
         };
         if let Some(invite) = screened {
+            if !self.invite_joins.take(&invite, std::time::Instant::now()) {
+                tracing::info!(%peer, group = %group.short(), "join requests for one invite too fast; answering busy");
+                self.metrics.join_request(JoinRequestResult::Refused);
+                return JoinResponse::Rejected(JoinRejection::Busy);
+            }
             match self.store.removed_since_invite(&group, &peer, &invite) {
                 Ok(false) => {}
                 Ok(true) => {

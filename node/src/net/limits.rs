@@ -59,6 +59,15 @@ pub const PENALTY: Duration = Duration::from_secs(60);
 const PENALTY_SCORE: f64 = -1000.0;
 /// Penalised peers remembered at once (the oldest is forgiven first).
 const MAX_PENALISED: usize = 1024;
+/// A peer whose gossip stream broke this many times within [`CUT_WINDOW`] is refused
+/// connections for [`BAN`].
+pub const CUTS_TO_BAN: usize = 3;
+/// The window of [`CUTS_TO_BAN`].
+pub const CUT_WINDOW: Duration = Duration::from_secs(600);
+/// How long a peer is refused connections after [`CUTS_TO_BAN`] broken gossip streams.
+pub const BAN: Duration = Duration::from_secs(600);
+/// Broken-stream events and bans remembered at once.
+const MAX_CUTS: usize = 1024;
 
 /// Below this score gossipsub ignores everything a peer sends.
 pub const GRAYLIST_THRESHOLD: f64 = -80.0;
@@ -69,13 +78,14 @@ pub const GOSSIP_THRESHOLD: f64 = -10.0;
 
 /// A token bucket.
 #[derive(Debug, Clone)]
-struct Bucket {
+pub struct Bucket {
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
-    fn full(rate: Rate, now: Instant) -> Bucket {
+    /// A bucket holding its whole burst.
+    pub fn full(rate: Rate, now: Instant) -> Bucket {
         Bucket {
             tokens: rate.burst,
             at: now,
@@ -83,7 +93,7 @@ impl Bucket {
     }
 
     /// Takes one token if there is one.
-    fn take(&mut self, rate: Rate, now: Instant) -> bool {
+    pub fn take(&mut self, rate: Rate, now: Instant) -> bool {
         let dt = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + dt * rate.per_sec).min(rate.burst);
         self.at = now;
@@ -93,6 +103,62 @@ impl Bucket {
         } else {
             false
         }
+    }
+}
+
+/// Join requests per invite, from all peers together: a link posted to a crowd is
+/// used by many at once, a used-up or leaked one hammered by one joiner under many names.
+pub const INVITE_JOIN_RATE: Rate = Rate {
+    per_sec: 0.5,
+    burst: 30.0,
+};
+
+/// One rate per key (an invite), for at most `cap` keys; when full, the key used longest
+/// ago is forgotten (it starts again with a full burst).
+#[derive(Debug)]
+pub struct KeyedRates<K> {
+    rate: Rate,
+    cap: usize,
+    buckets: HashMap<K, Bucket>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> KeyedRates<K> {
+    /// `rate` per key, for at most `cap` keys.
+    pub fn new(rate: Rate, cap: usize) -> KeyedRates<K> {
+        KeyedRates {
+            rate,
+            cap: cap.max(1),
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes one token of `key`'s rate, if there is one.
+    pub fn take(&mut self, key: &K, now: Instant) -> bool {
+        if !self.buckets.contains_key(key) && self.buckets.len() >= self.cap {
+            let oldest = self
+                .buckets
+                .iter()
+                .min_by_key(|(_, b)| b.at)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.buckets.remove(&k);
+            }
+        }
+        let rate = self.rate;
+        self.buckets
+            .entry(key.clone())
+            .or_insert_with(|| Bucket::full(rate, now))
+            .take(rate, now)
+    }
+
+    /// Keys tracked.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
     }
 }
 
@@ -123,6 +189,8 @@ pub struct PeerLimits {
     peers: HashMap<PeerId, PeerState>,
     /// Peers graylisted by this node, and until when, oldest first.
     penalised: VecDeque<(PeerId, Instant)>,
+    /// When peers' gossip streams broke, oldest first.
+    cuts: VecDeque<(PeerId, Instant)>,
     faults: PeerFaults,
 }
 
@@ -137,6 +205,7 @@ impl PeerLimits {
             join_rate,
             peers: HashMap::new(),
             penalised: VecDeque::new(),
+            cuts: VecDeque::new(),
             faults,
         }
     }
@@ -174,6 +243,28 @@ impl PeerLimits {
             self.faults.inc(PeerFault::JoinFlood);
         }
         ok
+    }
+
+    /// `peer`'s gossip stream broke (the connection was closed): whether it broke
+    /// [`CUTS_TO_BAN`] times within [`CUT_WINDOW`], so the peer is to be banned.
+    pub fn cut(&mut self, peer: PeerId, now: Instant) -> bool {
+        while self
+            .cuts
+            .front()
+            .is_some_and(|(_, t)| now.saturating_duration_since(*t) > CUT_WINDOW)
+        {
+            self.cuts.pop_front();
+        }
+        if self.cuts.len() >= MAX_CUTS {
+            self.cuts.pop_front();
+        }
+        self.cuts.push_back((peer, now));
+        let n = self.cuts.iter().filter(|(p, _)| *p == peer).count();
+        if n >= CUTS_TO_BAN {
+            self.cuts.retain(|(p, _)| *p != peer);
+            return true;
+        }
+        false
     }
 
     /// Whether `peer` is serving a penalty.
@@ -294,6 +385,9 @@ pub enum CapExceeded {
     /// Too many connections with one peer.
     #[error("too many connections with this peer")]
     Peer,
+    /// The peer is banned for a while (its gossip stream kept breaking).
+    #[error("this peer is refused for a while")]
+    Banned,
 }
 
 /// Refuses connections beyond [`CapSettings`], counting each refusal.
@@ -302,10 +396,34 @@ pub struct ConnectionCaps {
     by_ip: HashMap<IpAddr, usize>,
     by_peer: HashMap<PeerId, usize>,
     conns: HashMap<ConnectionId, (PeerId, Option<IpAddr>)>,
+    /// Peers refused until a time (at most [`MAX_CUTS`]).
+    banned: HashMap<PeerId, Instant>,
     faults: PeerFaults,
 }
 
 impl ConnectionCaps {
+    /// Refuses `peer`'s connections until `until` (existing ones are the caller's to
+    /// close).
+    pub fn ban(&mut self, peer: PeerId, until: Instant) {
+        let now = Instant::now();
+        self.banned.retain(|_, t| *t > now);
+        if self.banned.len() >= MAX_CUTS && !self.banned.contains_key(&peer) {
+            let first = self.banned.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p);
+            if let Some(p) = first {
+                self.banned.remove(&p);
+            }
+        }
+        self.banned.insert(peer, until);
+    }
+
+    fn check_banned(&self, peer: &PeerId) -> Result<(), ConnectionDenied> {
+        if self.banned.get(peer).is_some_and(|t| *t > Instant::now()) {
+            self.faults.inc(PeerFault::Banned);
+            return Err(ConnectionDenied::new(CapExceeded::Banned));
+        }
+        Ok(())
+    }
+
     /// Caps at `settings`, counting refusals in `faults`.
     pub fn new(settings: CapSettings, faults: PeerFaults) -> ConnectionCaps {
         ConnectionCaps {
@@ -313,6 +431,7 @@ impl ConnectionCaps {
             by_ip: HashMap::new(),
             by_peer: HashMap::new(),
             conns: HashMap::new(),
+            banned: HashMap::new(),
             faults,
         }
     }
@@ -371,6 +490,7 @@ impl NetworkBehaviour for ConnectionCaps {
         remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         let ip = self.capped_ip(remote);
+        self.check_banned(&peer)?;
         self.check_ip(ip)?;
         self.check_peer(&peer)?;
         self.add(id, peer, ip);
@@ -385,6 +505,7 @@ impl NetworkBehaviour for ConnectionCaps {
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.check_banned(&peer)?;
         self.check_peer(&peer)?;
         self.add(id, peer, None);
         Ok(dummy::ConnectionHandler)
@@ -642,6 +763,71 @@ mod tests {
         assert_eq!(ok, JOIN_RATE.burst as usize);
         assert_eq!(faults.get(PeerFault::JoinFlood), 20 - ok as u64);
         assert!(l.join(p, t0 + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn rates_per_key_are_separate_and_bounded() {
+        let rate = Rate {
+            per_sec: 0.0,
+            burst: 2.0,
+        };
+        let mut r = KeyedRates::new(rate, 3);
+        let t0 = Instant::now();
+        assert!(r.take(&1, t0) && r.take(&1, t0));
+        assert!(!r.take(&1, t0), "key 1 used up");
+        assert!(r.take(&2, t0), "key 2 has its own rate");
+        for k in 3..100 {
+            r.take(&k, t0 + Duration::from_millis(k));
+        }
+        assert_eq!(r.len(), 3);
+    }
+
+    #[test]
+    fn the_third_broken_stream_in_ten_minutes_bans_and_the_ban_ends() {
+        let mut l = PeerLimits::new(GOSSIP_RATE, JOIN_RATE, PeerFaults::default());
+        let (p, q) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        assert!(!l.cut(p, t0));
+        assert!(!l.cut(q, t0));
+        // An old cut falls out of the window.
+        assert!(!l.cut(p, t0 + CUT_WINDOW + Duration::from_secs(1)));
+        assert!(!l.cut(p, t0 + CUT_WINDOW + Duration::from_secs(2)));
+        assert!(l.cut(p, t0 + CUT_WINDOW + Duration::from_secs(3)));
+        let faults = PeerFaults::default();
+        let mut caps = ConnectionCaps::new(CapSettings::default(), faults.clone());
+        caps.ban(p, Instant::now() + Duration::from_secs(60));
+        let addr: Multiaddr = "/ip4/192.0.2.1/tcp/1"
+            .parse()
+            .unwrap_or_else(|_| Multiaddr::empty());
+        let id = ConnectionId::new_unchecked(1);
+        assert!(
+            caps.handle_established_outbound_connection(
+                id,
+                p,
+                &addr,
+                Endpoint::Dialer,
+                PortUse::New
+            )
+            .is_err()
+        );
+        assert!(
+            caps.handle_established_inbound_connection(id, q, &addr, &addr)
+                .is_ok()
+        );
+        assert_eq!(faults.get(PeerFault::Banned), 1);
+        caps.ban(q, Instant::now());
+        let id2 = ConnectionId::new_unchecked(2);
+        assert!(
+            caps.handle_established_outbound_connection(
+                id2,
+                q,
+                &addr,
+                Endpoint::Dialer,
+                PortUse::New
+            )
+            .is_ok(),
+            "a ban that ended refuses nothing"
+        );
     }
 
     #[test]
