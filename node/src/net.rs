@@ -914,6 +914,14 @@ struct Behaviour {
 /// Gossipsub's subscription filter: what one peer may subscribe to.
 type SubscriptionCap = gossipsub::MaxCountSubscriptionFilter<gossipsub::AllowAllSubscriptionFilter>;
 
+/// Message ids announced in one IHAVE (each costs 34 bytes on the wire).
+const MAX_IHAVE_IDS: usize = 1500;
+/// Control message bytes (IHAVE, IWANT, IDONTWANT, GRAFT, PRUNE) read in one frame: room
+/// for a full IHAVE and IWANT of [`MAX_IHAVE_IDS`] each.
+const MAX_CONTROL_BYTES: usize = 128 * 1024;
+// A full IHAVE and a full IWANT (34 bytes per id with protobuf framing) fit in one frame.
+const _: () = assert!(2 * MAX_IHAVE_IDS * 34 + 1024 <= MAX_CONTROL_BYTES);
+
 /// Topics one peer may be subscribed to at once, and announce in one message (a node sends
 /// all of its subscriptions at once when it connects, one topic per group it is in).
 const MAX_PEER_TOPICS: usize = 1024;
@@ -938,6 +946,12 @@ fn behaviour(
             gossipsub::MessageId::new(&MessageId::of(&m.data).0)
         })
         .max_transmit_size(MAX_ENVELOPE_BYTES + 1024)
+        // gossipsub 0.50 lets a peer announce 5000 ids in one IHAVE (~170 KB) but reads
+        // at most 16 KB of control messages per frame and gives up on the stream beyond
+        // that, which an honest node reaches at ~230 msg/s in a group. Announce fewer and
+        // read more, so honest gossip always fits.
+        .max_control_messages_sent(MAX_IHAVE_IDS)
+        .max_control_message_size(MAX_CONTROL_BYTES)
         .heartbeat_interval(cfg.heartbeat)
         .build()?;
     let mut gossipsub = gossipsub::Behaviour::new_with_subscription_filter(
@@ -1234,6 +1248,7 @@ fn prepare(
             limits::JOIN_RATE,
             cfg.peer_faults.clone(),
         ),
+        graylisted: HashSet::new(),
         heartbeat: cfg.heartbeat,
         provider_queries: HashMap::new(),
         dials: HashMap::new(),
@@ -1280,6 +1295,8 @@ struct NetTask {
     peer_faults: PeerFaults,
     /// Per-peer rates of gossip and join requests.
     limits: PeerLimits,
+    /// Connected peers graylisted at the last look (for logging changes).
+    graylisted: HashSet<PeerId>,
     /// Gossipsub's heartbeat interval.
     heartbeat: Duration,
     /// Provider lookups a caller awaits, answered with the first providers found.
@@ -2060,14 +2077,23 @@ impl NetTask {
         for peer in self.limits.forgive(std::time::Instant::now()) {
             g.set_application_score(&peer, 0.0);
         }
-        let graylisted = g
+        let now: HashSet<PeerId> = g
             .all_peers()
             .filter(|(p, _)| {
                 g.peer_score(p)
                     .is_some_and(|s| s < limits::GRAYLIST_THRESHOLD)
             })
-            .count();
-        self.peer_faults.set_graylisted(graylisted);
+            .map(|(p, _)| *p)
+            .collect();
+        for p in now.difference(&self.graylisted) {
+            let score = g.peer_score(p).unwrap_or_default();
+            tracing::info!(peer = %p, score, "graylisted a peer: nothing it sends is read");
+        }
+        for p in self.graylisted.difference(&now) {
+            tracing::info!(peer = %p, "a peer is no longer graylisted");
+        }
+        self.peer_faults.set_graylisted(now.len());
+        self.graylisted = now;
     }
 
     /// Closes the relayed connections whose grace ran out.
