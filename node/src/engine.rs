@@ -712,15 +712,16 @@ mod durability_tests {
     #[test]
     fn batches_that_publish_are_recognised() {
         let topic = GroupId([1; 32]).topic("n");
+        let key = kith_protocol::seal::SealKey::of("n", &GroupId([1; 32]));
         assert!(publishes(&[
-            Effect::Subscribe(topic),
+            Effect::Subscribe(topic, key),
             Effect::Publish {
                 topic,
                 data: vec![1]
             }
         ]));
         assert!(!publishes(&[
-            Effect::Subscribe(topic),
+            Effect::Subscribe(topic, key),
             Effect::Unsubscribe(topic)
         ]));
         assert!(!publishes(&[]));

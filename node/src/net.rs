@@ -35,6 +35,7 @@ use kith_protocol::files::{
     FileRequest, FileResponse, MAX_FILE_REQUEST_BYTES, MAX_FILE_RESPONSE_BYTES,
 };
 use kith_protocol::ids::{MessageId, TopicId};
+use kith_protocol::seal::{self, MAX_FRAME_BYTES, SealKey};
 use kith_protocol::sync::{
     MAX_SYNC_REQUEST_BYTES, MAX_SYNC_RESPONSE_BYTES, SyncRequest, SyncResponse,
 };
@@ -261,11 +262,13 @@ pub enum NetError {
 pub enum NetEvent {
     /// A gossip message on a subscribed topic, awaiting validation via [`NetHandle::validate`].
     Gossip {
-        /// Content id (SHA-256 of `data`), also gossipsub's message id.
+        /// The envelope's id (SHA-256 of `data`); the verdict is reported under it, and
+        /// the network task reports it under the sealed frame's gossipsub id.
         id: MessageId,
         /// The peer that forwarded it.
         source: PeerId,
-        /// The envelope bytes (at most [`MAX_ENVELOPE_BYTES`]).
+        /// The envelope bytes opened from the frame (at most [`MAX_ENVELOPE_BYTES`]); empty
+        /// if the frame did not open with the topic's key (then `id` is the frame's).
         data: Vec<u8>,
         /// When gossipsub handed it over: its verdict is due within gossipsub's cache
         /// window from then, however long the engine's queue was.
@@ -346,7 +349,7 @@ enum Command {
         topic: TopicId,
         data: Vec<u8>,
     },
-    Subscribe(TopicId),
+    Subscribe(TopicId, SealKey),
     Unsubscribe(TopicId),
     Validate {
         id: MessageId,
@@ -428,9 +431,9 @@ impl NetHandle {
         self.send_blocking(Command::Publish { topic, data })
     }
 
-    /// Subscribes to a group topic (engine thread).
-    pub fn subscribe_blocking(&self, topic: TopicId) -> Result<(), NetError> {
-        self.send_blocking(Command::Subscribe(topic))
+    /// Subscribes to a group topic whose frames `seal` seals and opens (engine thread).
+    pub fn subscribe_blocking(&self, topic: TopicId, seal: SealKey) -> Result<(), NetError> {
+        self.send_blocking(Command::Subscribe(topic, seal))
     }
 
     /// Unsubscribes from a group topic (engine thread).
@@ -914,6 +917,17 @@ struct Behaviour {
 /// Gossipsub's subscription filter: what one peer may subscribe to.
 type SubscriptionCap = gossipsub::MaxCountSubscriptionFilter<gossipsub::AllowAllSubscriptionFilter>;
 
+/// Largest gossip frame read or sent: a sealed envelope of the largest size.
+const MAX_TRANSMIT_BYTES: usize = MAX_ENVELOPE_BYTES + 1024;
+const _: () = assert!(MAX_FRAME_BYTES <= MAX_TRANSMIT_BYTES);
+
+/// How long the frame id of an opened envelope is kept for its verdict: gossipsub forgets
+/// unvalidated messages sooner (its message cache), so a verdict later than this has
+/// nothing left to report to.
+const FRAME_ID_TTL: Duration = Duration::from_secs(120);
+/// Frame ids kept at most for verdicts not reported yet (the engine reports each one).
+const MAX_PENDING_FRAMES: usize = 65_536;
+
 /// Message ids announced in one IHAVE (each costs 34 bytes on the wire).
 const MAX_IHAVE_IDS: usize = 1500;
 /// Control message bytes (IHAVE, IWANT, IDONTWANT, GRAFT, PRUNE) read in one frame: room
@@ -945,7 +959,7 @@ fn behaviour(
         .message_id_fn(|m: &gossipsub::Message| {
             gossipsub::MessageId::new(&MessageId::of(&m.data).0)
         })
-        .max_transmit_size(MAX_ENVELOPE_BYTES + 1024)
+        .max_transmit_size(MAX_TRANSMIT_BYTES)
         // gossipsub 0.50 lets a peer announce 5000 ids in one IHAVE (~170 KB) but reads
         // at most 16 KB of control messages per frame and gives up on the stream beyond
         // that, which an honest node reaches at ~230 msg/s in a group. Announce fewer and
@@ -1237,6 +1251,8 @@ fn prepare(
         listen_addrs: Vec::new(),
         bootstrapped: !cfg.bootstrap.is_empty() || !cfg.known_peers.is_empty(),
         subscribed: HashSet::new(),
+        seals: HashMap::new(),
+        frames: HashMap::new(),
         outbox: HashMap::new(),
         outbox_bytes: 0,
         blocked_addrs: HashMap::new(),
@@ -1279,6 +1295,12 @@ struct NetTask {
     listen_addrs: Vec<Multiaddr>,
     bootstrapped: bool,
     subscribed: HashSet<TopicId>,
+    /// The key that seals and opens each subscribed topic's frames.
+    seals: HashMap<gossipsub::TopicHash, SealKey>,
+    /// For each envelope opened from a frame and not judged yet: the frame's gossipsub id
+    /// (the engine judges envelopes by their own id), and when it arrived. Bounded by
+    /// [`MAX_PENDING_FRAMES`] and [`FRAME_ID_TTL`].
+    frames: HashMap<MessageId, (gossipsub::MessageId, std::time::Instant)>,
     /// Envelopes published while no peer on their topic was known, sent as soon as one
     /// subscribes. Bounded per topic and in total; the oldest go first when full.
     outbox: HashMap<gossipsub::TopicHash, std::collections::VecDeque<Vec<u8>>>,
@@ -1367,6 +1389,7 @@ impl NetTask {
                     self.tend_relays();
                     self.close_superseded();
                     self.tend_scores();
+                    self.forget_frames(std::time::Instant::now());
                 }
                 // Nothing to do: the next turn of the loop polls the swarm.
                 _ = swarm_wake.tick() => {}
@@ -1430,6 +1453,18 @@ impl NetTask {
         match cmd {
             Command::Publish { topic, data } => {
                 let hash = topic_of(topic).hash();
+                // A group's envelopes go out sealed; raw bytes only on a topic this node is
+                // not in (tools and tests).
+                let data = match self.seals.get(&hash) {
+                    Some(key) => match seal::seal(key, &data) {
+                        Ok(frame) => frame,
+                        Err(e) => {
+                            tracing::warn!(topic = %topic.short(), error = %e, "cannot seal an envelope; not sent");
+                            return;
+                        }
+                    },
+                    None => data,
+                };
                 match b.gossipsub.publish(hash.clone(), data.clone()) {
                     Ok(_) => {}
                     Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
@@ -1439,7 +1474,8 @@ impl NetTask {
                     Err(e) => tracing::warn!(topic = %topic.short(), error = %e, "publish failed"),
                 }
             }
-            Command::Subscribe(t) => {
+            Command::Subscribe(t, key) => {
+                self.seals.insert(topic_of(t).hash(), key);
                 if let Err(e) = b.gossipsub.subscribe(&topic_of(t)) {
                     tracing::warn!(topic = %t.short(), error = %e, "subscribe failed");
                 }
@@ -1453,6 +1489,7 @@ impl NetTask {
             }
             Command::Unsubscribe(t) => {
                 b.gossipsub.unsubscribe(&topic_of(t));
+                self.seals.remove(&topic_of(t).hash());
                 self.subscribed.remove(&t);
             }
             Command::Validate {
@@ -1460,11 +1497,12 @@ impl NetTask {
                 source,
                 verdict,
             } => {
-                b.gossipsub.report_message_validation_result(
-                    &gossipsub::MessageId::new(&id.0),
-                    &source,
-                    verdict,
-                );
+                let frame = match self.frames.remove(&id) {
+                    Some((frame, _)) => frame,
+                    None => gossipsub::MessageId::new(&id.0),
+                };
+                b.gossipsub
+                    .report_message_validation_result(&frame, &source, verdict);
             }
             Command::Join {
                 peer,
@@ -1883,12 +1921,12 @@ impl NetTask {
                         return;
                     }
                 }
-                let id = MessageId::of(&message.data);
+                let (id, data) = self.open(&message, &message_id, now);
                 self.emit(NetEvent::Gossip {
                     id,
                     source: propagation_source,
-                    data: message.data,
-                    arrived: std::time::Instant::now(),
+                    data,
+                    arrived: now,
                 });
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }) => {
@@ -2072,6 +2110,46 @@ impl NetTask {
     }
 
     /// Restores the score of peers whose penalty ended, and counts the graylisted ones.
+    /// Opens a gossip frame with its topic's key. Returns the envelope's id and bytes, or,
+    /// if it does not open, the frame's own id and no bytes: nothing, which the engine
+    /// rejects as undecodable like any other garbage (and gossipsub then penalises the
+    /// peer that forwarded it).
+    fn open(
+        &mut self,
+        message: &gossipsub::Message,
+        frame_id: &gossipsub::MessageId,
+        now: std::time::Instant,
+    ) -> (MessageId, Vec<u8>) {
+        let opened = match self.seals.get(&message.topic) {
+            Some(key) => seal::open(key, &message.data),
+            None => Err(seal::OpenError::Tag),
+        };
+        match opened {
+            Ok(envelope) => {
+                let id = MessageId::of(&envelope);
+                if self.frames.len() >= MAX_PENDING_FRAMES {
+                    self.forget_frames(now);
+                }
+                if self.frames.len() < MAX_PENDING_FRAMES {
+                    self.frames.insert(id, (frame_id.clone(), now));
+                }
+                (id, envelope)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "a gossip frame did not open");
+                let id = MessageId::from_slice(&frame_id.0).unwrap_or(MessageId::of(&message.data));
+                (id, Vec::new())
+            }
+        }
+    }
+
+    /// Drops the frame ids of envelopes whose verdict is overdue (gossipsub has forgotten
+    /// those messages already).
+    fn forget_frames(&mut self, now: std::time::Instant) {
+        self.frames
+            .retain(|_, (_, at)| now.duration_since(*at) < FRAME_ID_TTL);
+    }
+
     fn tend_scores(&mut self) {
         let g = &mut self.swarm.behaviour_mut().gossipsub;
         for peer in self.limits.forgive(std::time::Instant::now()) {

@@ -374,7 +374,7 @@ impl Batch {
                 }),
                 Effect::Direct { group, peer } => batch.direct.push((*group, *peer)),
                 Effect::Publish { .. }
-                | Effect::Subscribe(_)
+                | Effect::Subscribe(..)
                 | Effect::Unsubscribe(_)
                 | Effect::Typing { .. }
                 | Effect::DirectOffer { .. }

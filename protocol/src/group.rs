@@ -35,6 +35,7 @@ use crate::ids::{GroupId, MessageId, TopicId};
 use crate::invite::{InviteError, InviteUpdate};
 use crate::order::Undecryptable;
 use crate::records::{GroupMeta, HistoryEntry, StoredEnvelope};
+use crate::seal::SealKey;
 use members::{member_peer, self_remove_pending};
 use state::Group;
 
@@ -135,8 +136,8 @@ pub enum Effect {
         /// Encoded envelope.
         data: Vec<u8>,
     },
-    /// Subscribe to a group topic.
-    Subscribe(TopicId),
+    /// Subscribe to a group topic, whose frames are sealed with the key (see [`crate::seal`]).
+    Subscribe(TopicId, SealKey),
     /// Unsubscribe from a group topic.
     Unsubscribe(TopicId),
     /// Persist group metadata.
@@ -394,7 +395,10 @@ where
                 Some(mls) => {
                     let topic = meta.id.topic(&self.network);
                     if mls.is_active() {
-                        effects.push(Effect::Subscribe(topic));
+                        effects.push(Effect::Subscribe(
+                            topic,
+                            SealKey::of(&self.network, &meta.id),
+                        ));
                     }
                     let mut branch =
                         fork::load_branch(self.provider.storage(), &meta.id).map_err(mls_err)?;

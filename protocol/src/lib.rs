@@ -13,6 +13,8 @@
 //! - [`fork`]: checkpoints and branches for the concurrent-commit rule.
 //! - [`group`]: the MLS group engine, a state machine generic over the openmls provider.
 //! - [`join`]: the joiner's and the admitting member's sides of a join, as state machines.
+//! - [`seal`]: sealed gossip frames (the group's envelopes as a stranger on the topic
+//!   sees them: one padded AEAD ciphertext).
 //! - [`order`]: sender positions, gap tracking and undecryptable reasons (no message lost).
 //! - [`sync`]: history sync between members (summaries, paginated responses, gap detection).
 //! - [`verify`]: safety numbers, their QR payload, and local verification marks.
@@ -29,6 +31,7 @@ pub mod invite;
 pub mod join;
 pub mod order;
 pub mod records;
+pub mod seal;
 #[cfg(test)]
 mod sim;
 pub mod sync;

@@ -100,7 +100,7 @@ where
         for e in effects {
             match e {
                 Effect::Publish { topic, data } => self.in_flight.push_back((i, topic, data)),
-                Effect::Subscribe(t) => self.subscribed[i].push(t),
+                Effect::Subscribe(t, _) => self.subscribed[i].push(t),
                 Effect::Unsubscribe(t) => self.subscribed[i].retain(|x| *x != t),
                 Effect::Record(h) => {
                     // A re-sent message replaces its earlier copy (the store does the same).

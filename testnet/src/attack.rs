@@ -6,13 +6,14 @@
 //! the group topics (`kith/g/…`) from the nodes' subscription announcements and subscribes
 //! to them. Then:
 //!
-//! - `snoop`: only listens, counting the envelopes and bytes a non-member receives.
-//! - `flood:RATE`: publishes RATE messages a second that look valid: copies of envelopes
-//!   it captured on the topic with one byte of the MLS ciphertext changed (the header,
-//!   group id and epoch stay right, so only decryption fails). Until it captured one it
-//!   sends nothing.
+//! - `snoop`: only listens, counting the frames and bytes a non-member receives.
+//! - `flood:RATE`: publishes RATE messages a second that look as valid as it can make them:
+//!   copies of frames it captured on the topic with two bytes near the end changed (a
+//!   frame has the size and form of a real one, but without the group's key the attacker
+//!   cannot make one that opens, see `kith_protocol::seal`). Until it captured one it sends
+//!   nothing.
 //! - `garbage:RATE`: publishes RATE random byte strings a second (not even an envelope).
-//! - `replay:RATE`: publishes RATE captured envelopes a second again, unchanged, the
+//! - `replay:RATE`: publishes RATE captured frames a second again, unchanged, the
 //!   oldest first, each at least [`REPLAY_AGE`] after it was captured (after gossipsub's
 //!   duplicate cache forgot it).
 //! - `oversize:SECS`: every SECS seconds publishes one message larger than a node accepts
@@ -34,10 +35,10 @@ use tokio::sync::watch;
 
 use crate::error::{Result, TestnetError};
 
-/// How old a captured envelope must be before `replay` sends it again (gossipsub's
+/// How old a captured frame must be before `replay` sends it again (gossipsub's
 /// duplicate cache keeps message ids for 60 s by default).
 pub const REPLAY_AGE: Duration = Duration::from_secs(65);
-/// Envelopes kept for tampering and replaying.
+/// Frames kept for tampering and replaying.
 const CAPTURE_LIMIT: usize = 4096;
 /// The size of an oversized message: above the node's 256 KiB + 1 KiB.
 const OVERSIZE_BYTES: usize = 300 * 1024;
@@ -50,7 +51,7 @@ const IDENTIFY_PROTOCOL: &str = "/kith/id/1.0.0";
 pub enum AttackKind {
     /// Subscribes to every group topic and listens.
     Snoop,
-    /// Tampered copies of captured envelopes, `rate` per second.
+    /// Tampered copies of captured frames, `rate` per second.
     Flood {
         /// Messages per second.
         rate: f64,
@@ -60,7 +61,7 @@ pub enum AttackKind {
         /// Messages per second.
         rate: f64,
     },
-    /// Captured envelopes again, `rate` per second.
+    /// Captured frames again, `rate` per second.
     Replay {
         /// Messages per second.
         rate: f64,
@@ -305,7 +306,7 @@ pub async fn run(
     Ok(stats)
 }
 
-/// `real` with one byte near its end (inside the MLS ciphertext or its tag) changed, and a
+/// `real` with two bytes near its end (inside the ciphertext or its tag) changed, and a
 /// distinct message id each time (the change is random).
 fn tamper(real: &[u8], rng: &mut impl Rng) -> Vec<u8> {
     let mut v = real.to_vec();

@@ -8,6 +8,7 @@
 use kith_client::model::{CreateInviteRequest, MessageBody};
 use kith_protocol::envelope::{Envelope, PayloadKind};
 use kith_protocol::ids::GroupId;
+use kith_protocol::seal::{self, SealKey};
 use kith_tests::{InGroup, TestNode, loopback_config, wait_texts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -64,7 +65,10 @@ async fn garbage_on_the_topic_is_dropped_and_nothing_is_lost() -> anyhow::Result
         .0;
     let mut trailing = header_only.clone();
     trailing.push(0);
-    for junk in [
+    // Each shape twice: as it is (the frame does not open) and sealed with the group's key
+    // (as a former member could: the envelope inside does not decode, or is not for B).
+    let key = SealKey::of(kith_tests::NETWORK, &gid);
+    let shapes = [
         b"not an envelope at all".to_vec(),
         vec![0xff; 4096],
         header_only,
@@ -73,8 +77,11 @@ async fn garbage_on_the_topic_is_dropped_and_nothing_is_lost() -> anyhow::Result
         other_group,
         trailing,
         Vec::new(),
-    ] {
+    ];
+    for junk in shapes {
+        let sealed = seal::seal(&key, &junk)?;
         c.node.net.publish(topic, junk).await?;
+        c.node.net.publish(topic, sealed).await?;
     }
     // B read the garbage (and stopped listening to C after the third, see net::limits).
     wait_metric(&b, "kith_envelopes_rejected_total{reason=\"decode\"}", 3.0).await?;
@@ -360,14 +367,17 @@ async fn a_peer_forwarding_invalid_envelopes_is_graylisted() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gossip_flooder_is_cut_off_at_the_per_peer_rate() -> anyhow::Result<()> {
     let db = tempfile::tempdir()?;
-    let (b, _, mut h, topic) = b_and_a_hostile_peer(db.path()).await?;
-    // Envelopes of some other group on B's topic: B cannot judge them (no penalty from
-    // the score), so only the per-peer rate stops them.
+    let (b, gid, mut h, topic) = b_and_a_hostile_peer(db.path()).await?;
+    // Envelopes of some other group on B's topic, sealed with the topic's key (as a former
+    // member could): B opens them but cannot judge them (no penalty from the score), so
+    // only the per-peer rate stops them.
+    let key = SealKey::of(kith_tests::NETWORK, &gid);
     let started = std::time::Instant::now();
     for i in 0u64..3000 {
         let other = Envelope::new(GroupId([9; 32]), i, PayloadKind::Application, vec![0; 64])
             .encode()?
             .0;
+        let other = seal::seal(&key, &other)?;
         h.behaviour_mut()
             .gossipsub
             .publish(topic.clone(), other)
@@ -386,6 +396,109 @@ async fn a_gossip_flooder_is_cut_off_at_the_per_peer_rate() -> anyhow::Result<()
         "{ignored} envelopes of the flood reached the engine, {allowed:.0} allowed"
     );
     assert_eq!(kith_tests::metric(&b, flood).await?, 1.0, "penalised once");
+    b.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stranger_on_the_topic_sees_only_sealed_frames_of_bucket_sizes() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use libp2p::gossipsub;
+    use libp2p::swarm::SwarmEvent;
+    let (da, db) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let a = TestNode::start(da.path(), loopback_config(vec![])).await?;
+    let g = a.node.engine.run(|e| e.create_group("g")).await?;
+    let gid: GroupId = g.id.parse()?;
+    // A stranger that found the topic (subscriptions are announced to every peer) listens
+    // on it from before anyone joins, so it relays the whole group's gossip.
+    let topic = gossipsub::IdentTopic::new(gid.topic(kith_tests::NETWORK).topic_string());
+    let a_peer = a.node.peer_id;
+    let mut h = hostile_gossip_peer()?;
+    h.behaviour_mut().gossipsub.subscribe(&topic)?;
+    h.dial(a.bootstrap_peer().await?.addr)?;
+    until(&mut h, "A's subscription", |ev| match ev {
+        SwarmEvent::Behaviour(HostileEvent::Gossipsub(gossipsub::Event::Subscribed {
+            peer_id,
+            ..
+        })) if *peer_id == a_peer => Some(()),
+        _ => None,
+    })
+    .await?;
+    let (tx, mut frames) = tokio::sync::mpsc::unbounded_channel();
+    let capture = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(HostileEvent::Gossipsub(gossipsub::Event::Message {
+                message,
+                ..
+            })) = h.select_next_some().await
+                && tx.send(message.data).is_err()
+            {
+                return;
+            }
+        }
+    });
+
+    let b = TestNode::start(db.path(), loopback_config(vec![a.bootstrap_peer().await?])).await?;
+    let inv = a
+        .node
+        .engine
+        .in_group(&g.id, |e, g| {
+            e.create_invite(g, CreateInviteRequest::default())
+        })
+        .await?;
+    b.node.engine.join(inv.link).await?;
+    let long = "a longer message, of about a hundred bytes, which a stranger must not tell from a short one";
+    for text in ["ok", long] {
+        a.node
+            .engine
+            .in_group(&g.id, |e, g| e.send(g, text))
+            .await?;
+    }
+    b.node
+        .engine
+        .in_group(&g.id, |e, g| e.send(g, "hi"))
+        .await?;
+
+    // Until the capture holds B's add (a commit) and texts of different lengths in one
+    // bucket. The test knows the group id, so it can look inside; the stranger cannot.
+    let key = SealKey::of(kith_tests::NETWORK, &gid);
+    let mut seen: Vec<(usize, Envelope)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + kith_tests::WAIT;
+    let done = |seen: &[(usize, Envelope)]| {
+        let commit = seen.iter().any(|(_, e)| e.kind() == PayloadKind::Commit);
+        let apps: Vec<_> = seen
+            .iter()
+            .filter(|(_, e)| e.kind() == PayloadKind::Application && e.epoch() == 1)
+            .collect();
+        let same_frame_other_length = apps.iter().any(|(fa, ea)| {
+            apps.iter()
+                .any(|(fb, eb)| fa == fb && ea.mls().len() != eb.mls().len())
+        });
+        commit && same_frame_other_length
+    };
+    while !done(&seen) {
+        let frame = tokio::time::timeout_at(deadline, frames.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("captured only {} frames", seen.len()))?
+            .ok_or_else(|| anyhow::anyhow!("the capture stopped"))?;
+        // What the stranger has: a version byte, a nonce and ciphertext of a bucket's size.
+        assert_eq!(frame[0], seal::SEAL_VERSION);
+        assert!(
+            seal::BUCKETS.contains(&(frame.len() - seal::FRAME_OVERHEAD)),
+            "a frame of {} bytes is not a bucket",
+            frame.len()
+        );
+        assert!(
+            !frame.windows(32).any(|w| w == gid.0),
+            "the group id is in the clear"
+        );
+        assert!(Envelope::decode(&frame).is_err(), "a bare envelope");
+        let envelope = Envelope::decode(&seal::open(&key, &frame)?)?;
+        assert_eq!(envelope.group(), gid);
+        seen.push((frame.len(), envelope));
+    }
+    capture.abort();
+    a.node.shutdown().await;
     b.node.shutdown().await;
     Ok(())
 }

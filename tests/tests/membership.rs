@@ -103,10 +103,13 @@ async fn removed_node_hears_nothing_and_the_others_keep_talking() -> anyhow::Res
     }
 
     // C's node is made to listen on the group topic again (as a modified node would): the
-    // messages reach it, and it reads none of them.
-    let topic = g.parse::<GroupId>()?.topic(NETWORK);
+    // messages reach it, and it reads none of them. (A former member still knows the group
+    // id, so it can open the frames' outer seal: what it cannot read is MLS.)
+    let gid = g.parse::<GroupId>()?;
+    let topic = gid.topic(NETWORK);
+    let key = kith_protocol::seal::SealKey::of(NETWORK, &gid);
     let net = c.node.net.clone();
-    tokio::task::spawn_blocking(move || net.subscribe_blocking(topic)).await??;
+    tokio::task::spawn_blocking(move || net.subscribe_blocking(topic, key)).await??;
     let not_member = r#"kith_envelopes_ignored_total{reason="not_member"}"#;
     let before = metric(&c, not_member).await?;
     // Gossipsub needs a heartbeat or two to take C back into the mesh: resend until one

@@ -499,8 +499,31 @@ fn bench_store(c: &mut Criterion) {
     g.finish();
 }
 
+/// Sealing and opening one gossip frame of a 1 KiB text's envelope (what the network task
+/// adds to every message it sends and receives).
+fn bench_seal(c: &mut Criterion) {
+    use kith_protocol::seal::{SealKey, open, seal};
+    let mut g = c.benchmark_group("seal");
+    g.sample_size(50)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
+    let key = SealKey::of("bench", &GroupId([7; 32]));
+    // A 1 KiB text's envelope is ~1.2 KB: padded to the 2 KiB bucket.
+    let envelope = vec![0x5a; 1200];
+    let frame = seal(&key, &envelope).expect("seal");
+    g.throughput(Throughput::Bytes(envelope.len() as u64));
+    g.bench_function("seal_1200B", |b| {
+        b.iter(|| black_box(seal(&key, black_box(&envelope)).expect("seal")))
+    });
+    g.bench_function("open_1200B", |b| {
+        b.iter(|| black_box(open(&key, black_box(&frame)).expect("open")))
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    bench_seal,
     bench_store,
     bench_create,
     bench_messages,

@@ -273,7 +273,7 @@ impl Actor {
         for e in effects {
             let sent = match e {
                 Effect::Publish { topic, data } => self.net.publish_blocking(topic, data),
-                Effect::Subscribe(t) => self.net.subscribe_blocking(t),
+                Effect::Subscribe(t, key) => self.net.subscribe_blocking(t, key),
                 Effect::Unsubscribe(t) => self.net.unsubscribe_blocking(t),
                 Effect::Record(h) => {
                     if let EntryKind::File { file, .. } = &h.kind {

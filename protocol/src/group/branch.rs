@@ -15,6 +15,7 @@ use crate::fork::{self, Applied, GroupRecords, OwnChange, REWIND_DEPTH};
 use crate::ids::{GroupId, MessageId};
 use crate::invite::InviteUpdate;
 use crate::order::Tracks;
+use crate::seal::SealKey;
 
 /// Saves the checkpoint of `group` at its current epoch `epoch`: the state a commit made in
 /// this epoch applies to. Call it before creating or merging any commit.
@@ -325,7 +326,10 @@ where
         effects.extend(fx);
         if !was_member && g.mls.is_active() {
             // Removed on the losing branch, a member on the winning one: listen again.
-            effects.push(Effect::Subscribe(g.topic));
+            effects.push(Effect::Subscribe(
+                g.topic,
+                SealKey::of(&self.network, &group_id),
+            ));
         }
         // The messages this node encrypted on the lost branch; one rolled back earlier and
         // not re-sent yet is now listed here only.

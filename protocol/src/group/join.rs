@@ -25,6 +25,7 @@ use crate::ids::{GroupId, InviteId, MessageId};
 use crate::invite::{Invite, InviteRecord, InviteUpdate};
 use crate::order::{MAX_FORWARD_DISTANCE, OUT_OF_ORDER_TOLERANCE};
 use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
+use crate::seal::SealKey;
 
 fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
@@ -423,7 +424,7 @@ where
                     epoch,
                     member_count,
                 },
-                Effect::Subscribe(topic),
+                Effect::Subscribe(topic, SealKey::of(&self.network, &id)),
             ],
         ))
     }

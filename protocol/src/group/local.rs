@@ -21,6 +21,7 @@ use crate::fork::{self, Applied, Branch, GroupRecords, OwnChange, Said, Sent};
 use crate::ids::{GroupId, MessageId};
 use crate::order::{self, MAX_FORWARD_DISTANCE, OUT_OF_ORDER_TOLERANCE};
 use crate::records::{EntryKind, GroupMeta, HistoryEntry, StoredEnvelope};
+use crate::seal::SealKey;
 
 /// Merges this node's own pending commit (`commit`, made at `old_epoch`) and returns the
 /// effects: the commit envelope stored, removals recorded, the epoch change, the publication.
@@ -198,7 +199,7 @@ where
         Ok(vec![
             Effect::SaveGroup(meta),
             Effect::Record(entry),
-            Effect::Subscribe(topic),
+            Effect::Subscribe(topic, SealKey::of(&self.network, &id)),
         ])
     }
 

@@ -57,6 +57,7 @@ const NETWORK: &str = "sim-net";
 enum Event {
     Gossip {
         to: usize,
+        topic: TopicId,
         data: Vec<u8>,
     },
     Request {
@@ -426,13 +427,13 @@ impl World {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Gossip { to, data } => {
+            Event::Gossip { to, topic, data } => {
                 if !self.up(to) {
                     return;
                 }
                 let now_ms = self.now_ms();
                 let mut out = Vec::new();
-                let durable = self.core(to).on_gossip(&data, now_ms, &mut out);
+                let durable = self.core(to).on_gossip(topic, &data, now_ms, &mut out);
                 self.after(to, durable, out);
             }
             Event::Request {
@@ -834,6 +835,7 @@ impl World {
                 delay,
                 Event::Gossip {
                     to: j,
+                    topic,
                     data: data.clone(),
                 },
             );
@@ -843,6 +845,7 @@ impl World {
                     delay,
                     Event::Gossip {
                         to: j,
+                        topic,
                         data: data.clone(),
                     },
                 );

@@ -23,6 +23,7 @@ use crate::join::client::JoinClient;
 use crate::join::rejoin::RejoinClient;
 use crate::order::Undecryptable;
 use crate::records::{GroupMeta, HistoryEntry, StoredEnvelope};
+use crate::seal::{self, SealKey};
 use crate::sync::scheduler::{self as sched, SyncScheduler};
 use crate::sync::{Holdings, Summary, SyncItem, SyncRefusal, SyncRequest, SyncResponse, respond};
 
@@ -90,7 +91,7 @@ impl Store {
                     }
                 }
                 Effect::Publish { .. }
-                | Effect::Subscribe(_)
+                | Effect::Subscribe(..)
                 | Effect::Unsubscribe(_)
                 | Effect::JoinLost { .. }
                 | Effect::DeepForkLost { .. }
@@ -165,6 +166,9 @@ pub(super) struct Core {
     pub sync: SyncScheduler,
     pub store: Store,
     pub subscribed: BTreeSet<TopicId>,
+    /// The key of every topic this node subscribed to since it started (kept after
+    /// unsubscribing: a leaving member's last commit goes out after it stopped listening).
+    pub seals: BTreeMap<TopicId, SealKey>,
     pub notes: Notes,
     /// Join requests held for approval (none in the simulated invites; the same path).
     pub held: HeldRequests,
@@ -241,11 +245,13 @@ impl Core {
             .unwrap_or_else(PoisonError::into_inner) = durable.mls.clone();
         let mut engine = GroupEngine::new(provider, identity, network);
         let mut subscribed = BTreeSet::new();
+        let mut seals = BTreeMap::new();
         match engine.load(durable.store.metas.values().cloned().collect()) {
             Ok((effects, _missing)) => {
                 for e in effects {
-                    if let Effect::Subscribe(t) = e {
+                    if let Effect::Subscribe(t, key) = e {
                         subscribed.insert(t);
+                        seals.insert(t, key);
                     }
                 }
             }
@@ -257,6 +263,7 @@ impl Core {
             sync: SyncScheduler::new(seed),
             store: durable.store.clone(),
             subscribed,
+            seals,
             notes: Notes::default(),
             held: HeldRequests::new(),
             join: None,
@@ -300,10 +307,22 @@ impl Core {
         let durable = durable || effects.iter().any(|e| matches!(e, Effect::Publish { .. }));
         self.store.commit(&effects);
         self.dirty = true;
+        for e in &effects {
+            if let Effect::Subscribe(t, key) = e {
+                self.seals.insert(*t, *key);
+            }
+        }
         for e in effects {
             match e {
-                Effect::Publish { topic, data } => out.push(Action::Publish(topic, data)),
-                Effect::Subscribe(t) => {
+                // What the network carries is sealed, as the node's network task does.
+                Effect::Publish { topic, data } => match self.seals.get(&topic) {
+                    Some(key) => match seal::seal(key, &data) {
+                        Ok(frame) => out.push(Action::Publish(topic, frame)),
+                        Err(e) => panic!("an envelope the engine made does not seal: {e}"),
+                    },
+                    None => panic!("a publish on a topic the node never subscribed to"),
+                },
+                Effect::Subscribe(t, _) => {
                     self.subscribed.insert(t);
                 }
                 Effect::Unsubscribe(t) => {
@@ -335,8 +354,19 @@ impl Core {
         std::mem::take(&mut self.dirty)
     }
 
-    /// Receives one gossip envelope.
-    pub fn on_gossip(&mut self, data: &[u8], now_ms: u64, out: &mut Vec<Action>) -> bool {
+    /// Receives one gossip frame on `topic`. A frame this node cannot open (a stranger has
+    /// no key) is dropped, as the node's network task makes the engine reject it.
+    pub fn on_gossip(
+        &mut self,
+        topic: TopicId,
+        frame: &[u8],
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Some(Ok(data)) = self.seals.get(&topic).map(|k| seal::open(k, frame)) else {
+            return false;
+        };
+        let data = &data[..];
         if self.store.has(&MessageId::of(data)) {
             return false;
         }
