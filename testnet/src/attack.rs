@@ -18,17 +18,28 @@
 //!   duplicate cache forgot it).
 //! - `oversize:SECS`: every SECS seconds publishes one message larger than a node accepts
 //!   (300 KiB), then a small one.
+//! - `joinspam:RATE`: sends RATE join requests a second (`/kith/join/1.0.0`), to the nodes
+//!   in turn, with an invite link whose uses are all taken (the testnet's own, see
+//!   [`crate::launcher::Testnet::used_link`]) and a made-up key package, and counts the
+//!   answers.
 //!
 //! The attacker's swarm gossips like an ordinary peer (it forwards what it receives);
 //! gossipsub scoring, graylisting and the per-peer limits of the nodes are what is
 //! measured against it.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::io;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use kith_protocol::codec;
+use kith_protocol::envelope::{JoinRequest, JoinRequestV1, JoinResponse};
+use kith_protocol::invite::Invite;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, noise, ping, request_response,
+    tcp, yamux,
+};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -42,6 +53,10 @@ pub const REPLAY_AGE: Duration = Duration::from_secs(65);
 const CAPTURE_LIMIT: usize = 4096;
 /// The size of an oversized message: above the node's 256 KiB + 1 KiB.
 const OVERSIZE_BYTES: usize = 300 * 1024;
+/// Kith's join protocol.
+const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/join/1.0.0");
+/// How long a join request may wait for its answer.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The identify protocol version of Kith nodes (so the attacker looks like one).
 const IDENTIFY_PROTOCOL: &str = "/kith/id/1.0.0";
 
@@ -71,10 +86,16 @@ pub enum AttackKind {
         /// Seconds between oversized messages.
         every_secs: f64,
     },
+    /// Join requests with a used-up link, `rate` per second.
+    JoinSpam {
+        /// Requests per second.
+        rate: f64,
+    },
 }
 
 impl AttackKind {
-    /// Parses `snoop`, `flood:RATE`, `garbage:RATE`, `replay:RATE` or `oversize:SECS`.
+    /// Parses `snoop`, `flood:RATE`, `garbage:RATE`, `replay:RATE`, `oversize:SECS` or
+    /// `joinspam:RATE`.
     pub fn parse(s: &str) -> std::result::Result<AttackKind, String> {
         let (name, arg) = match s.split_once(':') {
             Some((n, a)) => (n, Some(a)),
@@ -101,8 +122,9 @@ impl AttackKind {
             "oversize" => Ok(AttackKind::Oversize {
                 every_secs: num(5.0)?,
             }),
+            "joinspam" => Ok(AttackKind::JoinSpam { rate: num(20.0)? }),
             _ => Err(format!(
-                "unknown attack `{s}` (snoop, flood:RATE, garbage:RATE, replay:RATE, oversize:SECS)"
+                "unknown attack `{s}` (snoop, flood:RATE, garbage:RATE, replay:RATE, oversize:SECS, joinspam:RATE)"
             )),
         }
     }
@@ -113,7 +135,8 @@ impl AttackKind {
             AttackKind::Snoop => None,
             AttackKind::Flood { rate }
             | AttackKind::Garbage { rate }
-            | AttackKind::Replay { rate } => Some(Duration::from_secs_f64(1.0 / rate)),
+            | AttackKind::Replay { rate }
+            | AttackKind::JoinSpam { rate } => Some(Duration::from_secs_f64(1.0 / rate)),
             AttackKind::Oversize { every_secs } => Some(Duration::from_secs_f64(every_secs)),
         }
     }
@@ -138,6 +161,12 @@ pub struct AttackStats {
     pub connections_closed: u64,
     /// Dials it made again after a node closed.
     pub redials: u64,
+    /// Join requests it sent (`joinspam`).
+    pub join_requests: u64,
+    /// The answers to them, by kind (`Rejected(UsedUp)`, `Rejected(Busy)`, …).
+    pub join_answers: BTreeMap<String, u64>,
+    /// Join requests that got no answer (the stream was refused, reset or timed out).
+    pub join_failures: u64,
 }
 
 #[derive(NetworkBehaviour)]
@@ -145,6 +174,98 @@ struct Hostile {
     gossipsub: gossipsub::Behaviour,
     ping: ping::Behaviour,
     identify: identify::Behaviour,
+    join: request_response::Behaviour<RawFrames>,
+}
+
+/// Kith's request-response framing (a 4-byte big-endian length, then the bytes) around
+/// bytes the attacker makes and reads itself.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawFrames;
+
+/// The largest answer read (a join response's limit).
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_ANSWER_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    bytes: &[u8],
+) -> io::Result<()> {
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(bytes).await?;
+    io.flush().await
+}
+
+impl request_response::Codec for RawFrames {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &req).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &res).await
+    }
+}
+
+/// A join request with `invite`'s secret and a made-up key package of 200 to 400
+/// random bytes (a node never gets as far as reading it: the link is used up).
+fn join_request(invite: &Invite, rng: &mut impl Rng) -> Result<Vec<u8>> {
+    let key_package: Vec<u8> = (0..rng.gen_range(200..400)).map(|_| rng.r#gen()).collect();
+    let request = JoinRequest::V1(JoinRequestV1 {
+        network: invite.network.clone(),
+        group: invite.group,
+        secret: invite.secret,
+        key_package,
+    });
+    codec::encode(&request).map_err(|e| TestnetError::Invalid(format!("attacker: {e}")))
 }
 
 fn swarm() -> Result<Swarm<Hostile>> {
@@ -177,6 +298,11 @@ fn swarm() -> Result<Swarm<Hostile>> {
                 IDENTIFY_PROTOCOL.to_owned(),
                 key.public(),
             )),
+            join: request_response::Behaviour::with_codec(
+                RawFrames,
+                [(JOIN_PROTOCOL, request_response::ProtocolSupport::Outbound)],
+                request_response::Config::default().with_request_timeout(JOIN_TIMEOUT),
+            ),
         })
         .map_err(|e| err(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
@@ -184,12 +310,28 @@ fn swarm() -> Result<Swarm<Hostile>> {
 }
 
 /// Runs one attacker against `targets` until `stop` turns true; returns what it did.
+/// `used_link` is the invite link `joinspam` sends (required for it, unused otherwise).
 pub async fn run(
     kind: AttackKind,
     targets: Vec<Multiaddr>,
     seed: u64,
+    used_link: Option<&str>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<AttackStats> {
+    let invite = match (kind, used_link) {
+        (AttackKind::JoinSpam { .. }, Some(link)) => Some(
+            Invite::parse(link)
+                .map_err(|e| TestnetError::Invalid(format!("attacker: the used-up link: {e}")))?,
+        ),
+        (AttackKind::JoinSpam { .. }, None) => {
+            return Err(TestnetError::Invalid(
+                "attacker: joinspam needs the testnet's used-up invite link (a testnet the bench starts)".to_owned(),
+            ));
+        }
+        _ => None,
+    };
+    let mut connected: Vec<PeerId> = Vec::new();
+    let mut next_target = 0usize;
     let mut swarm = swarm()?;
     let mut stats = AttackStats {
         peer: swarm.local_peer_id().to_string(),
@@ -251,7 +393,30 @@ pub async fn run(
                     }
                     captured.push_back((Instant::now(), message.topic, message.data));
                 }
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    if !connected.contains(&peer_id) {
+                        connected.push(peer_id);
+                    }
+                }
+                SwarmEvent::Behaviour(HostileEvent::Join(request_response::Event::Message {
+                    message: request_response::Message::Response { response, .. },
+                    ..
+                })) => {
+                    let answer = match JoinResponse::decode(&response) {
+                        Ok(JoinResponse::Rejected(why)) => format!("Rejected({why:?})"),
+                        Ok(JoinResponse::Accepted { .. } | JoinResponse::Admitted { .. }) => {
+                            "Accepted".to_owned()
+                        }
+                        Ok(JoinResponse::AwaitingApproval { .. }) => "AwaitingApproval".to_owned(),
+                        Err(_) => "undecodable".to_owned(),
+                    };
+                    *stats.join_answers.entry(answer).or_insert(0) += 1;
+                }
+                SwarmEvent::Behaviour(HostileEvent::Join(
+                    request_response::Event::OutboundFailure { .. },
+                )) => stats.join_failures += 1,
                 SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                    connected.retain(|p| *p != peer_id);
                     stats.connections_closed += 1;
                     if let Some((_, addr)) = by_peer.iter().find(|(p, _)| *p == peer_id) {
                         stats.redials += 1;
@@ -261,11 +426,22 @@ pub async fn run(
                 _ => {}
             },
             _ = next_tick => {
+                if let Some(invite) = &invite {
+                    if connected.is_empty() {
+                        continue;
+                    }
+                    let peer = connected[next_target % connected.len()];
+                    next_target += 1;
+                    let request = join_request(invite, &mut rng)?;
+                    swarm.behaviour_mut().join.send_request(&peer, request);
+                    stats.join_requests += 1;
+                    continue;
+                }
                 let Some(topic) = topics.iter().next().cloned() else {
                     continue;
                 };
                 let data = match kind {
-                    AttackKind::Snoop => continue,
+                    AttackKind::Snoop | AttackKind::JoinSpam { .. } => continue,
                     AttackKind::Garbage { .. } => {
                         let len = rng.gen_range(16..1024);
                         (0..len).map(|_| rng.r#gen::<u8>()).collect()
@@ -333,6 +509,10 @@ mod tests {
         assert_eq!(
             AttackKind::parse("oversize"),
             Ok(AttackKind::Oversize { every_secs: 5.0 })
+        );
+        assert_eq!(
+            AttackKind::parse("joinspam:3"),
+            Ok(AttackKind::JoinSpam { rate: 3.0 })
         );
         assert!(AttackKind::parse("flood:0").is_err());
         assert!(AttackKind::parse("flood:x").is_err());

@@ -452,12 +452,14 @@ fn start_attackers(
             "attacker {i}: {kind:?} against {} nodes",
             targets.len()
         ));
-        handles.push(tokio::spawn(crate::attack::run(
-            *kind,
-            targets.clone(),
-            opts.seed ^ (0xA77A_C000 + i as u64),
-            stopped.clone(),
-        )));
+        let kind = *kind;
+        let targets = targets.clone();
+        let seed = opts.seed ^ (0xA77A_C000 + i as u64);
+        let link = tn.used_link.clone();
+        let stopped = stopped.clone();
+        handles.push(tokio::spawn(async move {
+            crate::attack::run(kind, targets, seed, link.as_deref(), stopped).await
+        }));
     }
     Ok((stop, handles, std::time::Instant::now()))
 }
@@ -778,7 +780,7 @@ pub fn render(r: &BenchReport) -> String {
             line(
                 "attacker",
                 format!(
-                    "{k:?}: published {} (refused {}), received {} envelopes ({} B) on {} topics, {} connections closed",
+                    "{k:?}: published {} (refused {}), received {} frames ({} B) on {} topics, {} connections closed",
                     s.published,
                     s.publish_refused,
                     s.received,
@@ -787,6 +789,22 @@ pub fn render(r: &BenchReport) -> String {
                     s.connections_closed
                 ),
             );
+            if s.join_requests > 0 {
+                let answers: Vec<String> = s
+                    .join_answers
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
+                line(
+                    "  join requests",
+                    format!(
+                        "{} sent: {}; {} unanswered",
+                        s.join_requests,
+                        answers.join(", "),
+                        s.join_failures
+                    ),
+                );
+            }
         }
         line(
             "graylisted by the nodes",

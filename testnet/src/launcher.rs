@@ -285,6 +285,9 @@ pub struct Testnet {
     pub progress: Progress,
     /// The current partition, if any.
     pub partition: Option<Vec<Vec<usize>>>,
+    /// The last invite link [`Testnet::form_group`] used, once all its uses are taken: what
+    /// `bench --attack joinspam` spams with.
+    pub used_link: Option<String>,
     /// Whether this process started the nodes (and so stops them).
     owned: bool,
     node_log: String,
@@ -304,6 +307,7 @@ impl Testnet {
             shared: Shared::default(),
             progress: Progress::new(quiet),
             partition: None,
+            used_link: None,
             owned: true,
             node_log: DEFAULT_NODE_LOG.to_owned(),
             http: reqwest::Client::new(),
@@ -590,6 +594,9 @@ impl Testnet {
             uses_left -= 1;
             self.join(i, &link).await?;
             bar.inc(1);
+        }
+        if count > 1 && uses_left == 0 {
+            self.used_link = Some(link);
         }
         bar.finish_and_clear();
         let members: Vec<usize> = (0..count).collect();

@@ -225,7 +225,7 @@ struct DirArg {
 #[derive(Debug, Args)]
 struct BenchArgs {
     /// A hostile peer to run for the whole bench: snoop, flood:RATE, garbage:RATE,
-    /// replay:RATE or oversize:SECS (repeatable; see docs/BENCHMARKS.md).
+    /// replay:RATE, oversize:SECS or joinspam:RATE (repeatable; see docs/BENCHMARKS.md).
     #[arg(long, value_name = "KIND", value_parser = kith_testnet::attack::AttackKind::parse)]
     attack: Vec<kith_testnet::attack::AttackKind>,
     /// Number of nodes to start (ignored with --dir).

@@ -502,3 +502,103 @@ async fn a_stranger_on_the_topic_sees_only_sealed_frames_of_bucket_sizes() -> an
     b.node.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_requests_with_a_used_up_link_are_bounded_per_peer_and_per_invite()
+-> anyhow::Result<()> {
+    use kith_testnet::attack::{self, AttackKind};
+    let (da, db) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let a = TestNode::start(da.path(), kith_tests::with_metrics(loopback_config(vec![]))).await?;
+    let g = a.node.engine.run(|e| e.create_group("g")).await?;
+    let inv = a
+        .node
+        .engine
+        .in_group(&g.id, |e, g| {
+            e.create_invite(g, CreateInviteRequest::default())
+        })
+        .await?;
+    let b = TestNode::start(db.path(), loopback_config(vec![a.bootstrap_peer().await?])).await?;
+    b.node.engine.join(inv.link.clone()).await?;
+
+    // Eight spammers (eight peer ids, one address) send the used-up link to A, each faster
+    // than one peer may: each is answered busy beyond its own burst, and all together
+    // beyond the invite's.
+    const SPAMMERS: u64 = 8;
+    let flood = "kith_peer_faults_total{fault=\"join_flood\"}";
+    let refused = "kith_join_requests_total{result=\"refused\"}";
+    let target = a.bootstrap_peer().await?.addr;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let started = std::time::Instant::now();
+    let spammers: Vec<_> = (0..SPAMMERS)
+        .map(|i| {
+            let (target, link, stopped) = (target.clone(), inv.link.clone(), stopped.clone());
+            tokio::spawn(async move {
+                attack::run(
+                    AttackKind::JoinSpam { rate: 20.0 },
+                    vec![target],
+                    i,
+                    Some(&link),
+                    stopped,
+                )
+                .await
+            })
+        })
+        .collect();
+    // The engine refused more than the invite's burst (used up, then busy), and every
+    // spammer went over its own rate.
+    let invite = kith_node::limits::INVITE_JOIN_RATE;
+    let per_peer = kith_node::limits::JOIN_RATE;
+    wait_metric(&a, refused, invite.burst + 15.0).await?;
+    wait_metric(&a, flood, SPAMMERS as f64).await?;
+    let _ = stop.send(true);
+    let mut used_up = 0;
+    let mut busy = 0;
+    for s in spammers {
+        let stats = s.await??;
+        let mine = stats
+            .join_answers
+            .get("Rejected(UsedUp)")
+            .copied()
+            .unwrap_or(0);
+        // One peer gets its burst and rate through to the engine, no more.
+        let allowed = per_peer.burst + per_peer.per_sec * started.elapsed().as_secs_f64();
+        assert!(
+            mine as f64 <= allowed,
+            "{mine} used-up answers to one peer, {allowed:.1} allowed"
+        );
+        assert_eq!(stats.join_answers.get("Accepted"), None);
+        used_up += mine;
+        busy += stats
+            .join_answers
+            .get("Rejected(Busy)")
+            .copied()
+            .unwrap_or(0);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let allowed = invite.burst + invite.per_sec * elapsed;
+    assert!(
+        used_up as f64 <= allowed,
+        "{used_up} used-up answers for one invite in {elapsed:.1} s, {allowed:.1} allowed"
+    );
+    // Busy answers beyond the per-peer refusals came from the invite's limit.
+    let per_peer_busy = kith_tests::metric(&a, flood).await?;
+    assert!(
+        busy as f64 > per_peer_busy,
+        "the invite's limit never answered busy ({busy} busy, {per_peer_busy} of them per peer)"
+    );
+    // The group is as it was, and it still works.
+    let mut a_events = a.node.engine.subscribe();
+    b.node
+        .engine
+        .in_group(&g.id, |e, g| e.send(g, "still two of us"))
+        .await?;
+    wait_texts(&mut a_events, "A", &["still two of us".to_string()]).await?;
+    let groups = a.node.engine.run(|e| Ok(e.list_groups())).await?;
+    assert_eq!(
+        groups.iter().map(|g| g.member_count).collect::<Vec<_>>(),
+        [2]
+    );
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+    Ok(())
+}
