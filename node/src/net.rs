@@ -1295,7 +1295,9 @@ struct NetTask {
     listen_addrs: Vec<Multiaddr>,
     bootstrapped: bool,
     subscribed: HashSet<TopicId>,
-    /// The key that seals and opens each subscribed topic's frames.
+    /// The key that seals and opens each topic's frames, for every topic subscribed to
+    /// since the task started (kept after unsubscribing). Only subscribed topics' messages
+    /// arrive, so a kept key opens nothing it should not.
     seals: HashMap<gossipsub::TopicHash, SealKey>,
     /// For each envelope opened from a frame and not judged yet: the frame's gossipsub id
     /// (the engine judges envelopes by their own id), and when it arrived. Bounded by
@@ -1489,7 +1491,8 @@ impl NetTask {
             }
             Command::Unsubscribe(t) => {
                 b.gossipsub.unsubscribe(&topic_of(t));
-                self.seals.remove(&topic_of(t).hash());
+                // The key stays (32 bytes per group this run was ever in): anything still
+                // published on the topic goes out sealed, never bare.
                 self.subscribed.remove(&t);
             }
             Command::Validate {
