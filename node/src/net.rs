@@ -146,6 +146,8 @@ const EVENT_QUEUE: usize = 4096;
 pub struct NetConfig {
     /// The node key (also the libp2p identity).
     pub keypair: Keypair,
+    /// The network id (a frame's envelope must be of its topic's group on it).
+    pub network: String,
     /// Addresses to listen on (TCP and/or QUIC; port 0 allowed).
     pub listen: Vec<Multiaddr>,
     /// Bootstrap peers: multiaddrs ending in `/p2p/<PeerId>`.
@@ -348,6 +350,9 @@ enum Command {
     Publish {
         topic: TopicId,
         data: Vec<u8>,
+        /// Whether bytes may go out as they are when this node has no key for the topic
+        /// (tools and tests only; the engine's envelopes are sealed or not sent).
+        bare: bool,
     },
     Subscribe(TopicId, SealKey),
     Unsubscribe(TopicId),
@@ -420,15 +425,26 @@ impl NetHandle {
         self.tx.blocking_send(cmd).map_err(|_| NetError::Stopped)
     }
 
-    /// Publishes raw bytes on a topic from async code (tools and tests; the engine uses
-    /// [`NetHandle::publish_blocking`]).
+    /// Publishes bytes on a topic from async code (tools and tests; the engine uses
+    /// [`NetHandle::publish_blocking`]): sealed if this node has the topic's key, else as
+    /// they are.
     pub async fn publish(&self, topic: TopicId, data: Vec<u8>) -> Result<(), NetError> {
-        self.send(Command::Publish { topic, data }).await
+        self.send(Command::Publish {
+            topic,
+            data,
+            bare: true,
+        })
+        .await
     }
 
-    /// Publishes envelope bytes on a topic. Called from the engine thread (blocking).
+    /// Publishes envelope bytes on a topic, sealed with its key; without a key (never
+    /// subscribed) nothing is sent. Called from the engine thread (blocking).
     pub fn publish_blocking(&self, topic: TopicId, data: Vec<u8>) -> Result<(), NetError> {
-        self.send_blocking(Command::Publish { topic, data })
+        self.send_blocking(Command::Publish {
+            topic,
+            data,
+            bare: false,
+        })
     }
 
     /// Subscribes to a group topic whose frames `seal` seals and opens (engine thread).
@@ -1253,6 +1269,7 @@ fn prepare(
         subscribed: HashSet::new(),
         seals: HashMap::new(),
         frames: HashMap::new(),
+        frame_order: std::collections::VecDeque::new(),
         outbox: HashMap::new(),
         outbox_bytes: 0,
         blocked_addrs: HashMap::new(),
@@ -1266,6 +1283,7 @@ fn prepare(
         ),
         graylisted: HashSet::new(),
         heartbeat: cfg.heartbeat,
+        network: cfg.network.clone(),
         provider_queries: HashMap::new(),
         dials: HashMap::new(),
         reach: Reach::new(cfg.nat.relays_wanted),
@@ -1303,6 +1321,9 @@ struct NetTask {
     /// (the engine judges envelopes by their own id), and when it arrived. Bounded by
     /// [`MAX_PENDING_FRAMES`] and [`FRAME_ID_TTL`].
     frames: HashMap<MessageId, (gossipsub::MessageId, std::time::Instant)>,
+    /// `frames` in arrival order, for expiry and eviction (an entry already reported is
+    /// skipped when its turn comes).
+    frame_order: std::collections::VecDeque<(std::time::Instant, MessageId)>,
     /// Envelopes published while no peer on their topic was known, sent as soon as one
     /// subscribes. Bounded per topic and in total; the oldest go first when full.
     outbox: HashMap<gossipsub::TopicHash, std::collections::VecDeque<Vec<u8>>>,
@@ -1323,6 +1344,8 @@ struct NetTask {
     graylisted: HashSet<PeerId>,
     /// Gossipsub's heartbeat interval.
     heartbeat: Duration,
+    /// The network id.
+    network: String,
     /// Provider lookups a caller awaits, answered with the first providers found.
     provider_queries: HashMap<kad::QueryId, oneshot::Sender<Vec<PeerId>>>,
     /// Dials a caller awaits, by connection: the peer and the answer channel.
@@ -1400,13 +1423,15 @@ impl NetTask {
         tracing::debug!("network task stopped");
     }
 
-    fn emit(&self, event: NetEvent) {
+    /// Hands `event` to the engine; returns whether it was taken.
+    fn emit(&self, event: NetEvent) -> bool {
         match self.events.try_send(event) {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(ev)) => {
                 tracing::warn!(?ev, "engine queue full; dropping network event");
+                false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
@@ -1453,10 +1478,9 @@ impl NetTask {
     fn on_command(&mut self, cmd: Command) {
         let b = self.swarm.behaviour_mut();
         match cmd {
-            Command::Publish { topic, data } => {
+            Command::Publish { topic, data, bare } => {
                 let hash = topic_of(topic).hash();
-                // A group's envelopes go out sealed; raw bytes only on a topic this node is
-                // not in (tools and tests).
+                // A group's envelopes go out sealed, never bare.
                 let data = match self.seals.get(&hash) {
                     Some(key) => match seal::seal(key, &data) {
                         Ok(frame) => frame,
@@ -1465,7 +1489,11 @@ impl NetTask {
                             return;
                         }
                     },
-                    None => data,
+                    None if bare => data,
+                    None => {
+                        tracing::warn!(topic = %topic.short(), "no key for the topic; envelope not sent");
+                        return;
+                    }
                 };
                 match b.gossipsub.publish(hash.clone(), data.clone()) {
                     Ok(_) => {}
@@ -1924,13 +1952,18 @@ impl NetTask {
                         return;
                     }
                 }
-                let (id, data) = self.open(&message, &message_id, now);
-                self.emit(NetEvent::Gossip {
+                let (id, data) = self.open(&message);
+                let opened = !data.is_empty();
+                let handed = self.emit(NetEvent::Gossip {
                     id,
                     source: propagation_source,
                     data,
                     arrived: now,
                 });
+                // Remembered only for a verdict that will come.
+                if opened && handed {
+                    self.remember_frame(id, message_id, now);
+                }
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }) => {
                 if self.topic_peers.len() < MAX_TOPIC_PEERS
@@ -2117,40 +2150,59 @@ impl NetTask {
     /// if it does not open, the frame's own id and no bytes: nothing, which the engine
     /// rejects as undecodable like any other garbage (and gossipsub then penalises the
     /// peer that forwarded it).
-    fn open(
-        &mut self,
-        message: &gossipsub::Message,
-        frame_id: &gossipsub::MessageId,
-        now: std::time::Instant,
-    ) -> (MessageId, Vec<u8>) {
+    fn open(&self, message: &gossipsub::Message) -> (MessageId, Vec<u8>) {
         let opened = match self.seals.get(&message.topic) {
-            Some(key) => seal::open(key, &message.data),
+            Some(key) => seal::open_envelope(key, &self.network, &message.data),
             None => Err(seal::OpenError::Tag),
         };
         match opened {
-            Ok(envelope) => {
-                let id = MessageId::of(&envelope);
-                if self.frames.len() >= MAX_PENDING_FRAMES {
-                    self.forget_frames(now);
-                }
-                if self.frames.len() < MAX_PENDING_FRAMES {
-                    self.frames.insert(id, (frame_id.clone(), now));
-                }
-                (id, envelope)
-            }
+            Ok(envelope) => (MessageId::of(&envelope), envelope),
             Err(e) => {
                 tracing::debug!(error = %e, "a gossip frame did not open");
-                let id = MessageId::from_slice(&frame_id.0).unwrap_or(MessageId::of(&message.data));
-                (id, Vec::new())
+                // The frame's own id, which is its gossipsub id (SHA-256 of the data).
+                (MessageId::of(&message.data), Vec::new())
             }
         }
     }
 
+    /// Remembers that the envelope `id` came in the frame `frame`, for its verdict. At most
+    /// [`MAX_PENDING_FRAMES`]: when full, the oldest is forgotten (its verdict then goes to
+    /// gossipsub under the envelope's id, which it does not know, and the frame is dropped
+    /// from its cache unforwarded; history sync still brings it to those who miss it).
+    fn remember_frame(
+        &mut self,
+        id: MessageId,
+        frame: gossipsub::MessageId,
+        now: std::time::Instant,
+    ) {
+        self.forget_frames(now);
+        while self.frames.len() >= MAX_PENDING_FRAMES
+            || self.frame_order.len() >= 2 * MAX_PENDING_FRAMES
+        {
+            let Some((at, old)) = self.frame_order.pop_front() else {
+                break;
+            };
+            if self.frames.get(&old).is_some_and(|(_, t)| *t == at) {
+                self.frames.remove(&old);
+            }
+        }
+        self.frames.insert(id, (frame, now));
+        self.frame_order.push_back((now, id));
+    }
+
     /// Drops the frame ids of envelopes whose verdict is overdue (gossipsub has forgotten
-    /// those messages already).
+    /// those messages already), and the order entries of those already reported.
     fn forget_frames(&mut self, now: std::time::Instant) {
-        self.frames
-            .retain(|_, (_, at)| now.duration_since(*at) < FRAME_ID_TTL);
+        while let Some((at, id)) = self.frame_order.front().copied() {
+            let current = self.frames.get(&id).is_some_and(|(_, t)| *t == at);
+            if current && now.duration_since(at) < FRAME_ID_TTL {
+                break;
+            }
+            if current {
+                self.frames.remove(&id);
+            }
+            self.frame_order.pop_front();
+        }
     }
 
     fn tend_scores(&mut self) {

@@ -145,6 +145,7 @@ pub async fn start_with(opts: NodeOptions, recovery: Recovery) -> Result<Running
     let (net, net_events) = net::spawn(
         NetConfig {
             keypair: keypair.clone(),
+            network: config.network.clone(),
             listen: config.listen.clone(),
             bootstrap: config.bootstrap.iter().map(|b| b.addr.clone()).collect(),
             known_peers,

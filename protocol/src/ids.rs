@@ -143,9 +143,12 @@ pub fn invite_rendezvous_key(network: &str, secret_hash: &[u8; 32]) -> [u8; 32] 
 }
 
 impl TopicId {
-    /// The gossipsub topic string for this id.
+    /// The gossipsub topic string for this id. Version 2 (`g2`) carries sealed frames
+    /// ([`crate::seal`]); version 1 (`kith/g/…`) carried bare envelopes. Nodes of the two
+    /// versions are on different topics, so neither takes the other's messages for garbage;
+    /// history sync, which is unchanged, still carries messages between them.
     pub fn topic_string(&self) -> String {
-        format!("kith/g/{self}")
+        format!("kith/g2/{self}")
     }
 }
 

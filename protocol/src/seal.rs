@@ -29,7 +29,7 @@
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 
-use crate::envelope::MAX_ENVELOPE_BYTES;
+use crate::envelope::{Envelope, MAX_ENVELOPE_BYTES};
 use crate::ids::{GroupId, hash_parts};
 
 /// The frame format version (its first byte).
@@ -105,6 +105,10 @@ pub enum OpenError {
     /// It opened, but the padding, the length or the nonce is not what sealing makes.
     #[error("the frame is not in canonical form")]
     NotCanonical,
+    /// It opened, but the envelope inside is another group's (sealed by someone who holds
+    /// both groups' keys): on this topic it would be read twice, or in place of the real one.
+    #[error("the frame holds another group's envelope")]
+    OtherGroup,
 }
 
 /// The bucket an envelope of `len` bytes is padded to, if it fits in one.
@@ -160,11 +164,22 @@ pub fn open(key: &SealKey, frame: &[u8]) -> Result<Vec<u8>, OpenError> {
     Ok(envelope)
 }
 
+/// Opens a frame that arrived on the topic of `key`'s group on `network`, and checks that
+/// the envelope inside is that group's. Bytes inside that are not an envelope at all are
+/// returned as they are: the receiver rejects them as undecodable.
+pub fn open_envelope(key: &SealKey, network: &str, frame: &[u8]) -> Result<Vec<u8>, OpenError> {
+    let envelope = open(key, frame)?;
+    match Envelope::decode(&envelope) {
+        Ok(e) if SealKey::of(network, &e.group()) != *key => Err(OpenError::OtherGroup),
+        _ => Ok(envelope),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::envelope::{Envelope, PayloadKind};
+    use crate::envelope::PayloadKind;
     use data_encoding::HEXLOWER;
     use proptest::prelude::*;
 
@@ -263,6 +278,29 @@ mod tests {
         let max = seal(&key(), &vec![7; MAX_ENVELOPE_BYTES]).unwrap();
         assert_eq!(max.len(), MAX_FRAME_BYTES);
         assert_eq!(open(&key(), &max).unwrap().len(), MAX_ENVELOPE_BYTES);
+    }
+
+    #[test]
+    fn another_groups_envelope_does_not_open_on_this_topic() {
+        let (a, b) = (GroupId([0xa0; 32]), GroupId([0xb0; 32]));
+        let (ka, kb) = (SealKey::of("net", &a), SealKey::of("net", &b));
+        let (of_b, _) = Envelope::new(b, 3, PayloadKind::Application, vec![1; 40])
+            .encode()
+            .unwrap();
+        // Sealed for A's topic by someone holding both keys.
+        let wrong = seal(&ka, &of_b).unwrap();
+        assert_eq!(open(&ka, &wrong).unwrap(), of_b, "the seal itself is fine");
+        assert_eq!(
+            open_envelope(&ka, "net", &wrong),
+            Err(OpenError::OtherGroup)
+        );
+        assert_eq!(
+            open_envelope(&kb, "net", &seal(&kb, &of_b).unwrap()).unwrap(),
+            of_b
+        );
+        // Not an envelope at all: passed on, for the receiver to reject.
+        let junk = seal(&ka, b"junk").unwrap();
+        assert_eq!(open_envelope(&ka, "net", &junk).unwrap(), b"junk");
     }
 
     #[test]

@@ -787,7 +787,7 @@ fn golden_topic_and_provider_key() {
     assert_eq!(g.topic("kith-test").to_string(), topic);
     assert_eq!(
         g.topic("kith-test").topic_string(),
-        format!("kith/g/{topic}")
+        format!("kith/g2/{topic}")
     );
     assert_eq!(
         hex(&g.provider_key("kith-test")),

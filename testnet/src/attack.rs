@@ -3,7 +3,7 @@
 //! network could do.
 //!
 //! Every attacker dials every node of the testnet and, like any gossipsub peer, learns
-//! the group topics (`kith/g/…`) from the nodes' subscription announcements and subscribes
+//! the group topics (`kith/g2/…`) from the nodes' subscription announcements and subscribes
 //! to them. Then:
 //!
 //! - `snoop`: only listens, counting the frames and bytes a non-member receives.
@@ -374,7 +374,7 @@ pub async fn run(
                 SwarmEvent::Behaviour(HostileEvent::Gossipsub(gossipsub::Event::Subscribed {
                     topic,
                     ..
-                })) if topic.as_str().starts_with("kith/g/") && !topics.contains(&topic) => {
+                })) if topic.as_str().starts_with("kith/g2/") && !topics.contains(&topic) => {
                     let _ = swarm
                         .behaviour_mut()
                         .gossipsub
@@ -393,10 +393,8 @@ pub async fn run(
                     }
                     captured.push_back((Instant::now(), message.topic, message.data));
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                    if !connected.contains(&peer_id) {
-                        connected.push(peer_id);
-                    }
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if !connected.contains(&peer_id) => {
+                    connected.push(peer_id);
                 }
                 SwarmEvent::Behaviour(HostileEvent::Join(request_response::Event::Message {
                     message: request_response::Message::Response { response, .. },

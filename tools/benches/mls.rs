@@ -502,14 +502,18 @@ fn bench_store(c: &mut Criterion) {
 /// Sealing and opening one gossip frame of a 1 KiB text's envelope (what the network task
 /// adds to every message it sends and receives).
 fn bench_seal(c: &mut Criterion) {
-    use kith_protocol::seal::{SealKey, open, seal};
+    use kith_protocol::envelope::Envelope;
+    use kith_protocol::seal::{SealKey, open, open_envelope, seal};
     let mut g = c.benchmark_group("seal");
     g.sample_size(50)
         .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_millis(500));
-    let key = SealKey::of("bench", &GroupId([7; 32]));
     // A 1 KiB text's envelope is ~1.2 KB: padded to the 2 KiB bucket.
-    let envelope = vec![0x5a; 1200];
+    let group = GroupId([7; 32]);
+    let key = SealKey::of("bench", &group);
+    let (envelope, _) = Envelope::new(group, 3, PayloadKind::Application, vec![0x5a; 1160])
+        .encode()
+        .expect("encode");
     let frame = seal(&key, &envelope).expect("seal");
     g.throughput(Throughput::Bytes(envelope.len() as u64));
     g.bench_function("seal_1200B", |b| {
@@ -517,6 +521,10 @@ fn bench_seal(c: &mut Criterion) {
     });
     g.bench_function("open_1200B", |b| {
         b.iter(|| black_box(open(&key, black_box(&frame)).expect("open")))
+    });
+    // What the network task runs: open, then check the envelope is of the topic's group.
+    g.bench_function("open_envelope_1200B", |b| {
+        b.iter(|| black_box(open_envelope(&key, "bench", black_box(&frame)).expect("open")))
     });
     g.finish();
 }

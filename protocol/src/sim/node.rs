@@ -363,7 +363,11 @@ impl Core {
         now_ms: u64,
         out: &mut Vec<Action>,
     ) -> bool {
-        let Some(Ok(data)) = self.seals.get(&topic).map(|k| seal::open(k, frame)) else {
+        let Some(Ok(data)) = self
+            .seals
+            .get(&topic)
+            .map(|k| seal::open_envelope(k, super::NETWORK, frame))
+        else {
             return false;
         };
         let data = &data[..];
