@@ -136,9 +136,11 @@ async fn counters_follow_a_conversation() -> anyhow::Result<()> {
             (&epoch, 1.0),
             (&members, 2.0),
             ("kith_joins_total{result=\"joined\"}", 1.0),
-            ("kith_envelopes_rejected_total{reason=\"decode\"}", 1.0),
+            // Not an envelope, and another group's envelope on this group's topic (the
+            // frame's group check, PROTOCOL.md "Sealed frames").
+            ("kith_envelopes_rejected_total{reason=\"decode\"}", 2.0),
             ("kith_envelopes_ignored_total{reason=\"future_epoch\"}", 1.0),
-            ("kith_envelopes_ignored_total{reason=\"not_member\"}", 1.0),
+            ("kith_envelopes_ignored_total{reason=\"not_member\"}", 0.0),
         ],
     )
     .await?;
